@@ -1,0 +1,1 @@
+"""Integrations of steer_plugin with inference servers (imported as `steer_adapters`)."""

