@@ -124,7 +124,7 @@ def load_assets(config: SteerConfig, d_model: int | None = None, layers: range |
         from steer_plugin.sae.loading import load_sae
 
         try:
-            sae = load_sae(source.path, source.format, allow_pickle=source.allow_pickle)
+            sae = load_sae(source.path, source.format, allow_pickle=source.allow_pickle, **source.options)
         except (ValueError, OSError) as err:
             raise ConfigError(f"saes[{i}] ({source.id}): {err}") from None
         layer = _sae_layer(source, sae, i)

@@ -38,6 +38,8 @@ class SAESource(_Strict):
     """Labels JSON (index -> label); `labels.json` next to the SAE is used when present."""
     neuronpedia_id: str | None = None
     """`model/source` prefix of Neuronpedia feature ids; from the SAE's config when unset."""
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Loader options for the format (e.g. sparsify `hookpoint`, SAELens `norm_scaling_factor`)."""
     allow_pickle: bool = False
     """Allow non-weights-only pickle loading for .pt/.pth files (only for trusted files)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

