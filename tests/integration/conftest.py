@@ -1,0 +1,167 @@
+"""Real vLLM engines with the demo model and demo SAE, plus the HF transformers golden reference."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+# Tests send small worker-side functions through collective_rpc (pickled); never set this in production.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+VECTOR_LAYER = 8
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def demo_assets():
+    from steer_plugin.demo.build_assets import ensure_assets
+
+    return ensure_assets()
+
+
+@pytest.fixture(scope="session")
+def steer_config_path(demo_assets, tmp_path_factory) -> str:
+    """The demo SAE, plus a fixed random unit vector at another layer."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("steer-config")
+    vec = torch.randn(576, generator=torch.Generator().manual_seed(0))
+    save_file({"direction": vec / vec.norm()}, str(folder / "unit.safetensors"))
+    config = {
+        "saes": [{"id": "demo", "path": str(demo_assets.sae_dir)}],
+        "vectors": [{"id": "unit", "path": str(folder / "unit.safetensors"), "layer": VECTOR_LAYER}],
+    }
+    path = folder / "steer.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def assets(steer_config_path):
+    from steer_plugin.catalog import load_assets
+    from steer_plugin.config import load_config_file
+
+    return load_assets(load_config_file(steer_config_path))
+
+
+@pytest.fixture(scope="session")
+def sae_layer(assets) -> int:
+    return assets.saes["demo"].layer
+
+
+@pytest.fixture(scope="session")
+def hf(demo_assets, assets):
+    from steer_adapters.hf.reference import HFReference
+
+    return HFReference(str(demo_assets.model_dir), assets, dtype=torch.float32)
+
+
+def resolve(assets, steering: dict):
+    """A `steering` JSON -> resolved ops (the API server's job)."""
+    from steer_plugin.spec import parse_spec, resolve_spec
+
+    return resolve_spec(parse_spec(steering), assets.catalog())
+
+
+def sampling(assets, steering: dict | None = None, **kwargs):
+    from vllm import SamplingParams
+
+    from steer_plugin.spec import WIRE_KEY, encode_wire
+
+    extra = {WIRE_KEY: encode_wire(resolve(assets, steering))} if steering else None
+    return SamplingParams(temperature=0.0, extra_args=extra, **kwargs)
+
+
+def make_llm(model_dir: str, config_path: str | None, enforce_eager: bool, plugins: bool = True, **kwargs):
+    """An LLM whose engine core runs in its own process (so each test engine has its own plugin state)."""
+    from vllm import LLM
+
+    additional = {"steer_plugin": {"config_path": config_path}} if config_path else {}
+    saved = os.environ.get("VLLM_PLUGINS")
+    if not plugins:
+        os.environ["VLLM_PLUGINS"] = ""  # an allowlist naming nothing: no general plugin loads
+    try:
+        return LLM(
+            model=model_dir,
+            dtype="float32",
+            enforce_eager=enforce_eager,
+            max_model_len=MAX_MODEL_LEN,
+            seed=0,
+            additional_config=additional,
+            **kwargs,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_PLUGINS", None)
+        else:
+            os.environ["VLLM_PLUGINS"] = saved
+
+
+def shutdown(llm) -> None:
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
+@contextmanager
+def engine(*args, **kwargs):
+    llm = make_llm(*args, **kwargs)
+    try:
+        yield llm
+    finally:
+        shutdown(llm)
+
+
+def token_prompt(ids: list[int]) -> dict:
+    return {"prompt_token_ids": ids}
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+PROMPTS = [
+    "Tell me about the Golden Gate Bridge in San Francisco.",
+    "What is a good recipe for tomato soup?",
+    "Explain how a rocket reaches orbit.",
+    "Write a short poem about the ocean.",
+    "How do I sort a list in Python?",
+    "What causes thunderstorms?",
+]
+
+
+@pytest.fixture(scope="session")
+def eager_llm(demo_assets, steer_config_path):
+    with engine(str(demo_assets.model_dir), steer_config_path, enforce_eager=True) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def compiled_llm(demo_assets, steer_config_path):
+    """vLLM's default compile mode (on CPU: dynamo + inductor, no graphs)."""
+    with engine(str(demo_assets.model_dir), steer_config_path, enforce_eager=False) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def plain_llm(demo_assets):
+    """The same engine with every vLLM plugin disabled."""
+    with engine(str(demo_assets.model_dir), None, enforce_eager=True, plugins=False) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(hf) -> list[int]:
+    return chat_ids(hf.tokenizer, PROMPTS[0])

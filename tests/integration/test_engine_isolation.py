@@ -1,0 +1,120 @@
+"""Per-request isolation, prefix-cache safety and the start-up self-test, on real vLLM engines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import PROMPTS, sampling, token_prompt
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 16
+
+
+def distinct_steerings() -> list[dict]:
+    """Six different configs, strong enough to change greedy text: one per steered request in the batch."""
+    return [
+        {"features": [{"sae": "demo", "index": 123, "op": "add", "value": 0.8, "normalize": True}]},
+        {"features": [{"sae": "demo", "index": 7, "op": "clamp", "value": 60.0, "positions": "generation"}]},
+        {"vectors": [{"name": "unit", "scale": 0.8, "normalize": True}]},
+        {"features": [{"sae": "demo", "index": 300, "op": "add", "value": 0.7, "normalize": True}]},
+        {"features": [{"sae": "demo", "index": 42, "op": "add", "value": 1.0, "normalize": True, "positions": {"last_prompt_tokens": 4}}]},
+        {
+            "features": [{"sae": "demo", "index": 900, "op": "add", "value": 0.8, "normalize": True}, {"sae": "demo", "index": 11, "op": "ablate"}],
+            "vectors": [{"name": "unit", "scale": -10.0, "positions": "prompt"}],
+        },
+    ]
+
+
+def texts(outputs) -> list[str]:
+    return [o.outputs[0].text for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(plain_llm, assets) -> list[str]:
+    return texts(plain_llm.generate(PROMPTS, sampling(assets, None, max_tokens=MAX_TOKENS), use_tqdm=False))
+
+
+def check_isolation(llm, assets, plain_outputs):
+    steerings = distinct_steerings()
+    prompts = PROMPTS + PROMPTS
+    params = [sampling(assets, None, max_tokens=MAX_TOKENS)] * len(PROMPTS) + [
+        sampling(assets, s, max_tokens=MAX_TOKENS) for s in steerings
+    ]
+    mixed = texts(llm.generate(prompts, params, use_tqdm=False))
+    unsteered, steered = mixed[: len(PROMPTS)], mixed[len(PROMPTS) :]
+    assert unsteered == plain_outputs, "unsteered requests changed by steered neighbours in the batch"
+    assert sum(s != p for s, p in zip(steered, plain_outputs)) >= 5, "steering should change most outputs"
+    alone = [texts(llm.generate([p], [sampling(assets, s, max_tokens=MAX_TOKENS)], use_tqdm=False))[0]
+             for p, s in zip(PROMPTS, steerings)]
+    assert alone == steered, "a steered request differs alone and in a crowd"
+
+
+def test_isolation_eager(eager_llm, assets, plain_outputs):
+    check_isolation(eager_llm, assets, plain_outputs)
+
+
+def test_isolation_compiled(compiled_llm, assets, plain_outputs):
+    check_isolation(compiled_llm, assets, plain_outputs)
+
+
+def test_plugin_without_steering_matches_plain(eager_llm, assets, plain_outputs):
+    assert texts(eager_llm.generate(PROMPTS, sampling(assets, None, max_tokens=MAX_TOKENS), use_tqdm=False)) == plain_outputs
+
+
+# --- prefix cache ---------------------------------------------------------------------------------------------
+
+
+def first_logprobs(llm, assets, ids, steering):
+    out = llm.generate([token_prompt(ids)], sampling(assets, steering, max_tokens=1, logprobs=5), use_tqdm=False)[0]
+    return {t: round(lp.logprob, 5) for t, lp in out.outputs[0].logprobs[0].items()}, out.num_cached_tokens
+
+
+def long_prompt_ids(hf, text: str) -> list[int]:
+    return hf.tokenizer(text * 28)["input_ids"]  # ~300 tokens: two or more KV blocks (128 tokens each on CPU)
+
+
+def test_steered_request_after_unsteered_is_steered_on_every_prompt_token(eager_llm, hf, assets):
+    ids = long_prompt_ids(hf, "The bridge over the bay glows orange at sunset. ")
+    steering = {"features": [{"sae": "demo", "index": 123, "op": "add", "value": 0.5, "normalize": True, "positions": "prompt"}]}
+    eager_llm.reset_prefix_cache()
+    fresh, cached_fresh = first_logprobs(eager_llm, assets, ids, steering)
+    eager_llm.reset_prefix_cache()
+    plain, _ = first_logprobs(eager_llm, assets, ids, None)
+    after_plain, cached = first_logprobs(eager_llm, assets, ids, steering)
+    assert cached_fresh == 0
+    assert cached == 0, "the steered request reused KV blocks computed without its steering"
+    assert after_plain == fresh
+    assert after_plain != plain
+    again, cached_again = first_logprobs(eager_llm, assets, ids, steering)
+    assert cached_again > 0 and again == fresh, "identical steering should share its own (salted) cache"
+
+
+def test_generation_only_steering_keeps_the_prefix_cache(eager_llm, hf, assets):
+    ids = long_prompt_ids(hf, "A recipe for bread needs flour, water, salt and time. ")
+    steering = {"features": [{"sae": "demo", "index": 123, "op": "add", "value": 0.5, "normalize": True, "positions": "generation"}]}
+    eager_llm.reset_prefix_cache()
+    first_logprobs(eager_llm, assets, ids, None)
+    _, cached = first_logprobs(eager_llm, assets, ids, steering)
+    assert cached >= len(ids) // 2
+
+
+# --- start-up self-test ---------------------------------------------------------------------------------------
+
+
+def test_server_refuses_to_start_when_the_op_does_not_fire(demo_assets, steer_config_path):
+    """With the layer hook deliberately left out, the self-test must stop the server at start-up."""
+    env = {**os.environ, "STEER_PLUGIN_TEST_SKIP_HOOKS": "1"}
+    cmd = [sys.executable, "-m", "steer_adapters.vllm.launcher", "--steer-config", steer_config_path,
+           "--model", str(demo_assets.model_dir), "--enforce-eager", "--max-model-len", "256", "--port", "18931",
+           "--host", "127.0.0.1"]
+    started = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "self-test" in proc.stderr and "never ran" in proc.stderr, proc.stderr[-3000:]
+    assert time.time() - started < 600
