@@ -70,6 +70,67 @@ class EngineLimits(_Strict):
     """Largest |value| or |scale| a request may use (finite values only)."""
 
 
+class FeatureKey(_Strict):
+    sae: str
+    """SAE id."""
+    index: int = Field(ge=0)
+    """Feature index."""
+
+
+class WatchItem(FeatureKey):
+    """A feature to flag in monitoring logs and count in metrics when it fires above `threshold`."""
+
+    threshold: float = 0.0
+    """Activation above which a firing is counted."""
+
+
+class SAEMonitoring(_Strict):
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Fraction of requests whose tokens are read with this SAE and logged."""
+
+
+class MonitoringConfig(_Strict):
+    """Structured logging of the active features of served traffic."""
+
+    saes: dict[str, SAEMonitoring] = Field(default_factory=dict)
+    """SAE id -> sampling. SAEs not listed are not monitored."""
+    top_k: int = Field(default=5, ge=1, le=64)
+    """Features per token kept in the log."""
+    sink: Literal["stdout", "file"] = "stdout"
+    """`stdout`: the `steer_plugin.monitor` logger; `file`: JSON lines appended to `path`."""
+    path: str | None = None
+    """File for the `file` sink."""
+    watchlist: list[WatchItem] = Field(default_factory=list)
+    """Features flagged (and counted in steer_watchlist_firings_total) when they fire above their threshold."""
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> MonitoringConfig:
+        if self.sink == "file" and not self.path:
+            raise ValueError("monitoring.path is required when monitoring.sink is `file`")
+        return self
+
+
+class PolicyConfig(_Strict):
+    """What requests may do. Breaking it gets a 403 naming the field."""
+
+    allowed_saes: list[str] | None = None
+    """SAEs requests may steer or inspect (all when unset)."""
+    denied_saes: list[str] = Field(default_factory=list)
+    """SAEs requests may not steer or inspect."""
+    denied_features: list[FeatureKey] = Field(default_factory=list)
+    """Features requests may not steer."""
+    allowed_ops: list[Literal["add", "clamp", "scale", "ablate"]] | None = None
+    """Feature operations requests may use (all when unset)."""
+    allow_vectors: bool = True
+    """Whether requests may add the configured raw vectors."""
+    allow_inspect: bool = True
+    """Whether requests may ask for their active features."""
+    max_abs_value: float | None = Field(default=None, gt=0)
+    """Largest |value| / |scale| a request may use (stricter than limits.max_abs_value)."""
+    max_ops_per_request: int | None = Field(default=None, ge=1)
+    """Most operations per request (stricter than limits.max_ops_per_request)."""
+
+
 class SteerConfig(_Strict):
     """The whole operator configuration."""
 
@@ -79,10 +140,27 @@ class SteerConfig(_Strict):
     """Raw steering vectors to load."""
     limits: EngineLimits = Field(default_factory=EngineLimits)
     """Engine buffer sizes and request limits."""
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    """Structured logging of active features."""
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """What requests may do (403 otherwise)."""
     self_test: bool = True
     """Prove at start-up, under the active compile mode, that the op fires on a decode step."""
     allow_v2_model_runner: bool = False
     """Allow vLLM's Model Runner V2 on CUDA (not yet validated on a GPU); otherwise V1 is selected."""
+
+    @model_validator(mode="after")
+    def _known_saes(self) -> SteerConfig:
+        known = {s.id for s in self.saes}
+        named = [("monitoring.saes", list(self.monitoring.saes))]
+        named += [("monitoring.watchlist", [w.sae for w in self.monitoring.watchlist])]
+        named += [("policy.allowed_saes", self.policy.allowed_saes or []), ("policy.denied_saes", self.policy.denied_saes)]
+        named += [("policy.denied_features", [f.sae for f in self.policy.denied_features])]
+        for key, ids in named:
+            for sae_id in ids:
+                if sae_id not in known:
+                    raise ValueError(f"{key} names unknown SAE {sae_id!r}; configured: {sorted(known)}")
+        return self
 
     @model_validator(mode="after")
     def _unique_ids(self) -> SteerConfig:
@@ -132,6 +210,8 @@ def parse_config(data: dict, source: str = "<dict>") -> SteerConfig:
     for sae in config.saes:
         if sae.labels and not os.path.isabs(sae.labels):
             sae.labels = str((base / sae.labels).resolve())
+    if config.monitoring.path and not os.path.isabs(config.monitoring.path):
+        config.monitoring.path = str((base / config.monitoring.path).resolve())
     return config
 
 

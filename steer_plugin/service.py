@@ -9,11 +9,28 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import uuid
 from typing import NamedTuple
 
+from steer_plugin import metrics
 from steer_plugin.catalog import LoadedAssets, load_assets
 from steer_plugin.config import SteerConfig
-from steer_plugin.spec import WIRE_KEY, ResolvedOp, SpecError, encode_wire, parse_spec, resolve_spec
+from steer_plugin.monitor import channel
+from steer_plugin.monitor import log as monitor_log
+from steer_plugin.spec import (
+    OBSERVE_KEY,
+    POSITION_CODES,
+    WIRE_KEY,
+    InspectSpec,
+    ObserveSpec,
+    ResolvedOp,
+    SpecError,
+    SteeringSpec,
+    encode_wire,
+    parse_spec,
+    resolve_spec,
+)
 
 logger = logging.getLogger("steer_plugin")
 
@@ -23,6 +40,10 @@ STEERING_FIELD = "steering"
 class RewrittenRequest(NamedTuple):
     body: dict
     ops: list[ResolvedOp]
+    observe: ObserveSpec | None = None
+    inspect: InspectSpec | None = None
+    monitored: tuple[str, ...] = ()
+    user_wants_token_ids: bool = False
 
 
 class SteeringService:
@@ -32,27 +53,92 @@ class SteeringService:
         self.catalog = self.assets.catalog()
 
     def rewrite_request(self, body: dict) -> RewrittenRequest:
-        """Move a valid `steering` field into vllm_xargs; raise SpecError (400) naming the bad field."""
-        if STEERING_FIELD not in body:
-            return RewrittenRequest(body, [])
-        raw = body.pop(STEERING_FIELD)
-        if raw is None:
-            return RewrittenRequest(body, [])
-        spec = parse_spec(raw, STEERING_FIELD)
+        """Move a valid `steering` field into vllm_xargs; raise SpecError (400/403) naming the bad field."""
+        try:
+            return self._rewrite(body)
+        except SpecError as err:
+            metrics.REJECTED_REQUESTS.labels(reason="policy" if err.status == 403 else "invalid").inc()
+            raise
+
+    def _rewrite(self, body: dict) -> RewrittenRequest:
+        raw = body.pop(STEERING_FIELD, None)
+        spec = parse_spec(raw, STEERING_FIELD) if raw is not None else SteeringSpec()
         ops = resolve_spec(spec, self.catalog, STEERING_FIELD)
-        if spec.inspect is not None:
-            for i, sae_id in enumerate(spec.inspect.saes or []):
+        self.check_policy(spec, ops)
+        inspect = spec.inspect
+        if inspect is not None:
+            for i, sae_id in enumerate(inspect.saes or []):
                 if sae_id not in self.catalog.saes:
                     raise SpecError(f"{STEERING_FIELD}.inspect.saes[{i}]", f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.saes)}")
+            if (body.get("n") or 1) > 1:
+                raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs n = 1")
+        monitored = tuple(
+            sae_id for sae_id, m in self.config.monitoring.saes.items() if m.sample_rate > 0 and random.random() < m.sample_rate
+        ) if (body.get("n") or 1) == 1 else ()
         xargs = body.get("vllm_xargs") or {}
         if not isinstance(xargs, dict):
             raise SpecError("vllm_xargs", "must be an object")
-        if WIRE_KEY in xargs:
-            raise SpecError(f"vllm_xargs.{WIRE_KEY}", "is reserved for the steering plugin; use `steering`")
+        for key in (WIRE_KEY, OBSERVE_KEY):
+            if key in xargs:
+                raise SpecError(f"vllm_xargs.{key}", "is reserved for the steering plugin; use `steering`")
         if ops:
             xargs[WIRE_KEY] = encode_wire(ops)
+            for op_name in sorted({o.op for o in ops}):
+                metrics.STEERED_REQUESTS.labels(op=op_name).inc()
+        observe = None
+        read = list(dict.fromkeys([*((inspect.saes or list(self.catalog.saes)) if inspect else []), *monitored]))
+        if read:
+            top_k = max(inspect.top_k if inspect else 0, self.config.monitoring.top_k if monitored else 0)
+            observe = ObserveSpec(uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt))
+            xargs[OBSERVE_KEY] = observe.encode()
+        if xargs:
             body["vllm_xargs"] = xargs
-        return RewrittenRequest(body, ops)
+        wants_ids = bool(body.get("return_token_ids"))
+        if observe is not None:
+            body["return_token_ids"] = True  # lets the server align features with each (streamed) token
+        return RewrittenRequest(body, ops, observe, inspect, monitored, wants_ids)
+
+    def check_policy(self, spec: SteeringSpec, ops: list[ResolvedOp]) -> None:
+        policy = self.config.policy
+        for i, op in enumerate(o for o in ops if o.kind == "feature"):
+            path = f"{STEERING_FIELD}.features[{i}]"
+            if policy.allowed_saes is not None and op.source not in policy.allowed_saes or op.source in policy.denied_saes:
+                raise SpecError(path, f"SAE {op.source!r} may not be steered on this server", status=403)
+            if any(f.sae == op.source and f.index == op.index for f in policy.denied_features):
+                raise SpecError(path, f"feature {op.source}/{op.index} may not be steered on this server", status=403)
+            if policy.allowed_ops is not None and op.op not in policy.allowed_ops:
+                raise SpecError(f"{path}.op", f"`{op.op}` is not allowed here; allowed: {policy.allowed_ops}", status=403)
+            if policy.max_abs_value is not None and abs(spec.features[i].value or 0.0) > policy.max_abs_value:
+                raise SpecError(f"{path}.value", f"|value| above this server's limit {policy.max_abs_value:g}", status=403)
+        for i, vec in enumerate(spec.vectors):
+            path = f"{STEERING_FIELD}.vectors[{i}]"
+            if not policy.allow_vectors:
+                raise SpecError(path, "steering vectors are not allowed on this server", status=403)
+            if policy.max_abs_value is not None and abs(vec.scale) > policy.max_abs_value:
+                raise SpecError(f"{path}.scale", f"|scale| above this server's limit {policy.max_abs_value:g}", status=403)
+        if policy.max_ops_per_request is not None and len(ops) > policy.max_ops_per_request:
+            raise SpecError(STEERING_FIELD, f"at most {policy.max_ops_per_request} operations per request here", status=403)
+        if spec.inspect is not None:
+            if not policy.allow_inspect:
+                raise SpecError(f"{STEERING_FIELD}.inspect", "inspect is not allowed on this server", status=403)
+            for i, sae_id in enumerate(spec.inspect.saes or []):
+                if policy.allowed_saes is not None and sae_id not in policy.allowed_saes or sae_id in policy.denied_saes:
+                    raise SpecError(f"{STEERING_FIELD}.inspect.saes[{i}]", f"SAE {sae_id!r} may not be inspected here", status=403)
+
+    def applied(self, ops: list[ResolvedOp]) -> list[dict]:
+        """The operations a response reports as applied."""
+        out = []
+        for op in ops:
+            item = {"op": op.op, "layer": op.layer, "positions": position_name(op)}
+            if op.kind == "feature":
+                item |= {"sae": op.source, "index": op.index, "label": self.catalog.saes[op.source].labels.get(op.index)}
+            else:
+                item |= {"vector": op.source}
+            out.append(item)
+        return out
+
+    def observation(self, request: RewrittenRequest) -> Observation | None:
+        return Observation(self, request) if request.observe is not None else None
 
     # --- discovery -----------------------------------------------------------------------------------------
 
@@ -97,3 +183,82 @@ def error_body(err: SpecError) -> bytes:
     """OpenAI-style error JSON; `param` is the JSON path of the bad field."""
     kind = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError"}.get(err.status, "BadRequestError")
     return json.dumps({"error": {"message": str(err), "type": kind, "param": err.path, "code": err.status}}).encode()
+
+
+def position_name(op: ResolvedOp) -> str | dict:
+    names = {code: name for name, code in POSITION_CODES.items()}
+    name = names[op.positions]
+    return {"last_prompt_tokens": op.last_n} if name == "last_prompt_tokens" else name
+
+
+class Observation:
+    """One observed request on the API side: reads its workers' records and formats them per token."""
+
+    def __init__(self, service: SteeringService, request: RewrittenRequest):
+        self.service = service
+        self.request = request
+        self.reader = channel.ChannelReader(request.observe.cid)
+        self.by_pos: dict[int, dict[str, list]] = {}
+        self.records: list[dict] = []
+        self.prompt_len: int | None = None
+        self.next_token = 0
+
+    def _pull(self) -> None:
+        for r in self.reader.read_new():
+            self.records.append(r)
+            self.prompt_len = r["P"]
+            self.by_pos.setdefault(r["pos"], {})[r["sae"]] = r["top"]
+
+    def _token_features(self, pos: int) -> dict:
+        inspect = self.request.inspect
+        saes = (inspect.saes or list(self.service.catalog.saes)) if inspect else []
+        found = self.by_pos.get(pos, {})
+        out = {}
+        for sae_id in saes:
+            labels = self.service.catalog.saes[sae_id].labels
+            out[sae_id] = [{"index": i, "activation": a, "label": labels.get(i)} for i, a in found.get(sae_id, [])[: inspect.top_k]]
+        return out
+
+    def next_tokens(self, count: int) -> list[dict]:
+        """Features of the next `count` generated tokens (each read from the residual that predicted it)."""
+        self._pull()
+        if self.prompt_len is None:
+            self.next_token += count
+            return [{} for _ in range(count)]
+        out = [self._token_features(self.prompt_len - 1 + k) for k in range(self.next_token, self.next_token + count)]
+        self.next_token += count
+        return out
+
+    def prompt_tokens(self) -> list[dict]:
+        self._pull()
+        if self.prompt_len is None:
+            return []
+        return [self._token_features(p) for p in range(self.prompt_len)]
+
+    def finish(self, response_id: str | None, model: str | None) -> None:
+        """Write the monitoring line and watchlist counts; drop the side-channel file."""
+        self._pull()
+        self.reader.remove()
+        config = self.service.config.monitoring
+        for sae_id in self.request.monitored:
+            labels = self.service.catalog.saes[sae_id].labels
+            records = [r for r in self.records if r["sae"] == sae_id]
+            watch = []
+            for w in (w for w in config.watchlist if w.sae == sae_id):
+                fired = sum(1 for r in records if any(i == w.index and a > w.threshold for i, a in r["top"]))
+                if fired:
+                    metrics.WATCHLIST_FIRINGS.labels(sae=sae_id, feature=str(w.index)).inc(fired)
+                    watch.append({"index": w.index, "label": labels.get(w.index), "threshold": w.threshold, "tokens": fired})
+            metrics.MONITORED_REQUESTS.labels(sae=sae_id).inc()
+            monitor_log.write(
+                config,
+                {
+                    "request_id": response_id,
+                    "model": model,
+                    "sae": sae_id,
+                    "num_tokens": len(records),
+                    "steered": bool(self.request.ops),
+                    "top_features": monitor_log.summarise(records, sae_id, labels, config.top_k),
+                    "watchlist": watch,
+                },
+            )

@@ -98,11 +98,13 @@ class VectorOp(_Strict):
 
 
 class InspectSpec(_Strict):
-    """Report the top-K active features of each generated token."""
+    """Report the top-K active features of each generated token (read from the residual that predicted it)."""
 
     top_k: int = Field(default=5, ge=1, le=64)
     saes: list[str] | None = None
     """SAE ids to read (all loaded SAEs when unset)."""
+    prompt: bool = False
+    """Also report the features of every prompt token."""
 
 
 class SteeringSpec(_Strict):
@@ -187,6 +189,7 @@ class ResolvedOp(NamedTuple):
     bn: float
     positions: int  # POSITION_CODES value
     last_n: int  # for positions == last_prompt_tokens
+    op: str = "add"  # add, clamp, scale, ablate or vector (for metrics and the response)
 
 
 def _positions(p: Positions | LastPromptTokens) -> tuple[int, int]:
@@ -242,7 +245,7 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
             raise SpecError(f"{path}.value", f"|value| must be <= {catalog.max_abs_value:g}")
         pos, last_n = _positions(op.positions)
         a, b, bn = _coefficients(op.op, op.value, op.normalize)
-        ops.append(ResolvedOp("feature", sae.id, index, sae.layer, a, b, bn, pos, last_n))
+        ops.append(ResolvedOp("feature", sae.id, index, sae.layer, a, b, bn, pos, last_n, op.op))
     for i, op in enumerate(spec.vectors):
         path = f"{prefix}.vectors[{i}]"
         if op.name not in catalog.vectors:
@@ -251,7 +254,7 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
             raise SpecError(f"{path}.scale", f"|scale| must be <= {catalog.max_abs_value:g}")
         pos, last_n = _positions(op.positions)
         b, bn = (0.0, op.scale) if op.normalize else (op.scale, 0.0)
-        ops.append(ResolvedOp("vector", op.name, 0, catalog.vectors[op.name].layer, 0.0, b, bn, pos, last_n))
+        ops.append(ResolvedOp("vector", op.name, 0, catalog.vectors[op.name].layer, 0.0, b, bn, pos, last_n, "vector"))
     if len(ops) > catalog.max_ops_per_request:
         raise SpecError(f"{prefix}", f"too many operations ({len(ops)}); at most {catalog.max_ops_per_request}")
     per_layer: dict[int, int] = {}
@@ -290,3 +293,25 @@ def steering_salt(ops: list[ResolvedOp]) -> str | None:
     import hashlib
 
     return "steer-" + hashlib.sha256(encode_wire(ops).encode()).hexdigest()[:24]
+
+
+# --- observation: which requests report active features ---------------------------------------------------
+
+OBSERVE_KEY = "steer_plugin_observe"
+
+
+class ObserveSpec(NamedTuple):
+    """What the workers should read for one request: SAEs, top-K, and whether prompt tokens count too."""
+
+    cid: str  # correlation id: names the request's side-channel file
+    saes: list[str]
+    top_k: int
+    prompt: bool
+
+    def encode(self) -> str:
+        return json.dumps(list(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str) -> ObserveSpec:
+        cid, saes, top_k, prompt = json.loads(text)
+        return cls(str(cid), [str(s) for s in saes], int(top_k), bool(prompt))

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import torch
 
 from steer_plugin.catalog import LoadedAssets
-from steer_plugin.spec import POSITION_CODES, ResolvedOp
 from steer_plugin.sae.model import SparseAutoencoder
+from steer_plugin.spec import POSITION_CODES, ResolvedOp
 
 
 def op_applies(op: ResolvedOp, position: int, prompt_len: int) -> bool:

@@ -15,10 +15,11 @@ import os
 
 import numpy as np
 import torch
+from steer_adapters.vllm import runner_v2
 
 from steer_plugin.config import config_from_sources
 from steer_plugin.engine.steerer import BatchView, Steerer
-from steer_plugin.spec import WIRE_KEY, decode_wire, steering_salt
+from steer_plugin.spec import OBSERVE_KEY, WIRE_KEY, decode_wire, steering_salt
 
 logger = logging.getLogger("steer_plugin")
 
@@ -121,6 +122,8 @@ def install_steerer(worker) -> Steerer | None:
         model_dtype=vllm_config.model_config.dtype,
         max_tokens=_max_tokens(runner),
         d_model=hf_config.hidden_size,
+        max_seqs=vllm_config.scheduler_config.max_num_seqs,
+        is_driver=_is_tp_driver(),
     )
     for layer in steerer.layers:
         if layer >= len(layers):
@@ -131,9 +134,23 @@ def install_steerer(worker) -> Steerer | None:
     else:
         for layer in steerer.layers:
             layers[layer].register_forward_hook(_steer_hook(layer))
-    runner._model_forward = _wrap_model_forward(runner, runner._model_forward, steerer)
+    if runner_v2.is_v2_runner(runner):
+        runner_v2.install_v2(runner, steerer)  # raises if V2's layout changed
+    else:
+        runner._model_forward = _wrap_model_forward(runner, runner._model_forward, steerer)
     worker._steerer = steerer
+    worker.steer_plugin_stats = steerer.stats  # pulled through collective_rpc for /metrics
     return steerer
+
+
+def _is_tp_driver() -> bool:
+    """Only tensor-parallel rank 0 writes observations (every rank computes the same ones)."""
+    try:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        return get_tp_group().rank_in_group == 0
+    except Exception:
+        return True
 
 
 def batch_view_v1(runner) -> BatchView:
@@ -147,15 +164,23 @@ def batch_view_v1(runner) -> BatchView:
         query_start=runner.query_start_loc.np[: num_reqs + 1],
         num_computed=batch.num_computed_tokens_cpu[:num_reqs],
         num_prompt=np.array([s.num_prompt_tokens for s in states], dtype=np.int64),
-        wire_specs=[(s.sampling_params.extra_args or {}).get(WIRE_KEY) if s.sampling_params else None for s in states],
+        wire_specs=[_extra(s, WIRE_KEY) for s in states],
+        observe_specs=[_extra(s, OBSERVE_KEY) for s in states],
     )
+
+
+def _extra(state, key: str) -> str | None:
+    params = state.sampling_params
+    return (params.extra_args or {}).get(key) if params is not None else None
 
 
 def _wrap_model_forward(runner, original, steerer: Steerer):
     @functools.wraps(original)
     def model_forward(*args, **kwargs):
         steerer.prepare(batch_view_v1(runner))
-        return original(*args, **kwargs)
+        output = original(*args, **kwargs)
+        steerer.after_forward()
+        return output
 
     return model_forward
 
@@ -165,6 +190,9 @@ def run_self_test(worker) -> None:
     if steerer is None or not steerer.config.self_test:
         return
     runner = worker.model_runner
+    if runner_v2.is_v2_runner(runner):
+        steerer.self_test(runner_v2.self_test_step_v2(runner))
+        return
 
     def decode_one_token():
         # A real token at position 0: the buffers may still hold the profile run's random inputs.

@@ -7,6 +7,8 @@ hold at replay time. The body takes no per-step host decision while a graph is b
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from steer_plugin.engine.bank import LayerBank
@@ -17,12 +19,20 @@ OP_NAMESPACE = "steer_plugin"
 
 
 class LayerRuntime:
-    """Everything the op needs at one layer: the bank, the tables and the self-test probe."""
+    """Everything the op needs at one layer: the bank, the tables, the capture buffer and the self-test probe."""
 
-    def __init__(self, bank: LayerBank, tables: LayerTables):
+    def __init__(self, bank: LayerBank, tables: LayerTables, max_graph_captures: int = 1):
         self.bank = bank
         self.tables = tables
         d_model = bank.dec.shape[1]
+        device = bank.dec.device
+        # Steered residual rows of observed tokens (inspect / monitoring), read after the forward.
+        self.capture = torch.zeros(tables.max_tokens, d_model, dtype=torch.float32, device=device)  # [M, d]
+        self.capture_rows_host = torch.zeros(tables.max_tokens, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.capture_rows = self.capture_rows_host if device.type == "cpu" else torch.zeros_like(self.capture_rows_host, device=device)
+        self.num_capture = 0  # host int
+        self.max_graph_captures = max_graph_captures  # rows a captured graph copies (padding rows read row 0)
+        self.seconds = 0.0  # host time in the op body (eager executions)
         # probe[0] is set to 1 whenever the op runs; probe[1] = the delta it added to row 0 (float32).
         self.probe = torch.zeros(2, d_model, dtype=torch.float32, device=bank.dec.device)  # [2, d_model]
         self.calls = 0  # host count of eager executions (graph replays do not count)
@@ -71,9 +81,16 @@ def steer_residual(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> 
         return residual.clone()
     if _capturing():
         out = apply_dense(rt, hidden, residual)
+        rows = rt.capture_rows[: rt.max_graph_captures]
+        rt.capture[: rt.max_graph_captures].copy_(hidden[rows].float() + out[rows].float())
     else:
+        started = time.perf_counter()
         rt.calls += 1
         out = apply_sparse(rt, hidden, residual)
+        if rt.num_capture:
+            rows = rt.capture_rows[: rt.num_capture]
+            rt.capture[: rt.num_capture] = hidden[rows].float() + out[rows].float()
+        rt.seconds += time.perf_counter() - started
     rt.probe[0].fill_(1.0)
     return out
 

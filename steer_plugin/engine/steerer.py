@@ -18,8 +18,9 @@ from steer_plugin.catalog import LoadedAssets, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import LayerBank, build_layer_bank
-from steer_plugin.engine.tables import LayerPlan, LayerTables, RequestSlice
-from steer_plugin.spec import ResolvedOp, decode_wire
+from steer_plugin.engine.observe import ObservedRows, Observer
+from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables, RequestSlice
+from steer_plugin.spec import ObserveSpec, ResolvedOp, decode_wire
 
 logger = logging.getLogger("steer_plugin")
 
@@ -32,6 +33,7 @@ class BatchView(NamedTuple):
     num_computed: np.ndarray  # [R]: position of each request's first token in this step
     num_prompt: np.ndarray  # [R]
     wire_specs: list[str | None]  # [R]: SamplingParams.extra_args[WIRE_KEY] or None
+    observe_specs: list[str | None] | None = None  # [R]: extra_args[OBSERVE_KEY] or None
 
 
 class SelfTestError(RuntimeError):
@@ -49,6 +51,8 @@ class Steerer:
         model_dtype: torch.dtype,
         max_tokens: int,
         d_model: int,
+        max_seqs: int = 256,
+        is_driver: bool = True,
     ):
         started = time.perf_counter()
         self.config = config
@@ -62,8 +66,14 @@ class Steerer:
             dtype = self._bank_dtype(model_dtype)
             self.banks[layer] = build_layer_bank(layer, saes, vectors, device, dtype)
         self.tables = {layer: LayerTables(max_tokens, self.max_ops, device) for layer in self.banks}
-        self.runtimes = {layer: steer_op.LayerRuntime(self.banks[layer], self.tables[layer]) for layer in self.banks}
+        self.runtimes = {
+            layer: steer_op.LayerRuntime(self.banks[layer], self.tables[layer], max_seqs) for layer in self.banks
+        }
         self._plans: dict[str, tuple[str, dict[int, LayerPlan]]] = {}
+        self._observes: dict[str, tuple[str, ObserveSpec | None]] = {}
+        self._observed: list[ObservedRows] = []
+        self.observer = Observer(self._sae_views(), write=is_driver)
+        self.features_applied: dict[str, int] = {}
         self.bank_bytes = sum(b.nbytes() for b in self.banks.values())
         self.table_bytes = sum(
             t.idx.numel() * 8 + t.coef.numel() * 4 + t.mask.numel() + t.rows.numel() * 8 for t in self.tables.values()
@@ -78,6 +88,21 @@ class Steerer:
             device,
             time.perf_counter() - started,
         )
+
+    def _sae_views(self) -> dict:
+        """The SAEs for reading features, their big matrices rebound to views of the banks (no second copy)."""
+        views = {}
+        for loaded in self.assets.saes.values():
+            bank = self.banks[loaded.layer]
+            entry = bank.entries[("feature", loaded.id)]
+            sae = loaded.sae
+            sae.W_dec = bank.dec[entry.offset : entry.offset + entry.size]  # [d_sae, d]
+            sae.W_enc = bank.enc[entry.offset : entry.offset + entry.size].t()  # [d, d_sae] view
+            for name in ("b_enc", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"):
+                if getattr(sae, name) is not None:
+                    setattr(sae, name, getattr(sae, name).to(device=bank.dec.device, dtype=bank.dec.dtype))
+            views[loaded.id] = sae
+        return views
 
     def _bank_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         requested = {s.dtype for s in self.config.saes} - {"auto"}
@@ -109,7 +134,11 @@ class Steerer:
                 coef=np.array([[o.a, o.b, o.bn] for o in layer_ops], dtype=np.float32),
                 positions=np.array([o.positions for o in layer_ops], dtype=np.int8),
                 last_n=np.array([o.last_n for o in layer_ops], dtype=np.int64),
+                op_codes=np.array([OP_NAMES.index(o.op) for o in layer_ops], dtype=np.int8),
             )
+        for o in ops:
+            if o.kind == "feature":
+                self.features_applied[o.source] = self.features_applied.get(o.source, 0) + 1
         return plans
 
     def plan_for(self, req_id: str, wire: str) -> dict[int, LayerPlan]:
@@ -124,10 +153,87 @@ class Steerer:
         self._plans[req_id] = (wire, plan)
         return plan
 
+    def observe_for(self, req_id: str, text: str) -> ObserveSpec | None:
+        cached = self._observes.get(req_id)
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        try:
+            spec = ObserveSpec.decode(text)
+            spec = spec._replace(saes=[s for s in spec.saes if s in self.observer.saes])
+        except Exception as err:
+            logger.error("steer_plugin: ignoring invalid observe spec for request %s: %s", req_id, err)
+            spec = None
+        self._observes[req_id] = (text, spec)
+        return spec
+
     def _prune_plans(self, live: list[str]) -> None:
-        if len(self._plans) > 4 * max(len(live), 64):
+        if len(self._plans) + len(self._observes) > 4 * max(len(live), 64):
             keep = set(live)
             self._plans = {k: v for k, v in self._plans.items() if k in keep}
+            self._observes = {k: v for k, v in self._observes.items() if k in keep}
+
+    def _plan_captures(self, batch: BatchView) -> None:
+        """Which steered-residual rows to copy out this step, per layer, for observed requests."""
+        self._observed = []
+        rows_by_layer: dict[int, dict[int, int]] = {layer: {} for layer in self.banks}
+        qs = batch.query_start
+        for i, text in enumerate(batch.observe_specs or []):
+            if not text:
+                continue
+            spec = self.observe_for(batch.req_ids[i], text)
+            if spec is None:
+                continue
+            start, end = int(qs[i]), int(qs[i + 1])
+            first, prompt_len = int(batch.num_computed[i]), int(batch.num_prompt[i])
+            if spec.prompt:
+                rows = list(range(start, end))
+            elif first + (end - start) >= prompt_len and end > start:
+                rows = [end - 1]  # the row whose logits give this step's sampled token
+            else:
+                rows = []
+            if not rows:
+                continue
+            for sae_id in spec.saes:
+                layer = self.assets.saes[sae_id].layer
+                slots = rows_by_layer[layer]
+                for r in rows:
+                    slots.setdefault(r, len(slots))
+                self._observed.append(
+                    ObservedRows(spec.cid, sae_id, spec.top_k, [slots[r] for r in rows], [first + r - start for r in rows], prompt_len)
+                )
+        for layer, slots in rows_by_layer.items():
+            rt = self.runtimes[layer]
+            n = min(len(slots), rt.capture.shape[0])
+            rt.num_capture = n
+            if n:
+                rt.capture_rows_host[:n] = torch.tensor(list(slots)[:n])
+                if rt.capture_rows is not rt.capture_rows_host:
+                    rt.capture_rows[:n].copy_(rt.capture_rows_host[:n], non_blocking=True)
+
+    def after_forward(self) -> None:
+        """Read the features of this step's observed tokens (outside the model forward and any graph)."""
+        if not self._observed:
+            return
+        captures = {s: self.runtimes[self.assets.saes[s].layer].capture for s in {g.sae_id for g in self._observed}}
+        self.observer.collect(self._observed, captures)
+        self._observed = []
+
+    def stats(self) -> dict:
+        """Cumulative worker figures, pulled by the API server for /metrics."""
+        steered = {name: 0 for name in OP_NAMES if name != "selftest"}
+        for tables in self.tables.values():
+            for name, count in zip(OP_NAMES, tables.op_counts.tolist()):
+                if name in steered:
+                    steered[name] += count
+        return {
+            "steered_tokens": steered,
+            "features_applied": dict(self.features_applied),
+            "op_seconds": sum(rt.seconds for rt in self.runtimes.values()),
+            "sae_bytes": {sid: self.banks[s.layer].entries[("feature", sid)].size * 2 * self.banks[s.layer].dec.shape[1]
+                          * self.banks[s.layer].dec.element_size() for sid, s in self.assets.saes.items()},
+            "bank_bytes": self.bank_bytes,
+            **self.observer.snapshot(),
+        }
 
     # --- per step ------------------------------------------------------------------------------------------
 
@@ -145,6 +251,7 @@ class Steerer:
                 slices[layer].append(
                     RequestSlice(start, end - start, int(batch.num_computed[i]), int(batch.num_prompt[i]), plan)
                 )
+        self._plan_captures(batch)
         total = 0
         for layer, tables in self.tables.items():
             total += tables.fill(slices[layer])
@@ -173,6 +280,7 @@ class Steerer:
                 coef=np.array([[0.0, value, 0.0]], dtype=np.float32),
                 positions=np.array([0], dtype=np.int8),
                 last_n=np.array([0]),
+                op_codes=np.array([OP_NAMES.index("selftest")], dtype=np.int8),
             )
             tables.fill([RequestSlice(0, 1, 1, 1, plan)])
             tables.sync_to_device(1)

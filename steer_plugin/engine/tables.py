@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 _ALL, _PROMPT, _GENERATION, _LAST_PROMPT = (POSITION_CODES[k] for k in ("all", "prompt", "generation", "last_prompt_tokens"))
 
 
+OP_NAMES = ("add", "clamp", "scale", "ablate", "vector", "selftest")
+
+
 class LayerPlan(NamedTuple):
     """One request's operations at one layer."""
 
@@ -27,6 +30,7 @@ class LayerPlan(NamedTuple):
     coef: np.ndarray  # [m, 3] float32 (a, b, bn)
     positions: np.ndarray  # [m] int8 position codes
     last_n: np.ndarray  # [m] int64
+    op_codes: np.ndarray  # [m] int8 index into OP_NAMES
 
 
 class RequestSlice(NamedTuple):
@@ -67,6 +71,7 @@ class LayerTables:
         self.mask = self.mask_host if on_host else torch.zeros_like(self.mask_host, device=device)
         self.rows = self.rows_host if on_host else torch.zeros_like(self.rows_host, device=device)
         self.num_rows = 0  # steered rows this step (host int, read by the op outside graph capture)
+        self.op_counts = np.zeros(len(OP_NAMES), dtype=np.int64)  # steered (token, op) pairs so far, by op
         self._written_rows = np.zeros(0, dtype=np.int64)
         self._extent = 0  # rows [0, extent) may differ from zero on the device
         self._copied = torch.cuda.Event() if device.type == "cuda" else None  # host rows are reused after it
@@ -99,6 +104,8 @@ class LayerTables:
             return 0
         rows = np.concatenate(token_rows)  # sorted: requests ascend, tokens ascend within a request
         bank_rows = np.concatenate([plan.bank_rows[ops] for plan, ops in op_refs])
+        op_codes = np.concatenate([plan.op_codes[ops] for plan, ops in op_refs])
+        self.op_counts += np.bincount(op_codes, minlength=len(OP_NAMES))
         coef = np.concatenate([plan.coef[ops] for plan, ops in op_refs])
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
         counts = np.diff(np.r_[starts, rows.size])

@@ -1,0 +1,93 @@
+"""Reading active features of observed tokens (inspect requests and monitored traffic) in the worker.
+
+Inside the op only a copy is made: the steered residual rows of observed tokens go to a persistent capture
+buffer (fixed addresses, graph-safe). The SAE encode and top-K run after the forward, outside any graph.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from steer_plugin.monitor import channel
+from steer_plugin.sae.model import SparseAutoencoder
+
+L0_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
+
+
+class ObservedRows(NamedTuple):
+    """Tokens of one request to read with one SAE: capture slots at its layer and their positions."""
+
+    cid: str
+    sae_id: str
+    top_k: int
+    slots: list[int]
+    positions: list[int]
+    num_prompt: int
+
+
+class Histogram:
+    """Cumulative histogram state (Prometheus style) kept in the worker and pulled by the API server."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last = +Inf
+        self.total = 0.0
+
+    def observe_many(self, values: np.ndarray) -> None:
+        self.counts += np.bincount(np.searchsorted(self.buckets, values, side="left"), minlength=len(self.buckets) + 1)
+        self.total += float(values.sum())
+
+    def snapshot(self) -> dict:
+        return {"buckets": list(self.buckets), "counts": self.counts.tolist(), "sum": self.total}
+
+
+def read_features(sae: SparseAutoencoder, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [n, d] -> top-k (values, indices) [n, k], L0 [n] and relative reconstruction error [n]."""
+    x = x.to(sae.dtype)
+    x_n, state = sae.normalise(x)
+    f = sae.activate(sae.pre_activations(x_n), x_n)  # [n, d_sae]
+    x_hat = sae.decode(f, state)
+    err = ((x - x_hat).float().pow(2).sum(-1) / x.float().pow(2).sum(-1).clamp_min(1e-12))  # [n]
+    values, indices = torch.topk(f.float(), min(top_k, f.shape[-1]), dim=-1)
+    return values, indices, (f > 0).sum(-1), err
+
+
+class Observer:
+    """Turns captured rows into per-token records on the side channel, and keeps L0 / error histograms."""
+
+    def __init__(self, saes: dict[str, SparseAutoencoder], write: bool):
+        self.saes = saes
+        self.write = write  # only one tensor-parallel rank writes
+        self.l0 = {sid: Histogram(L0_BUCKETS) for sid in saes}
+        self.error = {sid: Histogram(ERROR_BUCKETS) for sid in saes}
+        self.tokens_observed = 0
+
+    def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> None:
+        """groups' slots index into captures[sae_id] ([n_slots, d] steered residual rows)."""
+        records: dict[str, list[dict]] = {}
+        for g in groups:
+            x = captures[g.sae_id][g.slots]  # [n, d]
+            values, indices, l0, err = (t.cpu() for t in read_features(self.saes[g.sae_id], x, g.top_k))
+            self.l0[g.sae_id].observe_many(l0.numpy())
+            self.error[g.sae_id].observe_many(err.numpy())
+            self.tokens_observed += len(g.slots)
+            for row, pos in enumerate(g.positions):
+                keep = values[row] > 0
+                top = [[int(i), round(float(v), 4)] for i, v in zip(indices[row][keep], values[row][keep])]
+                records.setdefault(g.cid, []).append(
+                    {"pos": pos, "P": g.num_prompt, "sae": g.sae_id, "top": top, "l0": int(l0[row]), "err": round(float(err[row]), 5)}
+                )
+        if self.write:
+            for cid, lines in records.items():
+                channel.append(cid, lines)
+
+    def snapshot(self) -> dict:
+        return {
+            "l0": {k: h.snapshot() for k, h in self.l0.items()},
+            "reconstruction_error": {k: h.snapshot() for k, h in self.error.items()},
+            "tokens_observed": self.tokens_observed,
+        }

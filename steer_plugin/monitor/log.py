@@ -1,0 +1,36 @@
+"""Monitoring sink: one structured JSON line per monitored request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from steer_plugin.config import MonitoringConfig
+
+monitor_logger = logging.getLogger("steer_plugin.monitor")
+_file_lock = threading.Lock()
+
+
+def summarise(records: list[dict], sae_id: str, labels: dict[int, str], top_k: int) -> list[dict]:
+    """The strongest features of a request over its observed tokens: max activation and token count."""
+    best: dict[int, list] = {}
+    for r in records:
+        if r["sae"] != sae_id:
+            continue
+        for index, act in r["top"]:
+            entry = best.setdefault(index, [0.0, 0])
+            entry[0] = max(entry[0], act)
+            entry[1] += 1
+    ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:top_k]
+    return [{"index": i, "max_activation": round(v, 4), "tokens": n, "label": labels.get(i)} for i, (v, n) in ranked]
+
+
+def write(config: MonitoringConfig, record: dict) -> None:
+    line = json.dumps({"ts": round(time.time(), 3), **record}, separators=(",", ":"))
+    if config.sink == "file":
+        with _file_lock, open(config.path, "a") as f:
+            f.write(line + "\n")
+    else:
+        monitor_logger.info(line)
