@@ -218,9 +218,9 @@ def _find_feature(op: FeatureOp, catalog: Catalog, path: str) -> tuple[SAEInfo, 
             known = sorted(s.neuronpedia_id for s in catalog.saes.values() if s.neuronpedia_id)
             raise SpecError(f"{path}.id", f"unknown source {source!r}; loaded: {known}")
         return matches[0], int(index_text)
-    candidates = [catalog.saes[op.sae]] if op.sae is not None else list(catalog.saes.values())
     if op.sae is not None and op.sae not in catalog.saes:
         raise SpecError(f"{path}.sae", f"unknown SAE {op.sae!r}; loaded: {sorted(catalog.saes)}")
+    candidates = [catalog.saes[op.sae]] if op.sae is not None else list(catalog.saes.values())
     if op.label is not None:
         hits = [(s, i) for s in candidates for i, lab in s.labels.items() if lab == op.label]
         if not hits:

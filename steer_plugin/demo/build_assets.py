@@ -32,6 +32,7 @@ from .common import (
     Stage,
     configure_threads,
     default_assets_dir,
+    fingerprint,
     log,
     read_json,
 )
@@ -56,8 +57,9 @@ def asset_paths(assets_dir: Path | str | None = None) -> AssetPaths:
 def _stages(assets: Path) -> dict[str, Stage]:
     # Parameters are imported lazily from the stage modules only when a stage has to be checked; they are
     # plain constants so importing the modules is cheap (no torch at import time).
-    from . import corpus, harvest, train_sae
+    from . import corpus, harvest, labels, train_sae
     from .model_convert import WHEEL_REQ, WHEEL_SHA256
+    from .prompts import chat_prompts
     from .sae_io import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE
 
     p = asset_paths(assets)
@@ -70,7 +72,9 @@ def _stages(assets: Path) -> dict[str, Stage]:
         assets, "corpus",
         {
             "budgets": corpus.DEFAULT_BUDGETS, "gen_max_new_tokens": corpus.GEN_MAX_NEW_TOKENS,
-            "gen_batch": corpus.GEN_BATCH, "chunk_chars": corpus.CHUNK_CHARS, "seed": SEED, "version": 1,
+            "gen_batch": corpus.GEN_BATCH, "chunk_chars": corpus.CHUNK_CHARS, "seed": SEED, "version": 2,
+            "sampling": corpus.GEN_SAMPLING, "prompts": fingerprint(chat_prompts()),
+            "debian_caps": [corpus.DEBIAN_FILE_CAP, corpus.DEBIAN_READ_CAP],
         },
         [work / "corpus.jsonl", work / "corpus_composition.json"], [model],
     )  # fmt: skip
@@ -85,7 +89,7 @@ def _stages(assets: Path) -> dict[str, Stage]:
         [p.sae_dir / CFG_FILE, p.sae_dir / WEIGHTS_FILE], [harv],
     )  # fmt: skip
     analyze = Stage(
-        assets, "analyze", {"version": 1},
+        assets, "analyze", {"version": 2, "top_n": labels.TOP_N, "concepts": labels.CONCEPTS},
         [p.sae_dir / SPARSITY_FILE, p.labels_path, p.quality_path], [train, harv],
     )  # fmt: skip
     return {s.name: s for s in (model, corp, harv, train, analyze)}

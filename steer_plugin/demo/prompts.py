@@ -145,12 +145,13 @@ OTHER_PROMPTS: list[tuple[str, str]] = [
     ("architecture", "How are skyscrapers built?"),
 ]
 
-#: How many samples to draw for each bridge prompt (the others get one).
-BRIDGE_SAMPLES = 2
+#: How many answers to sample per prompt.
+BRIDGE_SAMPLES = 3
+OTHER_SAMPLES = 2
 
 
 def chat_prompts() -> list[tuple[str, str]]:
-    """All (topic, prompt) pairs to generate, in a fixed order."""
+    """All (topic, prompt) pairs to generate, in a fixed order (repeats = independent samples)."""
     out = [("bridge", p) for p in BRIDGE_PROMPTS for _ in range(BRIDGE_SAMPLES)]
-    out += OTHER_PROMPTS
+    out += [tp for tp in OTHER_PROMPTS for _ in range(OTHER_SAMPLES)]
     return out

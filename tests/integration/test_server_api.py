@@ -1,0 +1,258 @@
+"""The OpenAI-compatible server started by `steer-serve`: SDK clients, errors, inspect, metrics, monitoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+import requests
+import torch
+
+from .conftest import VECTOR_LAYER
+
+pytestmark = pytest.mark.server
+
+PORT = 18765
+BASE = f"http://127.0.0.1:{PORT}"
+WATCHED = 100  # watchlist feature (the tests clamp it so that it fires)
+DENIED = 666  # policy-denied feature
+
+
+@pytest.fixture(scope="module")
+def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("server")
+    config = json.loads(open(steer_config_path).read())
+    config["monitoring"] = {
+        "saes": {"demo": {"sample_rate": 1.0}},
+        "sink": "file",
+        "path": str(folder / "monitor.jsonl"),
+        "top_k": 4,
+        "watchlist": [{"sae": "demo", "index": WATCHED, "threshold": 1.0}],
+    }
+    config["policy"] = {"denied_features": [{"sae": "demo", "index": DENIED}], "max_abs_value": 500.0}
+    path = folder / "steer.json"
+    path.write_text(json.dumps(config))
+    return {"path": str(path), "monitor": folder / "monitor.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def server(demo_assets, server_config):
+    cmd = [sys.executable, "-m", "steer_adapters.vllm.launcher", "--steer-config", server_config["path"],
+           "--model", str(demo_assets.model_dir), "--served-model-name", "demo", "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(PORT)]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert proc.poll() is None, "server exited during start-up"
+            try:
+                if requests.get(f"{BASE}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("server did not become healthy")
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="none")
+
+
+MESSAGES = [{"role": "user", "content": "Describe a famous landmark in one sentence."}]
+CLAMP = {"features": [{"sae": "demo", "index": WATCHED, "op": "clamp", "value": 60.0}]}
+
+
+def metric(name: str, **labels) -> float:
+    text = requests.get(f"{BASE}/metrics", timeout=30).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
+        if m and ",".join(sorted((m.group(1) or "").split(","))) == want:
+            total += float(m.group(2))
+    return total
+
+
+# --- the official OpenAI SDK --------------------------------------------------------------------------------
+
+
+def test_sdk_chat_non_streaming(client):
+    plain = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=16, temperature=0)
+    steered = client.chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=16, temperature=0, extra_body={"steering": CLAMP}
+    )
+    choice = steered.choices[0].model_dump()
+    assert choice["steering"]["applied"] == [
+        {"op": "clamp", "layer": 15, "positions": "all", "sae": "demo", "index": WATCHED, "label": choice["steering"]["applied"][0]["label"]}
+    ]
+    assert steered.choices[0].message.content != plain.choices[0].message.content
+
+
+def test_sdk_chat_streaming_with_inspect(client):
+    stream = client.chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=8, temperature=0, stream=True,
+        extra_body={"steering": {**CLAMP, "inspect": {"top_k": 3}}},
+    )
+    chunks = [c.model_dump() for c in stream]
+    tokens = [t for c in chunks for ch in c["choices"] for t in ch.get("steering", {}).get("tokens", [])]
+    assert len(tokens) == 8
+    assert chunks[0]["choices"][0]["steering"]["applied"][0]["index"] == WATCHED
+    for t in tokens:
+        assert 1 <= len(t["demo"]) <= 3
+        assert all(f["activation"] > 0 for f in t["demo"])
+    # the clamped feature reads ~60 on every generated token (it is in the top k at that value)
+    assert all(any(f["index"] == WATCHED for f in t["demo"]) for t in tokens)
+    assert "token_ids" not in chunks[1]["choices"][0]
+
+
+def test_sdk_completions_non_streaming_and_streaming(client):
+    kwargs = dict(model="demo", prompt="The weather today is", max_tokens=8, temperature=0)
+    plain = client.completions.create(**kwargs).choices[0].text
+    steered = client.completions.create(**kwargs, extra_body={"steering": CLAMP}).choices[0]
+    assert steered.text != plain
+    assert steered.model_dump()["steering"]["applied"][0]["op"] == "clamp"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True, extra_body={"steering": CLAMP}))
+    assert streamed == steered.text
+
+
+def test_plain_requests_client_and_vector(server):
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 8, "temperature": 0,
+            "steering": {"vectors": [{"name": "unit", "scale": 0.8, "normalize": True}]}}
+    reply = requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["steering"]["applied"] == [
+        {"op": "vector", "layer": VECTOR_LAYER, "positions": "all", "vector": "unit"}
+    ]
+
+
+# --- errors ---------------------------------------------------------------------------------------------------
+
+BAD = [
+    ({"features": [{"sae": "demo", "index": 1, "op": "clamp", "value": "high"}]}, 400, "steering.features[0].value"),
+    ({"features": [{"sae": "nope", "index": 1, "value": 1.0}]}, 400, "steering.features[0].sae"),
+    ({"features": [{"sae": "demo", "index": 10**7, "value": 1.0}]}, 400, "steering.features[0].index"),
+    ({"features": [{"id": "smollm2-135m/99-res-x/3", "value": 1.0}]}, 400, "steering.features[0].id"),
+    ({"features": [{"label": "no such label anywhere", "value": 1.0}]}, 400, "steering.features[0].label"),
+    ({"vectors": [{"name": "missing"}]}, 400, "steering.vectors[0].name"),
+    ({"features": [{"sae": "demo", "index": 1, "value": 1e300}]}, 400, "steering.features[0].value"),
+    ({"features": [{"sae": "demo", "index": i, "value": 1.0} for i in range(40)]}, 400, "steering"),
+    ({"features": [], "colour": "red"}, 400, "steering.colour"),
+    ({"features": [{"sae": "demo", "index": 1, "op": "ablate", "value": 2.0}]}, 400, "steering.features[0]"),
+    ({"inspect": {"top_k": 1000}}, 400, "steering.inspect.top_k"),
+    ({"features": [{"sae": "demo", "index": DENIED, "value": 1.0}]}, 403, "steering.features[0]"),
+    ({"features": [{"sae": "demo", "index": 1, "value": 900.0}]}, 403, "steering.features[0].value"),
+]
+
+
+@pytest.mark.parametrize(("steering", "status", "param"), BAD)
+def test_bad_steering_is_rejected_and_server_keeps_serving(server, steering, status, param):
+    before = metric("steer_rejected_requests_total", reason="policy" if status == 403 else "invalid")
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 4, "steering": steering}
+    reply = requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and param in error["message"]
+    assert metric("steer_rejected_requests_total", reason="policy" if status == 403 else "invalid") == before + 1
+    ok = requests.post(f"{BASE}/v1/chat/completions", json={**body, "steering": CLAMP}, timeout=120)
+    assert ok.status_code == 200
+
+
+def test_nan_value_is_rejected(server):
+    raw = '{"model": "demo", "prompt": "Hi", "max_tokens": 2, "steering": {"features": [{"sae": "demo", "index": 1, "value": NaN}]}}'
+    reply = requests.post(f"{BASE}/v1/completions", data=raw, headers={"content-type": "application/json"}, timeout=60)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "steering.features[0].value"
+
+
+# --- discovery and inspect ----------------------------------------------------------------------------------------
+
+
+def test_discovery(server, assets):
+    saes = requests.get(f"{BASE}/v1/steering/saes", timeout=10).json()["data"]
+    assert [(s["id"], s["layer"], s["d_sae"], s["format"]) for s in saes] == [("demo", 15, assets.saes["demo"].sae.d_sae, "saelens")]
+    label = next(iter(assets.saes["demo"].labels.values()))
+    hits = requests.get(f"{BASE}/v1/steering/features", params={"sae": "demo", "q": label}, timeout=10).json()["data"]
+    assert any(h["label"] == label for h in hits)
+    assert requests.get(f"{BASE}/v1/steering/features", params={"sae": "nope"}, timeout=10).status_code == 404
+    schema = requests.get(f"{BASE}/openapi.json", timeout=30).json()["components"]["schemas"]
+    assert schema["ChatCompletionRequest"]["properties"]["steering"]
+    assert "FeatureOp" in schema
+
+
+def test_inspect_endpoint_matches_reference_encode(server, hf, assets, sae_layer):
+    text = "The Golden Gate Bridge spans the strait at the entrance of San Francisco Bay."
+    reply = requests.post(f"{BASE}/v1/steering/inspect", json={"text": text, "top_k": 5}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    ids = [d["token_id"] for d in data]
+    x = hf.residual_after(sae_layer, ids)  # [T, d]
+    f = assets.saes["demo"].sae.encode(x)  # [T, d_sae]
+    checked = 0
+    for pos in range(1, len(ids)):  # position 0 is the attention sink: huge norm, fp32 rounding dominates
+        got = {d["index"]: d["activation"] for d in data[pos]["features"]["demo"]}
+        values, indices = torch.topk(f[pos], 5)
+        want = {int(i): float(v) for i, v in zip(indices, values) if v > 0}
+        strongest = max(want, key=want.get)
+        assert strongest in got and abs(got[strongest] - want[strongest]) <= 1e-2 * max(1.0, want[strongest])
+        for index in set(got) & set(want):
+            assert abs(got[index] - want[index]) <= 1e-2 * max(1.0, want[index])
+        checked += 1
+    assert checked >= 10
+
+
+# --- metrics and monitoring -------------------------------------------------------------------------------------
+
+
+def test_metrics_move(server, client):
+    names = {
+        "requests": ("steer_requests_total", {"op": "clamp"}),
+        "tokens": ("steer_steered_tokens_total", {"op": "clamp"}),
+        "applied": ("steer_features_applied_total", {"sae": "demo"}),
+        "watch": ("steer_watchlist_firings_total", {"sae": "demo", "feature": str(WATCHED)}),
+        "l0": ("steer_active_features_count", {"sae": "demo"}),
+        "err": ("steer_reconstruction_error_count", {"sae": "demo"}),
+        "op_time": ("steer_op_seconds_total", {}),
+    }
+    before = {k: metric(n, **lab) for k, (n, lab) in names.items()}
+    client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=6, temperature=0, extra_body={"steering": CLAMP})
+    after = {k: metric(n, **lab) for k, (n, lab) in names.items()}
+    assert after["requests"] == before["requests"] + 1
+    assert after["tokens"] >= before["tokens"] + 6  # prompt and generated tokens
+    assert after["applied"] == before["applied"] + 1
+    assert after["watch"] >= before["watch"] + 5
+    assert after["l0"] >= before["l0"] + 6 and after["err"] >= before["err"] + 6
+    assert after["op_time"] > before["op_time"]
+    assert metric("steer_sae_memory_bytes", sae="demo") > 0
+
+
+def test_monitoring_log_lines(server, client, server_config):
+    reply = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=5, temperature=0, extra_body={"steering": CLAMP})
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        lines = [json.loads(line) for line in server_config["monitor"].read_text().splitlines()] if server_config["monitor"].exists() else []
+        mine = [r for r in lines if r["request_id"] == reply.id]
+        if mine:
+            break
+        time.sleep(0.2)
+    (record,) = mine
+    assert set(record) == {"ts", "request_id", "model", "sae", "num_tokens", "steered", "top_features", "watchlist"}
+    assert record["sae"] == "demo" and record["num_tokens"] == 5 and record["steered"] is True
+    assert len(record["top_features"]) == 4
+    assert set(record["top_features"][0]) == {"index", "max_activation", "tokens", "label"}
+    assert record["watchlist"][0]["index"] == WATCHED and record["watchlist"][0]["tokens"] >= 4
