@@ -49,9 +49,13 @@ def chat(base: str, model: str, question: str, steering: dict | None, max_tokens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--concept", default="bridge", help="label text of the feature to clamp")
-    parser.add_argument("--value", type=float, default=None, help="clamp value (default: 8x the feature's max)")
+    parser.add_argument(
+        "--value", type=float, default=None, help="clamp value (default: 8x the feature's max)"
+    )
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--max-tokens", type=int, default=60)
     parser.add_argument("--port", type=int, default=8077)
@@ -59,8 +63,18 @@ def main() -> None:
     args = parser.parse_args()
 
     base = f"http://127.0.0.1:{args.port}"
-    cmd = [sys.executable, "-m", "steer_adapters.vllm.launcher", "--demo", "--port", str(args.port),
-           "--host", "127.0.0.1", "--max-model-len", "1024"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "steer_adapters.vllm.launcher",
+        "--demo",
+        "--port",
+        str(args.port),
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "1024",
+    ]
     if not args.compile:
         cmd.append("--enforce-eager")
     print("demo: starting", " ".join(cmd), flush=True)
@@ -68,13 +82,19 @@ def main() -> None:
     try:
         wait_for_health(base, server, timeout_s=900)
         model = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-        hits = requests.get(f"{base}/v1/steering/features", params={"q": args.concept}, timeout=10).json()["data"]
+        hits = requests.get(f"{base}/v1/steering/features", params={"q": args.concept}, timeout=10).json()[
+            "data"
+        ]
         if not hits:
             sys.exit(f"demo: no feature label matches {args.concept!r}")
         feature = hits[0]
         value = args.value if args.value is not None else 8.0 * feature.get("max_activation", 5.0)
-        steering = {"features": [{"sae": feature["sae"], "index": feature["index"], "op": "clamp", "value": value}]}
-        print(f"demo: feature {feature['sae']}/{feature['index']} labelled {feature['label']!r}, clamped to {value:g}")
+        steering = {
+            "features": [{"sae": feature["sae"], "index": feature["index"], "op": "clamp", "value": value}]
+        }
+        print(
+            f"demo: feature {feature['sae']}/{feature['index']} labelled {feature['label']!r}, clamped to {value:g}"
+        )
         plain = chat(base, model, args.question, None, args.max_tokens)
         steered = chat(base, model, args.question, steering, args.max_tokens)
         print("\n=== question ===\n" + args.question)

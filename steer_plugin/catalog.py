@@ -41,7 +41,8 @@ class LoadedAssets(NamedTuple):
         limits = self.config.limits
         return Catalog(
             saes={
-                s.id: SAEInfo(s.id, s.layer, s.sae.d_sae, s.neuronpedia_id, s.labels) for s in self.saes.values()
+                s.id: SAEInfo(s.id, s.layer, s.sae.d_sae, s.neuronpedia_id, s.labels)
+                for s in self.saes.values()
             },
             vectors={v.id: VectorInfo(v.id, v.layer) for v in self.vectors.values()},
             max_ops_per_request=limits.max_ops_per_request,
@@ -76,7 +77,9 @@ def _sae_layer(source: SAESource, sae: SparseAutoencoder, index: int) -> int:
         )
     layer = source.layer if source.layer is not None else layer
     if layer is None:
-        raise ConfigError(f"saes[{index}].layer: the SAE at {source.path} does not say its layer; set `layer`")
+        raise ConfigError(
+            f"saes[{index}].layer: the SAE at {source.path} does not say its layer; set `layer`"
+        )
     return layer
 
 
@@ -129,10 +132,14 @@ def load_assets(config: SteerConfig, d_model: int | None = None, layers: range |
             raise ConfigError(f"saes[{i}] ({source.id}): {err}") from None
         layer = _sae_layer(source, sae, i)
         if d_model is not None and sae.d_in != d_model:
-            raise ConfigError(f"saes[{i}] ({source.id}): SAE d_in {sae.d_in} != model d_model {d_model} ({source.path})")
+            raise ConfigError(
+                f"saes[{i}] ({source.id}): SAE d_in {sae.d_in} != model d_model {d_model} ({source.path})"
+            )
         if layers is not None and layer not in layers:
             continue
-        labels_path = source.labels or os.path.join(source.path if os.path.isdir(source.path) else os.path.dirname(source.path), "labels.json")
+        labels_path = source.labels or os.path.join(
+            source.path if os.path.isdir(source.path) else os.path.dirname(source.path), "labels.json"
+        )
         labels = load_labels(labels_path) if os.path.exists(labels_path) else {}
         neuronpedia_id = source.neuronpedia_id or sae.metadata.neuronpedia_id
         saes[source.id] = LoadedSAE(source.id, sae, layer, labels, neuronpedia_id)
@@ -140,7 +147,9 @@ def load_assets(config: SteerConfig, d_model: int | None = None, layers: range |
     for i, source in enumerate(config.vectors):
         vec = load_vector(source, i)
         if d_model is not None and vec.numel() != d_model:
-            raise ConfigError(f"vectors[{i}] ({source.id}): length {vec.numel()} != model d_model {d_model} ({source.path})")
+            raise ConfigError(
+                f"vectors[{i}] ({source.id}): length {vec.numel()} != model d_model {d_model} ({source.path})"
+            )
         if layers is not None and source.layer not in layers:
             continue
         vectors[source.id] = LoadedVector(source.id, vec, source.layer)

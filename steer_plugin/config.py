@@ -154,7 +154,10 @@ class SteerConfig(_Strict):
         known = {s.id for s in self.saes}
         named = [("monitoring.saes", list(self.monitoring.saes))]
         named += [("monitoring.watchlist", [w.sae for w in self.monitoring.watchlist])]
-        named += [("policy.allowed_saes", self.policy.allowed_saes or []), ("policy.denied_saes", self.policy.denied_saes)]
+        named += [
+            ("policy.allowed_saes", self.policy.allowed_saes or []),
+            ("policy.denied_saes", self.policy.denied_saes),
+        ]
         named += [("policy.denied_features", [f.sae for f in self.policy.denied_features])]
         for key, ids in named:
             for sae_id in ids:
@@ -237,7 +240,11 @@ def config_from_sources(additional_config: dict | None = None) -> SteerConfig | 
     if entry is not None:
         if isinstance(entry, str):
             return load_config_file(entry)
-        if isinstance(entry, dict) and set(entry) <= {"config_path", "fingerprint"} and "config_path" in entry:
+        if (
+            isinstance(entry, dict)
+            and set(entry) <= {"config_path", "fingerprint"}
+            and "config_path" in entry
+        ):
             return load_config_file(entry["config_path"])
         if isinstance(entry, dict):
             return parse_config(entry, "<dict>")

@@ -14,14 +14,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 STEERED_REQUESTS = Counter("steer_requests", "Requests with steering, by operation they use", ["op"])
 REJECTED_REQUESTS = Counter("steer_rejected_requests", "Requests rejected by the steering plugin", ["reason"])
 WATCHLIST_FIRINGS = Counter(
-    "steer_watchlist_firings", "Tokens on which a watchlist feature fired above its threshold", ["sae", "feature"]
+    "steer_watchlist_firings",
+    "Tokens on which a watchlist feature fired above its threshold",
+    ["sae", "feature"],
 )
 MONITORED_REQUESTS = Counter("steer_monitored_requests", "Requests logged by steering monitoring", ["sae"])
 
 
 def _merge(snapshots: list[dict]) -> dict:
     """Sum worker snapshots (pipeline ranks own different layers; tensor ranks compute the same, rank 0 counts)."""
-    merged: dict = {"steered_tokens": {}, "features_applied": {}, "op_seconds": 0.0, "sae_bytes": {}, "l0": {}, "reconstruction_error": {}}
+    merged: dict = {
+        "steered_tokens": {},
+        "features_applied": {},
+        "op_seconds": 0.0,
+        "sae_bytes": {},
+        "l0": {},
+        "reconstruction_error": {},
+    }
     for snap in snapshots:
         if not snap:
             continue
@@ -53,22 +62,34 @@ class WorkerStatsCollector:
 
     def collect(self):
         s = self.snapshot
-        steered = CounterMetricFamily("steer_steered_tokens", "Token-operation pairs steered in the workers", labels=["op"])
+        steered = CounterMetricFamily(
+            "steer_steered_tokens", "Token-operation pairs steered in the workers", labels=["op"]
+        )
         for op, n in sorted(s["steered_tokens"].items()):
             steered.add_metric([op], n)
         yield steered
-        applied = CounterMetricFamily("steer_features_applied", "Feature operations applied, by SAE", labels=["sae"])
+        applied = CounterMetricFamily(
+            "steer_features_applied", "Feature operations applied, by SAE", labels=["sae"]
+        )
         for sae, n in sorted(s["features_applied"].items()):
             applied.add_metric([sae], n)
         yield applied
-        yield CounterMetricFamily("steer_op_seconds", "Host time in the steering op (eager executions)", value=s["op_seconds"])
-        memory = GaugeMetricFamily("steer_sae_memory_bytes", "Device memory of each SAE's encoder and decoder", labels=["sae"])
+        yield CounterMetricFamily(
+            "steer_op_seconds", "Host time in the steering op (eager executions)", value=s["op_seconds"]
+        )
+        memory = GaugeMetricFamily(
+            "steer_sae_memory_bytes", "Device memory of each SAE's encoder and decoder", labels=["sae"]
+        )
         for sae, n in sorted(s["sae_bytes"].items()):
             memory.add_metric([sae], n)
         yield memory
         for key, name, doc in (
             ("l0", "steer_active_features", "Active SAE features per observed token (L0)"),
-            ("reconstruction_error", "steer_reconstruction_error", "Relative SAE reconstruction error |x-x̂|²/|x|² on observed tokens"),
+            (
+                "reconstruction_error",
+                "steer_reconstruction_error",
+                "Relative SAE reconstruction error |x-x̂|²/|x|² on observed tokens",
+            ),
         ):
             family = HistogramMetricFamily(name, doc, labels=["sae"])
             for sae, h in sorted(s[key].items()):

@@ -69,12 +69,21 @@ class SteeringService:
         if inspect is not None:
             for i, sae_id in enumerate(inspect.saes or []):
                 if sae_id not in self.catalog.saes:
-                    raise SpecError(f"{STEERING_FIELD}.inspect.saes[{i}]", f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.saes)}")
+                    raise SpecError(
+                        f"{STEERING_FIELD}.inspect.saes[{i}]",
+                        f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.saes)}",
+                    )
             if (body.get("n") or 1) > 1:
                 raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs n = 1")
-        monitored = tuple(
-            sae_id for sae_id, m in self.config.monitoring.saes.items() if m.sample_rate > 0 and random.random() < m.sample_rate
-        ) if (body.get("n") or 1) == 1 else ()
+        monitored = (
+            tuple(
+                sae_id
+                for sae_id, m in self.config.monitoring.saes.items()
+                if m.sample_rate > 0 and random.random() < m.sample_rate
+            )
+            if (body.get("n") or 1) == 1
+            else ()
+        )
         xargs = body.get("vllm_xargs") or {}
         if not isinstance(xargs, dict):
             raise SpecError("vllm_xargs", "must be an object")
@@ -86,7 +95,9 @@ class SteeringService:
             for op_name in sorted({o.op for o in ops}):
                 metrics.STEERED_REQUESTS.labels(op=op_name).inc()
         observe = None
-        read = list(dict.fromkeys([*((inspect.saes or list(self.catalog.saes)) if inspect else []), *monitored]))
+        read = list(
+            dict.fromkeys([*((inspect.saes or list(self.catalog.saes)) if inspect else []), *monitored])
+        )
         if read:
             top_k = max(inspect.top_k if inspect else 0, self.config.monitoring.top_k if monitored else 0)
             observe = ObserveSpec(uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt))
@@ -102,28 +113,54 @@ class SteeringService:
         policy = self.config.policy
         for i, op in enumerate(o for o in ops if o.kind == "feature"):
             path = f"{STEERING_FIELD}.features[{i}]"
-            if policy.allowed_saes is not None and op.source not in policy.allowed_saes or op.source in policy.denied_saes:
+            if (
+                policy.allowed_saes is not None
+                and op.source not in policy.allowed_saes
+                or op.source in policy.denied_saes
+            ):
                 raise SpecError(path, f"SAE {op.source!r} may not be steered on this server", status=403)
             if any(f.sae == op.source and f.index == op.index for f in policy.denied_features):
-                raise SpecError(path, f"feature {op.source}/{op.index} may not be steered on this server", status=403)
+                raise SpecError(
+                    path, f"feature {op.source}/{op.index} may not be steered on this server", status=403
+                )
             if policy.allowed_ops is not None and op.op not in policy.allowed_ops:
-                raise SpecError(f"{path}.op", f"`{op.op}` is not allowed here; allowed: {policy.allowed_ops}", status=403)
+                raise SpecError(
+                    f"{path}.op", f"`{op.op}` is not allowed here; allowed: {policy.allowed_ops}", status=403
+                )
             if policy.max_abs_value is not None and abs(spec.features[i].value or 0.0) > policy.max_abs_value:
-                raise SpecError(f"{path}.value", f"|value| above this server's limit {policy.max_abs_value:g}", status=403)
+                raise SpecError(
+                    f"{path}.value", f"|value| above this server's limit {policy.max_abs_value:g}", status=403
+                )
         for i, vec in enumerate(spec.vectors):
             path = f"{STEERING_FIELD}.vectors[{i}]"
             if not policy.allow_vectors:
                 raise SpecError(path, "steering vectors are not allowed on this server", status=403)
             if policy.max_abs_value is not None and abs(vec.scale) > policy.max_abs_value:
-                raise SpecError(f"{path}.scale", f"|scale| above this server's limit {policy.max_abs_value:g}", status=403)
+                raise SpecError(
+                    f"{path}.scale", f"|scale| above this server's limit {policy.max_abs_value:g}", status=403
+                )
         if policy.max_ops_per_request is not None and len(ops) > policy.max_ops_per_request:
-            raise SpecError(STEERING_FIELD, f"at most {policy.max_ops_per_request} operations per request here", status=403)
+            raise SpecError(
+                STEERING_FIELD,
+                f"at most {policy.max_ops_per_request} operations per request here",
+                status=403,
+            )
         if spec.inspect is not None:
             if not policy.allow_inspect:
-                raise SpecError(f"{STEERING_FIELD}.inspect", "inspect is not allowed on this server", status=403)
+                raise SpecError(
+                    f"{STEERING_FIELD}.inspect", "inspect is not allowed on this server", status=403
+                )
             for i, sae_id in enumerate(spec.inspect.saes or []):
-                if policy.allowed_saes is not None and sae_id not in policy.allowed_saes or sae_id in policy.denied_saes:
-                    raise SpecError(f"{STEERING_FIELD}.inspect.saes[{i}]", f"SAE {sae_id!r} may not be inspected here", status=403)
+                if (
+                    policy.allowed_saes is not None
+                    and sae_id not in policy.allowed_saes
+                    or sae_id in policy.denied_saes
+                ):
+                    raise SpecError(
+                        f"{STEERING_FIELD}.inspect.saes[{i}]",
+                        f"SAE {sae_id!r} may not be inspected here",
+                        status=403,
+                    )
 
     def applied(self, ops: list[ResolvedOp]) -> list[dict]:
         """The operations a response reports as applied."""
@@ -131,7 +168,11 @@ class SteeringService:
         for op in ops:
             item = {"op": op.op, "layer": op.layer, "positions": position_name(op)}
             if op.kind == "feature":
-                item |= {"sae": op.source, "index": op.index, "label": self.catalog.saes[op.source].labels.get(op.index)}
+                item |= {
+                    "sae": op.source,
+                    "index": op.index,
+                    "label": self.catalog.saes[op.source].labels.get(op.index),
+                }
             else:
                 item |= {"vector": op.source}
             out.append(item)
@@ -159,7 +200,9 @@ class SteeringService:
                     "num_labels": len(s.labels),
                 }
             )
-        vectors = [{"id": v.id, "layer": v.layer, "d_model": v.vector.numel()} for v in self.assets.vectors.values()]
+        vectors = [
+            {"id": v.id, "layer": v.layer, "d_model": v.vector.numel()} for v in self.assets.vectors.values()
+        ]
         return {"object": "list", "data": data, "vectors": vectors}
 
     def search_features(self, sae: str | None, query: str | None, limit: int = 20) -> dict:
@@ -174,15 +217,21 @@ class SteeringService:
                 continue
             for index, label in sorted(s.labels.items()):
                 if needle in label.lower():
-                    hits.append({"sae": s.id, "index": index, "label": label, "exact": label.lower() == needle})
+                    hits.append(
+                        {"sae": s.id, "index": index, "label": label, "exact": label.lower() == needle}
+                    )
         hits.sort(key=lambda h: (not h["exact"], len(h["label"]), h["sae"], h["index"]))
         return {"object": "list", "data": hits[:limit], "total": len(hits)}
 
 
 def error_body(err: SpecError) -> bytes:
     """OpenAI-style error JSON; `param` is the JSON path of the bad field."""
-    kind = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError"}.get(err.status, "BadRequestError")
-    return json.dumps({"error": {"message": str(err), "type": kind, "param": err.path, "code": err.status}}).encode()
+    kind = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError"}.get(
+        err.status, "BadRequestError"
+    )
+    return json.dumps(
+        {"error": {"message": str(err), "type": kind, "param": err.path, "code": err.status}}
+    ).encode()
 
 
 def position_name(op: ResolvedOp) -> str | dict:
@@ -216,7 +265,10 @@ class Observation:
         out = {}
         for sae_id in saes:
             labels = self.service.catalog.saes[sae_id].labels
-            out[sae_id] = [{"index": i, "activation": a, "label": labels.get(i)} for i, a in found.get(sae_id, [])[: inspect.top_k]]
+            out[sae_id] = [
+                {"index": i, "activation": a, "label": labels.get(i)}
+                for i, a in found.get(sae_id, [])[: inspect.top_k]
+            ]
         return out
 
     def next_tokens(self, count: int) -> list[dict]:
@@ -225,7 +277,10 @@ class Observation:
         if self.prompt_len is None:
             self.next_token += count
             return [{} for _ in range(count)]
-        out = [self._token_features(self.prompt_len - 1 + k) for k in range(self.next_token, self.next_token + count)]
+        out = [
+            self._token_features(self.prompt_len - 1 + k)
+            for k in range(self.next_token, self.next_token + count)
+        ]
         self.next_token += count
         return out
 
@@ -248,7 +303,14 @@ class Observation:
                 fired = sum(1 for r in records if any(i == w.index and a > w.threshold for i, a in r["top"]))
                 if fired:
                     metrics.WATCHLIST_FIRINGS.labels(sae=sae_id, feature=str(w.index)).inc(fired)
-                    watch.append({"index": w.index, "label": labels.get(w.index), "threshold": w.threshold, "tokens": fired})
+                    watch.append(
+                        {
+                            "index": w.index,
+                            "label": labels.get(w.index),
+                            "threshold": w.threshold,
+                            "tokens": fired,
+                        }
+                    )
             metrics.MONITORED_REQUESTS.labels(sae=sae_id).inc()
             monitor_log.write(
                 config,

@@ -64,7 +64,9 @@ class FeatureOp(_Strict):
     @model_validator(mode="after")
     def _check(self) -> FeatureOp:
         if self.id is None and self.label is None and (self.sae is None or self.index is None):
-            raise ValueError("name the feature by `sae` + `index`, by `id` (model/source/index) or by `label`")
+            raise ValueError(
+                "name the feature by `sae` + `index`, by `id` (model/source/index) or by `label`"
+            )
         if self.id is not None and (self.sae is not None or self.index is not None or self.label is not None):
             raise ValueError("`id` cannot be combined with `sae`, `index` or `label`")
         if self.label is not None and self.index is not None:
@@ -240,7 +242,10 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
         sae, index = _find_feature(op, catalog, path)
         if not 0 <= index < sae.d_sae:
             field = "id" if op.id is not None else "index"
-            raise SpecError(f"{path}.{field}", f"feature index {index} out of range for SAE {sae.id!r} (0..{sae.d_sae - 1})")
+            raise SpecError(
+                f"{path}.{field}",
+                f"feature index {index} out of range for SAE {sae.id!r} (0..{sae.d_sae - 1})",
+            )
         if op.value is not None and abs(op.value) > catalog.max_abs_value:
             raise SpecError(f"{path}.value", f"|value| must be <= {catalog.max_abs_value:g}")
         pos, last_n = _positions(op.positions)
@@ -254,15 +259,22 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
             raise SpecError(f"{path}.scale", f"|scale| must be <= {catalog.max_abs_value:g}")
         pos, last_n = _positions(op.positions)
         b, bn = (0.0, op.scale) if op.normalize else (op.scale, 0.0)
-        ops.append(ResolvedOp("vector", op.name, 0, catalog.vectors[op.name].layer, 0.0, b, bn, pos, last_n, "vector"))
+        ops.append(
+            ResolvedOp(
+                "vector", op.name, 0, catalog.vectors[op.name].layer, 0.0, b, bn, pos, last_n, "vector"
+            )
+        )
     if len(ops) > catalog.max_ops_per_request:
-        raise SpecError(f"{prefix}", f"too many operations ({len(ops)}); at most {catalog.max_ops_per_request}")
+        raise SpecError(
+            f"{prefix}", f"too many operations ({len(ops)}); at most {catalog.max_ops_per_request}"
+        )
     per_layer: dict[int, int] = {}
     for op in ops:
         per_layer[op.layer] = per_layer.get(op.layer, 0) + 1
         if per_layer[op.layer] > catalog.max_ops_per_layer:
             raise SpecError(
-                f"{prefix}", f"too many operations at layer {op.layer}; at most {catalog.max_ops_per_layer} per layer"
+                f"{prefix}",
+                f"too many operations at layer {op.layer}; at most {catalog.max_ops_per_layer} per layer",
             )
     return ops
 
@@ -282,7 +294,9 @@ def encode_wire(ops: list[ResolvedOp]) -> str:
 def decode_wire(text: str) -> list[ResolvedOp]:
     data = json.loads(text)
     if not isinstance(data, dict) or data.get("v") != WIRE_VERSION:
-        raise ValueError(f"unsupported steering wire version: {data.get('v') if isinstance(data, dict) else data!r}")
+        raise ValueError(
+            f"unsupported steering wire version: {data.get('v') if isinstance(data, dict) else data!r}"
+        )
     return [ResolvedOp(*op) for op in data["ops"]]
 
 

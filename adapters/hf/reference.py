@@ -39,7 +39,9 @@ def feature_value(sae: SparseAutoencoder, x: torch.Tensor, index: int) -> tuple[
     return float(f), scale
 
 
-def token_delta(x: torch.Tensor, ops: list[ResolvedOp], assets: LoadedAssets, position: int, prompt_len: int) -> torch.Tensor:
+def token_delta(
+    x: torch.Tensor, ops: list[ResolvedOp], assets: LoadedAssets, position: int, prompt_len: int
+) -> torch.Tensor:
     """Sum of every applicable op's change to one token's residual x [d] (all ops read the same x)."""
     delta = torch.zeros_like(x)
     for op in ops:
@@ -93,7 +95,9 @@ class HFReference:
                 h.remove()
 
     @torch.no_grad()
-    def next_token_logprobs(self, token_ids: list[int], ops: list[ResolvedOp], prompt_len: int | None = None) -> torch.Tensor:
+    def next_token_logprobs(
+        self, token_ids: list[int], ops: list[ResolvedOp], prompt_len: int | None = None
+    ) -> torch.Tensor:
         """Log-probabilities [vocab] of the token after `token_ids`, with steering applied."""
         prompt_len = len(token_ids) if prompt_len is None else prompt_len
         with self.steering(ops, prompt_len):

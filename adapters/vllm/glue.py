@@ -127,10 +127,14 @@ def install_steerer(worker) -> Steerer | None:
     )
     for layer in steerer.layers:
         if layer >= len(layers):
-            raise UnsupportedModelError(f"steer_plugin: layer {layer} does not exist (model has {len(layers)} layers)")
+            raise UnsupportedModelError(
+                f"steer_plugin: layer {layer} does not exist (model has {len(layers)} layers)"
+            )
     steerer.activate()
     if os.environ.get(SKIP_HOOKS_ENV) == "1":
-        logger.warning("steer_plugin: %s=1, the steering op is NOT inserted (test of the self-test)", SKIP_HOOKS_ENV)
+        logger.warning(
+            "steer_plugin: %s=1, the steering op is NOT inserted (test of the self-test)", SKIP_HOOKS_ENV
+        )
     else:
         for layer in steerer.layers:
             layers[layer].register_forward_hook(_steer_hook(layer))
@@ -246,4 +250,6 @@ def select_model_runner() -> None:
     allow_v2 = config.allow_v2_model_runner if config else False
     if not allow_v2 and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        logger.info("steer_plugin: selecting vLLM Model Runner V1 (set allow_v2_model_runner to opt in to V2)")
+        logger.info(
+            "steer_plugin: selecting vLLM Model Runner V1 (set allow_v2_model_runner to opt in to V2)"
+        )

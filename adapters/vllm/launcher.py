@@ -64,14 +64,19 @@ def build_vllm_args(config_path: str, vllm_args: list[str]) -> list[str]:
 
     load_assets(config)  # refuse to start on a broken SAE or vector file, naming it
     additional = json.loads(_flag_value(vllm_args, "--additional-config") or "{}")
-    additional[ADDITIONAL_CONFIG_KEY] = {"config_path": os.path.abspath(config_path), "fingerprint": config.fingerprint()}
+    additional[ADDITIONAL_CONFIG_KEY] = {
+        "config_path": os.path.abspath(config_path),
+        "fingerprint": config.fingerprint(),
+    }
     args = _without_flag(vllm_args, "--additional-config")
     args += ["--additional-config", json.dumps(additional), "--middleware", MIDDLEWARE]
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="steer-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="steer-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steer-config", help="steering config JSON (SAEs, vectors, limits)")
     parser.add_argument("--demo", action="store_true", help="serve the demo model with the demo SAE")
     ours, vllm_args = parser.parse_known_args(argv)

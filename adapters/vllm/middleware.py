@@ -162,7 +162,9 @@ class SteeringMiddleware:
         config = config_from_sources(None)
         self.service = SteeringService(config) if config is not None else None
         if self.service is None:
-            logger.warning("steer_plugin middleware: STEER_PLUGIN_CONFIG is not set; `steering` fields get a 400")
+            logger.warning(
+                "steer_plugin middleware: STEER_PLUGIN_CONFIG is not set; `steering` fields get a 400"
+            )
         else:
             register_worker_collector()
             logger.info("steer_plugin middleware: serving SAEs %s", sorted(self.service.catalog.saes))
@@ -210,7 +212,9 @@ class SteeringMiddleware:
 
     async def _discovery(self, scope, send):
         if self.service is None:
-            return await _send_json(send, 404, error_body(SpecError("steering", "no steering config", status=404)))
+            return await _send_json(
+                send, 404, error_body(SpecError("steering", "no steering config", status=404))
+            )
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
         try:
             if scope["path"] == "/v1/steering/saes":
@@ -238,8 +242,14 @@ class SteeringMiddleware:
     async def _call_app(self, scope, path: str, payload: dict) -> tuple[int, dict]:
         """Call the wrapped app in-process (no network) with a JSON POST."""
         body = json.dumps(payload).encode()
-        sub = {**scope, "path": path, "raw_path": path.encode(), "method": "POST", "query_string": b"",
-               "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        sub = {
+            **scope,
+            "path": path,
+            "raw_path": path.encode(),
+            "method": "POST",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
         sent, status, chunks = False, 500, []
         done = asyncio.Event()
 
@@ -260,7 +270,9 @@ class SteeringMiddleware:
                 if not message.get("more_body"):
                     done.set()
 
-        await self._completion(sub, receive, send) if path in COMPLETION_PATHS else await self.app(sub, receive, send)
+        await self._completion(sub, receive, send) if path in COMPLETION_PATHS else await self.app(
+            sub, receive, send
+        )
         return status, json.loads(b"".join(chunks) or b"{}")
 
     async def _inspect(self, scope, receive, send):
@@ -276,7 +288,9 @@ class SteeringMiddleware:
                 raise SpecError("body", "must be a JSON object")
             unknown = set(req) - {"model", "text", "messages", "saes", "top_k"}
             if unknown:
-                raise SpecError(sorted(unknown)[0], "unknown field; allowed: model, text, messages, saes, top_k")
+                raise SpecError(
+                    sorted(unknown)[0], "unknown field; allowed: model, text, messages, saes, top_k"
+                )
             if ("text" in req) == ("messages" in req):
                 raise SpecError("text", "give exactly one of `text` or `messages`")
             tokenize = {"prompt": req["text"]} if "text" in req else {"messages": req["messages"]}
@@ -285,8 +299,17 @@ class SteeringMiddleware:
             status, tokens = await self._call_app(scope, "/tokenize", {**tokenize, "return_token_strs": True})
             if status != 200:
                 return await _send_json(send, status, json.dumps(tokens).encode())
-            inspect = {"top_k": req.get("top_k", 5), "prompt": True, **({"saes": req["saes"]} if "saes" in req else {})}
-            completion = {"prompt": tokens["tokens"], "max_tokens": 1, "temperature": 0, "steering": {"inspect": inspect}}
+            inspect = {
+                "top_k": req.get("top_k", 5),
+                "prompt": True,
+                **({"saes": req["saes"]} if "saes" in req else {}),
+            }
+            completion = {
+                "prompt": tokens["tokens"],
+                "max_tokens": 1,
+                "temperature": 0,
+                "steering": {"inspect": inspect},
+            }
             if "model" in req:
                 completion["model"] = req["model"]
             status, result = await self._call_app(scope, "/v1/completions", completion)
@@ -296,9 +319,13 @@ class SteeringMiddleware:
             return await _send_json(send, err.status, error_body(err))
         features = result["choices"][0]["steering"].get("prompt_tokens", [])
         strs = tokens.get("token_strs") or [None] * len(tokens["tokens"])
-        data = [{"position": i, "token_id": t, "token": s, "features": f}
-                for i, (t, s, f) in enumerate(zip(tokens["tokens"], strs, features))]
-        return await _send_json(send, 200, json.dumps({"object": "list", "model": result.get("model"), "data": data}).encode())
+        data = [
+            {"position": i, "token_id": t, "token": s, "features": f}
+            for i, (t, s, f) in enumerate(zip(tokens["tokens"], strs, features))
+        ]
+        return await _send_json(
+            send, 200, json.dumps({"object": "list", "model": result.get("model"), "data": data}).encode()
+        )
 
     async def _openapi(self, scope, receive, send):
         start, chunks = {}, []

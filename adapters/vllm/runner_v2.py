@@ -58,7 +58,9 @@ class RequestRegistry:
         for new in new_reqs:
             params = new.sampling_params
             extra = (params.extra_args if params is not None else None) or {}
-            self.info[new.req_id] = RequestInfo(int(new.prompt_len), extra.get(WIRE_KEY), extra.get(OBSERVE_KEY))
+            self.info[new.req_id] = RequestInfo(
+                int(new.prompt_len), extra.get(WIRE_KEY), extra.get(OBSERVE_KEY)
+            )
 
     def drop(self, req_ids) -> None:
         for req_id in req_ids:

@@ -14,7 +14,9 @@ import torch
 from steer_plugin.sae.model import SparseAutoencoder
 
 # Columns of LayerBank.params (float32 [N, NUM_PARAMS]); see feature_activations() in delta.py.
-IN_SCALE, GATE_BIAS, MAG_MULT, MAG_BIAS, THRESHOLD, COLSUM, CENTER, NORM_KIND, DIR_SCALE, INV_DIR_NORM = range(10)
+IN_SCALE, GATE_BIAS, MAG_MULT, MAG_BIAS, THRESHOLD, COLSUM, CENTER, NORM_KIND, DIR_SCALE, INV_DIR_NORM = (
+    range(10)
+)
 NUM_PARAMS = 10
 NORM_KINDS = {"none": 0, "layer_norm": 1, "constant_norm_rescale": 2}
 
@@ -31,7 +33,9 @@ class BankEntry(NamedTuple):
 class LayerBank:
     """Directions [N, d], encoder rows [N, d] and per-row constants [N, NUM_PARAMS] for one layer."""
 
-    def __init__(self, layer: int, dec: torch.Tensor, enc: torch.Tensor, params: torch.Tensor, entries: list[BankEntry]):
+    def __init__(
+        self, layer: int, dec: torch.Tensor, enc: torch.Tensor, params: torch.Tensor, entries: list[BankEntry]
+    ):
         self.layer = layer
         self.dec = dec  # [N, d_model]
         self.enc = enc  # [N, d_model]  (W_enc columns as rows; zero rows for vectors)

@@ -48,7 +48,9 @@ def token_sigma(x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, to
     return sigma_in, sigma_out, mean
 
 
-def feature_activations(x: torch.Tensor, enc_rows: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_activations(
+    x: torch.Tensor, enc_rows: torch.Tensor, params: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations of the slots' features. x [n, d] f32, enc_rows [n, K, d], params [n, K, P] -> f [n, K], and
     the per-slot decode multiplier [n, K]."""
     sigma_in, sigma_out, mean = token_sigma(x, params)

@@ -38,20 +38,24 @@ class Histogram:
         self.total = 0.0
 
     def observe_many(self, values: np.ndarray) -> None:
-        self.counts += np.bincount(np.searchsorted(self.buckets, values, side="left"), minlength=len(self.buckets) + 1)
+        self.counts += np.bincount(
+            np.searchsorted(self.buckets, values, side="left"), minlength=len(self.buckets) + 1
+        )
         self.total += float(values.sum())
 
     def snapshot(self) -> dict:
         return {"buckets": list(self.buckets), "counts": self.counts.tolist(), "sum": self.total}
 
 
-def read_features(sae: SparseAutoencoder, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def read_features(
+    sae: SparseAutoencoder, x: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [n, d] -> top-k (values, indices) [n, k], L0 [n] and relative reconstruction error [n]."""
     x = x.to(sae.dtype)
     x_n, state = sae.normalise(x)
     f = sae.activate(sae.pre_activations(x_n), x_n)  # [n, d_sae]
     x_hat = sae.decode(f, state)
-    err = ((x - x_hat).float().pow(2).sum(-1) / x.float().pow(2).sum(-1).clamp_min(1e-12))  # [n]
+    err = (x - x_hat).float().pow(2).sum(-1) / x.float().pow(2).sum(-1).clamp_min(1e-12)  # [n]
     values, indices = torch.topk(f.float(), min(top_k, f.shape[-1]), dim=-1)
     return values, indices, (f > 0).sum(-1), err
 
@@ -79,7 +83,14 @@ class Observer:
                 keep = values[row] > 0
                 top = [[int(i), round(float(v), 4)] for i, v in zip(indices[row][keep], values[row][keep])]
                 records.setdefault(g.cid, []).append(
-                    {"pos": pos, "P": g.num_prompt, "sae": g.sae_id, "top": top, "l0": int(l0[row]), "err": round(float(err[row]), 5)}
+                    {
+                        "pos": pos,
+                        "P": g.num_prompt,
+                        "sae": g.sae_id,
+                        "top": top,
+                        "l0": int(l0[row]),
+                        "err": round(float(err[row]), 5),
+                    }
                 )
         if self.write:
             for cid, lines in records.items():

@@ -28,8 +28,14 @@ class LayerRuntime:
         device = bank.dec.device
         # Steered residual rows of observed tokens (inspect / monitoring), read after the forward.
         self.capture = torch.zeros(tables.max_tokens, d_model, dtype=torch.float32, device=device)  # [M, d]
-        self.capture_rows_host = torch.zeros(tables.max_tokens, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self.capture_rows = self.capture_rows_host if device.type == "cpu" else torch.zeros_like(self.capture_rows_host, device=device)
+        self.capture_rows_host = torch.zeros(
+            tables.max_tokens, dtype=torch.int64, pin_memory=device.type == "cuda"
+        )
+        self.capture_rows = (
+            self.capture_rows_host
+            if device.type == "cpu"
+            else torch.zeros_like(self.capture_rows_host, device=device)
+        )
         self.num_capture = 0  # host int
         self.max_graph_captures = max_graph_captures  # rows a captured graph copies (padding rows read row 0)
         self.seconds = 0.0  # host time in the op body (eager executions)
@@ -51,7 +57,9 @@ def apply_dense(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) 
     num_tokens = residual.shape[0]
     t = rt.tables
     x = hidden.float() + residual.float()  # [T, d] residual stream after the layer
-    delta = steering_delta(x, t.idx[:num_tokens], t.coef[:num_tokens], rt.bank.dec, rt.bank.enc, rt.bank.params)
+    delta = steering_delta(
+        x, t.idx[:num_tokens], t.coef[:num_tokens], rt.bank.dec, rt.bank.enc, rt.bank.params
+    )
     steered = (residual.float() + delta).to(residual.dtype)
     rt.probe[1].copy_(delta[0] * t.mask[0])
     return torch.where(t.mask[:num_tokens, None], steered, residual)

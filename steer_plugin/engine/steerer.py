@@ -67,7 +67,8 @@ class Steerer:
             self.banks[layer] = build_layer_bank(layer, saes, vectors, device, dtype)
         self.tables = {layer: LayerTables(max_tokens, self.max_ops, device) for layer in self.banks}
         self.runtimes = {
-            layer: steer_op.LayerRuntime(self.banks[layer], self.tables[layer], max_seqs) for layer in self.banks
+            layer: steer_op.LayerRuntime(self.banks[layer], self.tables[layer], max_seqs)
+            for layer in self.banks
         }
         self._plans: dict[str, tuple[str, dict[int, LayerPlan]]] = {}
         self._observes: dict[str, tuple[str, ObserveSpec | None]] = {}
@@ -76,7 +77,8 @@ class Steerer:
         self.features_applied: dict[str, int] = {}
         self.bank_bytes = sum(b.nbytes() for b in self.banks.values())
         self.table_bytes = sum(
-            t.idx.numel() * 8 + t.coef.numel() * 4 + t.mask.numel() + t.rows.numel() * 8 for t in self.tables.values()
+            t.idx.numel() * 8 + t.coef.numel() * 4 + t.mask.numel() + t.rows.numel() * 8
+            for t in self.tables.values()
         )
         logger.info(
             "steer_plugin: %d SAE(s), %d vector(s) on layers %s; banks %.1f MiB, tables %.1f MiB on %s (%.1fs)",
@@ -199,7 +201,14 @@ class Steerer:
                 for r in rows:
                     slots.setdefault(r, len(slots))
                 self._observed.append(
-                    ObservedRows(spec.cid, sae_id, spec.top_k, [slots[r] for r in rows], [first + r - start for r in rows], prompt_len)
+                    ObservedRows(
+                        spec.cid,
+                        sae_id,
+                        spec.top_k,
+                        [slots[r] for r in rows],
+                        [first + r - start for r in rows],
+                        prompt_len,
+                    )
                 )
         for layer, slots in rows_by_layer.items():
             rt = self.runtimes[layer]
@@ -214,7 +223,9 @@ class Steerer:
         """Read the features of this step's observed tokens (outside the model forward and any graph)."""
         if not self._observed:
             return
-        captures = {s: self.runtimes[self.assets.saes[s].layer].capture for s in {g.sae_id for g in self._observed}}
+        captures = {
+            s: self.runtimes[self.assets.saes[s].layer].capture for s in {g.sae_id for g in self._observed}
+        }
         self.observer.collect(self._observed, captures)
         self._observed = []
 
@@ -229,8 +240,13 @@ class Steerer:
             "steered_tokens": steered,
             "features_applied": dict(self.features_applied),
             "op_seconds": sum(rt.seconds for rt in self.runtimes.values()),
-            "sae_bytes": {sid: self.banks[s.layer].entries[("feature", sid)].size * 2 * self.banks[s.layer].dec.shape[1]
-                          * self.banks[s.layer].dec.element_size() for sid, s in self.assets.saes.items()},
+            "sae_bytes": {
+                sid: self.banks[s.layer].entries[("feature", sid)].size
+                * 2
+                * self.banks[s.layer].dec.shape[1]
+                * self.banks[s.layer].dec.element_size()
+                for sid, s in self.assets.saes.items()
+            },
             "bank_bytes": self.bank_bytes,
             **self.observer.snapshot(),
         }
@@ -249,7 +265,9 @@ class Steerer:
                 continue
             for layer, plan in self.plan_for(req_id, wire).items():
                 slices[layer].append(
-                    RequestSlice(start, end - start, int(batch.num_computed[i]), int(batch.num_prompt[i]), plan)
+                    RequestSlice(
+                        start, end - start, int(batch.num_computed[i]), int(batch.num_prompt[i]), plan
+                    )
                 )
         self._plan_captures(batch)
         total = 0

@@ -17,7 +17,9 @@ from steer_plugin.spec import POSITION_CODES
 
 logger = logging.getLogger(__name__)
 
-_ALL, _PROMPT, _GENERATION, _LAST_PROMPT = (POSITION_CODES[k] for k in ("all", "prompt", "generation", "last_prompt_tokens"))
+_ALL, _PROMPT, _GENERATION, _LAST_PROMPT = (
+    POSITION_CODES[k] for k in ("all", "prompt", "generation", "last_prompt_tokens")
+)
 
 
 OP_NAMES = ("add", "clamp", "scale", "ablate", "vector", "selftest")
@@ -43,7 +45,9 @@ class RequestSlice(NamedTuple):
     plan: LayerPlan
 
 
-def position_mask(positions: np.ndarray, prompt_len: int, codes: np.ndarray, last_n: np.ndarray) -> np.ndarray:
+def position_mask(
+    positions: np.ndarray, prompt_len: int, codes: np.ndarray, last_n: np.ndarray
+) -> np.ndarray:
     """Which (token, op) pairs apply. `generation` means generated tokens: position >= prompt length."""
     in_prompt = positions < prompt_len
     return (
@@ -64,7 +68,9 @@ class LayerTables:
         self.idx_host = torch.zeros(max_tokens, max_ops, dtype=torch.int64, pin_memory=pin)  # [M, K]
         self.coef_host = torch.zeros(max_tokens, max_ops, 3, dtype=torch.float32, pin_memory=pin)  # [M, K, 3]
         self.mask_host = torch.zeros(max_tokens, dtype=torch.bool, pin_memory=pin)  # [M]
-        self.rows_host = torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pin)  # [M] steered rows, packed
+        self.rows_host = torch.zeros(
+            max_tokens, dtype=torch.int64, pin_memory=pin
+        )  # [M] steered rows, packed
         on_host = device.type == "cpu"
         self.idx = self.idx_host if on_host else torch.zeros_like(self.idx_host, device=device)
         self.coef = self.coef_host if on_host else torch.zeros_like(self.coef_host, device=device)
@@ -75,7 +81,6 @@ class LayerTables:
         self._written_rows = np.zeros(0, dtype=np.int64)
         self._extent = 0  # rows [0, extent) may differ from zero on the device
         self._copied = torch.cuda.Event() if device.type == "cuda" else None  # host rows are reused after it
-
 
     def clear(self) -> None:
         if self._copied is not None:
@@ -94,9 +99,13 @@ class LayerTables:
         token_rows, op_refs = [], []
         for s in slices:
             m = len(s.plan.bank_rows)
-            offsets = np.repeat(np.arange(s.num_tokens, dtype=np.int64), m)  # token-major: each token's ops in order
+            offsets = np.repeat(
+                np.arange(s.num_tokens, dtype=np.int64), m
+            )  # token-major: each token's ops in order
             ops = np.tile(np.arange(m), s.num_tokens)
-            keep = position_mask(s.first_position + offsets, s.num_prompt_tokens, s.plan.positions[ops], s.plan.last_n[ops])
+            keep = position_mask(
+                s.first_position + offsets, s.num_prompt_tokens, s.plan.positions[ops], s.plan.last_n[ops]
+            )
             if keep.any():
                 token_rows.append(s.start + offsets[keep])
                 op_refs.append((s.plan, ops[keep]))
@@ -111,7 +120,9 @@ class LayerTables:
         counts = np.diff(np.r_[starts, rows.size])
         slots = np.arange(rows.size) - np.repeat(starts, counts)
         if slots.max() >= self.max_ops:  # requests are validated against this; never crash the engine
-            logger.error("steering: more than %d ops on one token at one layer; extra ops dropped", self.max_ops)
+            logger.error(
+                "steering: more than %d ops on one token at one layer; extra ops dropped", self.max_ops
+            )
             ok = slots < self.max_ops
             rows, bank_rows, coef, slots = rows[ok], bank_rows[ok], coef[ok], slots[ok]
         unique_rows = rows[starts]

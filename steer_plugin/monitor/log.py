@@ -24,7 +24,10 @@ def summarise(records: list[dict], sae_id: str, labels: dict[int, str], top_k: i
             entry[0] = max(entry[0], act)
             entry[1] += 1
     ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:top_k]
-    return [{"index": i, "max_activation": round(v, 4), "tokens": n, "label": labels.get(i)} for i, (v, n) in ranked]
+    return [
+        {"index": i, "max_activation": round(v, 4), "tokens": n, "label": labels.get(i)}
+        for i, (v, n) in ranked
+    ]
 
 
 def write(config: MonitoringConfig, record: dict) -> None:

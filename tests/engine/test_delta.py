@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from steer_adapters.hf.reference import token_delta
+
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine.bank import build_layer_bank
@@ -22,8 +22,11 @@ def random_sae(architecture: str, seed: int = 0, **kwargs) -> SparseAutoencoder:
     if architecture == "topk":
         extra["k"] = 5
     if architecture == "gated":
-        extra |= {"b_gate": torch.randn(D_SAE, generator=g) * 0.1, "b_mag": torch.randn(D_SAE, generator=g) * 0.1,
-                  "r_mag": torch.randn(D_SAE, generator=g) * 0.1}
+        extra |= {
+            "b_gate": torch.randn(D_SAE, generator=g) * 0.1,
+            "b_mag": torch.randn(D_SAE, generator=g) * 0.1,
+            "r_mag": torch.randn(D_SAE, generator=g) * 0.1,
+        }
     return SparseAutoencoder(
         W_enc=torch.randn(D_IN, D_SAE, generator=g) / D_IN**0.5,
         W_dec=torch.randn(D_SAE, D_IN, generator=g) / D_IN**0.5,
@@ -57,7 +60,9 @@ def op(kind, source, index, a, b, bn=0.0):
 def test_delta_matches_reference(case):
     sae = random_sae(**SAE_CASES[case])
     vec = torch.randn(D_IN, generator=torch.Generator().manual_seed(9))
-    assets = LoadedAssets({"s": LoadedSAE("s", sae, 3, {}, None)}, {"v": LoadedVector("v", vec, 3)}, SteerConfig())
+    assets = LoadedAssets(
+        {"s": LoadedSAE("s", sae, 3, {}, None)}, {"v": LoadedVector("v", vec, 3)}, SteerConfig()
+    )
     bank = build_layer_bank(3, [("s", sae)], [("v", vec)], torch.device("cpu"), torch.float32)
     ops = [
         op("feature", "s", 3, 0.0, 2.5),  # add
@@ -95,5 +100,7 @@ def test_unused_slots_add_nothing():
     sae = random_sae("relu")
     bank = build_layer_bank(3, [("s", sae)], [], torch.device("cpu"), torch.float32)
     x = torch.randn(3, D_IN)
-    delta = steering_delta(x, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, 3), bank.dec, bank.enc, bank.params)
+    delta = steering_delta(
+        x, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, 3), bank.dec, bank.enc, bank.params
+    )
     assert torch.equal(delta, torch.zeros_like(delta))

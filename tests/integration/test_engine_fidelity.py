@@ -30,13 +30,28 @@ def cases(active) -> dict[str, dict]:
     (i0, f0), (i1, f1), (i2, _), (i3, _) = active
     return {
         "add": {"features": [{"sae": "demo", "index": 123, "op": "add", "value": 8.0}]},
-        "add_normalized": {"features": [{"sae": "demo", "index": 77, "op": "add", "value": 0.6, "normalize": True}]},
+        "add_normalized": {
+            "features": [{"sae": "demo", "index": 77, "op": "add", "value": 0.6, "normalize": True}]
+        },
         "clamp": {"features": [{"sae": "demo", "index": i0, "op": "clamp", "value": 4 * f0 + 4}]},
         "scale": {"features": [{"sae": "demo", "index": i1, "op": "scale", "value": 5.0}]},
-        "ablate": {"features": [{"sae": "demo", "index": i0, "op": "ablate"}, {"sae": "demo", "index": i2, "op": "ablate"}]},
+        "ablate": {
+            "features": [
+                {"sae": "demo", "index": i0, "op": "ablate"},
+                {"sae": "demo", "index": i2, "op": "ablate"},
+            ]
+        },
         "vector": {"vectors": [{"name": "unit", "scale": 30.0}]},
         "last_prompt_tokens": {
-            "features": [{"sae": "demo", "index": 123, "op": "add", "value": 12.0, "positions": {"last_prompt_tokens": 3}}]
+            "features": [
+                {
+                    "sae": "demo",
+                    "index": 123,
+                    "op": "add",
+                    "value": 12.0,
+                    "positions": {"last_prompt_tokens": 3},
+                }
+            ]
         },
         "prompt_only_mixed": {
             "features": [
@@ -49,7 +64,9 @@ def cases(active) -> dict[str, dict]:
 
 
 def vllm_logprobs(llm, assets, ids, steering) -> dict[int, float]:
-    out = llm.generate([token_prompt(ids)], sampling(assets, steering, max_tokens=1, logprobs=TOP), use_tqdm=False)
+    out = llm.generate(
+        [token_prompt(ids)], sampling(assets, steering, max_tokens=1, logprobs=TOP), use_tqdm=False
+    )
     return {tok: lp.logprob for tok, lp in out[0].outputs[0].logprobs[0].items()}
 
 
@@ -61,12 +78,24 @@ def check_against_reference(llm, hf, assets, prompt_ids, steering) -> float:
     err = (torch.tensor(list(got.values())) - want[tokens]).abs().max().item()
     moved = (want[tokens] - plain[tokens]).abs().max().item()
     assert err < LOGPROB_TOL, f"vLLM vs HF reference: max |Δ logprob| {err:.2e}"
-    assert moved > 20 * LOGPROB_TOL, f"steering barely moved the logprobs ({moved:.2e}); the check has no power"
+    assert moved > 20 * LOGPROB_TOL, (
+        f"steering barely moved the logprobs ({moved:.2e}); the check has no power"
+    )
     return err
 
 
 @pytest.mark.parametrize(
-    "case", ["add", "add_normalized", "clamp", "scale", "ablate", "vector", "last_prompt_tokens", "prompt_only_mixed"]
+    "case",
+    [
+        "add",
+        "add_normalized",
+        "clamp",
+        "scale",
+        "ablate",
+        "vector",
+        "last_prompt_tokens",
+        "prompt_only_mixed",
+    ],
 )
 def test_first_token_logprobs_match_reference_eager(eager_llm, hf, assets, prompt_ids, active, case):
     check_against_reference(eager_llm, hf, assets, prompt_ids, cases(active)[case])
@@ -81,9 +110,22 @@ def test_unsteered_matches_reference(eager_llm, hf, assets, prompt_ids):
 
 def test_generation_only_steering_matches_reference_greedy(eager_llm, hf, assets, prompt_ids):
     """Steering on generated tokens only: the first token is the plain one, the rest follow the reference."""
-    steering = {"features": [{"sae": "demo", "index": 123, "op": "add", "value": 0.8, "normalize": True, "positions": "generation"}]}
+    steering = {
+        "features": [
+            {
+                "sae": "demo",
+                "index": 123,
+                "op": "add",
+                "value": 0.8,
+                "normalize": True,
+                "positions": "generation",
+            }
+        ]
+    }
     n = 6
-    out = eager_llm.generate([token_prompt(prompt_ids)], sampling(assets, steering, max_tokens=n), use_tqdm=False)
+    out = eager_llm.generate(
+        [token_prompt(prompt_ids)], sampling(assets, steering, max_tokens=n), use_tqdm=False
+    )
     got = list(out[0].outputs[0].token_ids)
     want = hf.greedy(prompt_ids, resolve(assets, steering), n)
     plain = hf.greedy(prompt_ids, [], n)
@@ -143,7 +185,9 @@ def test_clamp_sets_feature_and_keeps_reconstruction_error(eager_llm, assets, sa
     assert agrees[-1], "the chosen feature should be active on the last prompt token"
     torch.testing.assert_close(x_steered[agrees], encode_set_decode[agrees], rtol=1e-5, atol=1e-4)
     # Everywhere: the documented topk clamp, x' = x + (v - relu(pre_i))·W_dec[i].
-    torch.testing.assert_close(x_steered - x, (value - pre[:, index].relu())[:, None] * sae.W_dec[index], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        x_steered - x, (value - pre[:, index].relu())[:, None] * sae.W_dec[index], rtol=1e-5, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("case", ["clamp", "vector", "prompt_only_mixed"])
@@ -153,11 +197,25 @@ def test_first_token_logprobs_match_reference_compiled(compiled_llm, hf, assets,
 
 def test_compiled_decode_steps_match_eager(compiled_llm, eager_llm, assets):
     """Steering that fires on every decode step gives the same greedy text under compile as in eager mode."""
-    steering = {"features": [{"sae": "demo", "index": 123, "op": "add", "value": 0.8, "normalize": True, "positions": "generation"}]}
+    steering = {
+        "features": [
+            {
+                "sae": "demo",
+                "index": 123,
+                "op": "add",
+                "value": 0.8,
+                "normalize": True,
+                "positions": "generation",
+            }
+        ]
+    }
     params = sampling(assets, steering, max_tokens=12)
     prompts = [p for p in PROMPTS[:3]]
     eager = [o.outputs[0].text for o in eager_llm.generate(prompts, params, use_tqdm=False)]
     compiled = [o.outputs[0].text for o in compiled_llm.generate(prompts, params, use_tqdm=False)]
-    plain = [o.outputs[0].text for o in compiled_llm.generate(prompts, sampling(assets, None, max_tokens=12), use_tqdm=False)]
+    plain = [
+        o.outputs[0].text
+        for o in compiled_llm.generate(prompts, sampling(assets, None, max_tokens=12), use_tqdm=False)
+    ]
     assert compiled == eager
     assert compiled != plain

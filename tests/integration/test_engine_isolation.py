@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import PROMPTS, sampling, token_prompt
+from .conftest import PROMPTS, engine, sampling, token_prompt
 
 pytestmark = pytest.mark.engine
 
@@ -23,9 +23,23 @@ def distinct_steerings() -> list[dict]:
         {"features": [{"sae": "demo", "index": 7, "op": "clamp", "value": 60.0, "positions": "generation"}]},
         {"vectors": [{"name": "unit", "scale": 0.8, "normalize": True}]},
         {"features": [{"sae": "demo", "index": 300, "op": "add", "value": 0.7, "normalize": True}]},
-        {"features": [{"sae": "demo", "index": 42, "op": "add", "value": 1.0, "normalize": True, "positions": {"last_prompt_tokens": 4}}]},
         {
-            "features": [{"sae": "demo", "index": 900, "op": "add", "value": 0.8, "normalize": True}, {"sae": "demo", "index": 11, "op": "ablate"}],
+            "features": [
+                {
+                    "sae": "demo",
+                    "index": 42,
+                    "op": "add",
+                    "value": 1.0,
+                    "normalize": True,
+                    "positions": {"last_prompt_tokens": 4},
+                }
+            ]
+        },
+        {
+            "features": [
+                {"sae": "demo", "index": 900, "op": "add", "value": 0.8, "normalize": True},
+                {"sae": "demo", "index": 11, "op": "ablate"},
+            ],
             "vectors": [{"name": "unit", "scale": -10.0, "positions": "prompt"}],
         },
     ]
@@ -50,8 +64,10 @@ def check_isolation(llm, assets, plain_outputs):
     unsteered, steered = mixed[: len(PROMPTS)], mixed[len(PROMPTS) :]
     assert unsteered == plain_outputs, "unsteered requests changed by steered neighbours in the batch"
     assert sum(s != p for s, p in zip(steered, plain_outputs)) >= 5, "steering should change most outputs"
-    alone = [texts(llm.generate([p], [sampling(assets, s, max_tokens=MAX_TOKENS)], use_tqdm=False))[0]
-             for p, s in zip(PROMPTS, steerings)]
+    alone = [
+        texts(llm.generate([p], [sampling(assets, s, max_tokens=MAX_TOKENS)], use_tqdm=False))[0]
+        for p, s in zip(PROMPTS, steerings)
+    ]
     assert alone == steered, "a steered request differs alone and in a crowd"
 
 
@@ -64,14 +80,19 @@ def test_isolation_compiled(compiled_llm, assets, plain_outputs):
 
 
 def test_plugin_without_steering_matches_plain(eager_llm, assets, plain_outputs):
-    assert texts(eager_llm.generate(PROMPTS, sampling(assets, None, max_tokens=MAX_TOKENS), use_tqdm=False)) == plain_outputs
+    assert (
+        texts(eager_llm.generate(PROMPTS, sampling(assets, None, max_tokens=MAX_TOKENS), use_tqdm=False))
+        == plain_outputs
+    )
 
 
 # --- prefix cache ---------------------------------------------------------------------------------------------
 
 
 def first_logprobs(llm, assets, ids, steering):
-    out = llm.generate([token_prompt(ids)], sampling(assets, steering, max_tokens=1, logprobs=5), use_tqdm=False)[0]
+    out = llm.generate(
+        [token_prompt(ids)], sampling(assets, steering, max_tokens=1, logprobs=5), use_tqdm=False
+    )[0]
     return {t: round(lp.logprob, 5) for t, lp in out.outputs[0].logprobs[0].items()}, out.num_cached_tokens
 
 
@@ -81,7 +102,11 @@ def long_prompt_ids(hf, text: str) -> list[int]:
 
 def test_steered_request_after_unsteered_is_steered_on_every_prompt_token(eager_llm, hf, assets):
     ids = long_prompt_ids(hf, "The bridge over the bay glows orange at sunset. ")
-    steering = {"features": [{"sae": "demo", "index": 123, "op": "add", "value": 0.5, "normalize": True, "positions": "prompt"}]}
+    steering = {
+        "features": [
+            {"sae": "demo", "index": 123, "op": "add", "value": 0.5, "normalize": True, "positions": "prompt"}
+        ]
+    }
     eager_llm.reset_prefix_cache()
     fresh, cached_fresh = first_logprobs(eager_llm, assets, ids, steering)
     eager_llm.reset_prefix_cache()
@@ -97,7 +122,18 @@ def test_steered_request_after_unsteered_is_steered_on_every_prompt_token(eager_
 
 def test_generation_only_steering_keeps_the_prefix_cache(eager_llm, hf, assets):
     ids = long_prompt_ids(hf, "A recipe for bread needs flour, water, salt and time. ")
-    steering = {"features": [{"sae": "demo", "index": 123, "op": "add", "value": 0.5, "normalize": True, "positions": "generation"}]}
+    steering = {
+        "features": [
+            {
+                "sae": "demo",
+                "index": 123,
+                "op": "add",
+                "value": 0.5,
+                "normalize": True,
+                "positions": "generation",
+            }
+        ]
+    }
     eager_llm.reset_prefix_cache()
     first_logprobs(eager_llm, assets, ids, None)
     _, cached = first_logprobs(eager_llm, assets, ids, steering)
@@ -110,11 +146,51 @@ def test_generation_only_steering_keeps_the_prefix_cache(eager_llm, hf, assets):
 def test_server_refuses_to_start_when_the_op_does_not_fire(demo_assets, steer_config_path):
     """With the layer hook deliberately left out, the self-test must stop the server at start-up."""
     env = {**os.environ, "STEER_PLUGIN_TEST_SKIP_HOOKS": "1"}
-    cmd = [sys.executable, "-m", "steer_adapters.vllm.launcher", "--steer-config", steer_config_path,
-           "--model", str(demo_assets.model_dir), "--enforce-eager", "--max-model-len", "256", "--port", "18931",
-           "--host", "127.0.0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "steer_adapters.vllm.launcher",
+        "--steer-config",
+        steer_config_path,
+        "--model",
+        str(demo_assets.model_dir),
+        "--enforce-eager",
+        "--max-model-len",
+        "256",
+        "--port",
+        "18931",
+        "--host",
+        "127.0.0.1",
+    ]
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "self-test" in proc.stderr and "never ran" in proc.stderr, proc.stderr[-3000:]
     assert time.time() - started < 600
+
+
+# --- pipeline parallel ----------------------------------------------------------------------------------------
+
+
+def test_pipeline_parallel_two_ranks_match_single_rank(eager_llm, demo_assets, steer_config_path, assets):
+    """PP=2 on the CPU build: each rank loads only its own layers' SAEs/vectors; outputs equal one rank's."""
+    steerings = distinct_steerings()[:3]
+    params = [sampling(assets, None, max_tokens=MAX_TOKENS)] + [
+        sampling(assets, s, max_tokens=MAX_TOKENS) for s in steerings
+    ]
+    prompts = PROMPTS[:4]
+    single = texts(eager_llm.generate(prompts, params, use_tqdm=False))
+    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = (
+        "0|1"  # one core per rank (the CPU build cannot bind two ranks to one NUMA node)
+    )
+    try:
+        with engine(
+            str(demo_assets.model_dir), steer_config_path, enforce_eager=True, pipeline_parallel_size=2
+        ) as llm:
+            assert texts(llm.generate(prompts, params, use_tqdm=False)) == single
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved

@@ -44,9 +44,26 @@ def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(demo_assets, server_config):
-    cmd = [sys.executable, "-m", "steer_adapters.vllm.launcher", "--steer-config", server_config["path"],
-           "--model", str(demo_assets.model_dir), "--served-model-name", "demo", "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(PORT)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "steer_adapters.vllm.launcher",
+        "--steer-config",
+        server_config["path"],
+        "--model",
+        str(demo_assets.model_dir),
+        "--served-model-name",
+        "demo",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(PORT),
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -99,14 +116,25 @@ def test_sdk_chat_non_streaming(client):
     )
     choice = steered.choices[0].model_dump()
     assert choice["steering"]["applied"] == [
-        {"op": "clamp", "layer": 15, "positions": "all", "sae": "demo", "index": WATCHED, "label": choice["steering"]["applied"][0]["label"]}
+        {
+            "op": "clamp",
+            "layer": 15,
+            "positions": "all",
+            "sae": "demo",
+            "index": WATCHED,
+            "label": choice["steering"]["applied"][0]["label"],
+        }
     ]
     assert steered.choices[0].message.content != plain.choices[0].message.content
 
 
 def test_sdk_chat_streaming_with_inspect(client):
     stream = client.chat.completions.create(
-        model="demo", messages=MESSAGES, max_tokens=8, temperature=0, stream=True,
+        model="demo",
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
         extra_body={"steering": {**CLAMP, "inspect": {"top_k": 3}}},
     )
     chunks = [c.model_dump() for c in stream]
@@ -127,13 +155,21 @@ def test_sdk_completions_non_streaming_and_streaming(client):
     steered = client.completions.create(**kwargs, extra_body={"steering": CLAMP}).choices[0]
     assert steered.text != plain
     assert steered.model_dump()["steering"]["applied"][0]["op"] == "clamp"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True, extra_body={"steering": CLAMP}))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(**kwargs, stream=True, extra_body={"steering": CLAMP})
+    )
     assert streamed == steered.text
 
 
 def test_plain_requests_client_and_vector(server):
-    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 8, "temperature": 0,
-            "steering": {"vectors": [{"name": "unit", "scale": 0.8, "normalize": True}]}}
+    body = {
+        "model": "demo",
+        "messages": MESSAGES,
+        "max_tokens": 8,
+        "temperature": 0,
+        "steering": {"vectors": [{"name": "unit", "scale": 0.8, "normalize": True}]},
+    }
     reply = requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=120)
     assert reply.status_code == 200
     assert reply.json()["choices"][0]["steering"]["applied"] == [
@@ -144,7 +180,11 @@ def test_plain_requests_client_and_vector(server):
 # --- errors ---------------------------------------------------------------------------------------------------
 
 BAD = [
-    ({"features": [{"sae": "demo", "index": 1, "op": "clamp", "value": "high"}]}, 400, "steering.features[0].value"),
+    (
+        {"features": [{"sae": "demo", "index": 1, "op": "clamp", "value": "high"}]},
+        400,
+        "steering.features[0].value",
+    ),
     ({"features": [{"sae": "nope", "index": 1, "value": 1.0}]}, 400, "steering.features[0].sae"),
     ({"features": [{"sae": "demo", "index": 10**7, "value": 1.0}]}, 400, "steering.features[0].index"),
     ({"features": [{"id": "smollm2-135m/99-res-x/3", "value": 1.0}]}, 400, "steering.features[0].id"),
@@ -168,14 +208,18 @@ def test_bad_steering_is_rejected_and_server_keeps_serving(server, steering, sta
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["param"] == param and param in error["message"]
-    assert metric("steer_rejected_requests_total", reason="policy" if status == 403 else "invalid") == before + 1
+    assert (
+        metric("steer_rejected_requests_total", reason="policy" if status == 403 else "invalid") == before + 1
+    )
     ok = requests.post(f"{BASE}/v1/chat/completions", json={**body, "steering": CLAMP}, timeout=120)
     assert ok.status_code == 200
 
 
 def test_nan_value_is_rejected(server):
     raw = '{"model": "demo", "prompt": "Hi", "max_tokens": 2, "steering": {"features": [{"sae": "demo", "index": 1, "value": NaN}]}}'
-    reply = requests.post(f"{BASE}/v1/completions", data=raw, headers={"content-type": "application/json"}, timeout=60)
+    reply = requests.post(
+        f"{BASE}/v1/completions", data=raw, headers={"content-type": "application/json"}, timeout=60
+    )
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "steering.features[0].value"
 
@@ -185,9 +229,13 @@ def test_nan_value_is_rejected(server):
 
 def test_discovery(server, assets):
     saes = requests.get(f"{BASE}/v1/steering/saes", timeout=10).json()["data"]
-    assert [(s["id"], s["layer"], s["d_sae"], s["format"]) for s in saes] == [("demo", 15, assets.saes["demo"].sae.d_sae, "saelens")]
+    assert [(s["id"], s["layer"], s["d_sae"], s["format"]) for s in saes] == [
+        ("demo", 15, assets.saes["demo"].sae.d_sae, "saelens")
+    ]
     label = next(iter(assets.saes["demo"].labels.values()))
-    hits = requests.get(f"{BASE}/v1/steering/features", params={"sae": "demo", "q": label}, timeout=10).json()["data"]
+    hits = requests.get(
+        f"{BASE}/v1/steering/features", params={"sae": "demo", "q": label}, timeout=10
+    ).json()["data"]
     assert any(h["label"] == label for h in hits)
     assert requests.get(f"{BASE}/v1/steering/features", params={"sae": "nope"}, timeout=10).status_code == 404
     schema = requests.get(f"{BASE}/openapi.json", timeout=30).json()["components"]["schemas"]
@@ -230,7 +278,9 @@ def test_metrics_move(server, client):
         "op_time": ("steer_op_seconds_total", {}),
     }
     before = {k: metric(n, **lab) for k, (n, lab) in names.items()}
-    client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=6, temperature=0, extra_body={"steering": CLAMP})
+    client.chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=6, temperature=0, extra_body={"steering": CLAMP}
+    )
     after = {k: metric(n, **lab) for k, (n, lab) in names.items()}
     assert after["requests"] == before["requests"] + 1
     assert after["tokens"] >= before["tokens"] + 6  # prompt and generated tokens
@@ -242,16 +292,31 @@ def test_metrics_move(server, client):
 
 
 def test_monitoring_log_lines(server, client, server_config):
-    reply = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=5, temperature=0, extra_body={"steering": CLAMP})
+    reply = client.chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=5, temperature=0, extra_body={"steering": CLAMP}
+    )
     deadline = time.time() + 10
     while time.time() < deadline:
-        lines = [json.loads(line) for line in server_config["monitor"].read_text().splitlines()] if server_config["monitor"].exists() else []
+        lines = (
+            [json.loads(line) for line in server_config["monitor"].read_text().splitlines()]
+            if server_config["monitor"].exists()
+            else []
+        )
         mine = [r for r in lines if r["request_id"] == reply.id]
         if mine:
             break
         time.sleep(0.2)
     (record,) = mine
-    assert set(record) == {"ts", "request_id", "model", "sae", "num_tokens", "steered", "top_features", "watchlist"}
+    assert set(record) == {
+        "ts",
+        "request_id",
+        "model",
+        "sae",
+        "num_tokens",
+        "steered",
+        "top_features",
+        "watchlist",
+    }
     assert record["sae"] == "demo" and record["num_tokens"] == 5 and record["steered"] is True
     assert len(record["top_features"]) == 4
     assert set(record["top_features"][0]) == {"index", "max_activation", "tokens", "label"}
