@@ -88,7 +88,7 @@ def main() -> None:
         if not hits:
             sys.exit(f"demo: no feature label matches {args.concept!r}")
         feature = hits[0]
-        value = args.value if args.value is not None else 8.0 * feature.get("max_activation", 5.0)
+        value = args.value if args.value is not None else round(1.7 * feature.get("max_activation", 40.0), 1)
         steering = {
             "features": [{"sae": feature["sae"], "index": feature["index"], "op": "clamp", "value": value}]
         }

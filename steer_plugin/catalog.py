@@ -21,6 +21,7 @@ class LoadedSAE(NamedTuple):
     layer: int
     labels: dict[int, str]
     neuronpedia_id: str | None
+    max_activations: dict[int, float] = {}  # from the labels file, when it records them
 
 
 class LoadedVector(NamedTuple):
@@ -51,8 +52,9 @@ class LoadedAssets(NamedTuple):
         )
 
 
-def load_labels(path: str | os.PathLike) -> dict[int, str]:
-    """index -> label from a labels JSON: {"12": "bridge"}, {"12": {"label": "bridge", ...}} or a list."""
+def load_labels(path: str | os.PathLike) -> tuple[dict[int, str], dict[int, float]]:
+    """(index -> label, index -> max activation) from a labels JSON: {"12": "bridge"},
+    {"12": {"label": "bridge", "max_act": 47.6, ...}}, {"features": {...}} or a list."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -60,12 +62,14 @@ def load_labels(path: str | os.PathLike) -> dict[int, str]:
     if isinstance(data, dict) and "features" in data:
         data = data["features"]
     items = enumerate(data) if isinstance(data, list) else data.items()
-    labels = {}
+    labels, maxima = {}, {}
     for key, value in items:
         label = value.get("label") if isinstance(value, dict) else value
         if isinstance(label, str) and label:
             labels[int(key)] = label
-    return labels
+        if isinstance(value, dict) and isinstance(value.get("max_act"), (int, float)):
+            maxima[int(key)] = float(value["max_act"])
+    return labels, maxima
 
 
 def _sae_layer(source: SAESource, sae: SparseAutoencoder, index: int) -> int:
@@ -140,9 +144,9 @@ def load_assets(config: SteerConfig, d_model: int | None = None, layers: range |
         labels_path = source.labels or os.path.join(
             source.path if os.path.isdir(source.path) else os.path.dirname(source.path), "labels.json"
         )
-        labels = load_labels(labels_path) if os.path.exists(labels_path) else {}
+        labels, maxima = load_labels(labels_path) if os.path.exists(labels_path) else ({}, {})
         neuronpedia_id = source.neuronpedia_id or sae.metadata.neuronpedia_id
-        saes[source.id] = LoadedSAE(source.id, sae, layer, labels, neuronpedia_id)
+        saes[source.id] = LoadedSAE(source.id, sae, layer, labels, neuronpedia_id, maxima)
     vectors: dict[str, LoadedVector] = {}
     for i, source in enumerate(config.vectors):
         vec = load_vector(source, i)

@@ -114,6 +114,8 @@ def convert(gguf: Path, model_dir: Path) -> None:
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # safetensors creates files 0600; the server may run as another user
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(tmp, model_dir)

@@ -73,6 +73,7 @@ def save_sae(state: dict, out_dir: Path, k: int, context_size: int) -> dict:
     assert w["W_dec"].shape == (d_sae, d_in) and w["b_enc"].shape == (d_sae,) and w["b_dec"].shape == (d_in,)
     tmp = out_dir / (WEIGHTS_FILE + ".tmp")
     save_file(w, str(tmp))
+    tmp.chmod(0o644)  # safetensors creates files 0600
     tmp.replace(out_dir / WEIGHTS_FILE)
     cfg = make_cfg(d_in, d_sae, k, context_size)
     write_json(out_dir / CFG_FILE, cfg)
@@ -85,6 +86,7 @@ def save_sparsity(log10_density, out_dir: Path) -> None:
 
     tmp = out_dir / (SPARSITY_FILE + ".tmp")
     save_file({"sparsity": log10_density.to(torch.float32).contiguous()}, str(tmp))
+    tmp.chmod(0o644)
     tmp.replace(out_dir / SPARSITY_FILE)
 
 

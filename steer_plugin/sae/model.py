@@ -76,7 +76,9 @@ class SparseAutoencoder:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown SAE architecture {self.architecture!r}; known: {', '.join(ARCHITECTURES)}")
+            raise ValueError(
+                f"unknown SAE architecture {self.architecture!r}; known: {', '.join(ARCHITECTURES)}"
+            )
         if self.architecture in ("jumprelu", "batchtopk") and self.threshold is None:
             raise ValueError(f"{self.architecture} SAE needs a threshold tensor")
         if self.architecture == "topk" and not self.k:
@@ -106,7 +108,9 @@ class SparseAutoencoder:
         names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "b_gate", "b_mag", "r_mag")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseAutoencoder:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> SparseAutoencoder:
         for name, tensor in self.tensors().items():
             setattr(self, name, tensor.to(device=device, dtype=dtype))
         return self
