@@ -13,6 +13,11 @@ from .conftest import PROMPTS, resolve, sampling, token_prompt
 
 pytestmark = pytest.mark.engine
 
+# Add the demo SAE's "bridge" feature strongly, on generated tokens only (named by its unique label).
+GENERATION_STEERING = {
+    "features": [{"label": "bridge", "op": "add", "value": 80.0, "positions": "generation"}]
+}
+
 LOGPROB_TOL = 2e-3  # fp32 vLLM CPU kernels vs HF eager fp32, 30 layers
 TOP = 20
 
@@ -110,18 +115,7 @@ def test_unsteered_matches_reference(eager_llm, hf, assets, prompt_ids):
 
 def test_generation_only_steering_matches_reference_greedy(eager_llm, hf, assets, prompt_ids):
     """Steering on generated tokens only: the first token is the plain one, the rest follow the reference."""
-    steering = {
-        "features": [
-            {
-                "sae": "demo",
-                "index": 123,
-                "op": "add",
-                "value": 0.8,
-                "normalize": True,
-                "positions": "generation",
-            }
-        ]
-    }
+    steering = GENERATION_STEERING
     n = 6
     out = eager_llm.generate(
         [token_prompt(prompt_ids)], sampling(assets, steering, max_tokens=n), use_tqdm=False
@@ -183,11 +177,13 @@ def test_clamp_sets_feature_and_keeps_reconstruction_error(eager_llm, assets, sa
     # Where the feature is in the token's top k (or inactive), that is exactly what the engine wrote.
     agrees = f[:, index] == pre[:, index].relu()
     assert agrees[-1], "the chosen feature should be active on the last prompt token"
-    torch.testing.assert_close(x_steered[agrees], encode_set_decode[agrees], rtol=1e-5, atol=1e-4)
+    # fp32 rounding scales with |x|: position 0 (the attention sink) has |x| ~ 2e4, the others ~ 2e2.
+    atol = 1e-6 * x.abs().amax(dim=-1, keepdim=True).clamp_min(100.0)  # [T, 1]
+    close = (x_steered - encode_set_decode).abs() <= atol + 1e-5 * encode_set_decode.abs()
+    assert close[agrees].all()
     # Everywhere: the documented topk clamp, x' = x + (v - relu(pre_i))·W_dec[i].
-    torch.testing.assert_close(
-        x_steered - x, (value - pre[:, index].relu())[:, None] * sae.W_dec[index], rtol=1e-5, atol=1e-4
-    )
+    expected_delta = (value - pre[:, index].relu())[:, None] * sae.W_dec[index]
+    assert ((x_steered - x - expected_delta).abs() <= atol).all()
 
 
 @pytest.mark.parametrize("case", ["clamp", "vector", "prompt_only_mixed"])
@@ -197,18 +193,7 @@ def test_first_token_logprobs_match_reference_compiled(compiled_llm, hf, assets,
 
 def test_compiled_decode_steps_match_eager(compiled_llm, eager_llm, assets):
     """Steering that fires on every decode step gives the same greedy text under compile as in eager mode."""
-    steering = {
-        "features": [
-            {
-                "sae": "demo",
-                "index": 123,
-                "op": "add",
-                "value": 0.8,
-                "normalize": True,
-                "positions": "generation",
-            }
-        ]
-    }
+    steering = GENERATION_STEERING
     params = sampling(assets, steering, max_tokens=12)
     prompts = [p for p in PROMPTS[:3]]
     eager = [o.outputs[0].text for o in eager_llm.generate(prompts, params, use_tqdm=False)]
