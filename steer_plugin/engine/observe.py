@@ -71,27 +71,39 @@ class Observer:
         self.tokens_observed = 0
 
     def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> None:
-        """groups' slots index into captures[sae_id] ([n_slots, d] steered residual rows)."""
+        """groups' slots index into captures[sae_id] ([n_slots, d] steered residual rows). One encode per SAE."""
         records: dict[str, list[dict]] = {}
-        for g in groups:
-            x = captures[g.sae_id][g.slots]  # [n, d]
-            values, indices, l0, err = (t.cpu() for t in read_features(self.saes[g.sae_id], x, g.top_k))
-            self.l0[g.sae_id].observe_many(l0.numpy())
-            self.error[g.sae_id].observe_many(err.numpy())
-            self.tokens_observed += len(g.slots)
-            for row, pos in enumerate(g.positions):
-                keep = values[row] > 0
-                top = [[int(i), round(float(v), 4)] for i, v in zip(indices[row][keep], values[row][keep])]
-                records.setdefault(g.cid, []).append(
-                    {
-                        "pos": pos,
-                        "P": g.num_prompt,
-                        "sae": g.sae_id,
-                        "top": top,
-                        "l0": int(l0[row]),
-                        "err": round(float(err[row]), 5),
-                    }
-                )
+        for sae_id in dict.fromkeys(g.sae_id for g in groups):
+            mine = [g for g in groups if g.sae_id == sae_id]
+            slots = [s for g in mine for s in g.slots]
+            top_k = max(g.top_k for g in mine)
+            values, indices, l0, err = (
+                t.cpu() for t in read_features(self.saes[sae_id], captures[sae_id][slots], top_k)
+            )
+            self.l0[sae_id].observe_many(l0.numpy())
+            self.error[sae_id].observe_many(err.numpy())
+            self.tokens_observed += len(slots)
+            values, indices, l0, err = values.tolist(), indices.tolist(), l0.tolist(), err.tolist()
+            row = 0
+            for g in mine:
+                lines = records.setdefault(g.cid, [])
+                for pos in g.positions:
+                    top = [
+                        [i, round(v, 4)]
+                        for i, v in zip(indices[row][: g.top_k], values[row][: g.top_k])
+                        if v > 0
+                    ]
+                    lines.append(
+                        {
+                            "pos": pos,
+                            "P": g.num_prompt,
+                            "sae": sae_id,
+                            "top": top,
+                            "l0": l0[row],
+                            "err": round(err[row], 5),
+                        }
+                    )
+                    row += 1
         if self.write:
             for cid, lines in records.items():
                 channel.append(cid, lines)
