@@ -23,7 +23,7 @@ else
   pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 echo "[setup] installing steer-plugin (editable) and test tools" >&2
-pip install -q -e ".[hf,test]"
+pip install -q -e ".[hf,test,bench]"
 if [ -f requirements/test-extra.txt ]; then
   pip install -q --no-deps -r requirements/test-extra.txt
 fi

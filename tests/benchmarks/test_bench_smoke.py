@@ -1,0 +1,92 @@
+"""Smoke runs of the benchmark harnesses: they complete and write parseable reports. Never a speed threshold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+
+
+def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    )
+    return proc
+
+
+def _table_rows(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+
+
+def test_op_bench_smoke(tmp_path):
+    out = tmp_path / "op-smoke"
+    _run([str(BENCH / "op_bench.py"), "--smoke", "--out", str(out)], timeout=300)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["settings"]["d_model"] == 256 and data["settings"]["d_sae"] == 1024
+    assert data["rows"], "no steered points measured"
+    for row in data["rows"]:
+        assert row["op_us"] > 0 and row["fill_us"] > 0 and row["layer_us"] > 0
+    md = out.with_suffix(".md").read_text()
+    rows = _table_rows(md)
+    # one row per token count, one per steered point (plus the two header rows)
+    assert len(rows) == len(data["per_tokens"]) + len(data["rows"]) + 2
+
+
+def _demo_assets_ready() -> bool:
+    """Built and up to date, so that ensure_assets() returns at once (a build takes many minutes)."""
+    try:
+        from steer_plugin.demo import build_assets
+    except ImportError:
+        return False
+    paths = build_assets.asset_paths()
+    if not ((paths.model_dir / "config.json").is_file() and (paths.sae_dir / "cfg.json").is_file()):
+        return False
+    stages = getattr(build_assets, "_stages", None)
+    if stages is None:
+        return True
+    try:
+        return all(stage.is_done() for stage in stages(paths.model_dir.parent).values())
+    except Exception:  # noqa: BLE001 - a changed build API: fall back to the files being there
+        return True
+
+
+def test_serve_bench_smoke(tmp_path):
+    if not _demo_assets_ready():
+        pytest.skip(
+            "demo assets not built (python -m steer_plugin.demo.build_assets); the smoke run would build them"
+        )
+    out = tmp_path / "serve-smoke"
+    proc = _run(
+        [str(BENCH / "serve_bench.py"), "--smoke", "--out", str(out), "--work-dir", str(tmp_path / "work")],
+        timeout=600,
+    )
+    data = json.loads(out.with_suffix(".json").read_text())
+    cases = data["options"]["cases"]
+    assert data["options"]["modes"] == ["eager"]
+    assert data["machine"]["cpu_model"] and data["machine"]["vllm"]
+    units = data["units"]
+    assert {u["case"] for u in units} == set(cases)
+    assert all(u["errors"] == 0 for u in units if u["case"] != "h_inspect"), [u["first_error"] for u in units]
+    assert all(
+        u["output_tokens"] == u["requests"] * data["options"]["max_tokens"] for u in units if not u["errors"]
+    )
+    for conc in data["options"]["concurrencies"]:
+        assert set(data["summary"]["eager"][str(conc)]) == set(cases)
+    md = out.with_suffix(".md").read_text()
+    ratio_section = md.split("## Ratios against vanilla: eager", 1)[1].split("###", 1)[0]
+    titles = [row.split("|")[1].strip() for row in _table_rows(ratio_section)[1:]]  # skip the header row
+    assert titles == [data["cases"][c]["title"] for c in cases]
+    assert "[eager] round 1/1" in proc.stdout  # progress per case
+    if data["plot"]:
+        assert (out.parent / data["plot"]).is_file()  # recorded relative to the report
+    else:
+        assert data["plot_skipped"]
