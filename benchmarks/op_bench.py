@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, git_state
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER = 0
@@ -192,26 +192,8 @@ def scenarios(token_list, config_list, clamp_list, width: int) -> list[tuple[int
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "steer_plugin", "adapters"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout
-        dirty = sorted(line[3:] for line in status.splitlines() if line[3:].endswith(".py"))
-    except OSError:
-        commit, dirty = "", []
+    cpu = cpu_model()
+    commit, dirty = git_state()
     info = {
         "cpu_model": cpu,
         "logical_cpus": os.cpu_count(),

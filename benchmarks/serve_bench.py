@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from machine import cpu_model, git_state
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "cpu-smollm2"
 SERVED_NAME = "bench"
@@ -142,14 +144,7 @@ def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> di
 
 
 def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem_gib = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -163,19 +158,7 @@ def machine_info() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception as err:  # noqa: BLE001 - report, don't fail
             versions[mod] = f"unavailable ({type(err).__name__})"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "steer_plugin", "adapters"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout
-        dirty = sorted(line[3:] for line in status.splitlines() if line[3:].endswith(".py"))
-    except OSError:
-        commit, dirty = "", []
+    commit, dirty = git_state()
     return {
         "cpu_model": cpu,
         "logical_cpus": os.cpu_count(),
