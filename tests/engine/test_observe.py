@@ -2,7 +2,7 @@
 
 import torch
 
-from steer_plugin.engine.observe import Observer, ObservedRows
+from steer_plugin.engine.observe import ObservedRows, Observer
 from steer_plugin.monitor import channel
 from steer_plugin.sae.model import SparseAutoencoder
 
