@@ -193,11 +193,13 @@ class SteeringMiddleware:
             body = None
         request = None
         if isinstance(body, dict) and self.service is not None:
+            had_steering = "steering" in body
             try:
                 request = self.service.rewrite_request(body)
             except SpecError as err:
                 return await _send_json(send, err.status, error_body(err))
-            raw = json.dumps(request.body).encode()
+            if had_steering or request.ops or request.observe is not None:
+                raw = json.dumps(request.body).encode()  # otherwise the body is unchanged: forward the bytes
         elif isinstance(body, dict) and "steering" in body:
             err = SpecError("steering", "this server has no steering config (start it with steer-serve)")
             return await _send_json(send, 400, error_body(err))
