@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 CONFIG_ENV = "STEER_PLUGIN_CONFIG"
 ADDITIONAL_CONFIG_KEY = "steer_plugin"
+_SMALL_FILE = 1 << 20  # metadata files hashed by content in SteerConfig.fingerprint()
 
 
 class _Strict(BaseModel):
@@ -183,10 +184,24 @@ class SteerConfig(_Strict):
         return limits
 
     def fingerprint(self) -> str:
-        """Stable hash of the configuration (for vLLM's compile cache key)."""
+        """Hash of everything that decides which layers carry the op and what the banks hold: this config
+        and the files of each SAE and vector (content of small metadata files, whose hook names give the
+        layers; name and size of weight files). Part of vLLM's compile-cache key."""
         import hashlib
 
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        digest = hashlib.sha256(self.model_dump_json().encode())
+        for path in [s.path for s in self.saes] + [v.path for v in self.vectors]:
+            root = Path(path)
+            files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [root]
+            for file in files:
+                try:
+                    size = file.stat().st_size
+                    digest.update(f"{file.name}:{size}".encode())
+                    if size <= _SMALL_FILE:
+                        digest.update(file.read_bytes())
+                except OSError:
+                    digest.update(f"{file.name}:missing".encode())
+        return digest.hexdigest()[:16]
 
 
 class ConfigError(ValueError):

@@ -30,11 +30,14 @@ def _merge(snapshots: list[dict]) -> dict:
         "sae_bytes": {},
         "l0": {},
         "reconstruction_error": {},
+        "rejected_messages": {},
+        "step_errors": 0,
     }
     for snap in snapshots:
         if not snap:
             continue
-        for key in ("steered_tokens", "features_applied"):
+        merged["step_errors"] += snap.get("step_errors", 0)
+        for key in ("steered_tokens", "features_applied", "rejected_messages"):
             for k, v in snap.get(key, {}).items():
                 merged[key][k] = merged[key].get(k, 0) + v
         merged["op_seconds"] += snap.get("op_seconds", 0.0)
@@ -57,8 +60,7 @@ class WorkerStatsCollector:
         self.snapshot: dict = _merge([])
 
     def update(self, snapshots: list[dict]) -> None:
-        # Tensor-parallel ranks report identical steering counts; keep the first rank's per-rank figures.
-        self.snapshot = _merge(snapshots[:1] if _same_layers(snapshots) else snapshots)
+        self.snapshot = _merge(one_per_stage(snapshots))
 
     def collect(self):
         s = self.snapshot
@@ -74,6 +76,19 @@ class WorkerStatsCollector:
         for sae, n in sorted(s["features_applied"].items()):
             applied.add_metric([sae], n)
         yield applied
+        rejected = CounterMetricFamily(
+            "steer_worker_rejected_messages",
+            "Steering/observation messages the workers dropped (unsigned or malformed): run unsteered",
+            labels=["kind"],
+        )
+        for kind, n in sorted(s["rejected_messages"].items()):
+            rejected.add_metric([kind], n)
+        yield rejected
+        yield CounterMetricFamily(
+            "steer_worker_step_errors",
+            "Engine steps whose steering or observation failed and ran unsteered",
+            value=s["step_errors"],
+        )
         yield CounterMetricFamily(
             "steer_op_seconds", "Host time in the steering op (eager executions)", value=s["op_seconds"]
         )
@@ -101,8 +116,10 @@ class WorkerStatsCollector:
             yield family
 
 
-def _same_layers(snapshots: list[dict]) -> bool:
-    return len(snapshots) > 1 and all(s.get("sae_bytes") == snapshots[0].get("sae_bytes") for s in snapshots)
+def one_per_stage(snapshots: list[dict]) -> list[dict]:
+    """Pipeline stages own different layers and are summed; the tensor ranks of a stage compute the same
+    thing, so only tensor rank 0 of each stage counts (told apart by the ranks each worker reports)."""
+    return [s for s in snapshots if s and s.get("ranks", {}).get("tp", 0) == 0]
 
 
 WORKER_STATS = WorkerStatsCollector()

@@ -14,6 +14,7 @@ import uuid
 from typing import NamedTuple
 
 from steer_plugin import metrics
+from steer_plugin.body import lax_int, prompt_count, refuse_reserved_keys
 from steer_plugin.catalog import LoadedAssets, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.monitor import channel
@@ -27,6 +28,7 @@ from steer_plugin.spec import (
     ResolvedOp,
     SpecError,
     SteeringSpec,
+    WatchSpec,
     encode_wire,
     parse_spec,
     resolve_spec,
@@ -52,44 +54,59 @@ class SteeringService:
         self.assets = assets or load_assets(config)
         self.catalog = self.assets.catalog()
 
-    def rewrite_request(self, body: dict) -> RewrittenRequest:
-        """Move a valid `steering` field into vllm_xargs; raise SpecError (400/403) naming the bad field."""
+    def rewrite_request(self, body: dict, observable: bool = True) -> RewrittenRequest:
+        """Move a valid `steering` field into vllm_xargs; raise SpecError (400/403) naming the bad field.
+
+        `observable`: the endpoint's responses carry per-token features (chat/completions); elsewhere
+        (/v1/responses, /v1/messages) steering applies but `inspect` is refused and nothing is monitored.
+        """
         try:
-            return self._rewrite(body)
+            return self._rewrite(body, observable)
         except SpecError as err:
             metrics.REJECTED_REQUESTS.labels(reason="policy" if err.status == 403 else "invalid").inc()
             raise
 
-    def _rewrite(self, body: dict) -> RewrittenRequest:
+    def _rewrite(self, body: dict, observable: bool) -> RewrittenRequest:
+        refuse_reserved_keys(body)
+        xargs = body.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise SpecError("vllm_xargs", "must be an object")
+        xargs = dict(xargs or {})
         raw = body.pop(STEERING_FIELD, None)
         spec = parse_spec(raw, STEERING_FIELD) if raw is not None else SteeringSpec()
         ops = resolve_spec(spec, self.catalog, STEERING_FIELD)
         self.check_policy(spec, ops)
+        n = lax_int(body, "n", 1)
+        single = n == 1 and prompt_count(body) == 1
+        if (ops or spec.inspect is not None) and body.get("use_beam_search") not in (None, False):
+            # vLLM's beam search rebuilds SamplingParams without extra_args: steering would silently not apply.
+            raise SpecError("use_beam_search", "beam search cannot be combined with `steering`")
         inspect = spec.inspect
         if inspect is not None:
+            if not observable:
+                raise SpecError(
+                    f"{STEERING_FIELD}.inspect",
+                    "inspect is served on /v1/chat/completions and /v1/completions",
+                )
             for i, sae_id in enumerate(inspect.saes or []):
                 if sae_id not in self.catalog.saes:
                     raise SpecError(
                         f"{STEERING_FIELD}.inspect.saes[{i}]",
                         f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.saes)}",
                     )
-            if (body.get("n") or 1) > 1:
+            if n != 1:
                 raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs n = 1")
+            if prompt_count(body) != 1:
+                raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs a single prompt")
         monitored = (
             tuple(
                 sae_id
                 for sae_id, m in self.config.monitoring.saes.items()
                 if m.sample_rate > 0 and random.random() < m.sample_rate
             )
-            if (body.get("n") or 1) == 1
+            if single and observable
             else ()
         )
-        xargs = body.get("vllm_xargs") or {}
-        if not isinstance(xargs, dict):
-            raise SpecError("vllm_xargs", "must be an object")
-        for key in (WIRE_KEY, OBSERVE_KEY):
-            if key in xargs:
-                raise SpecError(f"vllm_xargs.{key}", "is reserved for the steering plugin; use `steering`")
         if ops:
             xargs[WIRE_KEY] = encode_wire(ops)
             for op_name in sorted({o.op for o in ops}):
@@ -100,7 +117,12 @@ class SteeringService:
         )
         if read:
             top_k = max(inspect.top_k if inspect else 0, self.config.monitoring.top_k if monitored else 0)
-            observe = ObserveSpec(uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt))
+            watch = [
+                WatchSpec(w.sae, w.index, w.threshold)
+                for w in self.config.monitoring.watchlist
+                if w.sae in monitored
+            ]
+            observe = ObserveSpec(uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt), watch)
             xargs[OBSERVE_KEY] = observe.encode()
         if xargs:
             body["vllm_xargs"] = xargs
@@ -246,6 +268,7 @@ class Observation:
     def __init__(self, service: SteeringService, request: RewrittenRequest):
         self.service = service
         self.request = request
+        channel.create(request.observe.cid)
         self.reader = channel.ChannelReader(request.observe.cid)
         self.by_pos: dict[int, dict[str, list]] = {}
         self.records: list[dict] = []
@@ -300,7 +323,10 @@ class Observation:
             records = [r for r in self.records if r["sae"] == sae_id]
             watch = []
             for w in (w for w in config.watchlist if w.sae == sae_id):
-                fired = sum(1 for r in records if any(i == w.index and a > w.threshold for i, a in r["top"]))
+                # The workers test every watched feature on every token (not just the top K).
+                fired = sum(
+                    1 for r in records if any(i == w.index and a > w.threshold for i, a in r.get("watch", ()))
+                )
                 if fired:
                     metrics.WATCHLIST_FIRINGS.labels(sae=sae_id, feature=str(w.index)).inc(fired)
                     watch.append(

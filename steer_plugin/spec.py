@@ -11,14 +11,17 @@ Every operation becomes x' = x + c·d at its layer, with d the feature's decoder
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from steer_plugin import signing
+
 WIRE_KEY = "steer_plugin"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 Positions = Literal["all", "prompt", "generation"]
 POSITION_CODES = {"all": 0, "prompt": 1, "generation": 2, "last_prompt_tokens": 3}
@@ -286,46 +289,137 @@ def touches_prompt(ops: list[ResolvedOp]) -> bool:
 
 # --- wire format ------------------------------------------------------------------------------------------
 
+_OP_FIELDS = len(ResolvedOp._fields)
+_OP_NAMES = ("add", "clamp", "scale", "ablate", "vector")
+MAX_WIRE_OPS = 4096
+
 
 def encode_wire(ops: list[ResolvedOp]) -> str:
+    """The signed message a request's steering travels in (SamplingParams.extra_args[WIRE_KEY])."""
+    return signing.sign(_ops_payload(ops))
+
+
+def _ops_payload(ops: list[ResolvedOp]) -> str:
     return json.dumps({"v": WIRE_VERSION, "ops": [list(op) for op in ops]}, separators=(",", ":"))
 
 
-def decode_wire(text: str) -> list[ResolvedOp]:
-    data = json.loads(text)
+def decode_wire(text: object) -> list[ResolvedOp]:
+    """Verify and decode a steering message; ValueError (SignatureError) for anything we did not write."""
+    data = json.loads(signing.verify(text))
     if not isinstance(data, dict) or data.get("v") != WIRE_VERSION:
-        raise ValueError(
-            f"unsupported steering wire version: {data.get('v') if isinstance(data, dict) else data!r}"
-        )
-    return [ResolvedOp(*op) for op in data["ops"]]
+        raise ValueError("unsupported steering wire version")
+    raw = data.get("ops")
+    if not isinstance(raw, list) or len(raw) > MAX_WIRE_OPS:
+        raise ValueError("steering wire: `ops` must be a list")
+    return [_checked_op(item) for item in raw]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _checked_op(item: object) -> ResolvedOp:
+    """Types and ranges of one decoded op (defence in depth behind the signature)."""
+    if not isinstance(item, list) or len(item) != _OP_FIELDS:
+        raise ValueError("steering wire: malformed op")
+    op = ResolvedOp(*item)
+    ok = (
+        op.kind in ("feature", "vector")
+        and isinstance(op.source, str)
+        and _is_int(op.index)
+        and op.index >= 0
+        and _is_int(op.layer)
+        and op.layer >= 0
+        and all(isinstance(c, (int, float)) and math.isfinite(c) for c in (op.a, op.b, op.bn))
+        and op.positions in POSITION_CODES.values()
+        and _is_int(op.last_n)
+        and op.last_n >= 0
+        and op.op in _OP_NAMES
+    )
+    if not ok:
+        raise ValueError("steering wire: op field out of range")
+    return op
 
 
 def steering_salt(ops: list[ResolvedOp]) -> str | None:
-    """Prefix-cache salt for a request whose steering touches prompt tokens; None keeps the shared cache."""
-    if not touches_prompt(ops):
+    """Prefix-cache salt of KV computed under this steering (None when nothing is steered)."""
+    if not ops:
         return None
-    import hashlib
+    return "steer-" + hashlib.sha256(_ops_payload(ops).encode()).hexdigest()[:24]
 
-    return "steer-" + hashlib.sha256(encode_wire(ops).encode()).hexdigest()[:24]
+
+def first_steered_position(ops: list[ResolvedOp], num_prompt_tokens: int) -> int | None:
+    """The first token position whose residual any op changes. KV of earlier positions is computed exactly
+    as without steering (attention is causal), so those blocks may be shared with everyone."""
+    firsts = []
+    for op in ops:
+        if op.positions == POSITION_CODES["generation"]:
+            firsts.append(num_prompt_tokens)
+        elif op.positions == POSITION_CODES["last_prompt_tokens"]:
+            firsts.append(max(0, num_prompt_tokens - op.last_n))
+        else:
+            firsts.append(0)
+    return min(firsts) if firsts else None
 
 
 # --- observation: which requests report active features ---------------------------------------------------
 
 OBSERVE_KEY = "steer_plugin_observe"
+RESERVED_KEYS = (WIRE_KEY, OBSERVE_KEY)
+MAX_TOP_K = 64
+_CID_CHARS = frozenset("0123456789abcdef")
+
+
+class WatchSpec(NamedTuple):
+    """A watchlist feature the workers test on every observed token (not only when it is in the top K)."""
+
+    sae: str
+    index: int
+    threshold: float
 
 
 class ObserveSpec(NamedTuple):
-    """What the workers should read for one request: SAEs, top-K, and whether prompt tokens count too."""
+    """What the workers should read for one request: SAEs, top-K, whether prompt tokens count too, and the
+    watchlist features of the monitored SAEs."""
 
-    cid: str  # correlation id: names the request's side-channel file
+    cid: str  # correlation id: names the request's side-channel file (32 hex characters)
     saes: list[str]
     top_k: int
     prompt: bool
+    watch: list[WatchSpec] = []
 
     def encode(self) -> str:
-        return json.dumps(list(self), separators=(",", ":"))
+        payload = [self.cid, self.saes, self.top_k, self.prompt, [list(w) for w in self.watch]]
+        return signing.sign(json.dumps(payload, separators=(",", ":")))
 
     @classmethod
-    def decode(cls, text: str) -> ObserveSpec:
-        cid, saes, top_k, prompt = json.loads(text)
-        return cls(str(cid), [str(s) for s in saes], int(top_k), bool(prompt))
+    def decode(cls, text: object) -> ObserveSpec:
+        """Verify and decode; ValueError for anything we did not write or that is out of range."""
+        data = json.loads(signing.verify(text))
+        if not isinstance(data, list) or len(data) != 5:
+            raise ValueError("observe spec: malformed")
+        cid, saes, top_k, prompt, watch = data
+        ok = (
+            isinstance(cid, str)
+            and len(cid) == 32
+            and set(cid) <= _CID_CHARS
+            and isinstance(saes, list)
+            and all(isinstance(s, str) for s in saes)
+            and _is_int(top_k)
+            and 1 <= top_k <= MAX_TOP_K
+            and isinstance(prompt, bool)
+            and isinstance(watch, list)
+            and all(
+                isinstance(w, list)
+                and len(w) == 3
+                and isinstance(w[0], str)
+                and _is_int(w[1])
+                and w[1] >= 0
+                and isinstance(w[2], (int, float))
+                and math.isfinite(w[2])
+                for w in watch
+            )
+        )
+        if not ok:
+            raise ValueError("observe spec: field out of range")
+        return cls(cid, saes, top_k, prompt, [WatchSpec(*w) for w in watch])

@@ -1,14 +1,21 @@
 """The `steering` schema: JSON paths in errors, resolution, limits and the prefix-cache salt rule."""
 
+import json
+
 import pytest
 
+from steer_plugin import signing
+from steer_plugin.signing import SignatureError
 from steer_plugin.spec import (
     Catalog,
+    ObserveSpec,
     SAEInfo,
     SpecError,
     VectorInfo,
+    WatchSpec,
     decode_wire,
     encode_wire,
+    first_steered_position,
     parse_spec,
     resolve_spec,
     steering_salt,
@@ -94,11 +101,63 @@ def test_resolution_coefficients_and_names():
     assert decode_wire(encode_wire(ops)) == ops
 
 
-def test_salt_only_when_prompt_tokens_are_touched():
-    gen = resolve_spec(
-        parse_spec({"features": [{"sae": "a", "index": 1, "value": 1, "positions": "generation"}]}), CATALOG
-    )
-    allpos = resolve_spec(parse_spec({"features": [{"sae": "a", "index": 1, "value": 1}]}), CATALOG)
-    other = resolve_spec(parse_spec({"features": [{"sae": "a", "index": 1, "value": 2}]}), CATALOG)
-    assert steering_salt(gen) is None
-    assert steering_salt(allpos) == steering_salt(allpos) != steering_salt(other)
+def test_first_steered_position_follows_the_position_rule():
+    def first(positions, prompt_len=10):
+        feature = {"sae": "a", "index": 1, "value": 1, "positions": positions}
+        return first_steered_position(resolve_spec(parse_spec({"features": [feature]}), CATALOG), prompt_len)
+
+    assert first("generation") == 10
+    assert first("all") == 0 and first("prompt") == 0
+    assert first({"last_prompt_tokens": 3}) == 7
+    assert first({"last_prompt_tokens": 30}) == 0
+    assert first_steered_position([], 10) is None
+
+
+def test_salt_depends_on_the_steering_only():
+    def salt(value, positions="all"):
+        feature = {"sae": "a", "index": 1, "value": value, "positions": positions}
+        return steering_salt(resolve_spec(parse_spec({"features": [feature]}), CATALOG))
+
+    assert salt(1.0) == salt(1.0)  # identical steering shares its blocks (computed twice, independently)
+    assert len({salt(1.0), salt(2.0), salt(1.0, "generation")}) == 3
+    assert steering_salt([]) is None
+
+
+def test_wire_messages_are_signed(monkeypatch):
+    ops = resolve_spec(parse_spec({"features": [{"sae": "a", "index": 1, "value": 1}]}), CATALOG)
+    wire = encode_wire(ops)
+    payload = wire.split(".", 1)[1]
+    with pytest.raises(SignatureError):
+        decode_wire(payload)  # unsigned: what a client could put in vllm_xargs
+    with pytest.raises(SignatureError):
+        decode_wire("0" * 32 + "." + payload)
+    with pytest.raises(SignatureError):
+        decode_wire(wire.replace('"b":', '"b": ').replace("1.0", "9.0"))
+    monkeypatch.setenv(signing.KEY_ENV, "another server")
+    with pytest.raises(SignatureError):
+        decode_wire(wire)
+
+
+def test_signed_but_malformed_ops_are_refused():
+    bad = [
+        ["feature", "a", -1, 3, 0.0, 1.0, 0.0, 0, 0, "add"],
+        ["feature", "a", 1, 3, 0.0, float("nan"), 0.0, 0, 0, "add"],
+        ["feature", "a", 1, 3, 0.0, 1.0, 0.0, 9, 0, "add"],
+        ["feature", "a", 1, 3, 0.0, 1.0, 0.0, 0, 0, "selftest"],
+        ["feature", "a", True, 3, 0.0, 1.0, 0.0, 0, 0, "add"],
+        ["feature", "a", 1, 3, 0.0, 1.0],
+    ]
+    for op in bad:
+        wire = signing.sign(json.dumps({"v": 2, "ops": [op]}))
+        with pytest.raises(ValueError):
+            decode_wire(wire)
+
+
+def test_observe_spec_round_trip_and_ranges():
+    spec = ObserveSpec("c" * 32, ["a"], 5, True, [WatchSpec("a", 3, 1.5)])
+    assert ObserveSpec.decode(spec.encode()) == spec
+    for bad in (spec._replace(top_k=-1), spec._replace(top_k=65), spec._replace(cid="../x")):
+        with pytest.raises(ValueError):
+            ObserveSpec.decode(bad.encode())
+    with pytest.raises(SignatureError):
+        ObserveSpec.decode(json.dumps(list(spec)))

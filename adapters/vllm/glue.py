@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +21,14 @@ from steer_adapters.vllm import runner_v2
 
 from steer_plugin.config import config_from_sources
 from steer_plugin.engine.steerer import BatchView, Steerer
-from steer_plugin.spec import OBSERVE_KEY, WIRE_KEY, decode_wire, steering_salt
+from steer_plugin.spec import (
+    OBSERVE_KEY,
+    WIRE_KEY,
+    ObserveSpec,
+    decode_wire,
+    first_steered_position,
+    steering_salt,
+)
 
 logger = logging.getLogger("steer_plugin")
 
@@ -40,39 +49,131 @@ class UnsupportedModelError(RuntimeError):
     pass
 
 
-# --- requests: prefix-cache salt ----------------------------------------------------------------------------
+# --- requests: prefix-cache isolation ----------------------------------------------------------------------
 
 
-def salt_for_request(extra_args: dict | None, cache_salt: str | None) -> str | None:
-    """The cache salt a request should carry: its own, plus its steering's when that touches prompt tokens."""
+class KVSalt(NamedTuple):
+    """Prefix-cache key of KV computed under steering: blocks holding any position >= `first_position` get
+    `salt` in their hash (and so does every later block, through the hash chain)."""
+
+    salt: str
+    first_position: int
+
+
+def kv_salt(extra_args: dict | None, num_prompt_tokens: int) -> KVSalt | None:
+    """The salt of a request's steered blocks, or None (unsteered, or a message we did not sign)."""
     wire = (extra_args or {}).get(WIRE_KEY)
-    if not wire:
-        return cache_salt
+    if wire is None:
+        return None
     try:
-        salt = steering_salt(decode_wire(wire))
+        ops = decode_wire(wire)
     except Exception:
-        return cache_salt
-    if salt is None:
-        return cache_salt
-    return f"{cache_salt}|{salt}" if cache_salt else salt
+        return None  # the workers drop it too: computed unsteered, so shareable
+    first = first_steered_position(ops, num_prompt_tokens)
+    return None if first is None else KVSalt(steering_salt(ops), first)
 
 
-def patch_request_salt() -> None:
+def observes_prompt(extra_args: dict | None) -> bool:
+    text = (extra_args or {}).get(OBSERVE_KEY)
+    if text is None:
+        return False
+    try:
+        return ObserveSpec.decode(text).prompt
+    except Exception:
+        return False
+
+
+_SALT_ATTR = "_steer_kv_salt"
+
+
+def patch_prefix_cache() -> None:
+    """Steered KV never enters the shared prefix cache under unsteered hashes, and is never read by a
+    request that does not share the steering:
+
+    - each request's block hasher marks the request with its KVSalt, and the per-block extra keys (vLLM's
+      `generate_block_hash_extra_keys`, used for LoRA and multimodal inputs the same way) carry the salt on
+      every block that contains a steered position. Blocks before the first steered position keep their
+      plain hashes: generation-only steering still reads (and shares) the unsteered prompt prefix.
+    - a request that reports prompt-token features must compute every prompt position, so it skips reading
+      the prefix cache (cached positions have no residual to read).
+    """
+    from vllm.v1.core import kv_cache_utils
     from vllm.v1.request import Request
 
-    if getattr(Request.from_engine_core_request, "_steer_patched", False):
+    if getattr(kv_cache_utils.generate_block_hash_extra_keys, "_steer_patched", False):
         return
-    original = Request.from_engine_core_request.__func__
+    original_keys = kv_cache_utils.generate_block_hash_extra_keys
 
-    @functools.wraps(original)
+    @functools.wraps(original_keys)
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, next_mm = original_keys(request, start_token_idx, end_token_idx, start_mm_idx)
+        salt: KVSalt | None = getattr(request, _SALT_ATTR, None)
+        if salt is not None and end_token_idx > salt.first_position:
+            keys = (*(keys or ()), ("steer_plugin", salt.salt))
+        return keys, next_mm
+
+    generate_block_hash_extra_keys._steer_patched = True
+    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+
+    original_from = Request.from_engine_core_request.__func__
+
+    @functools.wraps(original_from)
     def from_engine_core_request(cls, request, block_hasher):
         params = request.sampling_params
-        if params is not None and params.extra_args:
-            request.cache_salt = salt_for_request(params.extra_args, request.cache_salt)
-        return original(cls, request, block_hasher)
+        extra = params.extra_args if params is not None else None
+        if extra and WIRE_KEY in extra and block_hasher is not None:
+            plain_hasher = block_hasher
 
-    from_engine_core_request._steer_patched = True
+            def block_hasher(req, _plain=plain_hasher, _extra=extra):
+                if not hasattr(req, _SALT_ATTR):  # first called inside Request.__init__
+                    setattr(req, _SALT_ATTR, kv_salt(_extra, req.num_prompt_tokens))
+                return _plain(req)
+
+        built = original_from(cls, request, block_hasher)
+        if extra and observes_prompt(extra):
+            built.skip_reading_prefix_cache = True
+        return built
+
     Request.from_engine_core_request = classmethod(from_engine_core_request)
+
+
+# --- compile cache ------------------------------------------------------------------------------------------
+
+
+def patch_compile_cache_key() -> None:
+    """Key vLLM's compile cache on the plugin config's content, however the config is given.
+
+    vLLM's key (VllmConfig.compute_hash) includes `additional_config` only when it is set, and then only its
+    text: a config given by STEER_PLUGIN_CONFIG alone, or edited under the same path, could load a graph
+    compiled without our op, or with it at other layers."""
+    from vllm.config import VllmConfig
+
+    if getattr(VllmConfig.compute_hash, "_steer_patched", False):
+        return
+    original = VllmConfig.compute_hash
+
+    @functools.wraps(original)
+    def compute_hash(self, *args, **kwargs):
+        base = original(self, *args, **kwargs)
+        config = config_from_sources(self.additional_config)
+        if config is None:
+            return base
+        mixed = hashlib.sha256(f"{base}|steer_plugin|{config.fingerprint()}".encode()).hexdigest()
+        return mixed[: len(base)]
+
+    compute_hash._steer_patched = True
+    VllmConfig.compute_hash = compute_hash
+
+
+def refuse_unsupported_modes(vllm_config) -> None:
+    """Modes whose forwards the per-step tables cannot describe are refused at start-up."""
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "use_ubatching", False):
+        raise UnsupportedModelError(
+            "steer_plugin does not support dual-batch overlap / micro-batching (--enable-dbo, ubatch_size > 1): "
+            "each micro-batch slices the batch's rows, and steering tables are per step. Disable it, or run "
+            "this server without a steering config."
+        )
 
 
 # --- workers -------------------------------------------------------------------------------------------------
@@ -111,6 +212,7 @@ def install_steerer(worker) -> Steerer | None:
     config = config_from_sources(vllm_config.additional_config)
     if config is None:
         return None
+    refuse_unsupported_modes(vllm_config)
     runner = worker.model_runner
     model = runner.get_model()
     layers, owned = decoder_layers(model)
@@ -123,7 +225,7 @@ def install_steerer(worker) -> Steerer | None:
         max_tokens=_max_tokens(runner),
         d_model=hf_config.hidden_size,
         max_seqs=vllm_config.scheduler_config.max_num_seqs,
-        is_driver=_is_tp_driver(),
+        **_parallel_ranks(),
     )
     for layer in steerer.layers:
         if layer >= len(layers):
@@ -147,14 +249,11 @@ def install_steerer(worker) -> Steerer | None:
     return steerer
 
 
-def _is_tp_driver() -> bool:
-    """Only tensor-parallel rank 0 writes observations (every rank computes the same ones)."""
-    try:
-        from vllm.distributed.parallel_state import get_tp_group
+def _parallel_ranks() -> dict[str, int]:
+    """This worker's pipeline and tensor ranks (only TP rank 0 writes observations; /metrics sums stages)."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
-        return get_tp_group().rank_in_group == 0
-    except Exception:
-        return True
+    return {"pp_rank": get_pp_group().rank_in_group, "tp_rank": get_tp_group().rank_in_group}
 
 
 def batch_view_v1(runner) -> BatchView:
@@ -181,9 +280,13 @@ def _extra(state, key: str) -> str | None:
 def _wrap_model_forward(runner, original, steerer: Steerer):
     @functools.wraps(original)
     def model_forward(*args, **kwargs):
-        steerer.prepare(batch_view_v1(runner))
-        output = original(*args, **kwargs)
-        steerer.after_forward()
+        steerer.prepare_or_disarm(lambda: batch_view_v1(runner))
+        try:
+            output = original(*args, **kwargs)
+        except BaseException:
+            steerer.disarm()
+            raise
+        steerer.after_forward_safely()
         return output
 
     return model_forward
@@ -253,3 +356,32 @@ def select_model_runner() -> None:
         logger.info(
             "steer_plugin: selecting vLLM Model Runner V1 (set allow_v2_model_runner to opt in to V2)"
         )
+
+
+# --- API server: vLLM's authentication in front of the plugin's routes ----------------------------------
+
+
+class AuthGate:
+    """vLLM's own AuthenticationMiddleware (added for `--api-key` / VLLM_API_KEY), applied to the plugin's
+    handlers. `--middleware` classes sit outside vLLM's authentication, so without this the plugin's routes
+    would answer without a key and validate bodies before the 401."""
+
+    def __init__(self):
+        self._middleware = None
+        self._resolved = False
+
+    def wrap(self, app, handler):
+        """`handler` behind the server's authentication, exactly as vLLM's routes are (or as is)."""
+        if not self._resolved:
+            self._middleware = next(
+                (
+                    m
+                    for m in getattr(app, "user_middleware", ())
+                    if getattr(m.cls, "__name__", "") == "AuthenticationMiddleware"
+                ),
+                None,
+            )
+            self._resolved = app is not None
+        if self._middleware is None:
+            return handler
+        return self._middleware.cls(handler, *self._middleware.args, **self._middleware.kwargs)

@@ -1,9 +1,16 @@
 """ASGI middleware for vLLM's OpenAI server (`--middleware steer_adapters.vllm.middleware.SteeringMiddleware`).
 
 - POST /v1/chat/completions and /v1/completions: validates the `steering` field (400 naming the JSON path
-  on error) and hands the resolved ops to vLLM in `vllm_xargs`; the engine never sees an invalid spec.
-- GET /v1/steering/saes, GET /v1/steering/features?sae=&q=: discovery.
+  on error) and hands the resolved ops to vLLM in `vllm_xargs`; adds `steering` to each response choice.
+- POST /v1/responses and /v1/messages (the other endpoints that build SamplingParams from `vllm_xargs`):
+  `steering` operations apply; `inspect` is refused (their responses have no per-token slots).
+- Every other POST: the plugin's reserved `vllm_xargs` keys are refused with a 400 (the engine drops any
+  message not signed by this middleware anyway, see steer_plugin/signing.py).
+- GET /v1/steering/saes, GET /v1/steering/features?sae=&q=, POST /v1/steering/inspect: discovery.
 - GET /openapi.json: publishes the `steering` schema on both completion requests.
+
+Every route obeys vLLM's own authentication (`--api-key`) exactly as vLLM's routes do, checked before
+anything else; malformed bodies get a 400 in the OpenAI error shape, never a Python exception.
 The config comes from STEER_PLUGIN_CONFIG (set by `steer-serve`).
 """
 
@@ -12,16 +19,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from urllib.parse import parse_qs
 
+from steer_adapters.vllm import glue
+
+from steer_plugin.body import parse_json, refuse_reserved_keys
 from steer_plugin.config import config_from_sources
 from steer_plugin.metrics import WORKER_STATS, register_worker_collector
-from steer_plugin.service import RewrittenRequest, SteeringService, error_body
-from steer_plugin.spec import SpecError, SteeringSpec
+from steer_plugin.service import STEERING_FIELD, RewrittenRequest, SteeringService, error_body
+from steer_plugin.spec import RESERVED_KEYS, SpecError, SteeringSpec
 
 logger = logging.getLogger("steer_plugin")
 
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+STEERABLE_PATHS = ("/v1/responses", "/v1/messages")
 REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest")
 
 
@@ -85,7 +97,7 @@ class ResponseRewriter:
         self.status = 200
         self.start: dict | None = None
         self.buffer = b""
-        self.first_chunk = True
+        self.reported: set[int] = set()  # choice indices whose `applied` went out (first chunk of each)
         self.response_id = self.model = None
         self.closed = False
 
@@ -143,9 +155,9 @@ class ResponseRewriter:
         self.response_id, self.model = data.get("id", self.response_id), data.get("model", self.model)
         for choice in data.get("choices", []):
             count = len(choice.get("token_ids") or [])
-            choice["steering"] = self._choice_steering(choice, count, first=self.first_chunk)
-        if data.get("choices"):
-            self.first_chunk = False
+            index = choice.get("index", 0)
+            choice["steering"] = self._choice_steering(choice, count, first=index not in self.reported)
+            self.reported.add(index)
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             data.pop("prompt_token_ids", None)
         return b"data: " + json.dumps(data).encode() + b"\n\n"
@@ -156,11 +168,25 @@ class ResponseRewriter:
             self.observation.finish(self.response_id, self.model)
 
 
+class _ResponseState:
+    """Wraps `send` to know whether a response has started (an error can then no longer be sent)."""
+
+    def __init__(self, send):
+        self.downstream = send
+        self.started = False
+
+    async def send(self, message):
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.downstream(message)
+
+
 class SteeringMiddleware:
     def __init__(self, app):
         self.app = app
         config = config_from_sources(None)
         self.service = SteeringService(config) if config is not None else None
+        self._auth = glue.AuthGate()
         if self.service is None:
             logger.warning(
                 "steer_plugin middleware: STEER_PLUGIN_CONFIG is not set; `steering` fields get a 400"
@@ -172,37 +198,64 @@ class SteeringMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        handler = self._handler(scope)
+        if handler is None:
+            return await self.app(scope, receive, send)
+        state = _ResponseState(send)
+        try:
+            await self._auth.wrap(scope.get("app"), handler)(scope, receive, state.send)
+        except SpecError as err:
+            if state.started:
+                raise
+            await _send_json(send, err.status, error_body(err))
+        except Exception:
+            if state.started:
+                raise
+            logger.exception("steer_plugin middleware: internal error on %s", scope["path"])
+            err = SpecError("", "internal error in the steering plugin", status=500)
+            await _send_json(send, 500, error_body(err))
+
+    def _handler(self, scope):
+        """The handler of a request the plugin must see, or None to pass it straight to vLLM."""
         path, method = scope["path"], scope["method"]
-        if method == "POST" and path in COMPLETION_PATHS:
-            return await self._completion(scope, receive, send)
-        if method == "POST" and path == "/v1/steering/inspect":
-            return await self._inspect(scope, receive, send)
-        if method == "GET" and path.startswith("/v1/steering/"):
-            return await self._discovery(scope, send)
-        if method == "GET" and path.rstrip("/") == "/metrics" and self.service is not None:
-            await self._pull_worker_stats(scope)
-        if method == "GET" and path == "/openapi.json":
-            return await self._openapi(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if method == "POST":
+            if path in COMPLETION_PATHS:
+                return self._completion
+            if path in STEERABLE_PATHS:
+                return self._steerable
+            if path == "/v1/steering/inspect":
+                return self._inspect
+            return self._guard_reserved
+        if method == "GET":
+            if path.startswith("/v1/steering/"):
+                return self._discovery
+            if path.rstrip("/") == "/metrics" and self.service is not None:
+                return self._metrics
+            if path == "/openapi.json":
+                return self._openapi
+        return None
+
+    def _rewrite(self, raw: bytes, observable: bool) -> tuple[bytes, RewrittenRequest | None]:
+        """(body for vLLM, rewritten request or None when nothing is steered or observed); SpecError on a bad
+        body. An unsteered, unobserved body is forwarded as the client sent it."""
+        body = parse_json(raw)
+        if not isinstance(body, dict):
+            return raw, None  # vLLM answers that itself
+        if self.service is None:
+            refuse_reserved_keys(body)
+            if STEERING_FIELD in body:
+                raise SpecError(
+                    STEERING_FIELD, "this server has no steering config (start it with steer-serve)"
+                )
+            return raw, None
+        had_steering = STEERING_FIELD in body
+        request = self.service.rewrite_request(body, observable=observable)
+        if not (had_steering or request.ops or request.observe is not None):
+            return raw, None
+        return json.dumps(request.body).encode(), request
 
     async def _completion(self, scope, receive, send):
-        raw = await _read_body(receive)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
-        request = None
-        if isinstance(body, dict) and self.service is not None:
-            had_steering = "steering" in body
-            try:
-                request = self.service.rewrite_request(body)
-            except SpecError as err:
-                return await _send_json(send, err.status, error_body(err))
-            if had_steering or request.ops or request.observe is not None:
-                raw = json.dumps(request.body).encode()  # otherwise the body is unchanged: forward the bytes
-        elif isinstance(body, dict) and "steering" in body:
-            err = SpecError("steering", "this server has no steering config (start it with steer-serve)")
-            return await _send_json(send, 400, error_body(err))
+        raw, request = self._rewrite(await _read_body(receive), observable=True)
         scope, replay = _with_body(scope, raw, receive)
         if request is None or (not request.ops and request.observe is None):
             return await self.app(scope, replay, send)
@@ -212,25 +265,50 @@ class SteeringMiddleware:
         finally:
             responder.close()
 
-    async def _discovery(self, scope, send):
-        if self.service is None:
-            return await _send_json(
-                send, 404, error_body(SpecError("steering", "no steering config", status=404))
+    async def _steerable(self, scope, receive, send):
+        """/v1/responses, /v1/messages: steering applies; responses are passed through unchanged."""
+        raw, _ = self._rewrite(await _read_body(receive), observable=False)
+        scope, replay = _with_body(scope, raw, receive)
+        return await self.app(scope, replay, send)
+
+    async def _guard_reserved(self, scope, receive, send):
+        """Any other POST: a body that names the plugin's reserved keys is refused (the engine would drop
+        the forged message anyway); everything else reaches vLLM untouched."""
+        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
+        if b"json" not in content_type and b"form" not in content_type:
+            return await self.app(scope, receive, send)
+        raw = await _read_body(receive)
+        if any(key.encode() in raw for key in RESERVED_KEYS):
+            raise SpecError(
+                "vllm_xargs", "keys starting with `steer_plugin` are reserved for the steering plugin"
             )
-        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
-        try:
-            if scope["path"] == "/v1/steering/saes":
-                result = self.service.list_saes()
-            elif scope["path"] == "/v1/steering/features":
-                limit = query.get("limit", "20")
-                if not limit.isdigit():
-                    raise SpecError("limit", "must be an integer")
-                result = self.service.search_features(query.get("sae"), query.get("q"), int(limit))
-            else:
-                raise SpecError("path", f"unknown steering endpoint {scope['path']}", status=404)
-        except SpecError as err:
-            return await _send_json(send, err.status, error_body(err))
+        if b"json" in content_type and b"\\u" in raw:  # an escaped key could hide from the byte test
+            try:
+                data = parse_json(raw)
+            except SpecError:
+                data = None  # vLLM answers malformed JSON itself
+            refuse_reserved_keys(data)
+        scope, replay = _with_body(scope, raw, receive)
+        return await self.app(scope, replay, send)
+
+    async def _discovery(self, scope, receive, send):
+        if self.service is None:
+            raise SpecError("steering", "no steering config", status=404)
+        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+        if scope["path"] == "/v1/steering/saes":
+            result = self.service.list_saes()
+        elif scope["path"] == "/v1/steering/features":
+            limit = query.get("limit", "20")
+            if not re.fullmatch(r"[0-9]{1,7}", limit):
+                raise SpecError("limit", "must be an integer")
+            result = self.service.search_features(query.get("sae"), query.get("q"), int(limit))
+        else:
+            raise SpecError("path", f"unknown steering endpoint {scope['path']}", status=404)
         return await _send_json(send, 200, json.dumps(result).encode())
+
+    async def _metrics(self, scope, receive, send):
+        await self._pull_worker_stats(scope)
+        return await self.app(scope, receive, send)
 
     async def _pull_worker_stats(self, scope) -> None:
         engine = getattr(scope["app"].state, "engine_client", None)
@@ -250,7 +328,11 @@ class SteeringMiddleware:
             "raw_path": path.encode(),
             "method": "POST",
             "query_string": b"",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *((k, v) for k, v in scope["headers"] if k.lower() == b"authorization"),
+            ],
         }
         sent, status, chunks = False, 500, []
         done = asyncio.Event()
@@ -272,9 +354,13 @@ class SteeringMiddleware:
                 if not message.get("more_body"):
                     done.set()
 
-        await self._completion(sub, receive, send) if path in COMPLETION_PATHS else await self.app(
-            sub, receive, send
-        )
+        try:
+            if path in COMPLETION_PATHS:
+                await self._completion(sub, receive, send)
+            else:
+                await self.app(sub, receive, send)
+        except SpecError as err:
+            return err.status, json.loads(error_body(err))
         return status, json.loads(b"".join(chunks) or b"{}")
 
     async def _inspect(self, scope, receive, send):
@@ -282,10 +368,7 @@ class SteeringMiddleware:
         try:
             if self.service is None:
                 raise SpecError("steering", "this server has no steering config", status=404)
-            try:
-                req = json.loads(await _read_body(receive))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise SpecError("body", "must be JSON") from None
+            req = parse_json(await _read_body(receive))
             if not isinstance(req, dict):
                 raise SpecError("body", "must be a JSON object")
             unknown = set(req) - {"model", "text", "messages", "saes", "top_k"}

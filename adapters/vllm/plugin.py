@@ -23,6 +23,14 @@ def register() -> None:
         logger.propagate = False
     from steer_adapters.vllm import glue
 
+    from steer_plugin import signing
+    from steer_plugin.monitor import channel
+
+    # In the first process of a server (API server, or an `LLM` user's process), before any engine process
+    # starts: the children inherit both through the environment.
+    signing.wire_key()
+    channel.ensure_private_run_dir()
+    glue.patch_compile_cache_key()
     glue.select_model_runner()
-    glue.patch_request_salt()
+    glue.patch_prefix_cache()
     glue.patch_workers()

@@ -174,15 +174,19 @@ def install_v2(runner, steerer: Steerer) -> RequestRegistry:
     @functools.wraps(prepare_inputs)
     def prepare_inputs_and_steer(*args, **kwargs):
         input_batch = prepare_inputs(*args, **kwargs)
-        steerer.prepare(batch_view_v2(input_batch, registry.info))
+        steerer.prepare_or_disarm(lambda: batch_view_v2(input_batch, registry.info))
         return input_batch
 
     execute_model = runner.execute_model
 
     @functools.wraps(execute_model)
     def execute_model_and_observe(*args, **kwargs):
-        result = execute_model(*args, **kwargs)
-        steerer.after_forward()  # features of this step's observed tokens, outside the forward
+        try:
+            result = execute_model(*args, **kwargs)
+        except BaseException:
+            steerer.disarm()
+            raise
+        steerer.after_forward_safely()  # features of this step's observed tokens, outside the forward
         return result
 
     runner.execute_model = execute_model_and_observe

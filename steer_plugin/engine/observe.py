@@ -27,6 +27,7 @@ class ObservedRows(NamedTuple):
     slots: list[int]
     positions: list[int]
     num_prompt: int
+    watch: tuple[tuple[int, float], ...] = ()  # (feature index, threshold): tested on every token
 
 
 class Histogram:
@@ -47,17 +48,28 @@ class Histogram:
         return {"buckets": list(self.buckets), "counts": self.counts.tolist(), "sum": self.total}
 
 
+class FeatureRead(NamedTuple):
+    """What one encode of n observed rows gives."""
+
+    values: torch.Tensor  # [n, k] top-k activations
+    indices: torch.Tensor  # [n, k]
+    l0: torch.Tensor  # [n]
+    error: torch.Tensor  # [n] relative reconstruction error
+    watched: torch.Tensor  # [n, w] activations of the watched features
+
+
 def read_features(
-    sae: SparseAutoencoder, x: torch.Tensor, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [n, d] -> top-k (values, indices) [n, k], L0 [n] and relative reconstruction error [n]."""
+    sae: SparseAutoencoder, x: torch.Tensor, top_k: int, watched: list[int] | None = None
+) -> FeatureRead:
+    """x [n, d] -> top-k features, L0, relative reconstruction error and the watched features' activations."""
     x = x.to(sae.dtype)
     x_n, state = sae.normalise(x)
     f = sae.activate(sae.pre_activations(x_n), x_n)  # [n, d_sae]
     x_hat = sae.decode(f, state)
     err = (x - x_hat).float().pow(2).sum(-1) / x.float().pow(2).sum(-1).clamp_min(1e-12)  # [n]
-    values, indices = torch.topk(f.float(), min(top_k, f.shape[-1]), dim=-1)
-    return values, indices, (f > 0).sum(-1), err
+    values, indices = torch.topk(f.float(), max(1, min(top_k, f.shape[-1])), dim=-1)
+    watch = f[:, torch.tensor(watched or [], dtype=torch.long, device=f.device)].float()  # [n, w]
+    return FeatureRead(values, indices, (f > 0).sum(-1), err, watch)
 
 
 class Observer:
@@ -77,13 +89,16 @@ class Observer:
             mine = [g for g in groups if g.sae_id == sae_id]
             slots = [s for g in mine for s in g.slots]
             top_k = max(g.top_k for g in mine)
-            values, indices, l0, err = (
-                t.cpu() for t in read_features(self.saes[sae_id], captures[sae_id][slots], top_k)
+            watched = sorted({i for g in mine for i, _ in g.watch})
+            column = {index: c for c, index in enumerate(watched)}
+            read = FeatureRead(
+                *(t.cpu() for t in read_features(self.saes[sae_id], captures[sae_id][slots], top_k, watched))
             )
-            self.l0[sae_id].observe_many(l0.numpy())
-            self.error[sae_id].observe_many(err.numpy())
+            self.l0[sae_id].observe_many(read.l0.numpy())
+            self.error[sae_id].observe_many(read.error.numpy())
             self.tokens_observed += len(slots)
-            values, indices, l0, err = values.tolist(), indices.tolist(), l0.tolist(), err.tolist()
+            values, indices = read.values.tolist(), read.indices.tolist()
+            l0, err, watch_values = read.l0.tolist(), read.error.tolist(), read.watched.tolist()
             row = 0
             for g in mine:
                 lines = records.setdefault(g.cid, [])
@@ -93,16 +108,22 @@ class Observer:
                         for i, v in zip(indices[row][: g.top_k], values[row][: g.top_k])
                         if v > 0
                     ]
-                    lines.append(
-                        {
-                            "pos": pos,
-                            "P": g.num_prompt,
-                            "sae": sae_id,
-                            "top": top,
-                            "l0": l0[row],
-                            "err": round(err[row], 5),
-                        }
-                    )
+                    record = {
+                        "pos": pos,
+                        "P": g.num_prompt,
+                        "sae": sae_id,
+                        "top": top,
+                        "l0": l0[row],
+                        "err": round(err[row], 5),
+                    }
+                    fired = [
+                        [index, round(watch_values[row][column[index]], 4)]
+                        for index, threshold in g.watch
+                        if watch_values[row][column[index]] > threshold
+                    ]
+                    if fired:
+                        record["watch"] = fired
+                    lines.append(record)
                     row += 1
         if self.write:
             for cid, lines in records.items():

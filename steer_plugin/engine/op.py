@@ -7,6 +7,7 @@ hold at replay time. The body takes no per-step host decision while a graph is b
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -16,6 +17,7 @@ from steer_plugin.engine.delta import steering_delta
 from steer_plugin.engine.tables import LayerTables
 
 OP_NAMESPACE = "steer_plugin"
+logger = logging.getLogger("steer_plugin")
 
 
 class LayerRuntime:
@@ -36,12 +38,28 @@ class LayerRuntime:
             if device.type == "cpu"
             else torch.zeros_like(self.capture_rows_host, device=device)
         )
-        self.num_capture = 0  # host int
+        self.num_capture = 0  # host int: observed rows this step (0 when the step was not prepared)
+        self.num_capture_written = 0  # host int: capture_rows entries the last prepare() wrote
         self.max_graph_captures = max_graph_captures  # rows a captured graph copies (padding rows read row 0)
         self.seconds = 0.0  # host time in the op body (eager executions)
         # probe[0] is set to 1 whenever the op runs; probe[1] = the delta it added to row 0 (float32).
         self.probe = torch.zeros(2, d_model, dtype=torch.float32, device=bank.dec.device)  # [2, d_model]
         self.calls = 0  # host count of eager executions (graph replays do not count)
+        self.mismatches = 0  # forwards whose prepared tables did not fit (left unsteered)
+
+    def capture_max_row(self, n: int) -> int:
+        return int(self.capture_rows_host[:n].max())
+
+
+def _log_mismatch(rt: LayerRuntime, num_tokens: int) -> None:
+    """Tables prepared for another batch (a forward that skipped preparation): leave this one unsteered."""
+    rt.mismatches += 1
+    if rt.mismatches <= 3:
+        logger.error(
+            "steer_plugin: layer %d: steering tables do not match a forward of %d tokens; left unsteered",
+            rt.bank.layer,
+            num_tokens,
+        )
 
 
 # layer index -> runtime, for the current process (one engine per worker process).
@@ -71,6 +89,9 @@ def apply_sparse(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor)
     n = rt.tables.num_rows
     if n == 0:
         return out
+    if int(rt.tables.rows_host[n - 1]) >= residual.shape[0]:  # rows ascend; tables of another batch
+        _log_mismatch(rt, residual.shape[0])
+        return out
     rows = rt.tables.rows[:n]  # [n]
     x = hidden[rows].float() + residual[rows].float()  # [n, d]
     t = rt.tables
@@ -89,15 +110,20 @@ def steer_residual(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> 
         return residual.clone()
     if _capturing():
         out = apply_dense(rt, hidden, residual)
-        rows = rt.capture_rows[: rt.max_graph_captures]
-        rt.capture[: rt.max_graph_captures].copy_(hidden[rows].float() + out[rows].float())
+        width = min(rt.max_graph_captures, rt.capture.shape[0])
+        # Clamped in the graph: whatever a replay finds in capture_rows indexes a row of this batch.
+        rows = rt.capture_rows[:width].clamp(0, residual.shape[0] - 1)
+        rt.capture[:width].copy_(hidden[rows].float() + out[rows].float())
     else:
         started = time.perf_counter()
         rt.calls += 1
         out = apply_sparse(rt, hidden, residual)
-        if rt.num_capture:
-            rows = rt.capture_rows[: rt.num_capture]
-            rt.capture[: rt.num_capture] = hidden[rows].float() + out[rows].float()
+        n = rt.num_capture
+        if n and rt.capture_max_row(n) < residual.shape[0]:
+            rows = rt.capture_rows[:n]
+            rt.capture[:n] = hidden[rows].float() + out[rows].float()
+        elif n:
+            _log_mismatch(rt, residual.shape[0])
         rt.seconds += time.perf_counter() - started
     rt.probe[0].fill_(1.0)
     return out

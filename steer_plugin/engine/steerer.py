@@ -52,7 +52,8 @@ class Steerer:
         max_tokens: int,
         d_model: int,
         max_seqs: int = 256,
-        is_driver: bool = True,
+        pp_rank: int = 0,
+        tp_rank: int = 0,
     ):
         started = time.perf_counter()
         self.config = config
@@ -73,8 +74,11 @@ class Steerer:
         self._plans: dict[str, tuple[str, dict[int, LayerPlan]]] = {}
         self._observes: dict[str, tuple[str, ObserveSpec | None]] = {}
         self._observed: list[ObservedRows] = []
-        self.observer = Observer(self._sae_views(), write=is_driver)
+        self.observer = Observer(self._sae_views(), write=tp_rank == 0)  # TP ranks compute the same
         self.features_applied: dict[str, int] = {}
+        self.rejected_messages: dict[str, int] = {}  # messages dropped in this worker, by kind
+        self.step_errors = 0  # steps whose steering or observation failed (run unsteered instead)
+        self.ranks = {"pp": pp_rank, "tp": tp_rank}
         self.bank_bytes = sum(b.nbytes() for b in self.banks.values())
         self.table_bytes = sum(
             t.idx.numel() * 8 + t.coef.numel() * 4 + t.mask.numel() + t.rows.numel() * 8
@@ -143,30 +147,38 @@ class Steerer:
                 self.features_applied[o.source] = self.features_applied.get(o.source, 0) + 1
         return plans
 
-    def plan_for(self, req_id: str, wire: str) -> dict[int, LayerPlan]:
+    def plan_for(self, req_id: str, wire: object) -> dict[int, LayerPlan]:
         cached = self._plans.get(req_id)
         if cached is not None and cached[0] == wire:
             return cached[1]
         try:
             plan = self._compile_plan(decode_wire(wire))
-        except Exception as err:  # the API validates specs; a bad one here must not take the engine down
-            logger.error("steer_plugin: ignoring invalid steering for request %s: %s", req_id, err)
+        except Exception as err:  # unsigned, forged or stale: run the request unsteered, never crash
+            self._reject("steering", req_id, err)
             plan = {}
         self._plans[req_id] = (wire, plan)
         return plan
 
-    def observe_for(self, req_id: str, text: str) -> ObserveSpec | None:
+    def observe_for(self, req_id: str, text: object) -> ObserveSpec | None:
         cached = self._observes.get(req_id)
         if cached is not None and cached[0] == text:
             return cached[1]
         try:
             spec = ObserveSpec.decode(text)
-            spec = spec._replace(saes=[s for s in spec.saes if s in self.observer.saes])
+            saes = self.observer.saes
+            spec = spec._replace(
+                saes=[s for s in spec.saes if s in saes],
+                watch=[w for w in spec.watch if w.sae in saes and w.index < saes[w.sae].d_sae],
+            )
         except Exception as err:
-            logger.error("steer_plugin: ignoring invalid observe spec for request %s: %s", req_id, err)
+            self._reject("observe", req_id, err)
             spec = None
         self._observes[req_id] = (text, spec)
         return spec
+
+    def _reject(self, what: str, req_id: str, err: Exception) -> None:
+        self.rejected_messages[what] = self.rejected_messages.get(what, 0) + 1
+        logger.error("steer_plugin: ignoring %s message of request %s: %s", what, req_id, err)
 
     def _prune_plans(self, live: list[str]) -> None:
         if len(self._plans) + len(self._observes) > 4 * max(len(live), 64):
@@ -208,26 +220,62 @@ class Steerer:
                         [slots[r] for r in rows],
                         [first + r - start for r in rows],
                         prompt_len,
+                        tuple((w.index, w.threshold) for w in spec.watch if w.sae == sae_id),
                     )
                 )
         for layer, slots in rows_by_layer.items():
             rt = self.runtimes[layer]
             n = min(len(slots), rt.capture.shape[0])
-            rt.num_capture = n
+            # Slots past n read row 0 (a captured graph copies max_graph_captures rows): no stale row index
+            # from an earlier, larger step survives into this one.
+            width = max(n, min(rt.max_graph_captures, rt.capture.shape[0]), rt.num_capture_written)
+            rt.capture_rows_host[:width] = 0
             if n:
                 rt.capture_rows_host[:n] = torch.tensor(list(slots)[:n])
-                if rt.capture_rows is not rt.capture_rows_host:
-                    rt.capture_rows[:n].copy_(rt.capture_rows_host[:n], non_blocking=True)
+            if width and rt.capture_rows is not rt.capture_rows_host:
+                rt.capture_rows[:width].copy_(rt.capture_rows_host[:width], non_blocking=True)
+            rt.num_capture = n
+            rt.num_capture_written = n
 
     def after_forward(self) -> None:
         """Read the features of this step's observed tokens (outside the model forward and any graph)."""
-        if not self._observed:
-            return
-        captures = {
-            s: self.runtimes[self.assets.saes[s].layer].capture for s in {g.sae_id for g in self._observed}
-        }
-        self.observer.collect(self._observed, captures)
+        try:
+            if self._observed:
+                captures = {
+                    s: self.runtimes[self.assets.saes[s].layer].capture
+                    for s in {g.sae_id for g in self._observed}
+                }
+                self.observer.collect(self._observed, captures)
+        finally:
+            self.disarm()
+
+    def disarm(self) -> None:
+        """Until the next prepare(), the op steers and captures nothing: forwards that skip preparation
+        (warm-up, profile and dummy runs, idle data-parallel ranks) never read this step's rows."""
         self._observed = []
+        for rt in self.runtimes.values():
+            rt.tables.num_rows = 0
+            rt.num_capture = 0
+
+    def prepare_or_disarm(self, batch_view) -> None:
+        """prepare(batch_view()) for the coming forward; on any error, log it, count it and run the step
+        unsteered and unobserved (a steering problem must never take the engine down)."""
+        try:
+            self.prepare(batch_view())
+        except Exception:
+            self.step_errors += 1
+            logger.exception("steer_plugin: steering preparation failed; this step runs unsteered")
+            self.clear()
+            self.disarm()
+
+    def after_forward_safely(self) -> None:
+        try:
+            self.after_forward()
+        except Exception:
+            self.step_errors += 1
+            logger.exception(
+                "steer_plugin: reading observed features failed; observations of this step dropped"
+            )
 
     def stats(self) -> dict:
         """Cumulative worker figures, pulled by the API server for /metrics."""
@@ -248,6 +296,9 @@ class Steerer:
                 for sid, s in self.assets.saes.items()
             },
             "bank_bytes": self.bank_bytes,
+            "rejected_messages": dict(self.rejected_messages),
+            "step_errors": self.step_errors,
+            "ranks": self.ranks,
             **self.observer.snapshot(),
         }
 
@@ -278,7 +329,7 @@ class Steerer:
         return total
 
     def clear(self) -> None:
-        """Back to "no steering" on every row (warm-up, dummy and profile runs)."""
+        """Back to "no steering" on every row, on the host and the device."""
         for tables in self.tables.values():
             tables.clear()
             tables.sync_to_device(0)

@@ -1,36 +1,76 @@
 """Side channel from the workers to the API server: one JSON-lines file per observed request.
 
 The workers append a line per observed token right after the forward that computed it, before the token is
-sampled, so by the time the API server streams a token its features are on disk. Files live in
-STEER_PLUGIN_RUN_DIR (set by steer-serve; a fixed folder under the temp dir otherwise) and are named by a
-random correlation id, so several servers on one machine do not collide.
+sampled, so by the time the API server streams a token its features are on disk. Files are named by a
+random correlation id and live in a private run dir (0700) that the first process of a server creates
+(`ensure_private_run_dir`, from the plugin's entry point) and its children inherit through
+STEER_PLUGIN_RUN_DIR; the creating process removes it at exit.
+
+Only the API server creates a request's file (before the request reaches the engine) and removes it when
+the response ends, however it ends; workers append only to a file that exists. So a worker step that lands
+after a client disconnected, or a request vLLM rejected, leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 RUN_DIR_ENV = "STEER_PLUGIN_RUN_DIR"
+_OWNER_ENV = "STEER_PLUGIN_RUN_DIR_OWNER"  # pid of the process that removes the run dir at exit
 
 
-def run_dir() -> Path:
-    path = Path(os.environ.get(RUN_DIR_ENV) or Path(tempfile.gettempdir()) / "steer_plugin_run")
-    path.mkdir(parents=True, exist_ok=True)
+def ensure_private_run_dir() -> Path:
+    """The run dir of this server: inherited from the parent process, or created here (mode 0700)."""
+    existing = os.environ.get(RUN_DIR_ENV)
+    if existing:
+        return Path(existing)
+    path = Path(tempfile.mkdtemp(prefix="steer-plugin-run-"))  # mkdtemp: 0700, unique
+    os.environ[RUN_DIR_ENV] = str(path)
+    os.environ[_OWNER_ENV] = str(os.getpid())
+    atexit.register(remove_run_dir)
     return path
 
 
+def remove_run_dir() -> None:
+    """Delete the run dir if this process created it (children inherit the variable, not the duty)."""
+    path = os.environ.get(RUN_DIR_ENV)
+    if path and os.environ.get(_OWNER_ENV) == str(os.getpid()):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_dir() -> Path:
+    return ensure_private_run_dir()
+
+
 def _path(cid: str) -> Path:
-    if not cid.isalnum():
-        raise ValueError(f"bad correlation id {cid!r}")
+    if not (cid.isascii() and cid.isalnum() and len(cid) <= 64):
+        raise ValueError("bad correlation id")
     return run_dir() / f"{cid}.jsonl"
 
 
-def append(cid: str, records: list[dict]) -> None:
-    with open(_path(cid), "a") as f:
+def create(cid: str) -> None:
+    """API server: open the request's channel (before the request is handed to the engine)."""
+    fd = os.open(_path(cid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+
+
+def append(cid: str, records: list[dict]) -> bool:
+    """Worker: append records to an open channel; False when the API server has already closed it."""
+    try:
+        fd = os.open(_path(cid), os.O_WRONLY | os.O_APPEND)  # never O_CREAT: see the module docstring
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return False
+        raise
+    with os.fdopen(fd, "a") as f:
         f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+    return True
 
 
 class ChannelReader:
@@ -42,12 +82,12 @@ class ChannelReader:
 
     def read_new(self) -> list[dict]:
         try:
-            with open(self.path) as f:
+            with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read()
         except FileNotFoundError:
             return []
-        complete = data[: data.rfind("\n") + 1]  # a line still being written waits for the next read
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
         self.offset += len(complete)
         return [json.loads(line) for line in complete.splitlines() if line]
 

@@ -1,4 +1,4 @@
-"""Observed tokens: one encode per SAE for all requests, records per request, histograms."""
+"""Observed tokens: one encode per SAE for all requests, records per request, histograms, watchlist."""
 
 import torch
 
@@ -6,11 +6,12 @@ from steer_plugin.engine.observe import ObservedRows, Observer
 from steer_plugin.monitor import channel
 from steer_plugin.sae.model import SparseAutoencoder
 
+CID_A, CID_B = "a" * 32, "b" * 32
 
-def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+
+def topk_sae() -> SparseAutoencoder:
     g = torch.Generator().manual_seed(0)
-    sae = SparseAutoencoder(
+    return SparseAutoencoder(
         W_enc=torch.randn(8, 20, generator=g),
         W_dec=torch.randn(20, 8, generator=g),
         b_enc=torch.zeros(20),
@@ -18,20 +19,56 @@ def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
         architecture="topk",
         k=3,
     )
-    x = torch.randn(4, 8, generator=g)  # capture slots
+
+
+def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    sae = topk_sae()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))  # capture slots
     observer = Observer({"s": sae}, write=True)
+    channel.create(CID_A)
+    channel.create(CID_B)
     observer.collect(
-        [ObservedRows("aaa", "s", 2, [0, 1], [5, 6], 5), ObservedRows("bbb", "s", 3, [3], [9], 9)], {"s": x}
+        [ObservedRows(CID_A, "s", 2, [0, 1], [5, 6], 5), ObservedRows(CID_B, "s", 3, [3], [9], 9)], {"s": x}
     )
-    a, b = channel.ChannelReader("aaa").read_new(), channel.ChannelReader("bbb").read_new()
+    a, b = channel.ChannelReader(CID_A).read_new(), channel.ChannelReader(CID_B).read_new()
     assert [r["pos"] for r in a] == [5, 6] and [r["pos"] for r in b] == [9]
-    pre = x @ sae.W_enc  # written out: topk of relu'd pre-activations
-    for record, row in ((a[0], 0), (a[1], 1), (b[0], 3)):
+    pre = x @ sae.W_enc  # written out: the top 3 of the pre-activations, kept where positive
+    for record, row, top_k in ((a[0], 0, 2), (a[1], 1, 2), (b[0], 3, 3)):
         values, indices = pre[row].topk(3)
-        want = [[int(i), round(float(v), 4)] for i, v in zip(indices, values) if v > 0][: len(record["top"])]
-        assert record["top"] == want and record["l0"] == int((values > 0).sum())
-    assert len(a[0]["top"]) <= 2 and len(b[0]["top"]) <= 3
-    assert (
-        observer.snapshot()["l0"]["s"]["counts"][-1] == 0
-        and sum(observer.snapshot()["l0"]["s"]["counts"]) == 3
+        want = [[int(i), round(float(v), 4)] for i, v in zip(indices[:top_k], values[:top_k]) if v > 0]
+        assert record["top"] == want
+        assert record["l0"] == int((values > 0).sum())
+    counts = observer.snapshot()["l0"]["s"]["counts"]
+    assert counts[-1] == 0 and sum(counts) == 3
+
+
+def test_watched_feature_outside_top_k_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    sae = topk_sae()
+    sae.architecture, sae.k = "relu", None  # every positive pre-activation is active
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+    pre = torch.relu(x @ sae.W_enc)  # [6, 20]
+    # A feature active on some rows but never in their top 1.
+    top1 = pre.argmax(-1)
+    candidates = [i for i in range(20) if (pre[:, i] > 0).any() and not (top1 == i).any()]
+    watched = candidates[0]
+    threshold = float(pre[:, watched][pre[:, watched] > 0].min()) / 2
+    channel.create(CID_A)
+    Observer({"s": sae}, write=True).collect(
+        [ObservedRows(CID_A, "s", 1, list(range(6)), list(range(6)), 0, ((watched, threshold),))], {"s": x}
     )
+    records = channel.ChannelReader(CID_A).read_new()
+    fired = [r["pos"] for r in records if any(i == watched for i, _ in r.get("watch", ()))]
+    assert fired == [p for p in range(6) if pre[p, watched] > threshold]
+    assert fired and all(r["top"][0][0] != watched for r in records)
+
+
+def test_a_closed_channel_is_never_recreated(tmp_path, monkeypatch):
+    """A worker step that lands after the API server finished the request leaves no file behind."""
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    channel.create(CID_A)
+    assert channel.append(CID_A, [{"pos": 0}])
+    channel.ChannelReader(CID_A).remove()
+    assert not channel.append(CID_A, [{"pos": 1}])
+    assert list(tmp_path.iterdir()) == []
