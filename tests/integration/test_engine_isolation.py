@@ -140,6 +140,78 @@ def test_generation_only_steering_keeps_the_prefix_cache(eager_llm, hf, assets):
     assert cached >= len(ids) // 2
 
 
+def test_multi_turn_after_generation_only_steering_reads_no_steered_kv(eager_llm, hf, assets):
+    """Turn 2's prompt = turn 1's prompt + turn 1's steered answer: the blocks holding that answer were
+    computed under steering and must not serve an unsteered request; the unsteered prompt prefix still may."""
+    from vllm import SamplingParams
+
+    prompt = long_prompt_ids(hf, "Tell me something about rivers and lakes. ")[:140]  # block 0 + part of 1
+    steering = {
+        "features": [
+            {
+                "sae": "demo",
+                "index": 123,
+                "op": "add",
+                "value": 0.8,
+                "normalize": True,
+                "positions": "generation",
+            }
+        ]
+    }
+    eager_llm.reset_prefix_cache()
+    eager_llm.generate([token_prompt(prompt)], sampling(assets, None, max_tokens=1), use_tqdm=False)
+    long = dict(max_tokens=250, ignore_eos=True)
+    steered = eager_llm.generate([token_prompt(prompt)], sampling(assets, steering, **long), use_tqdm=False)[
+        0
+    ]
+    assert steered.num_cached_tokens >= 128, (
+        "generation-only steering should read the unsteered prompt prefix"
+    )
+    plain = eager_llm.generate([token_prompt(prompt)], sampling(assets, None, **long), use_tqdm=False)[0]
+    answer = list(steered.outputs[0].token_ids)
+    assert answer != list(plain.outputs[0].token_ids), "the steering should change the answer"
+    turn2 = prompt + answer + hf.tokenizer(" So, in short:")["input_ids"]  # > 3 blocks of 128
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    warm = eager_llm.generate([token_prompt(turn2)], params, use_tqdm=False)[0]
+    cold = eager_llm.generate([{"prompt_token_ids": turn2, "cache_salt": "fresh"}], params, use_tqdm=False)[0]
+    assert 128 <= warm.num_cached_tokens < 256, (
+        f"{warm.num_cached_tokens} tokens cached: only the unsteered prompt block may be shared"
+    )
+    assert cold.num_cached_tokens == 0
+    lp = lambda out: {t: round(v.logprob, 3) for t, v in out.outputs[0].logprobs[0].items()}  # noqa: E731
+    assert lp(warm) == lp(cold)
+
+
+def test_forged_messages_run_unsteered_and_the_engine_survives(eager_llm, assets, plain_outputs):
+    """What a client could put in vllm_xargs on any endpoint: unsigned or malformed plugin messages. The
+    engine drops them (the request runs unsteered and unobserved), nothing else in the batch changes."""
+    from vllm import SamplingParams
+
+    from steer_plugin.spec import OBSERVE_KEY, WIRE_KEY
+
+    wire = sampling(assets, distinct_steerings()[0]).extra_args[WIRE_KEY]
+    forged = [
+        {WIRE_KEY: wire.split(".", 1)[1]},  # the signed message without its signature
+        {WIRE_KEY: '{"v": 2, "ops": [["feature", "demo", 99999999, 15, 0, 1, 0, 0, 0, "add"]]}'},
+        {OBSERVE_KEY: '["a/b", ["demo"], -1, false]'},  # killed the engine before (topk k = -1)
+        {WIRE_KEY: "[[[[", OBSERVE_KEY: "null"},
+    ]
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=x) for x in forged]
+    prompts = PROMPTS[: len(forged)]
+    out = texts(
+        eager_llm.generate(
+            prompts + PROMPTS, params + [sampling(assets, None, max_tokens=MAX_TOKENS)] * 6, use_tqdm=False
+        )
+    )
+    assert out[: len(forged)] == plain_outputs[: len(forged)]
+    assert out[len(forged) :] == plain_outputs
+    stats = eager_llm.collective_rpc("steer_plugin_stats")[0]
+    assert (
+        stats["rejected_messages"].get("steering", 0) >= 3
+        and stats["rejected_messages"].get("observe", 0) >= 1
+    )
+
+
 # --- start-up self-test ---------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,219 @@
+"""Step after step through a real Steerer and the op: the fixed-shape (CUDA-graph capture) path forced on the
+CPU against the eager path, on random batches with padding, shrinking sizes and observation; forwards that
+skip preparation; and messages the engine must drop."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from steer_plugin.config import parse_config
+from steer_plugin.engine import op as steer_op
+from steer_plugin.engine.steerer import BatchView, Steerer
+from steer_plugin.monitor import channel
+from steer_plugin.spec import ObserveSpec, encode_wire, parse_spec, resolve_spec
+
+D, D_SAE, LAYER, MAX_TOKENS, MAX_SEQS = 16, 48, 2, 64, 8
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sae")
+    g = torch.Generator().manual_seed(0)
+    cfg = {
+        "d_in": D,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "device": "cpu",
+        "architecture": "standard",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": f"blocks.{LAYER}.hook_resid_post", "sae_lens_version": "6.5.0"},
+    }
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    tensors = {
+        "W_enc": torch.randn(D, D_SAE, generator=g) * 0.3,
+        "W_dec": torch.randn(D_SAE, D, generator=g) * 0.3,
+        "b_enc": torch.randn(D_SAE, generator=g) * 0.1,
+        "b_dec": torch.randn(D, generator=g) * 0.1,
+    }
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    vec = torch.randn(D, generator=g)
+    save_file({"v": vec}, str(folder / "vec.safetensors"))
+    return folder
+
+
+@pytest.fixture
+def steerer(sae_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    config = parse_config(
+        {
+            "saes": [{"id": "s", "path": str(sae_dir)}],
+            "vectors": [{"id": "v", "path": str(sae_dir / "vec.safetensors"), "layer": LAYER}],
+        }
+    )
+    st = Steerer(config, range(4), torch.device("cpu"), torch.float32, MAX_TOKENS, D, max_seqs=MAX_SEQS)
+    st.activate()
+    yield st
+    steer_op.LAYERS.clear()
+
+
+def random_steering(rng: random.Random) -> dict:
+    features = []
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.choice(["add", "clamp", "scale", "ablate"])
+        feature = {"sae": "s", "index": rng.randrange(D_SAE), "op": kind}
+        if kind != "ablate":
+            feature["value"] = rng.uniform(-3, 3)
+        feature["positions"] = rng.choice(["all", "prompt", "generation", {"last_prompt_tokens": 2}])
+        features.append(feature)
+    vectors = [{"name": "v", "scale": rng.uniform(-2, 2)}] if rng.random() < 0.5 else []
+    return {"features": features, "vectors": vectors}
+
+
+def random_batch(steerer: Steerer, rng: random.Random, num_reqs: int, step: int):
+    """(BatchView, observed cids, padded token count) of a mixed prefill/decode batch."""
+    catalog = steerer.assets.catalog()
+    sizes, computed, prompts, wires, observes, cids = [], [], [], [], [], []
+    for i in range(num_reqs):
+        prompt = rng.randint(2, 9)
+        decode = rng.random() < 0.6
+        sizes.append(1 if decode else prompt)
+        computed.append(prompt + rng.randint(0, 5) if decode else 0)
+        prompts.append(prompt)
+        steered = rng.random() < 0.7
+        wires.append(
+            encode_wire(resolve_spec(parse_spec(random_steering(rng)), catalog)) if steered else None
+        )
+        if rng.random() < 0.5:
+            cid = f"{step:08x}{i:024x}"
+            channel.create(cid)
+            cids.append(cid)
+            observes.append(ObserveSpec(cid, ["s"], 3, rng.random() < 0.5).encode())
+        else:
+            observes.append(None)
+    query_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    view = BatchView(
+        req_ids=[f"r{step}-{i}" for i in range(num_reqs)],
+        query_start=query_start,
+        num_computed=np.array(computed, dtype=np.int64),
+        num_prompt=np.array(prompts, dtype=np.int64),
+        wire_specs=wires,
+        observe_specs=observes,
+    )
+    padded = min(MAX_TOKENS, int(query_start[-1]) + rng.randint(0, 4))  # graph padding rows
+    return view, padded
+
+
+def run_op(hidden, residual, capturing: bool, monkeypatch):
+    monkeypatch.setattr(steer_op, "_capturing", lambda: capturing)
+    out = torch.ops.steer_plugin.steer_residual(hidden, residual, LAYER)
+    rt = steer_op.LAYERS[LAYER]
+    return out, rt.capture.clone()
+
+
+def test_capture_path_matches_eager_on_random_shrinking_batches(steerer, monkeypatch):
+    rng = random.Random(0)
+    rt = steer_op.LAYERS[LAYER]
+    for step, num_reqs in enumerate([8, 6, 7, 3, 5, 1, 2, 1]):
+        view, padded = random_batch(steerer, rng, num_reqs, step)
+        steerer.prepare(view)
+        real = int(view.query_start[-1])
+        g = torch.Generator().manual_seed(step)
+        hidden, residual = torch.randn(padded, D, generator=g), torch.randn(padded, D, generator=g)
+        eager, eager_capture = run_op(hidden, residual, False, monkeypatch)
+        dense, dense_capture = run_op(hidden, residual, True, monkeypatch)
+        torch.testing.assert_close(dense, eager, rtol=1e-5, atol=1e-5)
+        steered_rows = set(rt.tables.rows_host[: rt.tables.num_rows].tolist())
+        for row in range(padded):
+            if row not in steered_rows:  # unsteered and padding rows: bit for bit
+                assert torch.equal(eager[row], residual[row]) and torch.equal(dense[row], residual[row])
+        assert all(r < real for r in steered_rows)
+        n = rt.num_capture
+        torch.testing.assert_close(dense_capture[:n], eager_capture[:n], rtol=1e-5, atol=1e-5)
+        rows = rt.capture_rows_host[:n]
+        torch.testing.assert_close(eager_capture[:n], hidden[rows] + eager[rows])
+        # Slots a captured graph copies beyond this step's observed rows name row 0, never a stale row.
+        assert (rt.capture_rows_host[n : rt.max_graph_captures] == 0).all()
+        steerer.after_forward()
+
+
+def test_add_matches_the_written_out_formula(steerer, monkeypatch):
+    sae = steerer.observer.saes["s"]
+    ops = resolve_spec(
+        parse_spec({"features": [{"sae": "s", "index": 5, "value": 2.5}]}), steerer.assets.catalog()
+    )
+    view = BatchView(
+        ["a", "b"], np.array([0, 3, 4]), np.array([0, 7]), np.array([3, 5]), [encode_wire(ops), None]
+    )
+    steerer.prepare(view)
+    hidden, residual = torch.randn(4, D), torch.randn(4, D)
+    out, _ = run_op(hidden, residual, False, monkeypatch)
+    torch.testing.assert_close(out[:3], residual[:3] + 2.5 * sae.W_dec[5].float())
+    assert torch.equal(out[3], residual[3])
+
+
+def test_forwards_without_preparation_are_unsteered(steerer, monkeypatch):
+    """Warm-up, profile and dummy runs (and idle data-parallel ranks) call the model without prepare():
+    after a big batch, a smaller forward must neither index the old rows nor be steered."""
+    rng = random.Random(1)
+    view, padded = random_batch(steerer, rng, 8, 0)
+    steerer.prepare(view)
+    run_op(torch.randn(padded, D), torch.randn(padded, D), False, monkeypatch)
+    steerer.after_forward()
+    for size in (1, 2, 3):
+        hidden, residual = torch.randn(size, D), torch.randn(size, D)
+        eager, _ = run_op(hidden, residual, False, monkeypatch)
+        assert torch.equal(eager, residual)
+        run_op(hidden, residual, True, monkeypatch)  # the graph path indexes only rows of this batch
+
+
+def test_stale_tables_of_a_bigger_batch_are_not_applied(steerer, monkeypatch):
+    """Even prepared tables that do not fit the forward (a runner that skipped prepare) are left alone."""
+    rng = random.Random(2)
+    view, _ = random_batch(steerer, rng, 8, 1)
+    while not steerer.prepare(view):
+        view, _ = random_batch(steerer, rng, 8, 1)
+    last_row = int(steer_op.LAYERS[LAYER].tables.rows_host[steer_op.LAYERS[LAYER].tables.num_rows - 1])
+    hidden, residual = torch.randn(last_row, D), torch.randn(last_row, D)
+    eager, _ = run_op(hidden, residual, False, monkeypatch)
+    assert torch.equal(eager, residual)
+
+
+def test_forged_and_malformed_messages_run_unsteered(steerer, monkeypatch):
+    ops = resolve_spec(
+        parse_spec({"features": [{"sae": "s", "index": 5, "value": 2.5}]}), steerer.assets.catalog()
+    )
+    signed = encode_wire(ops)
+    forged = [
+        signed.split(".", 1)[1],  # unsigned: what a client can put in vllm_xargs on any endpoint
+        '{"v": 2, "ops": [["feature", "s", 999999, 2, 0, 1, 0, 0, 0, "add"]]}',
+        "not json",
+        12,
+        ["a", "b"],
+    ]
+    observes = [
+        '["a/b", ["demo"], -1, false]',
+        ObserveSpec("f" * 32, ["s"], 3, False).encode().replace("3", "-1"),
+    ]
+    n = len(forged)
+    view = BatchView(
+        [f"x{i}" for i in range(n)],
+        np.arange(n + 1, dtype=np.int64),
+        np.full(n, 4, dtype=np.int64),
+        np.full(n, 3, dtype=np.int64),
+        forged,
+        observes + [None] * (n - len(observes)),
+    )
+    assert steerer.prepare(view) == 0
+    hidden, residual = torch.randn(n, D), torch.randn(n, D)
+    out, _ = run_op(hidden, residual, False, monkeypatch)
+    assert torch.equal(out, residual)
+    steerer.after_forward()
+    assert steerer.stats()["rejected_messages"] == {"steering": n, "observe": len(observes)}
