@@ -2,13 +2,17 @@
 
     python examples/demo.py [--concept bridge] [--value 40] [--port 8077] [--compile]
 
-It builds the demo assets when missing (steer-serve --demo does), starts the server on loopback, finds the
-SAE feature whose label matches the concept, clamps it on every token, and prints both answers.
+It builds the demo assets when missing (steer-serve --demo does), starts the server on loopback, takes the
+concept's feature that the asset build's analysis recorded (``quality.json`` beside the SAE:
+``concepts.<concept>.best``, chosen by measured activations, so it is right for whatever SAE was built here;
+no label or index is hard-coded), checks that the server serves it, clamps it on every token, and prints
+both answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -48,13 +52,40 @@ def chat(base: str, model: str, question: str, steering: dict | None, max_tokens
     return reply.json()["choices"][0]["message"]["content"]
 
 
+def recorded_feature(base: str, concept: str) -> dict:
+    """The concept's feature as the analysis recorded it, cross-checked against the server's label search."""
+    from steer_plugin.demo.build_assets import ensure_assets
+    from steer_plugin.demo.concept import concept_feature
+
+    paths = ensure_assets(verbose=False)  # the server has built them by now: returns at once
+    try:
+        recorded = concept_feature(paths, concept)
+    except (LookupError, OSError) as e:
+        sys.exit(f"demo: {e}")
+    with open(paths.labels_path, encoding="utf-8") as f:
+        entry = json.load(f)["features"][recorded.index]
+    hits = requests.get(
+        f"{base}/v1/steering/features", params={"sae": "demo", "q": recorded.label or ""}, timeout=10
+    ).json()["data"]
+    if not any(h["index"] == recorded.index for h in hits):
+        sys.exit(f"demo: the server does not list feature demo/{recorded.index} ({recorded.label!r})")
+    return {
+        "sae": "demo",
+        "index": recorded.index,
+        "label": recorded.label,
+        "max_activation": entry.get("max_act") or 40.0,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--concept", default="bridge", help="label text of the feature to clamp")
     parser.add_argument(
-        "--value", type=float, default=None, help="clamp value (default: 8x the feature's max)"
+        "--concept", default="bridge", help="concept whose recorded feature to clamp (quality.json concepts)"
+    )
+    parser.add_argument(
+        "--value", type=float, default=None, help="clamp value (default: 1.7x the feature's max activation)"
     )
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--max-tokens", type=int, default=60)
@@ -82,13 +113,8 @@ def main() -> None:
     try:
         wait_for_health(base, server, timeout_s=900)
         model = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-        hits = requests.get(f"{base}/v1/steering/features", params={"q": args.concept}, timeout=10).json()[
-            "data"
-        ]
-        if not hits:
-            sys.exit(f"demo: no feature label matches {args.concept!r}")
-        feature = hits[0]
-        value = args.value if args.value is not None else round(1.7 * feature.get("max_activation", 40.0), 1)
+        feature = recorded_feature(base, args.concept)
+        value = args.value if args.value is not None else round(1.7 * feature["max_activation"], 1)
         steering = {
             "features": [{"sae": feature["sae"], "index": feature["index"], "op": "clamp", "value": value}]
         }

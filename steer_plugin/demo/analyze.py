@@ -11,7 +11,15 @@ import math
 import time
 from pathlib import Path
 
-from .common import HOOK_NAME, NEURONPEDIA_ID, configure_threads, log, read_json, write_json
+from .common import (
+    HOOK_NAME,
+    NEURONPEDIA_ID,
+    configure_threads,
+    log,
+    read_json,
+    without_timings,
+    write_json,
+)
 from .corpus import read_corpus
 from .harvest import load_activations
 from .labels import CONCEPTS, build_labels, concept_probe
@@ -147,16 +155,16 @@ def analyze(model_dir: Path, work: Path, sae_dir: Path, train_stats: dict, harve
             "total": n,
             "forwarded_incl_dropped": harvest_info.get("tokens_forwarded"),
         },
-        "training_seconds": train_stats.get("train_seconds"),
         "training": {k: v for k, v in train_stats.items() if k != "history"},
         "training_curve": train_stats.get("history", [])[-5:],
         "harvest": harvest_info,
         "corpus": read_json(comp_path) if comp_path.is_file() else None,
         "labels": {"live": n_live, "unique": n_unique},
         "concepts": concepts,
-        "seconds": round(time.monotonic() - t0, 1),
     }
     if not math.isfinite(quality["explained_variance"]):
         raise RuntimeError("explained variance is not finite")
+    # Only what the build determines: the same inputs give a byte-identical file (timings: .build/ markers).
+    quality = without_timings(quality)
     write_json(sae_dir / QUALITY_FILE, quality)
-    return quality
+    return {**quality, "seconds": round(time.monotonic() - t0, 1)}

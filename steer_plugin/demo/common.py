@@ -36,6 +36,48 @@ NEURONPEDIA_ID = f"smollm2-135m/{LAYER}-res-topk"
 SEED = 1234
 
 
+#: Libraries whose behaviour the built bytes depend on (GGUF dequantisation, tokenizer, numerics, file
+#: writing); their installed versions are part of the first stage's fingerprint, so every stage rebuilds
+#: when one changes. transformers, tokenizers, gguf and accelerate are pinned in pyproject.toml's `hf`
+#: extra, torch by scripts/setup.sh.
+BUILD_PACKAGES = ("torch", "transformers", "tokenizers", "gguf", "accelerate", "safetensors", "numpy")
+
+#: Keys holding wall-clock measurements. They are kept in the stage markers (``.build/*.json``) and left
+#: out of every built file, so rebuilds are byte-identical.
+TIMING_KEYS = frozenset(
+    {"seconds", "stage_seconds", "harvest_seconds", "train_seconds", "training_seconds", "elapsed_s",
+     "tokens_per_second"}
+)  # fmt: skip
+
+
+def package_version(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def build_env() -> dict[str, Any]:
+    """Python version and versions of ``BUILD_PACKAGES`` (cheap: read from package metadata, nothing imported)."""
+    import platform
+
+    return {
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        **{name: package_version(name) for name in BUILD_PACKAGES},
+    }
+
+
+def without_timings(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts/lists) without the ``TIMING_KEYS``."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
 def default_assets_dir() -> Path:
     env = os.environ.get(ENV_ASSETS_DIR)
     if env:

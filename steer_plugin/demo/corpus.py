@@ -1,27 +1,33 @@
 """Stage 2: an offline, deterministic training corpus with topic variety.
 
-Sources (everything is on the machine already; no network):
+Every source is pinned by a version: the demo model's own output, the Python standard library (the
+interpreter's version), and files shipped inside pure-Python wheels that ``pyproject.toml`` pins exactly
+(``TEXT_PACKAGES``), listed from each wheel's ``RECORD``. Nothing is read from the machine's own
+documentation (``/usr/share``) or from caches, so the same packages give the same corpus on any machine.
 
 * ``chat``: the demo model's own answers to ~100 varied chat prompts (see :mod:`.prompts`), kept in the
   model's chat template, so the SAE sees the same kind of text the steering demo serves;
 * ``python_docstrings``: docstrings of the Python standard library, parsed with :mod:`ast` from the
   stdlib sources (nothing is imported, so no side effects);
 * ``python_reference``: the language-reference prose that ``pydoc`` ships (``pydoc_data.topics``);
-* ``debian_docs``: plain-text package docs under ``/usr/share/doc`` (copyright, README, NEWS, changelogs),
-  whatever exists, files sorted, paragraphs de-duplicated (license texts repeat a lot);
-* ``licenses``: ``/usr/share/common-licenses``.
+* ``package_docstrings``: docstrings of the pinned packages (``transformers`` outside its per-model
+  folders, ``accelerate``, ``gguf``), parsed the same way;
+* ``package_readmes``: the long descriptions (README) in the pinned wheels' ``METADATA``, HTML stripped;
+* ``licenses``: the pinned wheels' license files and the interpreter's ``LICENSE.txt`` (license texts
+  repeat, so paragraphs are de-duplicated across licenses and READMEs).
 
 Documents are split into chunks, shuffled with a fixed seed per source and taken until each source's
 token budget is met. The result is ``corpus.jsonl`` plus ``corpus_composition.json`` (sources, docs,
-characters, tokens) for the README. Same machine + same packages => same corpus.
+characters, tokens, package versions) for the README. Same packages + same Python => same corpus.
 """
 
 from __future__ import annotations
 
 import ast
-import gzip
 import hashlib
+import importlib.metadata
 import json
+import platform
 import random
 import re
 import sysconfig
@@ -37,18 +43,26 @@ from .prompts import chat_prompts
 DEFAULT_BUDGETS = {
     "python_docstrings": 40_000,
     "python_reference": 20_000,
-    "debian_docs": 40_000,
+    "package_docstrings": 32_000,
+    "package_readmes": 8_000,
     "licenses": 6_000,
 }
 GEN_MAX_NEW_TOKENS = 128
 GEN_BATCH = 96  # upper bound; the answers are split into equal batches
 CHUNK_CHARS = 1500
-DEBIAN_FILE_CAP = 3000  # chars kept per /usr/share/doc file after de-duplication
-DEBIAN_READ_CAP = 40_000  # bytes read per file
+LICENSE_READ_CAP = 200_000  # bytes read per license file
 
-DEBIAN_NAME_RE = re.compile(r"^(copyright|readme.*|news.*|changelog.*|authors|thanks|todo.*)$", re.I)
-DEBIAN_SKIP_EXT = {".html", ".htm", ".css", ".js", ".png", ".jpg", ".gif", ".svg", ".pdf", ".xml", ".json"}
+#: Pure-Python wheels (``py3-none-any``: the same files on every platform) whose shipped text is part of
+#: the corpus. Each is pinned exactly (``==``) in pyproject.toml's ``hf`` extra (checked by tests/demo);
+#: their versions are part of the corpus stage's fingerprint. Value: top-level folders skipped for
+#: docstrings (transformers' ~400 per-model folders repeat one template; its library code is kept).
+TEXT_PACKAGES: dict[str, tuple[str, ...]] = {
+    "transformers": ("models",),
+    "accelerate": (),
+    "gguf": (),
+}
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "_bundled"}
+LICENSE_NAME_RE = re.compile(r"^(licen[cs]e|copying|notice)([.-].*)?$", re.I)
 
 
 @dataclass
@@ -103,44 +117,145 @@ def _chunks(text: str, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
 # ---------------------------------------------------------------- sources
 
 
-def stdlib_docstring_docs() -> list[Doc]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & STDLIB_SKIP_DIRS)
-    )
+def _docstring_text(tree: ast.Module, mod: str) -> str:
+    """Module, public class and public function docstrings of one parsed file, with their qualified names."""
+    parts: list[str] = []
+    mdoc = ast.get_docstring(tree)
+    if mdoc:
+        parts.append(f"Module {mod}\n\n{mdoc}")
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                if child.name.startswith("_") and not child.name.startswith("__init__"):
+                    continue
+                qual = f"{prefix}.{child.name}"
+                doc = ast.get_docstring(child)
+                if doc and len(doc) > 40:
+                    kind = "class" if isinstance(child, ast.ClassDef) else "def"
+                    parts.append(f"{kind} {qual}\n    {doc}")
+                if isinstance(child, ast.ClassDef):
+                    visit(child, qual)
+
+    visit(tree, mod)
+    return _norm_ws("\n\n".join(parts))
+
+
+def _docstring_docs(source: str, files: list[tuple[str, Path]]) -> list[Doc]:
+    """``files``: (dotted module name, path), in a fixed order."""
     docs: list[Doc] = []
-    for path in files:
-        rel = path.relative_to(root).with_suffix("")
-        mod = ".".join(rel.parts).removesuffix(".__init__")
+    for mod, path in files:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
-        parts: list[str] = []
-        mdoc = ast.get_docstring(tree)
-        if mdoc:
-            parts.append(f"Module {mod}\n\n{mdoc}")
-
-        def visit(node: ast.AST, prefix: str, parts: list[str] = parts) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                    if child.name.startswith("_") and not child.name.startswith("__init__"):
-                        continue
-                    qual = f"{prefix}.{child.name}"
-                    doc = ast.get_docstring(child)
-                    if doc and len(doc) > 40:
-                        kind = "class" if isinstance(child, ast.ClassDef) else "def"
-                        parts.append(f"{kind} {qual}\n    {doc}")
-                    if isinstance(child, ast.ClassDef):
-                        visit(child, qual, parts)
-
-        visit(tree, mod)
-        text = _norm_ws("\n\n".join(parts))
+        text = _docstring_text(tree, mod)
         if len(text) < 200:
             continue
         for i, chunk in enumerate(_chunks(text)):
-            docs.append(Doc("python_docstrings", f"{mod}#{i}", chunk))
+            docs.append(Doc(source, f"{mod}#{i}", chunk))
     return docs
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_docstring_docs() -> list[Doc]:
+    root = stdlib_root()
+    files = sorted(
+        p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & STDLIB_SKIP_DIRS)
+    )
+    mods = [(".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"), p) for p in files]
+    return _docstring_docs("python_docstrings", mods)
+
+
+def python_version() -> str:
+    """The interpreter whose stdlib and ``pydoc_data`` feed the corpus (part of the stage fingerprint)."""
+    return f"{platform.python_implementation()} {platform.python_version()}"
+
+
+def _dist(name: str) -> importlib.metadata.Distribution:
+    return importlib.metadata.distribution(name)
+
+
+def text_package_versions() -> dict[str, str | None]:
+    """Installed versions of ``TEXT_PACKAGES`` (None: missing; the source then contributes nothing)."""
+    out: dict[str, str | None] = {}
+    for name in TEXT_PACKAGES:
+        try:
+            out[name] = _dist(name).version
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _record_files(name: str) -> list[tuple[str, Path]]:
+    """(path as the wheel's RECORD spells it, absolute path) of an installed distribution, sorted.
+
+    Only files the wheel itself shipped: RECORD is written at install time from the wheel's own list, and
+    files pip adds there (INSTALLER, REQUESTED, direct_url.json, RECORD) are never read as text.
+    """
+    try:
+        dist = _dist(name)
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    rows = [(str(f).replace("\\", "/"), Path(str(f.locate()))) for f in dist.files or []]
+    return sorted(rows)
+
+
+def package_docstring_docs() -> list[Doc]:
+    files: list[tuple[str, Path]] = []
+    for name, skip in TEXT_PACKAGES.items():
+        for rel, path in _record_files(name):
+            parts = rel.split("/")
+            if not rel.endswith(".py") or parts[0] != name or ".." in parts:
+                continue
+            if set(parts[1:-1]) & (set(skip) | STDLIB_SKIP_DIRS):
+                continue
+            files.append((".".join(parts).removesuffix(".py").removesuffix(".__init__"), path))
+    return _docstring_docs("package_docstrings", files)
+
+
+_HTML_COMMENT_RE = re.compile(r"<!--.*?-->", re.S)
+_HTML_TAG_RE = re.compile(r"</?[A-Za-z][^<>]*>")
+
+
+def _metadata_description(name: str) -> str | None:
+    try:
+        text = _dist(name).read_text("METADATA")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not text or "\n\n" not in text:
+        return None
+    return text.split("\n\n", 1)[1]  # headers, blank line, then the long description (Metadata >= 2.1)
+
+
+def package_readme_docs(seen: set[str]) -> list[Doc]:
+    docs: list[Doc] = []
+    for name in TEXT_PACKAGES:
+        body = _metadata_description(name)
+        if not body:
+            continue
+        body = _HTML_TAG_RE.sub("", _HTML_COMMENT_RE.sub("", body))
+        kept = _dedup_paragraphs(_norm_ws(body), seen, 10**9)
+        for i, chunk in enumerate(_chunks(kept)):
+            docs.append(Doc("package_readmes", f"{name}/README#{i}", chunk))
+    return docs
+
+
+def license_files() -> list[tuple[str, Path]]:
+    """(name, path): the pinned wheels' license files, then the interpreter's ``LICENSE.txt`` if it has one."""
+    out: list[tuple[str, Path]] = []
+    for name in TEXT_PACKAGES:
+        for rel, path in _record_files(name):
+            parts = rel.split("/")
+            if parts[0].endswith(".dist-info") and LICENSE_NAME_RE.match(parts[-1]):
+                out.append((f"{name}/{parts[-1]}", path))
+    py_license = stdlib_root() / "LICENSE.txt"
+    if py_license.is_file():
+        out.append(("python/LICENSE.txt", py_license))
+    return out
 
 
 def python_reference_docs() -> list[Doc]:
@@ -158,58 +273,42 @@ def python_reference_docs() -> list[Doc]:
 
 def _read_text_file(path: Path, cap: int) -> str | None:
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read(cap)
-        else:
-            with open(path, "rb") as f:
-                raw = f.read(cap)
+        with open(path, "rb") as f:
+            raw = f.read(cap)
         text = raw.decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile):
+    except (OSError, UnicodeDecodeError):
         return None
     return text if _is_plain_text(text) else None
 
 
-def debian_doc_docs(seen: set[str], root: Path = Path("/usr/share/doc")) -> list[Doc]:
-    if not root.is_dir():
-        return []
-    files: list[Path] = []
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink() or not p.is_file():
-            continue
-        base = p.name[:-3] if p.name.endswith(".gz") else p.name
-        stem_ext = Path(base).suffix.lower()
-        if stem_ext in DEBIAN_SKIP_EXT or not DEBIAN_NAME_RE.match(base):
-            continue
-        files.append(p)
-    docs: list[Doc] = []
-    for p in files:
-        text = _read_text_file(p, DEBIAN_READ_CAP)
-        if text is None:
-            continue
-        kept = _dedup_paragraphs(_norm_ws(text), seen, DEBIAN_FILE_CAP)
-        if len(kept) < 120:
-            continue
-        name = str(p.relative_to(root))
-        for i, chunk in enumerate(_chunks(kept)):
-            docs.append(Doc("debian_docs", f"{name}#{i}", chunk))
-    return docs
-
-
-def license_docs(seen: set[str], root: Path = Path("/usr/share/common-licenses")) -> list[Doc]:
-    if not root.is_dir():
-        return []
+def license_docs(seen: set[str]) -> list[Doc]:
     docs = []
-    for p in sorted(root.iterdir()):
-        if p.is_symlink() or not p.is_file():
-            continue
-        text = _read_text_file(p, 200_000)
+    for name, path in license_files():
+        text = _read_text_file(path, LICENSE_READ_CAP)
         if text is None:
             continue
         kept = _dedup_paragraphs(_norm_ws(text), seen, 10**9)
         for i, chunk in enumerate(_chunks(kept)):
-            docs.append(Doc("licenses", f"{p.name}#{i}", chunk))
+            docs.append(Doc("licenses", f"{name}#{i}", chunk))
     return docs
+
+
+def text_pools(seen: set[str] | None = None) -> dict:
+    """Every non-chat source: name -> function returning its chunks (in this order; licenses first, so the
+    READMEs skip their copies of license paragraphs)."""
+    seen = set() if seen is None else seen
+    return {
+        "python_docstrings": stdlib_docstring_docs,
+        "python_reference": python_reference_docs,
+        "licenses": lambda: license_docs(seen),
+        "package_readmes": lambda: package_readme_docs(seen),
+        "package_docstrings": package_docstring_docs,
+    }
+
+
+def source_versions() -> dict:
+    """What the non-chat text depends on (recorded in the composition and the corpus stage fingerprint)."""
+    return {"python": python_version(), "packages": text_package_versions()}
 
 
 def _dedup_paragraphs(text: str, seen: set[str], cap: int) -> str:
@@ -361,13 +460,7 @@ def build_corpus(model_dir: Path, work: Path, budgets: dict[str, int] | None = N
         d.n_tokens = len(tok(d.text, add_special_tokens=False)["input_ids"])
     t_gen = time.monotonic() - t0
 
-    seen: set[str] = set()
-    pools = {
-        "python_docstrings": stdlib_docstring_docs,
-        "python_reference": python_reference_docs,
-        "licenses": lambda: license_docs(seen),  # licenses first, so Debian copyright files skip their copies
-        "debian_docs": lambda: debian_doc_docs(seen),
-    }
+    pools = text_pools()
     selected: dict[str, list[Doc]] = {"chat": chat}
     available: dict[str, int] = {"chat": len(chat)}
     for i, (name, fn) in enumerate(pools.items()):
@@ -407,13 +500,15 @@ def build_corpus(model_dir: Path, work: Path, budgets: dict[str, int] | None = N
             "max_new_tokens": GEN_MAX_NEW_TOKENS,
             "sampling": {**GEN_SAMPLING, "dtype": "bfloat16"},
             "seed": SEED,
-            "seconds": round(t_gen, 1),
         },
+        "text_sources": source_versions(),
         "total_docs": sum(len(v) for v in selected.values()),
         "total_tokens": sum(d.n_tokens for v in selected.values() for d in v),
-        "seconds": round(time.monotonic() - t0, 1),
     }
+    # The file holds only what the build determines (byte-identical rebuilds); timings go to the stage marker.
     write_json(work / "corpus_composition.json", composition)
+    composition = {**composition, "seconds": round(time.monotonic() - t0, 1)}
+    composition["chat_generation"] = {**composition["chat_generation"], "seconds": round(t_gen, 1)}
     sample = next((d for d in chat if d.topic == "bridge"), None)
     if sample:
         log(f"  sample bridge answer: {sample.text.split('assistant', 1)[-1].strip()[:200]!r}")

@@ -17,6 +17,7 @@ windows is held out for evaluation.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -153,7 +154,8 @@ def build_activations(model_dir: Path, work: Path, layer: int = LAYER) -> dict:
             "windows": windows,
         },
         str(tmp),
-        metadata={"hook_name": f"blocks.{layer}.hook_resid_post", "ctx": str(CTX)},
+        # One key: safetensors writes the metadata map in hash order, so two keys make rebuilds differ.
+        metadata={"info": json.dumps({"ctx": CTX, "hook_name": f"blocks.{layer}.hook_resid_post"})},
     )
     tmp.replace(out)
     n_eval = int(is_eval.sum())

@@ -37,7 +37,8 @@ class TrainConfig:
     dead_after_tokens: int = 50_000
     seed: int = SEED
     bf16_encoder: bool = True  # autocast the encoder matmul to bf16 while training (eval is always fp32)
-    log_every_s: float = 5.0
+    log_every_s: float = 5.0  # progress lines (wall clock); the recorded history is by step:
+    history_every_steps: int = 25  # training-curve points every N steps (+ the last): same on every rebuild
 
 
 def _torch():
@@ -133,6 +134,8 @@ def train(x_train, cfg: TrainConfig) -> tuple[TopKSAE, dict]:
     hist: list[dict] = []
     run_mse = run_ev = run_aux = 0.0
     run_n = 0
+    h_mse = h_ev = h_aux = 0.0  # history accumulators (by step, independent of the wall-clock log)
+    h_n = 0
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen)
         if epoch == cfg.epochs - 1:
@@ -183,28 +186,37 @@ def train(x_train, cfg: TrainConfig) -> tuple[TopKSAE, dict]:
                 sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
             with torch.no_grad():
-                run_mse += float(mse)
-                run_ev += 1.0 - float(mse / data_var)
-                run_aux += float(aux)
+                f_mse, f_ev, f_aux = float(mse), 1.0 - float(mse / data_var), float(aux)
+                run_mse += f_mse
+                run_ev += f_ev
+                run_aux += f_aux
                 run_n += 1
+                h_mse += f_mse
+                h_ev += f_ev
+                h_aux += f_aux
+                h_n += 1
             step += 1
             now = time.monotonic()
+            if step % cfg.history_every_steps == 0 or step == total_steps:
+                hist.append(
+                    {
+                        "step": step,
+                        "epoch": epoch + 1,
+                        "mse": round(h_mse / h_n, 3),
+                        "ev": round(h_ev / h_n, 4),
+                        "aux": round(h_aux / h_n, 4),
+                        "dead": n_dead,
+                        "lr": lr_at(step - 1),
+                        "elapsed_s": round(now - t0, 1),  # left out of quality.json
+                    }
+                )
+                h_mse = h_ev = h_aux = 0.0
+                h_n = 0
             if now - last_log >= cfg.log_every_s or step == total_steps:
                 last_log = now
-                rec = {
-                    "step": step,
-                    "epoch": epoch + 1,
-                    "mse": round(run_mse / run_n, 3),
-                    "ev": round(run_ev / run_n, 4),
-                    "aux": round(run_aux / run_n, 4),
-                    "dead": n_dead,
-                    "lr": lr_at(step - 1),
-                    "elapsed_s": round(now - t0, 1),
-                }
-                hist.append(rec)
                 log(
-                    f"  [train] step {step}/{total_steps} epoch {epoch + 1} mse {rec['mse']:.2f} "
-                    f"EV {rec['ev']:.4f} aux {rec['aux']:.3f} dead {n_dead} lr {rec['lr']:.2e} "
+                    f"  [train] step {step}/{total_steps} epoch {epoch + 1} mse {run_mse / run_n:.2f} "
+                    f"EV {run_ev / run_n:.4f} aux {run_aux / run_n:.3f} dead {n_dead} lr {lr_at(step - 1):.2e} "
                     f"{now - t0:.1f}s elapsed"
                 )
                 run_mse = run_ev = run_aux = 0.0

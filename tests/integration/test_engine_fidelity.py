@@ -13,10 +13,22 @@ from .conftest import PROMPTS, resolve, sampling, token_prompt
 
 pytestmark = pytest.mark.engine
 
-# Add the demo SAE's "bridge" feature strongly, on generated tokens only (named by its unique label).
-GENERATION_STEERING = {
-    "features": [{"label": "bridge", "op": "add", "value": 80.0, "positions": "generation"}]
-}
+# Add the demo SAE's concept feature strongly, on generated tokens only. The feature is the analysis'
+# recorded choice (quality.json -> concepts.bridge.best), never a literal label or index: a rebuilt SAE
+# numbers and labels its latents differently. Read after the session fixtures have built the assets.
+GENERATION_VALUE = 80.0
+
+
+def generation_steering() -> dict:
+    from steer_plugin.demo.concept import concept_feature
+
+    index = concept_feature().index
+    return {
+        "features": [
+            {"sae": "demo", "index": index, "op": "add", "value": GENERATION_VALUE, "positions": "generation"}
+        ]
+    }
+
 
 LOGPROB_TOL = 2e-3  # fp32 vLLM CPU kernels vs HF eager fp32, 30 layers
 TOP = 20
@@ -115,7 +127,7 @@ def test_unsteered_matches_reference(eager_llm, hf, assets, prompt_ids):
 
 def test_generation_only_steering_matches_reference_greedy(eager_llm, hf, assets, prompt_ids):
     """Steering on generated tokens only: the first token is the plain one, the rest follow the reference."""
-    steering = GENERATION_STEERING
+    steering = generation_steering()
     n = 6
     out = eager_llm.generate(
         [token_prompt(prompt_ids)], sampling(assets, steering, max_tokens=n), use_tqdm=False
@@ -193,7 +205,7 @@ def test_first_token_logprobs_match_reference_compiled(compiled_llm, hf, assets,
 
 def test_compiled_decode_steps_match_eager(compiled_llm, eager_llm, assets):
     """Steering that fires on every decode step gives the same greedy text under compile as in eager mode."""
-    steering = GENERATION_STEERING
+    steering = generation_steering()
     params = sampling(assets, steering, max_tokens=12)
     prompts = [p for p in PROMPTS[:3]]
     eager = [o.outputs[0].text for o in eager_llm.generate(prompts, params, use_tqdm=False)]

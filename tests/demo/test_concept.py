@@ -1,0 +1,47 @@
+"""concept_feature() reads the analysis' recorded choice from quality.json (no assets needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from steer_plugin.demo.build_assets import asset_paths
+from steer_plugin.demo.concept import concept_feature, main
+
+BEST = {"index": 4242, "label": "Bridge / bridge", "word_precision": 0.8, "word_recall": 0.9}
+
+
+@pytest.fixture
+def assets(tmp_path):
+    paths = asset_paths(tmp_path)
+    paths.sae_dir.mkdir(parents=True)
+    paths.quality_path.write_text(
+        json.dumps({"concepts": {"bridge": {"best": BEST}, "empty": {"best": None}}})
+    )
+    return paths
+
+
+def test_reads_the_recorded_choice_from_any_kind_of_path(assets):
+    for where in (assets, assets.sae_dir, assets.quality_path, str(assets.quality_path)):
+        feat = concept_feature(where)
+        assert (feat.index, feat.label) == (4242, "Bridge / bridge") and feat.record == BEST
+
+
+def test_default_path_follows_the_assets_env_var(assets, monkeypatch):
+    from steer_plugin.demo.common import ENV_ASSETS_DIR
+
+    monkeypatch.setenv(ENV_ASSETS_DIR, str(assets.model_dir.parent))
+    assert concept_feature().index == 4242
+
+
+def test_missing_concept_is_a_clear_error(assets):
+    for name in ("empty", "nope"):
+        with pytest.raises(LookupError, match=name):
+            concept_feature(assets, name)
+
+
+def test_cli(assets, capsys):
+    main(["--quality", str(assets.sae_dir), "--field", "index"])
+    main(["--quality", str(assets.sae_dir), "--field", "label"])
+    assert capsys.readouterr().out.split("\n")[:2] == ["4242", "Bridge / bridge"]
