@@ -11,9 +11,8 @@ pytest.importorskip("vllm")
 
 @pytest.fixture
 def keyed(monkeypatch):
-    from vllm.config import VllmConfig
-
     from steer_adapters.vllm import glue
+    from vllm.config import VllmConfig
 
     glue.patch_compile_cache_key()
     monkeypatch.delenv("STEER_PLUGIN_CONFIG", raising=False)
