@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(args.warmup)
     rss_start = rss_by_process(args.server_pid)
     while any(t.is_alive() for t in threads):
-        time.sleep(min(10.0, max(0.1, deadline - time.time())))
+        time.sleep(min(10.0, max(1.0, deadline - time.time())))
         print(
             f"[soak] {time.time() - started:5.0f}s {traffic.counts} 5xx={len(traffic.server_errors)}",
             flush=True,
