@@ -5,9 +5,14 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 
 import pytest
+import requests
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -167,3 +172,33 @@ def plain_llm(demo_assets):
 @pytest.fixture(scope="module")
 def prompt_ids(hf) -> list[int]:
     return chat_ids(hf.tokenizer, PROMPTS[0])
+
+
+@contextmanager
+def running_server(model_dir, config_path: str, port: int, *flags: str, env: dict | None = None):
+    """`steer-serve` on the demo model (fp32, eager) until it answers /health; stopped with SIGTERM after."""
+    cmd = [
+        sys.executable, "-m", "steer_adapters.vllm.launcher", "--steer-config", config_path,
+        "--model", str(model_dir), "--served-model-name", "demo", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port), *flags,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert proc.poll() is None, "server exited during start-up"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("server did not become healthy")
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

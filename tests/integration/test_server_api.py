@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import openai
@@ -15,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from .conftest import VECTOR_LAYER
+from .conftest import VECTOR_LAYER, running_server
 
 pytestmark = pytest.mark.server
 
@@ -44,46 +40,8 @@ def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(demo_assets, server_config):
-    cmd = [
-        sys.executable,
-        "-m",
-        "steer_adapters.vllm.launcher",
-        "--steer-config",
-        server_config["path"],
-        "--model",
-        str(demo_assets.model_dir),
-        "--served-model-name",
-        "demo",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "512",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(PORT),
-    ]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            assert proc.poll() is None, "server exited during start-up"
-            try:
-                if requests.get(f"{BASE}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail("server did not become healthy")
+    with running_server(demo_assets.model_dir, server_config["path"], PORT) as proc:
         yield proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

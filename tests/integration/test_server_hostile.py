@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from .conftest import running_server
 
 pytestmark = pytest.mark.server
 
@@ -32,51 +33,11 @@ def tmpdir_of_server(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(demo_assets, steer_config_path, tmpdir_of_server):
-    cmd = [
-        sys.executable,
-        "-m",
-        "steer_adapters.vllm.launcher",
-        "--steer-config",
-        steer_config_path,
-        "--model",
-        str(demo_assets.model_dir),
-        "--served-model-name",
-        "demo",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "512",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(PORT),
-        "--api-key",
-        KEY,
-    ]
     env = {**os.environ, "TMPDIR": str(tmpdir_of_server)}
     env.pop("STEER_PLUGIN_RUN_DIR", None)
     env.pop("STEER_PLUGIN_WIRE_KEY", None)
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            assert proc.poll() is None, "server exited during start-up"
-            try:
-                if requests.get(f"{BASE}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail("server did not become healthy")
+    with running_server(demo_assets.model_dir, steer_config_path, PORT, "--api-key", KEY, env=env) as proc:
         yield proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
     leftovers = list(tmpdir_of_server.glob("steer-plugin-run-*"))
     assert leftovers == [], f"run dir not removed at exit: {leftovers}"
 
