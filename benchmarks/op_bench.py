@@ -6,13 +6,15 @@
     python benchmarks/op_bench.py --device cuda --cuda-graph --out benchmarks/results/op-cuda   # on a GPU
 
 One layer's bank is built with steer_plugin.engine.bank.build_layer_bank from a random SparseAutoencoder
-(d_model x d_sae), its tables with steer_plugin.engine.tables.LayerTables.fill, and the op is called as
-vLLM calls it: torch.ops.steer_plugin.steer_residual(hidden, residual, layer). A batch of T token rows is
-split into min(T, C) requests with C distinct configs; each config is `add` of one feature or `clamp` of K
-features (distinct feature indices per config). Timed separately:
-  - fill:  host-side LayerTables.fill (what Steerer.prepare does per layer per step), plus sync_to_device on CUDA;
-  - op:    the custom op on those tables (eager; with --cuda-graph: replay of a graph captured once per T,
-           after refilling the tables, with every replayed result checked per token against the eager op);
+(d_model x d_sae), its slot tables and working set with steer_plugin.engine.tables.LayerTables, the per-step
+metadata with engine.step.StepMetadata through engine.slots.SlotPlanner (what Steerer.prepare runs), and the
+op is called as vLLM calls it: torch.ops.steer_plugin.steer_residual(hidden, residual, layer). A batch of T
+token rows is split into min(T, C) requests with C distinct configs; each config is `add` of one feature or
+`clamp` of K features (distinct feature indices per config). Timed separately:
+  - prepare: SlotPlanner.write_step for the step, steady (the same requests again: decode) and all new (every
+           request new: each takes a slot and writes its plan at this layer);
+  - op:    the custom op on those tables (eager; with --cuda-graph: replay of a graph captured once per T with
+           nothing steered, with every replayed result checked per token against the eager op);
   - none:  the op when no row is steered (plugin loaded, request unsteered);
   - layer: one plain-torch Llama-like decoder layer of the same width (RMSNorm, q/k/v/o with GQA, SDPA over a
            short cached context plus the T new tokens, RMSNorm, SwiGLU MLP), same dtype and token count;
@@ -145,46 +147,61 @@ def layer_params(d: int, inter: int, heads: int, kv_heads: int) -> int:
 # --- steering scenarios ---------------------------------------------------------------------------------------------
 
 
-def make_slices(tokens: int, configs: int, ops: int, kind: str, d_sae: int, bank):
-    from steer_plugin.engine import tables as tables_mod
-    from steer_plugin.engine.tables import LayerPlan, RequestSlice
+class Scenario:
+    """A batch of T token rows split into min(T, C) requests, one distinct config each: `add` of one feature or
+    `clamp` of K features (distinct feature indices per config), at positions past the prompt (decode-like)."""
 
-    op_names = getattr(tables_mod, "OP_NAMES", ("add", "clamp"))
+    def __init__(self, tokens: int, configs: int, kind: str, ops: int, d_sae: int, bank):
+        from steer_plugin.engine.tables import OP_NAMES, LayerPlan
 
-    requests = max(1, min(tokens, configs))
-    bounds = np.linspace(0, tokens, requests + 1).round().astype(int)
-    slices = []
-    for j in range(requests):
-        feats = [((j * ops + k) * 7919 + 13) % d_sae for k in range(ops)]
-        rows = np.array([bank.row("feature", "sae", f) for f in feats], dtype=np.int64)
-        value = 1.0 + 0.01 * j
-        coef = np.array([[0.0, value, 0.0] if kind == "add" else [-1.0, value, 0.0]] * ops, dtype=np.float32)
-        fields = {
-            "bank_rows": rows,
-            "coef": coef,
-            "positions": np.zeros(ops, dtype=np.int8),  # "all"
-            "last_n": np.zeros(ops, dtype=np.int64),
-            "op_codes": np.full(ops, op_names.index(kind) if kind in op_names else 0, dtype=np.int8),
-        }
-        plan = LayerPlan(**{f: fields[f] for f in LayerPlan._fields})
-        n = int(bounds[j + 1] - bounds[j])
-        slices.append(
-            RequestSlice(int(bounds[j]), n, 100, 50, plan)
-        )  # decode-like: positions past the prompt
-    return slices
+        self.tokens, self.configs, self.kind, self.ops = tokens, configs, kind, ops
+        requests = max(1, min(tokens, configs))
+        self.query_start = np.linspace(0, tokens, requests + 1).round().astype(np.int64)
+        self.num_computed = np.full(requests, 100, dtype=np.int64)
+        self.num_prompt = np.full(requests, 50, dtype=np.int64)
+        self.plans = {}
+        for j in range(requests):
+            feats = [((j * ops + k) * 7919 + 13) % d_sae for k in range(ops)]
+            value = 1.0 + 0.01 * j
+            self.plans[f"w{j}"] = {
+                LAYER: LayerPlan(
+                    bank_rows=np.array([bank.row("feature", "sae", f) for f in feats], dtype=np.int64),
+                    coef=np.array(
+                        [[0.0, value, 0.0] if kind == "add" else [-1.0, value, 0.0]] * ops, np.float32
+                    ),
+                    positions=np.zeros(ops, dtype=np.int8),  # "all"
+                    last_n=np.zeros(ops, dtype=np.int64),
+                    op_codes=np.full(ops, OP_NAMES.index(kind), dtype=np.int8),
+                )
+            }
+        self.wires = list(self.plans)
+        self._generation = 0
+
+    def req_ids(self, fresh: bool) -> list[str]:
+        """The batch's request ids; fresh=True: all new requests (every slot changes hands)."""
+        if fresh:
+            self._generation += 1
+        return [f"g{self._generation}-r{j}" for j in range(len(self.wires))]
+
+    def write(self, planner, fresh: bool = False) -> int:
+        return planner.write_step(
+            self.req_ids(fresh),
+            self.wires,
+            self.num_prompt,
+            self.query_start,
+            self.num_computed,
+            lambda req_id, wire: self.plans[wire],
+        )
 
 
-def scenarios(token_list, config_list, clamp_list, width: int) -> list[tuple[int, int, str, int, int]]:
-    """(tokens, configs, op, ops per config, table width). `add` runs at the server's default width and at width 1
-    (what the op would cost if it read only the slots in use)."""
+def scenarios(token_list, config_list, clamp_list) -> list[tuple[int, int, str, int]]:
+    """(tokens, configs, op, ops per config)."""
     out = []
     for t in token_list:
         for c in sorted({min(c, t) for c in config_list}):
-            out.append((t, c, "add", 1, width))
-            if width != 1:
-                out.append((t, c, "add", 1, 1))
+            out.append((t, c, "add", 1))
             for k in clamp_list:
-                out.append((t, c, "clamp", k, max(width, k)))
+                out.append((t, c, "clamp", k))
     return out
 
 
@@ -235,6 +252,9 @@ def parse_args(argv=None):
         default=8,
         help="ops slots per token in the tables (the server's limits.max_ops_per_layer, default 8)",
     )
+    p.add_argument(
+        "--working-set", type=int, help="working-set rows per layer (default: configs x ops per layer)"
+    )
     p.add_argument("--min-time", type=float, help="seconds of timing per point (default 0.3; smoke 0.02)")
     p.add_argument(
         "--out", default=str(REPO / "benchmarks" / "results" / "op-cpu"), help="output path without extension"
@@ -269,7 +289,7 @@ def main(argv=None) -> int:
     heads = args.heads or (4 if smoke else 32)
     kv_heads = args.kv_heads or (2 if smoke else 8)
     context = args.context or (16 if smoke else 256)
-    token_list = [int(x) for x in (args.tokens or ("1,8" if smoke else "1,16,128,512")).split(",")]
+    token_list = [int(x) for x in (args.tokens or ("1,8" if smoke else "1,16,128,512,2048,8192")).split(",")]
     config_list = [int(x) for x in (args.configs or ("1,4" if smoke else "1,16,256")).split(",")]
     clamp_list = [int(x) for x in (args.clamp or ("1,4" if smoke else "1,8,64")).split(",")]
     min_time = args.min_time if args.min_time is not None else (0.02 if smoke else 0.3)
@@ -277,6 +297,8 @@ def main(argv=None) -> int:
 
     import steer_plugin.engine.op as steer_op  # registers torch.ops.steer_plugin.steer_residual
     from steer_plugin.engine.bank import build_layer_bank
+    from steer_plugin.engine.slots import SlotPlanner
+    from steer_plugin.engine.step import StepMetadata
     from steer_plugin.engine.tables import LayerTables
     from steer_plugin.sae.model import SparseAutoencoder
 
@@ -304,11 +326,17 @@ def main(argv=None) -> int:
     w_enc_dev = sae.W_enc.to(device)  # for the encode reference
     del sae
     print(f"  bank built in {time.perf_counter() - t:.1f}s ({bank.nbytes() / 2**20:.0f} MiB)", flush=True)
-    # One table per width: the server sizes its tables to limits.max_ops_per_layer (default 8), and the op reads
-    # every slot of that width; a clamp of K > 8 features needs a server configured with a width >= K.
-    widths = sorted({w for *_, w in scenarios(token_list, config_list, clamp_list, args.table_width)})
-    runtimes = {w: steer_op.LayerRuntime(bank, LayerTables(max_tokens, w, device)) for w in widths}
+    # The server's sizes: one slot per running request, K = limits.max_ops_per_layer ops per slot, a working set
+    # that holds every slot's every op (what the op multiplies over is only the live part of it, when eager).
+    max_slots = max(max(config_list), 1)
+    max_ops = max([args.table_width, *clamp_list])
+    capacity = args.working_set or min(max_slots * max_ops, bank.num_rows)
+    step = StepMetadata(max_tokens, max_slots, device)
+    tables = LayerTables(bank, max_slots, max_ops, capacity, device)
+    planner = SlotPlanner(step, {LAYER: tables}, on_capacity=lambda req_id, err: print(err, file=sys.stderr))
+    rt = steer_op.LayerRuntime(tables, step, observable=True)
     steer_op.LAYERS.clear()
+    steer_op.LAYERS[LAYER] = rt
     op = torch.ops.steer_plugin.steer_residual
     layer_mod = LlamaLikeLayer(d, inter, heads, kv_heads, context, dtype, device).eval()
 
@@ -320,6 +348,7 @@ def main(argv=None) -> int:
         if args.cuda_graph
         else (lambda fn: time_fn(fn, device, min_time))
     )
+    host = torch.device("cpu")
     with torch.inference_mode():
         for T in token_list:
             hidden = torch.randn(T, d, dtype=dtype, device=device)
@@ -330,54 +359,32 @@ def main(argv=None) -> int:
                 layer_fn, enc_fn = graph_of(layer_fn)[0].replay, graph_of(enc_fn)[0].replay
             layer_t = timer(layer_fn)
             enc_t = timer(enc_fn)
-            graphs = {}  # width -> (graph, static output), captured once per token count
-            for w, rt in runtimes.items():
-                steer_op.LAYERS[LAYER] = rt
-                rt.tables.clear()
-                rt.tables.sync_to_device(T)
-                if args.cuda_graph:
-                    graphs[w] = capture(
-                        op, hidden, residual, rt.tables, make_slices(T, 1, 1, "add", d_sae, bank), T
-                    )
-                    rt.tables.clear()
-                    rt.tables.sync_to_device(T)
-                    graphs[w][0].replay()
-                    torch.cuda.synchronize()
-                    ok = torch.equal(graphs[w][1], residual)
-                    verify.append({"tokens": T, "configs": 0, "op": "none", "ops": 0, "width": w, "ok": ok})
-            w0 = args.table_width if args.table_width in runtimes else widths[0]
-            steer_op.LAYERS[LAYER] = runtimes[w0]
-            none_fn = graphs[w0][0].replay if args.cuda_graph else (lambda: op(hidden, residual, LAYER))  # noqa: B023
+            planner.clear()
+            graph = None
+            if args.cuda_graph:  # captured once per token count with nothing steered; replays read the tables
+                graph = graph_of(lambda: op(hidden, residual, LAYER))  # noqa: B023
+                graph[0].replay()
+                torch.cuda.synchronize()
+                ok = torch.equal(graph[1], residual)
+                verify.append({"tokens": T, "configs": 0, "op": "none", "ops": 0, "ok": ok})
+            none_fn = graph[0].replay if graph else (lambda: op(hidden, residual, LAYER))  # noqa: B023
             none_t = timer(none_fn)
-            per_tokens[T] = {
-                "layer": layer_t,
-                "encode_topk": enc_t,
-                "op_unsteered": none_t,
-                "table_width": w0,
-            }
+            per_tokens[T] = {"layer": layer_t, "encode_topk": enc_t, "op_unsteered": none_t}
             print(
                 f"T={T:4d}: layer {layer_t['median_us'] / 1e3:9.2f} ms  SAE encode+topk {enc_t['median_us'] / 1e3:8.2f} ms  "
                 f"op unsteered {none_t['median_us']:8.1f} us",
                 flush=True,
             )
-            for tokens, configs, kind, k, width in scenarios([T], config_list, clamp_list, args.table_width):
-                rt = runtimes[width]
-                tables = rt.tables
-                steer_op.LAYERS[LAYER] = rt
-                slices = make_slices(tokens, configs, k, kind, d_sae, bank)
-                fill_t = time_fn(lambda: tables.fill(slices), torch.device("cpu"), min(min_time, 0.1))  # noqa: B023
-                sync_t = None
-                if device.type == "cuda":
-                    sync_t = time_fn(lambda: tables.sync_to_device(T), device, min(min_time, 0.1))  # noqa: B023
-                tables.fill(slices)
-                tables.sync_to_device(T)
+            for tokens, configs, kind, k in scenarios([T], config_list, clamp_list):
+                sc = Scenario(tokens, configs, kind, k, d_sae, bank)
+                planner.clear()
+                sc.write(planner)
+                steady_t = time_fn(lambda: sc.write(planner), host, min(min_time, 0.1))  # noqa: B023
+                change_t = time_fn(lambda: sc.write(planner, fresh=True), host, min(min_time, 0.1))  # noqa: B023
                 if args.cuda_graph:
-                    graph, static_out = graphs[width]
-                    check = verify_replay(op, graph, static_out, hidden, residual, tables)
-                    verify.append(
-                        {"tokens": tokens, "configs": configs, "op": kind, "ops": k, "width": width, **check}
-                    )
-                    op_t = timer(graph.replay)
+                    check = verify_replay(op, *graph, hidden, residual, step)
+                    verify.append({"tokens": tokens, "configs": configs, "op": kind, "ops": k, **check})
+                    op_t = timer(graph[0].replay)
                 else:
                     op_t = timer(lambda: op(hidden, residual, LAYER))  # noqa: B023
                 row = {
@@ -385,25 +392,27 @@ def main(argv=None) -> int:
                     "configs": configs,
                     "op": kind,
                     "ops_per_token": k,
-                    "table_width": width,
-                    "fill_us": fill_t["median_us"],
-                    "sync_us": None if sync_t is None else sync_t["median_us"],
+                    "working_set": tables.width,
+                    "prepare_steady_us": steady_t["median_us"],
+                    "prepare_all_new_us": change_t["median_us"],
                     "op_us": op_t["median_us"],
                     "op_min_us": op_t["min_us"],
                     "op_reps": op_t["reps"],
                     "layer_us": layer_t["median_us"],
                     "op_over_layer": op_t["median_us"] / layer_t["median_us"],
-                    "fill_plus_op_over_layer": (op_t["median_us"] + fill_t["median_us"])
-                    / layer_t["median_us"],
+                    "op_over_limit": op_t["median_us"]
+                    / physical_limit_us(
+                        kind, k, d, 2 * layer_params(d, inter, heads, kv_heads), layer_t["median_us"]
+                    ),
                 }
                 rows.append(row)
                 print(
-                    f"  {kind:>5} x{k:<3} width {width:<3} configs {configs:4d}: fill {fill_t['median_us']:8.1f} us  "
-                    f"op {op_t['median_us']:9.1f} us = {100 * row['op_over_layer']:6.2f}% of a layer",
+                    f"  {kind:>5} x{k:<3} configs {configs:4d} (U={tables.width:5d}): prepare {steady_t['median_us']:7.1f} us"
+                    f" steady, {change_t['median_us']:8.1f} us all new;  op {op_t['median_us']:9.1f} us = "
+                    f"{100 * row['op_over_layer']:6.2f}% of a layer, {row['op_over_limit']:6.1f}x the limit",
                     flush=True,
                 )
-                tables.clear()
-                tables.sync_to_device(T)
+            planner.clear()
 
     result = {
         "machine": machine,
@@ -420,7 +429,8 @@ def main(argv=None) -> int:
             "tokens": token_list,
             "configs": config_list,
             "clamp": clamp_list,
-            "table_width": args.table_width,
+            "max_ops_per_layer": max_ops,
+            "working_set_capacity": capacity,
             "min_time_s": min_time,
             "smoke": smoke,
             "layer_params": layer_params(d, inter, heads, kv_heads),
@@ -468,20 +478,13 @@ def graph_of(fn):
     return graph, static_out
 
 
-def capture(op, hidden, residual, tables, slices, T):
-    """Capture the op once (its dense path: fixed shapes, reads the tables at replay time)."""
-    tables.fill(slices)
-    tables.sync_to_device(T)
-    return graph_of(lambda: op(hidden, residual, LAYER))
-
-
-def verify_replay(op, graph, static_out, hidden, residual, tables) -> dict:
-    """Replay with the current tables; compare every token row with the eager (sparse) op on the same tables."""
+def verify_replay(op, graph, static_out, hidden, residual, step) -> dict:
+    """Replay with the current tables; compare every token row with the eager op on the same tables."""
     graph.replay()
     torch.cuda.synchronize()
     eager = op(hidden, residual, LAYER)
     torch.cuda.synchronize()
-    mask = tables.mask[: residual.shape[0]]
+    mask = step.token_slot[: residual.shape[0]] != step.null_slot
     diff = (static_out.float() - eager.float()).abs().amax(dim=-1)  # [T]
     scale = (eager.float() - residual.float()).abs().amax(dim=-1).clamp_min(1e-3)  # delta size per token
     tol = 2e-2 if residual.dtype != torch.float32 else 1e-4
@@ -493,6 +496,13 @@ def verify_replay(op, graph, static_out, hidden, residual, tables) -> dict:
         "max_abs_diff": float(diff.max()),
         "exact_unsteered": unsteered_exact,
     }
+
+
+def physical_limit_us(kind: str, k: int, d: int, layer_flops_per_token: int, layer_us: float) -> float:
+    """The op's least time at the decoder layer's own measured FLOP rate: an add needs d FLOPs per token, a clamp
+    of k features 4·k·d (read k features, write k directions)."""
+    op_flops_per_token = d if kind == "add" else 4 * k * d
+    return layer_us * op_flops_per_token / layer_flops_per_token
 
 
 # --- report --------------------------------------------------------------------------------------------------------------
@@ -518,8 +528,11 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{s['layer_flops_per_token'] / 1e6:.0f} MFLOP/token). A full SAE encode is {s['sae_encode_flops_per_token'] / 1e6:.0f} "
         "MFLOP/token.",
         "- Batch of T token rows split into min(T, C) requests, one distinct config each (C distinct configs); `add` = one "
-        "feature per config, `clamp xK` = K features per config. fill = host LayerTables.fill; op = "
-        "torch.ops.steer_plugin.steer_residual; % = op time / decoder-layer time.",
+        "feature per config, `clamp xK` = K features per config. U = working-set columns the op multiplies over. "
+        "prepare = host SlotPlanner.write_step for the step (steady: the same requests as the last step; all new: "
+        "every request new, every slot changes hands at this layer). op = torch.ops.steer_plugin.steer_residual; "
+        "% = op time / decoder-layer time; × limit = op time / (the op's FLOPs, d per token for an add and 4·k·d "
+        "for a clamp of k, at the decoder layer's measured FLOP rate).",
         f"- Load average at start/end: {m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f}; wall {result['wall_s']:.0f}s.",
         "",
         "## Per token count",
@@ -540,15 +553,14 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         "## Steered",
         "",
-        "| T | configs | op | table width | fill (host) | H2D sync | op | op / layer | (fill + op) / layer |",
+        "| T | configs | op | U | prepare, steady | prepare, all new | op | op / layer | × limit |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        sync = "–" if r["sync_us"] is None else f"{r['sync_us']:.1f} µs"
         lines.append(
-            f"| {r['tokens']} | {r['configs']} | {r['op']} x{r['ops_per_token']} | {r['table_width']} | "
-            f"{r['fill_us']:.1f} µs | {sync} | {_fmt_us(r['op_us'])} | {100 * r['op_over_layer']:.2f}% | "
-            f"{100 * r['fill_plus_op_over_layer']:.2f}% |"
+            f"| {r['tokens']} | {r['configs']} | {r['op']} x{r['ops_per_token']} | {r['working_set']} | "
+            f"{_fmt_us(r['prepare_steady_us'])} | {_fmt_us(r['prepare_all_new_us'])} | {_fmt_us(r['op_us'])} | "
+            f"{100 * r['op_over_layer']:.2f}% | {r['op_over_limit']:.1f} |"
         )
     if result["cuda_graph_verification"]:
         ok = sum(1 for v in result["cuda_graph_verification"] if v["ok"])

@@ -122,7 +122,9 @@ class SteeringService:
                 for w in self.config.monitoring.watchlist
                 if w.sae in monitored
             ]
-            observe = ObserveSpec(uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt), watch)
+            observe = ObserveSpec(
+                uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt), watch, list(monitored)
+            )
             xargs[OBSERVE_KEY] = observe.encode()
         if xargs:
             body["vllm_xargs"] = xargs

@@ -379,26 +379,27 @@ class WatchSpec(NamedTuple):
 
 
 class ObserveSpec(NamedTuple):
-    """What the workers should read for one request: SAEs, top-K, whether prompt tokens count too, and the
-    watchlist features of the monitored SAEs."""
+    """What the workers should read for one request: SAEs, top-K, whether prompt tokens count too, the
+    watchlist features of the monitored SAEs, and the SAEs whose L0 / reconstruction error feed monitoring."""
 
     cid: str  # correlation id: names the request's side-channel file (32 hex characters)
     saes: list[str]
     top_k: int
     prompt: bool
     watch: list[WatchSpec] = []
+    stats: list[str] = []  # monitored SAEs: the worker decodes for the error and L0 histograms only for these
 
     def encode(self) -> str:
-        payload = [self.cid, self.saes, self.top_k, self.prompt, [list(w) for w in self.watch]]
+        payload = [self.cid, self.saes, self.top_k, self.prompt, [list(w) for w in self.watch], self.stats]
         return signing.sign(json.dumps(payload, separators=(",", ":")))
 
     @classmethod
     def decode(cls, text: object) -> ObserveSpec:
         """Verify and decode; ValueError for anything we did not write or that is out of range."""
         data = json.loads(signing.verify(text))
-        if not isinstance(data, list) or len(data) != 5:
+        if not isinstance(data, list) or len(data) != 6:
             raise ValueError("observe spec: malformed")
-        cid, saes, top_k, prompt, watch = data
+        cid, saes, top_k, prompt, watch, stats = data
         ok = (
             isinstance(cid, str)
             and len(cid) == 32
@@ -419,7 +420,9 @@ class ObserveSpec(NamedTuple):
                 and math.isfinite(w[2])
                 for w in watch
             )
+            and isinstance(stats, list)
+            and all(isinstance(s, str) for s in stats)
         )
         if not ok:
             raise ValueError("observe spec: field out of range")
-        return cls(cid, saes, top_k, prompt, [WatchSpec(*w) for w in watch])
+        return cls(cid, saes, top_k, prompt, [WatchSpec(*w) for w in watch], stats)

@@ -1,13 +1,18 @@
 """The steering math on a block of tokens: pure tensor work, no host decisions (safe inside CUDA graphs).
 
-Each token row carries K operation slots: a bank row index and coefficients (a, b, bn). For slot k on token t:
-    f      = activation of bank row idx[t, k] read from x_t (only that one encoder row: O(K·d) per token)
+Token t carries K operation entries: a working-set column col[t, k], coefficients (a, b, bn) and a gate (does
+the entry apply at this token's position). With W working-set columns (the distinct bank rows in use):
+    F      = x @ enc[:W]^T                        (only when some entry reads a feature; [n, W], float32)
+    f      = activation of F[t, col[t, k]]        (the SAE's own nonlinearity, per-feature constants)
     c      = (a·f + b) · dir_scale · sigma_t  +  bn · |x_t| / |d|     (sigma_t: per-token decode scale, 1 mostly)
-    delta  = Σ_k c · dec[idx[t, k]]
-Unused slots have a = b = bn = 0, so they add nothing.
+    C      = Σ_k c scattered to column col[t, k]  ([n, W])
+    delta  = C @ dec[:W]                          ([n, d])
+Entries whose gate is off have c = 0, so they add nothing.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +28,7 @@ from steer_plugin.engine.bank import (
     NORM_KIND,
     THRESHOLD,
 )
+from steer_plugin.spec import POSITION_CODES
 
 COEF_A, COEF_B, COEF_BN = range(3)
 
@@ -48,37 +54,84 @@ def token_sigma(x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, to
     return sigma_in, sigma_out, mean
 
 
+def position_gate(
+    code: torch.Tensor, last_n: torch.Tensor, pos: torch.Tensor, prompt_len: torch.Tensor
+) -> torch.Tensor:
+    """Which entries apply. code/last_n [n, K], pos/prompt_len [n] -> [n, K] bool. `generation` means generated
+    tokens (position >= prompt length); an unused entry's code (-1) matches nothing."""
+    p, plen = pos[:, None], prompt_len[:, None]
+    in_prompt = p < plen
+    return (
+        (code == POSITION_CODES["all"])
+        | ((code == POSITION_CODES["prompt"]) & in_prompt)
+        | ((code == POSITION_CODES["generation"]) & ~in_prompt)
+        | ((code == POSITION_CODES["last_prompt_tokens"]) & in_prompt & (p >= plen - last_n))
+    )
+
+
 def feature_activations(
-    x: torch.Tensor, enc_rows: torch.Tensor, params: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations of the slots' features. x [n, d] f32, enc_rows [n, K, d], params [n, K, P] -> f [n, K], and
-    the per-slot decode multiplier [n, K]."""
-    sigma_in, sigma_out, mean = token_sigma(x, params)
-    dots = torch.einsum("nkd,nd->nk", enc_rows.float(), x)  # [n, K]
-    dots = dots - params[..., CENTER] * mean * params[..., COLSUM]
-    projected = params[..., IN_SCALE] * dots / sigma_in  # [n, K]
+    x: torch.Tensor, dots: torch.Tensor, params: torch.Tensor, norm: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Activations of the entries' features. x [n, d] f32, dots [n, K] (x · encoder row), params [n, K, P] ->
+    f [n, K], and the per-entry decode multiplier [n, K] (None: 1, when no entry's SAE normalises, norm=False)."""
+    projected = params[..., IN_SCALE] * dots  # [n, K]
+    sigma_out = None
+    if norm:
+        sigma_in, sigma_out, mean = token_sigma(x, params)
+        projected = (
+            projected - params[..., IN_SCALE] * params[..., CENTER] * mean * params[..., COLSUM]
+        ) / sigma_in
     gate = projected + params[..., GATE_BIAS]
     magnitude = params[..., MAG_MULT] * projected + params[..., MAG_BIAS]
     f = torch.relu(magnitude) * (gate > params[..., THRESHOLD])
     return f, sigma_out
 
 
-def steering_delta(
-    x: torch.Tensor,  # [n, d] residual stream after the layer
-    idx: torch.Tensor,  # [n, K] int64 bank rows
+class DeltaTerms(NamedTuple):
+    """Which parts of the formula some live entry needs (host flags: a False skips that work entirely)."""
+
+    read: bool = True  # an entry reads its feature (clamp, scale, ablate): the x @ enc^T GEMM
+    norm: bool = True  # a column's SAE normalises or centres its input: per-token sigma / mean
+    bn: bool = True  # a normalised add (coefficient times |x|)
+
+    @property
+    def needs_x(self) -> bool:
+        return self.read or self.norm or self.bn
+
+
+ALL_TERMS = DeltaTerms()  # what the fixed-shape (graph-captured) op always computes
+
+
+def working_set_delta(
+    x: torch.Tensor | None,  # [n, d] float32 residual stream after the layer (None when terms need no x)
+    cols: torch.Tensor,  # [n, K] int64 working-set columns (< width)
     coef: torch.Tensor,  # [n, K, 3] float32 (a, b, bn)
-    bank_dec: torch.Tensor,  # [N, d]
-    bank_enc: torch.Tensor,  # [N, d]
-    bank_params: torch.Tensor,  # [N, P]
+    applies: torch.Tensor,  # [n, K] bool
+    enc: torch.Tensor,  # [W, d] float32 encoder rows
+    dec: torch.Tensor,  # [W, d] decoder rows (bank dtype)
+    params: torch.Tensor,  # [W, P] float32
+    terms: DeltaTerms = ALL_TERMS,
 ) -> torch.Tensor:
     """Delta [n, d] (float32) to add to the residual of these tokens."""
-    xf = x.float()
-    params = bank_params[idx]  # [n, K, P]
-    f, sigma = feature_activations(xf, bank_enc[idx], params)  # [n, K]
-    norm = xf.norm(dim=-1, keepdim=True)  # [n, 1]
+    entry_params = params[cols]  # [n, K, P]
     a, b, bn = coef[..., COEF_A], coef[..., COEF_B], coef[..., COEF_BN]
-    # where() rather than a product, so that a term with a zero coefficient is exactly zero (not 0·inf).
-    read = torch.where(a != 0, a * f, torch.zeros_like(f))
-    normalised = torch.where(bn != 0, bn * norm * params[..., INV_DIR_NORM], torch.zeros_like(f))
-    c = (read + b) * params[..., DIR_SCALE] * sigma + normalised  # [n, K]
-    return torch.einsum("nk,nkd->nd", c, bank_dec[idx].float())  # [n, d]
+    if terms.read:
+        dots = (x @ enc.t()).gather(1, cols)  # [n, W] -> [n, K]
+        f, sigma = feature_activations(x, dots, entry_params, terms.norm)
+        # where() rather than a product, so that a term with a zero coefficient is exactly zero (not 0·inf).
+        c = torch.where(a != 0, a * f, torch.zeros_like(f)) + b
+    else:
+        sigma = token_sigma(x, entry_params)[1] if terms.norm else None
+        c = b
+    c = c * entry_params[..., DIR_SCALE]
+    if sigma is not None:
+        c = c * sigma
+    if terms.bn:
+        norm = x.norm(dim=-1, keepdim=True)  # [n, 1]
+        c = c + torch.where(bn != 0, bn * norm * entry_params[..., INV_DIR_NORM], torch.zeros_like(c))
+    c = torch.where(applies, c, torch.zeros_like(c))  # [n, K]
+    weights = torch.zeros(cols.shape[0], dec.shape[0], dtype=torch.float32, device=cols.device)  # [n, W]
+    weights.scatter_add_(1, cols, c)
+    if dec.dtype == torch.float32:
+        return weights @ dec
+    return (weights.to(dec.dtype) @ dec).float()  # [n, d]

@@ -19,15 +19,16 @@ ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
 
 
 class ObservedRows(NamedTuple):
-    """Tokens of one request to read with one SAE: capture slots at its layer and their positions."""
+    """Tokens of one request to read with one SAE: their token rows in this step and their positions."""
 
     cid: str
     sae_id: str
     top_k: int
-    slots: list[int]
+    rows: list[int]
     positions: list[int]
     num_prompt: int
     watch: tuple[tuple[int, float], ...] = ()  # (feature index, threshold): tested on every token
+    stats: bool = False  # monitored: L0 and reconstruction error go to the records and the histograms
 
 
 class Histogram:
@@ -59,14 +60,22 @@ class FeatureRead(NamedTuple):
 
 
 def read_features(
-    sae: SparseAutoencoder, x: torch.Tensor, top_k: int, watched: list[int] | None = None
+    sae: SparseAutoencoder,
+    x: torch.Tensor,
+    top_k: int,
+    watched: list[int] | None = None,
+    stats: bool = True,
 ) -> FeatureRead:
-    """x [n, d] -> top-k features, L0, relative reconstruction error and the watched features' activations."""
+    """x [n, d] -> top-k features, the watched features' activations and, with stats, L0 and the relative
+    reconstruction error (the decode is skipped without stats: its error is NaN then)."""
     x = x.to(sae.dtype)
     x_n, state = sae.normalise(x)
     f = sae.activate(sae.pre_activations(x_n), x_n)  # [n, d_sae]
-    x_hat = sae.decode(f, state)
-    err = (x - x_hat).float().pow(2).sum(-1) / x.float().pow(2).sum(-1).clamp_min(1e-12)  # [n]
+    if stats:
+        x_hat = sae.decode(f, state)
+        err = (x - x_hat).float().pow(2).sum(-1) / x.float().pow(2).sum(-1).clamp_min(1e-12)  # [n]
+    else:
+        err = torch.full((x.shape[0],), float("nan"))
     values, indices = torch.topk(f.float(), max(1, min(top_k, f.shape[-1])), dim=-1)
     watch = f[:, torch.tensor(watched or [], dtype=torch.long, device=f.device)].float()  # [n, w]
     return FeatureRead(values, indices, (f > 0).sum(-1), err, watch)
@@ -83,20 +92,27 @@ class Observer:
         self.tokens_observed = 0
 
     def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> None:
-        """groups' slots index into captures[sae_id] ([n_slots, d] steered residual rows). One encode per SAE."""
+        """groups' rows index into captures[sae_id] ([max_tokens, d] steered residual, by token row). One encode
+        per SAE."""
         records: dict[str, list[dict]] = {}
         for sae_id in dict.fromkeys(g.sae_id for g in groups):
             mine = [g for g in groups if g.sae_id == sae_id]
-            slots = [s for g in mine for s in g.slots]
+            rows = [r for g in mine for r in g.rows]
             top_k = max(g.top_k for g in mine)
             watched = sorted({i for g in mine for i, _ in g.watch})
             column = {index: c for c, index in enumerate(watched)}
+            stats = any(g.stats for g in mine)
             read = FeatureRead(
-                *(t.cpu() for t in read_features(self.saes[sae_id], captures[sae_id][slots], top_k, watched))
+                *(
+                    t.cpu()
+                    for t in read_features(self.saes[sae_id], captures[sae_id][rows], top_k, watched, stats)
+                )
             )
-            self.l0[sae_id].observe_many(read.l0.numpy())
-            self.error[sae_id].observe_many(read.error.numpy())
-            self.tokens_observed += len(slots)
+            if stats:  # histograms from the monitored requests' tokens only
+                monitored = np.concatenate([np.full(len(g.rows), g.stats, dtype=bool) for g in mine])
+                self.l0[sae_id].observe_many(read.l0.numpy()[monitored])
+                self.error[sae_id].observe_many(read.error.numpy()[monitored])
+            self.tokens_observed += len(rows)
             values, indices = read.values.tolist(), read.indices.tolist()
             l0, err, watch_values = read.l0.tolist(), read.error.tolist(), read.watched.tolist()
             row = 0
@@ -108,14 +124,9 @@ class Observer:
                         for i, v in zip(indices[row][: g.top_k], values[row][: g.top_k])
                         if v > 0
                     ]
-                    record = {
-                        "pos": pos,
-                        "P": g.num_prompt,
-                        "sae": sae_id,
-                        "top": top,
-                        "l0": l0[row],
-                        "err": round(err[row], 5),
-                    }
+                    record = {"pos": pos, "P": g.num_prompt, "sae": sae_id, "top": top}
+                    if g.stats:
+                        record["l0"], record["err"] = l0[row], round(err[row], 5)
                     fired = [
                         [index, round(watch_values[row][column[index]], 4)]
                         for index, threshold in g.watch

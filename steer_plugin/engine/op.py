@@ -1,8 +1,10 @@
-"""The steering op: an opaque torch custom op over persistent per-layer buffers.
+"""The steering op: an opaque torch custom op over persistent per-step and per-layer buffers.
 
 Compilers (dynamo/inductor) see only the op and its fake implementation, so a model compiled with the op in
-place runs its body on every step; a captured CUDA graph replays its kernels, reading whatever the tables
-hold at replay time. The body takes no per-step host decision while a graph is being captured.
+place runs its body on every step; a captured CUDA graph replays its kernels, reading whatever the buffers
+hold at replay time. While a graph is being captured the body takes no per-step host decision: it runs the
+fixed-shape variant over every row and the whole working set. Otherwise (eager, CPU, or a non-captured step)
+it runs the same math on the steered rows only and over the live working-set columns only.
 """
 
 from __future__ import annotations
@@ -10,54 +12,47 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
-from steer_plugin.engine.bank import LayerBank
-from steer_plugin.engine.delta import steering_delta
-from steer_plugin.engine.tables import LayerTables
+from steer_plugin.engine.delta import ALL_TERMS, DeltaTerms, position_gate, working_set_delta
+from steer_plugin.engine.step import StepMetadata
+from steer_plugin.engine.tables import NO_OP, LayerTables
 
 OP_NAMESPACE = "steer_plugin"
 logger = logging.getLogger("steer_plugin")
 
 
 class LayerRuntime:
-    """Everything the op needs at one layer: the bank, the tables, the capture buffer and the self-test probe."""
+    """Everything the op needs at one layer: the step metadata, the tables, the capture buffer and the probe."""
 
-    def __init__(self, bank: LayerBank, tables: LayerTables, max_graph_captures: int = 1):
-        self.bank = bank
+    def __init__(self, tables: LayerTables, step: StepMetadata, observable: bool):
         self.tables = tables
-        d_model = bank.dec.shape[1]
-        device = bank.dec.device
-        # Steered residual rows of observed tokens (inspect / monitoring), read after the forward.
-        self.capture = torch.zeros(tables.max_tokens, d_model, dtype=torch.float32, device=device)  # [M, d]
-        self.capture_rows_host = torch.zeros(
-            tables.max_tokens, dtype=torch.int64, pin_memory=device.type == "cuda"
+        self.step = step
+        self.layer = tables.bank.layer
+        d_model = tables.dec.shape[1]
+        device = tables.dec.device
+        self.observable = observable  # some SAE sits at this layer (inspect / monitoring may read it)
+        # Steered residual of observed rows (inspect / monitoring), indexed by token row, read after the forward.
+        self.capture = torch.zeros(
+            step.max_tokens if observable else 0, d_model, dtype=torch.float32, device=device
         )
-        self.capture_rows = (
-            self.capture_rows_host
-            if device.type == "cpu"
-            else torch.zeros_like(self.capture_rows_host, device=device)
-        )
-        self.num_capture = 0  # host int: observed rows this step (0 when the step was not prepared)
-        self.num_capture_written = 0  # host int: capture_rows entries the last prepare() wrote
-        self.max_graph_captures = max_graph_captures  # rows a captured graph copies (padding rows read row 0)
+        self.capture_rows: torch.Tensor | None = None  # eager: token rows to copy this step (set per step)
         self.seconds = 0.0  # host time in the op body (eager executions)
         # probe[0] is set to 1 whenever the op runs; probe[1] = the delta it added to row 0 (float32).
-        self.probe = torch.zeros(2, d_model, dtype=torch.float32, device=bank.dec.device)  # [2, d_model]
+        self.probe = torch.zeros(2, d_model, dtype=torch.float32, device=device)  # [2, d_model]
         self.calls = 0  # host count of eager executions (graph replays do not count)
-        self.mismatches = 0  # forwards whose prepared tables did not fit (left unsteered)
-
-    def capture_max_row(self, n: int) -> int:
-        return int(self.capture_rows_host[:n].max())
+        self.mismatches = 0  # forwards shorter than the prepared batch (left unsteered)
 
 
 def _log_mismatch(rt: LayerRuntime, num_tokens: int) -> None:
-    """Tables prepared for another batch (a forward that skipped preparation): leave this one unsteered."""
+    """Metadata prepared for a bigger batch (a forward that skipped preparation): leave this one unsteered."""
     rt.mismatches += 1
     if rt.mismatches <= 3:
         logger.error(
-            "steer_plugin: layer %d: steering tables do not match a forward of %d tokens; left unsteered",
-            rt.bank.layer,
+            "steer_plugin: layer %d: steering prepared for %d rows, forward has %d; left unsteered",
+            rt.layer,
+            rt.step.num_tokens,
             num_tokens,
         )
 
@@ -70,35 +65,135 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def apply_dense(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """All rows, fixed shapes: what a CUDA graph captures. Unsteered rows pass through torch.where untouched."""
-    num_tokens = residual.shape[0]
+BLOCK_COLUMNS = (
+    1024  # eager: above this many live columns, multiply per block of requests over its own columns
+)
+
+
+def steer_rows(
+    rt: LayerRuntime,
+    x: torch.Tensor | None,
+    slots: torch.Tensor,
+    pos: torch.Tensor,
+    width: int,
+    terms: DeltaTerms,
+    position_rules: bool,
+    blocks: list[tuple[int, int, int, int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta [n, d] float32, steered [n] bool) for n rows (x [n, d] float32: the residual stream after the layer,
+    None when `terms` need no x). blocks: (first row, end row, first column, end column) of row blocks whose
+    entries use only those columns (the GEMMs then run per block instead of over all `width` columns)."""
+    t, step = rt.tables, rt.step
+    cols = t.slot_col[slots]  # [n, K]
+    code = t.slot_code[slots]  # [n, K]
+    if position_rules:
+        applies = position_gate(code, t.slot_last_n[slots], pos, step.prompt_len[slots])  # [n, K]
+    else:
+        applies = code != NO_OP
+    # Steered (token, op) pairs by op, counted on the device (graph replays count too).
+    t.op_counts.index_add_(0, t.slot_op[slots].flatten(), applies.flatten().long())
+    coef = t.slot_coef[slots]  # [n, K, 3]
+    if blocks is None:
+        delta = working_set_delta(
+            x, cols, coef, applies, t.enc[:width], t.dec[:width], t.params[:width], terms
+        )
+    else:
+        delta = torch.empty(cols.shape[0], t.dec.shape[1], dtype=torch.float32, device=cols.device)
+        for r0, r1, c0, c1 in blocks:
+            local = (cols[r0:r1] - c0).clamp_(0, c1 - c0 - 1)  # unused entries point anywhere in the block
+            delta[r0:r1] = working_set_delta(
+                None if x is None else x[r0:r1],
+                local,
+                coef[r0:r1],
+                applies[r0:r1],
+                t.enc[c0:c1],
+                t.dec[c0:c1],
+                t.params[c0:c1],
+                terms,
+            )
+    return delta, applies.any(dim=-1)
+
+
+def column_blocks(rt: LayerRuntime, rows: np.ndarray) -> list[tuple[int, int, int, int]] | None:
+    """Row blocks (over the steered rows, in order) of whole requests whose live columns span at most
+    BLOCK_COLUMNS, or None when one GEMM over the working set is as cheap (few columns, or scattered ones)."""
     t = rt.tables
+    if t.width <= BLOCK_COLUMNS or rows.size < 2:
+        return None
+    slots = rt.step.token_slot_host.numpy()[rows]  # [n]
+    starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])  # first row of each request
+    ends = np.r_[starts[1:], slots.size]
+    request_slots = slots[starts]
+    live = t.slot_code_host.numpy()[request_slots] != NO_OP  # [R, K]
+    cols = t.slot_col_host.numpy()[request_slots]
+    lo = np.where(live, cols, t.capacity).min(axis=1)
+    hi = np.where(live, cols, -1).max(axis=1) + 1
+    blocks, b_start, b_lo, b_hi = [], 0, int(lo[0]), int(hi[0])
+
+    def close(first: int, last: int) -> None:  # a block with no live column multiplies over column 0
+        blocks.append((int(starts[first]), int(ends[last]), *((b_lo, b_hi) if b_hi > b_lo else (0, 1))))
+
+    for i in range(1, len(starts)):
+        new_lo, new_hi = min(b_lo, int(lo[i])), max(b_hi, int(hi[i]))
+        if new_hi - new_lo > BLOCK_COLUMNS:
+            close(b_start, i - 1)
+            b_start, new_lo, new_hi = i, int(lo[i]), int(hi[i])
+        b_lo, b_hi = new_lo, new_hi
+    close(b_start, len(starts) - 1)
+    if len(blocks) == 1:
+        return None
+    return blocks
+
+
+def apply_fixed_shape(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """All rows, the whole working set: what a CUDA graph captures. Unsteered rows pass through untouched."""
+    num_tokens = residual.shape[0]
     x = hidden.float() + residual.float()  # [T, d] residual stream after the layer
-    delta = steering_delta(
-        x, t.idx[:num_tokens], t.coef[:num_tokens], rt.bank.dec, rt.bank.enc, rt.bank.params
+    step = rt.step
+    delta, steered = steer_rows(
+        rt,
+        x,
+        step.token_slot[:num_tokens],
+        step.token_pos[:num_tokens],
+        rt.tables.capacity,
+        ALL_TERMS,
+        position_rules=True,
     )
-    steered = (residual.float() + delta).to(residual.dtype)
-    rt.probe[1].copy_(delta[0] * t.mask[0])
-    return torch.where(t.mask[:num_tokens, None], steered, residual)
+    out = torch.where(steered[:, None], (residual.float() + delta).to(residual.dtype), residual)
+    rt.probe[1].copy_(delta[0] * steered[0])
+    if rt.observable:  # every row: no row index that a replay could find stale
+        rt.capture[:num_tokens].copy_(hidden.float() + out.float())
+    return out
 
 
-def apply_sparse(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """Only the steered rows (the host knows how many); other rows are copied bit for bit."""
+def apply_eager(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Only the steered rows, only the live working-set columns; other rows are copied bit for bit."""
     out = residual.clone()
-    n = rt.tables.num_rows
-    if n == 0:
-        return out
-    if int(rt.tables.rows_host[n - 1]) >= residual.shape[0]:  # rows ascend; tables of another batch
+    step, t = rt.step, rt.tables
+    if step.num_tokens > residual.shape[0]:
         _log_mismatch(rt, residual.shape[0])
         return out
-    rows = rt.tables.rows[:n]  # [n]
-    x = hidden[rows].float() + residual[rows].float()  # [n, d]
-    t = rt.tables
-    delta = steering_delta(x, t.idx[rows], t.coef[rows], rt.bank.dec, rt.bank.enc, rt.bank.params)
-    out[rows] = (residual[rows].float() + delta).to(residual.dtype)
-    if int(t.rows_host[0]) == 0:
-        rt.probe[1].copy_(delta[0])
+    n = step.steered_rows_host.size
+    if n and t.width:
+        every_row = n == residual.shape[0]
+        rows = step.steered_rows
+        res = residual if every_row else residual[rows]  # [n, d]
+        terms = t.terms
+        x = (hidden if every_row else hidden[rows]).float() + res.float() if terms.needs_x else None
+        slots = step.token_slot[:n] if every_row else step.token_slot[rows]
+        pos = step.token_pos[:n] if every_row else step.token_pos[rows]
+        blocks = column_blocks(rt, step.steered_rows_host)
+        delta, steered = steer_rows(rt, x, slots, pos, t.width, terms, t.position_rules, blocks)
+        new = torch.where(steered[:, None], (res.float() + delta).to(residual.dtype), res)
+        if every_row:
+            out = new
+        else:
+            out[rows] = new
+        if int(step.steered_rows_host[0]) == 0:
+            rt.probe[1].copy_(delta[0] * steered[0])
+    rows = rt.capture_rows
+    if rows is not None and rows.numel():
+        rt.capture[rows] = hidden[rows].float() + out[rows].float()
     return out
 
 
@@ -109,21 +204,11 @@ def steer_residual(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> 
     if rt is None or residual.shape[0] == 0:
         return residual.clone()
     if _capturing():
-        out = apply_dense(rt, hidden, residual)
-        width = min(rt.max_graph_captures, rt.capture.shape[0])
-        # Clamped in the graph: whatever a replay finds in capture_rows indexes a row of this batch.
-        rows = rt.capture_rows[:width].clamp(0, residual.shape[0] - 1)
-        rt.capture[:width].copy_(hidden[rows].float() + out[rows].float())
+        out = apply_fixed_shape(rt, hidden, residual)
     else:
         started = time.perf_counter()
         rt.calls += 1
-        out = apply_sparse(rt, hidden, residual)
-        n = rt.num_capture
-        if n and rt.capture_max_row(n) < residual.shape[0]:
-            rows = rt.capture_rows[:n]
-            rt.capture[:n] = hidden[rows].float() + out[rows].float()
-        elif n:
-            _log_mismatch(rt, residual.shape[0])
+        out = apply_eager(rt, hidden, residual)
         rt.seconds += time.perf_counter() - started
     rt.probe[0].fill_(1.0)
     return out

@@ -19,7 +19,9 @@ from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import LayerBank, build_layer_bank
 from steer_plugin.engine.observe import ObservedRows, Observer
-from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables, RequestSlice
+from steer_plugin.engine.slots import SlotPlanner
+from steer_plugin.engine.step import StepMetadata
+from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
 from steer_plugin.spec import ObserveSpec, ResolvedOp, decode_wire
 
 logger = logging.getLogger("steer_plugin")
@@ -66,23 +68,30 @@ class Steerer:
             vectors = [(v.id, v.vector) for v in self.assets.vectors.values() if v.layer == layer]
             dtype = self._bank_dtype(model_dtype)
             self.banks[layer] = build_layer_bank(layer, saes, vectors, device, dtype)
-        self.tables = {layer: LayerTables(max_tokens, self.max_ops, device) for layer in self.banks}
+        self.step = StepMetadata(max_tokens, max_seqs, device)
+        self.tables = {
+            layer: LayerTables(bank, max_seqs, self.max_ops, self._working_set_rows(bank, max_seqs), device)
+            for layer, bank in self.banks.items()
+        }
+        sae_layers = {s.layer for s in self.assets.saes.values()}
         self.runtimes = {
-            layer: steer_op.LayerRuntime(self.banks[layer], self.tables[layer], max_seqs)
+            layer: steer_op.LayerRuntime(self.tables[layer], self.step, observable=layer in sae_layers)
             for layer in self.banks
         }
         self._plans: dict[str, tuple[str, dict[int, LayerPlan]]] = {}
         self._observes: dict[str, tuple[str, ObserveSpec | None]] = {}
         self._observed: list[ObservedRows] = []
+        self.slots = SlotPlanner(
+            self.step, self.tables, on_capacity=lambda req_id, err: self._reject("capacity", req_id, err)
+        )
         self.observer = Observer(self._sae_views(), write=tp_rank == 0)  # TP ranks compute the same
         self.features_applied: dict[str, int] = {}
         self.rejected_messages: dict[str, int] = {}  # messages dropped in this worker, by kind
         self.step_errors = 0  # steps whose steering or observation failed (run unsteered instead)
         self.ranks = {"pp": pp_rank, "tp": tp_rank}
         self.bank_bytes = sum(b.nbytes() for b in self.banks.values())
-        self.table_bytes = sum(
-            t.idx.numel() * 8 + t.coef.numel() * 4 + t.mask.numel() + t.rows.numel() * 8
-            for t in self.tables.values()
+        self.table_bytes = sum(t.nbytes() for t in self.tables.values()) + sum(
+            rt.capture.numel() * 4 for rt in self.runtimes.values()
         )
         logger.info(
             "steer_plugin: %d SAE(s), %d vector(s) on layers %s; banks %.1f MiB, tables %.1f MiB on %s (%.1fs)",
@@ -109,6 +118,11 @@ class Steerer:
                     setattr(sae, name, getattr(sae, name).to(device=bank.dec.device, dtype=bank.dec.dtype))
             views[loaded.id] = sae
         return views
+
+    def _working_set_rows(self, bank: LayerBank, max_seqs: int) -> int:
+        """Every slot's every op fits unless the operator asked for fewer (a smaller graph-captured GEMM)."""
+        wanted = self.config.limits.working_set_rows or max_seqs * self.max_ops
+        return max(1, min(wanted, bank.num_rows))
 
     def _bank_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         requested = {s.dtype for s in self.config.saes} - {"auto"}
@@ -169,6 +183,7 @@ class Steerer:
             spec = spec._replace(
                 saes=[s for s in spec.saes if s in saes],
                 watch=[w for w in spec.watch if w.sae in saes and w.index < saes[w.sae].d_sae],
+                stats=[s for s in spec.stats if s in saes],
             )
         except Exception as err:
             self._reject("observe", req_id, err)
@@ -187,11 +202,13 @@ class Steerer:
             self._observes = {k: v for k, v in self._observes.items() if k in keep}
 
     def _plan_captures(self, batch: BatchView) -> None:
-        """Which steered-residual rows to copy out this step, per layer, for observed requests."""
+        """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
         self._observed = []
-        rows_by_layer: dict[int, dict[int, int]] = {layer: {} for layer in self.banks}
+        if not batch.observe_specs or not any(batch.observe_specs):
+            return
+        rows_by_layer: dict[int, set[int]] = {}
         qs = batch.query_start
-        for i, text in enumerate(batch.observe_specs or []):
+        for i, text in enumerate(batch.observe_specs):
             if not text:
                 continue
             spec = self.observe_for(batch.req_ids[i], text)
@@ -209,33 +226,21 @@ class Steerer:
                 continue
             for sae_id in spec.saes:
                 layer = self.assets.saes[sae_id].layer
-                slots = rows_by_layer[layer]
-                for r in rows:
-                    slots.setdefault(r, len(slots))
+                rows_by_layer.setdefault(layer, set()).update(rows)
                 self._observed.append(
                     ObservedRows(
                         spec.cid,
                         sae_id,
                         spec.top_k,
-                        [slots[r] for r in rows],
+                        rows,
                         [first + r - start for r in rows],
                         prompt_len,
                         tuple((w.index, w.threshold) for w in spec.watch if w.sae == sae_id),
+                        stats=sae_id in spec.stats,
                     )
                 )
-        for layer, slots in rows_by_layer.items():
-            rt = self.runtimes[layer]
-            n = min(len(slots), rt.capture.shape[0])
-            # Slots past n read row 0 (a captured graph copies max_graph_captures rows): no stale row index
-            # from an earlier, larger step survives into this one.
-            width = max(n, min(rt.max_graph_captures, rt.capture.shape[0]), rt.num_capture_written)
-            rt.capture_rows_host[:width] = 0
-            if n:
-                rt.capture_rows_host[:n] = torch.tensor(list(slots)[:n])
-            if width and rt.capture_rows is not rt.capture_rows_host:
-                rt.capture_rows[:width].copy_(rt.capture_rows_host[:width], non_blocking=True)
-            rt.num_capture = n
-            rt.num_capture_written = n
+        for layer, rows in rows_by_layer.items():
+            self.runtimes[layer].capture_rows = torch.tensor(sorted(rows), device=self.device)
 
     def after_forward(self) -> None:
         """Read the features of this step's observed tokens (outside the model forward and any graph)."""
@@ -253,9 +258,9 @@ class Steerer:
         """Until the next prepare(), the op steers and captures nothing: forwards that skip preparation
         (warm-up, profile and dummy runs, idle data-parallel ranks) never read this step's rows."""
         self._observed = []
+        self.step.disarm()
         for rt in self.runtimes.values():
-            rt.tables.num_rows = 0
-            rt.num_capture = 0
+            rt.capture_rows = None
 
     def prepare_or_disarm(self, batch_view) -> None:
         """prepare(batch_view()) for the coming forward; on any error, log it, count it and run the step
@@ -281,7 +286,7 @@ class Steerer:
         """Cumulative worker figures, pulled by the API server for /metrics."""
         steered = {name: 0 for name in OP_NAMES if name != "selftest"}
         for tables in self.tables.values():
-            for name, count in zip(OP_NAMES, tables.op_counts.tolist()):
+            for name, count in tables.counts_by_op().items():
                 if name in steered:
                     steered[name] += count
         return {
@@ -305,34 +310,24 @@ class Steerer:
     # --- per step ------------------------------------------------------------------------------------------
 
     def prepare(self, batch: BatchView) -> int:
-        """Fill every layer's tables for this forward; returns the number of steered (row, layer) pairs."""
-        slices: dict[int, list[RequestSlice]] = {layer: [] for layer in self.banks}
-        qs = batch.query_start
-        for i, (req_id, wire) in enumerate(zip(batch.req_ids, batch.wire_specs)):
-            if wire is None:
-                continue
-            start, end = int(qs[i]), int(qs[i + 1])
-            if end <= start:
-                continue
-            for layer, plan in self.plan_for(req_id, wire).items():
-                slices[layer].append(
-                    RequestSlice(
-                        start, end - start, int(batch.num_computed[i]), int(batch.num_prompt[i]), plan
-                    )
-                )
+        """Write this step's token metadata (and the plans of requests that took a slot); returns the number of
+        token rows that belong to steered requests."""
+        steered = self.slots.write_step(
+            batch.req_ids,
+            batch.wire_specs,
+            batch.num_prompt,
+            batch.query_start,
+            batch.num_computed,
+            self.plan_for,
+        )
         self._plan_captures(batch)
-        total = 0
-        for layer, tables in self.tables.items():
-            total += tables.fill(slices[layer])
-            tables.sync_to_device(int(qs[-1]) if len(qs) else 0)
         self._prune_plans(batch.req_ids)
-        return total
+        return steered
 
     def clear(self) -> None:
-        """Back to "no steering" on every row, on the host and the device."""
-        for tables in self.tables.values():
-            tables.clear()
-            tables.sync_to_device(0)
+        """Back to "no steering" on every row and slot, on the host and the device."""
+        self.slots.clear()
+        self.disarm()
 
     # --- start-up self-test ------------------------------------------------------------------------------
 
@@ -343,17 +338,21 @@ class Steerer:
         decode steps (same compile mode, same graphs). Raises SelfTestError otherwise.
         """
         value = 2.0
-        for layer, tables in self.tables.items():
-            plan = LayerPlan(
+        self.clear()
+        plans = {
+            layer: LayerPlan(
                 bank_rows=np.array([self.banks[layer].row("selftest", "selftest", 0)]),
                 coef=np.array([[0.0, value, 0.0]], dtype=np.float32),
                 positions=np.array([0], dtype=np.int8),
                 last_n=np.array([0]),
                 op_codes=np.array([OP_NAMES.index("selftest")], dtype=np.int8),
             )
-            tables.fill([RequestSlice(0, 1, 1, 1, plan)])
-            tables.sync_to_device(1)
-            self.runtimes[layer].probe.fill_(float("nan"))
+            for layer in self.tables
+        }
+        slot = self.slots.take("steer_plugin-self-test", "self-test", 1, plans)
+        self.step.write(np.array([slot]), np.array([0, 1]), np.array([1]))
+        for rt in self.runtimes.values():
+            rt.probe.fill_(float("nan"))
         try:
             run_decode_step()
         finally:

@@ -1,28 +1,30 @@
-"""Persistent per-token steering tables for one layer, refilled on the host before every forward.
+"""Persistent per-layer steering tables: each slot's plan and the layer's working set of bank rows.
 
-Row t of the tables belongs to token row t of the flattened batch. Rows that nothing steers (including
-padding and warm-up rows) keep index 0 and zero coefficients with mask False, so the op leaves them exactly
-as they were. The device copies have fixed addresses, which is what a captured CUDA graph needs.
+A slot's plan (up to max_ops operations) is written when a request takes or leaves the slot, never per step.
+Operations name columns of the working set, a compact copy of the bank rows that some live slot uses (encoder
+rows in float32 for exact feature reads, decoder rows in the bank's dtype, per-row constants), so the op is two
+skinny GEMMs over `width` columns instead of a gather of K rows per token. Slot row NULL (the last) and unused
+operation entries have code NO_OP: they never apply. The device copies have fixed addresses (CUDA graphs).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from steer_plugin.engine.bank import CENTER, NORM_KIND, LayerBank
+from steer_plugin.engine.delta import DeltaTerms
 from steer_plugin.spec import POSITION_CODES
 
-logger = logging.getLogger(__name__)
-
-_ALL, _PROMPT, _GENERATION, _LAST_PROMPT = (
-    POSITION_CODES[k] for k in ("all", "prompt", "generation", "last_prompt_tokens")
-)
-
+logger = logging.getLogger("steer_plugin")
 
 OP_NAMES = ("add", "clamp", "scale", "ablate", "vector", "selftest")
+NO_OP = -1  # position code of an unused operation entry
+UNUSED_OP_BIN = len(OP_NAMES)  # op-count bin of unused entries (never reported)
 
 
 class LayerPlan(NamedTuple):
@@ -34,117 +36,170 @@ class LayerPlan(NamedTuple):
     last_n: np.ndarray  # [m] int64
     op_codes: np.ndarray  # [m] int8 index into OP_NAMES
 
-
-class RequestSlice(NamedTuple):
-    """A request's tokens in this step: rows start..start+num_tokens, positions first_position.. ."""
-
-    start: int
-    num_tokens: int
-    first_position: int
-    num_prompt_tokens: int
-    plan: LayerPlan
+    @property
+    def reads_features(self) -> bool:
+        return bool((self.coef[:, 0] != 0).any())
 
 
-def position_mask(
-    positions: np.ndarray, prompt_len: int, codes: np.ndarray, last_n: np.ndarray
-) -> np.ndarray:
-    """Which (token, op) pairs apply. `generation` means generated tokens: position >= prompt length."""
-    in_prompt = positions < prompt_len
-    return (
-        (codes == _ALL)
-        | ((codes == _PROMPT) & in_prompt)
-        | ((codes == _GENERATION) & ~in_prompt)
-        | ((codes == _LAST_PROMPT) & in_prompt & (positions >= prompt_len - last_n))
-    )
+class WorkingSetFull(RuntimeError):
+    """More distinct bank rows in use at one layer than its working set holds."""
 
 
 class LayerTables:
-    """Host tables plus their device mirrors, sized for max_tokens rows and max_ops slots per row."""
+    """Slot plans [S + 1, K] and the working set [capacity] of one layer, on the host and the device."""
 
-    def __init__(self, max_tokens: int, max_ops: int, device: torch.device):
-        self.max_tokens = max_tokens
+    def __init__(self, bank: LayerBank, max_slots: int, max_ops: int, capacity: int, device: torch.device):
+        self.bank = bank
         self.max_ops = max_ops
+        self.capacity = capacity
+        d_model = bank.dec.shape[1]
         pin = device.type == "cuda"
-        self.idx_host = torch.zeros(max_tokens, max_ops, dtype=torch.int64, pin_memory=pin)  # [M, K]
-        self.coef_host = torch.zeros(max_tokens, max_ops, 3, dtype=torch.float32, pin_memory=pin)  # [M, K, 3]
-        self.mask_host = torch.zeros(max_tokens, dtype=torch.bool, pin_memory=pin)  # [M]
-        self.rows_host = torch.zeros(
-            max_tokens, dtype=torch.int64, pin_memory=pin
-        )  # [M] steered rows, packed
+        slots = max_slots + 1  # + the NULL slot
+
+        def host(shape, dtype, fill=0):
+            return torch.full(shape, fill, dtype=dtype, pin_memory=pin)
+
+        self.slot_col_host = host((slots, max_ops), torch.int64)  # [S+1, K] working-set column
+        self.slot_coef_host = host((slots, max_ops, 3), torch.float32)  # [S+1, K, 3] (a, b, bn)
+        self.slot_code_host = host((slots, max_ops), torch.int64, NO_OP)  # [S+1, K] position code
+        self.slot_last_n_host = host((slots, max_ops), torch.int64)  # [S+1, K]
+        self.slot_op_host = host((slots, max_ops), torch.int64, UNUSED_OP_BIN)  # [S+1, K] OP_NAMES index
         on_host = device.type == "cpu"
-        self.idx = self.idx_host if on_host else torch.zeros_like(self.idx_host, device=device)
-        self.coef = self.coef_host if on_host else torch.zeros_like(self.coef_host, device=device)
-        self.mask = self.mask_host if on_host else torch.zeros_like(self.mask_host, device=device)
-        self.rows = self.rows_host if on_host else torch.zeros_like(self.rows_host, device=device)
-        self.num_rows = 0  # steered rows this step (host int, read by the op outside graph capture)
-        self.op_counts = np.zeros(len(OP_NAMES), dtype=np.int64)  # steered (token, op) pairs so far, by op
-        self._written_rows = np.zeros(0, dtype=np.int64)
-        self._extent = 0  # rows [0, extent) may differ from zero on the device
-        self._copied = torch.cuda.Event() if device.type == "cuda" else None  # host rows are reused after it
+        mirror = (lambda t: t) if on_host else (lambda t: t.to(device))
+        self.slot_col = mirror(self.slot_col_host)
+        self.slot_coef = mirror(self.slot_coef_host)
+        self.slot_code = mirror(self.slot_code_host)
+        self.slot_last_n = mirror(self.slot_last_n_host)
+        self.slot_op = mirror(self.slot_op_host)
+        # The working set: device only, rows copied from the bank on the device when a column is taken.
+        self.enc = torch.zeros(capacity, d_model, dtype=torch.float32, device=device)  # [C, d]
+        self.dec = torch.zeros(capacity, d_model, dtype=bank.dec.dtype, device=device)  # [C, d]
+        self.params = torch.zeros(
+            capacity, bank.params.shape[1], dtype=torch.float32, device=device
+        )  # [C, P]
+        self.op_counts = torch.zeros(len(OP_NAMES) + 1, dtype=torch.int64, device=device)  # (token, op) pairs
+        # Per bank row: does its SAE normalise or centre the input (then the op needs per-token sigma / mean)?
+        self._bank_norm = ((bank.params[:, NORM_KIND] != 0) | (bank.params[:, CENTER] != 0)).cpu().numpy()
+        self._col_of_row: dict[int, int] = {}  # bank row -> working-set column
+        self._row_of_col = np.full(capacity, -1, dtype=np.int64)
+        self._refs = np.zeros(capacity, dtype=np.int64)
+        self._free = list(range(capacity))  # min-heap: low columns first keeps `width` small
+        self.width = 0  # columns [0, width) may be live: what the eager op multiplies over
+        # Live slots whose plan needs: a feature read (clamp, scale, ablate), a normalised add (bn), a position
+        # rule other than "all"; and live columns whose SAE normalises or centres its input.
+        self._slot_flags = np.zeros((slots, 3), dtype=np.int64)
+        self._flag_counts = np.zeros(3, dtype=np.int64)
+        self._norm_columns = 0
 
-    def clear(self) -> None:
-        if self._copied is not None:
-            self._copied.synchronize()  # the last step's async copies still read the pinned host rows
-        rows = self._written_rows
-        if rows.size:
-            self.idx_host.numpy()[rows] = 0
-            self.coef_host.numpy()[rows] = 0.0
-            self.mask_host.numpy()[rows] = False
-        self._written_rows = np.zeros(0, dtype=np.int64)
-        self.num_rows = 0
+    # --- writes when a slot changes hands ------------------------------------------------------------------
 
-    def fill(self, slices: list[RequestSlice]) -> int:
-        """Write this step's steered tokens; returns the number of steered rows."""
-        self.clear()
-        token_rows, op_refs = [], []
-        for s in slices:
-            m = len(s.plan.bank_rows)
-            offsets = np.repeat(
-                np.arange(s.num_tokens, dtype=np.int64), m
-            )  # token-major: each token's ops in order
-            ops = np.tile(np.arange(m), s.num_tokens)
-            keep = position_mask(
-                s.first_position + offsets, s.num_prompt_tokens, s.plan.positions[ops], s.plan.last_n[ops]
-            )
-            if keep.any():
-                token_rows.append(s.start + offsets[keep])
-                op_refs.append((s.plan, ops[keep]))
-        if not token_rows:
-            return 0
-        rows = np.concatenate(token_rows)  # sorted: requests ascend, tokens ascend within a request
-        bank_rows = np.concatenate([plan.bank_rows[ops] for plan, ops in op_refs])
-        op_codes = np.concatenate([plan.op_codes[ops] for plan, ops in op_refs])
-        self.op_counts += np.bincount(op_codes, minlength=len(OP_NAMES))
-        coef = np.concatenate([plan.coef[ops] for plan, ops in op_refs])
-        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        counts = np.diff(np.r_[starts, rows.size])
-        slots = np.arange(rows.size) - np.repeat(starts, counts)
-        if slots.max() >= self.max_ops:  # requests are validated against this; never crash the engine
-            logger.error(
-                "steering: more than %d ops on one token at one layer; extra ops dropped", self.max_ops
-            )
-            ok = slots < self.max_ops
-            rows, bank_rows, coef, slots = rows[ok], bank_rows[ok], coef[ok], slots[ok]
-        unique_rows = rows[starts]
-        self.idx_host.numpy()[rows, slots] = bank_rows
-        self.coef_host.numpy()[rows, slots] = coef
-        self.mask_host.numpy()[unique_rows] = True
-        self.rows_host.numpy()[: unique_rows.size] = unique_rows
-        self._written_rows = unique_rows
-        self.num_rows = int(unique_rows.size)
-        return self.num_rows
+    def set_slot(self, slot: int, plan: LayerPlan | None) -> None:
+        """Replace slot's plan at this layer (None: no operations)."""
+        old = self.slot_col_host.numpy()[slot][self.slot_code_host.numpy()[slot] != NO_OP]
+        for col in old.tolist():
+            self._unref(col)
+        m = 0 if plan is None else len(plan.bank_rows)
+        if m > self.max_ops:  # requests are validated against this; never crash the engine
+            logger.error("steering: %d ops on one token at layer %d; extra ops dropped", m, self.bank.layer)
+            m = self.max_ops
+        cols = np.zeros(self.max_ops, dtype=np.int64)
+        taken = 0
+        try:
+            for k in range(m):
+                cols[k] = self._ref(int(plan.bank_rows[k]))
+                taken += 1
+        except WorkingSetFull:
+            for col in cols[:taken].tolist():
+                self._unref(col)
+            self._write_slot(slot, None, np.zeros_like(cols), 0)
+            raise
+        self._write_slot(slot, plan, cols, m)
 
-    def sync_to_device(self, num_tokens: int) -> None:
-        """Stream-ordered copies of the rows that changed since the last step (no-op on CPU)."""
-        if self.idx is self.idx_host:
+    def _write_slot(self, slot: int, plan: LayerPlan | None, cols: np.ndarray, m: int) -> None:
+        self.slot_col_host.numpy()[slot] = cols
+        coef, code, last_n, op = (
+            t.numpy()[slot]
+            for t in (self.slot_coef_host, self.slot_code_host, self.slot_last_n_host, self.slot_op_host)
+        )
+        coef[:] = 0.0
+        code[:] = NO_OP
+        last_n[:] = 0
+        op[:] = UNUSED_OP_BIN
+        if m:
+            coef[:m] = plan.coef[:m]
+            code[:m] = plan.positions[:m]
+            last_n[:m] = plan.last_n[:m]
+            op[:m] = plan.op_codes[:m]
+        flags = np.array(
+            [(coef[:m, 0] != 0).any(), (coef[:m, 2] != 0).any(), (code[:m] != POSITION_CODES["all"]).any()],
+            dtype=np.int64,
+        )
+        self._flag_counts += flags - self._slot_flags[slot]
+        self._slot_flags[slot] = flags
+        if self.slot_col is not self.slot_col_host:
+            for dev, src in (
+                (self.slot_col, self.slot_col_host),
+                (self.slot_coef, self.slot_coef_host),
+                (self.slot_code, self.slot_code_host),
+                (self.slot_last_n, self.slot_last_n_host),
+                (self.slot_op, self.slot_op_host),
+            ):
+                dev[slot].copy_(src[slot])  # synchronous: the pinned host row is rewritten later
+
+    def _ref(self, bank_row: int) -> int:
+        col = self._col_of_row.get(bank_row)
+        if col is None:
+            if not self._free:
+                raise WorkingSetFull(
+                    f"layer {self.bank.layer}: all {self.capacity} working-set rows are in use "
+                    "(raise limits.working_set_rows)"
+                )
+            col = heapq.heappop(self._free)
+            self._col_of_row[bank_row] = col
+            self._row_of_col[col] = bank_row
+            self.enc[col].copy_(self.bank.enc[bank_row])
+            self.dec[col].copy_(self.bank.dec[bank_row])
+            self.params[col].copy_(self.bank.params[bank_row])
+            self.width = max(self.width, col + 1)
+            self._norm_columns += self._normalises(bank_row)
+        self._refs[col] += 1
+        return col
+
+    def _unref(self, col: int) -> None:
+        self._refs[col] -= 1
+        if self._refs[col]:
             return
-        extent = max(self._extent, int(self._written_rows.max()) + 1 if self._written_rows.size else 0)
-        extent = min(max(extent, 0), self.max_tokens)
-        if extent:
-            self.idx[:extent].copy_(self.idx_host[:extent], non_blocking=True)
-            self.coef[:extent].copy_(self.coef_host[:extent], non_blocking=True)
-            self.mask[:extent].copy_(self.mask_host[:extent], non_blocking=True)
-        if self.num_rows:
-            self.rows[: self.num_rows].copy_(self.rows_host[: self.num_rows], non_blocking=True)
-        self._extent = int(self._written_rows.max()) + 1 if self._written_rows.size else 0
-        self._copied.record()
+        bank_row = int(self._row_of_col[col])
+        self._norm_columns -= self._normalises(bank_row)
+        del self._col_of_row[bank_row]
+        self._row_of_col[col] = -1
+        self.dec[col].zero_()  # a free column adds exactly nothing, even through a stale coefficient
+        heapq.heappush(self._free, col)
+        if col + 1 == self.width:
+            live = np.flatnonzero(self._row_of_col >= 0)
+            self.width = int(live[-1]) + 1 if live.size else 0
+
+    def _normalises(self, bank_row: int) -> int:
+        return int(bool(self._bank_norm[bank_row]))
+
+    @property
+    def terms(self) -> DeltaTerms:
+        """The formula's parts that some live slot needs (the eager op skips the rest)."""
+        reads, bn, _ = self._flag_counts.tolist()
+        return DeltaTerms(read=reads > 0, norm=self._norm_columns > 0, bn=bn > 0)
+
+    @property
+    def position_rules(self) -> bool:
+        """Some live slot steers only some positions (prompt, generation, last prompt tokens)."""
+        return bool(self._flag_counts[2])
+
+    @property
+    def reading_slots(self) -> int:
+        return int(self._flag_counts[0])
+
+    def counts_by_op(self) -> dict[str, int]:
+        return dict(zip(OP_NAMES, self.op_counts.tolist()[: len(OP_NAMES)]))
+
+    def nbytes(self) -> int:
+        tensors = (self.slot_col, self.slot_coef, self.slot_code, self.slot_last_n, self.slot_op)
+        return sum(t.numel() * t.element_size() for t in (*tensors, self.enc, self.dec, self.params))

@@ -7,7 +7,7 @@ from steer_adapters.hf.reference import token_delta
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine.bank import build_layer_bank
-from steer_plugin.engine.delta import steering_delta
+from steer_plugin.engine.delta import ALL_TERMS, DeltaTerms, working_set_delta
 from steer_plugin.sae.model import SparseAutoencoder
 from steer_plugin.spec import POSITION_CODES, ResolvedOp
 
@@ -52,6 +52,12 @@ SAE_CASES = {
 }
 
 
+def bank_delta(x, idx, coef, bank, terms=ALL_TERMS):
+    """The op's math with the whole bank as the working set and every entry applying."""
+    applies = torch.ones(idx.shape, dtype=torch.bool)
+    return working_set_delta(x, idx, coef, applies, bank.enc.float(), bank.dec, bank.params, terms)
+
+
 def op(kind, source, index, a, b, bn=0.0):
     return ResolvedOp(kind, source, index, 3, a, b, bn, POSITION_CODES["all"], 0)
 
@@ -75,9 +81,12 @@ def test_delta_matches_reference(case):
     x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(1)) * 3
     idx = torch.tensor([[bank.row(o.kind, o.source, o.index) for o in ops]] * len(x))
     coef = torch.tensor([[[o.a, o.b, o.bn] for o in ops]] * len(x), dtype=torch.float32)
-    got = steering_delta(x, idx, coef, bank.dec, bank.enc, bank.params)
+    got = bank_delta(x, idx, coef, bank)
     want = torch.stack([token_delta(row, ops, assets, 0, 1) for row in x])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if sae.per_token_norm == "none" and not sae.center_input:  # what the eager op runs for such an SAE
+        lean = bank_delta(x, idx, coef, bank, DeltaTerms(read=True, norm=False, bn=True))
+        torch.testing.assert_close(lean, want, rtol=1e-4, atol=1e-5)
 
 
 def test_clamp_sets_the_feature_and_keeps_the_reconstruction_error():
@@ -89,7 +98,7 @@ def test_clamp_sets_the_feature_and_keeps_the_reconstruction_error():
     i, v = 9, 6.0
     idx = torch.full((4, 1), i)
     coef = torch.tensor([[[-1.0, v, 0.0]]] * 4)
-    steered = x + steering_delta(x, idx, coef, bank.dec, bank.enc, bank.params)
+    steered = x + bank_delta(x, idx, coef, bank)
     f_clamped = f.clone()
     f_clamped[:, i] = v
     error = x - (f @ sae.W_dec + sae.b_dec)
@@ -100,7 +109,33 @@ def test_unused_slots_add_nothing():
     sae = random_sae("relu")
     bank = build_layer_bank(3, [("s", sae)], [], torch.device("cpu"), torch.float32)
     x = torch.randn(3, D_IN)
-    delta = steering_delta(
-        x, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, 3), bank.dec, bank.enc, bank.params
-    )
+    delta = bank_delta(x, torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, 3), bank)
     assert torch.equal(delta, torch.zeros_like(delta))
+
+
+@pytest.mark.parametrize("case", ["relu", "layer_norm", "constant_norm"])
+def test_pure_adds_skip_the_feature_read(case):
+    """Adds, normalised adds and vectors never read a feature: the read-free path gives the same delta,
+    written out here as c_k · W_dec[i_k] (times the SAE's per-token decode scale)."""
+    sae = random_sae(**SAE_CASES[case])
+    bank = build_layer_bank(3, [("s", sae)], [], torch.device("cpu"), torch.float32)
+    x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(4)) * 2
+    idx = torch.tensor([[2, 9]] * 5)
+    coef = torch.tensor([[[0.0, 1.5, 0.0], [0.0, -0.5, 0.0]]] * 5)
+    with_read = bank_delta(x, idx, coef, bank)
+    no_read = DeltaTerms(read=False, norm=case != "relu", bn=False)
+    torch.testing.assert_close(bank_delta(None if case == "relu" else x, idx, coef, bank, no_read), with_read)
+    if case == "relu":
+        torch.testing.assert_close(with_read, (1.5 * sae.W_dec[2] - 0.5 * sae.W_dec[9]).expand(5, -1))
+
+
+def test_entries_that_do_not_apply_add_nothing_and_repeated_columns_sum():
+    sae = random_sae("relu", seed=5)
+    bank = build_layer_bank(3, [("s", sae)], [], torch.device("cpu"), torch.float32)
+    x = torch.randn(2, D_IN)
+    idx = torch.tensor([[4, 4], [4, 7]])
+    coef = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 2.0, 0.0]], [[0.0, 5.0, 0.0], [0.0, 1.0, 0.0]]])
+    applies = torch.tensor([[True, True], [False, True]])
+    got = working_set_delta(x, idx, coef, applies, bank.enc.float(), bank.dec, bank.params)
+    torch.testing.assert_close(got[0], 3.0 * sae.W_dec[4])
+    torch.testing.assert_close(got[1], sae.W_dec[7])

@@ -29,7 +29,11 @@ def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
     channel.create(CID_A)
     channel.create(CID_B)
     observer.collect(
-        [ObservedRows(CID_A, "s", 2, [0, 1], [5, 6], 5), ObservedRows(CID_B, "s", 3, [3], [9], 9)], {"s": x}
+        [
+            ObservedRows(CID_A, "s", 2, [0, 1], [5, 6], 5, stats=True),
+            ObservedRows(CID_B, "s", 3, [3], [9], 9),  # inspect only: no L0 / error, not in the histograms
+        ],
+        {"s": x},
     )
     a, b = channel.ChannelReader(CID_A).read_new(), channel.ChannelReader(CID_B).read_new()
     assert [r["pos"] for r in a] == [5, 6] and [r["pos"] for r in b] == [9]
@@ -38,9 +42,17 @@ def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
         values, indices = pre[row].topk(3)
         want = [[int(i), round(float(v), 4)] for i, v in zip(indices[:top_k], values[:top_k]) if v > 0]
         assert record["top"] == want
-        assert record["l0"] == int((values > 0).sum())
-    counts = observer.snapshot()["l0"]["s"]["counts"]
-    assert counts[-1] == 0 and sum(counts) == 3
+    for record, row in ((a[0], 0), (a[1], 1)):
+        assert record["l0"] == int((pre[row].topk(3).values > 0).sum())
+        f = torch.zeros(20).scatter(0, pre[row].topk(3).indices, torch.relu(pre[row].topk(3).values))
+        x_hat = f @ sae.W_dec
+        want_err = float(((x[row] - x_hat) ** 2).sum() / (x[row] ** 2).sum())
+        assert abs(record["err"] - want_err) <= 1e-4 * max(1.0, want_err)
+    assert "l0" not in b[0] and "err" not in b[0]
+    snapshot = observer.snapshot()
+    assert (
+        sum(snapshot["l0"]["s"]["counts"]) == 2 and sum(snapshot["reconstruction_error"]["s"]["counts"]) == 2
+    )
 
 
 def test_watched_feature_outside_top_k_is_reported(tmp_path, monkeypatch):

@@ -1,51 +1,92 @@
-"""Host-side table filling: which token rows get which ops, and that nothing stale survives a step."""
+"""Slot plans, the working set and per-step token metadata: what is written when, and that nothing stale
+survives a slot changing hands or a step that skipped preparation."""
 
 import numpy as np
+import pytest
 import torch
 
-from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables, RequestSlice
+from steer_plugin.engine.bank import LayerBank
+from steer_plugin.engine.delta import position_gate
+from steer_plugin.engine.step import StepMetadata
+from steer_plugin.engine.tables import NO_OP, OP_NAMES, LayerPlan, LayerTables, WorkingSetFull
 from steer_plugin.spec import POSITION_CODES
 
+D, N = 4, 12
 
-def plan(rows, coefs, positions, last_n=None):
+
+def bank() -> LayerBank:
+    g = torch.Generator().manual_seed(0)
+    dec, enc = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    params = torch.arange(N, dtype=torch.float32)[:, None].expand(N, 10).clone()
+    return LayerBank(3, dec, enc, params, [])
+
+
+def plan(rows, coefs=None, positions=None, last_n=None):
     m = len(rows)
     return LayerPlan(
         bank_rows=np.array(rows, dtype=np.int64),
-        coef=np.array(coefs, dtype=np.float32),
-        positions=np.array([POSITION_CODES[p] for p in positions], dtype=np.int8),
+        coef=np.array(coefs or [[0, 1, 0]] * m, dtype=np.float32),
+        positions=np.array([POSITION_CODES[p] for p in positions or ["all"] * m], dtype=np.int8),
         last_n=np.array(last_n or [0] * m, dtype=np.int64),
         op_codes=np.array([OP_NAMES.index("add")] * m, dtype=np.int8),
     )
 
 
-def test_positions_and_slots():
-    t = LayerTables(max_tokens=16, max_ops=3, device=torch.device("cpu"))
-    # request A: prefill of 5 prompt tokens at rows 0..4 (prompt length 5); ops: all, prompt-only, last 2 prompt
-    a = plan(
-        [10, 11, 12], [[0, 1, 0], [0, 2, 0], [0, 3, 0]], ["all", "prompt", "last_prompt_tokens"], [0, 0, 2]
-    )
-    # request B: one decode token at row 5, position 7 (prompt length 4); ops: generation, prompt-only
-    b = plan([20, 21], [[0, 4, 0], [0, 5, 0]], ["generation", "prompt"])
-    n = t.fill([RequestSlice(0, 5, 0, 5, a), RequestSlice(5, 1, 7, 4, b)])
-    assert n == 6
-    idx = t.idx_host.numpy()
-    assert idx[:3].tolist() == [[10, 11, 0], [10, 11, 0], [10, 11, 0]]
-    assert idx[3:5].tolist() == [[10, 11, 12], [10, 11, 12]]  # last two prompt tokens get all three
-    assert idx[5].tolist() == [20, 0, 0]  # generated token: generation op only, in slot 0
-    assert t.coef_host.numpy()[5, 0, 1] == 4 and t.coef_host.numpy()[5, 1].tolist() == [0, 0, 0]
-    assert t.mask_host.numpy()[:7].tolist() == [True] * 6 + [False]
-    assert t.rows_host.numpy()[:6].tolist() == [0, 1, 2, 3, 4, 5]
+def test_slots_share_working_set_columns_and_give_them_back():
+    b = bank()
+    t = LayerTables(b, max_slots=4, max_ops=3, capacity=6, device=torch.device("cpu"))
+    t.set_slot(0, plan([7, 2]))
+    t.set_slot(1, plan([2, 9], [[-1, 3, 0], [0, 1, 0]]))
+    assert t.width == 3 and t.reading_slots == 1
+    cols = t.slot_col_host.numpy()
+    assert cols[0, :2].tolist() == [0, 1] and cols[1, :2].tolist() == [1, 2]  # row 2 is one column for both
+    for col, row in ((0, 7), (1, 2), (2, 9)):  # columns are copies of their bank rows
+        assert torch.equal(t.dec[col], b.dec[row]) and torch.equal(t.enc[col], b.enc[row].float())
+        assert torch.equal(t.params[col], b.params[row])
+    assert t.slot_code_host.numpy()[0].tolist() == [0, 0, NO_OP]
+    t.set_slot(1, None)  # row 9's column frees; row 2 is still used by slot 0
+    assert t.width == 2 and t.reading_slots == 0
+    assert t.slot_code_host.numpy()[1].tolist() == [NO_OP] * 3
+    assert not t.dec[2].any()  # a freed column adds nothing even through a stale coefficient
+    t.set_slot(0, None)
+    assert t.width == 0 and not t._col_of_row
+    t.set_slot(2, plan([5]))
+    assert t.slot_col_host.numpy()[2, 0] == 0  # the lowest free column is reused
 
 
-def test_next_step_clears_previous_rows():
-    t = LayerTables(max_tokens=8, max_ops=2, device=torch.device("cpu"))
-    t.fill([RequestSlice(0, 4, 0, 4, plan([3], [[0, 1, 0]], ["all"]))])
-    t.fill([RequestSlice(2, 1, 4, 4, plan([5], [[-1, 2, 0]], ["generation"]))])
-    assert t.mask_host.numpy().tolist() == [False, False, True] + [False] * 5
-    assert t.idx_host.numpy()[[0, 1, 3]].sum() == 0 and t.coef_host.numpy()[[0, 1, 3]].sum() == 0
-    assert t.fill([]) == 0 and not t.mask_host.numpy().any() and not t.idx_host.numpy().any()
+def test_a_full_working_set_refuses_the_plan_and_leaves_the_slot_empty():
+    t = LayerTables(bank(), max_slots=4, max_ops=3, capacity=3, device=torch.device("cpu"))
+    t.set_slot(0, plan([1, 2]))
+    with pytest.raises(WorkingSetFull):
+        t.set_slot(1, plan([3, 4]))
+    assert t.slot_code_host.numpy()[1].tolist() == [NO_OP] * 3
+    assert sorted(t._col_of_row) == [1, 2]  # row 3's column was given back
+    t.set_slot(1, plan([2]))  # a row already in the set needs no new column
+    assert t.width == 2
 
 
-def test_generation_op_skips_a_prompt_chunk():
-    t = LayerTables(max_tokens=8, max_ops=2, device=torch.device("cpu"))
-    assert t.fill([RequestSlice(0, 4, 0, 10, plan([3], [[0, 1, 0]], ["generation"]))]) == 0
+def test_position_rule():
+    # entries: all, prompt, generation, last 2 prompt tokens, unused; prompt length 5
+    code = torch.tensor([[0, 1, 2, 3, NO_OP]] * 7)
+    last_n = torch.tensor([[0, 0, 0, 2, 0]] * 7)
+    pos = torch.arange(7)
+    gate = position_gate(code, last_n, pos, torch.full((7,), 5))
+    expected = [[True, p < 5, p >= 5, 3 <= p < 5, False] for p in range(7)]
+    assert gate.tolist() == expected
+
+
+def test_step_metadata_rows_positions_and_disarm():
+    step = StepMetadata(max_tokens=16, max_slots=4, device=torch.device("cpu"))
+    a, b = step.acquire("a", 5), step.acquire("b", 4)
+    null = step.null_slot
+    # request a: prefill rows 0..4 at positions 0..4; unsteered request: row 5; b: one decode token at position 7
+    step.write(np.array([a, null, b]), np.array([0, 5, 6, 7]), np.array([0, 3, 7]))
+    assert step.token_slot_host[:8].tolist() == [a] * 5 + [null, b, null]
+    assert step.token_pos_host[:7].tolist() == [0, 1, 2, 3, 4, 3, 7]
+    assert step.steered_rows_host.tolist() == [0, 1, 2, 3, 4, 6]
+    assert step.prompt_len_host[[a, b]].tolist() == [5, 4]
+    step.write(np.array([b]), np.array([0, 1]), np.array([8]))  # a smaller batch: the old rows go NULL
+    assert step.token_slot_host[:8].tolist() == [b] + [null] * 7
+    step.disarm()
+    assert (step.token_slot_host == null).all() and step.num_tokens == 0 and step.steered_rows_host.size == 0
+    assert step.release("a") == a and step.acquire("c", 2) == a  # lowest free slot first

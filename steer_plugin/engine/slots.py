@@ -1,0 +1,99 @@
+"""Which request holds which slot, and the per-step write of token metadata (host side, once for all layers).
+
+In steady decoding (the same requests with the same steering as the last step) a step writes only token_slot
+and token_pos. A request that enters or changes its steering takes a slot and writes its plans at the layers it
+steers; a request that leaves the batch gives its slot back, emptying those layers' rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from steer_plugin.engine.step import StepMetadata
+from steer_plugin.engine.tables import LayerPlan, LayerTables, WorkingSetFull
+
+PlanLookup = Callable[[str, object], dict[int, LayerPlan]]  # (request id, wire) -> plans by layer ({}: none)
+
+
+class SlotPlanner:
+    def __init__(
+        self,
+        step: StepMetadata,
+        tables: dict[int, LayerTables],
+        on_capacity: Callable[[str, Exception], None],
+    ):
+        self.step = step
+        self.tables = tables
+        self.on_capacity = on_capacity  # a request whose plans do not fit the working set (it runs unsteered)
+        self._slot_wire: dict[str, object] = {}  # request id -> the wire its slot was written from
+        self._slot_layers: dict[int, list[int]] = {}  # slot -> layers where its plan is not empty
+        self._last_batch: tuple[list[str], list] | None = None  # (req_ids, wires) of the last write
+        self._last_row_slots = np.zeros(0, dtype=np.int64)
+
+    def write_step(
+        self,
+        req_ids: list[str],
+        wires: list,
+        num_prompt: np.ndarray,
+        query_start: np.ndarray,
+        num_computed: np.ndarray,
+        plans_of: PlanLookup,
+    ) -> int:
+        """Metadata for the coming forward; returns the number of token rows of steered requests."""
+        if self._last_batch is not None and self._last_batch == (req_ids, wires):
+            row_slots = self._last_row_slots  # steady decode: nothing but positions changes
+        else:
+            row_slots = self._assign(req_ids, wires, num_prompt, plans_of)
+            self._last_batch = (list(req_ids), list(wires))
+            self._last_row_slots = row_slots
+        self.step.write(row_slots, query_start, num_computed)
+        return int(self.step.steered_rows_host.size)
+
+    def _assign(self, req_ids, wires, num_prompt, plans_of: PlanLookup) -> np.ndarray:
+        step = self.step
+        live = set(req_ids)
+        for req_id in [r for r in step.slot_of if r not in live]:
+            self.release(req_id)
+        row_slots = np.full(len(req_ids), step.null_slot, dtype=np.int64)  # [R]
+        for i, (req_id, wire) in enumerate(zip(req_ids, wires)):
+            if req_id in step.slot_of:
+                if self._slot_wire[req_id] == wire:
+                    row_slots[i] = step.slot_of[req_id]
+                    continue
+                self.release(req_id)
+            if wire is None:
+                continue
+            plans = plans_of(req_id, wire)
+            if plans:
+                row_slots[i] = self.take(req_id, wire, int(num_prompt[i]), plans)
+        return row_slots
+
+    def take(self, req_id: str, wire: object, prompt_len: int, plans: dict[int, LayerPlan]) -> int:
+        """A slot for req_id with these plans (null_slot if they do not fit: reported, run unsteered)."""
+        slot = self.step.acquire(req_id, prompt_len)
+        self._slot_wire[req_id] = wire
+        layers = self._slot_layers[slot] = []
+        try:
+            for layer, plan in plans.items():
+                layers.append(layer)
+                self.tables[layer].set_slot(slot, plan)
+        except WorkingSetFull as err:
+            self.release(req_id)
+            self.on_capacity(req_id, err)
+            return self.step.null_slot
+        return slot
+
+    def release(self, req_id: str) -> None:
+        slot = self.step.release(req_id)
+        del self._slot_wire[req_id]
+        for layer in self._slot_layers.pop(slot, []):
+            self.tables[layer].set_slot(slot, None)
+
+    def clear(self) -> None:
+        """Every slot back, every row and table "no steering"."""
+        for req_id in list(self.step.slot_of):
+            self.release(req_id)
+        self._last_batch = None
+        self.step.disarm()
