@@ -31,6 +31,7 @@ class SlotPlanner:
         self._slot_layers: dict[int, list[int]] = {}  # slot -> layers where its plan is not empty
         self._last_batch: tuple[list[str], list] | None = None  # (req_ids, wires) of the last write
         self._last_row_slots = np.zeros(0, dtype=np.int64)
+        self._refused: set[str] = set()  # requests whose plans did not fit: unsteered for as long as they run
 
     def write_step(
         self,
@@ -56,6 +57,7 @@ class SlotPlanner:
         live = set(req_ids)
         for req_id in [r for r in step.slot_of if r not in live]:
             self.release(req_id)
+        self._refused &= live
         row_slots = np.full(len(req_ids), step.null_slot, dtype=np.int64)  # [R]
         for i, (req_id, wire) in enumerate(zip(req_ids, wires)):
             if req_id in step.slot_of:
@@ -63,7 +65,7 @@ class SlotPlanner:
                     row_slots[i] = step.slot_of[req_id]
                     continue
                 self.release(req_id)
-            if wire is None:
+            if wire is None or req_id in self._refused:
                 continue
             plans = plans_of(req_id, wire)
             if plans:
@@ -81,6 +83,7 @@ class SlotPlanner:
                 self.tables[layer].set_slot(slot, plan)
         except WorkingSetFull as err:
             self.release(req_id)
+            self._refused.add(req_id)  # never steered halfway through its output
             self.on_capacity(req_id, err)
             return self.step.null_slot
         return slot
@@ -96,4 +99,5 @@ class SlotPlanner:
         for req_id in list(self.step.slot_of):
             self.release(req_id)
         self._last_batch = None
+        self._refused.clear()
         self.step.disarm()

@@ -220,3 +220,61 @@ def test_forged_and_malformed_messages_run_unsteered(steerer, monkeypatch):
     assert torch.equal(out, residual)
     steerer.after_forward()
     assert steerer.stats()["rejected_messages"] == {"steering": n, "observe": len(observes)}
+
+
+def test_steady_decode_writes_no_plans_and_leaving_requests_free_their_rows(steerer, monkeypatch):
+    """Plans are written when a request takes a slot, not per step; a request that leaves the batch gives its
+    slot and working-set columns back."""
+    catalog = steerer.assets.catalog()
+    wire = encode_wire(
+        resolve_spec(parse_spec({"features": [{"sae": "s", "index": 5, "value": 2.5}]}), catalog)
+    )
+    tables = steerer.tables[LAYER]
+    writes = []
+    real_set_slot = tables.set_slot
+    monkeypatch.setattr(
+        tables, "set_slot", lambda slot, plan: writes.append(slot) or real_set_slot(slot, plan)
+    )
+    sae = steerer.observer.saes["s"]
+    for step in range(4):  # request a decodes one token per step at positions 6, 7, 8, 9
+        view = BatchView(
+            ["a", "b"], np.array([0, 1, 2]), np.array([6 + step, 3]), np.array([6, 3]), [wire, None]
+        )
+        assert steerer.prepare(view) == 1
+        hidden, residual = torch.randn(2, D), torch.randn(2, D)
+        out, _ = run_op(hidden, residual, False, monkeypatch)
+        torch.testing.assert_close(out[0], residual[0] + 2.5 * sae.W_dec[5].float())
+        assert torch.equal(out[1], residual[1])
+        assert steerer.step.token_pos_host[:2].tolist() == [6 + step, 3]
+        steerer.after_forward()
+    assert len(writes) == 1  # only when "a" took its slot
+    steerer.prepare(BatchView(["b"], np.array([0, 1]), np.array([4]), np.array([3]), [None]))
+    assert len(writes) == 2 and tables.width == 0 and not steerer.step.slot_of
+
+
+def test_a_request_beyond_the_working_set_runs_unsteered_and_is_counted(sae_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    config = parse_config({"saes": [{"id": "s", "path": str(sae_dir)}], "limits": {"working_set_rows": 2}})
+    st = Steerer(config, range(4), torch.device("cpu"), torch.float32, MAX_TOKENS, D, max_seqs=MAX_SEQS)
+    st.activate()
+    try:
+        catalog = st.assets.catalog()
+        wires = [
+            encode_wire(resolve_spec(parse_spec({"features": features}), catalog))
+            for features in (
+                [{"sae": "s", "index": 1, "value": 1.0}, {"sae": "s", "index": 2, "value": 1.0}],
+                [{"sae": "s", "index": 3, "value": 1.0}],  # a third distinct row: over capacity
+            )
+        ]
+        view = BatchView(["a", "b"], np.array([0, 1, 2]), np.array([4, 4]), np.array([3, 3]), wires)
+        assert st.prepare(view) == 1  # only "a" is steered
+        hidden, residual = torch.randn(2, D), torch.randn(2, D)
+        out, _ = run_op(hidden, residual, False, monkeypatch)
+        assert not torch.equal(out[0], residual[0]) and torch.equal(out[1], residual[1])
+        assert st.stats()["rejected_messages"] == {"capacity": 1}
+        # "a" leaves: room now, but "b" stays unsteered for the rest of its output (and is counted once).
+        view = BatchView(["b"], np.array([0, 1]), np.array([5]), np.array([3]), wires[1:])
+        assert st.prepare(view) == 0
+        assert st.stats()["rejected_messages"] == {"capacity": 1}
+    finally:
+        steer_op.LAYERS.clear()
