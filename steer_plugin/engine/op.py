@@ -65,9 +65,8 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-BLOCK_COLUMNS = (
-    1024  # eager: above this many live columns, multiply per block of requests over its own columns
-)
+# Eager: above this many live columns, multiply per block of requests over the block's own columns.
+BLOCK_COLUMNS = 1024
 
 
 def steer_rows(
@@ -168,11 +167,11 @@ def apply_fixed_shape(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Te
 
 def apply_eager(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """Only the steered rows, only the live working-set columns; other rows are copied bit for bit."""
-    out = residual.clone()
     step, t = rt.step, rt.tables
     if step.num_tokens > residual.shape[0]:
         _log_mismatch(rt, residual.shape[0])
-        return out
+        return residual.clone()
+    out = None
     n = step.steered_rows_host.size
     if n and t.width:
         every_row = n == residual.shape[0]
@@ -188,9 +187,12 @@ def apply_eager(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) 
         if every_row:
             out = new
         else:
+            out = residual.clone()
             out[rows] = new
         if int(step.steered_rows_host[0]) == 0:
             rt.probe[1].copy_(delta[0] * steered[0])
+    if out is None:
+        out = residual.clone()
     rows = rt.capture_rows
     if rows is not None and rows.numel():
         rt.capture[rows] = hidden[rows].float() + out[rows].float()
