@@ -55,31 +55,59 @@ class SlotPlanner:
     def _assign(self, req_ids, wires, num_prompt, plans_of: PlanLookup) -> np.ndarray:
         step = self.step
         live = set(req_ids)
-        for req_id in [r for r in step.slot_of if r not in live]:
-            self.release(req_id)
+        leaving = [r for r in step.slot_of if r not in live]
         self._refused &= live
         row_slots = np.full(len(req_ids), step.null_slot, dtype=np.int64)  # [R]
+        newcomers: list[tuple[int, str, object, int, dict[int, LayerPlan]]] = []
         for i, (req_id, wire) in enumerate(zip(req_ids, wires)):
             if req_id in step.slot_of:
                 if self._slot_wire[req_id] == wire:
                     row_slots[i] = step.slot_of[req_id]
                     continue
-                self.release(req_id)
+                leaving.append(req_id)  # its steering changed
             if wire is None or req_id in self._refused:
                 continue
             plans = plans_of(req_id, wire)
             if plans:
-                row_slots[i] = self.take(req_id, wire, int(num_prompt[i]), plans)
+                newcomers.append((i, req_id, wire, int(num_prompt[i]), plans))
+        self.release_many(leaving)
+        for i, slot in self._take_many(newcomers):
+            row_slots[i] = slot
         return row_slots
+
+    def _take_many(self, newcomers) -> list[tuple[int, int]]:
+        """Slots for all newcomers, their plans written with one table write per layer."""
+        if not newcomers:
+            return []
+        by_layer: dict[int, tuple[list[int], list[LayerPlan]]] = {}
+        taken = []
+        for i, req_id, wire, prompt_len, plans in newcomers:
+            slot = self.step.acquire(req_id, prompt_len)
+            self._slot_wire[req_id] = wire
+            self._slot_layers[slot] = list(plans)
+            for layer, plan in plans.items():
+                slots, layer_plans = by_layer.setdefault(layer, ([], []))
+                slots.append(slot)
+                layer_plans.append(plan)
+            taken.append((i, slot))
+        try:
+            for layer, (slots, layer_plans) in by_layer.items():
+                self.tables[layer].write_slots(slots, layer_plans)
+        except WorkingSetFull:  # not all fit: back out, then admit one at a time (the rest run unsteered)
+            self.release_many([req_id for _, req_id, *_ in newcomers])
+            return [
+                (i, self.take(req_id, wire, prompt_len, plans))
+                for i, req_id, wire, prompt_len, plans in newcomers
+            ]
+        return taken
 
     def take(self, req_id: str, wire: object, prompt_len: int, plans: dict[int, LayerPlan]) -> int:
         """A slot for req_id with these plans (null_slot if they do not fit: reported, run unsteered)."""
         slot = self.step.acquire(req_id, prompt_len)
         self._slot_wire[req_id] = wire
-        layers = self._slot_layers[slot] = []
+        self._slot_layers[slot] = list(plans)
         try:
             for layer, plan in plans.items():
-                layers.append(layer)
                 self.tables[layer].set_slot(slot, plan)
         except WorkingSetFull as err:
             self.release(req_id)
@@ -89,15 +117,22 @@ class SlotPlanner:
         return slot
 
     def release(self, req_id: str) -> None:
-        slot = self.step.release(req_id)
-        del self._slot_wire[req_id]
-        for layer in self._slot_layers.pop(slot, []):
-            self.tables[layer].set_slot(slot, None)
+        self.release_many([req_id])
+
+    def release_many(self, req_ids: list[str]) -> None:
+        """Give these requests' slots back, emptying their rows with one table write per layer."""
+        by_layer: dict[int, list[int]] = {}
+        for req_id in req_ids:
+            slot = self.step.release(req_id)
+            del self._slot_wire[req_id]
+            for layer in self._slot_layers.pop(slot, []):
+                by_layer.setdefault(layer, []).append(slot)
+        for layer, slots in by_layer.items():
+            self.tables[layer].write_slots(slots, [None] * len(slots))
 
     def clear(self) -> None:
         """Every slot back, every row and table "no steering"."""
-        for req_id in list(self.step.slot_of):
-            self.release(req_id)
+        self.release_many(list(self.step.slot_of))
         self._last_batch = None
         self._refused.clear()
         self.step.disarm()

@@ -95,87 +95,110 @@ class LayerTables:
 
     def set_slot(self, slot: int, plan: LayerPlan | None) -> None:
         """Replace slot's plan at this layer (None: no operations)."""
-        old = self.slot_col_host.numpy()[slot][self.slot_code_host.numpy()[slot] != NO_OP]
-        for col in old.tolist():
-            self._unref(col)
-        m = 0 if plan is None else len(plan.bank_rows)
-        if m > self.max_ops:  # requests are validated against this; never crash the engine
-            logger.error("steering: %d ops on one token at layer %d; extra ops dropped", m, self.bank.layer)
-            m = self.max_ops
-        cols = np.zeros(self.max_ops, dtype=np.int64)
-        taken = 0
-        try:
-            for k in range(m):
-                cols[k] = self._ref(int(plan.bank_rows[k]))
-                taken += 1
-        except WorkingSetFull:
-            for col in cols[:taken].tolist():
-                self._unref(col)
-            self._write_slot(slot, None, np.zeros_like(cols), 0)
-            raise
-        self._write_slot(slot, plan, cols, m)
+        self.write_slots([slot], [plan])
 
-    def _write_slot(self, slot: int, plan: LayerPlan | None, cols: np.ndarray, m: int) -> None:
-        self.slot_col_host.numpy()[slot] = cols
-        coef, code, last_n, op = (
-            t.numpy()[slot]
-            for t in (self.slot_coef_host, self.slot_code_host, self.slot_last_n_host, self.slot_op_host)
+    def write_slots(self, slots: list[int], plans: list[LayerPlan | None]) -> None:
+        """Replace several slots' plans at once (None: no operations): one pass of array writes and one
+        device copy per table, whatever the number of slots. If the new plans need more working-set rows than
+        are free, every one of these slots is left empty and WorkingSetFull is raised."""
+        slots_np = np.asarray(slots, dtype=np.int64)
+        code_h, col_h = self.slot_code_host.numpy(), self.slot_col_host.numpy()
+        self._unref_many(col_h[slots_np][code_h[slots_np] != NO_OP])
+        sizes = [0 if plan is None else len(plan.bank_rows) for plan in plans]
+        if (
+            max(sizes, default=0) > self.max_ops
+        ):  # requests are validated against this; never crash the engine
+            logger.error(
+                "steering: more than %d ops at layer %d; extra ops dropped", self.max_ops, self.bank.layer
+            )
+            sizes = [min(m, self.max_ops) for m in sizes]
+        used = [(plan, m) for plan, m in zip(plans, sizes) if m]
+        rows = np.concatenate([plan.bank_rows[:m] for plan, m in used]) if used else np.zeros(0, np.int64)
+        unique_rows = np.unique(rows)
+        missing = [r for r in unique_rows.tolist() if r not in self._col_of_row]
+        if len(missing) > len(self._free):
+            self._write_tables(slots_np, sizes, plans, np.zeros(0, np.int64), fail=True)
+            raise WorkingSetFull(
+                f"layer {self.bank.layer}: {len(missing)} more working-set rows needed, {len(self._free)} free "
+                f"of {self.capacity} (raise limits.working_set_rows)"
+            )
+        if missing:
+            new_cols = [heapq.heappop(self._free) for _ in missing]
+            for row, col in zip(missing, new_cols):
+                self._col_of_row[row] = col
+            self._row_of_col[new_cols] = missing
+            src = torch.tensor(missing, device=self.enc.device)
+            dst = torch.tensor(new_cols, device=self.enc.device)
+            self.enc[dst] = self.bank.enc[src].float()
+            self.dec[dst] = self.bank.dec[src]
+            self.params[dst] = self.bank.params[src]
+            self.width = max(self.width, max(new_cols) + 1)
+            self._norm_columns += int(self._bank_norm[missing].sum())
+        unique_cols = np.array([self._col_of_row[r] for r in unique_rows.tolist()], dtype=np.int64)
+        cols = unique_cols[np.searchsorted(unique_rows, rows)] if rows.size else rows  # [sum m]
+        np.add.at(self._refs, cols, 1)
+        self._write_tables(slots_np, sizes, plans, cols)
+
+    def _write_tables(
+        self, slots: np.ndarray, sizes: list[int], plans: list, cols: np.ndarray, fail: bool = False
+    ) -> None:
+        n, k = len(slots), self.max_ops
+        col = np.zeros((n, k), np.int64)
+        coef = np.zeros((n, k, 3), np.float32)
+        code = np.full((n, k), NO_OP, np.int64)
+        last_n = np.zeros((n, k), np.int64)
+        op = np.full((n, k), UNUSED_OP_BIN, np.int64)
+        if not fail:
+            start = 0
+            for i, (plan, m) in enumerate(zip(plans, sizes)):
+                if m:
+                    col[i, :m] = cols[start : start + m]
+                    coef[i, :m] = plan.coef[:m]
+                    code[i, :m] = plan.positions[:m]
+                    last_n[i, :m] = plan.last_n[:m]
+                    op[i, :m] = plan.op_codes[:m]
+                    start += m
+        live = code != NO_OP
+        flags = np.stack(
+            [
+                (live & (coef[..., 0] != 0)).any(1),
+                (live & (coef[..., 2] != 0)).any(1),
+                (live & (code != POSITION_CODES["all"])).any(1),
+            ],
+            axis=1,
+        ).astype(np.int64)  # [n, 3]
+        self._flag_counts += flags.sum(0) - self._slot_flags[slots].sum(0)
+        self._slot_flags[slots] = flags
+        tables = (
+            (self.slot_col, self.slot_col_host, col),
+            (self.slot_coef, self.slot_coef_host, coef),
+            (self.slot_code, self.slot_code_host, code),
+            (self.slot_last_n, self.slot_last_n_host, last_n),
+            (self.slot_op, self.slot_op_host, op),
         )
-        coef[:] = 0.0
-        code[:] = NO_OP
-        last_n[:] = 0
-        op[:] = UNUSED_OP_BIN
-        if m:
-            coef[:m] = plan.coef[:m]
-            code[:m] = plan.positions[:m]
-            last_n[:m] = plan.last_n[:m]
-            op[:m] = plan.op_codes[:m]
-        flags = np.array(
-            [(coef[:m, 0] != 0).any(), (coef[:m, 2] != 0).any(), (code[:m] != POSITION_CODES["all"]).any()],
-            dtype=np.int64,
-        )
-        self._flag_counts += flags - self._slot_flags[slot]
-        self._slot_flags[slot] = flags
-        if self.slot_col is not self.slot_col_host:
-            for dev, src in (
-                (self.slot_col, self.slot_col_host),
-                (self.slot_coef, self.slot_coef_host),
-                (self.slot_code, self.slot_code_host),
-                (self.slot_last_n, self.slot_last_n_host),
-                (self.slot_op, self.slot_op_host),
-            ):
-                dev[slot].copy_(src[slot])  # synchronous: the pinned host row is rewritten later
+        index = torch.from_numpy(slots)
+        for dev, host, values in tables:
+            host.numpy()[slots] = values
+            if dev is not host:  # synchronous: the pinned host rows are rewritten later
+                dev[index.to(dev.device)] = host[index].to(dev.device)
 
-    def _ref(self, bank_row: int) -> int:
-        col = self._col_of_row.get(bank_row)
-        if col is None:
-            if not self._free:
-                raise WorkingSetFull(
-                    f"layer {self.bank.layer}: all {self.capacity} working-set rows are in use "
-                    "(raise limits.working_set_rows)"
-                )
-            col = heapq.heappop(self._free)
-            self._col_of_row[bank_row] = col
-            self._row_of_col[col] = bank_row
-            self.enc[col].copy_(self.bank.enc[bank_row])
-            self.dec[col].copy_(self.bank.dec[bank_row])
-            self.params[col].copy_(self.bank.params[bank_row])
-            self.width = max(self.width, col + 1)
-            self._norm_columns += self._normalises(bank_row)
-        self._refs[col] += 1
-        return col
-
-    def _unref(self, col: int) -> None:
-        self._refs[col] -= 1
-        if self._refs[col]:
+    def _unref_many(self, cols: np.ndarray) -> None:
+        if not cols.size:
             return
-        bank_row = int(self._row_of_col[col])
-        self._norm_columns -= self._normalises(bank_row)
-        del self._col_of_row[bank_row]
-        self._row_of_col[col] = -1
-        self.dec[col].zero_()  # a free column adds exactly nothing, even through a stale coefficient
-        heapq.heappush(self._free, col)
-        if col + 1 == self.width:
+        np.subtract.at(self._refs, cols, 1)
+        touched = np.unique(cols)
+        freed = touched[self._refs[touched] == 0]
+        if not freed.size:
+            return
+        rows = self._row_of_col[freed]
+        for row in rows.tolist():
+            del self._col_of_row[row]
+        self._norm_columns -= int(self._bank_norm[rows].sum())
+        self._row_of_col[freed] = -1
+        for col in freed.tolist():
+            heapq.heappush(self._free, col)
+        self.dec[torch.from_numpy(freed).to(self.dec.device)] = 0  # a free column adds exactly nothing
+        if int(freed.max()) + 1 == self.width:
             live = np.flatnonzero(self._row_of_col >= 0)
             self.width = int(live[-1]) + 1 if live.size else 0
 

@@ -231,9 +231,9 @@ def test_steady_decode_writes_no_plans_and_leaving_requests_free_their_rows(stee
     )
     tables = steerer.tables[LAYER]
     writes = []
-    real_set_slot = tables.set_slot
+    real_write = tables.write_slots
     monkeypatch.setattr(
-        tables, "set_slot", lambda slot, plan: writes.append(slot) or real_set_slot(slot, plan)
+        tables, "write_slots", lambda slots, plans: writes.append(slots) or real_write(slots, plans)
     )
     sae = steerer.observer.saes["s"]
     for step in range(4):  # request a decodes one token per step at positions 6, 7, 8, 9
