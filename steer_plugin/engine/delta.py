@@ -102,17 +102,17 @@ class DeltaTerms(NamedTuple):
 ALL_TERMS = DeltaTerms()  # what the fixed-shape (graph-captured) op always computes
 
 
-def working_set_delta(
+def working_set_weights(
     x: torch.Tensor | None,  # [n, d] float32 residual stream after the layer (None when terms need no x)
     cols: torch.Tensor,  # [n, K] int64 working-set columns (< width)
     coef: torch.Tensor,  # [n, K, 3] float32 (a, b, bn)
     applies: torch.Tensor,  # [n, K] bool
     enc: torch.Tensor,  # [W, d] float32 encoder rows
-    dec: torch.Tensor,  # [W, d] decoder rows (bank dtype)
+    width: int,  # W
     params: torch.Tensor,  # [W, P] float32
     terms: DeltaTerms = ALL_TERMS,
 ) -> torch.Tensor:
-    """Delta [n, d] (float32) to add to the residual of these tokens."""
+    """C [n, W] (float32): how much of each working-set row to add to each token (delta = C @ dec[:W])."""
     entry_params = params[cols]  # [n, K, P]
     a, b, bn = coef[..., COEF_A], coef[..., COEF_B], coef[..., COEF_BN]
     if terms.read:
@@ -130,8 +130,28 @@ def working_set_delta(
         norm = x.norm(dim=-1, keepdim=True)  # [n, 1]
         c = c + torch.where(bn != 0, bn * norm * entry_params[..., INV_DIR_NORM], torch.zeros_like(c))
     c = torch.where(applies, c, torch.zeros_like(c))  # [n, K]
-    weights = torch.zeros(cols.shape[0], dec.shape[0], dtype=torch.float32, device=cols.device)  # [n, W]
-    weights.scatter_add_(1, cols, c)
-    if dec.dtype == torch.float32:
-        return weights @ dec
-    return (weights.to(dec.dtype) @ dec).float()  # [n, d]
+    weights = torch.zeros(cols.shape[0], width, dtype=torch.float32, device=cols.device)  # [n, W]
+    return weights.scatter_add_(1, cols, c)
+
+
+def add_delta(residual: torch.Tensor, weights: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+    """residual [n, d] + weights [n, W] @ dec [W, d] in one GEMM with float32 accumulation, rounded once to the
+    residual's dtype (no [n, d] float32 delta is materialised when the bank has the model's dtype)."""
+    if residual.dtype == dec.dtype:
+        return torch.addmm(residual, weights.to(dec.dtype), dec)
+    return (residual.float() + weights @ dec.float()).to(residual.dtype)
+
+
+def working_set_delta(
+    x: torch.Tensor | None,
+    cols: torch.Tensor,
+    coef: torch.Tensor,
+    applies: torch.Tensor,
+    enc: torch.Tensor,
+    dec: torch.Tensor,
+    params: torch.Tensor,
+    terms: DeltaTerms = ALL_TERMS,
+) -> torch.Tensor:
+    """Delta [n, d] (float32) to add to the residual of these tokens: weights @ dec."""
+    weights = working_set_weights(x, cols, coef, applies, enc, dec.shape[0], params, terms)
+    return weights @ dec.float()

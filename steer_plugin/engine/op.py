@@ -15,7 +15,13 @@ import time
 import numpy as np
 import torch
 
-from steer_plugin.engine.delta import ALL_TERMS, DeltaTerms, position_gate, working_set_delta
+from steer_plugin.engine.delta import (
+    ALL_TERMS,
+    DeltaTerms,
+    add_delta,
+    position_gate,
+    working_set_weights,
+)
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import NO_OP, LayerTables
 
@@ -72,16 +78,18 @@ BLOCK_COLUMNS = 1024
 def steer_rows(
     rt: LayerRuntime,
     x: torch.Tensor | None,
+    res: torch.Tensor,
     slots: torch.Tensor,
     pos: torch.Tensor,
     width: int,
     terms: DeltaTerms,
     position_rules: bool,
     blocks: list[tuple[int, int, int, int]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta [n, d] float32, steered [n] bool) for n rows (x [n, d] float32: the residual stream after the layer,
-    None when `terms` need no x). blocks: (first row, end row, first column, end column) of row blocks whose
-    entries use only those columns (the GEMMs then run per block instead of over all `width` columns)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For n rows: (steered residual [n, d] in res's dtype, steered [n] bool, delta of the first row [d] f32).
+    x [n, d] float32 is the residual stream after the layer (None when `terms` need no x), res [n, d] the
+    residual. blocks: (first row, end row, first column, end column) of row blocks whose entries use only those
+    columns (the GEMMs then run per block instead of over all `width` columns)."""
     t, step = rt.tables, rt.step
     cols = t.slot_col[slots]  # [n, K]
     code = t.slot_code[slots]  # [n, K]
@@ -93,24 +101,26 @@ def steer_rows(
     t.op_counts.index_add_(0, t.slot_op[slots].flatten(), applies.flatten().long())
     coef = t.slot_coef[slots]  # [n, K, 3]
     if blocks is None:
-        delta = working_set_delta(
-            x, cols, coef, applies, t.enc[:width], t.dec[:width], t.params[:width], terms
+        blocks = [(0, cols.shape[0], 0, width)]
+    new = torch.empty_like(res)
+    for r0, r1, c0, c1 in blocks:
+        local = cols[r0:r1] if c0 == 0 else (cols[r0:r1] - c0).clamp_(0, c1 - c0 - 1)  # unused: anywhere
+        weights = working_set_weights(
+            None if x is None else x[r0:r1],
+            local,
+            coef[r0:r1],
+            applies[r0:r1],
+            t.enc[c0:c1],
+            c1 - c0,
+            t.params[c0:c1],
+            terms,
         )
-    else:
-        delta = torch.empty(cols.shape[0], t.dec.shape[1], dtype=torch.float32, device=cols.device)
-        for r0, r1, c0, c1 in blocks:
-            local = (cols[r0:r1] - c0).clamp_(0, c1 - c0 - 1)  # unused entries point anywhere in the block
-            delta[r0:r1] = working_set_delta(
-                None if x is None else x[r0:r1],
-                local,
-                coef[r0:r1],
-                applies[r0:r1],
-                t.enc[c0:c1],
-                t.dec[c0:c1],
-                t.params[c0:c1],
-                terms,
-            )
-    return delta, applies.any(dim=-1)
+        new[r0:r1] = add_delta(res[r0:r1], weights, t.dec[c0:c1])
+        if r0 == 0:
+            first_delta = (weights[:1] @ t.dec[c0:c1].float())[0]
+    steered = applies.any(dim=-1)
+    new = torch.where(steered[:, None], new, res)  # rows no entry applies to: bit for bit
+    return new, steered, first_delta
 
 
 def column_blocks(rt: LayerRuntime, rows: np.ndarray) -> list[tuple[int, int, int, int]] | None:
@@ -149,17 +159,17 @@ def apply_fixed_shape(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Te
     num_tokens = residual.shape[0]
     x = hidden.float() + residual.float()  # [T, d] residual stream after the layer
     step = rt.step
-    delta, steered = steer_rows(
+    out, steered, first_delta = steer_rows(
         rt,
         x,
+        residual,
         step.token_slot[:num_tokens],
         step.token_pos[:num_tokens],
         rt.tables.capacity,
         ALL_TERMS,
         position_rules=True,
     )
-    out = torch.where(steered[:, None], (residual.float() + delta).to(residual.dtype), residual)
-    rt.probe[1].copy_(delta[0] * steered[0])
+    rt.probe[1].copy_(first_delta * steered[0])
     if rt.observable:  # every row: no row index that a replay could find stale
         rt.capture[:num_tokens].copy_(hidden.float() + out.float())
     return out
@@ -182,15 +192,16 @@ def apply_eager(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) 
         slots = step.token_slot[:n] if every_row else step.token_slot[rows]
         pos = step.token_pos[:n] if every_row else step.token_pos[rows]
         blocks = column_blocks(rt, step.steered_rows_host)
-        delta, steered = steer_rows(rt, x, slots, pos, t.width, terms, t.position_rules, blocks)
-        new = torch.where(steered[:, None], (res.float() + delta).to(residual.dtype), res)
+        new, steered, first_delta = steer_rows(
+            rt, x, res, slots, pos, t.width, terms, t.position_rules, blocks
+        )
         if every_row:
             out = new
         else:
             out = residual.clone()
             out[rows] = new
         if int(step.steered_rows_host[0]) == 0:
-            rt.probe[1].copy_(delta[0] * steered[0])
+            rt.probe[1].copy_(first_delta * steered[0])
     if out is None:
         out = residual.clone()
     rows = rt.capture_rows

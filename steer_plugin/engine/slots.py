@@ -81,8 +81,8 @@ class SlotPlanner:
             return []
         by_layer: dict[int, tuple[list[int], list[LayerPlan]]] = {}
         taken = []
-        for i, req_id, wire, prompt_len, plans in newcomers:
-            slot = self.step.acquire(req_id, prompt_len)
+        slots_taken = self.step.acquire_many([n[1] for n in newcomers], [n[3] for n in newcomers])
+        for (i, req_id, wire, _, plans), slot in zip(newcomers, slots_taken):
             self._slot_wire[req_id] = wire
             self._slot_layers[slot] = list(plans)
             for layer, plan in plans.items():

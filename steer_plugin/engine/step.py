@@ -31,6 +31,7 @@ class StepMetadata:
         def mirror(t: torch.Tensor) -> torch.Tensor:
             return t if on_host else t.to(device)
 
+        self._prompt_len_np = self.prompt_len_host.numpy()
         self.token_slot = mirror(self.token_slot_host)  # [M] read by the op
         self.token_pos = mirror(self.token_pos_host)  # [M]
         self.prompt_len = mirror(self.prompt_len_host)  # [S + 1]
@@ -45,12 +46,19 @@ class StepMetadata:
     # --- slots ---------------------------------------------------------------------------------------------
 
     def acquire(self, req_id: str, prompt_len: int) -> int:
-        slot = heapq.heappop(self._free)
-        self.slot_of[req_id] = slot
-        self.prompt_len_host[slot] = prompt_len
+        return self.acquire_many([req_id], [prompt_len])[0]
+
+    def acquire_many(self, req_ids: list[str], prompt_lens: list[int]) -> list[int]:
+        """A free slot for each request (lowest first), with its prompt length written once."""
+        slots = [heapq.heappop(self._free) for _ in req_ids]
+        self.slot_of.update(zip(req_ids, slots))
+        self._prompt_len_np[slots] = prompt_lens
         if self.prompt_len is not self.prompt_len_host:
-            self.prompt_len[slot : slot + 1].copy_(self.prompt_len_host[slot : slot + 1], non_blocking=True)
-        return slot
+            index = torch.tensor(slots)
+            self.prompt_len[index.to(self.prompt_len.device)] = self.prompt_len_host[index].to(
+                self.prompt_len.device
+            )
+        return slots
 
     def release(self, req_id: str) -> int:
         slot = self.slot_of.pop(req_id)

@@ -104,6 +104,9 @@ class LayerTables:
         slots_np = np.asarray(slots, dtype=np.int64)
         code_h, col_h = self.slot_code_host.numpy(), self.slot_col_host.numpy()
         self._unref_many(col_h[slots_np][code_h[slots_np] != NO_OP])
+        if all(plan is None for plan in plans):  # slots handed back: just empty their rows
+            self._write_tables(slots_np, [0] * len(plans), plans, np.zeros(0, np.int64))
+            return
         sizes = [0 if plan is None else len(plan.bank_rows) for plan in plans]
         if (
             max(sizes, default=0) > self.max_ops
@@ -114,8 +117,10 @@ class LayerTables:
             sizes = [min(m, self.max_ops) for m in sizes]
         used = [(plan, m) for plan, m in zip(plans, sizes) if m]
         rows = np.concatenate([plan.bank_rows[:m] for plan, m in used]) if used else np.zeros(0, np.int64)
-        unique_rows = np.unique(rows)
-        missing = [r for r in unique_rows.tolist() if r not in self._col_of_row]
+        unique_rows, first = np.unique(rows, return_index=True)
+        # New rows take columns in plan order, so each request's columns stay together (the eager op can then
+        # multiply per block of requests over their own columns).
+        missing = [r for r in rows[np.sort(first)].tolist() if r not in self._col_of_row]
         if len(missing) > len(self._free):
             self._write_tables(slots_np, sizes, plans, np.zeros(0, np.int64), fail=True)
             raise WorkingSetFull(
