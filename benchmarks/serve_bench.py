@@ -1200,7 +1200,7 @@ def build_options(args) -> Options:
         quiet_wait_s=args.quiet_wait if args.quiet_wait is not None else (0.0 if smoke else 60.0),
         max_retries=args.max_retries if args.max_retries is not None else (0 if smoke else 1),
         noise_budget_s=args.noise_budget if args.noise_budget is not None else (0.0 if smoke else 240.0),
-        start_timeout={"compile": 420.0, "eager": 240.0},
+        start_timeout={"compile": 900.0, "eager": 480.0},  # three servers start side by side on 2 cores
         extra_vllm_args=list(args.vllm_arg),
         seed=args.seed,
     )

@@ -36,10 +36,6 @@ class LayerPlan(NamedTuple):
     last_n: np.ndarray  # [m] int64
     op_codes: np.ndarray  # [m] int8 index into OP_NAMES
 
-    @property
-    def reads_features(self) -> bool:
-        return bool((self.coef[:, 0] != 0).any())
-
 
 class WorkingSetFull(RuntimeError):
     """More distinct bank rows in use at one layer than its working set holds."""
@@ -206,9 +202,6 @@ class LayerTables:
         if int(freed.max()) + 1 == self.width:
             live = np.flatnonzero(self._row_of_col >= 0)
             self.width = int(live[-1]) + 1 if live.size else 0
-
-    def _normalises(self, bank_row: int) -> int:
-        return int(bool(self._bank_norm[bank_row]))
 
     @property
     def terms(self) -> DeltaTerms:

@@ -34,7 +34,10 @@ def test_op_bench_smoke(tmp_path):
     assert data["settings"]["d_model"] == 256 and data["settings"]["d_sae"] == 1024
     assert data["rows"], "no steered points measured"
     for row in data["rows"]:
-        assert row["op_us"] > 0 and row["fill_us"] > 0 and row["layer_us"] > 0
+        assert row["op_us"] > 0 and row["layer_us"] > 0
+        assert row["prepare_steady_us"] > 0 and row["prepare_all_new_us"] > 0
+        # the working set holds each config's distinct features: configs x ops per config
+        assert row["working_set"] == min(row["tokens"], row["configs"]) * row["ops_per_token"]
     md = out.with_suffix(".md").read_text()
     rows = _table_rows(md)
     # one row per token count, one per steered point (plus the two header rows)
