@@ -53,20 +53,28 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from machine import cpu_model, git_state  # noqa: E402  (benchmarks/machine.py: no side effects)
-from serve_bench import PROMPTS  # noqa: E402  (the same prompt set; the import defines names only)
+from serve_bench import (  # noqa: E402  (the same prompts and harness; the import defines names only)
+    LIVE_SERVERS,
+    PROMPTS,
+    CpuMonitor,
+    Server,
+    _run_requests,
+    free_port,
+    pct,
+    stop_all,
+    wait_ready,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "peer-vllm-lens-cpu"
 DEFAULT_VENV = REPO / "benchmarks" / ".venv-vllm-lens"
@@ -74,7 +82,6 @@ DEFAULT_MODEL = REPO / "assets" / "SmolLM2-135M-Instruct"
 OUR_RESULTS = REPO / "benchmarks" / "results" / "cpu-smollm2.json"
 SERVED_NAME = "bench"
 PORT_RANGE = (19000, 19999)  # serve_bench uses 18000-18999: both can run at once without a port clash
-HZ = os.sysconf("SC_CLK_TCK")
 CASES = {
     "plain": ("plain", "plain vLLM 0.30 (vllm-lens disabled)"),
     "lens_steered": ("lens", "vllm-lens: one steering vector, one layer, every request"),
@@ -84,247 +91,6 @@ CASES = {
 
 def log(msg: str) -> None:
     print(f"[peer-vllm-lens {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# --- servers ---------------------------------------------------------------------------------------------------
-
-
-def free_port(used: set[int]) -> int:
-    rng = random.Random(os.getpid() ^ int(time.time()))
-    for _ in range(200):
-        port = rng.randint(*PORT_RANGE)
-        if port in used:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        used.add(port)
-        return port
-    raise RuntimeError(f"no free port in {PORT_RANGE}")
-
-
-class Server:
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, log_path: Path):
-        self.name, self.cmd, self.env, self.port, self.log_path = name, cmd, env, port, log_path
-        self.proc: subprocess.Popen | None = None
-        self.started_at = 0.0
-        self.ready_s: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "w") as out:
-            self.started_at = time.perf_counter()
-            self.proc = subprocess.Popen(
-                self.cmd,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: stop() ends API server, engine core, workers
-            )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def healthy(self) -> bool:
-        import requests
-
-        try:
-            return requests.get(self.url + "/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        pgid = self.proc.pid
-        for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.time() + wait_s
-            while time.time() < deadline and _group_alive(pgid):
-                self.proc.poll()
-                time.sleep(0.2)
-            if not _group_alive(pgid):
-                break
-        self.proc.poll()
-        self.proc = None
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-LIVE: list[Server] = []
-
-
-def stop_all() -> None:
-    while LIVE:
-        LIVE.pop().stop()
-
-
-def wait_ready(servers: list[Server], timeout_s: float) -> None:
-    pending = list(servers)
-    deadline = time.perf_counter() + timeout_s
-    last_note = time.perf_counter()
-    while pending:
-        for s in list(pending):
-            if not s.alive():
-                raise RuntimeError(
-                    f"server {s.name} exited during start-up; log {s.log_path}:\n{s.log_tail()}"
-                )
-            if s.healthy():
-                s.ready_s = time.perf_counter() - s.started_at
-                log(f"  {s.name} ready on :{s.port} after {s.ready_s:.0f}s")
-                pending.remove(s)
-        if pending and time.perf_counter() > deadline:
-            raise RuntimeError(
-                f"not ready after {timeout_s:.0f}s: {', '.join(s.name for s in pending)}; "
-                f"log tail of {pending[0].name}:\n{pending[0].log_tail()}"
-            )
-        if pending and time.perf_counter() - last_note > 30:
-            log(f"  waiting for {', '.join(s.name for s in pending)} ...")
-            last_note = time.perf_counter()
-        time.sleep(1.0)
-
-
-# --- CPU used by other processes (the machine is shared) ------------------------------------------------------
-
-
-class CpuMonitor:
-    """Cores used by everything except our servers' process groups and this process, between two snapshots."""
-
-    def __init__(self):
-        self.own_pgids: set[int] = set()
-
-    def snapshot(self) -> tuple[float, int, int]:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-        busy = sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)
-        own, me = 0, str(os.getpid())
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                text = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            fields = text[text.rindex(")") + 2 :].split()
-            if int(fields[2]) in self.own_pgids or pid == me:
-                own += int(fields[11]) + int(fields[12])
-        return time.perf_counter(), busy, own
-
-    @staticmethod
-    def foreign_cores(a, b) -> float:
-        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / HZ / max(b[0] - a[0], 1e-6))
-
-
-# --- load -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ReqResult:
-    ok: bool
-    error: str = ""
-    ttft: float | None = None
-    gaps: list[float] = field(default_factory=list)
-    tokens: int = 0
-    chunks: int = 0
-
-
-async def _one_request(session, url: str, body: dict) -> ReqResult:
-    res = ReqResult(ok=False)
-    start = time.perf_counter()
-    last = None
-    try:
-        async with session.post(url, json=body) as resp:
-            if resp.status != 200:
-                res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                return res
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                obj = json.loads(data)
-                now = time.perf_counter()
-                if obj.get("error"):
-                    res.error = f"stream error: {str(obj['error'])[:300]}"
-                    return res
-                usage = obj.get("usage")
-                if usage:
-                    res.tokens = int(usage.get("completion_tokens") or 0)
-                if not obj.get("choices"):
-                    continue
-                res.chunks += 1
-                if last is None:
-                    res.ttft = now - start
-                else:
-                    res.gaps.append(now - last)
-                last = now
-        res.ok = res.ttft is not None
-        if not res.ok:
-            res.error = "no content chunk"
-    except Exception as err:  # noqa: BLE001 - a failed request is data
-        res.error = f"{type(err).__name__}: {err}"
-    return res
-
-
-async def _run(
-    url: str, bodies: list[dict], concurrency: int, timeout_s: float
-) -> tuple[list[ReqResult], float]:
-    import aiohttp
-
-    queue: asyncio.Queue = asyncio.Queue()
-    for b in bodies:
-        queue.put_nowait(b)
-    results: list[ReqResult] = []
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=timeout_s)
-    ) as session:
-
-        async def worker():
-            while True:
-                try:
-                    body = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                results.append(await _one_request(session, url, body))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return results, time.perf_counter() - t0
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 # --- the side venv: vllm-lens' own objects ---------------------------------------------------------------------
@@ -468,10 +234,10 @@ class Bench:
     def start(self) -> None:
         kinds = sorted({CASES[c][0] for c in self.args.case_list}, key=["plain", "lens"].index)
         for kind in kinds:
-            port = free_port(self.used_ports)
+            port = free_port(self.used_ports, PORT_RANGE)
             s = Server(kind, self.cmd(port), self.env(kind), port, self.workdir / "logs" / f"{kind}.log")
             s.start()
-            LIVE.append(s)
+            LIVE_SERVERS.append(s)
             self.servers[kind] = s
             self.monitor.own_pgids.add(s.proc.pid)
         log(f"starting {', '.join(kinds)} from the side venv (logs in {self.workdir / 'logs'}) ...")
@@ -539,7 +305,7 @@ class Bench:
         for case in self.args.case_list:
             server = self.servers[CASES[case][0]]
             results, _ = asyncio.run(
-                _run(server.url + "/v1/completions", self.bodies(case, top, "warm", 4), top, 300)
+                _run_requests(server.url + "/v1/completions", self.bodies(case, top, "warm", 4), top, 300)
             )
             bad = [r.error for r in results if not r.ok]
             if bad:
@@ -551,7 +317,7 @@ class Bench:
         bodies = self.bodies(case, n, f"r{rnd}-c{conc}", self.args.max_tokens)
         pre_load = self.wait_quiet() if self.args.quiet_wait > 0 else None
         a = self.monitor.snapshot()
-        results, elapsed = asyncio.run(_run(server.url + "/v1/completions", bodies, conc, 900))
+        results, elapsed = asyncio.run(_run_requests(server.url + "/v1/completions", bodies, conc, 900))
         foreign = CpuMonitor.foreign_cores(a, self.monitor.snapshot())
         ok = [r for r in results if r.ok]
         ttfts = [r.ttft for r in ok if r.ttft is not None]

@@ -215,10 +215,10 @@ class CpuMonitor:
 # --- servers ----------------------------------------------------------------------------------------------------
 
 
-def free_port(used: set[int]) -> int:
+def free_port(used: set[int], port_range: tuple[int, int] = PORT_RANGE) -> int:
     rng = random.Random(os.getpid() ^ int(time.time()))
     for _ in range(200):
-        port = rng.randint(*PORT_RANGE)
+        port = rng.randint(*port_range)
         if port in used:
             continue
         with socket.socket() as s:
@@ -228,7 +228,7 @@ def free_port(used: set[int]) -> int:
                 continue
         used.add(port)
         return port
-    raise RuntimeError(f"no free port in {PORT_RANGE}")
+    raise RuntimeError(f"no free port in {port_range}")
 
 
 class Server:
