@@ -140,18 +140,3 @@ def add_delta(residual: torch.Tensor, weights: torch.Tensor, dec: torch.Tensor) 
     if residual.dtype == dec.dtype:
         return torch.addmm(residual, weights.to(dec.dtype), dec)
     return (residual.float() + weights @ dec.float()).to(residual.dtype)
-
-
-def working_set_delta(
-    x: torch.Tensor | None,
-    cols: torch.Tensor,
-    coef: torch.Tensor,
-    applies: torch.Tensor,
-    enc: torch.Tensor,
-    dec: torch.Tensor,
-    params: torch.Tensor,
-    terms: DeltaTerms = ALL_TERMS,
-) -> torch.Tensor:
-    """Delta [n, d] (float32) to add to the residual of these tokens: weights @ dec."""
-    weights = working_set_weights(x, cols, coef, applies, enc, dec.shape[0], params, terms)
-    return weights @ dec.float()

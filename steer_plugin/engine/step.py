@@ -15,6 +15,19 @@ import numpy as np
 import torch
 
 
+def device_mirror(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tensor the op reads: the host tensor itself on CPU, a copy with a fixed address on a device."""
+    return host if device.type == "cpu" else host.to(device)
+
+
+def copy_rows(mirror: torch.Tensor, host: torch.Tensor, rows) -> None:
+    """Copy these rows of a host tensor into its device mirror, synchronously (the host rows are reused)."""
+    if mirror is host:
+        return
+    index = torch.as_tensor(rows)
+    mirror[index.to(mirror.device)] = host[index].to(mirror.device)
+
+
 class StepMetadata:
     """token_slot / token_pos for up to max_tokens rows and prompt lengths for max_slots slots (+ NULL_SLOT)."""
 
@@ -26,15 +39,10 @@ class StepMetadata:
         self.token_slot_host = torch.full((max_tokens,), self.null_slot, dtype=torch.int64, pin_memory=pin)
         self.token_pos_host = torch.zeros(max_tokens, dtype=torch.int64, pin_memory=pin)  # [M]
         self.prompt_len_host = torch.zeros(max_slots + 1, dtype=torch.int64, pin_memory=pin)  # [S + 1]
-        on_host = device.type == "cpu"
-
-        def mirror(t: torch.Tensor) -> torch.Tensor:
-            return t if on_host else t.to(device)
-
         self._prompt_len_np = self.prompt_len_host.numpy()
-        self.token_slot = mirror(self.token_slot_host)  # [M] read by the op
-        self.token_pos = mirror(self.token_pos_host)  # [M]
-        self.prompt_len = mirror(self.prompt_len_host)  # [S + 1]
+        self.token_slot = device_mirror(self.token_slot_host, device)  # [M] read by the op
+        self.token_pos = device_mirror(self.token_pos_host, device)  # [M]
+        self.prompt_len = device_mirror(self.prompt_len_host, device)  # [S + 1]
         self.num_tokens = 0  # rows written by the last write() (host int; 0 = disarmed)
         self.steered_rows_host = np.zeros(0, dtype=np.int64)  # rows of steered requests this step, ascending
         self.steered_rows = torch.zeros(0, dtype=torch.int64, device=device)  # its device copy (eager op)
@@ -53,11 +61,7 @@ class StepMetadata:
         slots = [heapq.heappop(self._free) for _ in req_ids]
         self.slot_of.update(zip(req_ids, slots))
         self._prompt_len_np[slots] = prompt_lens
-        if self.prompt_len is not self.prompt_len_host:
-            index = torch.tensor(slots)
-            self.prompt_len[index.to(self.prompt_len.device)] = self.prompt_len_host[index].to(
-                self.prompt_len.device
-            )
+        copy_rows(self.prompt_len, self.prompt_len_host, slots)
         return slots
 
     def release(self, req_id: str) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from steer_plugin.engine.bank import CENTER, NORM_KIND, LayerBank
 from steer_plugin.engine.delta import DeltaTerms
+from steer_plugin.engine.step import copy_rows, device_mirror
 from steer_plugin.spec import POSITION_CODES
 
 logger = logging.getLogger("steer_plugin")
@@ -60,13 +61,11 @@ class LayerTables:
         self.slot_code_host = host((slots, max_ops), torch.int64, NO_OP)  # [S+1, K] position code
         self.slot_last_n_host = host((slots, max_ops), torch.int64)  # [S+1, K]
         self.slot_op_host = host((slots, max_ops), torch.int64, UNUSED_OP_BIN)  # [S+1, K] OP_NAMES index
-        on_host = device.type == "cpu"
-        mirror = (lambda t: t) if on_host else (lambda t: t.to(device))
-        self.slot_col = mirror(self.slot_col_host)
-        self.slot_coef = mirror(self.slot_coef_host)
-        self.slot_code = mirror(self.slot_code_host)
-        self.slot_last_n = mirror(self.slot_last_n_host)
-        self.slot_op = mirror(self.slot_op_host)
+        self.slot_col = device_mirror(self.slot_col_host, device)
+        self.slot_coef = device_mirror(self.slot_coef_host, device)
+        self.slot_code = device_mirror(self.slot_code_host, device)
+        self.slot_last_n = device_mirror(self.slot_last_n_host, device)
+        self.slot_op = device_mirror(self.slot_op_host, device)
         # The working set: device only, rows copied from the bank on the device when a column is taken.
         self.enc = torch.zeros(capacity, d_model, dtype=torch.float32, device=device)  # [C, d]
         self.dec = torch.zeros(capacity, d_model, dtype=bank.dec.dtype, device=device)  # [C, d]
@@ -177,11 +176,9 @@ class LayerTables:
             (self.slot_last_n, self.slot_last_n_host, last_n),
             (self.slot_op, self.slot_op_host, op),
         )
-        index = torch.from_numpy(slots)
         for dev, host, values in tables:
             host.numpy()[slots] = values
-            if dev is not host:  # synchronous: the pinned host rows are rewritten later
-                dev[index.to(dev.device)] = host[index].to(dev.device)
+            copy_rows(dev, host, slots)
 
     def _unref_many(self, cols: np.ndarray) -> None:
         if not cols.size:
@@ -213,10 +210,6 @@ class LayerTables:
     def position_rules(self) -> bool:
         """Some live slot steers only some positions (prompt, generation, last prompt tokens)."""
         return bool(self._flag_counts[2])
-
-    @property
-    def reading_slots(self) -> int:
-        return int(self._flag_counts[0])
 
     def counts_by_op(self) -> dict[str, int]:
         return dict(zip(OP_NAMES, self.op_counts.tolist()[: len(OP_NAMES)]))

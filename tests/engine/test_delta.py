@@ -7,7 +7,7 @@ from steer_adapters.hf.reference import token_delta
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine.bank import build_layer_bank
-from steer_plugin.engine.delta import ALL_TERMS, DeltaTerms, working_set_delta
+from steer_plugin.engine.delta import ALL_TERMS, DeltaTerms, add_delta, working_set_weights
 from steer_plugin.sae.model import SparseAutoencoder
 from steer_plugin.spec import POSITION_CODES, ResolvedOp
 
@@ -55,7 +55,13 @@ SAE_CASES = {
 def bank_delta(x, idx, coef, bank, terms=ALL_TERMS):
     """The op's math with the whole bank as the working set and every entry applying."""
     applies = torch.ones(idx.shape, dtype=torch.bool)
-    return working_set_delta(x, idx, coef, applies, bank.enc.float(), bank.dec, bank.params, terms)
+    return ws_delta(x, idx, coef, applies, bank, terms)
+
+
+def ws_delta(x, cols, coef, applies, bank, terms=ALL_TERMS):
+    """What the op adds: its weights through its own residual update, applied to a zero residual."""
+    weights = working_set_weights(x, cols, coef, applies, bank.enc.float(), bank.num_rows, bank.params, terms)
+    return add_delta(torch.zeros(cols.shape[0], bank.dec.shape[1], dtype=bank.dec.dtype), weights, bank.dec)
 
 
 def op(kind, source, index, a, b, bn=0.0):
@@ -136,6 +142,6 @@ def test_entries_that_do_not_apply_add_nothing_and_repeated_columns_sum():
     idx = torch.tensor([[4, 4], [4, 7]])
     coef = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 2.0, 0.0]], [[0.0, 5.0, 0.0], [0.0, 1.0, 0.0]]])
     applies = torch.tensor([[True, True], [False, True]])
-    got = working_set_delta(x, idx, coef, applies, bank.enc.float(), bank.dec, bank.params)
+    got = ws_delta(x, idx, coef, applies, bank)
     torch.testing.assert_close(got[0], 3.0 * sae.W_dec[4])
     torch.testing.assert_close(got[1], sae.W_dec[7])

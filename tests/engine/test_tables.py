@@ -37,7 +37,7 @@ def test_slots_share_working_set_columns_and_give_them_back():
     t = LayerTables(b, max_slots=4, max_ops=3, capacity=6, device=torch.device("cpu"))
     t.set_slot(0, plan([7, 2]))
     t.set_slot(1, plan([2, 9], [[-1, 3, 0], [0, 1, 0]]))
-    assert t.width == 3 and t.reading_slots == 1
+    assert t.width == 3 and t.terms.read
     cols = t.slot_col_host.numpy()
     assert sorted(set(cols[:2, :2].flat)) == [0, 1, 2]  # three distinct rows, three columns
     assert cols[0, 1] == cols[1, 0]  # row 2 is one column for both slots
@@ -48,7 +48,7 @@ def test_slots_share_working_set_columns_and_give_them_back():
     col_of_9 = cols[1, 1]
     assert t.slot_code_host.numpy()[0].tolist() == [0, 0, NO_OP]
     t.set_slot(1, None)  # row 9's column frees; row 2 is still used by slot 0
-    assert t.reading_slots == 0 and sorted(t._col_of_row) == [2, 7]
+    assert not t.terms.read and sorted(t._col_of_row) == [2, 7]
     assert t.slot_code_host.numpy()[1].tolist() == [NO_OP] * 3
     assert not t.dec[col_of_9].any()  # a freed column adds nothing even through a stale coefficient
     t.set_slot(0, None)
