@@ -23,4 +23,7 @@ def discover() -> list[str]:
     return sorted(packages)
 
 
-setup(package_dir=TREES, packages=discover())
+# Non-Python files shipped with a package (tests/test_packaging.py checks that every file is in the wheel).
+PACKAGE_DATA = {"steer_plugin.playground": ["*.html"]}
+
+setup(package_dir=TREES, packages=discover(), package_data=PACKAGE_DATA)

@@ -1,15 +1,24 @@
 """Prometheus metrics for steering, served on the inference server's own /metrics.
 
-Request-level figures are counted in the API server. Worker figures (steered tokens, op time, feature L0 and
-reconstruction error, SAE memory) live in the worker processes; `WorkerStatsCollector` exposes the last
-snapshot pulled from them (the middleware pulls one per scrape). Per-feature labels appear only for
+Request-level figures are counted in the API server, in prometheus_client Counters: with
+PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported (vLLM sets it for `--api-server-count` > 1,
+before it spawns the API servers) they live in that directory's per-process files, and /metrics sums the API
+processes. Worker figures (steered tokens, op time, feature L0 and reconstruction error, SAE memory) live in the
+worker processes; `WorkerStatsCollector` exposes the last snapshot pulled from them (the middleware pulls one per
+scrape, in whichever API process serves it, so they are counted once). Per-feature labels appear only for
 watchlist features, so label cardinality stays bounded.
+
+Every label value known in advance gets a zero series at start-up (`initialize_series`, and the collector's
+known kinds), so that `rate()`/`increase()` and alerts see the first event, and dashboards show 0, not "no data".
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter
+import re
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.openmetrics import exposition as openmetrics
 
 STEERED_REQUESTS = Counter("steer_requests", "Requests with steering, by operation they use", ["op"])
 REJECTED_REQUESTS = Counter("steer_rejected_requests", "Requests rejected by the steering plugin", ["reason"])
@@ -19,6 +28,24 @@ WATCHLIST_FIRINGS = Counter(
     ["sae", "feature"],
 )
 MONITORED_REQUESTS = Counter("steer_monitored_requests", "Requests logged by steering monitoring", ["sae"])
+
+REQUEST_OPS = ("add", "clamp", "scale", "ablate", "vector")  # the `op` of steer_requests_total
+REJECT_REASONS = ("invalid", "policy")  # 400 / 403
+WORKER_REJECT_KINDS = ("steering", "observe", "capacity")  # see Steerer._reject and config.working_set_rows
+
+
+def initialize_series(config) -> None:
+    """Zero-valued series for every label value known from the config (a `SteerConfig`): ops, rejection
+    reasons, watchlist features and monitored SAEs. Idempotent."""
+    for op in REQUEST_OPS:
+        STEERED_REQUESTS.labels(op=op)
+    for reason in REJECT_REASONS:
+        REJECTED_REQUESTS.labels(reason=reason)
+    for w in config.monitoring.watchlist:
+        WATCHLIST_FIRINGS.labels(sae=w.sae, feature=str(w.index))
+    for sae_id, sampling in config.monitoring.saes.items():
+        if sampling.sample_rate > 0:
+            MONITORED_REQUESTS.labels(sae=sae_id)
 
 
 def _merge(snapshots: list[dict]) -> dict:
@@ -73,15 +100,18 @@ class WorkerStatsCollector:
         applied = CounterMetricFamily(
             "steer_features_applied", "Feature operations applied, by SAE", labels=["sae"]
         )
-        for sae, n in sorted(s["features_applied"].items()):
+        applied_by_sae = {**dict.fromkeys(s["sae_bytes"], 0), **s["features_applied"]}  # every loaded SAE
+        for sae, n in sorted(applied_by_sae.items()):
             applied.add_metric([sae], n)
         yield applied
         rejected = CounterMetricFamily(
             "steer_worker_rejected_messages",
-            "Steering/observation messages the workers dropped (unsigned or malformed): run unsteered",
+            "Steering/observation messages the workers dropped (unsigned, malformed, or over the working set):"
+            " those requests ran unsteered",
             labels=["kind"],
         )
-        for kind, n in sorted(s["rejected_messages"].items()):
+        kinds = {**dict.fromkeys(WORKER_REJECT_KINDS, 0), **s["rejected_messages"]}
+        for kind, n in sorted(kinds.items()):
             rejected.add_metric([kind], n)
         yield rejected
         yield CounterMetricFamily(
@@ -123,7 +153,12 @@ def one_per_stage(snapshots: list[dict]) -> list[dict]:
 
 
 WORKER_STATS = WorkerStatsCollector()
+# The worker families alone, for a /metrics answer built from another registry (see with_worker_families).
+WORKER_REGISTRY = CollectorRegistry(auto_describe=True)
+WORKER_REGISTRY.register(WORKER_STATS)
 _registered = False
+_WORKER_FAMILY = re.compile(rb"^# TYPE steer_worker_step_errors(?:_total)? ", re.MULTILINE)
+OPENMETRICS_TYPE = "application/openmetrics-text"
 
 
 def register_worker_collector() -> None:
@@ -131,3 +166,20 @@ def register_worker_collector() -> None:
     if not _registered:
         REGISTRY.register(WORKER_STATS)
         _registered = True
+
+
+def with_worker_families(body: bytes, content_type: str) -> bytes:
+    """A /metrics exposition (`content_type`: Prometheus text or OpenMetrics) with the worker families added
+    when it lacks them: a server whose /metrics does not read prometheus_client's global REGISTRY (vLLM in
+    multiprocess mode) would otherwise drop them. Unchanged when they are already there."""
+    if _WORKER_FAMILY.search(body):
+        return body
+    if content_type.lower().startswith(OPENMETRICS_TYPE):
+        extra = openmetrics.generate_latest(WORKER_REGISTRY)  # ends with "# EOF"
+        stripped = body.rstrip()
+        if stripped.endswith(b"# EOF"):
+            body = stripped[: -len(b"# EOF")]
+        return body + extra
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    return body + generate_latest(WORKER_REGISTRY)

@@ -22,6 +22,7 @@ from steer_plugin.monitor import log as monitor_log
 from steer_plugin.spec import (
     OBSERVE_KEY,
     POSITION_CODES,
+    TRACE_THRESHOLD,
     WIRE_KEY,
     InspectSpec,
     ObserveSpec,
@@ -31,6 +32,7 @@ from steer_plugin.spec import (
     WatchSpec,
     encode_wire,
     parse_spec,
+    resolve_feature,
     resolve_spec,
 )
 
@@ -46,6 +48,15 @@ class RewrittenRequest(NamedTuple):
     inspect: InspectSpec | None = None
     monitored: tuple[str, ...] = ()
     user_wants_token_ids: bool = False
+    traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
+
+
+class TokenRead(NamedTuple):
+    """What was read for one token: top-K features per SAE, and the traced features' activations (None where
+    no record arrived)."""
+
+    features: dict[str, list[dict]]
+    traced: list[float | None]
 
 
 class SteeringService:
@@ -98,6 +109,12 @@ class SteeringService:
                 raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs n = 1")
             if prompt_count(body) != 1:
                 raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs a single prompt")
+        traced = []
+        for i, ref in enumerate(inspect.features if inspect else []):
+            path = f"{STEERING_FIELD}.inspect.features[{i}]"
+            sae, index = resolve_feature(ref, self.catalog, path)
+            self.check_inspectable(sae.id, path)
+            traced.append((sae.id, index))
         monitored = (
             tuple(
                 sae_id
@@ -113,7 +130,13 @@ class SteeringService:
                 metrics.STEERED_REQUESTS.labels(op=op_name).inc()
         observe = None
         read = list(
-            dict.fromkeys([*((inspect.saes or list(self.catalog.saes)) if inspect else []), *monitored])
+            dict.fromkeys(
+                [
+                    *((inspect.saes or list(self.catalog.saes)) if inspect else []),
+                    *(sae for sae, _ in traced),
+                    *monitored,
+                ]
+            )
         )
         if read:
             top_k = max(inspect.top_k if inspect else 0, self.config.monitoring.top_k if monitored else 0)
@@ -121,7 +144,7 @@ class SteeringService:
                 WatchSpec(w.sae, w.index, w.threshold)
                 for w in self.config.monitoring.watchlist
                 if w.sae in monitored
-            ]
+            ] + [WatchSpec(sae, index, TRACE_THRESHOLD) for sae, index in dict.fromkeys(traced)]
             observe = ObserveSpec(
                 uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt), watch, list(monitored)
             )
@@ -131,7 +154,7 @@ class SteeringService:
         wants_ids = bool(body.get("return_token_ids"))
         if observe is not None:
             body["return_token_ids"] = True  # lets the server align features with each (streamed) token
-        return RewrittenRequest(body, ops, observe, inspect, monitored, wants_ids)
+        return RewrittenRequest(body, ops, observe, inspect, monitored, wants_ids, tuple(traced))
 
     def check_policy(self, spec: SteeringSpec, ops: list[ResolvedOp]) -> None:
         policy = self.config.policy
@@ -175,16 +198,17 @@ class SteeringService:
                     f"{STEERING_FIELD}.inspect", "inspect is not allowed on this server", status=403
                 )
             for i, sae_id in enumerate(spec.inspect.saes or []):
-                if (
-                    policy.allowed_saes is not None
-                    and sae_id not in policy.allowed_saes
-                    or sae_id in policy.denied_saes
-                ):
-                    raise SpecError(
-                        f"{STEERING_FIELD}.inspect.saes[{i}]",
-                        f"SAE {sae_id!r} may not be inspected here",
-                        status=403,
-                    )
+                self.check_inspectable(sae_id, f"{STEERING_FIELD}.inspect.saes[{i}]")
+
+    def check_inspectable(self, sae_id: str, path: str) -> None:
+        """403 naming `path` when the operator's policy keeps `sae_id` from being read."""
+        policy = self.config.policy
+        if (
+            policy.allowed_saes is not None
+            and sae_id not in policy.allowed_saes
+            or sae_id in policy.denied_saes
+        ):
+            raise SpecError(path, f"SAE {sae_id!r} may not be inspected here", status=403)
 
     def applied(self, ops: list[ResolvedOp]) -> list[dict]:
         """The operations a response reports as applied."""
@@ -272,7 +296,8 @@ class Observation:
         self.request = request
         channel.create(request.observe.cid)
         self.reader = channel.ChannelReader(request.observe.cid)
-        self.by_pos: dict[int, dict[str, list]] = {}
+        self.by_pos: dict[int, dict[str, list]] = {}  # pos -> sae -> top [[index, activation], ...]
+        self.watched: dict[int, dict[str, dict[int, float]]] = {}  # pos -> sae -> {index: activation}
         self.records: list[dict] = []
         self.prompt_len: int | None = None
         self.next_token = 0
@@ -282,38 +307,45 @@ class Observation:
             self.records.append(r)
             self.prompt_len = r["P"]
             self.by_pos.setdefault(r["pos"], {})[r["sae"]] = r["top"]
+            self.watched.setdefault(r["pos"], {})[r["sae"]] = dict(r.get("watch", ()))
 
-    def _token_features(self, pos: int) -> dict:
+    def _token(self, pos: int) -> TokenRead:
         inspect = self.request.inspect
         saes = (inspect.saes or list(self.service.catalog.saes)) if inspect else []
         found = self.by_pos.get(pos, {})
-        out = {}
+        features = {}
         for sae_id in saes:
             labels = self.service.catalog.saes[sae_id].labels
-            out[sae_id] = [
+            features[sae_id] = [
                 {"index": i, "activation": a, "label": labels.get(i)}
                 for i, a in found.get(sae_id, [])[: inspect.top_k]
             ]
-        return out
+        watched = self.watched.get(pos, {})
+        traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
+        return TokenRead(features, traced)
 
-    def next_tokens(self, count: int) -> list[dict]:
-        """Features of the next `count` generated tokens (each read from the residual that predicted it)."""
+    def next_tokens(self, count: int) -> list[TokenRead]:
+        """The next `count` generated tokens (each read from the residual that predicted it)."""
         self._pull()
         if self.prompt_len is None:
             self.next_token += count
-            return [{} for _ in range(count)]
-        out = [
-            self._token_features(self.prompt_len - 1 + k)
-            for k in range(self.next_token, self.next_token + count)
-        ]
+            return [TokenRead({}, [None] * len(self.request.traced)) for _ in range(count)]
+        out = [self._token(self.prompt_len - 1 + k) for k in range(self.next_token, self.next_token + count)]
         self.next_token += count
         return out
 
-    def prompt_tokens(self) -> list[dict]:
+    def prompt_tokens(self) -> list[TokenRead]:
         self._pull()
         if self.prompt_len is None:
             return []
-        return [self._token_features(p) for p in range(self.prompt_len)]
+        return [self._token(p) for p in range(self.prompt_len)]
+
+    def traced_features(self) -> list[dict]:
+        """The features `traced` reports, in order."""
+        return [
+            {"sae": sae_id, "index": index, "label": self.service.catalog.saes[sae_id].labels.get(index)}
+            for sae_id, index in self.request.traced
+        ]
 
     def finish(self, response_id: str | None, model: str | None) -> None:
         """Write the monitoring line and watchlist counts; drop the side-channel file."""

@@ -37,8 +37,8 @@ class LastPromptTokens(_Strict):
     last_prompt_tokens: int = Field(ge=1, le=1_000_000)
 
 
-class FeatureOp(_Strict):
-    """One operation on one SAE feature. Name the feature by (sae, index), by `id` or by `label`."""
+class FeatureRef(_Strict):
+    """One SAE feature, named by (sae, index), by `id` or by `label`."""
 
     sae: str | None = None
     """SAE id from the server config (with `index` or `label`)."""
@@ -48,6 +48,23 @@ class FeatureOp(_Strict):
     """Neuronpedia-style id `model/source/index`."""
     label: str | None = None
     """A label from the SAE's labels file; must be unique (within `sae` when given)."""
+
+    @model_validator(mode="after")
+    def _named_once(self) -> FeatureRef:
+        if self.id is None and self.label is None and (self.sae is None or self.index is None):
+            raise ValueError(
+                "name the feature by `sae` + `index`, by `id` (model/source/index) or by `label`"
+            )
+        if self.id is not None and (self.sae is not None or self.index is not None or self.label is not None):
+            raise ValueError("`id` cannot be combined with `sae`, `index` or `label`")
+        if self.label is not None and self.index is not None:
+            raise ValueError("give `index` or `label`, not both")
+        return self
+
+
+class FeatureOp(FeatureRef):
+    """One operation on one SAE feature. Name the feature by (sae, index), by `id` or by `label`."""
+
     op: Literal["add", "clamp", "scale", "ablate"] = "add"
     """add: x += v·W_dec[i]; clamp: set f_i to v; scale: f_i *= v; ablate: f_i = 0."""
     value: float | None = None
@@ -66,14 +83,6 @@ class FeatureOp(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> FeatureOp:
-        if self.id is None and self.label is None and (self.sae is None or self.index is None):
-            raise ValueError(
-                "name the feature by `sae` + `index`, by `id` (model/source/index) or by `label`"
-            )
-        if self.id is not None and (self.sae is not None or self.index is not None or self.label is not None):
-            raise ValueError("`id` cannot be combined with `sae`, `index` or `label`")
-        if self.label is not None and self.index is not None:
-            raise ValueError("give `index` or `label`, not both")
         if self.op == "ablate" and self.value is not None:
             raise ValueError("`ablate` takes no `value`")
         if self.op != "ablate" and self.value is None:
@@ -102,6 +111,9 @@ class VectorOp(_Strict):
         return v
 
 
+MAX_TRACED = 16
+
+
 class InspectSpec(_Strict):
     """Report the top-K active features of each generated token (read from the residual that predicted it)."""
 
@@ -110,6 +122,9 @@ class InspectSpec(_Strict):
     """SAE ids to read (all loaded SAEs when unset)."""
     prompt: bool = False
     """Also report the features of every prompt token."""
+    features: list[FeatureRef] = Field(default_factory=list, max_length=MAX_TRACED)
+    """Features whose activation is reported on every token (`traced`), whether or not they are in the top K:
+    a feature's activation over the whole text."""
 
 
 class SteeringSpec(_Strict):
@@ -213,7 +228,7 @@ def _coefficients(op: str, value: float | None, normalize: bool) -> tuple[float,
     return -1.0, 0.0, 0.0  # ablate
 
 
-def _find_feature(op: FeatureOp, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
+def _find_feature(op: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
     if op.id is not None:
         source, _, index_text = op.id.rpartition("/")
         matches = [s for s in catalog.saes.values() if s.neuronpedia_id and s.neuronpedia_id == source]
@@ -237,18 +252,24 @@ def _find_feature(op: FeatureOp, catalog: Catalog, path: str) -> tuple[SAEInfo, 
     return candidates[0], op.index
 
 
+def resolve_feature(ref: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
+    """The loaded SAE and feature index a reference names; SpecError naming `path` otherwise."""
+    sae, index = _find_feature(ref, catalog, path)
+    if not 0 <= index < sae.d_sae:
+        field = "id" if ref.id is not None else "index"
+        raise SpecError(
+            f"{path}.{field}",
+            f"feature index {index} out of range for SAE {sae.id!r} (0..{sae.d_sae - 1})",
+        )
+    return sae, index
+
+
 def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering") -> list[ResolvedOp]:
     """Check a parsed spec against the catalog and limits; SpecError names the bad field."""
     ops: list[ResolvedOp] = []
     for i, op in enumerate(spec.features):
         path = f"{prefix}.features[{i}]"
-        sae, index = _find_feature(op, catalog, path)
-        if not 0 <= index < sae.d_sae:
-            field = "id" if op.id is not None else "index"
-            raise SpecError(
-                f"{path}.{field}",
-                f"feature index {index} out of range for SAE {sae.id!r} (0..{sae.d_sae - 1})",
-            )
+        sae, index = resolve_feature(op, catalog, path)
         if op.value is not None and abs(op.value) > catalog.max_abs_value:
             raise SpecError(f"{path}.value", f"|value| must be <= {catalog.max_abs_value:g}")
         pos, last_n = _positions(op.positions)
@@ -376,6 +397,10 @@ class WatchSpec(NamedTuple):
     sae: str
     index: int
     threshold: float
+
+
+# A watch threshold every activation passes: the feature's activation is reported on every observed token.
+TRACE_THRESHOLD = -3.0e38
 
 
 class ObserveSpec(NamedTuple):

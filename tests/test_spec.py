@@ -17,6 +17,7 @@ from steer_plugin.spec import (
     encode_wire,
     first_steered_position,
     parse_spec,
+    resolve_feature,
     resolve_spec,
     steering_salt,
 )
@@ -44,6 +45,12 @@ CATALOG = Catalog(
         ),
         ({"vectors": [{"name": "v", "scale": float("inf")}]}, "steering.vectors[0].scale"),
         ({"inspect": {"top_k": 0}}, "steering.inspect.top_k"),
+        ({"inspect": {"features": [{"sae": "a"}]}}, "steering.inspect.features[0]"),
+        (
+            {"inspect": {"features": [{"sae": "a", "index": 1, "op": "add"}]}},
+            "steering.inspect.features[0].op",
+        ),
+        ({"inspect": {"features": [{"id": "m/3-res/1"}] * 17}}, "steering.inspect.features"),
         ([1, 2], "steering"),
     ],
 )
@@ -161,3 +168,33 @@ def test_observe_spec_round_trip_and_ranges():
             ObserveSpec.decode(bad.encode())
     with pytest.raises(SignatureError):
         ObserveSpec.decode(json.dumps(list(spec)))
+
+
+@pytest.mark.parametrize(
+    ("ref", "want"),
+    [
+        ({"sae": "a", "index": 99}, ("a", 99)),
+        ({"id": "m/3-res/4"}, ("a", 4)),
+        ({"label": "bridge"}, ("a", 7)),
+    ],
+)
+def test_inspect_features_resolve_like_steered_features(ref, want):
+    spec = parse_spec({"inspect": {"features": [ref]}})
+    sae, index = resolve_feature(spec.inspect.features[0], CATALOG, "steering.inspect.features[0]")
+    assert (sae.id, index) == want
+
+
+@pytest.mark.parametrize(
+    ("ref", "path"),
+    [
+        ({"sae": "a", "index": 100}, "p.index"),
+        ({"id": "m/3-res/100"}, "p.id"),
+        ({"label": "cat"}, "p.label"),  # not unique
+        ({"sae": "b", "index": 1}, "p.sae"),
+    ],
+)
+def test_inspect_feature_resolution_errors(ref, path):
+    spec = parse_spec({"inspect": {"features": [ref]}})
+    with pytest.raises(SpecError) as err:
+        resolve_feature(spec.inspect.features[0], CATALOG, "p")
+    assert err.value.path == path

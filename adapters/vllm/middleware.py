@@ -8,6 +8,7 @@
   message not signed by this middleware anyway, see steer_plugin/signing.py).
 - GET /v1/steering/saes, GET /v1/steering/features?sae=&q=, POST /v1/steering/inspect: discovery.
 - GET /openapi.json: publishes the `steering` schema on both completion requests.
+- GET /playground: the playground page (steer_plugin/playground).
 
 Every route obeys vLLM's own authentication (`--api-key`) exactly as vLLM's routes do, checked before
 anything else; malformed bodies get a 400 in the OpenAI error shape, never a Python exception.
@@ -24,9 +25,10 @@ from urllib.parse import parse_qs
 
 from steer_adapters.vllm import glue
 
+from steer_plugin import playground
 from steer_plugin.body import parse_json, refuse_reserved_keys
 from steer_plugin.config import config_from_sources
-from steer_plugin.metrics import WORKER_STATS, register_worker_collector
+from steer_plugin.metrics import WORKER_STATS, initialize_series, register_worker_collector
 from steer_plugin.service import STEERING_FIELD, RewrittenRequest, SteeringService, error_body
 from steer_plugin.spec import RESERVED_KEYS, SpecError, SteeringSpec
 
@@ -129,8 +131,13 @@ class ResponseRewriter:
         info: dict = {}
         if first:
             info["applied"] = self.service.applied(self.request.ops)
+            if self.request.traced:
+                info["traced_features"] = self.observation.traced_features()
         if self.observation is not None and self.request.inspect is not None:
-            info["tokens"] = self.observation.next_tokens(count)
+            reads = self.observation.next_tokens(count)
+            info["tokens"] = [r.features for r in reads]
+            if self.request.traced:
+                info["traced"] = [r.traced for r in reads]
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             choice.pop("token_ids", None)
         return info
@@ -142,7 +149,10 @@ class ResponseRewriter:
             count = len(choice.get("token_ids") or [])
             choice["steering"] = self._choice_steering(choice, count, first=True)
             if self.request.inspect is not None and self.request.inspect.prompt:
-                choice["steering"]["prompt_tokens"] = self.observation.prompt_tokens()
+                reads = self.observation.prompt_tokens()
+                choice["steering"]["prompt_tokens"] = [r.features for r in reads]
+                if self.request.traced:
+                    choice["steering"]["prompt_traced"] = [r.traced for r in reads]
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             data.pop("prompt_token_ids", None)
         return json.dumps(data).encode()
@@ -193,6 +203,7 @@ class SteeringMiddleware:
             )
         else:
             register_worker_collector()
+            initialize_series(config)
             logger.info("steer_plugin middleware: serving SAEs %s", sorted(self.service.catalog.saes))
 
     async def __call__(self, scope, receive, send):
@@ -229,6 +240,8 @@ class SteeringMiddleware:
         if method == "GET":
             if path.startswith("/v1/steering/"):
                 return self._discovery
+            if path.rstrip("/") == playground.ROUTE:
+                return self._playground
             if path.rstrip("/") == "/metrics" and self.service is not None:
                 return self._metrics
             if path == "/openapi.json":
@@ -306,9 +319,24 @@ class SteeringMiddleware:
             raise SpecError("path", f"unknown steering endpoint {scope['path']}", status=404)
         return await _send_json(send, 200, json.dumps(result).encode())
 
+    async def _playground(self, scope, receive, send):
+        """The static playground page. It holds no data: every call it makes goes through the API (and its
+        key), so it is served like /health, outside vLLM's /v1 authentication."""
+        if self.service is None:
+            raise SpecError("steering", "this server has no steering config", status=404)
+        body = playground.page()
+        headers = [
+            (b"content-type", b"text/html; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-cache"),
+            (b"x-content-type-options", b"nosniff"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
     async def _metrics(self, scope, receive, send):
         await self._pull_worker_stats(scope)
-        return await self.app(scope, receive, send)
+        return await glue.serve_metrics(self.app, scope, receive, send)
 
     async def _pull_worker_stats(self, scope) -> None:
         engine = getattr(scope["app"].state, "engine_client", None)
@@ -371,11 +399,10 @@ class SteeringMiddleware:
             req = parse_json(await _read_body(receive))
             if not isinstance(req, dict):
                 raise SpecError("body", "must be a JSON object")
-            unknown = set(req) - {"model", "text", "messages", "saes", "top_k"}
+            allowed = ("model", "text", "messages", "saes", "top_k", "features")
+            unknown = set(req) - set(allowed)
             if unknown:
-                raise SpecError(
-                    sorted(unknown)[0], "unknown field; allowed: model, text, messages, saes, top_k"
-                )
+                raise SpecError(sorted(unknown)[0], f"unknown field; allowed: {', '.join(allowed)}")
             if ("text" in req) == ("messages" in req):
                 raise SpecError("text", "give exactly one of `text` or `messages`")
             tokenize = {"prompt": req["text"]} if "text" in req else {"messages": req["messages"]}
@@ -387,7 +414,7 @@ class SteeringMiddleware:
             inspect = {
                 "top_k": req.get("top_k", 5),
                 "prompt": True,
-                **({"saes": req["saes"]} if "saes" in req else {}),
+                **{key: req[key] for key in ("saes", "features") if key in req},
             }
             completion = {
                 "prompt": tokens["tokens"],
@@ -402,15 +429,19 @@ class SteeringMiddleware:
                 return await _send_json(send, status, json.dumps(result).encode())
         except SpecError as err:
             return await _send_json(send, err.status, error_body(err))
-        features = result["choices"][0]["steering"].get("prompt_tokens", [])
+        steering = result["choices"][0]["steering"]
+        features = steering.get("prompt_tokens", [])
         strs = tokens.get("token_strs") or [None] * len(tokens["tokens"])
         data = [
             {"position": i, "token_id": t, "token": s, "features": f}
             for i, (t, s, f) in enumerate(zip(tokens["tokens"], strs, features))
         ]
-        return await _send_json(
-            send, 200, json.dumps({"object": "list", "model": result.get("model"), "data": data}).encode()
-        )
+        out = {"object": "list", "model": result.get("model"), "data": data}
+        if "traced_features" in steering:
+            out["traced_features"] = steering["traced_features"]
+            for item, values in zip(data, steering.get("prompt_traced", [])):
+                item["traced"] = values
+        return await _send_json(send, 200, json.dumps(out).encode())
 
     async def _openapi(self, scope, receive, send):
         start, chunks = {}, []

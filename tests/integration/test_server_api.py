@@ -222,6 +222,75 @@ def test_inspect_endpoint_matches_reference_encode(server, hf, assets, sae_layer
     assert checked >= 10
 
 
+def test_inspect_traces_features_on_every_token(server, hf, assets, sae_layer, demo_assets):
+    """`features` report a feature's activation on every token, in or out of the top K, as the reference
+    encode computes it; chat completions carry the same per generated token."""
+    from steer_plugin.demo.concept import concept_feature
+
+    concept = concept_feature(demo_assets).index
+    text = "The Golden Gate Bridge spans the strait at the entrance of San Francisco Bay."
+    traced = [{"sae": "demo", "index": concept}, {"sae": "demo", "index": WATCHED}]
+    reply = requests.post(
+        f"{BASE}/v1/steering/inspect", json={"text": text, "top_k": 1, "features": traced}, timeout=120
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert [(f["sae"], f["index"]) for f in body["traced_features"]] == [("demo", concept), ("demo", WATCHED)]
+    assert body["traced_features"][0]["label"] == assets.saes["demo"].labels.get(concept)
+    data = body["data"]
+    x = hf.residual_after(sae_layer, [d["token_id"] for d in data])  # [T, d]
+    f = assets.saes["demo"].sae.encode(x)  # [T, d_sae]
+    outside_top1 = 0
+    for pos in range(1, len(data)):  # position 0: the attention sink (see above)
+        assert len(data[pos]["traced"]) == 2
+        for got, index in zip(data[pos]["traced"], (concept, WATCHED)):
+            want = float(f[pos, index])
+            assert abs(got - want) <= 1e-2 * max(1.0, abs(want)), (pos, index, got, want)
+        outside_top1 += data[pos]["features"]["demo"][0]["index"] != concept
+    assert outside_top1 >= 3  # traced values are not just the top-K list
+    assert max(v[0] for v in (d["traced"] for d in data[1:])) > 1.0  # the concept fires on this text
+
+    # Chat completions: one traced value per generated token, beside its top-K features.
+    chat = requests.post(
+        f"{BASE}/v1/chat/completions",
+        json={"model": "demo", "messages": MESSAGES, "max_tokens": 5, "temperature": 0,
+              "steering": {"inspect": {"top_k": 2, "features": [{"sae": "demo", "index": concept}]}}},
+        timeout=120,
+    ).json()["choices"][0]["steering"]  # fmt: skip
+    assert len(chat["traced"]) == len(chat["tokens"]) == 5
+    assert all(len(v) == 1 and v[0] is not None and v[0] >= 0 for v in chat["traced"])
+    for tokens, values in zip(chat["tokens"], chat["traced"]):  # where it is in the top K, the values agree
+        for item in tokens["demo"]:
+            if item["index"] == concept:
+                assert item["activation"] == pytest.approx(values[0], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("traced", "param", "status"),
+    [
+        ([{"sae": "demo", "index": 10**9}], "steering.inspect.features[0].index", 400),
+        ([{"sae": "nope", "index": 1}], "steering.inspect.features[0].sae", 400),
+        ([{"sae": "demo"}], "steering.inspect.features[0]", 400),
+        ([{"sae": "demo", "index": 1}] * 17, "steering.inspect.features", 400),
+        ("demo/1", "steering.inspect.features", 400),
+    ],
+)
+def test_inspect_traced_feature_errors(server, traced, param, status):
+    reply = requests.post(
+        f"{BASE}/v1/chat/completions",
+        json={"model": "demo", "messages": MESSAGES, "max_tokens": 2,
+              "steering": {"inspect": {"features": traced}}},
+        timeout=60,
+    )  # fmt: skip
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["param"] == param
+    inspect = requests.post(
+        f"{BASE}/v1/steering/inspect", json={"text": "hi", "features": traced}, timeout=60
+    )
+    assert inspect.status_code == status
+    assert inspect.json()["error"]["param"] == param
+
+
 # --- metrics and monitoring -------------------------------------------------------------------------------------
 
 

@@ -101,6 +101,12 @@ def test_plugin_routes_obey_the_api_key(server, session):
     assert r.status_code == 200, r.text
     assert all(tok["features"]["demo"] for tok in r.json()["data"][1:])
     assert requests.get(f"{BASE}/health", timeout=10).status_code == 200  # not guarded, like vLLM's own
+    # The playground page is static and holds no data (every call it makes sends the key the user types in):
+    # served without a key, like /health; inspect with traced features obeys the key like the rest.
+    page = anonymous.get(f"{BASE}/playground", timeout=10)
+    assert page.status_code == 200 and "demo" not in page.text
+    traced = {"text": "hi", "features": [{"sae": "demo", "index": 1}]}
+    assert anonymous.post(f"{BASE}/v1/steering/inspect", json=traced, timeout=60).status_code == 401
 
 
 # --- endpoints that take vllm_xargs -----------------------------------------------------------------------

@@ -1,0 +1,305 @@
+"""The playground page in a real browser (Debian's Chromium, headless, driven by Selenium) against the real server.
+
+A person's path through the page: it loads and connects, a label search finds the demo's concept feature, a steered
+chat renders the steered and the default answer side by side, a hovered token shows its features, the traced
+feature paints a heat map, and the request shown as code is the one the page sent. Every figure the page shows is
+checked against the server's own API answer to the same request, made separately with `requests`.
+
+Screenshots go to $STEER_PLAYGROUND_SCREENSHOTS when set (README's images were made so), else to a temp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from .conftest import running_server
+
+pytestmark = pytest.mark.server
+
+PORT = 18791
+BASE = f"http://127.0.0.1:{PORT}"
+QUESTION = "Tell me about a place you would like to visit."  # the page's own example
+MAX_TOKENS = 40
+
+
+def _browser_tools() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium and driver:
+        return chromium, driver
+    message = "Chromium and chromedriver are needed (bash scripts/setup_system.sh installs Debian's)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def server(demo_assets, steer_config_path):
+    with running_server(demo_assets.model_dir, steer_config_path, PORT) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def concept(demo_assets) -> dict:
+    """The demo's concept feature as the asset analysis recorded it, and the demo's clamp strength for it."""
+    from steer_plugin.demo.concept import concept_feature
+
+    feature = concept_feature(demo_assets)
+    labels = json.loads(Path(demo_assets.labels_path).read_text())
+    max_act = labels["features"][feature.index]["max_act"]
+    return {"index": feature.index, "label": feature.label, "value": round(1.7 * max_act, 1)}
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("STEER_PLAYGROUND_SCREENSHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    chromium, chromedriver = _browser_tools()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1500,1100",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_script_timeout(30)
+    try:
+        driver.get(f"{BASE}/playground")
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver, condition, timeout: float = 30, message: str = ""):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
+
+
+def column_tokens(driver, column: str) -> list[dict]:
+    """The tokens of the column's last answer, as the page holds them: text, features, traced value, painted."""
+    return driver.execute_script(
+        """
+        const turns = document.querySelectorAll('#' + arguments[0] + ' .turn');
+        const last = turns[turns.length - 1];
+        return [...last.querySelectorAll('.tok')].map((s) => ({
+            text: s.textContent, features: s._features, traced: s._traced, painted: s.style.background !== '',
+            special: s.classList.contains('special')}));
+        """,
+        column,
+    )
+
+
+def text_of(tokens: list[dict]) -> str:
+    """The answer's text: its tokens less those shown apart (the stop token is not part of the content)."""
+    return "".join(t["text"] for t in tokens if not t["special"])
+
+
+def assert_same_reads(page: list[dict], api: list[dict]) -> None:
+    """Per-token top features: the same features in the same order, activations equal to float rounding."""
+    assert len(page) == len(api)
+    for got, want in zip(page, api):
+        assert set(got) == set(want)
+        for sae in want:
+            mine = {f["index"]: (f["activation"], f["label"]) for f in got[sae]}
+            theirs = {f["index"]: (f["activation"], f["label"]) for f in want[sae]}
+            for index in mine.keys() & theirs.keys():
+                assert mine[index][1] == theirs[index][1]
+                assert mine[index][0] == pytest.approx(theirs[index][0], rel=1e-3, abs=1e-3)
+            # A feature may only swap in or out of the top K at its edge, in a near-tie.
+            edge = min((a for a, _ in theirs.values()), default=0.0)
+            for index in mine.keys() ^ theirs.keys():
+                activation = (mine.get(index) or theirs[index])[0]
+                assert activation == pytest.approx(edge, rel=1e-2, abs=1e-2), (index, mine, theirs)
+
+
+def api_chat(body: dict) -> dict:
+    """The same request the page sent, non-streaming, straight to the API."""
+    plain = {k: v for k, v in body.items() if k != "stream"}
+    reply = requests.post(f"{BASE}/v1/chat/completions", json=plain, timeout=300)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]
+
+
+def test_page_is_served(server):
+    reply = requests.get(f"{BASE}/playground", timeout=10)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/html")
+    assert "<title>steer-plugin playground</title>" in reply.text
+    assert requests.get(f"{BASE}/playground/", timeout=10).status_code == 200
+
+
+def test_page_connects(browser):
+    wait(
+        browser,
+        lambda d: d.find_element("id", "status").text.startswith("connected"),
+        message="no connection",
+    )
+    assert browser.find_element("id", "model").get_attribute("value") == "demo"
+    # The configured vector is offered.
+    options = [
+        o.get_attribute("value") for o in browser.find_elements("css selector", "#vector-select option")
+    ]
+    assert options == ["unit"]
+
+
+def test_search_finds_the_concept_feature(browser, concept, shots):
+    box = browser.find_element("id", "search-q")
+    box.clear()
+    box.send_keys(concept["label"])
+    browser.find_element("id", "search-btn").click()
+    hit = wait(
+        browser,
+        lambda d: d.find_elements("css selector", f'#search-results li[data-index="{concept["index"]}"]'),
+        message="the concept feature is not among the hits",
+    )[0]
+    api = requests.get(
+        f"{BASE}/v1/steering/features", params={"q": concept["label"], "limit": 30}, timeout=10
+    ).json()
+    shown = [
+        int(li.get_attribute("data-index"))
+        for li in browser.find_elements("css selector", "#search-results li")
+    ]
+    assert shown == [h["index"] for h in api["data"]]
+    assert concept["label"] in hit.text
+    browser.save_screenshot(str(shots / "playground-search.png"))
+
+
+def test_steered_chat_renders_both_columns(browser, concept, shots):
+    hit = browser.find_element("css selector", f'#search-results li[data-index="{concept["index"]}"]')
+    hit.find_element("css selector", "button.hit-steer").click()
+    row = wait(
+        browser, lambda d: d.find_elements("css selector", f'#ops .op-row[data-index="{concept["index"]}"]')
+    )[0]
+    assert row.find_element("css selector", "select.op").get_attribute("value") == "clamp"
+    value = row.find_element("css selector", "input.value-num")
+    value.clear()
+    value.send_keys(str(concept["value"]))
+    # Adding the first feature also traces it (the heat map).
+    assert browser.find_element("id", "heat-feature").text.startswith(f"tracing demo/{concept['index']}")
+    tokens = browser.find_element("id", "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(MAX_TOKENS))
+    prompt = browser.find_element("id", "prompt")
+    prompt.clear()
+    prompt.send_keys(QUESTION)
+    browser.find_element("id", "send").click()
+    wait(
+        browser,
+        lambda d: (
+            d.find_element("id", "status").text in ("done",)
+            or "error" in d.find_element("id", "status").get_attribute("class")
+        ),
+        timeout=300,
+    )
+    assert browser.find_element("id", "status").text == "done"
+
+    steered, default = column_tokens(browser, "steered"), column_tokens(browser, "default")
+    steered_text, default_text = text_of(steered), text_of(default)
+    assert not any(
+        t["special"] for t in steered[:-1] + default[:-1]
+    )  # only a final stop token is shown apart
+    assert steered_text != default_text
+
+    # What the page shows is what the API answers to the same requests.
+    sent = browser.execute_script("return state.lastRequest")
+    assert sent["steering"]["features"] == [
+        {"sae": "demo", "index": concept["index"], "op": "clamp", "value": concept["value"]}
+    ]
+    api_steered = api_chat(sent)
+    assert steered_text == api_steered["message"]["content"]
+    default_body = {**sent, "steering": {"inspect": sent["steering"]["inspect"]}}
+    api_default = api_chat(default_body)
+    assert default_text == api_default["message"]["content"]
+    unsteered = api_chat({k: v for k, v in sent.items() if k != "steering"})
+    assert default_text == unsteered["message"]["content"]
+
+    # Per-token features and the traced feature, token by token, as the API reports them.
+    # (The page's two requests ran batched together, the API's alone: activations agree to float rounding.)
+    assert_same_reads([t["features"] for t in steered], api_steered["steering"]["tokens"])
+    assert [t["traced"] for t in steered] == pytest.approx(
+        [v[0] for v in api_steered["steering"]["traced"]], rel=1e-3, abs=1e-3
+    )
+    assert_same_reads([t["features"] for t in default], api_default["steering"]["tokens"])
+    # The heat map: the clamp holds the traced feature up on every steered token; unsteered, it fires on few.
+    assert all(t["painted"] for t in steered)
+    assert sum(t["painted"] for t in default) < len(default)
+    assert min(t["traced"] for t in steered) > max(t["traced"] for t in default)
+    browser.save_screenshot(str(shots / "playground-chat.png"))
+
+
+def test_hover_shows_a_tokens_features(browser, shots):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    spans = browser.find_elements("css selector", "#steered .turn:last-child .tok")
+    k = min(3, len(spans) - 1)
+    ActionChains(browser).move_to_element(spans[k]).perform()
+    tip = wait(
+        browser,
+        lambda d: d.find_element("id", "tooltip") if d.find_element("id", "tooltip").is_displayed() else None,
+    )
+    expected = column_tokens(browser, "steered")[k]["features"]["demo"]
+    rows = tip.find_elements("css selector", "tr")
+    assert [r.get_attribute("data-index") for r in rows] == [str(f["index"]) for f in expected]
+    assert f"{expected[0]['activation']:.2f}" in rows[0].text
+    browser.save_screenshot(str(shots / "playground-hover.png"))
+    ActionChains(browser).move_by_offset(0, 300).perform()
+
+
+def test_code_is_the_request_the_page_sent(browser, tmp_path):
+    sent = browser.execute_script("return state.lastRequest")
+    steered_text = text_of(column_tokens(browser, "steered"))
+    curl = browser.find_element("id", "code-curl").get_attribute("textContent")
+    assert curl.startswith(f"curl {BASE}/v1/chat/completions")
+    body = json.loads(re.search(r"-d '(.*)'\s*$", curl, re.S).group(1).replace("'\\''", "'"))
+    assert body == sent
+    # The OpenAI-SDK snippet, run as a person would paste it, streams the steered answer.
+    browser.find_element("id", "tab-python").click()
+    code = browser.find_element("id", "code-python").text
+    assert "extra_body" in code
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == steered_text
+
+
+def test_bad_value_shows_the_servers_error(browser):
+    row = browser.find_elements("css selector", "#ops .op-row")[0]
+    value = row.find_element("css selector", "input.value-num")
+    value.clear()
+    value.send_keys("1e9")
+    browser.find_element("id", "send").click()
+    status = wait(
+        browser,
+        lambda d: (
+            d.find_element("id", "status")
+            if "error" in d.find_element("id", "status").get_attribute("class")
+            else None
+        ),
+        timeout=60,
+    )
+    assert "steering.features[0].value" in status.text
+    assert requests.get(f"{BASE}/health", timeout=10).status_code == 200
