@@ -36,6 +36,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from steer_adapters.vllm.launcher import _flag_value as _flag
+from steer_adapters.vllm.launcher import _without_flag as _without
+
+from ..test_packaging import _local_setuptools_builds_wheels
 
 try:
     import tomllib
@@ -68,27 +72,6 @@ def _yaml(path: Path) -> dict:
 
 def _compose() -> dict:
     return _yaml(COMPOSE)
-
-
-def _flag(args: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _without(args: list[str], flag: str) -> list[str]:
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = True
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
 
 
 # --- Kubernetes: a small kustomize (resources + configMapGenerator), enough for this kit ---------------------
@@ -664,15 +647,6 @@ def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_big():
     copied = {Path(s).parts[0] for s in sources}
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert {"pyproject.toml", "setup.py", project["readme"], "steer_plugin", "adapters"} <= copied
-
-
-def _local_setuptools_builds_wheels() -> bool:
-    try:
-        version = importlib.metadata.version("setuptools")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    parts = re.match(r"(\d+)\.(\d+)", version)
-    return parts is not None and (int(parts[1]), int(parts[2])) >= (70, 1)
 
 
 def _image_like_venv(tmp_path: Path) -> Path:

@@ -49,6 +49,23 @@ def steer_config_path(demo_assets, tmp_path_factory) -> str:
     return str(path)
 
 
+def write_monitored_config(base_config: str, folder, watched: int, denied: int, **policy) -> str:
+    """The base config with the demo SAE monitored on all traffic (file sink in `folder`, top 4, `watched` on
+    the watchlist above 1.0) and `denied` refused by policy (plus any other policy keys); its path."""
+    config = json.loads(open(base_config).read())
+    config["monitoring"] = {
+        "saes": {"demo": {"sample_rate": 1.0}},
+        "sink": "file",
+        "path": str(folder / "monitor.jsonl"),
+        "top_k": 4,
+        "watchlist": [{"sae": "demo", "index": watched, "threshold": 1.0}],
+    }
+    config["policy"] = {"denied_features": [{"sae": "demo", "index": denied}], **policy}
+    path = folder / "steer.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def assets(steer_config_path):
     from steer_plugin.catalog import load_assets

@@ -22,7 +22,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..test_prometheus_rules import RULES, referenced_metrics, require_tool
-from .conftest import running_server
+from .conftest import running_server, write_monitored_config
 
 pytestmark = pytest.mark.server
 
@@ -74,19 +74,9 @@ class Server(NamedTuple):
 @pytest.fixture(scope="module")
 def server_config(demo_assets, steer_config_path, tmp_path_factory) -> str:
     """The demo SAE monitored on all traffic with a watchlist, and a denied feature."""
-    folder = tmp_path_factory.mktemp("prometheus-server")
-    config = json.loads(Path(steer_config_path).read_text())
-    config["monitoring"] = {
-        "saes": {"demo": {"sample_rate": 1.0}},
-        "sink": "file",
-        "path": str(folder / "monitor.jsonl"),
-        "top_k": 4,
-        "watchlist": [{"sae": "demo", "index": WATCHED, "threshold": 1.0}],
-    }
-    config["policy"] = {"denied_features": [{"sae": "demo", "index": DENIED}]}
-    path = folder / "steer.json"
-    path.write_text(json.dumps(config))
-    return str(path)
+    return write_monitored_config(
+        steer_config_path, tmp_path_factory.mktemp("prometheus-server"), WATCHED, DENIED
+    )
 
 
 @pytest.fixture(scope="module", params=["one-api-server", "two-api-servers"])

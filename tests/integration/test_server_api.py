@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from .conftest import VECTOR_LAYER, running_server
+from .conftest import VECTOR_LAYER, running_server, write_monitored_config
 
 pytestmark = pytest.mark.server
 
@@ -24,18 +24,8 @@ DENIED = 666  # policy-denied feature
 @pytest.fixture(scope="module")
 def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("server")
-    config = json.loads(open(steer_config_path).read())
-    config["monitoring"] = {
-        "saes": {"demo": {"sample_rate": 1.0}},
-        "sink": "file",
-        "path": str(folder / "monitor.jsonl"),
-        "top_k": 4,
-        "watchlist": [{"sae": "demo", "index": WATCHED, "threshold": 1.0}],
-    }
-    config["policy"] = {"denied_features": [{"sae": "demo", "index": DENIED}], "max_abs_value": 500.0}
-    path = folder / "steer.json"
-    path.write_text(json.dumps(config))
-    return {"path": str(path), "monitor": folder / "monitor.jsonl"}
+    path = write_monitored_config(steer_config_path, folder, WATCHED, DENIED, max_abs_value=500.0)
+    return {"path": path, "monitor": folder / "monitor.jsonl"}
 
 
 @pytest.fixture(scope="module")
