@@ -84,3 +84,23 @@ def test_a_closed_channel_is_never_recreated(tmp_path, monkeypatch):
     channel.ChannelReader(CID_A).remove()
     assert not channel.append(CID_A, [{"pos": 1}])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_traced_feature_is_reported_on_every_token(tmp_path, monkeypatch):
+    """inspect.features: a watch at TRACE_THRESHOLD reports the feature's activation on every token, zeros too."""
+    from steer_plugin.spec import TRACE_THRESHOLD
+
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    sae = topk_sae()
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    pre = x @ sae.W_enc  # written out: top 3 of the pre-activations, kept where positive
+    f = torch.zeros(6, 20).scatter(1, pre.topk(3).indices, torch.relu(pre.topk(3).values))
+    traced = int((f > 0).sum(0).argmin())  # the feature active on the fewest rows (zero on some)
+    assert (f[:, traced] == 0).any()
+    channel.create(CID_A)
+    Observer({"s": sae}, write=True).collect(
+        [ObservedRows(CID_A, "s", 1, list(range(6)), list(range(6)), 0, ((traced, TRACE_THRESHOLD),))],
+        {"s": x},
+    )
+    records = channel.ChannelReader(CID_A).read_new()
+    assert [dict(r["watch"])[traced] for r in records] == [round(float(v), 4) for v in f[:, traced]]
