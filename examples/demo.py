@@ -1,12 +1,13 @@
 """The README's main job: start the demo server with the plugin, send the same chat unsteered and steered.
 
-    python examples/demo.py [--concept bridge] [--value 40] [--port 8077] [--compile]
+    python examples/demo.py [--concept bridge] [--value 40] [--port 8077] [--compile] [--log demo-server.log]
 
 It builds the demo assets when missing (steer-serve --demo does), starts the server on loopback, takes the
 concept's feature that the asset build's analysis recorded (``quality.json`` beside the SAE:
 ``concepts.<concept>.best``, chosen by measured activations, so it is right for whatever SAE was built here;
-no label or index is hard-coded), checks that the server serves it, clamps it on every token, and prints
-both answers.
+no label or index is hard-coded), checks that the server serves it, chooses the clamp value by measurement
+(steer_plugin.demo.strength: the smallest that names the concept while staying fluent), clamps it on every token,
+and prints both answers. The server's own output goes to a log file whose path it prints.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def wait_for_health(base: str, server: subprocess.Popen, timeout_s: float) -> No
     started = time.time()
     while time.time() - started < timeout_s:
         if server.poll() is not None:
-            sys.exit(f"demo: the server exited with code {server.returncode} (see the log above)")
+            sys.exit(f"demo: the server exited with code {server.returncode} (see the server log)")
         try:
             if requests.get(f"{base}/health", timeout=2).status_code == 200:
                 print(f"demo: server ready after {time.time() - started:.0f}s", flush=True)
@@ -77,6 +78,36 @@ def recorded_feature(base: str, concept: str) -> dict:
     }
 
 
+def measured_strength(base: str, model: str, feature: dict, args) -> float:
+    """The smallest clamp value whose answer names the concept while staying fluent, tried on this server
+    (steer_plugin.demo.strength)."""
+    from steer_plugin.demo.labels import CONCEPTS
+    from steer_plugin.demo.strength import choose_strength
+
+    words = CONCEPTS[args.concept]["word_tokens"]
+    print(f"demo: choosing the clamp value (smallest that names {'/'.join(words)!r} fluently):", flush=True)
+
+    def show(answer, passed):
+        verdict = (
+            "chosen" if passed else ("names it, not fluent" if answer.names_concept else "does not name it")
+        )
+        print(
+            f"  {answer.value:7.1f}  fluency {answer.fluency:6.2f}  distinct {answer.distinct:.2f}  {verdict}",
+            flush=True,
+        )
+
+    choice = choose_strength(
+        base, model, feature["sae"], feature["index"], feature["max_activation"], args.question, words,
+        args.max_tokens, on_answer=show,
+    )  # fmt: skip
+    print(f"  (plain answer: fluency {choice.plain.fluency:.2f})", flush=True)
+    if choice.value is None:
+        fallback = max(choice.tried, key=lambda a: (a.names_concept, a.fluency)).value
+        print(f"demo: no value passed; showing {fallback:g}", flush=True)
+        return fallback
+    return choice.value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,8 +116,12 @@ def main() -> None:
         "--concept", default="bridge", help="concept whose recorded feature to clamp (quality.json concepts)"
     )
     parser.add_argument(
-        "--value", type=float, default=None, help="clamp value (default: 1.7x the feature's max activation)"
+        "--value",
+        type=float,
+        default=None,
+        help="clamp value (default: the smallest that names the concept fluently, measured on the server)",
     )
+    parser.add_argument("--log", default="demo-server.log", help="server log file")
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--max-tokens", type=int, default=60)
     parser.add_argument("--port", type=int, default=8077)
@@ -109,29 +144,36 @@ def main() -> None:
     if not args.compile:
         cmd.append("--enforce-eager")
     print("demo: starting", " ".join(cmd), flush=True)
-    server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        wait_for_health(base, server, timeout_s=900)
-        model = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-        feature = recorded_feature(base, args.concept)
-        value = args.value if args.value is not None else round(1.7 * feature["max_activation"], 1)
-        steering = {
-            "features": [{"sae": feature["sae"], "index": feature["index"], "op": "clamp", "value": value}]
-        }
-        print(
-            f"demo: feature {feature['sae']}/{feature['index']} labelled {feature['label']!r}, clamped to {value:g}"
+    log_path = os.path.abspath(args.log)
+    print(f"demo: server log in {log_path}", flush=True)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT
         )
-        plain = chat(base, model, args.question, None, args.max_tokens)
-        steered = chat(base, model, args.question, steering, args.max_tokens)
-        print("\n=== question ===\n" + args.question)
-        print("\n=== unsteered ===\n" + plain)
-        print(f"\n=== steered: clamp {feature['label']!r} = {value:g} ===\n" + steered + "\n", flush=True)
-    finally:
-        server.terminate()
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            wait_for_health(base, server, timeout_s=900)
+            model = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+            feature = recorded_feature(base, args.concept)
+            print(
+                f"demo: feature {feature['sae']}/{feature['index']} labelled {feature['label']!r}", flush=True
+            )
+            value = args.value if args.value is not None else measured_strength(base, model, feature, args)
+            steering = {
+                "features": [
+                    {"sae": feature["sae"], "index": feature["index"], "op": "clamp", "value": value}
+                ]
+            }
+            plain = chat(base, model, args.question, None, args.max_tokens)
+            steered = chat(base, model, args.question, steering, args.max_tokens)
+            print("\n=== question ===\n" + args.question)
+            print("\n=== unsteered ===\n" + plain)
+            print(f"\n=== steered: clamp {feature['label']!r} = {value:g} ===\n" + steered + "\n", flush=True)
+        finally:
+            server.terminate()  # its shutdown messages go to the log, not here
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 if __name__ == "__main__":

@@ -281,6 +281,26 @@ def test_inspect_traced_feature_errors(server, traced, param, status):
     assert inspect.json()["error"]["param"] == param
 
 
+def test_measured_demo_strength_names_the_concept(server, demo_assets):
+    """The demo's clamp value, chosen on this server by steer_plugin.demo.strength: the steered answer names
+    the concept (a whole word, case-insensitive) and the plain one does not; the steered one stays fluent."""
+    from steer_plugin.demo.concept import concept_feature
+    from steer_plugin.demo.labels import CONCEPTS
+    from steer_plugin.demo.strength import MAX_FLUENCY_DROP, choose_strength
+
+    concept = concept_feature(demo_assets)
+    max_act = json.loads(open(demo_assets.labels_path).read())["features"][concept.index]["max_act"]
+    words = CONCEPTS["bridge"]["word_tokens"]
+    question = "What should I see on a weekend trip? Answer in two sentences."  # examples/demo.py's
+    choice = choose_strength(BASE, "demo", "demo", concept.index, max_act, question, words)
+    assert choice.value is not None, [(a.value, a.text) for a in choice.tried]
+    plain, steered = choice.plain.text.lower(), choice.chosen.text.lower()
+    assert re.search(r"\bbridges?\b", steered) and not re.search(r"\bbridges?\b", plain), (plain, steered)
+    assert choice.chosen.fluency >= choice.plain.fluency - MAX_FLUENCY_DROP
+    # Smallest: every smaller value tried failed a criterion.
+    assert all(a.value < choice.value for a in choice.tried[:-1]) and choice.tried[-1] is choice.chosen
+
+
 # --- metrics and monitoring -------------------------------------------------------------------------------------
 
 
