@@ -20,6 +20,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_lat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.openmetrics import exposition as openmetrics
 
+from steer_plugin.spec import OP_NAMES
+
 STEERED_REQUESTS = Counter("steer_requests", "Requests with steering, by operation they use", ["op"])
 REJECTED_REQUESTS = Counter("steer_rejected_requests", "Requests rejected by the steering plugin", ["reason"])
 WATCHLIST_FIRINGS = Counter(
@@ -29,7 +31,6 @@ WATCHLIST_FIRINGS = Counter(
 )
 MONITORED_REQUESTS = Counter("steer_monitored_requests", "Requests logged by steering monitoring", ["sae"])
 
-REQUEST_OPS = ("add", "clamp", "scale", "ablate", "vector")  # the `op` of steer_requests_total
 REJECT_REASONS = ("invalid", "policy")  # 400 / 403
 WORKER_REJECT_KINDS = ("steering", "observe", "capacity")  # see Steerer._reject and config.working_set_rows
 
@@ -37,7 +38,7 @@ WORKER_REJECT_KINDS = ("steering", "observe", "capacity")  # see Steerer._reject
 def initialize_series(config) -> None:
     """Zero-valued series for every label value known from the config (a `SteerConfig`): ops, rejection
     reasons, watchlist features and monitored SAEs. Idempotent."""
-    for op in REQUEST_OPS:
+    for op in OP_NAMES:
         STEERED_REQUESTS.labels(op=op)
     for reason in REJECT_REASONS:
         REJECTED_REQUESTS.labels(reason=reason)

@@ -311,7 +311,7 @@ def touches_prompt(ops: list[ResolvedOp]) -> bool:
 # --- wire format ------------------------------------------------------------------------------------------
 
 _OP_FIELDS = len(ResolvedOp._fields)
-_OP_NAMES = ("add", "clamp", "scale", "ablate", "vector")
+OP_NAMES = ("add", "clamp", "scale", "ablate", "vector")  # ResolvedOp.op
 MAX_WIRE_OPS = 4096
 
 
@@ -355,7 +355,7 @@ def _checked_op(item: object) -> ResolvedOp:
         and op.positions in POSITION_CODES.values()
         and _is_int(op.last_n)
         and op.last_n >= 0
-        and op.op in _OP_NAMES
+        and op.op in OP_NAMES
     )
     if not ok:
         raise ValueError("steering wire: op field out of range")

@@ -35,9 +35,7 @@ def test_initialize_series_declares_known_label_values_at_zero():
 
     from steer_plugin import metrics
     from steer_plugin.config import SteerConfig
-    from steer_plugin.spec import _OP_NAMES
 
-    assert set(metrics.REQUEST_OPS) == set(_OP_NAMES)  # an op added to the spec must get its zero series
     config = SteerConfig.model_validate(
         {
             "saes": [{"id": "zero-a", "path": "/nonexistent"}, {"id": "zero-b", "path": "/nonexistent"}],
@@ -50,7 +48,7 @@ def test_initialize_series_declares_known_label_values_at_zero():
     metrics.initialize_series(config)
     metrics.initialize_series(config)  # idempotent
     value = REGISTRY.get_sample_value
-    for op in metrics.REQUEST_OPS:
+    for op in ("add", "clamp", "scale", "ablate", "vector"):  # every op a request can use (README's table)
         assert value("steer_requests_total", {"op": op}) is not None
     assert value("steer_rejected_requests_total", {"reason": "policy"}) is not None
     assert value("steer_rejected_requests_total", {"reason": "invalid"}) is not None
@@ -179,13 +177,15 @@ def test_multiprocess_mode_sums_api_processes_and_adds_worker_families(tmp_path)
     assert WORKER_FAMILIES <= set(families)
 
 
-# --- the middleware's /metrics wrapper (steer_adapters.vllm.glue.serve_metrics) ----------------------------
+# --- the middleware's /metrics answer (worker families added by _rewrite_response) --------------------------
 
 
 def _serve(app, headers=()):
     import asyncio
 
-    from steer_adapters.vllm.glue import serve_metrics
+    from steer_adapters.vllm.middleware import _rewrite_response
+
+    from steer_plugin.metrics import with_worker_families
 
     sent = []
 
@@ -196,7 +196,7 @@ def _serve(app, headers=()):
         sent.append(message)
 
     scope = {"type": "http", "method": "GET", "path": "/metrics", "headers": list(headers)}
-    asyncio.run(serve_metrics(app, scope, receive, send))
+    asyncio.run(_rewrite_response(app, scope, receive, send, with_worker_families))
     return sent
 
 

