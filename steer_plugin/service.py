@@ -49,6 +49,7 @@ class RewrittenRequest(NamedTuple):
     monitored: tuple[str, ...] = ()
     user_wants_token_ids: bool = False
     traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
+    compare: bool = False  # also serve the default variant (default_variant) beside this one
 
 
 class TokenRead(NamedTuple):
@@ -92,6 +93,16 @@ class SteeringService:
         if (ops or spec.inspect is not None) and body.get("use_beam_search") not in (None, False):
             # vLLM's beam search rebuilds SamplingParams without extra_args: steering would silently not apply.
             raise SpecError("use_beam_search", "beam search cannot be combined with `steering`")
+        if spec.compare:
+            if not observable:
+                raise SpecError(
+                    f"{STEERING_FIELD}.compare",
+                    "compare is served on /v1/chat/completions and /v1/completions",
+                )
+            if not ops:
+                raise SpecError(
+                    f"{STEERING_FIELD}.compare", "compare needs steering operations to compare with"
+                )
         inspect = spec.inspect
         if inspect is not None:
             if not observable:
@@ -154,7 +165,20 @@ class SteeringService:
         wants_ids = bool(body.get("return_token_ids"))
         if observe is not None:
             body["return_token_ids"] = True  # lets the server align features with each (streamed) token
-        return RewrittenRequest(body, ops, observe, inspect, monitored, wants_ids, tuple(traced))
+        return RewrittenRequest(
+            body, ops, observe, inspect, monitored, wants_ids, tuple(traced), spec.compare
+        )
+
+    def default_variant(self, body: dict) -> RewrittenRequest:
+        """The default side of a `compare` request (`body` as the client sent it): the same request without
+        steering operations, still inspected as asked."""
+        steering = body.get(STEERING_FIELD)
+        body = dict(body)
+        if isinstance(steering, dict) and steering.get("inspect") is not None:
+            body[STEERING_FIELD] = {"inspect": steering["inspect"]}
+        else:
+            body.pop(STEERING_FIELD, None)
+        return self.rewrite_request(body)
 
     def check_policy(self, spec: SteeringSpec, ops: list[ResolvedOp]) -> None:
         policy = self.config.policy

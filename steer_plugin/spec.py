@@ -133,6 +133,9 @@ class SteeringSpec(_Strict):
     features: list[FeatureOp] = Field(default_factory=list)
     vectors: list[VectorOp] = Field(default_factory=list)
     inspect: InspectSpec | None = None
+    compare: bool = False
+    """Also return the default (unsteered) completion of the same request: the steered choices first, then the
+    default ones (indices n..2n-1), each labelled in `steering.variant` ("steered" / "default"), streaming too."""
 
 
 class SpecError(ValueError):

@@ -24,9 +24,10 @@ import re
 from urllib.parse import parse_qs
 
 from steer_adapters.vllm import glue
+from steer_adapters.vllm.compare import DEFAULT, STEERED, CompareMerger
 
 from steer_plugin import playground
-from steer_plugin.body import parse_json, refuse_reserved_keys
+from steer_plugin.body import lax_int, parse_json, refuse_reserved_keys
 from steer_plugin.config import config_from_sources
 from steer_plugin.metrics import (
     WORKER_STATS,
@@ -304,8 +305,15 @@ class SteeringMiddleware:
         return json.dumps(request.body).encode(), request
 
     async def _completion(self, scope, receive, send):
-        raw, request = self._rewrite(await _read_body(receive), observable=True)
-        scope, replay = _with_body(scope, raw, receive)
+        raw = await _read_body(receive)
+        body, request = self._rewrite(raw, observable=True)
+        if request is not None and request.compare:
+            return await self._compare(scope, receive, send, raw, body, request)
+        await self._serve(scope, body, request, receive, send)
+
+    async def _serve(self, scope, body: bytes, request: RewrittenRequest | None, receive_client, send):
+        """`body` through vLLM; its answer rewritten (per-token features, applied ops) when steered/observed."""
+        scope, replay = _with_body(scope, body, receive_client)
         if request is None or (not request.ops and request.observe is None):
             return await self.app(scope, replay, send)
         responder = ResponseRewriter(self.service, request, send, stream=bool(request.body.get("stream")))
@@ -313,6 +321,42 @@ class SteeringMiddleware:
             await self.app(scope, replay, responder.send)
         finally:
             responder.close()
+
+    async def _compare(self, scope, receive, send, raw: bytes, body: bytes, steered: RewrittenRequest):
+        """`steering.compare`: the steered and the default variant run as two requests at once, merged into
+        one answer (adapters/vllm/compare.py). A client disconnect reaches both."""
+        default = self.service.default_variant(parse_json(raw))
+        merger = CompareMerger(send, stream=bool(steered.body.get("stream")), n=lax_int(steered.body, "n", 1))
+        disconnected = asyncio.Event()
+
+        async def watch_client():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        async def until_disconnect():
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        watcher = asyncio.create_task(watch_client())
+        variants = [
+            asyncio.create_task(self._serve(scope, body, steered, until_disconnect, merger.sender(STEERED))),
+            asyncio.create_task(
+                self._serve(
+                    scope,
+                    json.dumps(default.body).encode(),
+                    default,
+                    until_disconnect,
+                    merger.sender(DEFAULT),
+                )
+            ),
+        ]
+        try:
+            await asyncio.gather(*variants)
+            await merger.finish()
+        finally:
+            for task in (*variants, watcher):
+                task.cancel()
 
     async def _steerable(self, scope, receive, send):
         """/v1/responses, /v1/messages: steering applies; responses are passed through unchanged."""

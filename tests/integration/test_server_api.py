@@ -301,6 +301,120 @@ def test_measured_demo_strength_names_the_concept(server, demo_assets):
     assert all(a.value < choice.value for a in choice.tried[:-1]) and choice.tried[-1] is choice.chosen
 
 
+# --- compare: steered and default in one call ------------------------------------------------------------------
+
+
+def _chat(body: dict) -> dict:
+    reply = requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=300)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_compare_returns_steered_and_default_choices(server):
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+    both = _chat({**body, "steering": {**CLAMP, "compare": True, "inspect": {"top_k": 2}}})
+    alone_steered = _chat({**body, "steering": CLAMP})
+    alone_plain = _chat(body)
+    steered, default = both["choices"]
+    assert (steered["index"], steered["steering"]["variant"]) == (0, "steered")
+    assert (default["index"], default["steering"]["variant"]) == (1, "default")
+    # Each equals the same request made alone: the default one is an unsteered request.
+    assert steered["message"]["content"] == alone_steered["choices"][0]["message"]["content"]
+    assert default["message"]["content"] == alone_plain["choices"][0]["message"]["content"]
+    assert steered["message"]["content"] != default["message"]["content"]
+    assert [a["op"] for a in steered["steering"]["applied"]] == ["clamp"] and default["steering"][
+        "applied"
+    ] == []
+    # Both are inspected as asked; the clamped feature is read on the steered side only.
+    assert len(steered["steering"]["tokens"]) == len(default["steering"]["tokens"]) > 0
+    top = [t["demo"][0]["index"] for t in steered["steering"]["tokens"]]
+    assert top.count(WATCHED) > len(top) // 2 and WATCHED not in [
+        t["demo"][0]["index"] for t in default["steering"]["tokens"]
+    ]
+    usage = both["usage"]
+    assert usage["completion_tokens"] == (
+        alone_steered["usage"]["completion_tokens"] + alone_plain["usage"]["completion_tokens"]
+    )
+    assert usage["prompt_tokens"] == 2 * alone_plain["usage"]["prompt_tokens"]
+
+
+def test_compare_streams_through_the_sdk(client):
+    stream = client.chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"steering": {**CLAMP, "compare": True}},
+    )  # fmt: skip
+    texts, variants, usages, finished = {}, {}, [], {}
+    for chunk in stream:
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            variants.setdefault(choice.index, set()).add(choice.model_extra["steering"]["variant"])
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert variants == {0: {"steered"}, 1: {"default"}}
+    assert set(finished) == {0, 1}
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+    assert texts[0] == _chat({**body, "steering": CLAMP})["choices"][0]["message"]["content"]
+    assert texts[1] == _chat(body)["choices"][0]["message"]["content"]
+    assert len(usages) == 1 and usages[0].completion_tokens == 24  # both variants ran the 12 tokens
+
+
+def engine_gauge(name: str) -> float:
+    """A vllm: series summed over its labels (engine, model)."""
+    text = requests.get(f"{BASE}/metrics", timeout=30).text
+    values = [float(m[1]) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    assert values, f"{name} is not exported"
+    return sum(values)
+
+
+def test_compare_stream_dropped_by_the_client_aborts_both(server):
+    """(vLLM counts no finished_reason for aborted requests: the running gauge and the generated-token count
+    tell that both variants stopped.)"""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Tell me a very long story about a dragon."}],
+            "max_tokens": 400, "temperature": 0, "stream": True, "steering": {**CLAMP, "compare": True}}  # fmt: skip
+    seen: set[int] = set()
+    with requests.post(f"{BASE}/v1/chat/completions", json=body, stream=True, timeout=120) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        for line in lines:  # until both variants stream
+            if line.startswith(b"data: {"):
+                seen |= {c["index"] for c in json.loads(line[6:])["choices"]}
+            if len(seen) == 2:
+                break
+        deadline = time.time() + 30
+        while engine_gauge("vllm:num_requests_running") < 2:
+            assert time.time() < deadline, "the two variants never ran together"
+            next(lines)
+    # The client has gone: both variants stop (a leaked one would go on to 400 tokens).
+    deadline = time.time() + 30
+    while engine_gauge("vllm:num_requests_running") > 0:
+        assert time.time() < deadline, "a variant kept running after the client left"
+        time.sleep(0.5)
+    generated = engine_gauge("vllm:generation_tokens_total")
+    time.sleep(3)
+    assert engine_gauge("vllm:generation_tokens_total") == generated
+    assert _chat({"model": "demo", "messages": MESSAGES, "max_tokens": 2})["choices"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"messages": MESSAGES, "steering": {"compare": True}}, "steering.compare"),
+        (
+            "/v1/chat/completions",
+            {"messages": MESSAGES, "steering": {**CLAMP, "compare": 5}},
+            "steering.compare",
+        ),
+        ("/v1/responses", {"input": "hi", "steering": {**CLAMP, "compare": True}}, "steering.compare"),
+    ],
+)
+def test_compare_errors_name_the_field(path, body, param, server):
+    reply = requests.post(f"{BASE}{path}", json={"model": "demo", "max_tokens": 2, **body}, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
 # --- metrics and monitoring -------------------------------------------------------------------------------------
 
 
