@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from steer_adapters.vllm import sse
+
 STEERED, DEFAULT = "steered", "default"
 VARIANTS = (STEERED, DEFAULT)
 
@@ -82,10 +84,8 @@ class CompareMerger:
         if not self.stream:
             self.bodies[variant] += message.get("body", b"")
             return
-        events, _, self.partial[variant] = (self.partial[variant] + message.get("body", b"")).rpartition(
-            b"\n\n"
-        )
-        out = b"".join(self._event(variant, e) for e in events.split(b"\n\n") if e) if events else b""
+        events, self.partial[variant] = sse.split_events(self.partial[variant], message.get("body", b""))
+        out = b"".join(self._event(variant, e) for e in events)
         if out:
             await self.downstream({"type": "http.response.body", "body": out, "more_body": True})
 
@@ -97,18 +97,15 @@ class CompareMerger:
             choice["steering"] = {**steering, "variant": variant}
 
     def _event(self, variant: str, event: bytes) -> bytes:
-        text = event.decode()
-        if not text.startswith("data: ") or text.strip() == "data: [DONE]":
+        data = sse.event_json(event)
+        if data is None:
             return b""  # one [DONE] goes out at the end
-        data = json.loads(text[len("data: ") :])
-        if not data.get("choices") and data.get(
-            "usage"
-        ):  # stream_options.include_usage: one, summed, at the end
+        if not data.get("choices") and data.get("usage"):  # stream_options.include_usage: summed, at the end
             self.usage.append(data["usage"])
             self.usage_chunk = data
             return b""
         self._label(variant, data.get("choices", []))
-        return b"data: " + json.dumps(data).encode() + b"\n\n"
+        return sse.data_event(data)
 
     async def finish(self) -> None:
         """Both variants are done: the merged answer (or the rest of the stream) goes out."""
@@ -119,9 +116,8 @@ class CompareMerger:
         if self.stream:
             tail = b""
             if self.usage_chunk is not None:
-                tail += b"data: " + json.dumps({**self.usage_chunk, "usage": _sum_usage(self.usage)}).encode()
-                tail += b"\n\n"
-            await self.downstream({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
+                tail += sse.data_event({**self.usage_chunk, "usage": _sum_usage(self.usage)})
+            await self.downstream({"type": "http.response.body", "body": tail + sse.DONE + sse.SEPARATOR})
             return
         merged = json.loads(self.bodies[STEERED])
         default = json.loads(self.bodies[DEFAULT])

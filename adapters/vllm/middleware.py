@@ -23,7 +23,7 @@ import logging
 import re
 from urllib.parse import parse_qs
 
-from steer_adapters.vllm import glue
+from steer_adapters.vllm import glue, sse
 from steer_adapters.vllm.compare import DEFAULT, STEERED, CompareMerger
 
 from steer_plugin import playground
@@ -54,10 +54,17 @@ async def _read_body(receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _send_json(send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+async def _send_body(
+    send, status: int, body: bytes, content_type: bytes, *headers: tuple[bytes, bytes]
+) -> None:
+    length = str(len(body)).encode()
+    start_headers = [(b"content-type", content_type), (b"content-length", length), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send, status: int, body: bytes) -> None:
+    await _send_body(send, status, body, b"application/json")
 
 
 def _with_body(scope: dict, body: bytes, receive_client):
@@ -149,13 +156,13 @@ class ResponseRewriter:
             return
         if message["type"] != "http.response.body" or self.status != 200:
             return await self.downstream(message)
-        self.buffer += message.get("body", b"")
         if self.stream:
-            events, _, self.buffer = self.buffer.rpartition(b"\n\n")
-            out = b"".join(self._rewrite_event(e) for e in events.split(b"\n\n") if e) if events else b""
+            events, self.buffer = sse.split_events(self.buffer, message.get("body", b""))
+            out = b"".join(self._rewrite_event(e) for e in events)
             if message.get("more_body") and not out:
                 return
             return await self.downstream({**message, "body": out})
+        self.buffer += message.get("body", b"")
         if message.get("more_body"):
             return
         body = self._rewrite_full(self.buffer)
@@ -195,10 +202,9 @@ class ResponseRewriter:
         return json.dumps(data).encode()
 
     def _rewrite_event(self, event: bytes) -> bytes:
-        text = event.decode()
-        if not text.startswith("data: ") or text.strip() == "data: [DONE]":
-            return event + b"\n\n"
-        data = json.loads(text[len("data: ") :])
+        data = sse.event_json(event)
+        if data is None:
+            return event + sse.SEPARATOR
         self.response_id, self.model = data.get("id", self.response_id), data.get("model", self.model)
         for choice in data.get("choices", []):
             count = len(choice.get("token_ids") or [])
@@ -207,7 +213,7 @@ class ResponseRewriter:
             self.reported.add(index)
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             data.pop("prompt_token_ids", None)
-        return b"data: " + json.dumps(data).encode() + b"\n\n"
+        return sse.data_event(data)
 
     def close(self) -> None:
         if not self.closed and self.observation is not None:
@@ -404,15 +410,14 @@ class SteeringMiddleware:
         key), so it is served like /health, outside vLLM's /v1 authentication."""
         if self.service is None:
             raise SpecError("steering", "this server has no steering config", status=404)
-        body = playground.page()
-        headers = [
-            (b"content-type", b"text/html; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
+        await _send_body(
+            send,
+            200,
+            playground.page(),
+            b"text/html; charset=utf-8",
             (b"cache-control", b"no-cache"),
             (b"x-content-type-options", b"nosniff"),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        )
 
     async def _metrics(self, scope, receive, send):
         await self._pull_worker_stats(scope)

@@ -1,0 +1,26 @@
+"""The OpenAI streaming framing (server-sent events) that vLLM's completion endpoints use: `data: {json}` events
+separated by a blank line, ended by `data: [DONE]`. ASGI body chunks need not end on an event boundary."""
+
+from __future__ import annotations
+
+import json
+
+SEPARATOR = b"\n\n"
+DONE = b"data: [DONE]"
+
+
+def split_events(pending: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
+    """(the events `chunk` completes, each without its separator; what stays pending for the next chunk)."""
+    events, _, rest = (pending + chunk).rpartition(SEPARATOR)
+    return [e for e in events.split(SEPARATOR) if e] if events else [], rest
+
+
+def event_json(event: bytes) -> dict | None:
+    """The JSON object of a `data:` event; None for `[DONE]` and anything else (comments, other fields)."""
+    if not event.startswith(b"data: ") or event.strip() == DONE:
+        return None
+    return json.loads(event[len(b"data: ") :])
+
+
+def data_event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data).encode() + SEPARATOR
