@@ -21,6 +21,8 @@ import time
 
 import requests
 
+from steer_plugin.demo.strength import answer
+
 DEFAULT_QUESTION = "What should I see on a weekend trip? Answer in two sentences."
 
 
@@ -37,20 +39,6 @@ def wait_for_health(base: str, server: subprocess.Popen, timeout_s: float) -> No
             pass
         time.sleep(2)
     sys.exit(f"demo: server not ready after {timeout_s:.0f}s")
-
-
-def chat(base: str, model: str, question: str, steering: dict | None, max_tokens: int) -> str:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
-    if steering:
-        body["steering"] = steering
-    reply = requests.post(f"{base}/v1/chat/completions", json=body, timeout=300)
-    reply.raise_for_status()
-    return reply.json()["choices"][0]["message"]["content"]
 
 
 def recorded_feature(base: str, concept: str) -> dict:
@@ -78,21 +66,21 @@ def recorded_feature(base: str, concept: str) -> dict:
     }
 
 
-def measured_strength(base: str, model: str, feature: dict, args) -> float:
-    """The smallest clamp value whose answer names the concept while staying fluent, tried on this server
-    (steer_plugin.demo.strength)."""
+def measured_strength(base: str, model: str, feature: dict, args) -> tuple[float, str, str]:
+    """(clamp value, plain answer, steered answer): the smallest value whose answer names the concept while
+    staying fluent, tried on this server (steer_plugin.demo.strength), with the answers it got."""
     from steer_plugin.demo.labels import CONCEPTS
     from steer_plugin.demo.strength import choose_strength
 
     words = CONCEPTS[args.concept]["word_tokens"]
     print(f"demo: choosing the clamp value (smallest that names {'/'.join(words)!r} fluently):", flush=True)
 
-    def show(answer, passed):
+    def show(tried, passed):
         verdict = (
-            "chosen" if passed else ("names it, not fluent" if answer.names_concept else "does not name it")
+            "chosen" if passed else ("names it, not fluent" if tried.names_concept else "does not name it")
         )
         print(
-            f"  {answer.value:7.1f}  fluency {answer.fluency:6.2f}  distinct {answer.distinct:.2f}  {verdict}",
+            f"  {tried.value:7.1f}  fluency {tried.fluency:6.2f}  distinct {tried.distinct:.2f}  {verdict}",
             flush=True,
         )
 
@@ -101,11 +89,11 @@ def measured_strength(base: str, model: str, feature: dict, args) -> float:
         args.max_tokens, on_answer=show,
     )  # fmt: skip
     print(f"  (plain answer: fluency {choice.plain.fluency:.2f})", flush=True)
-    if choice.value is None:
-        fallback = max(choice.tried, key=lambda a: (a.names_concept, a.fluency)).value
-        print(f"demo: no value passed; showing {fallback:g}", flush=True)
-        return fallback
-    return choice.value
+    shown = choice.chosen
+    if shown is None:
+        shown = max(choice.tried, key=lambda a: (a.names_concept, a.fluency))
+        print(f"demo: no value passed; showing {shown.value:g}", flush=True)
+    return shown.value, choice.plain.text, shown.text
 
 
 def main() -> None:
@@ -157,14 +145,13 @@ def main() -> None:
             print(
                 f"demo: feature {feature['sae']}/{feature['index']} labelled {feature['label']!r}", flush=True
             )
-            value = args.value if args.value is not None else measured_strength(base, model, feature, args)
-            steering = {
-                "features": [
-                    {"sae": feature["sae"], "index": feature["index"], "op": "clamp", "value": value}
-                ]
-            }
-            plain = chat(base, model, args.question, None, args.max_tokens)
-            steered = chat(base, model, args.question, steering, args.max_tokens)
+            if args.value is None:  # the chooser's own greedy answers
+                value, plain, steered = measured_strength(base, model, feature, args)
+            else:
+                value = args.value
+                op = {"sae": feature["sae"], "index": feature["index"], "op": "clamp", "value": value}
+                plain = answer(base, model, args.question, None, args.max_tokens).text
+                steered = answer(base, model, args.question, {"features": [op]}, args.max_tokens).text
             print("\n=== question ===\n" + args.question)
             print("\n=== unsteered ===\n" + plain)
             print(f"\n=== steered: clamp {feature['label']!r} = {value:g} ===\n" + steered + "\n", flush=True)

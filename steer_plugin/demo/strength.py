@@ -48,9 +48,14 @@ def names_concept(text: str, words: tuple[str, ...]) -> bool:
     return any(re.search(rf"\b{re.escape(w)}\b", text, re.IGNORECASE) for w in words)
 
 
-def _answer(
-    base: str, model: str, question: str, steering: dict | None, max_tokens: int
-) -> tuple[str, list, list]:
+class Reply(NamedTuple):
+    text: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+def answer(base: str, model: str, question: str, steering: dict | None, max_tokens: int) -> Reply:
+    """The server's greedy chat answer to `question` (with `steering` when given)."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": question}],
@@ -64,7 +69,7 @@ def _answer(
     reply.raise_for_status()
     data = reply.json()
     choice = data["choices"][0]
-    return choice["message"]["content"] or "", data["prompt_token_ids"], choice["token_ids"]
+    return Reply(choice["message"]["content"] or "", data["prompt_token_ids"], choice["token_ids"])
 
 
 def _fluency(base: str, model: str, prompt_ids: list[int], answer_ids: list[int]) -> float:
@@ -82,7 +87,7 @@ def _fluency(base: str, model: str, prompt_ids: list[int], answer_ids: list[int]
 def measure(
     base: str, model: str, question: str, steering: dict | None, value: float, words, max_tokens: int
 ) -> Answer:
-    text, prompt_ids, answer_ids = _answer(base, model, question, steering, max_tokens)
+    text, prompt_ids, answer_ids = answer(base, model, question, steering, max_tokens)
     return Answer(
         value,
         text,
@@ -112,15 +117,15 @@ def choose_strength(
     for m in multiples:
         value = round(m * max_activation, 1)
         steering = {"features": [{"sae": sae, "index": index, "op": "clamp", "value": value}]}
-        answer = measure(base, model, question, steering, value, words, max_tokens)
-        tried.append(answer)
+        result = measure(base, model, question, steering, value, words, max_tokens)
+        tried.append(result)
         passed = (
-            answer.names_concept
-            and answer.fluency >= plain.fluency - MAX_FLUENCY_DROP
-            and answer.distinct >= MIN_DISTINCT
+            result.names_concept
+            and result.fluency >= plain.fluency - MAX_FLUENCY_DROP
+            and result.distinct >= MIN_DISTINCT
         )
         if on_answer is not None:
-            on_answer(answer, passed)
+            on_answer(result, passed)
         if passed:
             return StrengthChoice(value, plain, tried)
     return StrengthChoice(None, plain, tried)
