@@ -4,13 +4,13 @@ promtool. The metric names they use are checked against a real server in tests/i
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from .tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "steer-rules.yml"
@@ -22,17 +22,6 @@ DS_REF = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 _METRIC = re.compile(r"(?<![\w:])(steer_[a-z0-9_]+|vllm:[a-z0-9_:]+)")
 # Grafana's variables, replaced by something PromQL parses.
 _GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
-
-
-def require_tool(name: str) -> str:
-    """The Debian `prometheus` package's binaries (scripts/setup_system.sh): skipped when missing, except in CI."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"`{name}` not on PATH: install Debian's `prometheus` package (scripts/setup_system.sh)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def load_yaml(path: Path):
@@ -78,7 +67,7 @@ def referenced_metrics() -> dict[str, set[str]]:
 
 def test_rules_pass_promtool_check():
     out = subprocess.run(
-        [require_tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True
+        [require_tool("promtool", "prometheus"), "check", "rules", str(RULES)], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout
@@ -86,7 +75,7 @@ def test_rules_pass_promtool_check():
 
 def test_rules_unit_tests_pass():
     out = subprocess.run(
-        [require_tool("promtool"), "test", "rules", RULES_TEST.name],
+        [require_tool("promtool", "prometheus"), "test", "rules", RULES_TEST.name],
         cwd=RULES_TEST.parent,
         capture_output=True,
         text=True,
@@ -176,7 +165,7 @@ def test_dashboard_queries_parse_as_promql(tmp_path):
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(json.dumps(rules))  # JSON is YAML
     out = subprocess.run(
-        [require_tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True
+        [require_tool("promtool", "prometheus"), "check", "rules", str(path)], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{len(exprs)} rules found" in out.stdout

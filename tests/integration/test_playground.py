@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from ..tools import require_tool
 from .conftest import running_server
 
 pytestmark = pytest.mark.server
@@ -29,17 +29,6 @@ PORT = 18791
 BASE = f"http://127.0.0.1:{PORT}"
 QUESTION = "Tell me about a place you would like to visit."  # the page's own example
 MAX_TOKENS = 40
-
-
-def _browser_tools() -> tuple[str, str]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if chromium and driver:
-        return chromium, driver
-    message = "Chromium and chromedriver are needed (bash scripts/setup_system.sh installs Debian's)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,8 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser(server):
-    chromium, chromedriver = _browser_tools()
+    chromium = require_tool("chromium", "chromium")
+    chromedriver = require_tool("chromedriver", "chromium-driver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -21,7 +21,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..test_prometheus_rules import RULES, referenced_metrics, require_tool
+from ..test_prometheus_rules import RULES, referenced_metrics
+from ..tools import require_tool
 from .conftest import running_server, write_monitored_config
 
 pytestmark = pytest.mark.server
@@ -275,7 +276,7 @@ def free_port() -> int:
 def prom(server, tmp_path_factory):
     """Prometheus scraping the server every second with the steering rules, after some traffic, and with
     more traffic once the target is up (so that rates and the recorded series have something to show)."""
-    binary = require_tool("prometheus")
+    binary = require_tool("prometheus", "prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     config = {
