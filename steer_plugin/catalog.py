@@ -38,6 +38,10 @@ class LoadedAssets(NamedTuple):
     def layers(self) -> set[int]:
         return {s.layer for s in self.saes.values()} | {v.layer for v in self.vectors.values()}
 
+    def d_model(self) -> int | None:
+        widths = [s.sae.d_in for s in self.saes.values()] + [v.vector.numel() for v in self.vectors.values()]
+        return widths[0] if widths else None
+
     def catalog(self) -> Catalog:
         limits = self.config.limits
         return Catalog(
@@ -49,6 +53,8 @@ class LoadedAssets(NamedTuple):
             max_ops_per_request=limits.max_ops_per_request,
             max_ops_per_layer=limits.max_ops_per_layer,
             max_abs_value=limits.max_abs_value,
+            d_model=self.d_model(),
+            layers=tuple(sorted(self.layers())),
         )
 
 

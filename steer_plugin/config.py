@@ -135,6 +135,12 @@ class PolicyConfig(_Strict):
     """Largest |value| / |scale| a request may use (stricter than limits.max_abs_value)."""
     max_ops_per_request: int | None = Field(default=None, ge=1)
     """Most operations per request (stricter than limits.max_ops_per_request)."""
+    allow_inline_vectors: bool = False
+    """Whether requests may send their own steering vectors (`steering.vectors[i].values` / `base64`)."""
+    max_inline_vectors: int = Field(default=4, ge=1, le=64)
+    """Most inline vectors per request; also sizes the per-layer scratch rows they are written to."""
+    max_inline_norm: float | None = Field(default=None, gt=0)
+    """Largest L2 norm of an inline vector times |scale| (unset: no limit beyond limits.max_abs_value)."""
 
 
 class SteerConfig(_Strict):

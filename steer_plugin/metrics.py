@@ -30,6 +30,9 @@ WATCHLIST_FIRINGS = Counter(
     ["sae", "feature"],
 )
 MONITORED_REQUESTS = Counter("steer_monitored_requests", "Requests logged by steering monitoring", ["sae"])
+ABORTED_REQUESTS = Counter(
+    "steer_aborted_requests", "Requests stopped by one of their abort_when conditions, by SAE", ["sae"]
+)
 
 REJECT_REASONS = ("invalid", "policy")  # 400 / 403
 WORKER_REJECT_KINDS = ("steering", "observe", "capacity")  # see Steerer._reject and config.working_set_rows
@@ -47,6 +50,8 @@ def initialize_series(config) -> None:
     for sae_id, sampling in config.monitoring.saes.items():
         if sampling.sample_rate > 0:
             MONITORED_REQUESTS.labels(sae=sae_id)
+    for sae in config.saes:
+        ABORTED_REQUESTS.labels(sae=sae.id)
 
 
 def _merge(snapshots: list[dict]) -> dict:

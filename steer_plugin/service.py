@@ -13,6 +13,8 @@ import random
 import uuid
 from typing import NamedTuple
 
+import numpy as np
+
 from steer_plugin import metrics
 from steer_plugin.body import lax_int, prompt_count, refuse_reserved_keys
 from steer_plugin.catalog import LoadedAssets, load_assets
@@ -24,6 +26,7 @@ from steer_plugin.spec import (
     POSITION_CODES,
     TRACE_THRESHOLD,
     WIRE_KEY,
+    AbortSpec,
     InspectSpec,
     ObserveSpec,
     ResolvedOp,
@@ -31,6 +34,7 @@ from steer_plugin.spec import (
     SteeringSpec,
     WatchSpec,
     encode_wire,
+    inline_vector,
     parse_spec,
     resolve_feature,
     resolve_spec,
@@ -50,6 +54,7 @@ class RewrittenRequest(NamedTuple):
     user_wants_token_ids: bool = False
     traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
     compare: bool = False  # also serve the default variant (default_variant) beside this one
+    abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
 
 
 class TokenRead(NamedTuple):
@@ -120,6 +125,7 @@ class SteeringService:
                 raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs n = 1")
             if prompt_count(body) != 1:
                 raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs a single prompt")
+        abort = self._abort_conditions(spec, body, observable, n, single)
         traced = []
         for i, ref in enumerate(inspect.features if inspect else []):
             path = f"{STEERING_FIELD}.inspect.features[{i}]"
@@ -145,19 +151,26 @@ class SteeringService:
                 [
                     *((inspect.saes or list(self.catalog.saes)) if inspect else []),
                     *(sae for sae, _ in traced),
+                    *(a.sae for a in abort),
                     *monitored,
                 ]
             )
         )
         if read:
-            top_k = max(inspect.top_k if inspect else 0, self.config.monitoring.top_k if monitored else 0)
+            top_k = max(inspect.top_k if inspect else 1, self.config.monitoring.top_k if monitored else 1)
             watch = [
                 WatchSpec(w.sae, w.index, w.threshold)
                 for w in self.config.monitoring.watchlist
                 if w.sae in monitored
             ] + [WatchSpec(sae, index, TRACE_THRESHOLD) for sae, index in dict.fromkeys(traced)]
             observe = ObserveSpec(
-                uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt), watch, list(monitored)
+                uuid.uuid4().hex,
+                read,
+                top_k,
+                bool(inspect and inspect.prompt),
+                watch,
+                list(monitored),
+                list(abort),
             )
             xargs[OBSERVE_KEY] = observe.encode()
         if xargs:
@@ -166,8 +179,35 @@ class SteeringService:
         if observe is not None:
             body["return_token_ids"] = True  # lets the server align features with each (streamed) token
         return RewrittenRequest(
-            body, ops, observe, inspect, monitored, wants_ids, tuple(traced), spec.compare
+            body, ops, observe, inspect, monitored, wants_ids, tuple(traced), spec.compare, tuple(abort)
         )
+
+    def _abort_conditions(
+        self, spec: SteeringSpec, body: dict, observable: bool, n: int, single: bool
+    ) -> list[AbortSpec]:
+        """`abort_when`, resolved; a 400 where the engine could not stop the request at the right token."""
+        if not spec.abort_when:
+            return []
+        path = f"{STEERING_FIELD}.abort_when"
+        if not observable:
+            raise SpecError(path, "abort_when is served on /v1/chat/completions and /v1/completions")
+        if not single:
+            raise SpecError(path, "abort_when needs n = 1 and a single prompt")
+        # The stop is an end-of-sequence token forced in the worker: it must be able to end the request.
+        if body.get("ignore_eos") not in (None, False):
+            raise SpecError("ignore_eos", "cannot be combined with `steering.abort_when`")
+        if lax_int(body, "min_tokens", 0) != 0:
+            raise SpecError("min_tokens", "cannot be combined with `steering.abort_when`")
+        for key in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice"):
+            value = body.get(key)
+            if value not in (None, {}, {"type": "text"}):
+                raise SpecError(key, "structured output cannot be combined with `steering.abort_when`")
+        out = []
+        for i, cond in enumerate(spec.abort_when):
+            sae, index = resolve_feature(cond, self.catalog, f"{path}[{i}]")
+            self.check_inspectable(sae.id, f"{path}[{i}]")
+            out.append(AbortSpec(sae.id, index, float(cond.threshold), cond.sign))
+        return out
 
     def default_variant(self, body: dict) -> RewrittenRequest:
         """The default side of a `compare` request (`body` as the client sent it): the same request without
@@ -201,6 +241,28 @@ class SteeringService:
             if policy.max_abs_value is not None and abs(spec.features[i].value or 0.0) > policy.max_abs_value:
                 raise SpecError(
                     f"{path}.value", f"|value| above this server's limit {policy.max_abs_value:g}", status=403
+                )
+        inline = [(i, vec) for i, vec in enumerate(spec.vectors) if vec.inline]
+        if inline and not policy.allow_inline_vectors:
+            path = f"{STEERING_FIELD}.vectors[{inline[0][0]}]"
+            raise SpecError(path, "inline vectors are not allowed on this server", status=403)
+        if len(inline) > policy.max_inline_vectors:
+            raise SpecError(
+                f"{STEERING_FIELD}.vectors",
+                f"{len(inline)} inline vectors; at most {policy.max_inline_vectors} per request here",
+            )
+        for i, vec in inline:
+            if policy.max_inline_norm is None:
+                break
+            field = "values" if vec.values is not None else "base64"
+            path = f"{STEERING_FIELD}.vectors[{i}]"
+            norm = float(np.linalg.norm(inline_vector(vec, path).astype(np.float64))) * abs(vec.scale)
+            if vec.normalize:
+                norm = abs(vec.scale)  # a fraction of |x|: the vector's own length does not count
+            if norm > policy.max_inline_norm:
+                raise SpecError(
+                    f"{path}.{field}",
+                    f"|scale|·norm is {norm:.4g}, above this server's limit {policy.max_inline_norm:g}",
                 )
         for i, vec in enumerate(spec.vectors):
             path = f"{STEERING_FIELD}.vectors[{i}]"
@@ -245,8 +307,13 @@ class SteeringService:
                     "index": op.index,
                     "label": self.catalog.saes[op.source].labels.get(op.index),
                 }
+            elif op.kind == "inline":
+                item |= {"vector": None, "inline": True}
             else:
                 item |= {"vector": op.source}
+            if op.cond_sign:
+                bound = "above" if op.cond_sign > 0 else "below"
+                item["when"] = {"sae": op.cond_source, "index": op.cond_index, bound: op.cond_threshold}
             out.append(item)
         return out
 
@@ -325,11 +392,14 @@ class Observation:
         self.records: list[dict] = []
         self.prompt_len: int | None = None
         self.next_token = 0
+        self.aborted: dict | None = None  # the first abort_when condition that fired
 
     def _pull(self) -> None:
         for r in self.reader.read_new():
             self.records.append(r)
             self.prompt_len = r["P"]
+            if "abort" in r and (self.aborted is None or r["pos"] < self.aborted["pos"]):
+                self.aborted = {"pos": r["pos"], "sae": r["sae"], "hit": r["abort"]}
             self.by_pos.setdefault(r["pos"], {})[r["sae"]] = r["top"]
             self.watched.setdefault(r["pos"], {})[r["sae"]] = dict(r.get("watch", ()))
 
@@ -364,6 +434,25 @@ class Observation:
             return []
         return [self._token(p) for p in range(self.prompt_len)]
 
+    def abort(self) -> dict | None:
+        """Which abort_when condition stopped the request and at which generated token (the token that was not
+        generated: index k = the k-th generated token, read from the residual that would have predicted it)."""
+        self._pull()
+        if self.aborted is None or self.prompt_len is None:
+            return None
+        index, activation = self.aborted["hit"]
+        sae_id = self.aborted["sae"]
+        cond = next((a for a in self.request.abort if a.sae == sae_id and a.index == index), None)
+        bound = "above" if cond is None or cond.sign > 0 else "below"
+        return {
+            "sae": sae_id,
+            "index": index,
+            "label": self.service.catalog.saes[sae_id].labels.get(index),
+            "activation": activation,
+            bound: None if cond is None else cond.threshold,
+            "token": self.aborted["pos"] - (self.prompt_len - 1),
+        }
+
     def traced_features(self) -> list[dict]:
         """The features `traced` reports, in order."""
         return [
@@ -376,6 +465,12 @@ class Observation:
         self._pull()
         self.reader.remove()
         config = self.service.config.monitoring
+        abort = self.abort()
+        if abort is not None:  # every stopped request is counted and logged, sampled or not
+            metrics.ABORTED_REQUESTS.labels(sae=abort["sae"]).inc()
+            monitor_log.write(
+                config, {"event": "abort", "request_id": response_id, "model": model, "abort": abort}
+            )
         for sae_id in self.request.monitored:
             labels = self.service.catalog.saes[sae_id].labels
             records = [r for r in self.records if r["sae"] == sae_id]
@@ -406,5 +501,6 @@ class Observation:
                     "steered": bool(self.request.ops),
                     "top_features": monitor_log.summarise(records, sae_id, labels, config.top_k),
                     "watchlist": watch,
+                    "abort": abort,
                 },
             )

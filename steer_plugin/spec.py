@@ -11,11 +11,14 @@ Every operation becomes x' = x + c·d at its layer, with d the feature's decoder
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
 from typing import Literal, NamedTuple
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from steer_plugin import signing
@@ -62,6 +65,36 @@ class FeatureRef(_Strict):
         return self
 
 
+class Condition(FeatureRef):
+    """A feature's activation compared with a threshold: `above` or `below` (exactly one)."""
+
+    above: float | None = None
+    """Holds where the feature's activation is > this value."""
+    below: float | None = None
+    """Holds where the feature's activation is < this value."""
+
+    @field_validator("above", "below")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Condition:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("give exactly one of `above` or `below`")
+        return self
+
+    @property
+    def sign(self) -> int:
+        return 1 if self.above is not None else -1
+
+    @property
+    def threshold(self) -> float:
+        return self.above if self.above is not None else self.below
+
+
 class FeatureOp(FeatureRef):
     """One operation on one SAE feature. Name the feature by (sae, index), by `id` or by `label`."""
 
@@ -73,6 +106,9 @@ class FeatureOp(FeatureRef):
     """add only: `value` is a fraction of the residual norm |x| (direction normalised to unit length)."""
     positions: Positions | LastPromptTokens = "all"
     """Token positions the operation applies to. `generation` = generated tokens (positions >= prompt length)."""
+    when: Condition | None = None
+    """Apply only on tokens where this feature (at the same layer, read from the same residual before any
+    operation) is above / below a threshold, e.g. "when feature A > 3, clamp feature B to 0"."""
 
     @field_validator("value")
     @classmethod
@@ -92,16 +128,30 @@ class FeatureOp(FeatureRef):
         return self
 
 
-class VectorOp(_Strict):
-    """Add a configured raw steering vector: x += scale·vector."""
+MAX_INLINE_LENGTH = 65536  # d_model of the largest models served today is 16k; room to spare
 
-    name: str
+
+class VectorOp(_Strict):
+    """Add a raw steering vector: x += scale·vector. Either a configured one (`name`) or one sent inline
+    (`values` or `base64`, with its `layer`), when the operator allows inline vectors."""
+
+    name: str | None = None
     """Vector id from the server config."""
+    values: list[float] | None = Field(default=None, max_length=MAX_INLINE_LENGTH)
+    """Inline vector: d_model numbers."""
+    base64: str | None = Field(default=None, max_length=4 * MAX_INLINE_LENGTH * 4 // 3 + 8)
+    """Inline vector: base64 of little-endian `dtype` values (d_model of them)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Element type of `base64`."""
+    layer: int | None = Field(default=None, ge=0)
+    """Inline vectors: the decoder layer whose output it is added to (a layer the server steers)."""
     scale: float = 1.0
     """Multiplier (or fraction of |x| when `normalize`)."""
     normalize: bool = False
     """Scale the unit-length vector by `scale`·|x|."""
     positions: Positions | LastPromptTokens = "all"
+    when: Condition | None = None
+    """Apply only on tokens where this feature (at the vector's layer) is above / below a threshold."""
 
     @field_validator("scale")
     @classmethod
@@ -109,6 +159,28 @@ class VectorOp(_Strict):
         if not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
+
+    @field_validator("values")
+    @classmethod
+    def _finite_values(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise ValueError("must be finite numbers")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VectorOp:
+        given = [k for k in ("name", "values", "base64") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `name` (a configured vector), `values` or `base64`")
+        if self.name is not None and self.layer is not None:
+            raise ValueError("`layer` is for inline vectors; a configured vector has its own")
+        if self.name is None and self.layer is None:
+            raise ValueError("an inline vector needs its `layer`")
+        return self
+
+    @property
+    def inline(self) -> bool:
+        return self.name is None
 
 
 MAX_TRACED = 16
@@ -133,6 +205,10 @@ class SteeringSpec(_Strict):
     features: list[FeatureOp] = Field(default_factory=list)
     vectors: list[VectorOp] = Field(default_factory=list)
     inspect: InspectSpec | None = None
+    abort_when: list[Condition] = Field(default_factory=list, max_length=8)
+    """Stop generating when one of these features, read from the (steered) residual that predicts the next
+    token, crosses its threshold: the choice ends before that token with finish_reason "abort_when" and
+    `steering.abort` says which feature fired at which token."""
     compare: bool = False
     """Also return the default (unsteered) completion of the same request: the steered choices first, then the
     default ones (indices n..2n-1), each labelled in `steering.variant` ("steered" / "default"), streaming too."""
@@ -198,6 +274,8 @@ class Catalog(NamedTuple):
     max_ops_per_request: int = 32
     max_ops_per_layer: int = 8
     max_abs_value: float = 1e4
+    d_model: int | None = None  # residual width (inline vectors must have it)
+    layers: tuple[int, ...] = ()  # layers the server steers (inline vectors may target these)
 
 
 class ResolvedOp(NamedTuple):
@@ -213,6 +291,13 @@ class ResolvedOp(NamedTuple):
     positions: int  # POSITION_CODES value
     last_n: int  # for positions == last_prompt_tokens
     op: str = "add"  # add, clamp, scale, ablate or vector (for metrics and the response)
+    # `when`: applies only where feature (cond_source, cond_index) at the same layer is above (cond_sign 1) or
+    # below (-1) cond_threshold; cond_sign 0: always.
+    cond_source: str = ""
+    cond_index: int = -1
+    cond_sign: int = 0
+    cond_threshold: float = 0.0
+    vector: str = ""  # kind "inline": the vector, base64 of little-endian float32 (d_model values)
 
 
 def _positions(p: Positions | LastPromptTokens) -> tuple[int, int]:
@@ -229,6 +314,61 @@ def _coefficients(op: str, value: float | None, normalize: bool) -> tuple[float,
     if op == "scale":
         return value - 1.0, 0.0, 0.0
     return -1.0, 0.0, 0.0  # ablate
+
+
+def inline_vector(op: VectorOp, path: str) -> np.ndarray:
+    """An inline vector's values as float32 [d]; SpecError naming `path` when they do not decode or are not
+    finite."""
+    if op.values is not None:
+        vec = np.asarray(op.values, dtype=np.float32)
+        field = "values"
+    else:
+        field = "base64"
+        try:
+            raw = base64.b64decode(op.base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise SpecError(f"{path}.base64", "is not valid base64") from None
+        width = {"float32": 4, "bfloat16": 2, "float16": 2}[op.dtype]
+        if len(raw) % width:
+            raise SpecError(f"{path}.base64", f"length is not a multiple of {width} bytes ({op.dtype})")
+        if op.dtype == "float32":
+            vec = np.frombuffer(raw, dtype="<f4")
+        elif op.dtype == "float16":
+            vec = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+        else:  # bfloat16: the upper half of a float32
+            vec = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        vec = vec.astype(np.float32)
+    if not np.isfinite(vec).all():
+        raise SpecError(f"{path}.{field}", "must be finite numbers")
+    return vec
+
+
+def _encode_vector(vec: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode()
+
+
+def decode_vector(text: str) -> np.ndarray:
+    """The float32 values of an inline op's `vector` (as encode wrote them)."""
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4").astype(np.float32)
+
+
+def _condition(
+    cond: Condition | None, layer: int, catalog: Catalog, path: str
+) -> tuple[str, int, int, float]:
+    if cond is None:
+        return "", -1, 0, 0.0
+    sae, index = resolve_feature(cond, catalog, f"{path}.when")
+    if sae.layer != layer:
+        raise SpecError(
+            f"{path}.when",
+            f"the condition's feature is read at layer {sae.layer}, the operation applies at layer {layer}; "
+            "they must be at the same layer",
+        )
+    if abs(cond.threshold) > catalog.max_abs_value:
+        raise SpecError(
+            f"{path}.when.{'above' if cond.sign > 0 else 'below'}", f"must be <= {catalog.max_abs_value:g}"
+        )
+    return sae.id, index, cond.sign, float(cond.threshold)
 
 
 def _find_feature(op: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
@@ -277,20 +417,40 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
             raise SpecError(f"{path}.value", f"|value| must be <= {catalog.max_abs_value:g}")
         pos, last_n = _positions(op.positions)
         a, b, bn = _coefficients(op.op, op.value, op.normalize)
-        ops.append(ResolvedOp("feature", sae.id, index, sae.layer, a, b, bn, pos, last_n, op.op))
+        cond = _condition(op.when, sae.layer, catalog, path)
+        ops.append(ResolvedOp("feature", sae.id, index, sae.layer, a, b, bn, pos, last_n, op.op, *cond))
     for i, op in enumerate(spec.vectors):
         path = f"{prefix}.vectors[{i}]"
-        if op.name not in catalog.vectors:
-            raise SpecError(f"{path}.name", f"unknown vector {op.name!r}; loaded: {sorted(catalog.vectors)}")
         if abs(op.scale) > catalog.max_abs_value:
             raise SpecError(f"{path}.scale", f"|scale| must be <= {catalog.max_abs_value:g}")
         pos, last_n = _positions(op.positions)
         b, bn = (0.0, op.scale) if op.normalize else (op.scale, 0.0)
-        ops.append(
-            ResolvedOp(
-                "vector", op.name, 0, catalog.vectors[op.name].layer, 0.0, b, bn, pos, last_n, "vector"
+        if op.inline:
+            if op.layer not in catalog.layers:
+                raise SpecError(
+                    f"{path}.layer",
+                    f"layer {op.layer} is not steered on this server; steered: {list(catalog.layers)}",
+                )
+            vec = inline_vector(op, path)
+            if vec.size != catalog.d_model:
+                field = "values" if op.values is not None else "base64"
+                raise SpecError(
+                    f"{path}.{field}", f"has {vec.size} values; the model's d_model is {catalog.d_model}"
+                )
+            if not float(np.linalg.norm(vec.astype(np.float64))) > 0:
+                raise SpecError(f"{path}.{'values' if op.values is not None else 'base64'}", "is all zeros")
+            cond = _condition(op.when, op.layer, catalog, path)
+            ops.append(
+                ResolvedOp(
+                    "inline", "", 0, op.layer, 0.0, b, bn, pos, last_n, "vector", *cond, _encode_vector(vec)
+                )
             )
-        )
+            continue
+        if op.name not in catalog.vectors:
+            raise SpecError(f"{path}.name", f"unknown vector {op.name!r}; loaded: {sorted(catalog.vectors)}")
+        layer = catalog.vectors[op.name].layer
+        cond = _condition(op.when, layer, catalog, path)
+        ops.append(ResolvedOp("vector", op.name, 0, layer, 0.0, b, bn, pos, last_n, "vector", *cond))
     if len(ops) > catalog.max_ops_per_request:
         raise SpecError(
             f"{prefix}", f"too many operations ({len(ops)}); at most {catalog.max_ops_per_request}"
@@ -348,7 +508,7 @@ def _checked_op(item: object) -> ResolvedOp:
         raise ValueError("steering wire: malformed op")
     op = ResolvedOp(*item)
     ok = (
-        op.kind in ("feature", "vector")
+        op.kind in ("feature", "vector", "inline")
         and isinstance(op.source, str)
         and _is_int(op.index)
         and op.index >= 0
@@ -359,9 +519,20 @@ def _checked_op(item: object) -> ResolvedOp:
         and _is_int(op.last_n)
         and op.last_n >= 0
         and op.op in OP_NAMES
+        and isinstance(op.cond_source, str)
+        and _is_int(op.cond_index)
+        and op.cond_index >= -1
+        and op.cond_sign in (-1, 0, 1)
+        and isinstance(op.cond_threshold, (int, float))
+        and math.isfinite(op.cond_threshold)
+        and (op.cond_sign == 0 or (op.cond_source and op.cond_index >= 0))
+        and isinstance(op.vector, str)
+        and (op.kind == "inline") == bool(op.vector)
     )
     if not ok:
         raise ValueError("steering wire: op field out of range")
+    if op.vector and not np.isfinite(decode_vector(op.vector)).all():
+        raise ValueError("steering wire: inline vector not finite")
     return op
 
 
@@ -406,9 +577,23 @@ class WatchSpec(NamedTuple):
 TRACE_THRESHOLD = -3.0e38
 
 
+class AbortSpec(NamedTuple):
+    """`abort_when`: stop the request when feature `index` of `sae` is above (sign 1) / below (-1) threshold
+    on the residual that predicts its next token."""
+
+    sae: str
+    index: int
+    threshold: float
+    sign: int
+
+    def fires(self, activation: float) -> bool:
+        return activation > self.threshold if self.sign > 0 else activation < self.threshold
+
+
 class ObserveSpec(NamedTuple):
     """What the workers should read for one request: SAEs, top-K, whether prompt tokens count too, the
-    watchlist features of the monitored SAEs, and the SAEs whose L0 / reconstruction error feed monitoring."""
+    watchlist features of the monitored SAEs, the SAEs whose L0 / reconstruction error feed monitoring, and the
+    `abort_when` conditions."""
 
     cid: str  # correlation id: names the request's side-channel file (32 hex characters)
     saes: list[str]
@@ -416,18 +601,40 @@ class ObserveSpec(NamedTuple):
     prompt: bool
     watch: list[WatchSpec] = []
     stats: list[str] = []  # monitored SAEs: the worker decodes for the error and L0 histograms only for these
+    abort: list[AbortSpec] = []
 
     def encode(self) -> str:
-        payload = [self.cid, self.saes, self.top_k, self.prompt, [list(w) for w in self.watch], self.stats]
+        payload = [
+            self.cid,
+            self.saes,
+            self.top_k,
+            self.prompt,
+            [list(w) for w in self.watch],
+            self.stats,
+            [list(a) for a in self.abort],
+        ]
         return signing.sign(json.dumps(payload, separators=(",", ":")))
 
     @classmethod
     def decode(cls, text: object) -> ObserveSpec:
         """Verify and decode; ValueError for anything we did not write or that is out of range."""
         data = json.loads(signing.verify(text))
-        if not isinstance(data, list) or len(data) != 6:
+        if not isinstance(data, list) or len(data) != 7:
             raise ValueError("observe spec: malformed")
-        cid, saes, top_k, prompt, watch, stats = data
+        cid, saes, top_k, prompt, watch, stats, abort = data
+
+        def feature_bound(w: object, extra: int) -> bool:
+            return (
+                isinstance(w, list)
+                and len(w) == 3 + extra
+                and isinstance(w[0], str)
+                and _is_int(w[1])
+                and w[1] >= 0
+                and isinstance(w[2], (int, float))
+                and math.isfinite(w[2])
+                and (not extra or w[3] in (-1, 1))
+            )
+
         ok = (
             isinstance(cid, str)
             and len(cid) == 32
@@ -438,19 +645,14 @@ class ObserveSpec(NamedTuple):
             and 1 <= top_k <= MAX_TOP_K
             and isinstance(prompt, bool)
             and isinstance(watch, list)
-            and all(
-                isinstance(w, list)
-                and len(w) == 3
-                and isinstance(w[0], str)
-                and _is_int(w[1])
-                and w[1] >= 0
-                and isinstance(w[2], (int, float))
-                and math.isfinite(w[2])
-                for w in watch
-            )
+            and all(feature_bound(w, 0) for w in watch)
             and isinstance(stats, list)
             and all(isinstance(s, str) for s in stats)
+            and isinstance(abort, list)
+            and all(feature_bound(a, 1) for a in abort)
         )
         if not ok:
             raise ValueError("observe spec: field out of range")
-        return cls(cid, saes, top_k, prompt, [WatchSpec(*w) for w in watch], stats)
+        return cls(
+            cid, saes, top_k, prompt, [WatchSpec(*w) for w in watch], stats, [AbortSpec(*a) for a in abort]
+        )

@@ -7,8 +7,10 @@ Slow by design: no KV cache, the whole sequence is recomputed each step.
 
 from __future__ import annotations
 
+import base64
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from steer_plugin.catalog import LoadedAssets
@@ -39,16 +41,27 @@ def feature_value(sae: SparseAutoencoder, x: torch.Tensor, index: int) -> tuple[
     return float(f), scale
 
 
+def condition_holds(op: ResolvedOp, x: torch.Tensor, assets: LoadedAssets) -> bool:
+    """`when`: the condition feature's activation on the same (unsteered) x, above or below its threshold."""
+    if op.cond_sign == 0:
+        return True
+    f, _ = feature_value(assets.saes[op.cond_source].sae, x, op.cond_index)
+    return f > op.cond_threshold if op.cond_sign > 0 else f < op.cond_threshold
+
+
 def token_delta(
     x: torch.Tensor, ops: list[ResolvedOp], assets: LoadedAssets, position: int, prompt_len: int
 ) -> torch.Tensor:
     """Sum of every applicable op's change to one token's residual x [d] (all ops read the same x)."""
     delta = torch.zeros_like(x)
     for op in ops:
-        if not op_applies(op, position, prompt_len):
+        if not op_applies(op, position, prompt_len) or not condition_holds(op, x, assets):
             continue
-        if op.kind == "vector":
-            vec = assets.vectors[op.source].vector.to(x)
+        if op.kind in ("vector", "inline"):
+            if op.kind == "inline":
+                vec = torch.from_numpy(np.frombuffer(base64.b64decode(op.vector), dtype="<f4").copy()).to(x)
+            else:
+                vec = assets.vectors[op.source].vector.to(x)
             delta += op.b * vec + op.bn * x.norm() * vec / vec.norm()
             continue
         sae = assets.saes[op.source].sae

@@ -244,6 +244,8 @@ def install_steerer(worker) -> Steerer | None:
         runner_v2.install_v2(runner, steerer)  # raises if V2's layout changed
     else:
         runner._model_forward = _wrap_model_forward(runner, runner._model_forward, steerer)
+        # abort_when: V1 computes the sampled rows' logits after _model_forward (where the features were read).
+        model.compute_logits = _wrap_compute_logits(model.compute_logits, steerer)
     worker._steerer = steerer
     worker.steer_plugin_stats = steerer.stats  # pulled through collective_rpc for /metrics
     return steerer
@@ -269,6 +271,7 @@ def batch_view_v1(runner) -> BatchView:
         num_prompt=np.array([s.num_prompt_tokens for s in states], dtype=np.int64),
         wire_specs=[_extra(s, WIRE_KEY) for s in states],
         observe_specs=[_extra(s, OBSERVE_KEY) for s in states],
+        eos_token_ids=[s.sampling_params.eos_token_id if s.sampling_params else None for s in states],
     )
 
 
@@ -290,6 +293,14 @@ def _wrap_model_forward(runner, original, steerer: Steerer):
         return output
 
     return model_forward
+
+
+def _wrap_compute_logits(original, steerer: Steerer):
+    @functools.wraps(original)
+    def compute_logits(*args, **kwargs):
+        return steerer.force_aborts(original(*args, **kwargs))
+
+    return compute_logits
 
 
 def run_self_test(worker) -> None:

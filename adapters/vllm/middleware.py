@@ -184,6 +184,11 @@ class ResponseRewriter:
                 info["traced"] = [r.traced for r in reads]
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             choice.pop("token_ids", None)
+        if self.request.abort and choice.get("finish_reason") == "stop":
+            abort = self.observation.abort()
+            if abort is not None:  # the end-of-sequence token was forced by the worker (Steerer.force_aborts)
+                choice["finish_reason"] = "abort_when"
+                info["abort"] = abort
         return info
 
     def _rewrite_full(self, raw: bytes) -> bytes:

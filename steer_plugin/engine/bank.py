@@ -41,6 +41,11 @@ class LayerBank:
         self.enc = enc  # [N, d_model]  (W_enc columns as rows; zero rows for vectors)
         self.params = params  # [N, NUM_PARAMS] float32
         self.entries = {(e.kind, e.source): e for e in entries}
+        scratch = self.entries.get(("scratch", "inline"))
+        # Rows for requests' inline vectors: each live one holds a row from its slot's take to its release.
+        self._free_scratch = (
+            list(range(scratch.offset, scratch.offset + scratch.size))[::-1] if scratch else []
+        )
 
     @property
     def num_rows(self) -> int:
@@ -54,6 +59,23 @@ class LayerBank:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.dec, self.enc, self.params))
+
+    def take_scratch(self, vector: torch.Tensor) -> int:
+        """Write an inline vector [d] into a free scratch row (in place: no buffer moves); ScratchFull if none."""
+        if not self._free_scratch:
+            raise ScratchFull(f"layer {self.layer}: no free row for an inline vector")
+        row = self._free_scratch.pop()
+        self.dec[row] = vector.to(device=self.dec.device, dtype=self.dec.dtype)
+        self.params[row] = vector_params(vector.float()).to(self.params.device)[0]
+        return row
+
+    def free_scratch(self, row: int) -> None:
+        self.dec[row] = 0
+        self._free_scratch.append(row)
+
+
+class ScratchFull(RuntimeError):
+    """Every scratch row of a layer holds a live request's inline vector."""
 
 
 def sae_params(sae: SparseAutoencoder) -> torch.Tensor:
@@ -96,8 +118,11 @@ def build_layer_bank(
     vectors: list[tuple[str, torch.Tensor]],
     device: torch.device,
     dtype: torch.dtype,
+    scratch_rows: int = 0,
+    d_model: int | None = None,
 ) -> LayerBank:
-    """Stack the SAEs and vectors of one layer. The source tensors can be dropped afterwards."""
+    """Stack the SAEs and vectors of one layer, then `scratch_rows` empty rows for inline vectors. The source
+    tensors can be dropped afterwards."""
     decs, encs, params, entries = [], [], [], []
     offset = 0
     for sae_id, sae in saes:
@@ -112,8 +137,14 @@ def build_layer_bank(
         params.append(vector_params(vec).to(device))
         entries.append(BankEntry("vector", vec_id, offset, 1))
         offset += 1
+    d_model = decs[0].shape[1] if decs else d_model
+    if scratch_rows:
+        decs.append(torch.zeros(scratch_rows, d_model, device=device, dtype=dtype))
+        encs.append(torch.zeros(scratch_rows, d_model, device=device, dtype=dtype))
+        params.append(torch.zeros(scratch_rows, NUM_PARAMS, device=device))
+        entries.append(BankEntry("scratch", "inline", offset, scratch_rows))
+        offset += scratch_rows
     # Last row: a unit vector along the first axis, steered only by the start-up self-test.
-    d_model = decs[0].shape[1]
     probe = torch.zeros(d_model)
     probe[0] = 1.0
     decs.append(probe[None].to(device=device, dtype=dtype))

@@ -7,7 +7,8 @@ the entry apply at this token's position). With W working-set columns (the disti
     c      = (a·f + b) · dir_scale · sigma_t  +  bn · |x_t| / |d|     (sigma_t: per-token decode scale, 1 mostly)
     C      = Σ_k c scattered to column col[t, k]  ([n, W])
     delta  = C @ dec[:W]                          ([n, d])
-Entries whose gate is off have c = 0, so they add nothing.
+Entries whose gate is off have c = 0, so they add nothing. An entry with a condition (`when`) is gated by
+its condition feature's activation, read like f from the same x: F[t, cond_col[t, k]] above / below a threshold.
 """
 
 from __future__ import annotations
@@ -87,16 +88,25 @@ def feature_activations(
     return f, sigma_out
 
 
+class Conditions(NamedTuple):
+    """Per-entry conditions (`when`) of a block of tokens."""
+
+    cols: torch.Tensor  # [n, K] int64 working-set column of the condition's feature
+    threshold: torch.Tensor  # [n, K] float32
+    sign: torch.Tensor  # [n, K] int64: 1 above, -1 below, 0 no condition
+
+
 class DeltaTerms(NamedTuple):
     """Which parts of the formula some live entry needs (host flags: a False skips that work entirely)."""
 
     read: bool = True  # an entry reads its feature (clamp, scale, ablate): the x @ enc^T GEMM
     norm: bool = True  # a column's SAE normalises or centres its input: per-token sigma / mean
     bn: bool = True  # a normalised add (coefficient times |x|)
+    cond: bool = True  # an entry applies only where a feature is above / below a threshold (`when`)
 
     @property
     def needs_x(self) -> bool:
-        return self.read or self.norm or self.bn
+        return self.read or self.norm or self.bn or self.cond
 
 
 ALL_TERMS = DeltaTerms()  # what the fixed-shape (graph-captured) op always computes
@@ -111,12 +121,21 @@ def working_set_weights(
     width: int,  # W
     params: torch.Tensor,  # [W, P] float32
     terms: DeltaTerms = ALL_TERMS,
-) -> torch.Tensor:
-    """C [n, W] (float32): how much of each working-set row to add to each token (delta = C @ dec[:W])."""
+    conditions: Conditions | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C [n, W] float32: how much of each working-set row to add to each token (delta = C @ dec[:W]),
+    applies [n, K]: which entries applied, conditions included)."""
     entry_params = params[cols]  # [n, K, P]
     a, b, bn = coef[..., COEF_A], coef[..., COEF_B], coef[..., COEF_BN]
+    scores = x @ enc.t() if terms.read or (terms.cond and conditions is not None) else None  # [n, W]
+    if terms.cond and conditions is not None:
+        cond_f, _ = feature_activations(
+            x, scores.gather(1, conditions.cols), params[conditions.cols], terms.norm
+        )  # [n, K]
+        holds = torch.where(conditions.sign > 0, cond_f > conditions.threshold, cond_f < conditions.threshold)
+        applies = applies & ((conditions.sign == 0) | holds)
     if terms.read:
-        dots = (x @ enc.t()).gather(1, cols)  # [n, W] -> [n, K]
+        dots = scores.gather(1, cols)  # [n, W] -> [n, K]
         f, sigma = feature_activations(x, dots, entry_params, terms.norm)
         # where() rather than a product, so that a term with a zero coefficient is exactly zero (not 0·inf).
         c = torch.where(a != 0, a * f, torch.zeros_like(f)) + b
@@ -131,7 +150,7 @@ def working_set_weights(
         c = c + torch.where(bn != 0, bn * norm * entry_params[..., INV_DIR_NORM], torch.zeros_like(c))
     c = torch.where(applies, c, torch.zeros_like(c))  # [n, K]
     weights = torch.zeros(cols.shape[0], width, dtype=torch.float32, device=cols.device)  # [n, W]
-    return weights.scatter_add_(1, cols, c)
+    return weights.scatter_add_(1, cols, c), applies
 
 
 def add_delta(residual: torch.Tensor, weights: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:

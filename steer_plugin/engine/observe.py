@@ -13,6 +13,7 @@ import torch
 
 from steer_plugin.monitor import channel
 from steer_plugin.sae.model import SparseAutoencoder
+from steer_plugin.spec import AbortSpec
 
 L0_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
@@ -29,6 +30,20 @@ class ObservedRows(NamedTuple):
     num_prompt: int
     watch: tuple[tuple[int, float], ...] = ()  # (feature index, threshold): tested on every token
     stats: bool = False  # monitored: L0 and reconstruction error go to the records and the histograms
+    abort: tuple[AbortSpec, ...] = ()  # abort_when conditions on this SAE, tested at position `predicting`
+    predicting: int = -1  # position whose residual predicts the request's next sampled token (-1: none)
+    req_index: int = -1  # the request's index in the step's batch
+
+
+class AbortHit(NamedTuple):
+    """An abort_when condition that fired: the request's sampled token is forced to end the sequence."""
+
+    req_index: int
+    cid: str
+    position: int
+    sae_id: str
+    index: int
+    activation: float
 
 
 class Histogram:
@@ -91,15 +106,16 @@ class Observer:
         self.error = {sid: Histogram(ERROR_BUCKETS) for sid in saes}
         self.tokens_observed = 0
 
-    def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> None:
+    def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> list[AbortHit]:
         """groups' rows index into captures[sae_id] ([max_tokens, d] steered residual, by token row). One encode
-        per SAE."""
+        per SAE. Returns the abort_when conditions that fired (the first per request)."""
         records: dict[str, list[dict]] = {}
+        hits: dict[int, AbortHit] = {}
         for sae_id in dict.fromkeys(g.sae_id for g in groups):
             mine = [g for g in groups if g.sae_id == sae_id]
             rows = [r for g in mine for r in g.rows]
             top_k = max(g.top_k for g in mine)
-            watched = sorted({i for g in mine for i, _ in g.watch})
+            watched = sorted({i for g in mine for i, _ in g.watch} | {a.index for g in mine for a in g.abort})
             column = {index: c for c, index in enumerate(watched)}
             stats = any(g.stats for g in mine)
             read = FeatureRead(
@@ -134,11 +150,19 @@ class Observer:
                     ]
                     if fired:
                         record["watch"] = fired
+                    if pos == g.predicting and g.req_index not in hits:
+                        for a in g.abort:
+                            value = watch_values[row][column[a.index]]
+                            if a.fires(value):
+                                record["abort"] = [a.index, round(value, 4)]
+                                hits[g.req_index] = AbortHit(g.req_index, g.cid, pos, sae_id, a.index, value)
+                                break
                     lines.append(record)
                     row += 1
         if self.write:
             for cid, lines in records.items():
                 channel.append(cid, lines)
+        return list(hits.values())
 
     def snapshot(self) -> dict:
         return {

@@ -17,6 +17,7 @@ import torch
 
 from steer_plugin.engine.delta import (
     ALL_TERMS,
+    Conditions,
     DeltaTerms,
     add_delta,
     position_gate,
@@ -97,28 +98,40 @@ def steer_rows(
         applies = position_gate(code, t.slot_last_n[slots], pos, step.prompt_len[slots])  # [n, K]
     else:
         applies = code != NO_OP
-    # Steered (token, op) pairs by op, counted on the device (graph replays count too).
-    t.op_counts.index_add_(0, t.slot_op[slots].flatten(), applies.flatten().long())
     coef = t.slot_coef[slots]  # [n, K, 3]
+    cond = (
+        Conditions(t.slot_cond_col[slots], t.slot_cond_thr[slots], t.slot_cond_sign[slots])
+        if terms.cond
+        else None
+    )
     if blocks is None:
         blocks = [(0, cols.shape[0], 0, width)]
     new = torch.empty_like(res)
+    applied = torch.empty_like(applies)  # [n, K] after the conditions
+
+    def local(c: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        return c if c0 == 0 else (c - c0).clamp_(0, c1 - c0 - 1)  # unused entries: anywhere
+
     for r0, r1, c0, c1 in blocks:
-        local = cols[r0:r1] if c0 == 0 else (cols[r0:r1] - c0).clamp_(0, c1 - c0 - 1)  # unused: anywhere
-        weights = working_set_weights(
+        weights, applied[r0:r1] = working_set_weights(
             None if x is None else x[r0:r1],
-            local,
+            local(cols[r0:r1], c0, c1),
             coef[r0:r1],
             applies[r0:r1],
             t.enc[c0:c1],
             c1 - c0,
             t.params[c0:c1],
             terms,
+            None
+            if cond is None
+            else Conditions(local(cond.cols[r0:r1], c0, c1), cond.threshold[r0:r1], cond.sign[r0:r1]),
         )
         new[r0:r1] = add_delta(res[r0:r1], weights, t.dec[c0:c1])
         if r0 == 0:
             first_delta = (weights[:1] @ t.dec[c0:c1].float())[0]
-    steered = applies.any(dim=-1)
+    # Steered (token, op) pairs by op, counted on the device (graph replays count too).
+    t.op_counts.index_add_(0, t.slot_op[slots].flatten(), applied.flatten().long())
+    steered = applied.any(dim=-1)
     new = torch.where(steered[:, None], new, res)  # rows no entry applies to: bit for bit
     return new, steered, first_delta
 
@@ -134,7 +147,11 @@ def column_blocks(rt: LayerRuntime, rows: np.ndarray) -> list[tuple[int, int, in
     ends = np.r_[starts[1:], slots.size]
     request_slots = slots[starts]
     live = t.slot_code_host.numpy()[request_slots] != NO_OP  # [R, K]
-    cols = t.slot_col_host.numpy()[request_slots]
+    cond_live = live & (t.slot_cond_sign_host.numpy()[request_slots] != 0)
+    live = np.concatenate([live, cond_live], axis=1)  # op columns, then condition columns
+    cols = np.concatenate(
+        [t.slot_col_host.numpy()[request_slots], t.slot_cond_col_host.numpy()[request_slots]], axis=1
+    )
     lo = np.where(live, cols, t.capacity).min(axis=1)
     hi = np.where(live, cols, -1).max(axis=1) + 1
     blocks, b_start, b_lo, b_hi = [], 0, int(lo[0]), int(hi[0])

@@ -23,10 +23,12 @@ class SlotPlanner:
         step: StepMetadata,
         tables: dict[int, LayerTables],
         on_capacity: Callable[[str, Exception], None],
+        on_release: Callable[[str], None] = lambda req_id: None,
     ):
         self.step = step
         self.tables = tables
         self.on_capacity = on_capacity  # a request whose plans do not fit the working set (it runs unsteered)
+        self.on_release = on_release  # a request's slot is back and its rows emptied (after the table writes)
         self._slot_wire: dict[str, object] = {}  # request id -> the wire its slot was written from
         self._slot_layers: dict[int, list[int]] = {}  # slot -> layers where its plan is not empty
         self._last_batch: tuple[list[str], list] | None = None  # (req_ids, wires) of the last write
@@ -58,24 +60,26 @@ class SlotPlanner:
         leaving = [r for r in step.slot_of if r not in live]
         self._refused &= live
         row_slots = np.full(len(req_ids), step.null_slot, dtype=np.int64)  # [R]
-        newcomers: list[tuple[int, str, object, int, dict[int, LayerPlan]]] = []
+        entering = []
         for i, (req_id, wire) in enumerate(zip(req_ids, wires)):
             if req_id in step.slot_of:
                 if self._slot_wire[req_id] == wire:
                     row_slots[i] = step.slot_of[req_id]
                     continue
                 leaving.append(req_id)  # its steering changed
-            if wire is None or req_id in self._refused:
-                continue
-            plans = plans_of(req_id, wire)
+            if wire is not None and req_id not in self._refused:
+                entering.append(i)
+        self.release_many(leaving)  # before any new plan is made: a plan may reuse what these free
+        newcomers: list[tuple[int, str, object, int, dict[int, LayerPlan]]] = []
+        for i in entering:
+            plans = plans_of(req_ids[i], wires[i])
             if plans:
-                newcomers.append((i, req_id, wire, int(num_prompt[i]), plans))
-        self.release_many(leaving)
-        for i, slot in self._take_many(newcomers):
+                newcomers.append((i, req_ids[i], wires[i], int(num_prompt[i]), plans))
+        for i, slot in self._take_many(newcomers, plans_of):
             row_slots[i] = slot
         return row_slots
 
-    def _take_many(self, newcomers) -> list[tuple[int, int]]:
+    def _take_many(self, newcomers, plans_of: PlanLookup) -> list[tuple[int, int]]:
         """Slots for all newcomers, their plans written with one table write per layer."""
         if not newcomers:
             return []
@@ -95,9 +99,10 @@ class SlotPlanner:
                 self.tables[layer].write_slots(slots, layer_plans)
         except WorkingSetFull:  # not all fit: back out, then admit one at a time (the rest run unsteered)
             self.release_many([req_id for _, req_id, *_ in newcomers])
+            # Plans again: releasing may have dropped rows a plan held (inline vectors).
             return [
-                (i, self.take(req_id, wire, prompt_len, plans))
-                for i, req_id, wire, prompt_len, plans in newcomers
+                (i, self.take(req_id, wire, prompt_len, plans_of(req_id, wire) or {}))
+                for i, req_id, wire, prompt_len, _ in newcomers
             ]
         return taken
 
@@ -129,6 +134,8 @@ class SlotPlanner:
                 by_layer.setdefault(layer, []).append(slot)
         for layer, slots in by_layer.items():
             self.tables[layer].write_slots(slots, [None] * len(slots))
+        for req_id in req_ids:
+            self.on_release(req_id)
 
     def clear(self) -> None:
         """Every slot back, every row and table "no steering"."""

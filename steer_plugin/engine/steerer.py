@@ -17,12 +17,12 @@ import torch
 from steer_plugin.catalog import LoadedAssets, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
-from steer_plugin.engine.bank import LayerBank, build_layer_bank
+from steer_plugin.engine.bank import LayerBank, ScratchFull, build_layer_bank
 from steer_plugin.engine.observe import ObservedRows, Observer
 from steer_plugin.engine.slots import SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
-from steer_plugin.spec import ObserveSpec, ResolvedOp, decode_wire
+from steer_plugin.spec import ObserveSpec, ResolvedOp, decode_vector, decode_wire
 
 logger = logging.getLogger("steer_plugin")
 
@@ -36,6 +36,7 @@ class BatchView(NamedTuple):
     num_prompt: np.ndarray  # [R]
     wire_specs: list[str | None]  # [R]: SamplingParams.extra_args[WIRE_KEY] or None
     observe_specs: list[str | None] | None = None  # [R]: extra_args[OBSERVE_KEY] or None
+    eos_token_ids: list[int | None] | None = None  # [R]: the token that ends each request (abort_when)
 
 
 class SelfTestError(RuntimeError):
@@ -67,7 +68,9 @@ class Steerer:
             saes = [(s.id, s.sae) for s in self.assets.saes.values() if s.layer == layer]
             vectors = [(v.id, v.vector) for v in self.assets.vectors.values() if v.layer == layer]
             dtype = self._bank_dtype(model_dtype)
-            self.banks[layer] = build_layer_bank(layer, saes, vectors, device, dtype)
+            self.banks[layer] = build_layer_bank(
+                layer, saes, vectors, device, dtype, self._scratch_rows(max_seqs), d_model
+            )
         self.step = StepMetadata(max_tokens, max_seqs, device)
         self.tables = {
             layer: LayerTables(bank, max_seqs, self.max_ops, self._working_set_rows(bank, max_seqs), device)
@@ -81,9 +84,18 @@ class Steerer:
         self._plans: dict[str, tuple[str, dict[int, LayerPlan]]] = {}
         self._observes: dict[str, tuple[str, ObserveSpec | None]] = {}
         self._observed: list[ObservedRows] = []
+        self._inline_rows: dict[str, list[tuple[int, int]]] = {}  # request -> (layer, scratch row) it holds
         self.slots = SlotPlanner(
-            self.step, self.tables, on_capacity=lambda req_id, err: self._reject("capacity", req_id, err)
+            self.step,
+            self.tables,
+            on_capacity=lambda req_id, err: self._reject("capacity", req_id, err),
+            on_release=self._released,
         )
+        # abort_when: per request row of the coming sampling, force the end-of-sequence token (device mask).
+        self.abort_rows: torch.Tensor | None = None  # [R] bool, set by after_forward for this step's logits
+        self.abort_eos: torch.Tensor | None = None  # [R] int64 token to force
+        self._batch: BatchView | None = None
+        self.aborts = 0
         self.observer = Observer(self._sae_views(), write=tp_rank == 0)  # TP ranks compute the same
         self.features_applied: dict[str, int] = {}
         self.rejected_messages: dict[str, int] = {}  # messages dropped in this worker, by kind
@@ -124,6 +136,11 @@ class Steerer:
         wanted = self.config.limits.working_set_rows or max_seqs * self.max_ops
         return max(1, min(wanted, bank.num_rows))
 
+    def _scratch_rows(self, max_seqs: int) -> int:
+        """Rows for inline vectors at each layer: every running request may hold its maximum."""
+        policy = self.config.policy
+        return max_seqs * policy.max_inline_vectors if policy.allow_inline_vectors else 0
+
     def _bank_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         requested = {s.dtype for s in self.config.saes} - {"auto"}
         if requested:
@@ -141,7 +158,7 @@ class Steerer:
 
     # --- per-request plans ---------------------------------------------------------------------------------
 
-    def _compile_plan(self, ops: list[ResolvedOp]) -> dict[int, LayerPlan]:
+    def _compile_plan(self, req_id: str, ops: list[ResolvedOp]) -> dict[int, LayerPlan]:
         by_layer: dict[int, list[ResolvedOp]] = {}
         for o in ops:
             if o.layer in self.banks:  # other pipeline ranks own the other layers
@@ -149,12 +166,29 @@ class Steerer:
         plans = {}
         for layer, layer_ops in by_layer.items():
             bank = self.banks[layer]
+            rows = []
+            for o in layer_ops:
+                if o.kind == "inline":  # held until the request's slot is released (_released)
+                    row = bank.take_scratch(torch.from_numpy(decode_vector(o.vector)))
+                    self._inline_rows.setdefault(req_id, []).append((layer, row))
+                else:
+                    row = bank.row(o.kind, o.source, o.index)
+                rows.append(row)
             plans[layer] = LayerPlan(
-                bank_rows=np.array([bank.row(o.kind, o.source, o.index) for o in layer_ops], dtype=np.int64),
+                bank_rows=np.array(rows, dtype=np.int64),
                 coef=np.array([[o.a, o.b, o.bn] for o in layer_ops], dtype=np.float32),
                 positions=np.array([o.positions for o in layer_ops], dtype=np.int8),
                 last_n=np.array([o.last_n for o in layer_ops], dtype=np.int64),
                 op_codes=np.array([OP_NAMES.index(o.op) for o in layer_ops], dtype=np.int8),
+                cond_rows=np.array(
+                    [
+                        bank.row("feature", o.cond_source, o.cond_index) if o.cond_sign else -1
+                        for o in layer_ops
+                    ],
+                    dtype=np.int64,
+                ),
+                cond_thr=np.array([o.cond_threshold for o in layer_ops], dtype=np.float32),
+                cond_sign=np.array([o.cond_sign for o in layer_ops], dtype=np.int8),
             )
         for o in ops:
             if o.kind == "feature":
@@ -165,13 +199,30 @@ class Steerer:
         cached = self._plans.get(req_id)
         if cached is not None and cached[0] == wire:
             return cached[1]
+        self._free_inline(req_id)
         try:
-            plan = self._compile_plan(decode_wire(wire))
+            plan = self._compile_plan(req_id, decode_wire(wire))
+        except ScratchFull as err:  # every inline-vector row is taken: unsteered, like a full working set
+            self._free_inline(req_id)
+            self._reject("capacity", req_id, err)
+            plan = {}
         except Exception as err:  # unsigned, forged or stale: run the request unsteered, never crash
+            self._free_inline(req_id)
             self._reject("steering", req_id, err)
             plan = {}
         self._plans[req_id] = (wire, plan)
         return plan
+
+    def _free_inline(self, req_id: str) -> None:
+        for layer, row in self._inline_rows.pop(req_id, []):
+            self.banks[layer].free_scratch(row)
+
+    def _released(self, req_id: str) -> None:
+        """A request gave its slot back (left the batch, changed steering, or was refused): its inline
+        vectors' rows are free again, so its plan (which names them) is compiled afresh if it comes back."""
+        if req_id in self._inline_rows:
+            self._free_inline(req_id)
+            self._plans.pop(req_id, None)
 
     def observe_for(self, req_id: str, text: object) -> ObserveSpec | None:
         cached = self._observes.get(req_id)
@@ -184,6 +235,7 @@ class Steerer:
                 saes=[s for s in spec.saes if s in saes],
                 watch=[w for w in spec.watch if w.sae in saes and w.index < saes[w.sae].d_sae],
                 stats=[s for s in spec.stats if s in saes],
+                abort=[a for a in spec.abort if a.sae in saes and a.index < saes[a.sae].d_sae],
             )
         except Exception as err:
             self._reject("observe", req_id, err)
@@ -198,6 +250,8 @@ class Steerer:
     def _prune_plans(self, live: list[str]) -> None:
         if len(self._plans) + len(self._observes) > 4 * max(len(live), 64):
             keep = set(live)
+            for req_id in [r for r in self._inline_rows if r not in keep and r not in self.step.slot_of]:
+                self._free_inline(req_id)  # a plan made for a request that never took its slot
             self._plans = {k: v for k, v in self._plans.items() if k in keep}
             self._observes = {k: v for k, v in self._observes.items() if k in keep}
 
@@ -216,9 +270,10 @@ class Steerer:
                 continue
             start, end = int(qs[i]), int(qs[i + 1])
             first, prompt_len = int(batch.num_computed[i]), int(batch.num_prompt[i])
+            samples = first + (end - start) >= prompt_len and end > start  # this step samples a token
             if spec.prompt:
                 rows = list(range(start, end))
-            elif first + (end - start) >= prompt_len and end > start:
+            elif samples:
                 rows = [end - 1]  # the row whose logits give this step's sampled token
             else:
                 rows = []
@@ -237,6 +292,9 @@ class Steerer:
                         prompt_len,
                         tuple((w.index, w.threshold) for w in spec.watch if w.sae == sae_id),
                         stats=sae_id in spec.stats,
+                        abort=tuple(a for a in spec.abort if a.sae == sae_id),
+                        predicting=first + end - 1 - start if samples else -1,
+                        req_index=i,
                     )
                 )
         for layer, rows in rows_by_layer.items():
@@ -250,14 +308,51 @@ class Steerer:
                     s: self.runtimes[self.assets.saes[s].layer].capture
                     for s in {g.sae_id for g in self._observed}
                 }
-                self.observer.collect(self._observed, captures)
+                self._arm_aborts(self.observer.collect(self._observed, captures))
         finally:
             self.disarm()
+
+    def _arm_aborts(self, hits: list) -> None:
+        """abort_when fired: the sampled token of these requests becomes their end-of-sequence token, so each
+        ends right there, before the token the crossing residual would have predicted."""
+        batch = self._batch
+        if not hits or batch is None:
+            return
+        eos = batch.eos_token_ids or [None] * len(batch.req_ids)
+        rows = [h.req_index for h in hits if eos[h.req_index] is not None]
+        if len(rows) < len(hits):
+            logger.error("steer_plugin: abort_when fired on a request without an end-of-sequence token")
+        if not rows:
+            return
+        mask = torch.zeros(len(batch.req_ids), dtype=torch.bool)
+        mask[rows] = True
+        tokens = torch.tensor([t if t is not None else 0 for t in eos], dtype=torch.int64)
+        self.abort_rows, self.abort_eos = mask.to(self.device), tokens.to(self.device)
+        self.aborts += len(rows)
+
+    def force_aborts(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits [R, vocab] of this step's sampled rows, with the rows of aborted requests turned into a
+        certain end-of-sequence token (one step only)."""
+        rows, eos = self.abort_rows, self.abort_eos
+        self.abort_rows = self.abort_eos = None
+        if rows is None or logits is None:
+            return logits
+        if logits.shape[0] != rows.shape[0]:  # more than one sampled row per request (speculative decoding)
+            logger.error(
+                "steer_plugin: abort_when skipped: %d logit rows for %d requests",
+                logits.shape[0],
+                rows.shape[0],
+            )
+            return logits
+        forced = torch.full_like(logits, float("-inf"))
+        forced.scatter_(1, eos[:, None], 0.0)
+        return torch.where(rows[:, None], forced, logits)
 
     def disarm(self) -> None:
         """Until the next prepare(), the op steers and captures nothing: forwards that skip preparation
         (warm-up, profile and dummy runs, idle data-parallel ranks) never read this step's rows."""
         self._observed = []
+        self._batch = None
         self.step.disarm()
         for rt in self.runtimes.values():
             rt.capture_rows = None
@@ -320,6 +415,8 @@ class Steerer:
             batch.num_computed,
             self.plan_for,
         )
+        self._batch = batch
+        self.abort_rows = self.abort_eos = None
         self._plan_captures(batch)
         self._prune_plans(batch.req_ids)
         return steered

@@ -36,6 +36,18 @@ class LayerPlan(NamedTuple):
     positions: np.ndarray  # [m] int8 position codes
     last_n: np.ndarray  # [m] int64
     op_codes: np.ndarray  # [m] int8 index into OP_NAMES
+    # `when`: op k applies only where bank row cond_rows[k]'s feature is above (cond_sign 1) / below (-1)
+    # cond_thr[k]; cond_sign 0 (or None): always.
+    cond_rows: np.ndarray | None = None  # [m] int64 (-1: none)
+    cond_thr: np.ndarray | None = None  # [m] float32
+    cond_sign: np.ndarray | None = None  # [m] int8
+
+    def conditions(self, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, thresholds, signs) of the first m ops, zeros where an op has no condition."""
+        if self.cond_sign is None:
+            return np.full(m, -1, np.int64), np.zeros(m, np.float32), np.zeros(m, np.int64)
+        sign = self.cond_sign[:m].astype(np.int64)
+        return np.where(sign != 0, self.cond_rows[:m], -1), self.cond_thr[:m], sign
 
 
 class WorkingSetFull(RuntimeError):
@@ -61,11 +73,17 @@ class LayerTables:
         self.slot_code_host = host((slots, max_ops), torch.int64, NO_OP)  # [S+1, K] position code
         self.slot_last_n_host = host((slots, max_ops), torch.int64)  # [S+1, K]
         self.slot_op_host = host((slots, max_ops), torch.int64, UNUSED_OP_BIN)  # [S+1, K] OP_NAMES index
+        self.slot_cond_col_host = host((slots, max_ops), torch.int64)  # [S+1, K] condition's column
+        self.slot_cond_thr_host = host((slots, max_ops), torch.float32)  # [S+1, K]
+        self.slot_cond_sign_host = host((slots, max_ops), torch.int64)  # [S+1, K] 1 above, -1 below, 0 none
         self.slot_col = device_mirror(self.slot_col_host, device)
         self.slot_coef = device_mirror(self.slot_coef_host, device)
         self.slot_code = device_mirror(self.slot_code_host, device)
         self.slot_last_n = device_mirror(self.slot_last_n_host, device)
         self.slot_op = device_mirror(self.slot_op_host, device)
+        self.slot_cond_col = device_mirror(self.slot_cond_col_host, device)
+        self.slot_cond_thr = device_mirror(self.slot_cond_thr_host, device)
+        self.slot_cond_sign = device_mirror(self.slot_cond_sign_host, device)
         # The working set: device only, rows copied from the bank on the device when a column is taken.
         self.enc = torch.zeros(capacity, d_model, dtype=torch.float32, device=device)  # [C, d]
         self.dec = torch.zeros(capacity, d_model, dtype=bank.dec.dtype, device=device)  # [C, d]
@@ -81,9 +99,9 @@ class LayerTables:
         self._free = list(range(capacity))  # min-heap: low columns first keeps `width` small
         self.width = 0  # columns [0, width) may be live: what the eager op multiplies over
         # Live slots whose plan needs: a feature read (clamp, scale, ablate), a normalised add (bn), a position
-        # rule other than "all"; and live columns whose SAE normalises or centres its input.
-        self._slot_flags = np.zeros((slots, 3), dtype=np.int64)
-        self._flag_counts = np.zeros(3, dtype=np.int64)
+        # rule other than "all", a condition (`when`); and live columns whose SAE normalises or centres its input.
+        self._slot_flags = np.zeros((slots, 4), dtype=np.int64)
+        self._flag_counts = np.zeros(4, dtype=np.int64)
         self._norm_columns = 0
 
     # --- writes when a slot changes hands ------------------------------------------------------------------
@@ -98,7 +116,11 @@ class LayerTables:
         are free, every one of these slots is left empty and WorkingSetFull is raised."""
         slots_np = np.asarray(slots, dtype=np.int64)
         code_h, col_h = self.slot_code_host.numpy(), self.slot_col_host.numpy()
-        self._unref_many(col_h[slots_np][code_h[slots_np] != NO_OP])
+        live_h = code_h[slots_np] != NO_OP
+        cond_live = live_h & (self.slot_cond_sign_host.numpy()[slots_np] != 0)
+        self._unref_many(
+            np.concatenate([col_h[slots_np][live_h], self.slot_cond_col_host.numpy()[slots_np][cond_live]])
+        )
         if all(plan is None for plan in plans):  # slots handed back: just empty their rows
             self._write_tables(slots_np, [0] * len(plans), plans, np.zeros(0, np.int64))
             return
@@ -111,7 +133,13 @@ class LayerTables:
             )
             sizes = [min(m, self.max_ops) for m in sizes]
         used = [(plan, m) for plan, m in zip(plans, sizes) if m]
-        rows = np.concatenate([plan.bank_rows[:m] for plan, m in used]) if used else np.zeros(0, np.int64)
+        # Each plan's op rows, then the rows its conditions read (they need a working-set column too).
+        parts = []
+        for plan, m in used:
+            parts.append(plan.bank_rows[:m])
+            cond_rows = plan.conditions(m)[0]
+            parts.append(cond_rows[cond_rows >= 0])
+        rows = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
         unique_rows, first = np.unique(rows, return_index=True)
         # New rows take columns in plan order, so each request's columns stay together (the eager op can then
         # multiply per block of requests over their own columns).
@@ -148,25 +176,35 @@ class LayerTables:
         code = np.full((n, k), NO_OP, np.int64)
         last_n = np.zeros((n, k), np.int64)
         op = np.full((n, k), UNUSED_OP_BIN, np.int64)
+        cond_col = np.zeros((n, k), np.int64)
+        cond_thr = np.zeros((n, k), np.float32)
+        cond_sign = np.zeros((n, k), np.int64)
         if not fail:
             start = 0
             for i, (plan, m) in enumerate(zip(plans, sizes)):
                 if m:
                     col[i, :m] = cols[start : start + m]
+                    start += m
                     coef[i, :m] = plan.coef[:m]
                     code[i, :m] = plan.positions[:m]
                     last_n[i, :m] = plan.last_n[:m]
                     op[i, :m] = plan.op_codes[:m]
-                    start += m
+                    cond_rows, thr, sign = plan.conditions(m)
+                    has = cond_rows >= 0
+                    cond_col[i, :m][has] = cols[start : start + int(has.sum())]
+                    start += int(has.sum())
+                    cond_thr[i, :m] = thr
+                    cond_sign[i, :m] = np.where(has, sign, 0)
         live = code != NO_OP
         flags = np.stack(
             [
                 (live & (coef[..., 0] != 0)).any(1),
                 (live & (coef[..., 2] != 0)).any(1),
                 (live & (code != POSITION_CODES["all"])).any(1),
+                (live & (cond_sign != 0)).any(1),
             ],
             axis=1,
-        ).astype(np.int64)  # [n, 3]
+        ).astype(np.int64)  # [n, 4]
         self._flag_counts += flags.sum(0) - self._slot_flags[slots].sum(0)
         self._slot_flags[slots] = flags
         tables = (
@@ -175,6 +213,9 @@ class LayerTables:
             (self.slot_code, self.slot_code_host, code),
             (self.slot_last_n, self.slot_last_n_host, last_n),
             (self.slot_op, self.slot_op_host, op),
+            (self.slot_cond_col, self.slot_cond_col_host, cond_col),
+            (self.slot_cond_thr, self.slot_cond_thr_host, cond_thr),
+            (self.slot_cond_sign, self.slot_cond_sign_host, cond_sign),
         )
         for dev, host, values in tables:
             host.numpy()[slots] = values
@@ -203,8 +244,8 @@ class LayerTables:
     @property
     def terms(self) -> DeltaTerms:
         """The formula's parts that some live slot needs (the eager op skips the rest)."""
-        reads, bn, _ = self._flag_counts.tolist()
-        return DeltaTerms(read=reads > 0, norm=self._norm_columns > 0, bn=bn > 0)
+        reads, bn, _, cond = self._flag_counts.tolist()
+        return DeltaTerms(read=reads > 0, norm=self._norm_columns > 0, bn=bn > 0, cond=cond > 0)
 
     @property
     def position_rules(self) -> bool:
@@ -215,5 +256,14 @@ class LayerTables:
         return dict(zip(OP_NAMES, self.op_counts.tolist()[: len(OP_NAMES)]))
 
     def nbytes(self) -> int:
-        tensors = (self.slot_col, self.slot_coef, self.slot_code, self.slot_last_n, self.slot_op)
+        tensors = (
+            self.slot_col,
+            self.slot_coef,
+            self.slot_code,
+            self.slot_last_n,
+            self.slot_op,
+            self.slot_cond_col,
+            self.slot_cond_thr,
+            self.slot_cond_sign,
+        )
         return sum(t.numel() * t.element_size() for t in (*tensors, self.enc, self.dec, self.params))

@@ -56,12 +56,19 @@ def steerer(sae_dir, tmp_path, monkeypatch):
         {
             "saes": [{"id": "s", "path": str(sae_dir)}],
             "vectors": [{"id": "v", "path": str(sae_dir / "vec.safetensors"), "layer": LAYER}],
+            "policy": {"allow_inline_vectors": True, "max_inline_vectors": 2},
         }
     )
     st = Steerer(config, range(4), torch.device("cpu"), torch.float32, MAX_TOKENS, D, max_seqs=MAX_SEQS)
     st.activate()
     yield st
     steer_op.LAYERS.clear()
+
+
+def random_condition(rng: random.Random) -> dict | None:
+    if rng.random() < 0.5:
+        return None
+    return {"sae": "s", "index": rng.randrange(D_SAE), rng.choice(["above", "below"]): rng.uniform(0, 0.6)}
 
 
 def random_steering(rng: random.Random) -> dict:
@@ -72,8 +79,18 @@ def random_steering(rng: random.Random) -> dict:
         if kind != "ablate":
             feature["value"] = rng.uniform(-3, 3)
         feature["positions"] = rng.choice(["all", "prompt", "generation", {"last_prompt_tokens": 2}])
+        feature["when"] = random_condition(rng)
         features.append(feature)
-    vectors = [{"name": "v", "scale": rng.uniform(-2, 2)}] if rng.random() < 0.5 else []
+    vectors = (
+        [{"name": "v", "scale": rng.uniform(-2, 2), "when": random_condition(rng)}]
+        if rng.random() < 0.5
+        else []
+    )
+    if rng.random() < 0.4:  # an inline vector: a scratch row of the bank for as long as the request runs
+        values = [rng.uniform(-1, 1) for _ in range(D)]
+        vectors.append(
+            {"values": values, "layer": LAYER, "scale": rng.uniform(-2, 2), "when": random_condition(rng)}
+        )
     return {"features": features, "vectors": vectors}
 
 
@@ -278,3 +295,160 @@ def test_a_request_beyond_the_working_set_runs_unsteered_and_is_counted(sae_dir,
         assert st.stats()["rejected_messages"] == {"capacity": 1}
     finally:
         steer_op.LAYERS.clear()
+
+
+def _relu_feature(sae_dir: Path, x: torch.Tensor, index: int) -> torch.Tensor:
+    """f_i(x) of the test's standard (ReLU) SAE, written out from its file: relu(x · W_enc[:, i] + b_enc[i])."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(sae_dir / "sae_weights.safetensors"))
+    return torch.relu(x.float() @ w["W_enc"][:, index] + w["b_enc"][index])
+
+
+def test_conditional_ops_and_inline_vectors_match_the_written_out_formula(steerer, sae_dir, monkeypatch):
+    """`when`: "clamp B to 2 where A > t" and "add an inline vector u where A < t", read per token from the
+    same x; both paths (eager and the fixed-shape capture path) against the formula."""
+    from safetensors.torch import load_file
+
+    w_dec = load_file(str(sae_dir / "sae_weights.safetensors"))["W_dec"]
+    g = torch.Generator().manual_seed(7)
+    hidden, residual = torch.randn(8, D, generator=g), torch.randn(8, D, generator=g)
+    x = hidden + residual
+    a, b = 3, 11
+    f_a = _relu_feature(sae_dir, x, a)
+    ranked = f_a[:6].sort().values
+    threshold = float(ranked[2:4].mean())  # between two tokens' values: no token sits on the boundary
+    holds = f_a > threshold
+    assert 0 < int(holds[:6].sum()) < 6  # the condition holds on some of the steered tokens, not all
+    u = torch.randn(D, generator=g)
+    spec = {
+        "features": [
+            {
+                "sae": "s",
+                "index": b,
+                "op": "clamp",
+                "value": 2.0,
+                "when": {"sae": "s", "index": a, "above": threshold},
+            }
+        ],
+        "vectors": [
+            {
+                "values": u.tolist(),
+                "layer": LAYER,
+                "scale": 1.5,
+                "when": {"sae": "s", "index": a, "below": threshold},
+            }
+        ],
+    }
+    wire = encode_wire(resolve_spec(parse_spec(spec), steerer.assets.catalog()))
+    view = BatchView(["a", "b"], np.array([0, 6, 8]), np.array([0, 0]), np.array([6, 2]), [wire, None])
+    steerer.prepare(view)
+    f_b = _relu_feature(sae_dir, x, b)
+    expected = residual.clone()
+    for t in range(6):
+        if holds[t]:
+            expected[t] += (2.0 - f_b[t]) * w_dec[b]
+        elif f_a[t] < threshold:
+            expected[t] += 1.5 * u
+    for capturing in (False, True):
+        out, _ = run_op(hidden, residual, capturing, monkeypatch)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[6:], residual[6:])
+    assert steerer.tables[LAYER].counts_by_op()["clamp"] == 2 * int(holds[:6].sum())
+
+
+def test_inline_vector_rows_are_freed_and_never_leak_into_the_next_request(steerer, monkeypatch):
+    catalog = steerer.assets.catalog()
+    g = torch.Generator().manual_seed(3)
+    u1, u2 = torch.randn(D, generator=g), torch.randn(D, generator=g)
+
+    def wire(u):
+        return encode_wire(
+            resolve_spec(parse_spec({"vectors": [{"values": u.tolist(), "layer": LAYER}]}), catalog)
+        )
+
+    bank = steerer.banks[LAYER]
+    free_before = len(bank._free_scratch)
+    for req, u in (("first", u1), ("second", u2)):  # "first" leaves; "second" gets the freed row
+        steerer.prepare(BatchView([req], np.array([0, 1]), np.array([4]), np.array([3]), [wire(u)]))
+        assert len(bank._free_scratch) == free_before - 1
+        residual = torch.randn(1, D)
+        out, _ = run_op(torch.zeros(1, D), residual, False, monkeypatch)
+        torch.testing.assert_close(out[0], residual[0] + u)
+        steerer.after_forward()
+    # "first" comes back (preempted, resumed) while "second" holds the row its old plan named: its plan is
+    # made afresh, so each request adds its own vector.
+    both = BatchView(
+        ["second", "first"], np.array([0, 1, 2]), np.array([5, 4]), np.array([3, 3]), [wire(u2), wire(u1)]
+    )
+    steerer.prepare(both)
+    residual = torch.randn(2, D)
+    out, _ = run_op(torch.zeros(2, D), residual, False, monkeypatch)
+    torch.testing.assert_close(out, residual + torch.stack([u2, u1]))
+    steerer.after_forward()
+    steerer.prepare(BatchView(["x"], np.array([0, 1]), np.array([4]), np.array([3]), [None]))
+    assert len(bank._free_scratch) == free_before
+
+
+def test_every_running_request_fits_its_most_inline_vectors(steerer, monkeypatch):
+    """Scratch rows are sized max_num_seqs x policy.max_inline_vectors: a full batch, each request at the
+    limit, is steered with its own vectors; when they leave, every row is free again."""
+    catalog = steerer.assets.catalog()
+    bank = steerer.banks[LAYER]
+    n = MAX_SEQS
+    vectors = torch.randn(n, 2, D, generator=torch.Generator().manual_seed(4))
+    wires = [
+        encode_wire(
+            resolve_spec(
+                parse_spec({"vectors": [{"values": v.tolist(), "layer": LAYER} for v in vectors[i]]}), catalog
+            )
+        )
+        for i in range(n)
+    ]
+    view = BatchView([f"q{i}" for i in range(n)], np.arange(n + 1), np.full(n, 4), np.full(n, 3), wires)
+    assert steerer.prepare(view) == n and not bank._free_scratch
+    residual = torch.randn(n, D)
+    out, _ = run_op(torch.zeros(n, D), residual, False, monkeypatch)
+    torch.testing.assert_close(out, residual + vectors.sum(1), rtol=1e-5, atol=1e-5)
+    steerer.after_forward()
+    steerer.prepare(BatchView(["x"], np.array([0, 1]), np.array([4]), np.array([3]), [None]))
+    assert len(bank._free_scratch) == 2 * n and steerer.stats()["rejected_messages"] == {}
+
+
+def test_abort_when_forces_the_end_of_sequence_token_of_that_request_only(steerer, sae_dir, monkeypatch):
+    """The worker reads the abort feature on the residual that predicts the next token (the observed, steered
+    residual) and turns that request's logits into a certain EOS; other rows are untouched."""
+    from steer_plugin.spec import AbortSpec
+
+    g = torch.Generator().manual_seed(5)
+    hidden, residual = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
+    index = 4
+    value = float(_relu_feature(sae_dir, (hidden + residual)[0:1], index)[0])  # row 0 predicts a's next token
+    cids = []
+    for bound in (value - 0.01, value + 0.01):  # fires / does not fire
+        cid = f"{len(cids):032x}"
+        channel.create(cid)
+        cids.append(cid)
+        spec = ObserveSpec(cid, ["s"], 1, False, abort=[AbortSpec("s", index, bound, 1)])
+        view = BatchView(
+            ["a", "b"],
+            np.array([0, 1, 3]),
+            np.array([5, 0]),
+            np.array([4, 2]),
+            [None, None],
+            [spec.encode(), None],
+            eos_token_ids=[7, 9],
+        )
+        steerer.prepare(view)
+        run_op(hidden, residual, False, monkeypatch)
+        steerer.after_forward()
+        logits = torch.randn(2, 12, generator=g)
+        forced = steerer.force_aborts(logits.clone())
+        if bound < value:
+            assert forced[0].argmax() == 7 and torch.isinf(forced[0]).sum() == 11
+            record = [r for r in channel.ChannelReader(cid).read_new() if "abort" in r]
+            assert record and record[0]["abort"][0] == index and record[0]["pos"] == 5
+        else:
+            assert torch.equal(forced[0], logits[0])
+        assert torch.equal(forced[1], logits[1])
+        assert steerer.force_aborts(logits.clone()).equal(logits)  # one step only
