@@ -34,7 +34,7 @@ def demo_assets():
 
 @pytest.fixture(scope="session")
 def steer_config_path(demo_assets, tmp_path_factory) -> str:
-    """The demo SAE, plus a fixed random unit vector at another layer."""
+    """The demo SAE, plus a fixed random unit vector at another layer; inline vectors allowed."""
     from safetensors.torch import save_file
 
     folder = tmp_path_factory.mktemp("steer-config")
@@ -43,6 +43,7 @@ def steer_config_path(demo_assets, tmp_path_factory) -> str:
     config = {
         "saes": [{"id": "demo", "path": str(demo_assets.sae_dir)}],
         "vectors": [{"id": "unit", "path": str(folder / "unit.safetensors"), "layer": VECTOR_LAYER}],
+        "policy": {"allow_inline_vectors": True},
     }
     path = folder / "steer.json"
     path.write_text(json.dumps(config))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import PROMPTS, resolve, sampling, token_prompt
+from .conftest import PROMPTS, VECTOR_LAYER, resolve, sampling, token_prompt
 
 pytestmark = pytest.mark.engine
 
@@ -59,6 +59,28 @@ def cases(active) -> dict[str, dict]:
             ]
         },
         "vector": {"vectors": [{"name": "unit", "scale": 30.0}]},
+        # An inline vector (another direction than the configured one, at the same layer).
+        "inline_vector": {"vectors": [{"values": inline_direction(), "layer": VECTOR_LAYER, "scale": 30.0}]},
+        # `when`, per token: on the last prompt token i1 is active (above f1 / 2), so the first clamp applies
+        # there and the second does not; on other tokens either may hold.
+        "conditional": {
+            "features": [
+                {
+                    "sae": "demo",
+                    "index": i0,
+                    "op": "clamp",
+                    "value": 4 * f0 + 4,
+                    "when": {"sae": "demo", "index": i1, "above": f1 / 2},
+                },
+                {
+                    "sae": "demo",
+                    "index": i2,
+                    "op": "clamp",
+                    "value": 30.0,
+                    "when": {"sae": "demo", "index": i1, "below": f1 / 2},
+                },
+            ]
+        },
         "last_prompt_tokens": {
             "features": [
                 {
@@ -78,6 +100,11 @@ def cases(active) -> dict[str, dict]:
             "vectors": [{"name": "unit", "scale": 0.3, "normalize": True}],
         },
     }
+
+
+def inline_direction() -> list[float]:
+    vec = torch.randn(576, generator=torch.Generator().manual_seed(1))
+    return (vec / vec.norm()).tolist()
 
 
 def vllm_logprobs(llm, assets, ids, steering) -> dict[int, float]:
@@ -110,6 +137,8 @@ def check_against_reference(llm, hf, assets, prompt_ids, steering) -> float:
         "scale",
         "ablate",
         "vector",
+        "inline_vector",
+        "conditional",
         "last_prompt_tokens",
         "prompt_only_mixed",
     ],
@@ -198,7 +227,7 @@ def test_clamp_sets_feature_and_keeps_reconstruction_error(eager_llm, assets, sa
     assert ((x_steered - x - expected_delta).abs() <= atol).all()
 
 
-@pytest.mark.parametrize("case", ["clamp", "vector", "prompt_only_mixed"])
+@pytest.mark.parametrize("case", ["clamp", "vector", "inline_vector", "conditional", "prompt_only_mixed"])
 def test_first_token_logprobs_match_reference_compiled(compiled_llm, hf, assets, prompt_ids, active, case):
     check_against_reference(compiled_llm, hf, assets, prompt_ids, cases(active)[case])
 
