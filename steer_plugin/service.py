@@ -462,10 +462,9 @@ class Observation:
 
     def finish(self, response_id: str | None, model: str | None) -> None:
         """Write the monitoring line and watchlist counts; drop the side-channel file."""
-        self._pull()
+        abort = self.abort()  # (reads what is left first)
         self.reader.remove()
         config = self.service.config.monitoring
-        abort = self.abort()
         if abort is not None:  # every stopped request is counted and logged, sampled or not
             metrics.ABORTED_REQUESTS.labels(sae=abort["sae"]).inc()
             monitor_log.write(

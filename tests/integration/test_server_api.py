@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -15,7 +16,7 @@ from .conftest import VECTOR_LAYER, running_server, write_monitored_config
 
 pytestmark = pytest.mark.server
 
-PORT = 18765
+PORT = 18765 + int(os.environ.get("STEER_TEST_PORT_OFFSET", "0"))  # offset: parallel checkouts
 BASE = f"http://127.0.0.1:{PORT}"
 WATCHED = 100  # watchlist feature (the tests clamp it so that it fires)
 DENIED = 666  # policy-denied feature
@@ -24,7 +25,16 @@ DENIED = 666  # policy-denied feature
 @pytest.fixture(scope="module")
 def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("server")
-    path = write_monitored_config(steer_config_path, folder, WATCHED, DENIED, max_abs_value=500.0)
+    path = write_monitored_config(
+        steer_config_path,
+        folder,
+        WATCHED,
+        DENIED,
+        max_abs_value=500.0,
+        allow_inline_vectors=True,
+        max_inline_vectors=2,
+        max_inline_norm=100.0,
+    )
     return {"path": path, "monitor": folder / "monitor.jsonl"}
 
 
@@ -467,8 +477,207 @@ def test_monitoring_log_lines(server, client, server_config):
         "steered",
         "top_features",
         "watchlist",
+        "abort",
     }
+    assert record["abort"] is None
     assert record["sae"] == "demo" and record["num_tokens"] == 5 and record["steered"] is True
     assert len(record["top_features"]) == 4
     assert set(record["top_features"][0]) == {"index", "max_activation", "tokens", "label"}
     assert record["watchlist"][0]["index"] == WATCHED and record["watchlist"][0]["tokens"] >= 4
+
+
+# --- inline vectors, conditional operations, abort_when -----------------------------------------------------
+
+
+def _unit_vector(steer_config_path: str) -> torch.Tensor:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(steer_config_path).parent / "unit.safetensors"))["direction"]
+
+
+def test_inline_vector_equals_the_same_vector_configured(server, steer_config_path):
+    """The configured `unit` vector sent inline (as numbers and as base64 float32) steers exactly alike."""
+    import base64
+
+    vec = _unit_vector(steer_config_path)
+    body = {
+        "model": "demo",
+        "messages": MESSAGES,
+        "max_tokens": 10,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    common = {"scale": 0.8, "normalize": True}
+    configured = _chat({**body, "steering": {"vectors": [{"name": "unit", **common}]}})
+    as_values = _chat(
+        {**body, "steering": {"vectors": [{"values": vec.tolist(), "layer": VECTOR_LAYER, **common}]}}
+    )
+    b64 = base64.b64encode(vec.numpy().astype("<f4").tobytes()).decode()
+    as_base64 = _chat({**body, "steering": {"vectors": [{"base64": b64, "layer": VECTOR_LAYER, **common}]}})
+    plain = _chat(body)
+    text = configured["choices"][0]["message"]["content"]
+    assert text != plain["choices"][0]["message"]["content"]
+    for inline in (as_values, as_base64):
+        choice = inline["choices"][0]
+        assert choice["message"]["content"] == text
+        assert choice["logprobs"] == configured["choices"][0]["logprobs"]
+        assert choice["steering"]["applied"] == [
+            {"op": "vector", "layer": VECTOR_LAYER, "positions": "all", "vector": None, "inline": True}
+        ]
+
+
+@pytest.mark.parametrize(
+    ("vector", "status", "param"),
+    [
+        ({"values": [0.1] * 575, "layer": VECTOR_LAYER}, 400, "steering.vectors[0].values"),
+        ({"values": [0.1] * 576, "layer": 3}, 400, "steering.vectors[0].layer"),
+        ({"values": [5.0] * 576, "layer": VECTOR_LAYER}, 400, "steering.vectors[0].values"),  # norm 120 > 100
+        ({"base64": "%%%", "layer": VECTOR_LAYER}, 400, "steering.vectors[0].base64"),
+        ({"values": [0.1] * 576}, 400, "steering.vectors[0]"),
+        ({"values": ["a"] * 576, "layer": VECTOR_LAYER}, 400, "steering.vectors[0].values[0]"),
+    ],
+)
+def test_inline_vector_errors_name_the_field(server, vector, status, param):
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 2, "steering": {"vectors": [vector]}}
+    reply = requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["param"] == param
+    three = {"vectors": [{"values": [0.1] * 576, "layer": VECTOR_LAYER}] * 3}  # max_inline_vectors is 2
+    reply = requests.post(f"{BASE}/v1/chat/completions", json={**body, "steering": three}, timeout=60)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "steering.vectors"
+
+
+def _prompt_reads(ids: list[int], steering: dict, traced: list[dict]) -> list[list[float]]:
+    """Traced activations on every prompt token of a one-token completion with `steering`."""
+    body = {
+        "model": "demo",
+        "prompt": ids,
+        "max_tokens": 1,
+        "temperature": 0,
+        "steering": {**steering, "inspect": {"top_k": 1, "prompt": True, "features": traced}},
+    }
+    reply = requests.post(f"{BASE}/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["steering"]["prompt_traced"]
+
+
+def test_conditional_clamp_changes_exactly_the_tokens_where_the_condition_holds(
+    server, hf, assets, sae_layer, demo_assets
+):
+    """ "When the bridge feature A > t, clamp feature B to 40", on the prompt: B (read after steering) changes on
+    exactly the tokens where the HF reference says A > t, and nowhere else."""
+    from steer_adapters.hf.reference import feature_value
+
+    from steer_plugin.demo.concept import concept_feature
+
+    a, b = concept_feature(demo_assets).index, WATCHED
+    text = (
+        "We walked across the Golden Gate Bridge, then took a ferry under the Bay Bridge to Oakland and back."
+    )
+    ids = hf.tokenizer(text)["input_ids"]
+    x = hf.residual_after(sae_layer, ids)  # [T, d] unsteered: A at layer L is read before any edit there
+    sae = assets.saes["demo"].sae
+    f_a = [feature_value(sae, x[t], a)[0] for t in range(len(ids))]
+    positive = sorted(v for v in f_a[1:] if v > 0)
+    assert len(positive) >= 2, f_a
+    threshold = positive[len(positive) // 2] * 0.999  # the median token and those above it hold
+    traced = [{"sae": "demo", "index": b}]
+    plain = _prompt_reads(ids, {}, traced)
+    clamp = {"sae": "demo", "index": b, "op": "clamp", "value": 40.0, "positions": "prompt"}
+    steered = _prompt_reads(
+        ids, {"features": [{**clamp, "when": {"sae": "demo", "index": a, "above": threshold}}]}, traced
+    )
+    checked = holds_count = 0
+    for t in range(1, len(ids)):  # position 0: the attention sink
+        if abs(f_a[t] - threshold) < 0.02 * threshold:
+            continue  # fp32 kernels differ from HF in the last bits: too close to call
+        holds = f_a[t] > threshold
+        changed = abs(steered[t][0] - plain[t][0]) > 1e-3
+        assert changed == holds, (t, f_a[t], threshold, plain[t][0], steered[t][0])
+        checked += 1
+        holds_count += holds
+    assert checked >= 10 and 1 <= holds_count < checked
+
+
+def test_abort_when_stops_at_the_token_where_the_feature_crosses(server, client, demo_assets, server_config):
+    """Greedy answer about bridges: the same request with abort_when on the bridge feature ends with
+    finish_reason "abort_when" exactly before the first token whose predicting residual reads the feature
+    above the threshold (found from the unaborted answer's traced values), streaming and not."""
+    from steer_plugin.demo.concept import concept_feature
+
+    concept = concept_feature(demo_assets).index
+    messages = [{"role": "user", "content": "Tell me about the Golden Gate Bridge."}]
+    body = {"model": "demo", "messages": messages, "max_tokens": 40, "temperature": 0}
+    full = _chat(
+        {
+            **body,
+            "logprobs": True,
+            "steering": {"inspect": {"top_k": 1, "features": [{"sae": "demo", "index": concept}]}},
+        }
+    )
+    values = [v[0] for v in full["choices"][0]["steering"]["traced"]]
+    tokens = [t["token"] for t in full["choices"][0]["logprobs"]["content"]]
+    threshold = 2.0
+    crossing = next(
+        k for k, v in enumerate(values) if v > threshold
+    )  # token k is predicted by a crossing residual
+    assert crossing >= 2, values  # the answer starts before the concept fires
+    before = metric("steer_aborted_requests_total", sae="demo")
+    abort = {"abort_when": [{"sae": "demo", "index": concept, "above": threshold}]}
+    stopped = _chat({**body, "logprobs": True, "steering": abort})
+    choice = stopped["choices"][0]
+    assert choice["finish_reason"] == "abort_when"
+    kept = [t["token"] for t in choice["logprobs"]["content"]]
+    assert kept[:crossing] == tokens[:crossing] and len(kept) <= crossing + 1  # + the forced end token
+    info = choice["steering"]["abort"]
+    assert (info["sae"], info["index"], info["above"], info["token"]) == (
+        "demo",
+        concept,
+        threshold,
+        crossing,
+    )
+    assert info["activation"] == pytest.approx(values[crossing], rel=1e-3)
+    assert choice["message"]["content"].strip() == "".join(tokens[:crossing]).strip()
+    # Streaming, through the OpenAI SDK: the same text, the same finish reason.
+    chunks = list(client.chat.completions.create(**body, stream=True, extra_body={"steering": abort}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == choice["message"]["content"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "abort_when"
+    ]
+    deadline = time.time() + 10  # counted and logged when the response closes
+    while time.time() < deadline and metric("steer_aborted_requests_total", sae="demo") < before + 2:
+        time.sleep(0.2)
+    assert metric("steer_aborted_requests_total", sae="demo") == before + 2
+    lines = [json.loads(line) for line in server_config["monitor"].read_text().splitlines()]
+    events = [r for r in lines if r.get("event") == "abort" and r["request_id"] == stopped["id"]]
+    assert events and events[0]["abort"]["token"] == crossing
+    # Not crossing: the request runs to its length as usual.
+    calm = _chat(
+        {
+            **body,
+            "max_tokens": 8,
+            "steering": {"abort_when": [{"sae": "demo", "index": concept, "above": 1e4}]},
+        }
+    )
+    assert calm["choices"][0]["finish_reason"] == "length" and "abort" not in calm["choices"][0]["steering"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"ignore_eos": True}, "ignore_eos"),
+        ({"min_tokens": 3}, "min_tokens"),
+        ({"n": 2}, "steering.abort_when"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_abort_when_refuses_what_would_keep_it_from_stopping(server, extra, param):
+    abort = {"abort_when": [{"sae": "demo", "index": 1, "above": 1.0}]}
+    body = {"model": "demo", "messages": MESSAGES, "max_tokens": 2, "steering": abort, **extra}
+    reply = requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
