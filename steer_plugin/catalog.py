@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from steer_plugin.config import ConfigError, SAESource, SteerConfig, VectorSource
+from steer_plugin.labels.neuronpedia import Explanation, load_explanations
 from steer_plugin.sae.model import SparseAutoencoder
 from steer_plugin.spec import Catalog, SAEInfo, VectorInfo
 
@@ -21,7 +22,8 @@ class LoadedSAE(NamedTuple):
     layer: int
     labels: dict[int, str]
     neuronpedia_id: str | None
-    max_activations: dict[int, float] = {}  # from the labels file, when it records them
+    max_activations: dict[int, float] = {}  # from the labels file (else the explanations), when recorded
+    explanations: dict[int, tuple[Explanation, ...]] = {}  # from `explanations` (Neuronpedia exports)
 
 
 class LoadedVector(NamedTuple):
@@ -67,14 +69,22 @@ def load_labels(path: str | os.PathLike) -> tuple[dict[int, str], dict[int, floa
         raise ConfigError(f"cannot read labels file {path}: {err}") from None
     if isinstance(data, dict) and "features" in data:
         data = data["features"]
+    if not isinstance(data, (list, dict)):
+        raise ConfigError(f"labels file {path} must hold an object or a list, got {type(data).__name__}")
     items = enumerate(data) if isinstance(data, list) else data.items()
     labels, maxima = {}, {}
     for key, value in items:
+        if isinstance(data, list) and isinstance(value, dict) and "index" in value:
+            key = value["index"]  # a list of feature records names each one's index
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"labels file {path}: feature index {key!r} is not an integer") from None
         label = value.get("label") if isinstance(value, dict) else value
         if isinstance(label, str) and label:
-            labels[int(key)] = label
+            labels[index] = label
         if isinstance(value, dict) and isinstance(value.get("max_act"), (int, float)):
-            maxima[int(key)] = float(value["max_act"])
+            maxima[index] = float(value["max_act"])
     return labels, maxima
 
 
@@ -130,8 +140,11 @@ def load_vector(source: VectorSource, index: int) -> torch.Tensor:
     return vec
 
 
-def load_assets(config: SteerConfig, d_model: int | None = None, layers: range | None = None) -> LoadedAssets:
-    """Load every configured SAE and vector on the CPU (only those on `layers` when given)."""
+def load_assets(
+    config: SteerConfig, d_model: int | None = None, layers: range | None = None, explanations: bool = True
+) -> LoadedAssets:
+    """Load every configured SAE and vector on the CPU (only those on `layers` when given); the SAEs'
+    explanation files unless `explanations` is False (workers do not serve them)."""
     saes: dict[str, LoadedSAE] = {}
     for i, source in enumerate(config.saes):
         from steer_plugin.sae.loading import load_sae
@@ -152,7 +165,17 @@ def load_assets(config: SteerConfig, d_model: int | None = None, layers: range |
         )
         labels, maxima = load_labels(labels_path) if os.path.exists(labels_path) else ({}, {})
         neuronpedia_id = source.neuronpedia_id or sae.metadata.neuronpedia_id
-        saes[source.id] = LoadedSAE(source.id, sae, layer, labels, neuronpedia_id, maxima)
+        explained = {}
+        if source.explanations and explanations:
+            loaded = load_explanations(
+                source.explanations,
+                key=f"saes[{i}].explanations ({source.id})",
+                d_sae=sae.d_sae,
+                neuronpedia_id=neuronpedia_id,
+            )
+            explained = loaded.by_index
+            maxima = loaded.max_activations | maxima
+        saes[source.id] = LoadedSAE(source.id, sae, layer, labels, neuronpedia_id, maxima, explained)
     vectors: dict[str, LoadedVector] = {}
     for i, source in enumerate(config.vectors):
         vec = load_vector(source, i)

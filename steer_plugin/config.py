@@ -37,6 +37,10 @@ class SAESource(_Strict):
     """Decoder layer whose output the SAE reads; taken from the SAE's own config (hook name) when unset."""
     labels: str | None = None
     """Labels JSON (index -> label); `labels.json` next to the SAE is used when present."""
+    explanations: str | None = None
+    """Neuronpedia explanation export: a .json/.jsonl/.json.gz/.jsonl.gz file, or a folder of them (the bulk
+    export's `explanations/batch-N.jsonl.gz`, or `/api/feature/...` answers). Searched beside the labels; see
+    steer_plugin.labels.neuronpedia."""
     neuronpedia_id: str | None = None
     """`model/source` prefix of Neuronpedia feature ids; from the SAE's config when unset."""
     options: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -239,6 +243,8 @@ def parse_config(data: dict, source: str = "<dict>") -> SteerConfig:
     for sae in config.saes:
         if sae.labels and not os.path.isabs(sae.labels):
             sae.labels = str((base / sae.labels).resolve())
+        if sae.explanations and not os.path.isabs(sae.explanations):
+            sae.explanations = str((base / sae.explanations).resolve())
     if config.monitoring.path and not os.path.isabs(config.monitoring.path):
         config.monitoring.path = str((base / config.monitoring.path).resolve())
     return config

@@ -19,6 +19,7 @@ from steer_plugin import metrics
 from steer_plugin.body import lax_int, prompt_count, refuse_reserved_keys
 from steer_plugin.catalog import LoadedAssets, load_assets
 from steer_plugin.config import SteerConfig
+from steer_plugin.labels.search import SAETexts, SearchIndex
 from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
 from steer_plugin.spec import (
@@ -70,6 +71,7 @@ class SteeringService:
         self.config = config
         self.assets = assets or load_assets(config)
         self.catalog = self.assets.catalog()
+        self._search: SearchIndex | None = None  # built on the first feature search
 
     def rewrite_request(self, body: dict, observable: bool = True) -> RewrittenRequest:
         """Move a valid `steering` field into vllm_xargs; raise SpecError (400/403) naming the bad field.
@@ -337,6 +339,7 @@ class SteeringService:
                     "format": meta.format,
                     "neuronpedia_id": s.neuronpedia_id,
                     "num_labels": len(s.labels),
+                    "num_explained": len(s.explanations),
                 }
             )
         vectors = [
@@ -344,23 +347,37 @@ class SteeringService:
         ]
         return {"object": "list", "data": data, "vectors": vectors}
 
-    def search_features(self, sae: str | None, query: str | None, limit: int = 20) -> dict:
+    def search_features(
+        self, sae: str | None, query: str | None, limit: int = 20, index: int | None = None
+    ) -> dict:
+        """Features whose label or explanations match `query`, best match first (steer_plugin.labels.search);
+        with `index` (and `sae`), that one feature whatever its texts."""
         if sae is not None and sae not in self.assets.saes:
             raise SpecError("sae", f"unknown SAE {sae!r}; loaded: {sorted(self.assets.saes)}", status=404)
         if not 1 <= limit <= 1000:
             raise SpecError("limit", "must be between 1 and 1000")
-        needle = (query or "").strip().lower()
-        hits = []
-        for s in self.assets.saes.values():
-            if sae is not None and s.id != sae:
-                continue
-            for index, label in sorted(s.labels.items()):
-                if needle in label.lower():
-                    hits.append(
-                        {"sae": s.id, "index": index, "label": label, "exact": label.lower() == needle}
-                    )
-        hits.sort(key=lambda h: (not h["exact"], len(h["label"]), h["sae"], h["index"]))
-        return {"object": "list", "data": hits[:limit], "total": len(hits)}
+        if index is not None:
+            if sae is None:
+                raise SpecError("index", "give `sae` with `index`")
+            loaded = self.assets.saes[sae]
+            if not 0 <= index < loaded.sae.d_sae:
+                raise SpecError(
+                    "index", f"out of range: SAE {sae!r} has {loaded.sae.d_sae} features", status=404
+                )
+            item = {
+                "sae": sae,
+                "index": index,
+                "label": loaded.labels.get(index),
+                "explanations": [e.to_json() for e in loaded.explanations.get(index, ())],
+                "max_activation": loaded.max_activations.get(index),
+            }
+            return {"object": "list", "data": [item], "total": 1}
+        if self._search is None:
+            self._search = SearchIndex(
+                SAETexts(s.id, s.labels, s.explanations, s.max_activations) for s in self.assets.saes.values()
+            )
+        hits = self._search.search(query or "", sae)
+        return {"object": "list", "data": [h.to_json() for h in hits[:limit]], "total": len(hits)}
 
 
 def error_body(err: SpecError) -> bytes:

@@ -6,7 +6,7 @@
   `steering` operations apply; `inspect` is refused (their responses have no per-token slots).
 - Every other POST: the plugin's reserved `vllm_xargs` keys are refused with a 400 (the engine drops any
   message not signed by this middleware anyway, see steer_plugin/signing.py).
-- GET /v1/steering/saes, GET /v1/steering/features?sae=&q=, POST /v1/steering/inspect: discovery.
+- GET /v1/steering/saes, GET /v1/steering/features?sae=&q=[&index=], POST /v1/steering/inspect: discovery.
 - GET /openapi.json: publishes the `steering` schema on both completion requests.
 - GET /playground: the playground page (steer_plugin/playground).
 
@@ -405,7 +405,12 @@ class SteeringMiddleware:
             limit = query.get("limit", "20")
             if not re.fullmatch(r"[0-9]{1,7}", limit):
                 raise SpecError("limit", "must be an integer")
-            result = self.service.search_features(query.get("sae"), query.get("q"), int(limit))
+            index = query.get("index")
+            if index is not None and not re.fullmatch(r"[0-9]{1,9}", index):
+                raise SpecError("index", "must be a non-negative integer")
+            result = self.service.search_features(
+                query.get("sae"), query.get("q"), int(limit), int(index) if index is not None else None
+            )
         else:
             raise SpecError("path", f"unknown steering endpoint {scope['path']}", status=404)
         return await _send_json(send, 200, json.dumps(result).encode())

@@ -67,6 +67,17 @@ def write_monitored_config(base_config: str, folder, watched: int, denied: int, 
     return str(path)
 
 
+def add_explanations(config_path: str, folder, files: dict[str, str]) -> None:
+    """Writes `files` (name -> text) into `folder`/explanations and points the demo SAE's `explanations` at it."""
+    target = folder / "explanations"
+    target.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (target / name).write_text(text)
+    config = json.loads(open(config_path).read())
+    config["saes"][0]["explanations"] = str(target)
+    open(config_path, "w").write(json.dumps(config))
+
+
 @pytest.fixture(scope="session")
 def assets(steer_config_path):
     from steer_plugin.catalog import load_assets

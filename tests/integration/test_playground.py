@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from ..tools import require_tool
-from .conftest import running_server
+from .conftest import add_explanations, running_server
 
 pytestmark = pytest.mark.server
 
@@ -31,9 +31,18 @@ QUESTION = "Tell me about a place you would like to visit."  # the page's own ex
 MAX_TOKENS = 40
 
 
+EXPLANATION = {"description": "the Golden Gate Bridge and its towers", "explanationModelName": "gpt-4o-mini"}
+
+
 @pytest.fixture(scope="module")
-def server(demo_assets, steer_config_path):
-    with running_server(demo_assets.model_dir, steer_config_path, PORT) as proc:
+def server(demo_assets, steer_config_path, concept, tmp_path_factory):
+    """The demo config, plus one Neuronpedia explanation (bulk-export layout) of the concept feature."""
+    folder = tmp_path_factory.mktemp("playground")
+    path = folder / "steer.json"
+    path.write_text(Path(steer_config_path).read_text())
+    line = {"modelId": "smollm2-135m", "layer": "15-res-topk", "index": str(concept["index"]), **EXPLANATION}
+    add_explanations(str(path), folder, {"batch-0.jsonl": json.dumps(line)})
+    with running_server(demo_assets.model_dir, str(path), PORT) as proc:
         yield proc
 
 
@@ -174,6 +183,8 @@ def test_search_finds_the_concept_feature(browser, concept, shots):
     ]
     assert shown == [h["index"] for h in api["data"]]
     assert concept["label"] in hit.text
+    # The feature's Neuronpedia explanation is shown beside its label, with the explainer model.
+    assert f"{EXPLANATION['description']} ({EXPLANATION['explanationModelName']})" in hit.text
     browser.save_screenshot(str(shots / "playground-search.png"))
 
 

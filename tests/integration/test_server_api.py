@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from .conftest import VECTOR_LAYER, running_server, write_monitored_config
+from .conftest import VECTOR_LAYER, add_explanations, running_server, write_monitored_config
 
 pytestmark = pytest.mark.server
 
@@ -35,7 +35,50 @@ def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
         max_inline_vectors=2,
         max_inline_norm=100.0,
     )
+    add_explanations(path, folder, EXPLANATIONS)
     return {"path": path, "monitor": folder / "monitor.jsonl"}
+
+
+def _np_explanation(index: int, description: str, layer: str = "15-res-topk") -> dict:
+    """One explanation object of Neuronpedia's bulk export."""
+    return {
+        "modelId": "smollm2-135m",
+        "layer": layer,
+        "index": str(index),
+        "description": description,
+        "explanationModelName": "gpt-4o-mini",
+        "typeName": "oai_token-act-pair",
+    }
+
+
+# Neuronpedia explanations of the demo SAE (smollm2-135m/15-res-topk): the bulk layout (JSONL) and the API's
+# per-feature JSON, in one folder. Features 2336 and 4093 have larger max activations than 1836.
+EXPLANATIONS = {
+    "batch-0.jsonl": "\n".join(
+        json.dumps(e)
+        for e in [
+            _np_explanation(1836, "Golden Gate Bridge"),
+            _np_explanation(2336, "the Golden Gate Bridge in San Francisco"),
+            _np_explanation(4093, "golden gate bridges"),
+            _np_explanation(99999, "another source", layer="3-res-topk"),  # skipped
+        ]
+    ),
+    "feature-1070.json": json.dumps(
+        {
+            "modelId": "smollm2-135m",
+            "layer": "15-res-topk",
+            "index": "1070",
+            "maxActApprox": 40.0,
+            "explanations": [
+                {
+                    "description": "towers and bridges",
+                    "explanationModelName": "claude-3-5-haiku",
+                    "typeName": "np_max-act",
+                }
+            ],
+        }
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +242,65 @@ def test_discovery(server, assets):
     schema = requests.get(f"{BASE}/openapi.json", timeout=30).json()["components"]["schemas"]
     assert schema["ChatCompletionRequest"]["properties"]["steering"]
     assert "FeatureOp" in schema
+
+
+def test_feature_search_ranks_labels_and_explanations(server, assets):
+    def search(**params):
+        reply = requests.get(f"{BASE}/v1/steering/features", params=params, timeout=10)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    found = search(sae="demo", q="Golden Gate Bridge")
+    assert found["total"] == 3
+    assert [(h["index"], h["match"]) for h in found["data"]] == [
+        (1836, "exact"),
+        (2336, "word"),
+        (4093, "prefix"),
+    ]
+    first = found["data"][0]
+    assert min(h["max_activation"] for h in found["data"][1:]) > first["max_activation"]  # match before max
+    assert first["matched"] == {"source": "neuronpedia", "text": "Golden Gate Bridge", "model": "gpt-4o-mini"}
+    assert first["explanations"] == [
+        {
+            "description": "Golden Gate Bridge",
+            "source": "neuronpedia",
+            "model": "gpt-4o-mini",
+            "type": "oai_token-act-pair",
+        }
+    ]
+    assert first["label"] == assets.saes["demo"].labels[1836]
+    # An exact label match ranks above word matches of features that fire harder.
+    labels = assets.saes["demo"].labels
+    exact = next(i for i, text in labels.items() if text == "Bridge")
+    bridge = search(sae="demo", q="bridge", limit=50)["data"]
+    assert (bridge[0]["index"], bridge[0]["match"], bridge[0]["matched"]["source"]) == (
+        exact,
+        "exact",
+        "label",
+    )
+    assert [h["match"] for h in bridge] == sorted(
+        (h["match"] for h in bridge), key=["exact", "word", "prefix", "substring"].index
+    )
+    # One feature by index, with the explanation from the API layout.
+    one = search(sae="demo", index=1070)["data"]
+    assert one[0]["explanations"] == [
+        {
+            "description": "towers and bridges",
+            "source": "neuronpedia",
+            "model": "claude-3-5-haiku",
+            "type": "np_max-act",
+        }
+    ]
+    assert one[0]["label"] == labels[1070]
+    saes = requests.get(f"{BASE}/v1/steering/saes", timeout=10).json()["data"]
+    assert saes[0]["num_explained"] == 4
+    for params, param, status in [
+        ({"sae": "demo", "index": "x"}, "index", 400),
+        ({"sae": "demo", "index": 4608}, "index", 404),
+        ({"index": 1}, "index", 400),
+    ]:
+        reply = requests.get(f"{BASE}/v1/steering/features", params=params, timeout=10)
+        assert (reply.status_code, reply.json()["error"]["param"]) == (status, param), reply.text
 
 
 def test_inspect_endpoint_matches_reference_encode(server, hf, assets, sae_layer):
