@@ -62,7 +62,9 @@ class Steerer:
         self.config = config
         self.device = device
         self.max_ops = config.limits.max_ops_per_layer
-        self.assets: LoadedAssets = load_assets(config, d_model=d_model, layers=owned_layers)
+        self.assets: LoadedAssets = load_assets(
+            config, d_model=d_model, layers=owned_layers, explanations=False
+        )  # explanations serve discovery in the API process only
         self.banks: dict[int, LayerBank] = {}
         for layer in sorted(self.assets.layers()):
             saes = [(s.id, s.sae) for s in self.assets.saes.values() if s.layer == layer]

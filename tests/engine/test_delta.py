@@ -60,7 +60,9 @@ def bank_delta(x, idx, coef, bank, terms=ALL_TERMS):
 
 def ws_delta(x, cols, coef, applies, bank, terms=ALL_TERMS):
     """What the op adds: its weights through its own residual update, applied to a zero residual."""
-    weights, _ = working_set_weights(x, cols, coef, applies, bank.enc.float(), bank.num_rows, bank.params, terms)
+    weights, _ = working_set_weights(
+        x, cols, coef, applies, bank.enc.float(), bank.num_rows, bank.params, terms
+    )
     return add_delta(torch.zeros(cols.shape[0], bank.dec.shape[1], dtype=bank.dec.dtype), weights, bank.dec)
 
 
