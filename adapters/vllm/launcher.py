@@ -28,7 +28,10 @@ def demo_config_path() -> tuple[str, str]:
 
     paths = ensure_assets()
     config_path = os.path.join(os.path.dirname(str(paths.sae_dir)), "demo-steer-config.json")
-    config = {"saes": [{"id": "demo", "path": str(paths.sae_dir), "labels": str(paths.labels_path)}]}
+    config = {
+        "saes": [{"id": "demo", "path": str(paths.sae_dir), "labels": str(paths.labels_path)}],
+        "policy": {"allow_inline_vectors": True},  # examples/conditional_steering.py sends its own vector
+    }
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     return str(paths.model_dir), config_path
