@@ -25,7 +25,7 @@ from .conftest import add_explanations, running_server
 
 pytestmark = pytest.mark.server
 
-PORT = 18791
+PORT = 18791 + int(os.environ.get("STEER_TEST_PORT_OFFSET", "0"))  # offset: parallel checkouts
 BASE = f"http://127.0.0.1:{PORT}"
 QUESTION = "Tell me about a place you would like to visit."  # the page's own example
 MAX_TOKENS = 40

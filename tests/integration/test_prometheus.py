@@ -27,7 +27,7 @@ from .conftest import running_server, write_monitored_config
 
 pytestmark = pytest.mark.server
 
-PORT = 18771
+PORT = 18771 + int(os.environ.get("STEER_TEST_PORT_OFFSET", "0"))  # offset: parallel checkouts
 WATCHED = 100  # watchlist feature (clamped so that it fires)
 DENIED = 666  # policy-denied feature
 MESSAGES = [{"role": "user", "content": "Describe a famous landmark in one sentence."}]

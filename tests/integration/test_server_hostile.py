@@ -19,7 +19,7 @@ from .conftest import running_server
 
 pytestmark = pytest.mark.server
 
-PORT = 18767
+PORT = 18767 + int(os.environ.get("STEER_TEST_PORT_OFFSET", "0"))  # offset: parallel checkouts
 BASE = f"http://127.0.0.1:{PORT}"
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -346,6 +346,23 @@ VALID = [
     {
         "features": [{"sae": "demo", "index": 11, "op": "scale", "value": 2}],
         "inspect": {"top_k": 3, "prompt": True},
+    },
+    {
+        "features": [
+            {
+                "sae": "demo",
+                "index": 12,
+                "op": "clamp",
+                "value": 5,
+                "when": {"sae": "demo", "index": 3, "above": 0.5},
+            }
+        ],
+        "abort_when": [{"sae": "demo", "index": 4, "above": 1.0}],
+    },
+    {
+        "vectors": [
+            {"values": [0.01] * 576, "layer": 8, "scale": 3, "when": {"sae": "demo", "index": 3, "below": 2}}
+        ]
     },
 ]
 
