@@ -31,7 +31,7 @@ POSITION_CODES = {"all": 0, "prompt": 1, "generation": 2, "last_prompt_tokens": 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)  # docstrings in /openapi.json
 
 
 class LastPromptTokens(_Strict):

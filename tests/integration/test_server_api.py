@@ -35,8 +35,9 @@ def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
         max_inline_vectors=2,
         max_inline_norm=100.0,
     )
-    add_explanations(path, folder, EXPLANATIONS)
-    return {"path": path, "monitor": folder / "monitor.jsonl"}
+    explained = explained_features(demo_assets.labels_path)
+    add_explanations(path, folder, explanations(explained))
+    return {"path": path, "monitor": folder / "monitor.jsonl", "explained": explained}
 
 
 def _np_explanation(index: int, description: str, layer: str = "15-res-topk") -> dict:
@@ -51,34 +52,53 @@ def _np_explanation(index: int, description: str, layer: str = "15-res-topk") ->
     }
 
 
-# Neuronpedia explanations of the demo SAE (smollm2-135m/15-res-topk): the bulk layout (JSONL) and the API's
-# per-feature JSON, in one folder. Features 2336 and 4093 have larger max activations than 1836.
-EXPLANATIONS = {
-    "batch-0.jsonl": "\n".join(
-        json.dumps(e)
-        for e in [
-            _np_explanation(1836, "Golden Gate Bridge"),
-            _np_explanation(2336, "the Golden Gate Bridge in San Francisco"),
-            _np_explanation(4093, "golden gate bridges"),
-            _np_explanation(99999, "another source", layer="3-res-topk"),  # skipped
-        ]
-    ),
-    "feature-1070.json": json.dumps(
-        {
-            "modelId": "smollm2-135m",
-            "layer": "15-res-topk",
-            "index": "1070",
-            "maxActApprox": 40.0,
-            "explanations": [
-                {
-                    "description": "towers and bridges",
-                    "explanationModelName": "claude-3-5-haiku",
-                    "typeName": "np_max-act",
-                }
-            ],
-        }
-    ),
-}
+def explained_features(labels_path) -> dict[str, int]:
+    """Features of this build to explain, chosen by their recorded max activations (never literal indices: a
+    rebuilt SAE numbers its latents differently): `exact` fires least, `word` and `prefix` fire hardest, so an
+    exact match must outrank stronger features; `api` is another labelled feature."""
+    features = json.loads(open(labels_path).read())["features"]
+    maxima = sorted(
+        (f["max_act"], int(i))
+        for i, f in (features.items() if isinstance(features, dict) else enumerate(features))
+        if isinstance(f, dict) and f.get("label") and f.get("max_act")
+    )
+    return {
+        "exact": maxima[0][1],
+        "word": maxima[-1][1],
+        "prefix": maxima[-2][1],
+        "api": maxima[len(maxima) // 2][1],
+    }
+
+
+def explanations(ix: dict[str, int]) -> dict[str, str]:
+    """Neuronpedia explanations of the demo SAE (smollm2-135m/15-res-topk): the bulk layout (JSONL) and the API's
+    per-feature JSON, in one folder."""
+    return {
+        "batch-0.jsonl": "\n".join(
+            json.dumps(e)
+            for e in [
+                _np_explanation(ix["exact"], "Golden Gate Bridge"),
+                _np_explanation(ix["word"], "the Golden Gate Bridge in San Francisco"),
+                _np_explanation(ix["prefix"], "golden gate bridges"),
+                _np_explanation(99999, "another source", layer="3-res-topk"),  # skipped
+            ]
+        ),
+        f"feature-{ix['api']}.json": json.dumps(
+            {
+                "modelId": "smollm2-135m",
+                "layer": "15-res-topk",
+                "index": str(ix["api"]),
+                "maxActApprox": 40.0,
+                "explanations": [
+                    {
+                        "description": "towers and bridges",
+                        "explanationModelName": "claude-3-5-haiku",
+                        "typeName": "np_max-act",
+                    }
+                ],
+            }
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +264,11 @@ def test_discovery(server, assets):
     assert "FeatureOp" in schema
 
 
-def test_feature_search_ranks_labels_and_explanations(server, assets):
+def test_feature_search_ranks_labels_and_explanations(server, assets, server_config, demo_assets):
+    from steer_plugin.demo.concept import concept_feature
+
+    ix = server_config["explained"]
+
     def search(**params):
         reply = requests.get(f"{BASE}/v1/steering/features", params=params, timeout=10)
         assert reply.status_code == 200, reply.text
@@ -253,9 +277,9 @@ def test_feature_search_ranks_labels_and_explanations(server, assets):
     found = search(sae="demo", q="Golden Gate Bridge")
     assert found["total"] == 3
     assert [(h["index"], h["match"]) for h in found["data"]] == [
-        (1836, "exact"),
-        (2336, "word"),
-        (4093, "prefix"),
+        (ix["exact"], "exact"),
+        (ix["word"], "word"),
+        (ix["prefix"], "prefix"),
     ]
     first = found["data"][0]
     assert min(h["max_activation"] for h in found["data"][1:]) > first["max_activation"]  # match before max
@@ -268,21 +292,18 @@ def test_feature_search_ranks_labels_and_explanations(server, assets):
             "type": "oai_token-act-pair",
         }
     ]
-    assert first["label"] == assets.saes["demo"].labels[1836]
-    # An exact label match ranks above word matches of features that fire harder.
+    assert first["label"] == assets.saes["demo"].labels[ix["exact"]]
+    # An exact label match ranks first, then whole-word, prefix and substring matches.
     labels = assets.saes["demo"].labels
-    exact = next(i for i, text in labels.items() if text == "Bridge")
-    bridge = search(sae="demo", q="bridge", limit=50)["data"]
-    assert (bridge[0]["index"], bridge[0]["match"], bridge[0]["matched"]["source"]) == (
-        exact,
-        "exact",
-        "label",
-    )
+    concept = concept_feature(demo_assets)
+    bridge = search(sae="demo", q=labels[concept.index], limit=50)["data"]
+    assert bridge[0]["match"] == "exact" and bridge[0]["matched"]["source"] == "label"
+    assert labels[bridge[0]["index"]].lower() == labels[concept.index].lower()
     assert [h["match"] for h in bridge] == sorted(
         (h["match"] for h in bridge), key=["exact", "word", "prefix", "substring"].index
     )
     # One feature by index, with the explanation from the API layout.
-    one = search(sae="demo", index=1070)["data"]
+    one = search(sae="demo", index=ix["api"])["data"]
     assert one[0]["explanations"] == [
         {
             "description": "towers and bridges",
@@ -291,7 +312,7 @@ def test_feature_search_ranks_labels_and_explanations(server, assets):
             "type": "np_max-act",
         }
     ]
-    assert one[0]["label"] == labels[1070]
+    assert one[0]["label"] == labels[ix["api"]]
     saes = requests.get(f"{BASE}/v1/steering/saes", timeout=10).json()["data"]
     assert saes[0]["num_explained"] == 4
     for params, param, status in [
