@@ -244,7 +244,9 @@ def test_salt_depends_on_the_steering_only():
         feature = {"sae": "a", "index": 1, "value": value, "positions": positions}
         return steering_salt(resolve_spec(parse_spec({"features": [feature]}), CATALOG))
 
-    assert salt(1.0) == salt(1.0)  # identical steering shares its blocks (computed twice, independently)
+    # Identical steering shares its blocks, however the client spelled it (key order, 1 vs 1.0, a default).
+    spelled = {"positions": "all", "op": "add", "value": 1, "index": 1, "sae": "a"}
+    assert steering_salt(resolve_spec(parse_spec({"features": [spelled]}), CATALOG)) == salt(1.0)
     assert len({salt(1.0), salt(2.0), salt(1.0, "generation")}) == 3
     assert steering_salt([]) is None
 
