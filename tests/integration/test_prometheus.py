@@ -58,6 +58,7 @@ DOCUMENTED = {
     "steer_op_seconds_total",
     "steer_sae_memory_bytes",
     "steer_monitored_requests_total",
+    "steer_aborted_requests_total",
     "steer_worker_rejected_messages_total",
     "steer_worker_step_errors_total",
 }
