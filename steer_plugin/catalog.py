@@ -24,39 +24,46 @@ class LoadedSAE(NamedTuple):
     neuronpedia_id: str | None
     max_activations: dict[int, float] = {}  # from the labels file (else the explanations), when recorded
     explanations: dict[int, tuple[Explanation, ...]] = {}  # from `explanations` (Neuronpedia exports)
+    revision: str = ""  # loaded at runtime (admin API): that load's revision
 
 
 class LoadedVector(NamedTuple):
     id: str
     vector: torch.Tensor  # [d_model] float32
     layer: int
+    revision: str = ""  # loaded at runtime (admin API): that load's revision
 
 
 class LoadedAssets(NamedTuple):
     saes: dict[str, LoadedSAE]
     vectors: dict[str, LoadedVector]
     config: SteerConfig
+    model_d_model: int | None = None  # the model's, when known (set once runtime loads may change the rest)
 
     def layers(self) -> set[int]:
         return {s.layer for s in self.saes.values()} | {v.layer for v in self.vectors.values()}
 
     def d_model(self) -> int | None:
+        if self.model_d_model is not None:
+            return self.model_d_model
         widths = [s.sae.d_in for s in self.saes.values()] + [v.vector.numel() for v in self.vectors.values()]
         return widths[0] if widths else None
 
-    def catalog(self) -> Catalog:
+    def catalog(self, runtime_layers: tuple[int, ...] = ()) -> Catalog:
+        """What request resolution needs; `runtime_layers`: layers that steer with nothing configured there
+        (reserved for runtime loads), where inline vectors may go too."""
         limits = self.config.limits
         return Catalog(
             saes={
-                s.id: SAEInfo(s.id, s.layer, s.sae.d_sae, s.neuronpedia_id, s.labels)
+                s.id: SAEInfo(s.id, s.layer, s.sae.d_sae, s.neuronpedia_id, s.labels, s.revision)
                 for s in self.saes.values()
             },
-            vectors={v.id: VectorInfo(v.id, v.layer) for v in self.vectors.values()},
+            vectors={v.id: VectorInfo(v.id, v.layer, v.revision) for v in self.vectors.values()},
             max_ops_per_request=limits.max_ops_per_request,
             max_ops_per_layer=limits.max_ops_per_layer,
             max_abs_value=limits.max_abs_value,
             d_model=self.d_model(),
-            layers=tuple(sorted(self.layers())),
+            layers=tuple(sorted(self.layers() | set(runtime_layers))),
         )
 
 
@@ -88,24 +95,21 @@ def load_labels(path: str | os.PathLike) -> tuple[dict[int, str], dict[int, floa
     return labels, maxima
 
 
-def _sae_layer(source: SAESource, sae: SparseAutoencoder, index: int) -> int:
+def _sae_layer(source: SAESource, sae: SparseAutoencoder, key: str) -> int:
     layer = sae.metadata.layer
     if source.layer is not None and layer is not None and source.layer != layer:
         raise ConfigError(
-            f"saes[{index}].layer is {source.layer} but the SAE at {source.path} reads layer {layer} "
+            f"{key}.layer is {source.layer} but the SAE at {source.path} reads layer {layer} "
             f"(hook {sae.metadata.hook_name!r})"
         )
     layer = source.layer if source.layer is not None else layer
     if layer is None:
-        raise ConfigError(
-            f"saes[{index}].layer: the SAE at {source.path} does not say its layer; set `layer`"
-        )
+        raise ConfigError(f"{key}.layer: the SAE at {source.path} does not say its layer; set `layer`")
     return layer
 
 
-def load_vector(source: VectorSource, index: int) -> torch.Tensor:
+def load_vector(source: VectorSource, key: str) -> torch.Tensor:
     path = Path(source.path)
-    key = f"vectors[{index}]"
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -140,6 +144,49 @@ def load_vector(source: VectorSource, index: int) -> torch.Tensor:
     return vec
 
 
+def load_sae_source(
+    source: SAESource, key: str, d_model: int | None = None, explanations: bool = True
+) -> LoadedSAE:
+    """One configured SAE with its labels (and explanations unless `explanations` is False); ConfigError
+    naming `key` (e.g. `saes[2]`) and the file otherwise."""
+    from steer_plugin.sae.loading import load_sae
+
+    try:
+        sae = load_sae(source.path, source.format, allow_pickle=source.allow_pickle, **source.options)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{key} ({source.id}): {err}") from None
+    layer = _sae_layer(source, sae, key)
+    if d_model is not None and sae.d_in != d_model:
+        raise ConfigError(
+            f"{key} ({source.id}): SAE d_in {sae.d_in} != model d_model {d_model} ({source.path})"
+        )
+    labels_path = source.labels or os.path.join(
+        source.path if os.path.isdir(source.path) else os.path.dirname(source.path), "labels.json"
+    )
+    labels, maxima = load_labels(labels_path) if os.path.exists(labels_path) else ({}, {})
+    neuronpedia_id = source.neuronpedia_id or sae.metadata.neuronpedia_id
+    explained = {}
+    if source.explanations and explanations:
+        loaded = load_explanations(
+            source.explanations,
+            key=f"{key}.explanations ({source.id})",
+            d_sae=sae.d_sae,
+            neuronpedia_id=neuronpedia_id,
+        )
+        explained = loaded.by_index
+        maxima = loaded.max_activations | maxima
+    return LoadedSAE(source.id, sae, layer, labels, neuronpedia_id, maxima, explained)
+
+
+def load_vector_source(source: VectorSource, key: str, d_model: int | None = None) -> LoadedVector:
+    vec = load_vector(source, key)
+    if d_model is not None and vec.numel() != d_model:
+        raise ConfigError(
+            f"{key} ({source.id}): length {vec.numel()} != model d_model {d_model} ({source.path})"
+        )
+    return LoadedVector(source.id, vec, source.layer)
+
+
 def load_assets(
     config: SteerConfig, d_model: int | None = None, layers: range | None = None, explanations: bool = True
 ) -> LoadedAssets:
@@ -147,43 +194,12 @@ def load_assets(
     explanation files unless `explanations` is False (workers do not serve them)."""
     saes: dict[str, LoadedSAE] = {}
     for i, source in enumerate(config.saes):
-        from steer_plugin.sae.loading import load_sae
-
-        try:
-            sae = load_sae(source.path, source.format, allow_pickle=source.allow_pickle, **source.options)
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"saes[{i}] ({source.id}): {err}") from None
-        layer = _sae_layer(source, sae, i)
-        if d_model is not None and sae.d_in != d_model:
-            raise ConfigError(
-                f"saes[{i}] ({source.id}): SAE d_in {sae.d_in} != model d_model {d_model} ({source.path})"
-            )
-        if layers is not None and layer not in layers:
-            continue
-        labels_path = source.labels or os.path.join(
-            source.path if os.path.isdir(source.path) else os.path.dirname(source.path), "labels.json"
-        )
-        labels, maxima = load_labels(labels_path) if os.path.exists(labels_path) else ({}, {})
-        neuronpedia_id = source.neuronpedia_id or sae.metadata.neuronpedia_id
-        explained = {}
-        if source.explanations and explanations:
-            loaded = load_explanations(
-                source.explanations,
-                key=f"saes[{i}].explanations ({source.id})",
-                d_sae=sae.d_sae,
-                neuronpedia_id=neuronpedia_id,
-            )
-            explained = loaded.by_index
-            maxima = loaded.max_activations | maxima
-        saes[source.id] = LoadedSAE(source.id, sae, layer, labels, neuronpedia_id, maxima, explained)
+        loaded = load_sae_source(source, f"saes[{i}]", d_model, explanations)
+        if layers is None or loaded.layer in layers:
+            saes[source.id] = loaded
     vectors: dict[str, LoadedVector] = {}
     for i, source in enumerate(config.vectors):
-        vec = load_vector(source, i)
-        if d_model is not None and vec.numel() != d_model:
-            raise ConfigError(
-                f"vectors[{i}] ({source.id}): length {vec.numel()} != model d_model {d_model} ({source.path})"
-            )
-        if layers is not None and source.layer not in layers:
-            continue
-        vectors[source.id] = LoadedVector(source.id, vec, source.layer)
+        loaded = load_vector_source(source, f"vectors[{i}]", d_model)
+        if layers is None or loaded.layer in layers:
+            vectors[source.id] = loaded
     return LoadedAssets(saes, vectors, config)

@@ -21,7 +21,7 @@ _SMALL_FILE = 1 << 20  # metadata files hashed by content in SteerConfig.fingerp
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class SAESource(_Strict):
@@ -147,6 +147,43 @@ class PolicyConfig(_Strict):
     """Largest L2 norm of an inline vector times |scale| (unset: no limit beyond limits.max_abs_value)."""
 
 
+class RuntimeConfig(_Strict):
+    """Loading and unloading SAEs and vectors while the server runs (the admin API, README "Runtime loading").
+
+    The bank rows they go to are reserved at start-up, so a load never moves a buffer a compiled or captured
+    graph reads. The admin routes exist only when an admin key is set (here or in STEER_ADMIN_KEY)."""
+
+    layers: list[int] | Literal["any"]
+    """Layers that can receive SAEs and vectors at runtime (the op runs after each of them, steered or not);
+    `any`: every decoder layer."""
+    rows_per_layer: int = Field(ge=1, le=1 << 24)
+    """Bank rows reserved at each of those layers: room for SAE features (one row per feature) and vectors (one
+    row each). A load that does not fit gets a 507."""
+    roots: list[str] = Field(min_length=1)
+    """Folders the admin API may load from; any other path gets a 403 (symbolic links resolved first)."""
+    admin_key: str | None = Field(default=None, min_length=16)
+    """Key the admin routes require in the `X-Steer-Admin-Key` header (separate from vLLM's `--api-key`);
+    STEER_ADMIN_KEY overrides it. Without either, the admin routes do not exist."""
+    allow_pickle: bool = False
+    """Whether a runtime load may set `allow_pickle` (non-weights-only .pt/.pth loading)."""
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, layers: list[int] | str) -> list[int] | str:
+        if isinstance(layers, list):
+            if not layers or any(layer < 0 for layer in layers):
+                raise ValueError("must be `any` or a non-empty list of layer indices >= 0")
+            return sorted(set(layers))
+        return layers
+
+    def key(self) -> str | None:
+        """The admin key in force (STEER_ADMIN_KEY first), or None: no admin routes."""
+        return os.environ.get(ADMIN_KEY_ENV) or self.admin_key
+
+
+ADMIN_KEY_ENV = "STEER_ADMIN_KEY"
+
+
 class SteerConfig(_Strict):
     """The whole operator configuration."""
 
@@ -160,6 +197,8 @@ class SteerConfig(_Strict):
     """Structured logging of active features."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     """What requests may do (403 otherwise)."""
+    runtime: RuntimeConfig | None = None
+    """Reserved room and access for loading SAEs and vectors while the server runs (unset: no admin API)."""
     self_test: bool = True
     """Prove at start-up, under the active compile mode, that the op fires on a decode step."""
     allow_v2_model_runner: bool = False
@@ -204,7 +243,8 @@ class SteerConfig(_Strict):
         layers; name and size of weight files). Part of vLLM's compile-cache key."""
         import hashlib
 
-        digest = hashlib.sha256(self.model_dump_json().encode())
+        # The admin key changes no graph: a new key must not cost a recompile.
+        digest = hashlib.sha256(self.model_dump_json(exclude={"runtime": {"admin_key"}}).encode())
         for path in [s.path for s in self.saes] + [v.path for v in self.vectors]:
             root = Path(path)
             files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [root]
@@ -245,6 +285,8 @@ def parse_config(data: dict, source: str = "<dict>") -> SteerConfig:
             sae.labels = str((base / sae.labels).resolve())
         if sae.explanations and not os.path.isabs(sae.explanations):
             sae.explanations = str((base / sae.explanations).resolve())
+    if config.runtime is not None:
+        config.runtime.roots = [str((base / root).resolve()) for root in config.runtime.roots]
     if config.monitoring.path and not os.path.isabs(config.monitoring.path):
         config.monitoring.path = str((base / config.monitoring.path).resolve())
     return config

@@ -33,8 +33,14 @@ MONITORED_REQUESTS = Counter("steer_monitored_requests", "Requests logged by ste
 ABORTED_REQUESTS = Counter(
     "steer_aborted_requests", "Requests stopped by one of their abort_when conditions, by SAE", ["sae"]
 )
+RUNTIME_LOADS = Counter(
+    "steer_runtime_loads",
+    "SAE and vector loads and unloads through the admin API, by outcome",
+    ["kind", "action", "outcome"],
+)
 
 REJECT_REASONS = ("invalid", "policy")  # 400 / 403
+RUNTIME_LOAD_OUTCOMES = ("ok", "refused", "failed")  # refused: a 4xx/507 answer; failed: a worker error
 WORKER_REJECT_KINDS = ("steering", "observe", "capacity")  # see Steerer._reject and config.working_set_rows
 
 
@@ -52,6 +58,11 @@ def initialize_series(config) -> None:
             MONITORED_REQUESTS.labels(sae=sae_id)
     for sae in config.saes:
         ABORTED_REQUESTS.labels(sae=sae.id)
+    if config.runtime is not None:
+        for kind in ("sae", "vector"):
+            for action in ("load", "unload"):
+                for outcome in RUNTIME_LOAD_OUTCOMES:
+                    RUNTIME_LOADS.labels(kind=kind, action=action, outcome=outcome)
 
 
 def _merge(snapshots: list[dict]) -> dict:

@@ -16,8 +16,9 @@ from typing import NamedTuple
 import numpy as np
 
 from steer_plugin import metrics
+from steer_plugin.admin import Admin, InFlight
 from steer_plugin.body import lax_int, prompt_count, refuse_reserved_keys
-from steer_plugin.catalog import LoadedAssets, load_assets
+from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.labels.search import SAETexts, SearchIndex
 from steer_plugin.monitor import channel
@@ -70,8 +71,54 @@ class SteeringService:
     def __init__(self, config: SteerConfig, assets: LoadedAssets | None = None):
         self.config = config
         self.assets = assets or load_assets(config)
-        self.catalog = self.assets.catalog()
+        self.model_layers: int | None = (
+            None  # the model's decoder layers, once the server says (set_model_shape)
+        )
+        self.catalog = self.assets.catalog(self.runtime_layers())
         self._search: SearchIndex | None = None  # built on the first feature search
+        self.in_flight = InFlight()  # sources running requests use (runtime unloads wait for them)
+        runtime = config.runtime
+        self.admin = Admin(self, runtime) if runtime is not None and runtime.key() else None
+
+    # --- what is loaded ------------------------------------------------------------------------------------
+
+    def runtime_layers(self) -> tuple[int, ...]:
+        """Layers reserved for runtime loads (steered, so inline vectors may go there too)."""
+        runtime = self.config.runtime
+        if runtime is None:
+            return ()
+        if runtime.layers == "any":
+            return tuple(range(self.model_layers)) if self.model_layers is not None else ()
+        return tuple(runtime.layers)
+
+    def set_model_shape(self, num_layers: int, d_model: int) -> None:
+        """The served model's depth and width (known once the engine is up)."""
+        if (self.model_layers, self.assets.model_d_model) != (num_layers, d_model):
+            self.model_layers = num_layers
+            self.assets = self.assets._replace(model_d_model=d_model)
+            self._refresh_catalog()
+
+    def d_model(self) -> int | None:
+        return self.assets.d_model()
+
+    def _refresh_catalog(self) -> None:
+        self.catalog = self.assets.catalog(self.runtime_layers())  # one swap: resolution sees old or new
+        self._search = None
+
+    def add_source(self, loaded: LoadedSAE | LoadedVector) -> None:
+        table = self.assets.saes if isinstance(loaded, LoadedSAE) else self.assets.vectors
+        table[loaded.id] = loaded
+        self._refresh_catalog()
+
+    def remove_source(self, kind: str, source_id: str) -> None:
+        (self.assets.saes if kind == "sae" else self.assets.vectors).pop(source_id, None)
+        self._refresh_catalog()
+
+    def holding(self, request: RewrittenRequest | None):
+        """Context in which `request` runs: its sources count as in use (see steer_plugin.admin)."""
+        observed = list(request.observe.saes) if request is not None and request.observe is not None else []
+        ops = request.ops if request is not None else []
+        return self.in_flight.holding(InFlight.sources(ops, observed))
 
     def rewrite_request(self, body: dict, observable: bool = True) -> RewrittenRequest:
         """Move a valid `steering` field into vllm_xargs; raise SpecError (400/403) naming the bad field.
@@ -324,28 +371,33 @@ class SteeringService:
 
     # --- discovery -----------------------------------------------------------------------------------------
 
+    def describe(self, kind: str, source_id: str) -> dict:
+        """One loaded SAE or vector, as GET /v1/steering/saes lists it."""
+        if kind == "vector":
+            v = self.assets.vectors[source_id]
+            return {"id": v.id, "layer": v.layer, "d_model": v.vector.numel(), "revision": v.revision or None}
+        s = self.assets.saes[source_id]
+        meta = s.sae.metadata
+        return {
+            "id": s.id,
+            "layer": s.layer,
+            "hook_name": meta.hook_name or f"blocks.{s.layer}.hook_resid_post",
+            "d_in": s.sae.d_in,
+            "d_sae": s.sae.d_sae,
+            "architecture": s.sae.architecture,
+            "format": meta.format,
+            "neuronpedia_id": s.neuronpedia_id,
+            "num_labels": len(s.labels),
+            "num_explained": len(s.explanations),
+            "revision": s.revision or None,
+        }
+
     def list_saes(self) -> dict:
-        data = []
-        for s in self.assets.saes.values():
-            meta = s.sae.metadata
-            data.append(
-                {
-                    "id": s.id,
-                    "layer": s.layer,
-                    "hook_name": meta.hook_name or f"blocks.{s.layer}.hook_resid_post",
-                    "d_in": s.sae.d_in,
-                    "d_sae": s.sae.d_sae,
-                    "architecture": s.sae.architecture,
-                    "format": meta.format,
-                    "neuronpedia_id": s.neuronpedia_id,
-                    "num_labels": len(s.labels),
-                    "num_explained": len(s.explanations),
-                }
-            )
-        vectors = [
-            {"id": v.id, "layer": v.layer, "d_model": v.vector.numel()} for v in self.assets.vectors.values()
-        ]
-        return {"object": "list", "data": data, "vectors": vectors}
+        return {
+            "object": "list",
+            "data": [self.describe("sae", sid) for sid in self.assets.saes],
+            "vectors": [self.describe("vector", vid) for vid in self.assets.vectors],
+        }
 
     def search_features(
         self, sae: str | None, query: str | None, limit: int = 20, index: int | None = None
@@ -382,9 +434,16 @@ class SteeringService:
 
 def error_body(err: SpecError) -> bytes:
     """OpenAI-style error JSON; `param` is the JSON path of the bad field."""
-    kind = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError"}.get(
-        err.status, "BadRequestError"
-    )
+    kind = {
+        400: "BadRequestError",
+        401: "AuthenticationError",
+        403: "PermissionDeniedError",
+        404: "NotFoundError",
+        409: "ConflictError",
+        500: "InternalServerError",
+        503: "ServiceUnavailableError",
+        507: "InsufficientStorageError",
+    }.get(err.status, "BadRequestError")
     return json.dumps(
         {"error": {"message": str(err), "type": kind, "param": err.path, "code": err.status}}
     ).encode()

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from steer_plugin import signing
 
 WIRE_KEY = "steer_plugin"
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 Positions = Literal["all", "prompt", "generation"]
 POSITION_CODES = {"all": 0, "prompt": 1, "generation": 2, "last_prompt_tokens": 3}
@@ -261,11 +261,13 @@ class SAEInfo(NamedTuple):
     d_sae: int
     neuronpedia_id: str | None
     labels: dict[int, str]
+    revision: str = ""  # loaded at runtime: that load's revision ("" for configured SAEs)
 
 
 class VectorInfo(NamedTuple):
     id: str
     layer: int
+    revision: str = ""  # loaded at runtime: that load's revision ("" for configured vectors)
 
 
 class Catalog(NamedTuple):
@@ -298,6 +300,10 @@ class ResolvedOp(NamedTuple):
     cond_sign: int = 0
     cond_threshold: float = 0.0
     vector: str = ""  # kind "inline": the vector, base64 of little-endian float32 (d_model values)
+    # Runtime-loaded sources: the load's revision, so a request never reads rows of an SAE or vector that was
+    # unloaded (and maybe reloaded under the same id) after it was resolved, and prefix-cache salts differ.
+    revision: str = ""
+    cond_revision: str = ""
 
 
 def _positions(p: Positions | LastPromptTokens) -> tuple[int, int]:
@@ -352,11 +358,10 @@ def decode_vector(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4").astype(np.float32)
 
 
-def _condition(
-    cond: Condition | None, layer: int, catalog: Catalog, path: str
-) -> tuple[str, int, int, float]:
+def _condition(cond: Condition | None, layer: int, catalog: Catalog, path: str) -> dict:
+    """ResolvedOp's cond_* fields."""
     if cond is None:
-        return "", -1, 0, 0.0
+        return {}
     sae, index = resolve_feature(cond, catalog, f"{path}.when")
     if sae.layer != layer:
         raise SpecError(
@@ -368,7 +373,13 @@ def _condition(
         raise SpecError(
             f"{path}.when.{'above' if cond.sign > 0 else 'below'}", f"must be <= {catalog.max_abs_value:g}"
         )
-    return sae.id, index, cond.sign, float(cond.threshold)
+    return {
+        "cond_source": sae.id,
+        "cond_index": index,
+        "cond_sign": cond.sign,
+        "cond_threshold": float(cond.threshold),
+        "cond_revision": sae.revision,
+    }
 
 
 def _find_feature(op: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
@@ -418,7 +429,22 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
         pos, last_n = _positions(op.positions)
         a, b, bn = _coefficients(op.op, op.value, op.normalize)
         cond = _condition(op.when, sae.layer, catalog, path)
-        ops.append(ResolvedOp("feature", sae.id, index, sae.layer, a, b, bn, pos, last_n, op.op, *cond))
+        ops.append(
+            ResolvedOp(
+                "feature",
+                sae.id,
+                index,
+                sae.layer,
+                a,
+                b,
+                bn,
+                pos,
+                last_n,
+                op.op,
+                **cond,
+                revision=sae.revision,
+            )
+        )
     for i, op in enumerate(spec.vectors):
         path = f"{prefix}.vectors[{i}]"
         if abs(op.scale) > catalog.max_abs_value:
@@ -442,15 +468,41 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
             cond = _condition(op.when, op.layer, catalog, path)
             ops.append(
                 ResolvedOp(
-                    "inline", "", 0, op.layer, 0.0, b, bn, pos, last_n, "vector", *cond, _encode_vector(vec)
+                    "inline",
+                    "",
+                    0,
+                    op.layer,
+                    0.0,
+                    b,
+                    bn,
+                    pos,
+                    last_n,
+                    "vector",
+                    **cond,
+                    vector=_encode_vector(vec),
                 )
             )
             continue
         if op.name not in catalog.vectors:
             raise SpecError(f"{path}.name", f"unknown vector {op.name!r}; loaded: {sorted(catalog.vectors)}")
-        layer = catalog.vectors[op.name].layer
-        cond = _condition(op.when, layer, catalog, path)
-        ops.append(ResolvedOp("vector", op.name, 0, layer, 0.0, b, bn, pos, last_n, "vector", *cond))
+        info = catalog.vectors[op.name]
+        cond = _condition(op.when, info.layer, catalog, path)
+        ops.append(
+            ResolvedOp(
+                "vector",
+                op.name,
+                0,
+                info.layer,
+                0.0,
+                b,
+                bn,
+                pos,
+                last_n,
+                "vector",
+                **cond,
+                revision=info.revision,
+            )
+        )
     if len(ops) > catalog.max_ops_per_request:
         raise SpecError(
             f"{prefix}", f"too many operations ({len(ops)}); at most {catalog.max_ops_per_request}"
@@ -528,6 +580,7 @@ def _checked_op(item: object) -> ResolvedOp:
         and (op.cond_sign == 0 or (op.cond_source and op.cond_index >= 0))
         and isinstance(op.vector, str)
         and (op.kind == "inline") == bool(op.vector)
+        and all(isinstance(r, str) and len(r) <= 64 for r in (op.revision, op.cond_revision))
     )
     if not ok:
         raise ValueError("steering wire: op field out of range")

@@ -9,6 +9,7 @@ import pytest
 from steer_plugin import signing
 from steer_plugin.signing import SignatureError
 from steer_plugin.spec import (
+    WIRE_VERSION,
     AbortSpec,
     Catalog,
     ObserveSpec,
@@ -266,7 +267,7 @@ def test_wire_messages_are_signed(monkeypatch):
         decode_wire(wire)
 
 
-GOOD_OP = ["feature", "a", 1, 3, 0.0, 1.0, 0.0, 0, 0, "add", "", -1, 0, 0.0, ""]
+GOOD_OP = ["feature", "a", 1, 3, 0.0, 1.0, 0.0, 0, 0, "add", "", -1, 0, 0.0, "", "", ""]
 NAN_VECTOR = base64.b64encode(np.array([1.0, np.nan], dtype="<f4").tobytes()).decode()
 
 
@@ -284,16 +285,18 @@ NAN_VECTOR = base64.b64encode(np.array([1.0, np.nan], dtype="<f4").tobytes()).de
         {0: "inline"},  # an inline op without its vector
         {14: "AAAAAA=="},  # a vector on a configured-vector op
         {0: "inline", 14: NAN_VECTOR},
+        {15: 7},  # a revision that is not a string
+        {16: "r" * 65},  # a condition revision longer than any we write
     ],
 )
 def test_signed_but_malformed_ops_are_refused(change):
-    wire = signing.sign(json.dumps({"v": 2, "ops": [GOOD_OP]}))
+    wire = signing.sign(json.dumps({"v": WIRE_VERSION, "ops": [GOOD_OP]}))
     assert decode_wire(wire)[0].index == 1  # the unchanged op is fine: each case fails on its change only
     op = [change.get(i, v) for i, v in enumerate(GOOD_OP)]
     with pytest.raises(ValueError):
-        decode_wire(signing.sign(json.dumps({"v": 2, "ops": [op]})))
+        decode_wire(signing.sign(json.dumps({"v": WIRE_VERSION, "ops": [op]})))
     with pytest.raises(ValueError):
-        decode_wire(signing.sign(json.dumps({"v": 2, "ops": [GOOD_OP[:10]]})))
+        decode_wire(signing.sign(json.dumps({"v": WIRE_VERSION, "ops": [GOOD_OP[:10]]})))
 
 
 def test_observe_spec_round_trip_and_ranges():

@@ -248,6 +248,7 @@ def install_steerer(worker) -> Steerer | None:
         model.compute_logits = _wrap_compute_logits(model.compute_logits, steerer)
     worker._steerer = steerer
     worker.steer_plugin_stats = steerer.stats  # pulled through collective_rpc for /metrics
+    worker.steer_plugin_load = steerer.runtime_loads.command  # the admin API's loads, through collective_rpc
     return steerer
 
 
@@ -396,6 +397,26 @@ class AuthGate:
         if self._middleware is None:
             return handler
         return self._middleware.cls(handler, *self._middleware.args, **self._middleware.kwargs)
+
+
+# --- API server: the engine as the admin API sees it -------------------------------------------------------
+
+
+def model_shape(app_state) -> tuple[int, int] | None:
+    """(decoder layers, d_model) of the served model, from the API server's engine client (None before the
+    engine is up)."""
+    engine = getattr(app_state, "engine_client", None)
+    model_config = getattr(engine, "model_config", None)
+    text = getattr(model_config, "hf_text_config", None)
+    if text is None:
+        return None
+    return int(text.num_hidden_layers), int(text.hidden_size)
+
+
+def api_process_count(engine_client) -> int:
+    """How many API server processes this server runs (--api-server-count): each holds its own catalog."""
+    parallel = engine_client.vllm_config.parallel_config
+    return int(getattr(parallel, "_api_process_count", 1))
 
 
 # --- several API server processes ---------------------------------------------------------------------------

@@ -28,9 +28,18 @@ def demo_config_path() -> tuple[str, str]:
 
     paths = ensure_assets()
     config_path = os.path.join(os.path.dirname(str(paths.sae_dir)), "demo-steer-config.json")
+    from steer_plugin.sae import load_sae
+
+    sae = load_sae(str(paths.sae_dir))
     config = {
         "saes": [{"id": "demo", "path": str(paths.sae_dir), "labels": str(paths.labels_path)}],
         "policy": {"allow_inline_vectors": True},  # examples/conditional_steering.py sends its own vector
+        # examples/runtime_loading.py loads one more SAE of the demo's size at its layer (with STEER_ADMIN_KEY).
+        "runtime": {
+            "layers": [sae.metadata.layer],
+            "rows_per_layer": sae.d_sae + 16,
+            "roots": [os.path.dirname(str(paths.sae_dir))],
+        },
     }
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)

@@ -9,6 +9,8 @@
 - GET /v1/steering/saes, GET /v1/steering/features?sae=&q=[&index=], POST /v1/steering/inspect: discovery.
 - GET /openapi.json: publishes the `steering` schema on both completion requests.
 - GET /playground: the playground page (steer_plugin/playground).
+- POST /v1/steering/saes|vectors, DELETE /v1/steering/saes|vectors/{id}: runtime loads (steer_plugin/admin.py),
+  only when the config has `runtime` and an admin key is set; they need the X-Steer-Admin-Key header.
 
 Every route obeys vLLM's own authentication (`--api-key`) exactly as vLLM's routes do, checked before
 anything else; malformed bodies get a 400 in the OpenAI error shape, never a Python exception.
@@ -18,17 +20,19 @@ The config comes from STEER_PLUGIN_CONFIG (set by `steer-serve`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from steer_adapters.vllm import glue, sse
 from steer_adapters.vllm.compare import DEFAULT, STEERED, CompareMerger
 
 from steer_plugin import playground
+from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S
 from steer_plugin.body import lax_int, parse_json, refuse_reserved_keys
-from steer_plugin.config import config_from_sources
+from steer_plugin.config import SAESource, VectorSource, config_from_sources
 from steer_plugin.metrics import (
     WORKER_STATS,
     initialize_series,
@@ -43,6 +47,7 @@ logger = logging.getLogger("steer_plugin")
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 STEERABLE_PATHS = ("/v1/responses", "/v1/messages")
 REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest")
+ADMIN_ROUTE = re.compile(r"/v1/steering/(saes|vectors)(?:/([^/]+))?")
 
 
 async def _read_body(receive) -> bytes:
@@ -115,7 +120,8 @@ async def _rewrite_response(app, scope, receive, send, transform) -> None:
     await app({**scope, "headers": headers}, receive, buffered)
 
 
-def add_steering_to_openapi(doc: dict) -> dict:
+def add_steering_to_openapi(doc: dict, admin: bool = False) -> dict:
+    """vLLM's schema with `steering` on both completion requests (and the admin routes when they exist)."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     spec_schema = SteeringSpec.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, sub in spec_schema.pop("$defs", {}).items():
@@ -127,7 +133,53 @@ def add_steering_to_openapi(doc: dict) -> dict:
                 "anyOf": [{"$ref": "#/components/schemas/SteeringSpec"}, {"type": "null"}],
                 "description": "Per-request SAE feature steering and inspection (steer_plugin).",
             }
+    if admin:
+        _add_admin_paths(doc, schemas)
     return doc
+
+
+def _add_admin_paths(doc: dict, schemas: dict) -> None:
+    key = {"name": "X-Steer-Admin-Key", "in": "header", "required": True, "schema": {"type": "string"}}
+    paths = doc.setdefault("paths", {})
+    for segment, model in (("saes", SAESource), ("vectors", VectorSource)):
+        schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        body = {"$ref": f"#/components/schemas/{model.__name__}"}
+        paths[f"/v1/steering/{segment}"] = {
+            "post": {
+                "summary": f"Load one of {segment} into every worker (steer_plugin runtime loading)",
+                "parameters": [key],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                "responses": {
+                    code: {"description": text}
+                    for code, text in (
+                        ("201", "Loaded: its description, with `revision`"),
+                        ("400", "A bad field or file (`param` names it)"),
+                        ("401", "Missing or wrong admin key"),
+                        ("403", "A path outside runtime.roots, or a pickle not allowed"),
+                        ("409", "The id is already loaded"),
+                        ("507", "No room in the layer's reserved rows"),
+                    )
+                },
+            }
+        }
+        paths[f"/v1/steering/{segment}/{{id}}"] = {
+            "delete": {
+                "summary": f"Unload one of {segment} loaded at runtime",
+                "parameters": [
+                    key,
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    code: {"description": text}
+                    for code, text in (
+                        ("200", "Unloaded"),
+                        ("401", "Missing or wrong admin key"),
+                        ("404", "No such id"),
+                        ("409", "In use by running requests, or configured at start-up"),
+                    )
+                },
+            }
+        }
 
 
 class ResponseRewriter:
@@ -257,6 +309,10 @@ class SteeringMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.service is not None and self.service.model_layers is None:
+            shape = glue.model_shape(getattr(scope.get("app"), "state", None))
+            if shape is not None:
+                self.service.set_model_shape(*shape)
         handler = self._handler(scope)
         if handler is None:
             return await self.app(scope, receive, send)
@@ -277,6 +333,9 @@ class SteeringMiddleware:
     def _handler(self, scope):
         """The handler of a request the plugin must see, or None to pass it straight to vLLM."""
         path, method = scope["path"], scope["method"]
+        admin = self.service.admin if self.service is not None else None
+        if admin is not None and ADMIN_ROUTE.fullmatch(path) and method in ("POST", "DELETE"):
+            return self._admin
         if method == "POST":
             if path in COMPLETION_PATHS:
                 return self._completion
@@ -318,9 +377,12 @@ class SteeringMiddleware:
     async def _completion(self, scope, receive, send):
         raw = await _read_body(receive)
         body, request = self._rewrite(raw, observable=True)
-        if request is not None and request.compare:
-            return await self._compare(scope, receive, send, raw, body, request)
-        await self._serve(scope, body, request, receive, send)
+        # From resolution to the response's end, the SAEs and vectors it names count as in use (no await
+        # between the two: a runtime unload sees either the request or a catalog without the source).
+        with self.service.holding(request) if request is not None else contextlib.nullcontext():
+            if request is not None and request.compare:
+                return await self._compare(scope, receive, send, raw, body, request)
+            await self._serve(scope, body, request, receive, send)
 
     async def _serve(self, scope, body: bytes, request: RewrittenRequest | None, receive_client, send):
         """`body` through vLLM; its answer rewritten (per-token features, applied ops) when steered/observed."""
@@ -371,9 +433,10 @@ class SteeringMiddleware:
 
     async def _steerable(self, scope, receive, send):
         """/v1/responses, /v1/messages: steering applies; responses are passed through unchanged."""
-        raw, _ = self._rewrite(await _read_body(receive), observable=False)
+        raw, request = self._rewrite(await _read_body(receive), observable=False)
         scope, replay = _with_body(scope, raw, receive)
-        return await self.app(scope, replay, send)
+        with self.service.holding(request) if request is not None else contextlib.nullcontext():
+            return await self.app(scope, replay, send)
 
     async def _guard_reserved(self, scope, receive, send):
         """Any other POST: a body that names the plugin's reserved keys is refused (the engine would drop
@@ -413,6 +476,36 @@ class SteeringMiddleware:
             )
         else:
             raise SpecError("path", f"unknown steering endpoint {scope['path']}", status=404)
+        return await _send_json(send, 200, json.dumps(result).encode())
+
+    async def _admin(self, scope, receive, send):
+        """Runtime load (POST /v1/steering/saes|vectors, the source in the body) and unload (DELETE
+        /v1/steering/saes|vectors/{id}); see steer_plugin/admin.py."""
+        admin = self.service.admin
+        admin.check_key(dict(scope["headers"]).get(ADMIN_KEY_HEADER))
+        match = ADMIN_ROUTE.fullmatch(scope["path"])
+        kind, source_id = KINDS[match.group(1)], match.group(2)
+        engine = getattr(scope["app"].state, "engine_client", None)
+        if engine is None:
+            raise SpecError("path", "the engine is not ready", status=503)
+        count = glue.api_process_count(engine)
+        if count != 1:
+            raise SpecError(
+                "path", f"runtime loads need --api-server-count 1 (this server runs {count})", status=409
+            )
+
+        async def broadcast(command: dict) -> list[dict]:
+            return await engine.collective_rpc("steer_plugin_load", timeout=LOAD_TIMEOUT_S, args=(command,))
+
+        if scope["method"] == "POST":
+            if source_id is not None:
+                raise SpecError("path", "POST to /v1/steering/saes or /v1/steering/vectors", status=404)
+            body = parse_json(await _read_body(receive))
+            result = await admin.load(kind, body, broadcast)
+            return await _send_json(send, 201, json.dumps(result).encode())
+        if source_id is None:
+            raise SpecError("path", "DELETE /v1/steering/saes/{id} or /v1/steering/vectors/{id}", status=404)
+        result = await admin.unload(kind, unquote(source_id), broadcast)
         return await _send_json(send, 200, json.dumps(result).encode())
 
     async def _playground(self, scope, receive, send):
@@ -546,5 +639,9 @@ class SteeringMiddleware:
             scope,
             receive,
             send,
-            lambda body, _: json.dumps(add_steering_to_openapi(json.loads(body))).encode(),
+            lambda body, _: json.dumps(
+                add_steering_to_openapi(
+                    json.loads(body), admin=self.service is not None and self.service.admin is not None
+                )
+            ).encode(),
         )

@@ -28,6 +28,7 @@ class BankEntry(NamedTuple):
     source: str
     offset: int
     size: int
+    revision: str = ""  # loaded at runtime: the load's revision (requests name it, see ResolvedOp.revision)
 
 
 class LayerBank:
@@ -46,13 +47,22 @@ class LayerBank:
         self._free_scratch = (
             list(range(scratch.offset, scratch.offset + scratch.size))[::-1] if scratch else []
         )
+        reserved = self.entries.get(("reserved", "runtime"))
+        # Rows for SAEs and vectors loaded while serving: free (offset, size) ranges, sorted by offset.
+        self._free_reserved = [(reserved.offset, reserved.size)] if reserved else []
 
     @property
     def num_rows(self) -> int:
         return self.dec.shape[0]
 
-    def row(self, kind: str, source: str, index: int) -> int:
-        entry = self.entries[(kind, source)]
+    def row(self, kind: str, source: str, index: int, revision: str = "") -> int:
+        entry = self.entries.get((kind, source))
+        if entry is None:
+            raise KeyError(f"layer {self.layer} holds no {kind} {source!r}")
+        if entry.revision != revision:  # resolved against a load since undone (and maybe redone)
+            raise KeyError(
+                f"{kind} {source!r} is revision {entry.revision!r}, the request names {revision!r}"
+            )
         if not 0 <= index < entry.size:
             raise IndexError(f"{kind} {source!r} has no index {index}")
         return entry.offset + index
@@ -72,6 +82,81 @@ class LayerBank:
     def free_scratch(self, row: int) -> None:
         self.dec[row] = 0
         self._free_scratch.append(row)
+
+    def free_reserved_rows(self) -> int:
+        return sum(size for _, size in self._free_reserved)
+
+    def largest_free_range(self) -> int:
+        return max((size for _, size in self._free_reserved), default=0)
+
+    def place(
+        self,
+        kind: str,
+        source: str,
+        revision: str,
+        dec: torch.Tensor,
+        enc: torch.Tensor,
+        params: torch.Tensor,
+    ) -> BankEntry:
+        """Write n rows (dec [n, d], enc [n, d], params [n, P]) into the first free reserved range that holds
+        them, in place (no buffer moves: captured graphs keep their addresses); BankFull if none does."""
+        n = dec.shape[0]
+        fit = next((i for i, (_, size) in enumerate(self._free_reserved) if size >= n), None)
+        if fit is None:
+            raise BankFull(
+                f"layer {self.layer}: {n} rows needed, the largest free reserved range holds "
+                f"{self.largest_free_range()} ({self.free_reserved_rows()} free in all; raise "
+                "runtime.rows_per_layer)"
+            )
+        offset, size = self._free_reserved[fit]
+        if size == n:
+            del self._free_reserved[fit]
+        else:
+            self._free_reserved[fit] = (offset + n, size - n)
+        rows = slice(offset, offset + n)
+        self.dec[rows] = dec.to(device=self.dec.device, dtype=self.dec.dtype)
+        self.enc[rows] = enc.to(device=self.enc.device, dtype=self.enc.dtype)
+        self.params[rows] = params.to(device=self.params.device, dtype=self.params.dtype)
+        # Read back: the rows a request will name hold exactly these values (the runtime self-check).
+        if not torch.equal(self.dec[rows], dec.to(device=self.dec.device, dtype=self.dec.dtype)):
+            self._clear_rows(offset, n)
+            raise RuntimeError(
+                f"layer {self.layer}: bank rows {offset}..{offset + n - 1} did not take the write"
+            )
+        entry = BankEntry(kind, source, offset, n, revision)
+        self.entries[(kind, source)] = entry
+        return entry
+
+    def retire(self, kind: str, source: str) -> BankEntry | None:
+        """Forget an entry loaded at runtime: no new plan can name it. Its rows stay as they are until
+        release() (running plans may still read them)."""
+        entry = self.entries.get((kind, source))
+        if entry is None or not entry.revision:
+            return None
+        del self.entries[(kind, source)]
+        return entry
+
+    def release(self, entry: BankEntry) -> None:
+        """Zero a retired entry's rows and give them back to the reserved free ranges."""
+        self._clear_rows(entry.offset, entry.size)
+        ranges = sorted([*self._free_reserved, (entry.offset, entry.size)])
+        merged: list[tuple[int, int]] = []
+        for offset, size in ranges:
+            if merged and merged[-1][0] + merged[-1][1] == offset:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((offset, size))
+        self._free_reserved = merged
+
+    def _clear_rows(self, offset: int, n: int) -> None:
+        rows = slice(offset, offset + n)
+        self.dec[rows] = 0
+        self.enc[rows] = 0
+        self.params[rows] = 0
+
+
+class BankFull(RuntimeError):
+    """No free reserved range of a layer holds the SAE or vector being loaded."""
 
 
 class ScratchFull(RuntimeError):
@@ -120,9 +205,10 @@ def build_layer_bank(
     dtype: torch.dtype,
     scratch_rows: int = 0,
     d_model: int | None = None,
+    reserved_rows: int = 0,
 ) -> LayerBank:
-    """Stack the SAEs and vectors of one layer, then `scratch_rows` empty rows for inline vectors. The source
-    tensors can be dropped afterwards."""
+    """Stack the SAEs and vectors of one layer, then `scratch_rows` empty rows for inline vectors and
+    `reserved_rows` for SAEs and vectors loaded while serving. The source tensors can be dropped afterwards."""
     decs, encs, params, entries = [], [], [], []
     offset = 0
     for sae_id, sae in saes:
@@ -144,6 +230,12 @@ def build_layer_bank(
         params.append(torch.zeros(scratch_rows, NUM_PARAMS, device=device))
         entries.append(BankEntry("scratch", "inline", offset, scratch_rows))
         offset += scratch_rows
+    if reserved_rows:
+        decs.append(torch.zeros(reserved_rows, d_model, device=device, dtype=dtype))
+        encs.append(torch.zeros(reserved_rows, d_model, device=device, dtype=dtype))
+        params.append(torch.zeros(reserved_rows, NUM_PARAMS, device=device))
+        entries.append(BankEntry("reserved", "runtime", offset, reserved_rows))
+        offset += reserved_rows
     # Last row: a unit vector along the first axis, steered only by the start-up self-test.
     probe = torch.zeros(d_model)
     probe[0] = 1.0

@@ -106,6 +106,16 @@ class Observer:
         self.error = {sid: Histogram(ERROR_BUCKETS) for sid in saes}
         self.tokens_observed = 0
 
+    def add(self, sae_id: str, sae: SparseAutoencoder) -> None:
+        """An SAE loaded at runtime becomes readable (its histograms start empty)."""
+        self.saes[sae_id] = sae
+        self.l0[sae_id] = Histogram(L0_BUCKETS)
+        self.error[sae_id] = Histogram(ERROR_BUCKETS)
+
+    def remove(self, sae_id: str) -> None:
+        for table in (self.saes, self.l0, self.error):
+            table.pop(sae_id, None)
+
     def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> list[AbortHit]:
         """groups' rows index into captures[sae_id] ([max_tokens, d] steered residual, by token row). One encode
         per SAE. Returns the abort_when conditions that fired (the first per request)."""

@@ -137,6 +137,10 @@ class SlotPlanner:
         for req_id in req_ids:
             self.on_release(req_id)
 
+    def forget_batch(self) -> None:
+        """The next step assigns slots afresh (a slot was given back outside a step)."""
+        self._last_batch = None
+
     def clear(self) -> None:
         """Every slot back, every row and table "no steering"."""
         self.release_many(list(self.step.slot_of))

@@ -14,11 +14,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from steer_plugin.catalog import LoadedAssets, load_assets
+from steer_plugin.catalog import LoadedAssets, LoadedSAE, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import LayerBank, ScratchFull, build_layer_bank
 from steer_plugin.engine.observe import ObservedRows, Observer
+from steer_plugin.engine.runtime_loads import RuntimeLoads
 from steer_plugin.engine.slots import SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
@@ -65,20 +66,36 @@ class Steerer:
         self.assets: LoadedAssets = load_assets(
             config, d_model=d_model, layers=owned_layers, explanations=False
         )  # explanations serve discovery in the API process only
+        self.d_model = d_model
+        runtime = config.runtime
+        reserved_layers = (
+            set()
+            if runtime is None
+            else set(owned_layers)
+            if runtime.layers == "any"
+            else set(runtime.layers) & set(owned_layers)
+        )
         self.banks: dict[int, LayerBank] = {}
-        for layer in sorted(self.assets.layers()):
+        for layer in sorted(self.assets.layers() | reserved_layers):
             saes = [(s.id, s.sae) for s in self.assets.saes.values() if s.layer == layer]
             vectors = [(v.id, v.vector) for v in self.assets.vectors.values() if v.layer == layer]
             dtype = self._bank_dtype(model_dtype)
             self.banks[layer] = build_layer_bank(
-                layer, saes, vectors, device, dtype, self._scratch_rows(max_seqs), d_model
+                layer,
+                saes,
+                vectors,
+                device,
+                dtype,
+                self._scratch_rows(max_seqs),
+                d_model,
+                reserved_rows=runtime.rows_per_layer if layer in reserved_layers else 0,
             )
         self.step = StepMetadata(max_tokens, max_seqs, device)
         self.tables = {
             layer: LayerTables(bank, max_seqs, self.max_ops, self._working_set_rows(bank, max_seqs), device)
             for layer, bank in self.banks.items()
         }
-        sae_layers = {s.layer for s in self.assets.saes.values()}
+        sae_layers = {s.layer for s in self.assets.saes.values()} | reserved_layers
         self.runtimes = {
             layer: steer_op.LayerRuntime(self.tables[layer], self.step, observable=layer in sae_layers)
             for layer in self.banks
@@ -98,7 +115,10 @@ class Steerer:
         self.abort_eos: torch.Tensor | None = None  # [R] int64 token to force
         self._batch: BatchView | None = None
         self.aborts = 0
-        self.observer = Observer(self._sae_views(), write=tp_rank == 0)  # TP ranks compute the same
+        self.observer = Observer(
+            {s.id: self.sae_view(s) for s in self.assets.saes.values()}, write=tp_rank == 0
+        )  # TP ranks compute the same
+        self.runtime_loads = RuntimeLoads(self)
         self.features_applied: dict[str, int] = {}
         self.rejected_messages: dict[str, int] = {}  # messages dropped in this worker, by kind
         self.step_errors = 0  # steps whose steering or observation failed (run unsteered instead)
@@ -118,20 +138,17 @@ class Steerer:
             time.perf_counter() - started,
         )
 
-    def _sae_views(self) -> dict:
-        """The SAEs for reading features, their big matrices rebound to views of the banks (no second copy)."""
-        views = {}
-        for loaded in self.assets.saes.values():
-            bank = self.banks[loaded.layer]
-            entry = bank.entries[("feature", loaded.id)]
-            sae = loaded.sae
-            sae.W_dec = bank.dec[entry.offset : entry.offset + entry.size]  # [d_sae, d]
-            sae.W_enc = bank.enc[entry.offset : entry.offset + entry.size].t()  # [d, d_sae] view
-            for name in ("b_enc", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"):
-                if getattr(sae, name) is not None:
-                    setattr(sae, name, getattr(sae, name).to(device=bank.dec.device, dtype=bank.dec.dtype))
-            views[loaded.id] = sae
-        return views
+    def sae_view(self, loaded: LoadedSAE):
+        """The SAE for reading features, its big matrices rebound to views of its bank rows (no second copy)."""
+        bank = self.banks[loaded.layer]
+        entry = bank.entries[("feature", loaded.id)]
+        sae = loaded.sae
+        sae.W_dec = bank.dec[entry.offset : entry.offset + entry.size]  # [d_sae, d]
+        sae.W_enc = bank.enc[entry.offset : entry.offset + entry.size].t()  # [d, d_sae] view
+        for name in ("b_enc", "b_dec", "threshold", "b_gate", "b_mag", "r_mag"):
+            if getattr(sae, name) is not None:
+                setattr(sae, name, getattr(sae, name).to(device=bank.dec.device, dtype=bank.dec.dtype))
+        return sae
 
     def _working_set_rows(self, bank: LayerBank, max_seqs: int) -> int:
         """Every slot's every op fits unless the operator asked for fewer (a smaller graph-captured GEMM)."""
@@ -174,7 +191,7 @@ class Steerer:
                     row = bank.take_scratch(torch.from_numpy(decode_vector(o.vector)))
                     self._inline_rows.setdefault(req_id, []).append((layer, row))
                 else:
-                    row = bank.row(o.kind, o.source, o.index)
+                    row = bank.row(o.kind, o.source, o.index, o.revision)
                 rows.append(row)
             plans[layer] = LayerPlan(
                 bank_rows=np.array(rows, dtype=np.int64),
@@ -184,7 +201,9 @@ class Steerer:
                 op_codes=np.array([OP_NAMES.index(o.op) for o in layer_ops], dtype=np.int8),
                 cond_rows=np.array(
                     [
-                        bank.row("feature", o.cond_source, o.cond_index) if o.cond_sign else -1
+                        bank.row("feature", o.cond_source, o.cond_index, o.cond_revision)
+                        if o.cond_sign
+                        else -1
                         for o in layer_ops
                     ],
                     dtype=np.int64,
@@ -214,6 +233,26 @@ class Steerer:
             plan = {}
         self._plans[req_id] = (wire, plan)
         return plan
+
+    def release_requests_using(self, layer: int, offset: int, size: int) -> None:
+        """Give back the slots of requests whose plan at `layer` names bank rows [offset, offset + size)."""
+        using = []
+        for req_id in self.step.slot_of:
+            plan = self._plans.get(req_id, (None, {}))[1].get(layer)
+            if plan is None:
+                continue
+            rows = (
+                plan.bank_rows if plan.cond_rows is None else np.concatenate([plan.bank_rows, plan.cond_rows])
+            )
+            if ((rows >= offset) & (rows < offset + size)).any():
+                using.append(req_id)
+        if using:
+            self.slots.release_many(using)
+            self.slots.forget_batch()
+
+    def drop_plans(self) -> None:
+        """Forget every cached plan (they name bank rows): requests entering a slot again compile afresh."""
+        self._plans = {}
 
     def _free_inline(self, req_id: str) -> None:
         for layer, row in self._inline_rows.pop(req_id, []):
@@ -419,6 +458,7 @@ class Steerer:
         )
         self._batch = batch
         self.abort_rows = self.abort_eos = None
+        self.runtime_loads.release_retired()
         self._plan_captures(batch)
         self._prune_plans(batch.req_ids)
         return steered

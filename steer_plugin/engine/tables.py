@@ -104,6 +104,17 @@ class LayerTables:
         self._flag_counts = np.zeros(4, dtype=np.int64)
         self._norm_columns = 0
 
+    def bank_rows_changed(self) -> None:
+        """The bank's rows were rewritten (a runtime load): refresh what is derived from them. Rows a
+        working-set column holds are never rewritten (see RuntimeLoads)."""
+        bank = self.bank
+        self._bank_norm = ((bank.params[:, NORM_KIND] != 0) | (bank.params[:, CENTER] != 0)).cpu().numpy()
+
+    def uses_rows(self, offset: int, size: int) -> bool:
+        """Whether a working-set column holds a copy of any bank row in [offset, offset + size)."""
+        live = self._row_of_col[self._row_of_col >= 0]
+        return bool(((live >= offset) & (live < offset + size)).any())
+
     # --- writes when a slot changes hands ------------------------------------------------------------------
 
     def set_slot(self, slot: int, plan: LayerPlan | None) -> None:

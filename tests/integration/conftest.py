@@ -204,11 +204,15 @@ def prompt_ids(hf) -> list[int]:
 
 
 @contextmanager
-def running_server(model_dir, config_path: str, port: int, *flags: str, env: dict | None = None):
-    """`steer-serve` on the demo model (fp32, eager) until it answers /health; stopped with SIGTERM after."""
+def running_server(
+    model_dir, config_path: str, port: int, *flags: str, env: dict | None = None, compiled: bool = False
+):
+    """`steer-serve` on the demo model (fp32; eager unless `compiled`: vLLM's default compile mode) until it
+    answers /health; stopped with SIGTERM after."""
     cmd = [
         sys.executable, "-m", "steer_adapters.vllm.launcher", "--steer-config", config_path,
-        "--model", str(model_dir), "--served-model-name", "demo", "--dtype", "float32", "--enforce-eager",
+        "--model", str(model_dir), "--served-model-name", "demo", "--dtype", "float32",
+        *([] if compiled else ["--enforce-eager"]),
         "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port), *flags,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)

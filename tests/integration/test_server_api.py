@@ -248,6 +248,20 @@ def test_nan_value_is_rejected(server):
 # --- discovery and inspect ----------------------------------------------------------------------------------------
 
 
+def test_admin_routes_do_not_exist_without_runtime_config(server, demo_assets):
+    """No `runtime` section (and no admin key): runtime loads are vLLM's unknown routes, whatever the header."""
+    headers = {"X-Steer-Admin-Key": "k" * 32}
+    load = requests.post(
+        f"{BASE}/v1/steering/saes",
+        json={"id": "x", "path": str(demo_assets.sae_dir)},
+        headers=headers,
+        timeout=30,
+    )
+    unload = requests.delete(f"{BASE}/v1/steering/saes/demo", headers=headers, timeout=30)
+    assert load.status_code in (404, 405) and unload.status_code in (404, 405)
+    assert "demo" in [s["id"] for s in requests.get(f"{BASE}/v1/steering/saes", timeout=30).json()["data"]]
+
+
 def test_discovery(server, assets):
     saes = requests.get(f"{BASE}/v1/steering/saes", timeout=10).json()["data"]
     assert [(s["id"], s["layer"], s["d_sae"], s["format"]) for s in saes] == [
