@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 class SAESource(_Strict):
     """One SAE to load into every worker."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
     """Name requests use to refer to this SAE."""
     path: str
     """File or folder holding the SAE (any supported format)."""
@@ -54,7 +54,7 @@ class SAESource(_Strict):
 class VectorSource(_Strict):
     """A raw steering vector from a file: safetensors/pt with one tensor, or a .npy/.json list."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
     """Name requests use to refer to this vector."""
     path: str
     """File holding the vector [d_model]."""
@@ -112,6 +112,10 @@ class MonitoringConfig(_Strict):
     """File for the `file` sink."""
     watchlist: list[WatchItem] = Field(default_factory=list)
     """Features flagged (and counted in steer_watchlist_firings_total) when they fire above their threshold."""
+    sink_positions: int = Field(default=1, ge=0, le=64)
+    """Token positions 0..N-1 are attention sinks: their residual is huge (about 100x the others' norm on the demo
+    model) and their features mean nothing. They are flagged in inspect (`sink`), and left out of monitoring's top
+    features, watchlist counts, the L0 / reconstruction-error histograms and abort_when."""
 
     @model_validator(mode="after")
     def _path_for_file(self) -> MonitoringConfig:

@@ -469,11 +469,14 @@ class Observation:
         self.prompt_len: int | None = None
         self.next_token = 0
         self.aborted: dict | None = None  # the first abort_when condition that fired
+        self.sinks: set[int] = set()  # positions the workers flagged as attention sinks
 
     def _pull(self) -> None:
         for r in self.reader.read_new():
             self.records.append(r)
             self.prompt_len = r["P"]
+            if r.get("sink"):
+                self.sinks.add(r["pos"])
             if "abort" in r and (self.aborted is None or r["pos"] < self.aborted["pos"]):
                 self.aborted = {"pos": r["pos"], "sae": r["sae"], "hit": r["abort"]}
             self.by_pos.setdefault(r["pos"], {})[r["sae"]] = r["top"]
@@ -548,7 +551,9 @@ class Observation:
             )
         for sae_id in self.request.monitored:
             labels = self.service.catalog.saes[sae_id].labels
-            records = [r for r in self.records if r["sae"] == sae_id]
+            # Attention sinks (config monitoring.sink_positions) carry no meaning: left out of every figure.
+            records = [r for r in self.records if r["sae"] == sae_id and not r.get("sink")]
+            sinks = sum(1 for r in self.records if r["sae"] == sae_id and r.get("sink"))
             watch = []
             for w in (w for w in config.watchlist if w.sae == sae_id):
                 # The workers test every watched feature on every token (not just the top K).
@@ -573,6 +578,7 @@ class Observation:
                     "model": model,
                     "sae": sae_id,
                     "num_tokens": len(records),
+                    "sink_tokens": sinks,
                     "steered": bool(self.request.ops),
                     "top_features": monitor_log.summarise(records, sae_id, labels, config.top_k),
                     "watchlist": watch,

@@ -252,6 +252,7 @@ class ResponseRewriter:
             if self.request.inspect is not None and self.request.inspect.prompt:
                 reads = self.observation.prompt_tokens()
                 choice["steering"]["prompt_tokens"] = [r.features for r in reads]
+                choice["steering"]["prompt_sinks"] = sorted(self.observation.sinks)
                 if self.request.traced:
                     choice["steering"]["prompt_traced"] = [r.traced for r in reads]
         if not self.request.user_wants_token_ids and self.request.observe is not None:
@@ -622,8 +623,9 @@ class SteeringMiddleware:
         steering = result["choices"][0]["steering"]
         features = steering.get("prompt_tokens", [])
         strs = tokens.get("token_strs") or [None] * len(tokens["tokens"])
+        sinks = set(steering.get("prompt_sinks", []))
         data = [
-            {"position": i, "token_id": t, "token": s, "features": f}
+            {"position": i, "token_id": t, "token": s, "features": f, "sink": i in sinks}
             for i, (t, s, f) in enumerate(zip(tokens["tokens"], strs, features))
         ]
         out = {"object": "list", "model": result.get("model"), "data": data}

@@ -243,6 +243,16 @@ def pick_threads(verbose: bool = False) -> int:
     return best
 
 
+ENV_WORKERS = "STEER_BUILD_WORKERS"
+
+
+def build_workers() -> int:
+    """Processes for the build's parallel stages: ``$STEER_BUILD_WORKERS``, else every core this process may
+    use. Each runs one torch thread on whole work units, so the results do not depend on this number."""
+    mode = os.environ.get(ENV_WORKERS, "").strip()
+    return max(1, int(mode)) if mode else cpu_count()
+
+
 ENV_THREADS = "STEER_BUILD_THREADS"
 
 

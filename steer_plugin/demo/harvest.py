@@ -13,6 +13,10 @@ is dropped. The packed ``<|endoftext|>`` separators (and a few first-real-token 
 well, so every row with a norm above ``OUTLIER_NORM_FACTOR`` x the median is dropped too (~0.3%; mid-text
 ``<|im_start|>``/``<|im_end|>`` are normal, ~200). Statistics are recorded in the harvest info. The last ``EVAL_FRACTION`` of the
 windows is held out for evaluation.
+
+The forward passes run in ``build_workers()`` processes (all cores by default), each with one torch thread and
+whole batches of ``BATCH_WINDOWS`` windows: every batch is computed exactly as a single process computes it, so
+the activations are bit-for-bit the same whatever the number of cores.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import random
 import time
 from pathlib import Path
 
-from .common import LAYER, SEED, Progress, configure_threads, log
+from .common import LAYER, SEED, Progress, build_workers, configure_threads, log
 from .corpus import read_corpus
 
 CTX = 128
@@ -82,25 +86,31 @@ def build_activations(model_dir: Path, work: Path, layer: int = LAYER) -> dict:
         ref = captured.pop()
         if not torch.allclose(full, ref, rtol=1e-5, atol=1e-4):
             raise RuntimeError("hooked layer output does not match hidden_states[layer+1]")
-    model.model.layers = model.model.layers[: layer + 1]
-    model.config.num_hidden_layers = layer + 1
-    model.model.norm = torch.nn.Identity()  # not needed; saves a little work
-    model.model.layers[layer].register_forward_hook(hook)
-
     d_model = model.config.hidden_size
-    acts = torch.empty(n_win, CTX - 1, d_model, dtype=torch.float16)
-    pos0_norms = torch.empty(n_win)
+    del model
+    # Shared with the worker processes, which fill disjoint batches of windows.
+    acts = torch.empty(n_win, CTX - 1, d_model, dtype=torch.float16).share_memory_()  # [W, CTX-1, d]
+    pos0_norms = torch.empty(n_win).share_memory_()  # [W]
+    done = torch.zeros(1, dtype=torch.int64).share_memory_()  # tokens forwarded so far (progress)
+    workers = build_workers()
+    log(f"  forwarding in {workers} process(es), 1 torch thread each")
     prog = Progress("harvest", total=n_win * CTX, unit="tok")
-    with torch.inference_mode():
-        for b in range(0, n_win, BATCH_WINDOWS):
-            if (b // BATCH_WINDOWS) % 10 == 0:
-                configure_threads()
-            x = windows[b : b + BATCH_WINDOWS].long()
-            model.model(input_ids=x, use_cache=False)
-            hs = captured.pop().float()
-            pos0_norms[b : b + len(x)] = hs[:, 0].norm(dim=-1)
-            acts[b : b + len(x)] = hs[:, 1:].to(torch.float16)
-            prog.update(x.numel())
+    context = torch.multiprocessing.get_context("spawn")  # never fork a process that ran OpenMP
+    procs = [
+        context.Process(
+            target=_harvest_worker,
+            args=(str(model_dir), layer, windows, rank, workers, acts, pos0_norms, done),
+            daemon=True,
+        )
+        for rank in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    while any(proc.is_alive() for proc in procs):
+        time.sleep(1.0)
+        prog.update(int(done[0]) - prog.n)
+    if any(proc.exitcode != 0 for proc in procs):
+        raise RuntimeError(f"harvest worker failed (exit codes {[proc.exitcode for proc in procs]})")
     harvest_s = prog.done()
 
     # Norm statistics. Position 0 is already excluded; massive-norm rows elsewhere are dropped too.
@@ -175,6 +185,34 @@ def build_activations(model_dir: Path, work: Path, layer: int = LAYER) -> dict:
         "seconds": round(time.monotonic() - t0, 1),
     }
     return info
+
+
+def _harvest_worker(
+    model_dir: str, layer: int, windows, rank: int, workers: int, acts, pos0_norms, done
+) -> None:
+    """Batches rank, rank + workers, ... of the windows through the first layer + 1 layers (one torch thread):
+    each batch's residual after `layer` goes into the shared `acts` / `pos0_norms`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    configure_threads()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.model.layers = model.model.layers[: layer + 1]
+    model.config.num_hidden_layers = layer + 1
+    model.model.norm = torch.nn.Identity()  # not needed; saves a little work
+    captured: list[torch.Tensor] = []
+    model.model.layers[layer].register_forward_hook(
+        lambda _mod, _inp, out: captured.append((out[0] if isinstance(out, tuple) else out).detach())
+    )
+    starts = range(rank * BATCH_WINDOWS, windows.shape[0], workers * BATCH_WINDOWS)
+    with torch.inference_mode():
+        for b in starts:
+            x = windows[b : b + BATCH_WINDOWS].long()  # [B, CTX]
+            model.model(input_ids=x, use_cache=False)
+            hs = captured.pop().float()  # [B, CTX, d]
+            pos0_norms[b : b + len(x)] = hs[:, 0].norm(dim=-1)
+            acts[b : b + len(x)] = hs[:, 1:].to(torch.float16)
+            done += x.numel()
 
 
 def load_activations(work: Path) -> dict:

@@ -99,9 +99,10 @@ def read_features(
 class Observer:
     """Turns captured rows into per-token records on the side channel, and keeps L0 / error histograms."""
 
-    def __init__(self, saes: dict[str, SparseAutoencoder], write: bool):
+    def __init__(self, saes: dict[str, SparseAutoencoder], write: bool, sink_positions: int = 1):
         self.saes = saes
         self.write = write  # only one tensor-parallel rank writes
+        self.sink_positions = sink_positions  # positions 0..N-1: attention sinks (config.monitoring)
         self.l0 = {sid: Histogram(L0_BUCKETS) for sid in saes}
         self.error = {sid: Histogram(ERROR_BUCKETS) for sid in saes}
         self.tokens_observed = 0
@@ -134,8 +135,15 @@ class Observer:
                     for t in read_features(self.saes[sae_id], captures[sae_id][rows], top_k, watched, stats)
                 )
             )
-            if stats:  # histograms from the monitored requests' tokens only
-                monitored = np.concatenate([np.full(len(g.rows), g.stats, dtype=bool) for g in mine])
+            if stats:  # histograms from the monitored requests' tokens only, attention sinks left out
+                monitored = np.concatenate(
+                    [
+                        np.asarray(g.positions) >= self.sink_positions
+                        if g.stats
+                        else np.zeros(len(g.rows), bool)
+                        for g in mine
+                    ]
+                )
                 self.l0[sae_id].observe_many(read.l0.numpy()[monitored])
                 self.error[sae_id].observe_many(read.error.numpy()[monitored])
             self.tokens_observed += len(rows)
@@ -151,6 +159,9 @@ class Observer:
                         if v > 0
                     ]
                     record = {"pos": pos, "P": g.num_prompt, "sae": sae_id, "top": top}
+                    sink = pos < self.sink_positions
+                    if sink:
+                        record["sink"] = True
                     if g.stats:
                         record["l0"], record["err"] = l0[row], round(err[row], 5)
                     fired = [
@@ -160,7 +171,7 @@ class Observer:
                     ]
                     if fired:
                         record["watch"] = fired
-                    if pos == g.predicting and g.req_index not in hits:
+                    if pos == g.predicting and g.req_index not in hits and not sink:
                         for a in g.abort:
                             value = watch_values[row][column[a.index]]
                             if a.fires(value):

@@ -116,7 +116,9 @@ class Steerer:
         self._batch: BatchView | None = None
         self.aborts = 0
         self.observer = Observer(
-            {s.id: self.sae_view(s) for s in self.assets.saes.values()}, write=tp_rank == 0
+            {s.id: self.sae_view(s) for s in self.assets.saes.values()},
+            write=tp_rank == 0,
+            sink_positions=config.monitoring.sink_positions,
         )  # TP ranks compute the same
         self.runtime_loads = RuntimeLoads(self)
         self.features_applied: dict[str, int] = {}

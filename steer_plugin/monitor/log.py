@@ -14,10 +14,11 @@ _file_lock = threading.Lock()
 
 
 def summarise(records: list[dict], sae_id: str, labels: dict[int, str], top_k: int) -> list[dict]:
-    """The strongest features of a request over its observed tokens: max activation and token count."""
+    """The strongest features of a request over its observed tokens (attention sinks left out): max activation
+    and token count."""
     best: dict[int, list] = {}
     for r in records:
-        if r["sae"] != sae_id:
+        if r["sae"] != sae_id or r.get("sink"):
             continue
         for index, act in r["top"]:
             entry = best.setdefault(index, [0.0, 0])

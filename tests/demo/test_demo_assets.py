@@ -240,3 +240,22 @@ def test_saelens_reads_it(demo_assets, raw_sae, held_out_acts):
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), ref_feats, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(sae.decode(sae.encode(x)), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_harvest_is_the_same_bytes_on_one_or_two_processes(demo_assets, tmp_path, monkeypatch):
+    """The harvest stage forwards on every core; each process computes whole batches with one thread, so the
+    activations file must not depend on how many processes ran (checked on a slice of this build's corpus)."""
+    from steer_plugin.demo.common import sha256_file
+    from steer_plugin.demo.harvest import ACTS_FILE, build_activations
+
+    lines = (demo_assets.sae_dir.parent.parent / "work" / "corpus.jsonl").read_text().splitlines()[:40]
+    digests = []
+    for workers in ("1", "2"):
+        work = tmp_path / workers
+        work.mkdir()
+        (work / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+        monkeypatch.setenv("STEER_BUILD_WORKERS", workers)
+        info = build_activations(demo_assets.model_dir, work)
+        assert info["windows"] >= 2 * 16  # more than one batch per process
+        digests.append(sha256_file(work / ACTS_FILE))
+    assert digests[0] == digests[1]

@@ -104,3 +104,74 @@ def test_traced_feature_is_reported_on_every_token(tmp_path, monkeypatch):
     )
     records = channel.ChannelReader(CID_A).read_new()
     assert [dict(r["watch"])[traced] for r in records] == [round(float(v), 4) for v in f[:, traced]]
+
+
+def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_aborts(tmp_path, monkeypatch):
+    """sink_positions=1: position 0 is flagged `sink`, counted in no histogram, and never fires abort_when,
+    whatever its activations; position 1 is an ordinary token."""
+    from steer_plugin.spec import AbortSpec
+
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    sae = topk_sae()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    top = int((x[0] @ sae.W_enc).argmax())  # fires at position 0 (largest pre-activation, so in the top 3)
+    observer = Observer({"s": sae}, write=True, sink_positions=1)
+    channel.create(CID_A)
+    hits = observer.collect(
+        [
+            ObservedRows(
+                CID_A,
+                "s",
+                3,
+                [0, 1],
+                [0, 1],
+                1,
+                stats=True,
+                abort=(AbortSpec("s", top, -1e9, 1),),
+                predicting=0,
+                req_index=0,
+            )
+        ],
+        {"s": x},
+    )
+    records = channel.ChannelReader(CID_A).read_new()
+    assert [r.get("sink", False) for r in records] == [True, False]
+    assert hits == []  # the condition holds at position 0 (any activation > -1e9), but it is a sink
+    snapshot = observer.snapshot()
+    assert (
+        sum(snapshot["l0"]["s"]["counts"]) == 1 and sum(snapshot["reconstruction_error"]["s"]["counts"]) == 1
+    )
+    # The same read without a sink rule fires and counts both tokens.
+    channel.create(CID_B)
+    plain = Observer({"s": sae}, write=True, sink_positions=0)
+    assert plain.collect(
+        [
+            ObservedRows(
+                CID_B,
+                "s",
+                3,
+                [0, 1],
+                [0, 1],
+                1,
+                stats=True,
+                abort=(AbortSpec("s", top, -1e9, 1),),
+                predicting=0,
+                req_index=0,
+            )
+        ],
+        {"s": x},
+    )
+    assert sum(plain.snapshot()["l0"]["s"]["counts"]) == 2
+
+
+def test_monitoring_summary_leaves_sinks_out():
+    from steer_plugin.monitor.log import summarise
+
+    records = [
+        {"pos": 0, "sae": "s", "top": [[7, 900.0]], "sink": True},
+        {"pos": 1, "sae": "s", "top": [[3, 2.0], [7, 1.0]]},
+    ]
+    assert summarise(records, "s", {}, 5) == [
+        {"index": 3, "max_activation": 2.0, "tokens": 1, "label": None},
+        {"index": 7, "max_activation": 1.0, "tokens": 1, "label": None},
+    ]

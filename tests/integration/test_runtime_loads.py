@@ -20,7 +20,9 @@ pytestmark = pytest.mark.server
 PORT = 18797 + int(os.environ.get("STEER_TEST_PORT_OFFSET", "0"))  # offset: parallel checkouts
 BASE = f"http://127.0.0.1:{PORT}"
 KEY = "runtime-test-admin-key-0123456789"
-ADMIN = {"X-Steer-Admin-Key": KEY}
+API_KEY = "runtime-test-api-key"  # vLLM's own --api-key: the admin routes need both
+BEARER = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"X-Steer-Admin-Key": KEY, **BEARER}
 RUNTIME_LAYER = 5  # nothing configured here: the op runs only because the layer is reserved
 FEATURE, VALUE = 100, 60.0
 MESSAGES = [{"role": "user", "content": "Describe a famous landmark in one sentence."}]
@@ -56,13 +58,15 @@ def server(demo_assets, steer_config_path, assets, sae_layer, root, tmp_path_fac
     path = tmp_path_factory.mktemp("runtime-config") / "steer.json"
     path.write_text(json.dumps(config))
     env = {**os.environ, "STEER_ADMIN_KEY": KEY}
-    with running_server(demo_assets.model_dir, str(path), PORT, env=env, compiled=True) as proc:
+    with running_server(
+        demo_assets.model_dir, str(path), PORT, "--api-key", API_KEY, env=env, compiled=True
+    ) as proc:
         yield proc
 
 
 def chat(steering: dict | None = None, **extra) -> dict:
     body = {**BODY, **extra, **({"steering": steering} if steering else {})}
-    reply = requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=300)
+    reply = requests.post(f"{BASE}/v1/chat/completions", json=body, headers=BEARER, timeout=300)
     assert reply.status_code == 200, reply.text
     return reply.json()["choices"][0]
 
@@ -76,7 +80,7 @@ def admin(method: str, path: str, body=None, headers=ADMIN, data: bytes | None =
 
 
 def metric(name: str, **labels) -> float:
-    text = requests.get(f"{BASE}/metrics", timeout=30).text
+    text = requests.get(f"{BASE}/metrics", headers=BEARER, timeout=30).text
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -93,7 +97,10 @@ def test_runtime_sae_lifecycle_under_compile_mode(server, root):
     loaded = admin("POST", "/v1/steering/saes", {"id": "demo2", "path": str(root / "demo-copy")})
     assert loaded.status_code == 201, loaded.text
     revision = loaded.json()["revision"]
-    listed = {s["id"]: s for s in requests.get(f"{BASE}/v1/steering/saes", timeout=30).json()["data"]}
+    listed = {
+        s["id"]: s
+        for s in requests.get(f"{BASE}/v1/steering/saes", headers=BEARER, timeout=30).json()["data"]
+    }
     assert listed["demo2"]["revision"] == revision and listed["demo"]["revision"] is None
     configured, runtime = chat(clamp("demo")), chat(clamp("demo2"))
     assert runtime["message"]["content"] == configured["message"]["content"] != plain["message"]["content"]
@@ -107,6 +114,7 @@ def test_runtime_sae_lifecycle_under_compile_mode(server, root):
         f"{BASE}/v1/chat/completions",
         json={**BODY, "max_tokens": 200, "stream": True, "steering": clamp("demo2")},
         stream=True,
+        headers=BEARER,
         timeout=300,
     )
     lines = stream.iter_lines()
@@ -118,7 +126,7 @@ def test_runtime_sae_lifecycle_under_compile_mode(server, root):
     gone = admin("DELETE", "/v1/steering/saes/demo2")
     assert gone.status_code == 200 and gone.json()["deleted"], gone.text
     unknown = requests.post(
-        f"{BASE}/v1/chat/completions", json={**BODY, "steering": clamp("demo2")}, timeout=60
+        f"{BASE}/v1/chat/completions", json={**BODY, "steering": clamp("demo2")}, headers=BEARER, timeout=60
     )
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "steering.features[0].sae"
 
@@ -151,16 +159,23 @@ def test_runtime_vector_at_an_unconfigured_layer_equals_the_same_vector_inline(s
 @pytest.mark.parametrize(
     ("method", "path", "body", "headers", "status", "param"),
     [
-        ("POST", "/v1/steering/saes", {"id": "x", "path": "ROOT/demo-copy"}, {}, 401, "x-steer-admin-key"),
         (
             "POST",
             "/v1/steering/saes",
             {"id": "x", "path": "ROOT/demo-copy"},
-            {"X-Steer-Admin-Key": "no"},
+            BEARER,
             401,
             "x-steer-admin-key",
         ),
-        ("DELETE", "/v1/steering/saes/demo", None, {}, 401, "x-steer-admin-key"),
+        (
+            "POST",
+            "/v1/steering/saes",
+            {"id": "x", "path": "ROOT/demo-copy"},
+            {"X-Steer-Admin-Key": "no", **BEARER},
+            401,
+            "x-steer-admin-key",
+        ),
+        ("DELETE", "/v1/steering/saes/demo", None, BEARER, 401, "x-steer-admin-key"),
         ("POST", "/v1/steering/saes", {"id": "x", "path": "/etc"}, ADMIN, 403, "path"),
         (
             "POST",
@@ -219,7 +234,7 @@ def test_admin_malformed_bodies_are_400(server, raw):
 
 
 def test_openapi_documents_the_admin_routes(server):
-    doc = requests.get(f"{BASE}/openapi.json", timeout=30).json()
+    doc = requests.get(f"{BASE}/openapi.json", headers=BEARER, timeout=30).json()
     assert (
         "post" in doc["paths"]["/v1/steering/saes"] and "delete" in doc["paths"]["/v1/steering/vectors/{id}"]
     )
@@ -229,3 +244,73 @@ def test_openapi_documents_the_admin_routes(server):
     ):
         props = doc["components"]["schemas"][name]["properties"]
         assert fields <= set(props) and all(props[f].get("description") for f in fields)
+
+
+def test_admin_routes_also_need_the_servers_api_key(server, root):
+    """vLLM's --api-key guards the admin routes like every other (checked before the admin key)."""
+    body = {"id": "x", "path": str(root / "demo-copy")}
+    for headers in ({"X-Steer-Admin-Key": KEY}, {"X-Steer-Admin-Key": KEY, "Authorization": "Bearer wrong"}):
+        assert admin("POST", "/v1/steering/saes", body, headers=headers).status_code == 401
+        assert admin("DELETE", "/v1/steering/saes/demo", headers=headers).status_code == 401
+    assert "x" not in [
+        s["id"] for s in requests.get(f"{BASE}/v1/steering/saes", headers=BEARER, timeout=30).json()["data"]
+    ]
+
+
+def test_bounded_admin_fuzz_never_breaks_the_server(server, root):
+    """Valid load bodies with one field replaced by junk: every answer a 2xx or a 4xx/507 in the OpenAI error
+    shape, never a 5xx; whatever loads is unloaded; unsteered output never drifts."""
+    import random
+
+    rng = random.Random(7)
+    junk = [
+        None,
+        "",
+        "x" * 5000,
+        -1,
+        2**80,
+        1e308,
+        float("nan"),
+        True,
+        [],
+        {},
+        [[[]]],
+        {"a": {"b": {}}},
+        "../../etc",
+        "/",
+    ]
+    valid = [
+        ("saes", {"id": "f", "path": str(root / "demo-copy")}),
+        ("vectors", {"id": "g", "path": str(root / "vec.safetensors"), "layer": RUNTIME_LAYER}),
+    ]
+    fields = [
+        "id",
+        "path",
+        "layer",
+        "format",
+        "labels",
+        "options",
+        "dtype",
+        "allow_pickle",
+        "tensor",
+        "neuronpedia_id",
+    ]
+    reference = chat(max_tokens=4)["message"]["content"]
+    statuses: dict[int, int] = {}
+    for i in range(60):
+        segment, body = rng.choice(valid)
+        body = dict(body)
+        body[rng.choice(fields)] = rng.choice(junk)
+        raw = json.dumps(body, allow_nan=True).encode()
+        reply = admin(
+            "POST", f"/v1/steering/{segment}", data=raw, headers={**ADMIN, "Content-Type": "application/json"}
+        )
+        statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+        assert reply.status_code in (201, 400, 403, 404, 409, 507), (body, reply.text[:300])
+        if reply.status_code == 201:
+            assert admin("DELETE", f"/v1/steering/{segment}/{reply.json()['id']}").status_code == 200
+        else:
+            assert {"message", "type", "param", "code"} <= set(reply.json()["error"])
+        if i % 20 == 19:
+            assert chat(max_tokens=4)["message"]["content"] == reference
+    assert sum(v for k, v in statuses.items() if 400 <= k < 500) >= 30, statuses

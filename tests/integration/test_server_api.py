@@ -344,6 +344,7 @@ def test_inspect_endpoint_matches_reference_encode(server, hf, assets, sae_layer
     assert reply.status_code == 200, reply.text
     data = reply.json()["data"]
     ids = [d["token_id"] for d in data]
+    assert [d["sink"] for d in data] == [True] + [False] * (len(data) - 1)  # monitoring.sink_positions = 1
     x = hf.residual_after(sae_layer, ids)  # [T, d]
     f = assets.saes["demo"].sae.encode(x)  # [T, d_sae]
     checked = 0
@@ -611,6 +612,7 @@ def test_monitoring_log_lines(server, client, server_config):
         "model",
         "sae",
         "num_tokens",
+        "sink_tokens",
         "steered",
         "top_features",
         "watchlist",
@@ -621,6 +623,49 @@ def test_monitoring_log_lines(server, client, server_config):
     assert len(record["top_features"]) == 4
     assert set(record["top_features"][0]) == {"index", "max_activation", "tokens", "label"}
     assert record["watchlist"][0]["index"] == WATCHED and record["watchlist"][0]["tokens"] >= 4
+    assert record["sink_tokens"] == 0  # generated tokens only: none at position 0
+
+
+def _monitor_line(server_config, request_id: str) -> dict:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        lines = server_config["monitor"].read_text().splitlines() if server_config["monitor"].exists() else []
+        mine = [json.loads(line) for line in lines if request_id in line]
+        if mine:
+            return mine[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no monitoring line for {request_id}")
+
+
+def test_attention_sink_is_flagged_and_left_out_of_monitoring(server, hf, sae_layer, server_config):
+    """Position 0's residual is ~100x the others' (measured here on the HF reference): inspect flags it as
+    a sink, and the monitoring line of the same request counts it apart, its features in no top list."""
+    ids = hf.tokenizer("The Golden Gate Bridge is red.").input_ids
+    norms = hf.residual_after(sae_layer, ids).norm(dim=-1)  # [T]
+    assert norms[0] > 50 * norms[1:].median()
+    reply = requests.post(
+        f"{BASE}/v1/completions",
+        json={
+            "model": "demo",
+            "prompt": ids,
+            "max_tokens": 3,
+            "temperature": 0,
+            "steering": {"inspect": {"prompt": True, "top_k": 8}},
+        },
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    steering = reply.json()["choices"][0]["steering"]
+    assert steering["prompt_sinks"] == [0]
+    sink_features = {f["index"] for f in steering["prompt_tokens"][0]["demo"]}
+    other_features = {f["index"] for t in steering["prompt_tokens"][1:] for f in t["demo"]}
+    other_features |= {f["index"] for t in steering["tokens"] for f in t["demo"]}
+    line = _monitor_line(server_config, reply.json()["id"])
+    # Positions read: the prompt's (the last one predicts generated token 1), then one per later token.
+    assert line["sink_tokens"] == 1 and line["num_tokens"] == (len(ids) + 3 - 1) - 1
+    only_at_sink = sink_features - other_features
+    assert only_at_sink, "the sink's top features all fire elsewhere too: this check would prove nothing"
+    assert not only_at_sink & {f["index"] for f in line["top_features"]}
 
 
 # --- inline vectors, conditional operations, abort_when -----------------------------------------------------
