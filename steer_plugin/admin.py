@@ -85,6 +85,16 @@ class Admin:
         if not isinstance(body, dict):
             raise SpecError("body", "must be a JSON object")
         model = SAESource if kind == "sae" else VectorSource
+        if kind == "sae":  # naming by release resolves (and may download) from the Hub: at start-up only
+            for key in ("release", "sae_id", "neuronpedia", "hub_revision"):
+                if key in body:
+                    raise SpecError(
+                        key,
+                        "runtime loads take a `path` under runtime.roots; SAEs named by `release` + `sae_id` "
+                        "or `neuronpedia` are resolved from the configuration at start-up",
+                    )
+            if "path" not in body:
+                raise SpecError("path", "Field required")
         try:
             source = model.model_validate(body)
         except ValidationError as err:

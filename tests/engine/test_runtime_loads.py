@@ -288,6 +288,16 @@ def test_admin_refuses_unloading_what_running_requests_use(root, tmp_path, monke
     "body, status, param",
     [
         ({"id": "t"}, 400, "path"),
+        (
+            {
+                "id": "t",
+                "release": "gemma-scope-2b-pt-res-canonical",
+                "sae_id": "layer_2/width_16k/canonical",
+            },
+            400,
+            "release",
+        ),
+        ({"id": "t", "neuronpedia": "gemma-2-2b/2-gemmascope-res-16k"}, 400, "neuronpedia"),
         ({"id": "bad id!", "path": "ROOT/t"}, 400, "id"),
         ({"id": "t", "path": "ROOT/t", "rows": 3}, 400, "rows"),
         ({"id": "t", "path": "relative/t"}, 400, "path"),
