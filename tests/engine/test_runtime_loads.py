@@ -358,3 +358,12 @@ def test_copying_a_root_elsewhere_keeps_paths_inside(root, tmp_path):
     assert admin._allowed_path("path", str(root / "vec.safetensors")) == str(root / "vec.safetensors")
     with pytest.raises(SpecError):
         admin._allowed_path("path", str(tmp_path / "outside.safetensors"))
+
+
+def test_the_admin_schema_takes_a_path_and_no_hub_names():
+    """Runtime loads refuse SAEs named by release / Neuronpedia (start-up only): /openapi.json says so."""
+    from steer_adapters.vllm.middleware import add_steering_to_openapi
+
+    schema = add_steering_to_openapi({}, admin=True)["components"]["schemas"]["SAESource"]
+    assert "path" in schema["required"] and schema["properties"]["path"].get("description")
+    assert not {"release", "sae_id", "neuronpedia", "hub_revision"} & set(schema["properties"])
