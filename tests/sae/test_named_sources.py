@@ -205,6 +205,27 @@ def test_a_saelens_release_gets_the_registry_settings_its_config_lacks(registry_
     assert load_sae_source(cfg.saes[0], "saes[0]").sae.center_input is False
 
 
+def test_a_registry_entry_that_is_one_file_resolves_to_that_file(registry_yaml, hub):
+    release = "goodfire-llama-3.1-8b-instruct"
+    (sae,) = registry_yaml[release]["saes"]  # one .pth, as the registry names it
+    repo_id = registry_yaml[release]["repo_id"]
+    gen = torch.Generator().manual_seed(9)
+    state = {
+        "encoder_linear.weight": torch.randn(24, D_IN, generator=gen),
+        "encoder_linear.bias": torch.randn(24, generator=gen),
+        "decoder_linear.weight": torch.randn(D_IN, 24, generator=gen),
+        "decoder_linear.bias": torch.randn(D_IN, generator=gen),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    snapshot = cache_repo(hub, repo_id, "f" * 40, {sae["path"]: buf.getvalue()})
+    cfg = parse_config(config(neuronpedia=sae["neuronpedia"]))
+    assert Path(cfg.saes[0].local_path) == snapshot / sae["path"]
+    loaded = load_sae_source(cfg.saes[0], "saes[0]")
+    assert torch.equal(loaded.sae.W_enc, state["encoder_linear.weight"].t())
+    assert loaded.neuronpedia_id == sae["neuronpedia"]
+
+
 def test_a_registry_norm_scaling_factor_scales_the_input(registry_yaml, hub):
     (release, sae_id, factor, path, repo_id) = next(
         (r, s["id"], s["norm_scaling_factor"], s["path"], v["repo_id"])
