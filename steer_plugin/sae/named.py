@@ -297,10 +297,8 @@ def _resolve(
         if format is None:
             raise
         fmt, options = format, {}
-    if (
-        format is not None and format != fmt
-    ):  # the operator's loader: the registry's settings were for another
-        fmt, options = format, {}
+    if format is not None and format != fmt:
+        fmt, options = format, {}  # the operator's loader: the registry's settings were meant for another
     local, commit = _fetch(entry, revision, fmt)
     return ResolvedSAE(entry, str(local), commit, fmt, options)
 

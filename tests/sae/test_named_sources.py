@@ -205,6 +205,26 @@ def test_a_saelens_release_gets_the_registry_settings_its_config_lacks(registry_
     assert load_sae_source(cfg.saes[0], "saes[0]").sae.center_input is False
 
 
+def test_a_registry_normalisation_override_reaches_the_loader(registry_yaml, hub):
+    release, value = next(
+        (r, v)
+        for r, v in registry_yaml.items()
+        if v.get("conversion_func") is None and "normalize_activations" in (v.get("config_overrides") or {})
+    )
+    sae = value["saes"][0]
+    norm = value["config_overrides"]["normalize_activations"]
+    cfg_json = {
+        "d_in": D_IN,
+        "d_sae": 24,
+        "architecture": "standard",
+        "normalize_activations": "none",  # what the file says; the registry says otherwise
+        "metadata": {"sae_lens_version": "6.0.0", "hook_name": "blocks.8.hook_resid_pre"},
+    }
+    cache_repo(hub, value["repo_id"], "9" * 40, saelens_files(sae["path"], cfg_json, saelens_tensors(seed=8)))
+    loaded = load_sae_source(parse_config(config(release=release, sae_id=sae["id"])).saes[0], "saes[0]")
+    assert loaded.sae.per_token_norm == norm
+
+
 def test_a_registry_entry_that_is_one_file_resolves_to_that_file(registry_yaml, hub):
     release = "goodfire-llama-3.1-8b-instruct"
     (sae,) = registry_yaml[release]["saes"]  # one .pth, as the registry names it
