@@ -35,6 +35,9 @@ ADMIN_KEY_HEADER = b"x-steer-admin-key"
 KINDS = {"saes": "sae", "vectors": "vector"}  # route segment -> kind
 Broadcast = Callable[[dict], Awaitable[list[dict]]]  # a LoadCommand to every worker -> their LoadOutcomes
 LOAD_TIMEOUT_S = 600.0
+START_UP_ONLY_KEYS = ("release", "sae_id", "neuronpedia", "hub_revision")
+"""SAESource keys that name an SAE through the Hub registry: resolved from the configuration at start-up, refused
+by runtime loads (which take a `path` under runtime.roots)."""
 
 
 class InFlight:
@@ -85,6 +88,16 @@ class Admin:
         if not isinstance(body, dict):
             raise SpecError("body", "must be a JSON object")
         model = SAESource if kind == "sae" else VectorSource
+        if kind == "sae":  # naming by release resolves (and may download) from the Hub: at start-up only
+            for key in START_UP_ONLY_KEYS:
+                if key in body:
+                    raise SpecError(
+                        key,
+                        "runtime loads take a `path` under runtime.roots; SAEs named by `release` + `sae_id` "
+                        "or `neuronpedia` are resolved from the configuration at start-up",
+                    )
+            if "path" not in body:
+                raise SpecError("path", "Field required")
         try:
             source = model.model_validate(body)
         except ValidationError as err:

@@ -99,12 +99,12 @@ def _sae_layer(source: SAESource, sae: SparseAutoencoder, key: str) -> int:
     layer = sae.metadata.layer
     if source.layer is not None and layer is not None and source.layer != layer:
         raise ConfigError(
-            f"{key}.layer is {source.layer} but the SAE at {source.path} reads layer {layer} "
+            f"{key}.layer is {source.layer} but the SAE at {source.local_path} reads layer {layer} "
             f"(hook {sae.metadata.hook_name!r})"
         )
     layer = source.layer if source.layer is not None else layer
     if layer is None:
-        raise ConfigError(f"{key}.layer: the SAE at {source.path} does not say its layer; set `layer`")
+        raise ConfigError(f"{key}.layer: the SAE at {source.local_path} does not say its layer; set `layer`")
     return layer
 
 
@@ -152,19 +152,28 @@ def load_sae_source(
     from steer_plugin.sae.loading import load_sae
 
     try:
-        sae = load_sae(source.path, source.format, allow_pickle=source.allow_pickle, **source.options)
+        resolved = source.resolve()  # a named SAE: resolved when the config was loaded
+    except ValueError as err:
+        raise ConfigError(f"{key}.{getattr(err, 'field', 'release')} ({source.id}): {err}") from None
+    path = source.local_path
+    fmt = source.format or (resolved.format if resolved else None)
+    options = {**(resolved.options if resolved else {}), **source.options}  # the operator's own win
+    try:
+        sae = load_sae(path, fmt, allow_pickle=source.allow_pickle, **options)
     except (ValueError, OSError) as err:
         raise ConfigError(f"{key} ({source.id}): {err}") from None
     layer = _sae_layer(source, sae, key)
     if d_model is not None and sae.d_in != d_model:
-        raise ConfigError(
-            f"{key} ({source.id}): SAE d_in {sae.d_in} != model d_model {d_model} ({source.path})"
-        )
+        raise ConfigError(f"{key} ({source.id}): SAE d_in {sae.d_in} != model d_model {d_model} ({path})")
     labels_path = source.labels or os.path.join(
-        source.path if os.path.isdir(source.path) else os.path.dirname(source.path), "labels.json"
+        path if os.path.isdir(path) else os.path.dirname(path), "labels.json"
     )
     labels, maxima = load_labels(labels_path) if os.path.exists(labels_path) else ({}, {})
-    neuronpedia_id = source.neuronpedia_id or sae.metadata.neuronpedia_id
+    neuronpedia_id = (
+        source.neuronpedia_id
+        or (resolved.neuronpedia_id if resolved else None)
+        or sae.metadata.neuronpedia_id
+    )
     explained = {}
     if source.explanations and explanations:
         loaded = load_explanations(

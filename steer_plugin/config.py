@@ -11,9 +11,20 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+if TYPE_CHECKING:
+    from steer_plugin.sae.named import ResolvedSAE
 
 CONFIG_ENV = "STEER_PLUGIN_CONFIG"
 ADDITIONAL_CONFIG_KEY = "steer_plugin"
@@ -24,13 +35,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+def _key_error(key: str, message: str) -> ValidationError:
+    """A validation error located at `key` of the model being validated (pydantic nests it under the
+    model's own location, e.g. `saes.0.sae_id`)."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    error = InitErrorDetails(type=PydanticCustomError("steer_config", message), loc=(key,), input=None)
+    return ValidationError.from_exception_data("SAESource", [error])
+
+
 class SAESource(_Strict):
-    """One SAE to load into every worker."""
+    """One SAE to load into every worker, named by exactly one of `path`, `release` + `sae_id`, `neuronpedia`."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
     """Name requests use to refer to this SAE."""
-    path: str
+    path: str | None = None
     """File or folder holding the SAE (any supported format)."""
+    release: str | None = None
+    """SAELens release, a key of the registry the sae-lens package ships (`pretrained_saes.yaml`), e.g.
+    `gemma-scope-2b-pt-res-canonical`; with `sae_id`. Resolved at start-up to the release's Hugging Face Hub
+    repo and fetched into the local HF cache (used as is when already there; HF_HUB_OFFLINE honoured)."""
+    sae_id: str | None = None
+    """SAE id within `release`, e.g. `layer_20/width_16k/canonical`."""
+    neuronpedia: str | None = Field(default=None, pattern=r"^[^/\s]+/[^/\s]+$")
+    """Neuronpedia source `model/source`, e.g. `gemma-2-2b/20-gemmascope-res-16k`: the registry's SAE with that
+    Neuronpedia id, resolved like `release` + `sae_id`."""
+    hub_revision: str | None = None
+    """Branch, tag or commit of the Hub repo of a `release` / `neuronpedia` SAE (default `main`)."""
     format: str | None = None
     """Force a loader (see steer_plugin.sae.FORMATS); detected from the files when unset."""
     layer: int | None = Field(default=None, ge=0)
@@ -49,6 +80,70 @@ class SAESource(_Strict):
     """Allow non-weights-only pickle loading for .pt/.pth files (only for trusted files)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the SAE is kept in on the worker; `auto` uses the model's dtype."""
+
+    _resolved: ResolvedSAE | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_name(self) -> SAESource:
+        named = [
+            key
+            for key, given in (
+                ("path", self.path is not None),
+                ("release", self.release is not None or self.sae_id is not None),
+                ("neuronpedia", self.neuronpedia is not None),
+            )
+            if given
+        ]
+        if len(named) != 1:
+            got = f"got {' and '.join(f'`{k}`' for k in named)}" if named else "got none"
+            raise _key_error(
+                named[1] if named else "path",
+                f"name the SAE by exactly one of `path`, `release` + `sae_id`, `neuronpedia` ({got})",
+            )
+        if (self.release is None) != (self.sae_id is None):
+            missing, given = ("sae_id", "release") if self.sae_id is None else ("release", "sae_id")
+            raise _key_error(missing, f"`{missing}` is required with `{given}`")
+        if self.path is not None and self.hub_revision is not None:
+            raise _key_error(
+                "hub_revision", "`hub_revision` applies to `release` / `neuronpedia` SAEs, not to `path`"
+            )
+        if self.neuronpedia and self.neuronpedia_id and self.neuronpedia_id != self.neuronpedia:
+            raise _key_error(
+                "neuronpedia_id",
+                f"`neuronpedia_id` {self.neuronpedia_id!r} contradicts `neuronpedia` {self.neuronpedia!r}",
+            )
+        return self
+
+    @property
+    def named(self) -> bool:
+        """Whether the SAE is named by `release` + `sae_id` or `neuronpedia` rather than `path`."""
+        return self.path is None
+
+    def resolve(self) -> ResolvedSAE | None:
+        """For a named SAE, where it is in the local Hugging Face cache (resolved once, downloaded if missing
+        and allowed); None for a `path`. NamedSAEError (a ValueError with `.field`) when it cannot be."""
+        if self.path is not None:
+            return None
+        if self._resolved is None:
+            from steer_plugin.sae.named import resolve_named
+
+            self._resolved = resolve_named(
+                release=self.release,
+                sae_id=self.sae_id,
+                neuronpedia=self.neuronpedia,
+                revision=self.hub_revision,
+                format=self.format,
+            )
+        return self._resolved
+
+    @property
+    def local_path(self) -> str:
+        """The file or folder the loaders read: `path`, or the named SAE's folder in the HF cache."""
+        if self.path is not None:
+            return self.path
+        resolved = self.resolve()
+        assert resolved is not None
+        return resolved.local_path
 
 
 class VectorSource(_Strict):
@@ -249,7 +344,11 @@ class SteerConfig(_Strict):
 
         # The admin key changes no graph: a new key must not cost a recompile.
         digest = hashlib.sha256(self.model_dump_json(exclude={"runtime": {"admin_key"}}).encode())
-        for path in [s.path for s in self.saes] + [v.path for v in self.vectors]:
+        for sae in self.saes:
+            resolved = sae.resolve()  # a named SAE: the repo commit and folder its files come from
+            if resolved is not None:
+                digest.update(resolved.describe().encode())
+        for path in [s.local_path for s in self.saes] + [v.path for v in self.vectors]:
             root = Path(path)
             files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [root]
             for file in files:
@@ -283,7 +382,8 @@ def parse_config(data: dict, source: str = "<dict>") -> SteerConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
     base = Path(source).parent if source not in ("<dict>", "<env>") else Path.cwd()
     for item in [*config.saes, *config.vectors]:
-        item.path = str((base / item.path).resolve()) if not os.path.isabs(item.path) else item.path
+        if item.path is not None and not os.path.isabs(item.path):
+            item.path = str((base / item.path).resolve())
     for sae in config.saes:
         if sae.labels and not os.path.isabs(sae.labels):
             sae.labels = str((base / sae.labels).resolve())
@@ -293,7 +393,22 @@ def parse_config(data: dict, source: str = "<dict>") -> SteerConfig:
         config.runtime.roots = [str((base / root).resolve()) for root in config.runtime.roots]
     if config.monitoring.path and not os.path.isabs(config.monitoring.path):
         config.monitoring.path = str((base / config.monitoring.path).resolve())
+    resolve_named_saes(config, source)
     return config
+
+
+def resolve_named_saes(config: SteerConfig, source: str = "<dict>") -> None:
+    """Find every SAE named by `release` + `sae_id` or `neuronpedia` in the local Hugging Face cache (fetching
+    it when missing and allowed): at config load, in every process, never per request. ConfigError naming the
+    entry's key (`saes[0].sae_id`) otherwise."""
+    for i, sae in enumerate(config.saes):
+        if not sae.named:
+            continue
+        try:
+            sae.resolve()
+        except ValueError as err:
+            key = f"saes[{i}].{getattr(err, 'field', 'release')}"
+            raise ConfigError(f"invalid steer_plugin config ({source}):\n  {key} ({sae.id}): {err}") from None
 
 
 def load_config_file(path: str | os.PathLike) -> SteerConfig:

@@ -30,7 +30,7 @@ from steer_adapters.vllm import glue, sse
 from steer_adapters.vllm.compare import DEFAULT, STEERED, CompareMerger
 
 from steer_plugin import playground
-from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S
+from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S, START_UP_ONLY_KEYS
 from steer_plugin.body import lax_int, parse_json, refuse_reserved_keys
 from steer_plugin.config import SAESource, VectorSource, config_from_sources
 from steer_plugin.metrics import (
@@ -142,7 +142,12 @@ def _add_admin_paths(doc: dict, schemas: dict) -> None:
     key = {"name": "X-Steer-Admin-Key", "in": "header", "required": True, "schema": {"type": "string"}}
     paths = doc.setdefault("paths", {})
     for segment, model in (("saes", SAESource), ("vectors", VectorSource)):
-        schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        if model is SAESource:  # a runtime load takes a path; SAEs named by release are start-up only
+            for name in START_UP_ONLY_KEYS:
+                schema["properties"].pop(name, None)
+            schema["required"] = sorted({*schema.get("required", []), "path"})
+        schemas[model.__name__] = schema
         body = {"$ref": f"#/components/schemas/{model.__name__}"}
         paths[f"/v1/steering/{segment}"] = {
             "post": {

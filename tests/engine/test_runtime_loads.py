@@ -288,6 +288,16 @@ def test_admin_refuses_unloading_what_running_requests_use(root, tmp_path, monke
     "body, status, param",
     [
         ({"id": "t"}, 400, "path"),
+        (
+            {
+                "id": "t",
+                "release": "gemma-scope-2b-pt-res-canonical",
+                "sae_id": "layer_2/width_16k/canonical",
+            },
+            400,
+            "release",
+        ),
+        ({"id": "t", "neuronpedia": "gemma-2-2b/2-gemmascope-res-16k"}, 400, "neuronpedia"),
         ({"id": "bad id!", "path": "ROOT/t"}, 400, "id"),
         ({"id": "t", "path": "ROOT/t", "rows": 3}, 400, "rows"),
         ({"id": "t", "path": "relative/t"}, 400, "path"),
@@ -348,3 +358,12 @@ def test_copying_a_root_elsewhere_keeps_paths_inside(root, tmp_path):
     assert admin._allowed_path("path", str(root / "vec.safetensors")) == str(root / "vec.safetensors")
     with pytest.raises(SpecError):
         admin._allowed_path("path", str(tmp_path / "outside.safetensors"))
+
+
+def test_the_admin_schema_takes_a_path_and_no_hub_names():
+    """Runtime loads refuse SAEs named by release / Neuronpedia (start-up only): /openapi.json says so."""
+    from steer_adapters.vllm.middleware import add_steering_to_openapi
+
+    schema = add_steering_to_openapi({}, admin=True)["components"]["schemas"]["SAESource"]
+    assert "path" in schema["required"] and schema["properties"]["path"].get("description")
+    assert not {"release", "sae_id", "neuronpedia", "hub_revision"} & set(schema["properties"])

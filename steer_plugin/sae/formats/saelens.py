@@ -74,18 +74,22 @@ def load(
     allow_pickle: bool = False,
     norm_scaling_factor: float | None = None,
     center_input: bool | None = None,
+    normalize_activations: str | None = None,
 ) -> SparseAutoencoder:
     """Load an SAELens folder.
 
     norm_scaling_factor: for `normalize_activations: expected_average_only_in`, the dataset-wise input scale
         (SAELens keeps it in pretrained_saes.yaml, not in cfg.json); without it the SAE runs unscaled.
     center_input: override the config's center_writing_weights (subtract the per-token mean before encoding).
+    normalize_activations: override the config's (SAELens' registry does so for some releases).
     """
     del allow_pickle  # safetensors only
     folder = _folder(path) or path
     cfg_path = folder / CFG_FILE
     raw = read_json(cfg_path)
     cfg = parse_config(raw, cfg_path)
+    if normalize_activations is not None:
+        cfg.normalize_activations = normalize_activations
     weights_path = folder / WEIGHTS_FILE
     reader = TensorReader(weights_path, load_safetensors(weights_path))
     reader.set_dim("d_in", cfg.d_in, f"{CFG_FILE} 'd_in'")
