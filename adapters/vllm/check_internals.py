@@ -437,9 +437,13 @@ def _check_one_static(tree: SourceTree, internal: Internal) -> list[str]:
             return ["can no longer be run with python -m (no __main__ block)"]
         return []
     if internal.kind == "text":
-        if internal.key not in (tree.source(internal.module) or ""):
-            return [f"no longer contains `{internal.key}`"]
-        return []
+        text = tree.source(internal.module) or ""
+        if internal.name:
+            found = _resolve(tree, internal.module, internal.name)
+            if found is None or found.module != internal.module:
+                return [f"is gone: {internal.module} has no {internal.name}"]
+            text = ast.get_source_segment(text, found.node) or ""
+        return [] if internal.key in text else [f"no longer contains `{internal.key}`"]
     head, _, member = internal.name.partition(".")
     found = _resolve(tree, internal.module, head)
     if found is None:
@@ -537,7 +541,10 @@ def _check_one_live(internal: Internal) -> list[str]:
                 return ["can no longer be run with python -m (no __main__ block)"]
         return []
     if internal.kind == "text":
-        return [] if internal.key in inspect.getsource(module) else [f"no longer contains `{internal.key}`"]
+        if internal.name and not hasattr(module, internal.name):
+            return [f"is gone: {internal.module} has no {internal.name}"]
+        text = inspect.getsource(getattr(module, internal.name) if internal.name else module)
+        return [] if internal.key in text else [f"no longer contains `{internal.key}`"]
     head, _, member = internal.name.partition(".")
     if not hasattr(module, head):
         return [f"is gone: {internal.module} has no {head}"]
@@ -660,8 +667,16 @@ class Fetched(NamedTuple):
 
 def fetch_wheel(version: str, cache: Path | None = None) -> Fetched:
     """The `vllm==version` wheel (the CUDA build on PyPI), from the cache or downloaded into it with pip."""
+    import fcntl
+
     cache = cache or wheel_cache()
     cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs on one machine: one downloads, the others wait
+        return _fetch_locked(version, cache)
+
+
+def _fetch_locked(version: str, cache: Path) -> Fetched:
     for path in sorted(cache.glob(f"vllm-{version}-*.whl")):
         try:
             with zipfile.ZipFile(path) as archive:

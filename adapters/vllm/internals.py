@@ -17,7 +17,8 @@ Kinds:
 - `attribute`: read on instances: a class attribute, dataclass/pydantic/msgspec field, property, or `self.NAME =`
   in one of the class's methods (`value_prefix`: one such assignment's value starts with it, i.e. its type);
 - `key`: a key of a module-level dict literal (`name`: the dict);
-- `text`: the module's source contains `key` verbatim (an assignment the glue reads through another object).
+- `text`: the source of `name` (or of the module) contains `key` verbatim (an assignment the glue reads through
+  another object).
 
 `also_in`: where the same internal lives in another checked version, for one the glue reaches only through
 vLLM (a CLI flag's dataclass); the check passes when either module has it.

@@ -197,6 +197,12 @@ MOVES = {
         ["vllm.envs.environment_variables['VLLM_USE_V2_MODEL_RUNNER'] is gone: environment_variables has no key "
          "'VLLM_USE_V2_MODEL_RUNNER' (glue: glue.select_model_runner)"],
     ),
+    "assignment the middleware reads renamed": (
+        ("vllm/entrypoints/launchers/api_server/app_state.py", "state.engine_client = engine_client",
+         "state.client = engine_client"),
+        ["vllm.entrypoints.launchers.api_server.app_state.init_app_state no longer contains "
+         "`state.engine_client = engine_client` (glue: glue.model_shape, middleware.SteeringMiddleware._admin)"],
+    ),
 }  # fmt: skip
 
 
