@@ -93,3 +93,38 @@ def test_serve_bench_smoke(tmp_path):
         assert (out.parent / data["plot"]).is_file()  # recorded relative to the report
     else:
         assert data["plot_skipped"]
+
+
+def test_fidelity_curve_smoke(tmp_path):
+    """A tiny sweep of the concept feature's fidelity curve. Independently of how the script aggregates: an
+    `add` of 0 changes nothing (its answers are the unsteered answers, word for word), clamping the concept
+    feature hard raises the steered model's probability of the concept's tokens above the unsteered one, and
+    the HF reference that computes that probability reproduces vLLM's steered greedy tokens."""
+    if not _demo_assets_ready():
+        pytest.skip(
+            "demo assets not built (python -m steer_plugin.demo.build_assets); the smoke run would build them"
+        )
+    out = tmp_path / "fidelity"
+    proc = _run(
+        [str(BENCH / "fidelity_curve.py"), "--values", "0,3", "--prompts", "2", "--max-tokens", "12"]
+        + ["--out-dir", str(out)],
+        timeout=900,
+    )
+    data = json.loads((out / "fidelity-curve.json").read_text())
+    rows = {(r["op"], r["multiple"]): r for r in data["rows"]}
+    assert set(rows) == {("plain", 0.0), ("add", 0.0), ("add", 3.0), ("clamp", 0.0), ("clamp", 3.0)}
+    assert all(len(r["answers"]) == 2 for r in rows.values())
+    plain, add0, clamp3 = rows["plain", 0.0], rows["add", 0.0], rows["clamp", 3.0]
+    assert add0["answers"] == plain["answers"]
+    assert clamp3["concept_prob"] > plain["concept_prob"], (clamp3, plain)
+    assert clamp3["value"] == pytest.approx(3 * data["feature"]["max_act"], abs=1e-3)
+    assert min(a["agreement"] for a in data["answers"]) >= 0.75, data["answers"]
+    assert data["settings"]["concept_tokens"] and all(
+        t.strip().lower() in ("bridge", "bridges") for t in data["settings"]["concept_tokens"]
+    )
+    md = (out / "fidelity-curve.md").read_text()
+    table = md.split("| op | value", 1)[1].split("\n\n", 1)[0]
+    assert len(_table_rows("| op | value" + table)) == 1 + len(rows)  # header + one per case
+    if data["plot"]:
+        assert (out / data["plot"]).is_file()
+    assert "[fidelity" in proc.stderr  # progress lines
