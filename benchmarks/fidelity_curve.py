@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fidelity curve of the demo's concept feature: steering value -> concept probability and fluency.
 
-    python benchmarks/fidelity_curve.py                                    # full sweep (~5 min on 2 CPU cores)
+    python benchmarks/fidelity_curve.py                                    # full sweep (5-10 min on 2 CPU cores)
     python benchmarks/fidelity_curve.py --values 0,2 --prompts 1 --max-tokens 8 --out-dir /tmp/fid   # smoke
 
 The feature is the one the asset analysis recorded for the bridge concept (steer_plugin.demo.concept), never
