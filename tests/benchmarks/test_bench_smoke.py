@@ -93,3 +93,43 @@ def test_serve_bench_smoke(tmp_path):
         assert (out.parent / data["plot"]).is_file()  # recorded relative to the report
     else:
         assert data["plot_skipped"]
+
+
+def test_fidelity_curve_smoke(tmp_path):
+    """A tiny sweep of the concept feature's fidelity curve. Independently of how the script aggregates: an
+    `add` of 0 changes nothing (its answers are the unsteered answers, word for word), clamping the concept
+    feature hard raises the steered model's probability of the concept's tokens above the unsteered model's on
+    every prompt, and the HF reference that computes that probability reproduces vLLM's steered greedy tokens."""
+    if not _demo_assets_ready():
+        pytest.skip(
+            "demo assets not built (python -m steer_plugin.demo.build_assets); the smoke run would build them"
+        )
+    from steer_plugin.demo.labels import CONCEPTS
+
+    out = tmp_path / "fidelity"
+    proc = _run(
+        [str(BENCH / "fidelity_curve.py"), "--values", "0,2.5", "--prompts", "2", "--max-tokens", "12"]
+        + ["--out-dir", str(out)],
+        timeout=900,
+    )
+    data = json.loads((out / "fidelity-curve.json").read_text())
+    cases = {("plain", 0.0), ("add", 0.0), ("add", 2.5), ("clamp", 0.0), ("clamp", 2.5)}
+    assert {(r["op"], r["multiple"]) for r in data["rows"]} == cases
+    answers = {(a["op"], a["multiple"], a["prompt"]): a for a in data["answers"]}
+    assert set(answers) == {(*case, p) for case in cases for p in (0, 1)}
+    for p in (0, 1):
+        plain, add0, clamp = (answers[op, m, p] for op, m in (("plain", 0.0), ("add", 0.0), ("clamp", 2.5)))
+        assert add0["text"] == plain["text"]
+        assert clamp["concept_prob"] > plain["concept_prob"], (clamp, plain)
+    clamp_row = next(r for r in data["rows"] if r["op"] == "clamp" and r["multiple"] == 2.5)
+    assert clamp_row["value"] == pytest.approx(2.5 * data["feature"]["max_act"], abs=1e-3)
+    assert min(a["agreement"] for a in data["answers"]) >= 0.75, data["answers"]
+    words = CONCEPTS["bridge"]["word_tokens"]
+    assert data["settings"]["concept_tokens"]
+    assert all(t.strip().lower() in words for t in data["settings"]["concept_tokens"])
+    md = (out / "fidelity-curve.md").read_text()
+    table = md.split("| op | value", 1)[1].split("\n\n", 1)[0]
+    assert len(_table_rows("| op | value" + table)) == 1 + len(cases)  # header + one row per case
+    if data["plot"]:
+        assert (out / data["plot"]).is_file()
+    assert "[fidelity" in proc.stderr  # progress lines
