@@ -17,19 +17,17 @@ the demo-model tests.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import make_llm, resolve, sampling, shutdown, token_prompt
+from .conftest import inprocess_engine, resolve, sampling, token_prompt
 from .plain_engines import TOP
 from .tiny_models import ARCHITECTURES, SAE_LAYER, TinyModel, build_all
 
@@ -44,30 +42,6 @@ PROMPT_TEXT = "The Golden Gate Bridge spans the strait between San Francisco and
 COMPILED_ARCH = (
     "Gemma2ForCausalLM"  # post-attention / post-feedforward norms and soft-capping, under inductor
 )
-
-
-@contextmanager
-def inprocess_engine(model_dir: str, config_path: str | None, enforce_eager: bool = True):
-    """An LLM with the plugin whose engine core and worker run in this process."""
-    import vllm.envs as envs
-
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        llm = make_llm(model_dir, config_path, enforce_eager, distributed_executor_backend="uni")
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
-        # The in-process engine core froze vLLM's env lookups and the GC heap: undo both for later engines.
-        envs.disable_envs_cache()
-        gc.unfreeze()
-    try:
-        yield llm
-    finally:
-        shutdown(llm)
-        gc.collect()
 
 
 @pytest.fixture(scope="module")
