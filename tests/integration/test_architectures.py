@@ -7,7 +7,8 @@ Per architecture:
   `hidden_states[L + 1]`: the stream SAELens' `blocks.L.hook_resid_post` means;
 - unsteered requests through the plugin give exactly the plugin-disabled engine's log-probs and greedy tokens;
 - add, clamp and a vector at layer 2 give the HF reference adapter's first-token log-probs (eager; one
-  architecture also under vLLM's default compile mode).
+  architecture also under vLLM's default compile mode), and generation-only steering its log-probs on every
+  decode step.
 
 The plugin's engines run in this process (engine core and worker too: `VLLM_ENABLE_V1_MULTIPROCESSING=0`, the
 "uni" executor), one at a time: starting one takes seconds instead of a minute on the 2-core machine. The model
@@ -173,6 +174,36 @@ def test_steered_first_token_matches_reference(arch, plugin_llm, hf_ref, tiny_as
     print(f"{arch} {case}: max |Δ logprob| vs HF reference {err:.1e} (steering moved them {moved:.2f})")
     assert err < LOGPROB_TOL, f"{arch} {case}: vLLM vs HF reference max |Δ logprob| {err:.2e}"
     assert moved > 20 * LOGPROB_TOL, f"{arch} {case}: steering barely moved the logprobs ({moved:.2e})"
+
+
+GENERATED = 4
+
+
+def test_generation_steering_matches_reference_on_decode_steps(
+    arch, plugin_llm, hf_ref, tiny_assets, prompt_ids
+):
+    """Steering on generated positions only: every decode step's log-probs (KV cache, one token per forward)
+    follow the reference; the first token, predicted from the last prompt position, is the unsteered one."""
+    steering = {
+        "features": [{"sae": "tiny", "index": 5, "op": "add", "value": 8.0, "positions": "generation"}]
+    }
+    ops = resolve(tiny_assets, steering)
+    out = plugin_llm.generate(
+        [token_prompt(prompt_ids)],
+        sampling(tiny_assets, steering, max_tokens=GENERATED, logprobs=TOP),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert len(out.token_ids) == GENERATED
+    errors, moved = [], []
+    for k, step in enumerate(out.logprobs):
+        ids = prompt_ids + list(out.token_ids[:k])
+        want = hf_ref.next_token_logprobs(ids, ops, len(prompt_ids))  # [vocab]
+        plain = hf_ref.next_token_logprobs(ids, [], len(prompt_ids))  # [vocab]
+        errors.append(max(abs(lp.logprob - float(want[t])) for t, lp in step.items()))
+        moved.append(max(abs(float(want[t] - plain[t])) for t in step))
+    print(f"{arch} generation: max |Δ logprob| per step {[f'{e:.1e}' for e in errors]}")
+    assert max(errors) < LOGPROB_TOL
+    assert moved[0] == 0.0 and min(moved[1:]) > 20 * LOGPROB_TOL, moved
 
 
 def test_compiled_steering_matches_reference(tiny_models, tiny_assets, prompt_ids):

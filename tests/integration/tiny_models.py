@@ -170,7 +170,12 @@ def write_config(folder: Path, sae_dir: Path, seed: int = 0) -> Path:
 def build_all(root: Path, tokenizer_dir: Path, architectures=ARCHITECTURES) -> dict[str, TinyModel]:
     sae_dir = write_sae(root / "sae")
     config_path = write_config(root, sae_dir)
-    return {
-        arch: TinyModel(arch, build_model(arch, root / arch, tokenizer_dir), sae_dir, config_path)
+    return {  # each architecture its own weights (seeded by its place in ARCHITECTURES)
+        arch: TinyModel(
+            arch,
+            build_model(arch, root / arch, tokenizer_dir, seed=ARCHITECTURES.index(arch)),
+            sae_dir,
+            config_path,
+        )
         for arch in architectures
     }
