@@ -32,7 +32,9 @@ from steer_plugin.spec import (
 
 logger = logging.getLogger("steer_plugin")
 
-# Decoder-layer classes whose forward returns (hidden_states, residual), residual stream = their sum.
+# Decoder-layer classes whose forward returns (hidden_states, residual), residual stream = their sum (= HF
+# hidden_states[L + 1], Gemma 2/3's post-attention / post-feedforward norms included). Each one is run on the CPU
+# build against the HF reference: tests/integration/test_architectures.py.
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
