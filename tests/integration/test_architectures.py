@@ -34,15 +34,14 @@ from .tiny_models import ARCHITECTURES, SAE_LAYER, TinyModel, build_all
 
 pytestmark = pytest.mark.engine
 
-# fp32 on both sides. Measured: |Δ logprob| up to ~1e-5 between vLLM and HF on these models (kernels reduce
-# in other orders). The bound leaves two orders of magnitude for other CPUs and is still 1/20 of the least any
-# steering case here moves the log-probs (checked per case).
+# fp32 on both sides. Measured: |Δ logprob| up to 1.6e-5 between vLLM and HF on these models (kernels reduce in
+# other orders). The bound leaves ~60x room for other CPUs and kernels, and is still 1/20 of the least any steering
+# case here moves the log-probs (0.27; checked per case), while a steering op on the wrong layer is off by 0.4-2.4.
 LOGPROB_TOL = 1e-3
 STREAM_RTOL = 1e-4  # residual stream vs HF, relative to its largest entry (fp32: ~1e-6 measured)
 PROMPT_TEXT = "The Golden Gate Bridge spans the strait between San Francisco and Marin County."
-COMPILED_ARCH = (
-    "Gemma2ForCausalLM"  # post-attention / post-feedforward norms and soft-capping, under inductor
-)
+# Also under vLLM's default compile mode: post-attention / post-feedforward norms and soft-capping, under inductor.
+COMPILED_ARCH = "Gemma2ForCausalLM"
 
 
 @pytest.fixture(scope="module")
