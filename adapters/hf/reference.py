@@ -78,7 +78,11 @@ class HFReference:
     def __init__(self, model_dir: str, assets: LoadedAssets, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        # Eager attention: the definition. transformers' default (SDPA) silently drops Gemma 2's attention-logit
+        # soft-capping (|Δ logprob| ~5e-2 on a tiny Gemma 2, where vLLM, which applies it, matches eager to 1e-5).
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="eager"
+        ).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.assets = assets
         for loaded in assets.saes.values():

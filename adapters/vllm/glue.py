@@ -37,8 +37,10 @@ from steer_plugin.spec import (
 
 logger = logging.getLogger("steer_plugin")
 
-# Decoder-layer classes whose forward returns (hidden_states, residual), residual stream = their sum
-# (internals.ARCHITECTURES: checked against every pinned vLLM).
+# Decoder-layer classes whose forward returns (hidden_states, residual), residual stream = their sum (= HF
+# hidden_states[L + 1], Gemma 2/3's post-attention / post-feedforward norms included). internals.ARCHITECTURES is
+# checked against every pinned vLLM; each one is run on the CPU build against the HF reference:
+# tests/integration/test_architectures.py.
 SUPPORTED_ARCHITECTURES = tuple(a.name for a in internals.ARCHITECTURES)
 SKIP_HOOKS_ENV = "STEER_PLUGIN_TEST_SKIP_HOOKS"  # test-only: simulate a hook lost to compilation
 

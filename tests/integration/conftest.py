@@ -157,6 +157,30 @@ def engine(*args, **kwargs):
         shutdown(llm)
 
 
+@contextmanager
+def inprocess_engine(model_dir: str, config_path: str | None, enforce_eager: bool = True):
+    """An LLM with the plugin whose engine core and worker run in this process."""
+    import vllm.envs as envs
+
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = make_llm(model_dir, config_path, enforce_eager, distributed_executor_backend="uni")
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+        # The in-process engine core froze vLLM's env lookups and the GC heap: undo both for later engines.
+        envs.disable_envs_cache()
+        gc.unfreeze()
+    try:
+        yield llm
+    finally:
+        shutdown(llm)
+        gc.collect()
+
+
 def token_prompt(ids: list[int]) -> dict:
     return {"prompt_token_ids": ids}
 
