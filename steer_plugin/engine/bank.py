@@ -224,18 +224,14 @@ def build_layer_bank(
         entries.append(BankEntry("vector", vec_id, offset, 1))
         offset += 1
     d_model = decs[0].shape[1] if decs else d_model
-    if scratch_rows:
-        decs.append(torch.zeros(scratch_rows, d_model, device=device, dtype=dtype))
-        encs.append(torch.zeros(scratch_rows, d_model, device=device, dtype=dtype))
-        params.append(torch.zeros(scratch_rows, NUM_PARAMS, device=device))
-        entries.append(BankEntry("scratch", "inline", offset, scratch_rows))
-        offset += scratch_rows
-    if reserved_rows:
-        decs.append(torch.zeros(reserved_rows, d_model, device=device, dtype=dtype))
-        encs.append(torch.zeros(reserved_rows, d_model, device=device, dtype=dtype))
-        params.append(torch.zeros(reserved_rows, NUM_PARAMS, device=device))
-        entries.append(BankEntry("reserved", "runtime", offset, reserved_rows))
-        offset += reserved_rows
+    # Empty rows, written while serving: inline vectors (scratch), runtime loads (reserved).
+    for kind, source, rows in (("scratch", "inline", scratch_rows), ("reserved", "runtime", reserved_rows)):
+        if rows:
+            decs.append(torch.zeros(rows, d_model, device=device, dtype=dtype))
+            encs.append(torch.zeros(rows, d_model, device=device, dtype=dtype))
+            params.append(torch.zeros(rows, NUM_PARAMS, device=device))
+            entries.append(BankEntry(kind, source, offset, rows))
+            offset += rows
     # Last row: a unit vector along the first axis, steered only by the start-up self-test.
     probe = torch.zeros(d_model)
     probe[0] = 1.0

@@ -55,8 +55,6 @@ class RuntimeLoads:
     def __init__(self, steerer: Steerer):
         self.steerer = steerer
         self.retired: list[tuple[int, BankEntry]] = []  # (layer, entry) whose rows may still be in use
-        self.loads = 0
-        self.unloads = 0
 
     def command(self, raw: dict) -> dict:
         """Run one LoadCommand; its LoadOutcome as a dict."""
@@ -101,7 +99,6 @@ class RuntimeLoads:
         loaded = loaded._replace(revision=cmd.revision)
         steerer.assets.saes[cmd.id] = loaded
         steerer.observer.add(cmd.id, steerer.sae_view(loaded))
-        self.loads += 1
         logger.info(
             "steer_plugin: loaded SAE %s (revision %s, %d features) into layer %d",
             cmd.id,
@@ -123,7 +120,6 @@ class RuntimeLoads:
         bank.place("vector", cmd.id, cmd.revision, vec[None], torch.zeros(1, vec.numel()), vector_params(vec))
         steerer.tables[loaded.layer].bank_rows_changed()
         steerer.assets.vectors[cmd.id] = loaded._replace(revision=cmd.revision)
-        self.loads += 1
         logger.info(
             "steer_plugin: loaded vector %s (revision %s) into layer %d", cmd.id, cmd.revision, loaded.layer
         )
@@ -153,7 +149,6 @@ class RuntimeLoads:
             logger.warning(
                 "steer_plugin: rows of %s %s stay reserved until no step uses them", cmd.kind, cmd.id
             )
-        self.unloads += 1
         logger.info("steer_plugin: unloaded %s %s (revision %s)", cmd.kind, cmd.id, loaded.revision)
         return LoadOutcome(True, owned=True, layer=loaded.layer, rows=entry.size)
 

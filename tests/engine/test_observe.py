@@ -115,25 +115,21 @@ def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_abo
     sae = topk_sae()
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
     top = int((x[0] @ sae.W_enc).argmax())  # fires at position 0 (largest pre-activation, so in the top 3)
+    group = ObservedRows(
+        CID_A,
+        "s",
+        3,
+        [0, 1],
+        [0, 1],
+        1,
+        stats=True,
+        abort=(AbortSpec("s", top, -1e9, 1),),
+        predicting=0,
+        req_index=0,
+    )
     observer = Observer({"s": sae}, write=True, sink_positions=1)
     channel.create(CID_A)
-    hits = observer.collect(
-        [
-            ObservedRows(
-                CID_A,
-                "s",
-                3,
-                [0, 1],
-                [0, 1],
-                1,
-                stats=True,
-                abort=(AbortSpec("s", top, -1e9, 1),),
-                predicting=0,
-                req_index=0,
-            )
-        ],
-        {"s": x},
-    )
+    hits = observer.collect([group], {"s": x})
     records = channel.ChannelReader(CID_A).read_new()
     assert [r.get("sink", False) for r in records] == [True, False]
     assert hits == []  # the condition holds at position 0 (any activation > -1e9), but it is a sink
@@ -144,23 +140,7 @@ def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_abo
     # The same read without a sink rule fires and counts both tokens.
     channel.create(CID_B)
     plain = Observer({"s": sae}, write=True, sink_positions=0)
-    assert plain.collect(
-        [
-            ObservedRows(
-                CID_B,
-                "s",
-                3,
-                [0, 1],
-                [0, 1],
-                1,
-                stats=True,
-                abort=(AbortSpec("s", top, -1e9, 1),),
-                predicting=0,
-                req_index=0,
-            )
-        ],
-        {"s": x},
-    )
+    assert plain.collect([group._replace(cid=CID_B)], {"s": x})
     assert sum(plain.snapshot()["l0"]["s"]["counts"]) == 2
 
 
