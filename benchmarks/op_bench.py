@@ -505,6 +505,31 @@ def physical_limit_us(kind: str, k: int, d: int, layer_flops_per_token: int, lay
     return layer_us * op_flops_per_token / layer_flops_per_token
 
 
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def memory_floor_us(row: dict, settings: dict, bytes_per_us: float) -> float:
+    """The op's least time set by memory traffic, at the decoder layer's own byte rate at T=1 (where the layer
+    only streams its weights): every distinct feature in the working set needs its decoder row (and, for a clamp,
+    its encoder row) read once per step, in the model's dtype, and each steered token's residual row is read and
+    written (a clamp also reads the layer output). The FLOP limit misses this: with U distinct features the rows
+    alone are U·d·2 values per step, whatever the token count."""
+    d, width = settings["d_model"], DTYPE_BYTES[settings["dtype"]]
+    reads = row["op"] != "add"
+    row_bytes = row["working_set"] * d * width * (2 if reads else 1)
+    token_bytes = row["tokens"] * d * width * (3 if reads else 2)
+    return (row_bytes + token_bytes) / bytes_per_us
+
+
+def layer_bytes_per_us(result: dict) -> float | None:
+    """Weight bytes of the reference layer over its time at T=1 (a decode step streams its weights once)."""
+    s = result["settings"]
+    one = result["per_tokens"].get("1") or result["per_tokens"].get(1)
+    if one is None:
+        return None
+    return s["layer_params"] * DTYPE_BYTES[s["dtype"]] / one["layer"]["median_us"]
+
+
 # --- report --------------------------------------------------------------------------------------------------------------
 
 
@@ -532,7 +557,10 @@ def write_markdown(path: Path, result: dict) -> None:
         "prepare = host SlotPlanner.write_step for the step (steady: the same requests as the last step; all new: "
         "every request new, every slot changes hands at this layer). op = torch.ops.steer_plugin.steer_residual; "
         "% = op time / decoder-layer time; × limit = op time / (the op's FLOPs, d per token for an add and 4·k·d "
-        "for a clamp of k, at the decoder layer's measured FLOP rate).",
+        "for a clamp of k, at the decoder layer's measured FLOP rate); memory floor = the larger of that FLOP limit and the "
+        "op's least memory traffic (each working-set row's decoder row, and encoder row for a clamp, in the model's "
+        "dtype, plus the steered residual rows) at the layer's byte rate at T=1 (its weights over its time), as a "
+        "share of the layer; × floor = op time over it.",
         f"- Load average at start/end: {m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f}; wall {result['wall_s']:.0f}s.",
         "",
         "## Per token count",
@@ -553,14 +581,20 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         "## Steered",
         "",
-        "| T | configs | op | U | prepare, steady | prepare, all new | op | op / layer | × limit |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| T | configs | op | U | prepare, steady | prepare, all new | op | op / layer | × limit "
+        "| memory floor / layer | × floor |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    rate = layer_bytes_per_us(result)
     for r in result["rows"]:
+        floor = "– | –"
+        if rate:
+            floor_us = max(memory_floor_us(r, s, rate), r["op_us"] / r["op_over_limit"])
+            floor = f"{100 * floor_us / r['layer_us']:.2f}% | {r['op_us'] / floor_us:.1f}"
         lines.append(
             f"| {r['tokens']} | {r['configs']} | {r['op']} x{r['ops_per_token']} | {r['working_set']} | "
             f"{_fmt_us(r['prepare_steady_us'])} | {_fmt_us(r['prepare_all_new_us'])} | {_fmt_us(r['op_us'])} | "
-            f"{100 * r['op_over_layer']:.2f}% | {r['op_over_limit']:.1f} |"
+            f"{100 * r['op_over_layer']:.2f}% | {r['op_over_limit']:.1f} | {floor} |"
         )
     if result["cuda_graph_verification"]:
         ok = sum(1 for v in result["cuda_graph_verification"] if v["ok"])
