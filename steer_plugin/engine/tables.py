@@ -50,6 +50,65 @@ class LayerPlan(NamedTuple):
         return np.where(sign != 0, self.cond_rows[:m], -1), self.cond_thr[:m], sign
 
 
+class _Entries(NamedTuple):
+    """The operation entries of several plans, flattened: entry e is op `op_index[e]` of the plan written to
+    slot number `slot_index[e]` (an index into the slots being written)."""
+
+    slot_index: np.ndarray  # [E] int64
+    op_index: np.ndarray  # [E] int64
+    rows: np.ndarray  # [E] int64 bank row
+    coef: np.ndarray  # [E, 3] float32
+    positions: np.ndarray  # [E] position codes
+    last_n: np.ndarray  # [E] int64
+    op_codes: np.ndarray  # [E] OP_NAMES index
+    cond_rows: np.ndarray  # [E] int64 bank row of the condition's feature (-1: none)
+    cond_thr: np.ndarray  # [E] float32
+    cond_sign: np.ndarray  # [E] int64 (0: none)
+    first: np.ndarray  # [P] int64 first entry of each plan with entries
+    cols: np.ndarray | None = None  # [E] working-set columns, once assigned
+    cond_cols: np.ndarray | None = None  # [E]
+
+    @classmethod
+    def of(cls, plans: list[LayerPlan | None], sizes: list[int]) -> _Entries | None:
+        used = [(i, plan, m) for i, (plan, m) in enumerate(zip(plans, sizes)) if m]
+        if not used:
+            return None
+        counts = np.array([m for _, _, m in used], dtype=np.int64)  # [P]
+        total = int(counts.sum())
+        first = np.cumsum(counts) - counts
+        cond_rows = np.full(total, -1, np.int64)
+        cond_thr = np.zeros(total, np.float32)
+        cond_sign = np.zeros(total, np.int64)
+        for (_, plan, m), start in zip(used, first.tolist()):
+            if plan.cond_sign is not None:  # rare: per plan only where a `when` exists
+                cond_rows[start : start + m], cond_thr[start : start + m], cond_sign[start : start + m] = (
+                    plan.conditions(m)
+                )
+        return cls(
+            slot_index=np.repeat(np.array([i for i, _, _ in used], dtype=np.int64), counts),
+            op_index=np.arange(total, dtype=np.int64) - np.repeat(first, counts),
+            rows=np.concatenate([plan.bank_rows[:m] for _, plan, m in used]).astype(np.int64),
+            coef=np.concatenate([plan.coef[:m] for _, plan, m in used]),
+            positions=np.concatenate([plan.positions[:m] for _, plan, m in used]),
+            last_n=np.concatenate([plan.last_n[:m] for _, plan, m in used]),
+            op_codes=np.concatenate([plan.op_codes[:m] for _, plan, m in used]),
+            cond_rows=cond_rows,
+            cond_thr=cond_thr,
+            cond_sign=cond_sign,
+            first=first,
+        )
+
+    def rows_in_plan_order(self) -> np.ndarray:
+        """Every row the entries use: each plan's op rows, then the rows its conditions read."""
+        if not (self.cond_rows >= 0).any():
+            return self.rows
+        parts = []
+        for start, end in zip(self.first.tolist(), [*self.first[1:].tolist(), len(self.rows)]):
+            cond = self.cond_rows[start:end]
+            parts += [self.rows[start:end], cond[cond >= 0]]
+        return np.concatenate(parts)
+
+
 class WorkingSetFull(RuntimeError):
     """More distinct bank rows in use at one layer than its working set holds."""
 
@@ -96,6 +155,7 @@ class LayerTables:
         self._col_of_row: dict[int, int] = {}  # bank row -> working-set column
         self._row_of_col = np.full(capacity, -1, dtype=np.int64)
         self._refs = np.zeros(capacity, dtype=np.int64)
+        self._enc_copied = np.zeros(capacity, dtype=bool)  # column's encoder row copied (only read ones are)
         self._free = list(range(capacity))  # min-heap: low columns first keeps `width` small
         self.width = 0  # columns [0, width) may be live: what the eager op multiplies over
         # Live slots whose plan needs: a feature read (clamp, scale, ablate), a normalised add (bn), a position
@@ -122,9 +182,9 @@ class LayerTables:
         self.write_slots([slot], [plan])
 
     def write_slots(self, slots: list[int], plans: list[LayerPlan | None]) -> None:
-        """Replace several slots' plans at once (None: no operations): one pass of array writes and one
-        device copy per table, whatever the number of slots. If the new plans need more working-set rows than
-        are free, every one of these slots is left empty and WorkingSetFull is raised."""
+        """Replace several slots' plans at once (None: no operations): array writes over all entries at once and
+        one device copy per table, whatever the number of slots. If the new plans need more working-set rows
+        than are free, every one of these slots is left empty and WorkingSetFull is raised."""
         slots_np = np.asarray(slots, dtype=np.int64)
         code_h, col_h = self.slot_code_host.numpy(), self.slot_col_host.numpy()
         live_h = code_h[slots_np] != NO_OP
@@ -132,9 +192,6 @@ class LayerTables:
         self._unref_many(
             np.concatenate([col_h[slots_np][live_h], self.slot_cond_col_host.numpy()[slots_np][cond_live]])
         )
-        if all(plan is None for plan in plans):  # slots handed back: just empty their rows
-            self._write_tables(slots_np, [0] * len(plans), plans, np.zeros(0, np.int64))
-            return
         sizes = [0 if plan is None else len(plan.bank_rows) for plan in plans]
         if (
             max(sizes, default=0) > self.max_ops
@@ -143,20 +200,17 @@ class LayerTables:
                 "steering: more than %d ops at layer %d; extra ops dropped", self.max_ops, self.bank.layer
             )
             sizes = [min(m, self.max_ops) for m in sizes]
-        used = [(plan, m) for plan, m in zip(plans, sizes) if m]
-        # Each plan's op rows, then the rows its conditions read (they need a working-set column too).
-        parts = []
-        for plan, m in used:
-            parts.append(plan.bank_rows[:m])
-            cond_rows = plan.conditions(m)[0]
-            parts.append(cond_rows[cond_rows >= 0])
-        rows = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-        unique_rows, first = np.unique(rows, return_index=True)
-        # New rows take columns in plan order, so each request's columns stay together (the eager op can then
-        # multiply per block of requests over their own columns).
-        missing = [r for r in rows[np.sort(first)].tolist() if r not in self._col_of_row]
+        entries = _Entries.of(plans, sizes)
+        if entries is None:  # slots handed back: just empty their rows
+            self._write_tables(slots_np, None)
+            return
+        # New rows take columns in plan order (each plan's op rows, then the rows its conditions read), so each
+        # request's columns stay together: the eager op can then multiply per block of requests.
+        order = entries.rows_in_plan_order()
+        unique_rows, first = np.unique(order, return_index=True)
+        missing = [r for r in order[np.sort(first)].tolist() if r not in self._col_of_row]
         if len(missing) > len(self._free):
-            self._write_tables(slots_np, sizes, plans, np.zeros(0, np.int64), fail=True)
+            self._write_tables(slots_np, None)
             raise WorkingSetFull(
                 f"layer {self.bank.layer}: {len(missing)} more working-set rows needed, {len(self._free)} free "
                 f"of {self.capacity} (raise limits.working_set_rows)"
@@ -166,21 +220,36 @@ class LayerTables:
             for row, col in zip(missing, new_cols):
                 self._col_of_row[row] = col
             self._row_of_col[new_cols] = missing
-            src = torch.tensor(missing, device=self.enc.device)
-            dst = torch.tensor(new_cols, device=self.enc.device)
-            self.enc[dst] = self.bank.enc[src].float()
-            self.dec[dst] = self.bank.dec[src]
-            self.params[dst] = self.bank.params[src]
+            self._enc_copied[new_cols] = False
+            src = torch.tensor(missing, device=self.dec.device)
+            dst = torch.tensor(new_cols, device=self.dec.device)
+            # index_select + index_copy_: a third faster than advanced-index assignment on the CPU build.
+            self.dec.index_copy_(0, dst, self.bank.dec.index_select(0, src))
+            self.params.index_copy_(0, dst, self.bank.params.index_select(0, src))
             self.width = max(self.width, max(new_cols) + 1)
             self._norm_columns += int(self._bank_norm[missing].sum())
         unique_cols = np.array([self._col_of_row[r] for r in unique_rows.tolist()], dtype=np.int64)
-        cols = unique_cols[np.searchsorted(unique_rows, rows)] if rows.size else rows  # [sum m]
-        np.add.at(self._refs, cols, 1)
-        self._write_tables(slots_np, sizes, plans, cols)
+        op_cols = unique_cols[np.searchsorted(unique_rows, entries.rows)]  # [E]
+        has_cond = entries.cond_rows >= 0  # [E]
+        cond_cols = np.zeros_like(op_cols)
+        cond_cols[has_cond] = unique_cols[np.searchsorted(unique_rows, entries.cond_rows[has_cond])]
+        np.add.at(self._refs, np.concatenate([op_cols, cond_cols[has_cond]]), 1)
+        # Encoder rows are copied only for columns something reads (a clamp, scale or ablate; a condition):
+        # adds and vectors never read theirs, and the encoder copy is the larger one (float32).
+        reads = np.unique(np.concatenate([op_cols[entries.coef[:, 0] != 0], cond_cols[has_cond]]))
+        self._copy_encoder_rows(reads[~self._enc_copied[reads]])
+        self._write_tables(slots_np, entries._replace(cols=op_cols, cond_cols=cond_cols))
 
-    def _write_tables(
-        self, slots: np.ndarray, sizes: list[int], plans: list, cols: np.ndarray, fail: bool = False
-    ) -> None:
+    def _copy_encoder_rows(self, cols: np.ndarray) -> None:
+        if not cols.size:
+            return
+        src = torch.from_numpy(self._row_of_col[cols]).to(self.enc.device)
+        dst = torch.from_numpy(cols).to(self.enc.device)
+        self.enc.index_copy_(0, dst, self.bank.enc.index_select(0, src).float())
+        self._enc_copied[cols] = True
+
+    def _write_tables(self, slots: np.ndarray, entries: _Entries | None) -> None:
+        """Write the slots' rows of every table: the entries' values, "no operation" everywhere else."""
         n, k = len(slots), self.max_ops
         col = np.zeros((n, k), np.int64)
         coef = np.zeros((n, k, 3), np.float32)
@@ -190,22 +259,16 @@ class LayerTables:
         cond_col = np.zeros((n, k), np.int64)
         cond_thr = np.zeros((n, k), np.float32)
         cond_sign = np.zeros((n, k), np.int64)
-        if not fail:
-            start = 0
-            for i, (plan, m) in enumerate(zip(plans, sizes)):
-                if m:
-                    col[i, :m] = cols[start : start + m]
-                    start += m
-                    coef[i, :m] = plan.coef[:m]
-                    code[i, :m] = plan.positions[:m]
-                    last_n[i, :m] = plan.last_n[:m]
-                    op[i, :m] = plan.op_codes[:m]
-                    cond_rows, thr, sign = plan.conditions(m)
-                    has = cond_rows >= 0
-                    cond_col[i, :m][has] = cols[start : start + int(has.sum())]
-                    start += int(has.sum())
-                    cond_thr[i, :m] = thr
-                    cond_sign[i, :m] = np.where(has, sign, 0)
+        if entries is not None:
+            at = (entries.slot_index, entries.op_index)  # [E], [E]
+            col[at] = entries.cols
+            coef[at] = entries.coef
+            code[at] = entries.positions
+            last_n[at] = entries.last_n
+            op[at] = entries.op_codes
+            cond_col[at] = entries.cond_cols
+            cond_thr[at] = entries.cond_thr
+            cond_sign[at] = entries.cond_sign
         live = code != NO_OP
         flags = np.stack(
             [
@@ -245,6 +308,7 @@ class LayerTables:
             del self._col_of_row[row]
         self._norm_columns -= int(self._bank_norm[rows].sum())
         self._row_of_col[freed] = -1
+        self._enc_copied[freed] = False
         for col in freed.tolist():
             heapq.heappush(self._free, col)
         self.dec[torch.from_numpy(freed).to(self.dec.device)] = 0  # a free column adds exactly nothing

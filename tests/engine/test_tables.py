@@ -43,8 +43,10 @@ def test_slots_share_working_set_columns_and_give_them_back():
     assert cols[0, 1] == cols[1, 0]  # row 2 is one column for both slots
     for slot, k, row in ((0, 0, 7), (0, 1, 2), (1, 1, 9)):  # columns are copies of their bank rows
         col = cols[slot, k]
-        assert torch.equal(t.dec[col], b.dec[row]) and torch.equal(t.enc[col], b.enc[row].float())
-        assert torch.equal(t.params[col], b.params[row])
+        assert torch.equal(t.dec[col], b.dec[row]) and torch.equal(t.params[col], b.params[row])
+    # Only a column something reads holds its encoder row: row 2 is clamped by slot 1; 7 and 9 are only added.
+    assert torch.equal(t.enc[cols[0, 1]], b.enc[2].float())
+    assert not t.enc[cols[0, 0]].any() and not t.enc[cols[1, 1]].any()
     col_of_9 = cols[1, 1]
     assert t.slot_code_host.numpy()[0].tolist() == [0, 0, NO_OP]
     t.set_slot(1, None)  # row 9's column frees; row 2 is still used by slot 0
@@ -55,6 +57,27 @@ def test_slots_share_working_set_columns_and_give_them_back():
     assert t.width == 0 and not t._col_of_row
     t.set_slot(2, plan([5]))
     assert t.slot_col_host.numpy()[2, 0] == 0  # the lowest free column is reused
+
+
+def test_encoder_rows_are_copied_when_a_read_first_needs_them():
+    b = bank()
+    t = LayerTables(b, max_slots=4, max_ops=3, capacity=6, device=torch.device("cpu"))
+    t.set_slot(0, plan([4]))  # add: no read
+    col = t.slot_col_host.numpy()[0, 0]
+    assert not t.enc[col].any()
+    t.set_slot(1, plan([4], [[-1, 2, 0]]))  # a clamp of the same row reads it: the copy is made now
+    assert t.slot_col_host.numpy()[1, 0] == col and torch.equal(t.enc[col], b.enc[4].float())
+    cond = plan([5])._replace(
+        cond_rows=np.array([6]), cond_thr=np.array([0.5], np.float32), cond_sign=np.array([1], np.int8)
+    )
+    t.set_slot(2, cond)  # a condition reads its feature's row
+    cond_col = t.slot_cond_col_host.numpy()[2, 0]
+    assert torch.equal(t.enc[cond_col], b.enc[6].float())
+    assert not t.enc[t.slot_col_host.numpy()[2, 0]].any()  # the added row 5 is not read
+    for slot in range(3):
+        t.set_slot(slot, None)
+    t.set_slot(0, plan([9], [[-1, 1, 0]]))  # a freed column reused by a read gets the new row, not the old
+    assert torch.equal(t.enc[t.slot_col_host.numpy()[0, 0]], b.enc[9].float())
 
 
 def test_a_full_working_set_refuses_the_plan_and_leaves_the_slot_empty():
