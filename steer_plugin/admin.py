@@ -151,7 +151,10 @@ class Admin:
             raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
         try:  # in a thread: a big SAE must not stall the server's event loop
             if kind == "sae":
-                loaded = await asyncio.to_thread(load_sae_source, source, "body", service.d_model())
+                # the header only (no weights in the API process); the workers' loads read and check them
+                loaded = await asyncio.to_thread(
+                    load_sae_source, source, "body", service.d_model(), weights=False
+                )
             else:
                 loaded = await asyncio.to_thread(load_vector_source, source, "body", service.d_model())
         except ConfigError as err:

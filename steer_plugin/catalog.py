@@ -1,4 +1,8 @@
-"""Loading what the operator configured (SAEs, labels, vectors) and describing it for request resolution."""
+"""Loading what the operator configured (SAEs, labels, vectors) and describing it for request resolution.
+
+Workers load SAEs in full (`weights=True`); the API process only needs their shapes, ids and labels, so it
+reads SAE headers (`weights=False`: configs and tensor-file headers, no weights; steer_plugin.sae
+`read_sae_header`) and never holds an SAE's tensors."""
 
 from __future__ import annotations
 
@@ -12,13 +16,13 @@ import torch
 
 from steer_plugin.config import ConfigError, SAESource, SteerConfig, VectorSource
 from steer_plugin.labels.neuronpedia import Explanation, load_explanations
-from steer_plugin.sae.model import SparseAutoencoder
+from steer_plugin.sae.model import SAEHeader, SparseAutoencoder
 from steer_plugin.spec import Catalog, SAEInfo, VectorInfo
 
 
 class LoadedSAE(NamedTuple):
     id: str
-    sae: SparseAutoencoder
+    sae: SparseAutoencoder | SAEHeader  # workers: the weights; the API process: the header (weights=False)
     layer: int
     labels: dict[int, str]
     neuronpedia_id: str | None
@@ -95,7 +99,7 @@ def load_labels(path: str | os.PathLike) -> tuple[dict[int, str], dict[int, floa
     return labels, maxima
 
 
-def _sae_layer(source: SAESource, sae: SparseAutoencoder, key: str) -> int:
+def _sae_layer(source: SAESource, sae: SparseAutoencoder | SAEHeader, key: str) -> int:
     layer = sae.metadata.layer
     if source.layer is not None and layer is not None and source.layer != layer:
         raise ConfigError(
@@ -145,11 +149,12 @@ def load_vector(source: VectorSource, key: str) -> torch.Tensor:
 
 
 def load_sae_source(
-    source: SAESource, key: str, d_model: int | None = None, explanations: bool = True
+    source: SAESource, key: str, d_model: int | None = None, explanations: bool = True, weights: bool = True
 ) -> LoadedSAE:
     """One configured SAE with its labels (and explanations unless `explanations` is False); ConfigError
-    naming `key` (e.g. `saes[2]`) and the file otherwise."""
-    from steer_plugin.sae.loading import load_sae
+    naming `key` (e.g. `saes[2]`) and the file otherwise. `weights` False: its header only (shapes, dtype,
+    metadata), the files' configs and shapes checked but no weights read (so NaNs in them go unnoticed)."""
+    from steer_plugin.sae.loading import load_sae, read_sae_header
 
     try:
         resolved = source.resolve()  # a named SAE: resolved when the config was loaded
@@ -159,7 +164,8 @@ def load_sae_source(
     fmt = source.format or (resolved.format if resolved else None)
     options = {**(resolved.options if resolved else {}), **source.options}  # the operator's own win
     try:
-        sae = load_sae(path, fmt, allow_pickle=source.allow_pickle, **options)
+        read = load_sae if weights else read_sae_header
+        sae = read(path, fmt, allow_pickle=source.allow_pickle, **options)
     except (ValueError, OSError) as err:
         raise ConfigError(f"{key} ({source.id}): {err}") from None
     layer = _sae_layer(source, sae, key)
@@ -197,13 +203,18 @@ def load_vector_source(source: VectorSource, key: str, d_model: int | None = Non
 
 
 def load_assets(
-    config: SteerConfig, d_model: int | None = None, layers: range | None = None, explanations: bool = True
+    config: SteerConfig,
+    d_model: int | None = None,
+    layers: range | None = None,
+    explanations: bool = True,
+    weights: bool = True,
 ) -> LoadedAssets:
     """Load every configured SAE and vector on the CPU (only those on `layers` when given); the SAEs'
-    explanation files unless `explanations` is False (workers do not serve them)."""
+    explanation files unless `explanations` is False (workers do not serve them); the SAEs' headers only
+    (see load_sae_source) when `weights` is False (the API process)."""
     saes: dict[str, LoadedSAE] = {}
     for i, source in enumerate(config.saes):
-        loaded = load_sae_source(source, f"saes[{i}]", d_model, explanations)
+        loaded = load_sae_source(source, f"saes[{i}]", d_model, explanations, weights)
         if layers is None or loaded.layer in layers:
             saes[source.id] = loaded
     vectors: dict[str, LoadedVector] = {}

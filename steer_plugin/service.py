@@ -70,7 +70,7 @@ class TokenRead(NamedTuple):
 class SteeringService:
     def __init__(self, config: SteerConfig, assets: LoadedAssets | None = None):
         self.config = config
-        self.assets = assets or load_assets(config)
+        self.assets = assets or load_assets(config, weights=False)  # SAE headers: no weights here
         self.model_layers: int | None = (
             None  # the model's decoder layers, once the server says (set_model_shape)
         )

@@ -1,4 +1,5 @@
-"""`load_sae`: read an SAE checkpoint of any known format into the shared `SparseAutoencoder` layout."""
+"""`load_sae`: read an SAE checkpoint of any known format into the shared `SparseAutoencoder` layout;
+`read_sae_header`: the same checkpoint's shapes, dtype and metadata without reading its weights."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from .errors import SAELoadError
 from .formats import REGISTRY, SAEFormat
-from .model import SparseAutoencoder
+from .formats._io import shapes_only
+from .model import SAEHeader, SparseAutoencoder
 
 
 def load_sae(
@@ -30,7 +32,27 @@ def load_sae(
     format_kwargs: options of that format's loader (e.g. sparsify `hookpoint=`, Gemma Scope `layer=`).
     Raises SAELoadError (a ValueError) naming the file for every problem with the checkpoint.
     """
-    path = Path(path).expanduser()
+    sae = _load(Path(path).expanduser(), format, allow_pickle, format_kwargs)
+    return sae.to(device=device, dtype=_dtype(dtype) or sae.W_enc.dtype)
+
+
+def read_sae_header(
+    path: str | Path, format: str | None = None, *, allow_pickle: bool = False, **format_kwargs
+) -> SAEHeader:
+    """What `load_sae(path, format, ...)` would load, without the tensors: d_in, d_sae, stored dtype,
+    architecture, k and metadata (layer, hook, Neuronpedia id), from the configs and the tensor files' headers.
+
+    The format's own loader runs, with the tensor files read as meta tensors (formats/_io.py `shapes_only`),
+    so the configs, tensor names and shapes are checked exactly as `load_sae` checks them; what only the data
+    shows (non-finite values, a damaged payload behind an intact header) is not. Raises SAELoadError naming
+    the file, as load_sae does.
+    """
+    with shapes_only():
+        sae = _load(Path(path).expanduser(), format, allow_pickle, format_kwargs)
+    return sae.header()
+
+
+def _load(path: Path, format: str | None, allow_pickle: bool, format_kwargs: dict) -> SparseAutoencoder:
     if not path.exists():
         raise SAELoadError(f"{path}: no such file or folder", path)
     fmt = _pick_format(path, format)
@@ -43,7 +65,7 @@ def load_sae(
         raise SAELoadError(f"{path}: failed to load as {fmt.name!r}: {type(e).__name__}: {e}", path) from e
     sae.metadata.format = fmt.name
     sae.metadata.source_path = str(path)
-    return sae.to(device=device, dtype=_dtype(dtype) or sae.W_enc.dtype)
+    return sae
 
 
 def detect_format(path: str | Path) -> str:

@@ -37,6 +37,20 @@ class SAEMetadata:
     """Anything else the format's config carried."""
 
 
+@dataclass(frozen=True)
+class SAEHeader:
+    """An SAE without its tensors: what naming, describing and resolving features need (the API process's
+    catalog holds these; the workers hold `SparseAutoencoder`s). From `read_sae_header` (../loading.py)."""
+
+    d_in: int
+    d_sae: int
+    dtype: torch.dtype
+    """Stored dtype of W_enc."""
+    architecture: Architecture
+    k: int | None
+    metadata: SAEMetadata
+
+
 class NormState(NamedTuple):
     """Per-token statistics needed to undo input normalisation after decoding."""
 
@@ -114,6 +128,9 @@ class SparseAutoencoder:
         for name, tensor in self.tensors().items():
             setattr(self, name, tensor.to(device=device, dtype=dtype))
         return self
+
+    def header(self) -> SAEHeader:
+        return SAEHeader(self.d_in, self.d_sae, self.dtype, self.architecture, self.k, self.metadata)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

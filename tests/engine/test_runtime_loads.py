@@ -367,3 +367,27 @@ def test_the_admin_schema_takes_a_path_and_no_hub_names():
     schema = add_steering_to_openapi({}, admin=True)["components"]["schemas"]["SAESource"]
     assert "path" in schema["required"] and schema["properties"]["path"].get("description")
     assert not {"release", "sae_id", "neuronpedia", "hub_revision"} & set(schema["properties"])
+
+
+def test_admin_broken_sae_files_are_400_naming_the_file(root, tmp_path, monkeypatch):
+    """The API side reads only headers: a damaged header is refused there; NaN weights behind an intact header
+    only by the workers, whose refusal comes back as the same 400 and is rolled back everywhere."""
+    service, steerers, broadcast = admin_setup(root, monkeypatch, tmp_path)
+    bad = tmp_path / "bad"
+    for name, damage in (("cut", "truncate"), ("nan", "nan")):
+        folder = write_sae(bad / name, seed=5)
+        weights = folder / "sae_weights.safetensors"
+        if damage == "truncate":
+            weights.write_bytes(weights.read_bytes()[:-64])
+        else:
+            tensors = load_file(str(weights))
+            tensors["W_dec"][3, 1] = float("nan")
+            save_file(tensors, str(weights))
+        service.admin.roots.append(bad.resolve())
+        with pytest.raises(SpecError) as err:
+            asyncio.run(service.admin.load("sae", {"id": name, "path": str(folder)}, broadcast))
+        assert (err.value.status, err.value.path) == (400, "path") and str(weights) in str(err.value)
+        assert ("non-finite" if damage == "nan" else "cannot read safetensors file") in str(err.value)
+        assert name not in service.catalog.saes and not any(name in st.assets.saes for st in steerers)
+    assert all(st.banks[LAYER].free_reserved_rows() == D_SAE + 2 for st in steerers)
+    steer_op.LAYERS.clear()

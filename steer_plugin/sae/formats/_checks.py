@@ -59,7 +59,7 @@ class TensorReader:
                 f"{self.path}: tensor '{name}' has dtype {tensor.dtype}, expected floats", self.path
             )
         self._check_shape(name, tensor, shapes)
-        if not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_meta and not bool(torch.isfinite(tensor).all()):  # meta: shapes_only(), no data
             bad = int((~torch.isfinite(tensor)).sum())
             raise SAELoadError(
                 f"{self.path}: tensor '{name}' has {bad} non-finite value(s) (NaN/inf) of {tensor.numel()}",

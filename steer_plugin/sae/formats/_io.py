@@ -3,13 +3,22 @@
 Every failure becomes an `SAELoadError` that names the file. Pickle-based files (.pt/.pth, .npz) are read
 with `torch.load(weights_only=True)` / `np.load(allow_pickle=False)` first; full unpickling (which can run
 arbitrary code) only happens when the operator passed `allow_pickle=True`.
+
+Inside `shapes_only()` the three tensor readers return meta tensors (shape and dtype, no data) for every tensor
+of more than one element, read from the file's header: safetensors' header, each .npy member's header in an
+.npz, a memory-mapped torch.load (nothing paged in). One-element tensors (k buffers, scalar thresholds) are
+read for real: loaders take config values from them. A format's loader then runs its config parsing and shape
+checks as usual and yields an SAE of meta tensors (the API process's catalog; see steer_plugin.catalog).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +53,36 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 _MISSING = object()
+_SHAPES_ONLY: ContextVar[bool] = ContextVar("steer_plugin_sae_shapes_only", default=False)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+"""safetensors header dtype names -> torch dtypes (those a meta tensor can stand for)."""
+
+
+@contextmanager
+def shapes_only() -> Iterator[None]:
+    """Within it (this thread or task), the tensor readers below return meta tensors: see the module doc."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
+def _meta(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
 
 
 def require_key(cfg: Mapping[str, Any], key: str, path: Path, *, where: str = "") -> Any:
@@ -74,15 +113,41 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     require_file(path)
     try:
+        if _SHAPES_ONLY.get():
+            return _safetensors_shapes(path)
         return load_file(str(path), device="cpu")
+    except SAELoadError:
+        raise
     except Exception as e:  # safetensors raises SafetensorError / OSError on truncated or corrupt files
         raise SAELoadError(f"{path}: cannot read safetensors file, truncated or corrupt? ({e})", path) from e
+
+
+def _safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The header's tensors as meta tensors (safe_open checks the header covers the whole file)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in f.keys():
+            view = f.get_slice(name)
+            shape, dtype = view.get_shape(), view.get_dtype()
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise SAELoadError(
+                    f"{path}: tensor '{name}' has dtype {dtype}, which torch cannot hold", path
+                )
+            n = 1
+            for size in shape:
+                n *= size
+            out[name] = f.get_tensor(name) if n <= 1 else _meta(shape, _SAFETENSORS_DTYPES[dtype])
+    return out
 
 
 def load_torch(path: Path, *, allow_pickle: bool) -> Any:
     """A torch.save'd object. weights_only=True unless the operator opted in with allow_pickle."""
     require_file(path)
     try:
+        if _SHAPES_ONLY.get():
+            return _torch_shapes(path, weights_only=True)
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():  # a damaged pickle, not a refused global
@@ -98,11 +163,31 @@ def load_torch(path: Path, *, allow_pickle: bool) -> Any:
     except Exception as e:
         raise SAELoadError(f"{path}: cannot read torch checkpoint, truncated or corrupt? ({e})", path) from e
     try:
+        if _SHAPES_ONLY.get():
+            return _torch_shapes(path, weights_only=False)
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as e:
         raise SAELoadError(
             f"{path}: cannot read torch checkpoint, truncated or corrupt? (with allow_pickle=True: {e})", path
         ) from e
+
+
+def _torch_shapes(path: Path, *, weights_only: bool) -> Any:
+    """torch.load, memory-mapped (no tensor data is read), with the state dict's top-level tensors as meta
+    tensors. Files in torch's legacy (pre-1.6, non-zip) format cannot be mapped: those are loaded in full once,
+    and their tensors dropped after taking the shapes."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise
+        obj = torch.load(str(path), map_location="cpu", weights_only=weights_only)
+    if isinstance(obj, Mapping):
+        obj = {
+            k: _meta(v.shape, v.dtype) if isinstance(v, torch.Tensor) and v.numel() > 1 else v
+            for k, v in obj.items()
+        }
+    return obj
 
 
 def load_npz(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -127,6 +212,8 @@ def load_npz(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _read_npz(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if _SHAPES_ONLY.get():
+        return _npz_shapes(path, allow_pickle=allow_pickle)
     out: dict[str, torch.Tensor] = {}
     with np.load(str(path), allow_pickle=allow_pickle) as data:
         for key in data.files:
@@ -134,6 +221,35 @@ def _read_npz(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
             if array.dtype == object:  # only readable with allow_pickle; never a weight, so leave it out
                 continue
             out[key] = torch.from_numpy(np.ascontiguousarray(array))
+    return out
+
+
+def _npz_shapes(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """Each member's .npy header (magic, then shape and dtype) as a meta tensor; object arrays left out, as
+    _read_npz does. Members of one element are read in full."""
+    out: dict[str, torch.Tensor] = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if not member.endswith(".npy"):
+                continue
+            name = member[: -len(".npy")]
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(f)
+            if dtype.hasobject:  # as np.load: needs pickle (refused without allow_pickle), never a weight
+                if not allow_pickle:
+                    raise ValueError(f"{member}: Object arrays cannot be loaded when allow_pickle=False")
+                continue
+            if int(np.prod(shape)) <= 1:
+                with archive.open(member) as f:
+                    out[name] = torch.from_numpy(np.lib.format.read_array(f, allow_pickle=allow_pickle))
+                continue
+            out[name] = _meta(shape, torch.from_numpy(np.empty(0, dtype=dtype)).dtype)
     return out
 
 

@@ -117,7 +117,7 @@ def _gated_layout(reader: TensorReader) -> dict[str, torch.Tensor]:
     return {
         "W_enc": W_enc,
         "W_dec": transpose(reader.require("decoder.weight", ("d_in", "d_sae"))),  # [d_sae, d_in]
-        "b_enc": torch.zeros(W_enc.shape[1], dtype=W_enc.dtype),  # unused by gated SAEs
+        "b_enc": torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device),  # unused by gated SAEs
         "b_dec": reader.require("decoder_bias", ("d_in",)),  # [d_in]
         "b_gate": reader.require("gate_bias", ("d_sae",)),  # [d_sae]
         "b_mag": reader.require("mag_bias", ("d_sae",)),  # [d_sae]

@@ -68,10 +68,11 @@ def load(path: Path, *, allow_pickle: bool = False) -> SparseAutoencoder:
     threshold = None
     if act_fn == "jumprelu":
         theta = require_float(cfg, "jump_relu_threshold", cfg_path)
-        threshold = torch.full((W_enc.shape[1],), theta, dtype=W_enc.dtype)  # [d_sae], one scalar for all
+        # [d_sae], one scalar for all
+        threshold = torch.full((W_enc.shape[1],), theta, dtype=W_enc.dtype, device=W_enc.device)
     b_dec = reader.get("decoder.bias", ("d_in",), optional=not cfg.get("use_decoder_bias", True))
     if b_dec is None:
-        b_dec = torch.zeros(d_model, dtype=W_enc.dtype)
+        b_dec = torch.zeros(d_model, dtype=W_enc.dtype, device=W_enc.device)
 
     return SparseAutoencoder(
         W_enc=W_enc,

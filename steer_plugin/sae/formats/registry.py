@@ -20,7 +20,9 @@ class SAEFormat:
     detect: Callable[[Path], bool]
     """True when `path` (a file or folder) looks like this format. Must not unpickle anything."""
     load: Callable[..., SparseAutoencoder]
-    """`load(path, *, allow_pickle: bool, **format_kwargs)` -> SparseAutoencoder in the shared layout."""
+    """`load(path, *, allow_pickle: bool, **format_kwargs)` -> SparseAutoencoder in the shared layout.
+    `read_sae_header` runs it under `_io.shapes_only()`: tensors read through `_io` are then meta tensors (no
+    data), so it must not branch on the values of tensors of more than one element (or skip that for meta)."""
 
 
 REGISTRY: dict[str, SAEFormat] = {}

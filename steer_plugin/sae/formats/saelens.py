@@ -101,14 +101,14 @@ def load(
     gated = {}
     if cfg.architecture == "gated":
         gated = {n: reader.require(n, ("d_sae",)) for n in ("b_gate", "b_mag", "r_mag")}  # [d_sae] each
-        b_enc = torch.zeros(cfg.d_sae, dtype=W_enc.dtype)  # unused by gated SAEs
+        b_enc = torch.zeros(cfg.d_sae, dtype=W_enc.dtype, device=W_enc.device)  # unused by gated SAEs
     else:
         b_enc = reader.require("b_enc", ("d_sae",))  # [d_sae]
     threshold = reader.require("threshold", ("d_sae",), ()) if cfg.architecture == "jumprelu" else None
 
     for name in ("scaling_factor", "finetuning_scaling_factor"):  # legacy: decode uses (f * s) @ W_dec
         scale = reader.get(name, ("d_sae",), optional=True)
-        if scale is not None and not torch.all(scale == 1):
+        if scale is not None and (scale.is_meta or not torch.all(scale == 1)):  # meta: shapes only, fold
             W_dec = W_dec * scale.to(W_dec.dtype)[:, None]
             cfg.notes.append(f"folded tensor '{name}' into W_dec rows")
 
