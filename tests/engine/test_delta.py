@@ -1,10 +1,8 @@
-"""The op's batched math (delta.py) against the definitions, written out here per token and per operation.
+"""The op's batched math (delta.py) against the definitions, written out per token and per operation.
 
 Requests are stated by meaning (op, value, normalize, positions, when) and resolved as the server does
-(`resolve_spec`) into the entries delta.py reads; the expected residual is computed from the same meanings
-alone, with the SAE's own encode and decode in float64, never from the engine's coefficients."""
-
-import copy
+(`resolve_spec`) into the entries delta.py reads; the expected residual comes from the same meanings alone
+(tests/engine/definitions.py: the SAE's own encode and decode in float64, never the engine's coefficients)."""
 
 import pytest
 import torch
@@ -22,6 +20,8 @@ from steer_plugin.engine.delta import (
 )
 from steer_plugin.sae.model import SparseAutoencoder
 from steer_plugin.spec import parse_spec, resolve_spec
+
+from .definitions import feature, written_out
 
 D_IN, D_SAE = 16, 40
 LAYER = 3
@@ -77,75 +77,6 @@ def ws_delta(x, cols, coef, applies, bank, terms=ALL_TERMS, conditions=None):
         x, cols, coef, applies, bank.enc.float(), bank.num_rows, bank.params, terms, conditions
     )
     return add_delta(torch.zeros(cols.shape[0], bank.dec.shape[1], dtype=bank.dec.dtype), weights, bank.dec)
-
-
-# --- the definitions (README "The API"), one token and one operation at a time, float64 ---------------------
-
-
-def feature(sae: SparseAutoencoder, x: torch.Tensor, i: int) -> float:
-    """f_i(x): the SAE's encode; under TopK relu(pre_i) (README: "Clamp under TopK")."""
-    if sae.architecture == "topk":
-        x_n, _ = sae.normalise(x[None])
-        return float(torch.relu(sae.pre_activations(x_n)[0, i]))
-    return float(sae.encode(x[None])[0, i])
-
-
-def with_feature(sae: SparseAutoencoder, x: torch.Tensor, i: int, target: float) -> torch.Tensor:
-    """x with f_i set to `target` in the SAE's code, the reconstruction error x - decode(f) kept."""
-    _, state = sae.normalise(x[None])
-    f = sae.encode(x[None])  # [1, d_sae]
-    f[0, i] = feature(sae, x, i)
-    f_set = f.clone()
-    f_set[0, i] = target
-    return (sae.decode(f_set, state) + x[None] - sae.decode(f, state))[0]
-
-
-def in_positions(positions, t: int, prompt_len: int) -> bool:
-    if positions == "all":
-        return True
-    if positions == "prompt":
-        return t < prompt_len
-    if positions == "generation":
-        return t >= prompt_len
-    return prompt_len - positions["last_prompt_tokens"] <= t < prompt_len
-
-
-def applies(op: dict, sae: SparseAutoencoder, x: torch.Tensor, t: int, prompt_len: int) -> bool:
-    """The op's `positions` include token t, and its `when` holds on x (read before any op)."""
-    if not in_positions(op.get("positions", "all"), t, prompt_len):
-        return False
-    when = op.get("when")
-    if when is None:
-        return True
-    f = feature(sae, x, when["index"])
-    return f > when["above"] if "above" in when else f < when["below"]
-
-
-def written_out(request: dict, sae: SparseAutoencoder, vec: torch.Tensor, x, pos, prompt_len) -> torch.Tensor:
-    """The change every token's residual gets from `request` [n, d]: per token, the sum over the operations
-    that apply there of x'_op - x, every operation reading the same x."""
-    sae = copy.copy(sae).to(dtype=torch.float64)
-    vec = vec.double()
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t, row in enumerate(x.double()):
-        p, plen = int(pos[t]), int(prompt_len[t])
-        for op in request.get("features", []):
-            if not applies(op, sae, row, p, plen):
-                continue
-            i, v, f = op["index"], op.get("value", 0.0), feature(sae, row, op["index"])
-            if op["op"] == "add" and op.get("normalize"):
-                w = sae.W_dec[i]
-                out[t] += v * row.norm() * w / w.norm()
-                continue
-            # add: v more of feature i (x + v·W_dec[i], through the SAE's decoder); the rest set f_i.
-            target = {"add": f + v, "clamp": v, "scale": v * f, "ablate": 0.0}[op["op"]]
-            out[t] += with_feature(sae, row, i, target) - row
-        for op in request.get("vectors", []):
-            if not applies(op, sae, row, p, plen):
-                continue
-            s = op.get("scale", 1.0)
-            out[t] += s * row.norm() * vec / vec.norm() if op.get("normalize") else s * vec
-    return out
 
 
 # --- the engine's side: the request resolved into entries, through delta.py ----------------------------------
@@ -218,7 +149,7 @@ def test_delta_matches_the_written_out_definitions(case):
     vec = torch.randn(D_IN, generator=torch.Generator().manual_seed(9))
     x = torch.randn(len(POS), D_IN, generator=torch.Generator().manual_seed(1)) * 3
     request = mixed_request(sae, x)
-    want = written_out(request, sae, vec, x, POS, PROMPT_LEN).float()
+    want = written_out(request, {"s": sae}, {"v": vec}, x, POS, PROMPT_LEN).float()
     torch.testing.assert_close(
         engine_change(request, sae, vec, x, POS, PROMPT_LEN), want, rtol=1e-4, atol=1e-4
     )
@@ -245,7 +176,7 @@ def test_each_op_alone_matches_its_definition(op):
         "add_normalized": {"features": [{"sae": "s", "index": active, "op": "add", "value": 0.4, "normalize": True}]},
         "vector": {"vectors": [{"name": "v", "scale": 0.2, "normalize": True}]},
     }[op]  # fmt: skip
-    want = written_out(request, sae, vec, x, POS, PROMPT_LEN).float()
+    want = written_out(request, {"s": sae}, {"v": vec}, x, POS, PROMPT_LEN).float()
     assert want.abs().amax() > 0.1, "the op changes nothing here: the comparison would have no power"
     torch.testing.assert_close(
         engine_change(request, sae, vec, x, POS, PROMPT_LEN), want, rtol=1e-4, atol=1e-4
