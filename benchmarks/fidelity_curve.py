@@ -216,19 +216,16 @@ def unsteered_fluency(llm, answers: list[Answer]) -> list[float]:
 # --- HF reference: the steered model's full next-token distribution ------------------------------------------------
 
 
-def concept_mass(hf, catalog, feature, answer: Answer, concept_ids) -> tuple[float, float]:
+def concept_mass(hf, feature, answer: Answer, concept_ids) -> tuple[float, float]:
     """(mean P(concept token), argmax agreement with vLLM) over the answer's positions, steered as in vLLM."""
     import torch
 
-    from steer_plugin.spec import parse_spec, resolve_spec
-
     steering = answer.case.steering(feature)
-    ops = resolve_spec(parse_spec(steering), catalog) if steering else []
     n_prompt, n_answer = len(answer.prompt_ids), len(answer.answer_ids)
     if n_answer == 0:
         return 0.0, 1.0
     ids = answer.prompt_ids + answer.answer_ids
-    with torch.no_grad(), hf.steering(ops, n_prompt):
+    with torch.no_grad(), hf.steering(steering, n_prompt):
         logits = hf.model(torch.tensor([ids])).logits[0].float()  # [T, vocab]
     # Row n_prompt - 1 + j predicts answer token j.
     probs = torch.softmax(logits[n_prompt - 1 : n_prompt - 1 + n_answer], dim=-1)  # [L, vocab]
@@ -402,7 +399,7 @@ def measure(args, paths, feature, prompts, multiples) -> tuple[list[Scored], lis
         for i, (a, flu) in enumerate(zip(answers, fluency)):
             if i % len(prompts) == 0:
                 log(f"concept probability (HF): {a.case.op} {a.case.multiple:g}x ({i}/{len(answers)})")
-            prob, agree = concept_mass(hf, catalog, feature, a, concept_ids)
+            prob, agree = concept_mass(hf, feature, a, concept_ids)
             distinct = len(set(a.answer_ids)) / max(1, len(a.answer_ids))
             scored.append(Scored(a, prob, agree, names_concept(a.text, words), flu, distinct))
     return scored, cases, concept_ids

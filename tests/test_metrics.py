@@ -27,6 +27,55 @@ def test_pipeline_stages_are_summed_and_tensor_copies_counted_once():
     assert collector.snapshot["steered_tokens"] == {"add": 12}
 
 
+def test_worker_families_as_prometheus_reads_them():
+    """Two pipeline stages' snapshots through the collector, read back with prometheus_client's own text
+    parser: counters summed, per-bucket counts made cumulative (le buckets, +Inf, _count, _sum), gauges kept."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    first = snapshot(0, 0, 5, 1)
+    first |= {
+        "features_applied": {"s": 4},
+        "op_seconds": 0.25,
+        "sae_bytes": {"s": 1000},
+        "step_errors": 2,
+        "l0": {"s": {"buckets": [1, 2, 4], "counts": [1, 0, 2, 1], "sum": 14.0}},
+        "reconstruction_error": {"s": {"buckets": [0.1, 0.5], "counts": [2, 1, 0], "sum": 0.4}},
+    }
+    second = snapshot(1, 0, 7)
+    second |= {
+        "steered_tokens": {"add": 7, "clamp": 3},
+        "sae_bytes": {"t": 500},
+        "l0": {"s": {"buckets": [1, 2, 4], "counts": [0, 1, 1, 0], "sum": 5.0}},
+    }
+    collector = WorkerStatsCollector()
+    collector.update(
+        [first, second, snapshot(1, 1, 99, 9)]
+    )  # the last: a tensor copy of stage 1, not counted
+    registry = CollectorRegistry()
+    registry.register(collector)
+    families = _families(generate_latest(registry).decode())
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert value[("steer_steered_tokens_total", (("op", "add"),))] == 12
+    assert value[("steer_steered_tokens_total", (("op", "clamp"),))] == 3
+    assert value[("steer_features_applied_total", (("sae", "s"),))] == 4
+    assert value[("steer_features_applied_total", (("sae", "t"),))] == 0  # loaded, never applied
+    assert value[("steer_worker_rejected_messages_total", (("kind", "steering"),))] == 1
+    assert value[("steer_worker_step_errors_total", ())] == 2
+    assert value[("steer_op_seconds_total", ())] == 1.25  # 0.25 + 1.0 (stage 1's default)
+    assert value[("steer_sae_memory_bytes", (("sae", "s"),))] == 1000
+    assert value[("steer_sae_memory_bytes", (("sae", "t"),))] == 500
+    # l0 per bucket, stages summed: [1, 1, 3, 1]; cumulative: 1, 2, 5, 6.
+    for le, want in (("1.0", 1), ("2.0", 2), ("4.0", 5), ("+Inf", 6)):
+        assert value[("steer_active_features_bucket", (("le", le), ("sae", "s")))] == want, le
+    assert value[("steer_active_features_count", (("sae", "s"),))] == 6
+    assert value[("steer_active_features_sum", (("sae", "s"),))] == 19.0
+    for le, want in (("0.1", 2), ("0.5", 3), ("+Inf", 3)):
+        assert value[("steer_reconstruction_error_bucket", (("le", le), ("sae", "s")))] == want, le
+    assert value[("steer_reconstruction_error_sum", (("sae", "s"),))] == 0.4
+    assert families["steer_sae_memory_bytes"].type == "gauge"
+    assert families["steer_active_features"].type == "histogram"
+
+
 # --- zero series for known label values ----------------------------------------------------------------------
 
 
@@ -55,6 +104,33 @@ def test_initialize_series_declares_known_label_values_at_zero():
     assert value("steer_watchlist_firings_total", {"sae": "zero-a", "feature": "7"}) == 0
     assert value("steer_monitored_requests_total", {"sae": "zero-a"}) == 0
     assert value("steer_monitored_requests_total", {"sae": "zero-b"}) is None  # not monitored
+    for sae in ("zero-a", "zero-b"):  # every configured SAE may abort a request
+        assert value("steer_aborted_requests_total", {"sae": sae}) == 0
+
+
+def test_initialize_series_declares_runtime_load_outcomes_when_runtime_loading_is_configured(tmp_path):
+    from prometheus_client import REGISTRY
+
+    from steer_plugin import metrics
+    from steer_plugin.config import SteerConfig
+
+    config = SteerConfig.model_validate(
+        {"runtime": {"layers": [3], "rows_per_layer": 8, "roots": [str(tmp_path)]}}
+    )
+    metrics.initialize_series(config)
+    declared = {
+        (s.labels["kind"], s.labels["action"], s.labels["outcome"])
+        for f in REGISTRY.collect()
+        if f.name == "steer_runtime_loads"
+        for s in f.samples
+        if s.name == "steer_runtime_loads_total"
+    }
+    assert declared == {
+        (kind, action, outcome)
+        for kind in ("sae", "vector")
+        for action in ("load", "unload")
+        for outcome in ("ok", "refused", "failed")
+    }
 
 
 def test_worker_collector_emits_known_kinds_and_every_sae_at_zero():

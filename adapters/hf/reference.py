@@ -1,79 +1,163 @@
 """Hugging Face transformers reference adapter: the golden reference the tests compare vLLM against.
 
-It applies steering with a forward hook on the HF decoder layer, written out op by op from the definitions
-(full SAE encode through `SparseAutoencoder`, one token at a time), sharing no math with the engine's op.
+It reads the request's `steering` as the user wrote it (op, value, normalize, positions, when) and applies it
+with a forward hook on the HF decoder layer, one token and one operation at a time, straight from the
+definitions in README "The API":
+    add     f_i ← f_i + v in the SAE's code, decoded (x + v·W_dec[i]); normalize: x + v·|x|·W_dec[i]/|W_dec[i]|
+    clamp   f_i ← v        keeping the SAE's reconstruction error: x' = decode(f with f_i = v) + (x - decode(f))
+    scale   f_i ← v·f_i    (same, with the target v·f_i)
+    ablate  f_i ← 0        (same, with the target 0)
+    vector  x + s·vector;  normalize: x + s·|x|·vector/|vector|
+f is the SAE's own encode (`SparseAutoencoder`); under TopK f_i is read as relu(pre_i) (README: top-k
+membership needs the full encode). Every operation at a layer reads the same unsteered x (its `when` too), and
+their changes add up. The arithmetic is float64, so the reference's own rounding is far below the engine's.
+It shares nothing with the engine's op (no coefficients, no bank, no batching); only feature *names* are
+resolved through the spec's lookup (`resolve_feature`), as the server does.
 Slow by design: no KV cache, the whole sequence is recomputed each step.
 """
 
 from __future__ import annotations
 
-import base64
+import copy
+from collections.abc import Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from steer_plugin.catalog import LoadedAssets
 from steer_plugin.sae.model import SparseAutoencoder
-from steer_plugin.spec import POSITION_CODES, ResolvedOp
+from steer_plugin.spec import Condition, LastPromptTokens, inline_vector, parse_spec, resolve_feature
+
+Steering = dict | None  # the request's `steering` JSON object (or a parsed SteeringSpec)
 
 
-def op_applies(op: ResolvedOp, position: int, prompt_len: int) -> bool:
+class When(NamedTuple):
+    """A `when` condition: feature `index` of `sae`, above or below a threshold."""
+
+    sae: SparseAutoencoder
+    index: int
+    above: float | None
+    below: float | None
+
+    def holds(self, x: torch.Tensor) -> bool:
+        f = feature_value(self.sae, x, self.index)
+        return f > self.above if self.above is not None else f < self.below
+
+
+class RefOp(NamedTuple):
+    """One operation of a request, as the request states it, at its layer."""
+
+    layer: int
+    op: str  # add, clamp, scale, ablate or vector
+    value: float  # add: v; clamp: the target; scale: the factor; vector: the scale; ablate: unused
+    normalize: bool
+    positions: str  # all, prompt, generation or last_prompt_tokens
+    last_n: int  # last_prompt_tokens: N
+    sae: SparseAutoencoder | None  # feature ops
+    index: int  # feature ops
+    vector: torch.Tensor | None  # vector ops, [d]
+    when: When | None
+
+
+def feature_value(sae: SparseAutoencoder, x: torch.Tensor, index: int) -> float:
+    """f_i(x) for one token x [d]: the SAE's encode; under TopK relu(pre_i) (documented)."""
+    x = x.to(sae.dtype)[None]  # [1, d]
+    if sae.architecture == "topk":
+        x_n, _ = sae.normalise(x)
+        return float(torch.relu(sae.pre_activations(x_n)[0, index]))
+    return float(sae.encode(x)[0, index])
+
+
+def _positions(p: str | LastPromptTokens) -> tuple[str, int]:
+    if isinstance(p, LastPromptTokens):
+        return "last_prompt_tokens", p.last_prompt_tokens
+    return p, 0
+
+
+def request_ops(
+    steering: Steering, assets: LoadedAssets, saes: Mapping[str, SparseAutoencoder] | None = None
+) -> list[RefOp]:
+    """The request's operations, features looked up by name in `assets` (SAEs taken from `saes` when given)."""
+    if not steering:
+        return []
+    spec, catalog = parse_spec(steering), assets.catalog()
+    saes = saes if saes is not None else {k: v.sae for k, v in assets.saes.items()}
+
+    def when(cond: Condition | None, path: str) -> When | None:
+        if cond is None:
+            return None
+        info, index = resolve_feature(cond, catalog, f"{path}.when")
+        return When(saes[info.id], index, cond.above, cond.below)
+
+    ops = []
+    for i, op in enumerate(spec.features):
+        path = f"steering.features[{i}]"
+        info, index = resolve_feature(op, catalog, path)
+        value = 0.0 if op.value is None else op.value
+        ops.append(
+            RefOp(info.layer, op.op, value, op.normalize, *_positions(op.positions), saes[info.id], index, None,
+                  when(op.when, path))
+        )  # fmt: skip
+    for i, op in enumerate(spec.vectors):
+        path = f"steering.vectors[{i}]"
+        if op.inline:
+            layer, vec = op.layer, torch.from_numpy(inline_vector(op, path).copy())
+        else:
+            layer, vec = assets.vectors[op.name].layer, assets.vectors[op.name].vector
+        ops.append(
+            RefOp(layer, "vector", op.scale, op.normalize, *_positions(op.positions), None, 0, vec,
+                  when(op.when, path))
+        )  # fmt: skip
+    return ops
+
+
+def op_applies(op: RefOp, position: int, prompt_len: int) -> bool:
+    """`positions`: generation means positions >= the prompt length."""
     in_prompt = position < prompt_len
-    if op.positions == POSITION_CODES["all"]:
+    if op.positions == "all":
         return True
-    if op.positions == POSITION_CODES["prompt"]:
+    if op.positions == "prompt":
         return in_prompt
-    if op.positions == POSITION_CODES["generation"]:
+    if op.positions == "generation":
         return not in_prompt
+    assert op.positions == "last_prompt_tokens", op.positions
     return in_prompt and position >= prompt_len - op.last_n
 
 
-def feature_value(sae: SparseAutoencoder, x: torch.Tensor, index: int) -> tuple[float, float]:
-    """(f_i(x), per-token decode scale) for one token x [d]. Under topk, f_i is relu(pre_i) (documented)."""
-    x_n, state = sae.normalise(x[None])
-    pre = sae.pre_activations(x_n)[0]  # [d_sae]
-    if sae.architecture == "topk":
-        f = torch.relu(pre[index])
-    else:
-        f = sae.activate(pre[None], x_n)[0, index]
-    scale = 1.0 if state.scale is None else float(state.scale[0, 0])
-    return float(f), scale
-
-
-def condition_holds(op: ResolvedOp, x: torch.Tensor, assets: LoadedAssets) -> bool:
-    """`when`: the condition feature's activation on the same (unsteered) x, above or below its threshold."""
-    if op.cond_sign == 0:
-        return True
-    f, _ = feature_value(assets.saes[op.cond_source].sae, x, op.cond_index)
-    return f > op.cond_threshold if op.cond_sign > 0 else f < op.cond_threshold
-
-
-def token_delta(
-    x: torch.Tensor, ops: list[ResolvedOp], assets: LoadedAssets, position: int, prompt_len: int
-) -> torch.Tensor:
-    """Sum of every applicable op's change to one token's residual x [d] (all ops read the same x)."""
-    delta = torch.zeros_like(x)
-    for op in ops:
-        if not op_applies(op, position, prompt_len) or not condition_holds(op, x, assets):
-            continue
-        if op.kind in ("vector", "inline"):
-            if op.kind == "inline":
-                vec = torch.from_numpy(np.frombuffer(base64.b64decode(op.vector), dtype="<f4").copy()).to(x)
-            else:
-                vec = assets.vectors[op.source].vector.to(x)
-            delta += op.b * vec + op.bn * x.norm() * vec / vec.norm()
-            continue
-        sae = assets.saes[op.source].sae
+def op_change(op: RefOp, x: torch.Tensor) -> torch.Tensor:
+    """What one operation does to one token's residual x [d] (float64): x' - x, [d]."""
+    if op.op == "vector":
+        vec = op.vector.to(x)
+        return op.value * x.norm() * vec / vec.norm() if op.normalize else op.value * vec
+    sae = op.sae
+    if op.op == "add" and op.normalize:
         w = sae.W_dec[op.index].to(x)  # [d]
-        f, token_scale = feature_value(sae, x, op.index)
-        direction = w * sae.out_scale * token_scale
-        delta += (op.a * f + op.b) * direction + op.bn * x.norm() * w / w.norm()
-    return delta
+        return op.value * x.norm() * w / w.norm()
+    xs = x.to(sae.dtype)[None]  # [1, d]
+    _, state = sae.normalise(xs)
+    f = sae.encode(xs)  # [1, d_sae]
+    f_i = feature_value(sae, x, op.index)
+    f[0, op.index] = f_i
+    target = {"add": f_i + op.value, "clamp": op.value, "scale": op.value * f_i, "ablate": 0.0}[op.op]
+    f_set = f.clone()
+    f_set[0, op.index] = target
+    error = xs - sae.decode(f, state)  # the SAE's reconstruction error, kept
+    return (sae.decode(f_set, state) + error - xs)[0].to(x)
+
+
+def token_change(x: torch.Tensor, ops: list[RefOp], position: int, prompt_len: int) -> torch.Tensor:
+    """Sum of every applicable op's change to one token's residual x [d] (all ops read the same x), float64."""
+    x = x.double()
+    total = torch.zeros_like(x)
+    for op in ops:
+        if op_applies(op, position, prompt_len) and (op.when is None or op.when.holds(x)):
+            total += op_change(op, x)
+    return total
 
 
 class HFReference:
-    """A transformers causal LM with reference steering at the configured layers."""
+    """A transformers causal LM with reference steering at the layers the request names."""
 
     def __init__(self, model_dir: str, assets: LoadedAssets, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,13 +169,14 @@ class HFReference:
         ).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.assets = assets
-        for loaded in assets.saes.values():
-            loaded.sae.to(dtype=dtype)
+        # float64 copies for the steering arithmetic (the shared assets keep their dtype).
+        self.saes = {k: copy.copy(v.sae).to(dtype=torch.float64) for k, v in assets.saes.items()}
         self.captured: dict[int, torch.Tensor] = {}
 
     @contextmanager
-    def steering(self, ops: list[ResolvedOp], prompt_len: int):
-        """Hooks that steer every layer named by `ops`; also capture each steered layer's output."""
+    def steering(self, steering: Steering, prompt_len: int):
+        """Hooks that steer every layer the request names; also capture each steered layer's output."""
+        ops = request_ops(steering, self.assets, self.saes)
         handles = []
         for layer in sorted({op.layer for op in ops}):
             layer_ops = [op for op in ops if op.layer == layer]
@@ -100,7 +185,8 @@ class HFReference:
                 hidden = output[0] if isinstance(output, tuple) else output  # [1, T, d]
                 steered = hidden.clone()
                 for t in range(hidden.shape[1]):
-                    steered[0, t] += token_delta(hidden[0, t], layer_ops, self.assets, t, prompt_len)
+                    change = token_change(hidden[0, t], layer_ops, t, prompt_len)  # [d] float64
+                    steered[0, t] = (hidden[0, t].double() + change).to(hidden.dtype)
                 self.captured[layer] = steered[0].detach()
                 return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
@@ -113,19 +199,19 @@ class HFReference:
 
     @torch.no_grad()
     def next_token_logprobs(
-        self, token_ids: list[int], ops: list[ResolvedOp], prompt_len: int | None = None
+        self, token_ids: list[int], steering: Steering, prompt_len: int | None = None
     ) -> torch.Tensor:
-        """Log-probabilities [vocab] of the token after `token_ids`, with steering applied."""
+        """Log-probabilities [vocab] of the token after `token_ids`, with the request's steering applied."""
         prompt_len = len(token_ids) if prompt_len is None else prompt_len
-        with self.steering(ops, prompt_len):
+        with self.steering(steering, prompt_len):
             logits = self.model(torch.tensor([token_ids])).logits[0, -1].float()
         return torch.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
-    def greedy(self, prompt_ids: list[int], ops: list[ResolvedOp], max_new_tokens: int) -> list[int]:
+    def greedy(self, prompt_ids: list[int], steering: Steering, max_new_tokens: int) -> list[int]:
         ids = list(prompt_ids)
         for _ in range(max_new_tokens):
-            ids.append(int(self.next_token_logprobs(ids, ops, len(prompt_ids)).argmax()))
+            ids.append(int(self.next_token_logprobs(ids, steering, len(prompt_ids)).argmax()))
             if ids[-1] == self.tokenizer.eos_token_id:
                 break
         return ids[len(prompt_ids) :]

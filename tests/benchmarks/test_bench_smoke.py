@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ..tools import skip_or_fail
+
 pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +66,7 @@ def _demo_assets_ready() -> bool:
 
 def test_serve_bench_smoke(tmp_path):
     if not _demo_assets_ready():
-        pytest.skip(
+        skip_or_fail(
             "demo assets not built (python -m steer_plugin.demo.build_assets); the smoke run would build them"
         )
     out = tmp_path / "serve-smoke"
@@ -101,7 +103,7 @@ def test_fidelity_curve_smoke(tmp_path):
     feature hard raises the steered model's probability of the concept's tokens above the unsteered model's on
     every prompt, and the HF reference that computes that probability reproduces vLLM's steered greedy tokens."""
     if not _demo_assets_ready():
-        pytest.skip(
+        skip_or_fail(
             "demo assets not built (python -m steer_plugin.demo.build_assets); the smoke run would build them"
         )
     from steer_plugin.demo.labels import CONCEPTS

@@ -225,14 +225,11 @@ def test_steer_plugin_loader_matches(demo_assets, raw_sae, held_out_acts):
     torch.testing.assert_close(sae.reconstruct(x).float(), ref, rtol=1e-4, atol=1e-3)
 
 
-def test_saelens_reads_it(demo_assets, raw_sae, held_out_acts):
-    """SAELens itself loads the folder as a TopK SAE with the same encode/decode (where it is importable)."""
-    try:
-        from sae_lens import SAE
-    except ImportError as e:  # sae_lens needs transformer_lens & co., which the project does not require
-        pytest.skip(f"sae_lens not importable: {e}")
+def test_saelens_reads_it(demo_assets, raw_sae, held_out_acts, saelens_ref):
+    """SAELens itself loads the folder as a TopK SAE with the same encode/decode (its SAE classes imported
+    without transformer_lens & co., as the SAE format tests do)."""
     cfg, w = raw_sae
-    sae = SAE.load_from_disk(str(demo_assets.sae_dir))
+    sae = saelens_ref.SAE.load_from_disk(str(demo_assets.sae_dir))
     assert type(sae).__name__ == "TopKSAE" and sae.cfg.k == cfg["k"]
     assert sae.cfg.metadata.hook_name == "blocks.15.hook_resid_post"
     x = held_out_acts[:256]

@@ -40,6 +40,7 @@ from steer_adapters.vllm.launcher import _flag_value as _flag
 from steer_adapters.vllm.launcher import _without_flag as _without
 
 from ..test_packaging import _local_setuptools_builds_wheels
+from ..tools import require_module
 
 try:
     import tomllib
@@ -126,7 +127,7 @@ def k8s() -> list[dict]:
 
 
 def _validate_k8s(resource: dict) -> list[str]:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = require_module("kubernetes_validate", 'pip install -e ".[test]"')
     errors = []
     for version in K8S_VERSIONS:
         try:
@@ -154,7 +155,7 @@ def test_every_yaml_file_parses():
 
 
 def _compose_schema() -> dict:
-    pytest.importorskip("check_jsonschema")
+    require_module("check_jsonschema", 'pip install -e ".[test]"')
     from importlib.resources import files
 
     return json.loads((files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
@@ -523,7 +524,7 @@ def test_vllm_accepts_the_flags_and_answers_the_probe_path(tmp_path):
 
 
 def _dockerfile() -> list[dict]:
-    dockerfile_parse = pytest.importorskip("dockerfile_parse")
+    dockerfile_parse = require_module("dockerfile_parse", 'pip install -e ".[test]"')
     parser = dockerfile_parse.DockerfileParser(path=str(DOCKERFILE))
     return parser.structure
 

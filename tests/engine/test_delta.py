@@ -1,17 +1,30 @@
-"""The op's batched math against the reference adapter's per-token, per-op definitions (small tensors)."""
+"""The op's batched math (delta.py) against the definitions, written out per token and per operation.
+
+Requests are stated by meaning (op, value, normalize, positions, when) and resolved as the server does
+(`resolve_spec`) into the entries delta.py reads; the expected residual comes from the same meanings alone
+(tests/engine/definitions.py: the SAE's own encode and decode in float64, never the engine's coefficients)."""
 
 import pytest
 import torch
-from steer_adapters.hf.reference import token_delta
 
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine.bank import build_layer_bank
-from steer_plugin.engine.delta import ALL_TERMS, DeltaTerms, add_delta, working_set_weights
+from steer_plugin.engine.delta import (
+    ALL_TERMS,
+    Conditions,
+    DeltaTerms,
+    add_delta,
+    position_gate,
+    working_set_weights,
+)
 from steer_plugin.sae.model import SparseAutoencoder
-from steer_plugin.spec import POSITION_CODES, ResolvedOp
+from steer_plugin.spec import parse_spec, resolve_spec
+
+from .definitions import feature, written_out
 
 D_IN, D_SAE = 16, 40
+LAYER = 3
 
 
 def random_sae(architecture: str, seed: int = 0, **kwargs) -> SparseAutoencoder:
@@ -58,43 +71,116 @@ def bank_delta(x, idx, coef, bank, terms=ALL_TERMS):
     return ws_delta(x, idx, coef, applies, bank, terms)
 
 
-def ws_delta(x, cols, coef, applies, bank, terms=ALL_TERMS):
+def ws_delta(x, cols, coef, applies, bank, terms=ALL_TERMS, conditions=None):
     """What the op adds: its weights through its own residual update, applied to a zero residual."""
     weights, _ = working_set_weights(
-        x, cols, coef, applies, bank.enc.float(), bank.num_rows, bank.params, terms
+        x, cols, coef, applies, bank.enc.float(), bank.num_rows, bank.params, terms, conditions
     )
     return add_delta(torch.zeros(cols.shape[0], bank.dec.shape[1], dtype=bank.dec.dtype), weights, bank.dec)
 
 
-def op(kind, source, index, a, b, bn=0.0):
-    return ResolvedOp(kind, source, index, 3, a, b, bn, POSITION_CODES["all"], 0)
+# --- the engine's side: the request resolved into entries, through delta.py ----------------------------------
+
+
+def engine_change(request: dict, sae, vec, x, pos, prompt_len, terms=ALL_TERMS) -> torch.Tensor:
+    """delta.py's change for `request` on every token [n, d], every token carrying all of its entries."""
+    assets = LoadedAssets(
+        {"s": LoadedSAE("s", sae, LAYER, {}, None)}, {"v": LoadedVector("v", vec, LAYER)}, SteerConfig()
+    )
+    ops = resolve_spec(parse_spec(request), assets.catalog())
+    bank = build_layer_bank(LAYER, [("s", sae)], [("v", vec)], torch.device("cpu"), torch.float32)
+    n = len(x)
+
+    def per_token(values, dtype):
+        return torch.tensor([values] * n, dtype=dtype)  # [n, K]
+
+    cols = per_token([bank.row(o.kind, o.source, o.index) for o in ops], torch.long)
+    coef = torch.tensor([[[o.a, o.b, o.bn] for o in ops]] * n, dtype=torch.float32)  # [n, K, 3]
+    applies = position_gate(
+        per_token([o.positions for o in ops], torch.long), per_token([o.last_n for o in ops], torch.long),
+        pos, prompt_len,
+    )  # fmt: skip
+    conditions = Conditions(
+        per_token([bank.row("feature", o.cond_source, o.cond_index) if o.cond_sign else 0 for o in ops],
+                  torch.long),
+        per_token([o.cond_threshold for o in ops], torch.float32),
+        per_token([o.cond_sign for o in ops], torch.long),
+    )  # fmt: skip
+    return ws_delta(x, cols, coef, applies, bank, terms, conditions)
+
+
+# Tokens of two requests in one block: positions 0-5 of a 4-token prompt (4 and 5 generated), then positions 9
+# and 10 of a 10-token prompt (the last prompt token and the first generated one).
+POS = torch.tensor([0, 1, 2, 3, 4, 5, 9, 10])
+PROMPT_LEN = torch.tensor([4, 4, 4, 4, 4, 4, 10, 10])
+
+
+def between(values: list[float]) -> float:
+    """A threshold halfway between the two middle values: some tokens above it, some below, none near it."""
+    v = sorted(values)
+    return (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def mixed_request(sae: SparseAutoencoder, x: torch.Tensor) -> dict:
+    """Every op kind, every positions rule and both `when` directions, on the features most often active on
+    these tokens (so clamp, scale and ablate read non-zero activations and the conditions split the tokens)."""
+    f = torch.stack([torch.tensor([feature(sae, row, i) for i in range(D_SAE)]) for row in x])  # [n, d_sae]
+    order = sorted(range(D_SAE), key=lambda i: (-int((f[:, i] > 0).sum()), -float(f[:, i].sum())))
+    a, b, c = order[:3]
+    assert all((f[:, i] > 0).any() for i in (a, b, c)), "no active features: the reads would test nothing"
+    above, below = between(f[:, a].tolist()), between(f[:, b].tolist())
+    assert 0 < sum(f[:, a] > above) < len(x) and 0 < sum(f[:, b] < below) < len(x)
+    return {
+        "features": [
+            {"sae": "s", "index": a, "op": "clamp", "value": 4.0},
+            {"sae": "s", "index": b, "op": "scale", "value": 2.5, "positions": {"last_prompt_tokens": 2}},
+            {"sae": "s", "index": c, "op": "ablate", "positions": "prompt",
+             "when": {"sae": "s", "index": a, "above": above}},
+            {"sae": "s", "index": 3, "op": "add", "value": 2.5, "positions": "generation"},
+            {"sae": "s", "index": 5, "op": "add", "value": 0.3, "normalize": True},
+        ],
+        "vectors": [{"name": "v", "scale": -1.2, "when": {"sae": "s", "index": b, "below": below}}],
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(SAE_CASES))
-def test_delta_matches_reference(case):
+def test_delta_matches_the_written_out_definitions(case):
     sae = random_sae(**SAE_CASES[case])
     vec = torch.randn(D_IN, generator=torch.Generator().manual_seed(9))
-    assets = LoadedAssets(
-        {"s": LoadedSAE("s", sae, 3, {}, None)}, {"v": LoadedVector("v", vec, 3)}, SteerConfig()
+    x = torch.randn(len(POS), D_IN, generator=torch.Generator().manual_seed(1)) * 3
+    request = mixed_request(sae, x)
+    want = written_out(request, {"s": sae}, {"v": vec}, x, POS, PROMPT_LEN).float()
+    torch.testing.assert_close(
+        engine_change(request, sae, vec, x, POS, PROMPT_LEN), want, rtol=1e-4, atol=1e-4
     )
-    bank = build_layer_bank(3, [("s", sae)], [("v", vec)], torch.device("cpu"), torch.float32)
-    ops = [
-        op("feature", "s", 3, 0.0, 2.5),  # add
-        op("feature", "s", 7, -1.0, 4.0),  # clamp
-        op("feature", "s", 11, 1.5, 0.0),  # scale x2.5
-        op("feature", "s", 20, -1.0, 0.0),  # ablate
-        op("feature", "s", 5, 0.0, 0.0, 0.3),  # normalised add
-        op("vector", "v", 0, 0.0, -1.2),  # vector
-    ]
-    x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(1)) * 3
-    idx = torch.tensor([[bank.row(o.kind, o.source, o.index) for o in ops]] * len(x))
-    coef = torch.tensor([[[o.a, o.b, o.bn] for o in ops]] * len(x), dtype=torch.float32)
-    got = bank_delta(x, idx, coef, bank)
-    want = torch.stack([token_delta(row, ops, assets, 0, 1) for row in x])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     if sae.per_token_norm == "none" and not sae.center_input:  # what the eager op runs for such an SAE
-        lean = bank_delta(x, idx, coef, bank, DeltaTerms(read=True, norm=False, bn=True))
-        torch.testing.assert_close(lean, want, rtol=1e-4, atol=1e-5)
+        lean = DeltaTerms(read=True, norm=False, bn=True, cond=True)
+        got = engine_change(request, sae, vec, x, POS, PROMPT_LEN, lean)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["add", "clamp", "scale", "ablate", "add_normalized", "vector"])
+def test_each_op_alone_matches_its_definition(op):
+    """One op at a time, on every token (a mistake in one op cannot hide behind another's larger change)."""
+    sae = random_sae(**SAE_CASES["layer_norm"])
+    vec = torch.randn(D_IN, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(len(POS), D_IN, generator=torch.Generator().manual_seed(2)) * 3
+    active = int(
+        torch.stack([torch.tensor([feature(sae, r, i) for i in range(D_SAE)]) for r in x]).sum(0).argmax()
+    )
+    request = {
+        "add": {"features": [{"sae": "s", "index": active, "op": "add", "value": 1.5}]},
+        "clamp": {"features": [{"sae": "s", "index": active, "op": "clamp", "value": -2.0}]},
+        "scale": {"features": [{"sae": "s", "index": active, "op": "scale", "value": 3.0}]},
+        "ablate": {"features": [{"sae": "s", "index": active, "op": "ablate"}]},
+        "add_normalized": {"features": [{"sae": "s", "index": active, "op": "add", "value": 0.4, "normalize": True}]},
+        "vector": {"vectors": [{"name": "v", "scale": 0.2, "normalize": True}]},
+    }[op]  # fmt: skip
+    want = written_out(request, {"s": sae}, {"v": vec}, x, POS, PROMPT_LEN).float()
+    assert want.abs().amax() > 0.1, "the op changes nothing here: the comparison would have no power"
+    torch.testing.assert_close(
+        engine_change(request, sae, vec, x, POS, PROMPT_LEN), want, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_clamp_sets_the_feature_and_keeps_the_reconstruction_error():

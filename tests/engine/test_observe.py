@@ -1,5 +1,6 @@
 """Observed tokens: one encode per SAE for all requests, records per request, histograms, watchlist."""
 
+import pytest
 import torch
 
 from steer_plugin.engine.observe import ObservedRows, Observer
@@ -36,19 +37,26 @@ def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
         {"s": x},
     )
     a, b = channel.ChannelReader(CID_A).read_new(), channel.ChannelReader(CID_B).read_new()
-    assert [r["pos"] for r in a] == [5, 6] and [r["pos"] for r in b] == [9]
-    pre = x @ sae.W_enc  # written out: the top 3 of the pre-activations, kept where positive
-    for record, row, top_k in ((a[0], 0, 2), (a[1], 1, 2), (b[0], 3, 3)):
-        values, indices = pre[row].topk(3)
-        want = [[int(i), round(float(v), 4)] for i, v in zip(indices[:top_k], values[:top_k]) if v > 0]
-        assert record["top"] == want
-    for record, row in ((a[0], 0), (a[1], 1)):
-        assert record["l0"] == int((pre[row].topk(3).values > 0).sum())
-        f = torch.zeros(20).scatter(0, pre[row].topk(3).indices, torch.relu(pre[row].topk(3).values))
-        x_hat = f @ sae.W_dec
-        want_err = float(((x[row] - x_hat) ** 2).sum() / (x[row] ** 2).sum())
-        assert abs(record["err"] - want_err) <= 1e-4 * max(1.0, want_err)
-    assert "l0" not in b[0] and "err" not in b[0]
+    # Written out: the top 3 of the pre-activations kept where positive, everything else 0.
+    pre = x @ sae.W_enc  # [4, 20]
+    top3 = pre.topk(3)
+    f = torch.zeros_like(pre).scatter(1, top3.indices, torch.relu(top3.values))  # [4, 20]
+
+    def top(row: int, k: int) -> list[list]:
+        """A request's top k: its k largest activations, the positive ones, rounded to 4 places."""
+        values, indices = f[row].topk(k)
+        return [[int(i), round(float(v), 4)] for i, v in zip(indices, values) if v > 0]
+
+    def error(row: int):
+        x_hat = f[row] @ sae.W_dec  # b_dec = 0
+        return pytest.approx(float(((x[row] - x_hat) ** 2).sum() / (x[row] ** 2).sum()), rel=1e-4, abs=1e-5)
+
+    assert a == [
+        {"pos": 5, "P": 5, "sae": "s", "top": top(0, 2), "l0": int((f[0] > 0).sum()), "err": error(0)},
+        {"pos": 6, "P": 5, "sae": "s", "top": top(1, 2), "l0": int((f[1] > 0).sum()), "err": error(1)},
+    ]
+    assert b == [{"pos": 9, "P": 9, "sae": "s", "top": top(3, 3)}]  # inspect only: no l0 / err
+    assert all(len(r["top"]) == 2 for r in a) and len(b[0]["top"]) == 3  # the rows have positive top-3s
     snapshot = observer.snapshot()
     assert (
         sum(snapshot["l0"]["s"]["counts"]) == 2 and sum(snapshot["reconstruction_error"]["s"]["counts"]) == 2
@@ -71,6 +79,7 @@ def test_watched_feature_outside_top_k_is_reported(tmp_path, monkeypatch):
         [ObservedRows(CID_A, "s", 1, list(range(6)), list(range(6)), 0, ((watched, threshold),))], {"s": x}
     )
     records = channel.ChannelReader(CID_A).read_new()
+    assert [r["pos"] for r in records] == list(range(6))
     fired = [r["pos"] for r in records if any(i == watched for i, _ in r.get("watch", ()))]
     assert fired == [p for p in range(6) if pre[p, watched] > threshold]
     assert fired and all(r["top"][0][0] != watched for r in records)

@@ -19,6 +19,8 @@ from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.monitor import channel
 from steer_plugin.spec import ObserveSpec, encode_wire, parse_spec, resolve_spec
 
+from .definitions import written_out
+
 D, D_SAE, LAYER, MAX_TOKENS, MAX_SEQS = 16, 48, 2, 64, 8
 
 
@@ -95,19 +97,17 @@ def random_steering(rng: random.Random) -> dict:
 
 
 def random_batch(steerer: Steerer, rng: random.Random, num_reqs: int, step: int):
-    """(BatchView, observed cids, padded token count) of a mixed prefill/decode batch."""
+    """(BatchView, padded token count, each request's `steering` or None) of a mixed prefill/decode batch."""
     catalog = steerer.assets.catalog()
-    sizes, computed, prompts, wires, observes, cids = [], [], [], [], [], []
+    sizes, computed, prompts, wires, observes, cids, steerings = [], [], [], [], [], [], []
     for i in range(num_reqs):
         prompt = rng.randint(2, 9)
         decode = rng.random() < 0.6
         sizes.append(1 if decode else prompt)
         computed.append(prompt + rng.randint(0, 5) if decode else 0)
         prompts.append(prompt)
-        steered = rng.random() < 0.7
-        wires.append(
-            encode_wire(resolve_spec(parse_spec(random_steering(rng)), catalog)) if steered else None
-        )
+        steerings.append(random_steering(rng) if rng.random() < 0.7 else None)
+        wires.append(encode_wire(resolve_spec(parse_spec(steerings[-1]), catalog)) if steerings[-1] else None)
         if rng.random() < 0.5:
             cid = f"{step:08x}{i:024x}"
             channel.create(cid)
@@ -125,7 +125,19 @@ def random_batch(steerer: Steerer, rng: random.Random, num_reqs: int, step: int)
         observe_specs=observes,
     )
     padded = min(MAX_TOKENS, int(query_start[-1]) + rng.randint(0, 4))  # graph padding rows
-    return view, padded
+    return view, padded, steerings
+
+
+def written_out_rows(steerer: Steerer, view: BatchView, steerings, x: torch.Tensor) -> torch.Tensor:
+    """Every real token row's change [rows, d] from its request's `steering`, per the definitions."""
+    saes, vectors = {"s": steerer.observer.saes["s"]}, {"v": steerer.assets.vectors["v"].vector}
+    out = torch.zeros(int(view.query_start[-1]), D, dtype=torch.float64)
+    for i, steering in enumerate(steerings):
+        lo, hi = int(view.query_start[i]), int(view.query_start[i + 1])
+        if steering:
+            pos = range(int(view.num_computed[i]), int(view.num_computed[i]) + hi - lo)
+            out[lo:hi] = written_out(steering, saes, vectors, x[lo:hi], pos, int(view.num_prompt[i]))
+    return out
 
 
 def run_op(hidden, residual, capturing: bool, monkeypatch):
@@ -143,7 +155,7 @@ def test_capture_path_matches_eager_on_random_shrinking_batches(steerer, monkeyp
     rng = random.Random(0)
     rt = steer_op.LAYERS[LAYER]
     for step, num_reqs in enumerate([8, 6, 7, 3, 5, 1, 2, 1]):
-        view, padded = random_batch(steerer, rng, num_reqs, step)
+        view, padded, steerings = random_batch(steerer, rng, num_reqs, step)
         steerer.prepare(view)
         real = int(view.query_start[-1])
         g = torch.Generator().manual_seed(step)
@@ -151,6 +163,8 @@ def test_capture_path_matches_eager_on_random_shrinking_batches(steerer, monkeyp
         eager, eager_capture = run_op(hidden, residual, False, monkeypatch)
         dense, dense_capture = run_op(hidden, residual, True, monkeypatch)
         torch.testing.assert_close(dense, eager, rtol=1e-5, atol=1e-5)
+        want = residual[:real] + written_out_rows(steerer, view, steerings, hidden + residual).float()
+        torch.testing.assert_close(eager[:real], want, rtol=1e-4, atol=1e-4)
         steered_rows = set(steerer.step.steered_rows_host.tolist())
         for row in range(padded):
             if row not in steered_rows:  # unsteered and padding rows: bit for bit
@@ -183,7 +197,7 @@ def test_forwards_without_preparation_are_unsteered(steerer, monkeypatch):
     """Warm-up, profile and dummy runs (and idle data-parallel ranks) call the model without prepare():
     after a big batch, a smaller forward must neither index the old rows nor be steered."""
     rng = random.Random(1)
-    view, padded = random_batch(steerer, rng, 8, 0)
+    view, padded, _ = random_batch(steerer, rng, 8, 0)
     steerer.prepare(view)
     run_op(torch.randn(padded, D), torch.randn(padded, D), False, monkeypatch)
     steerer.after_forward()
@@ -197,9 +211,9 @@ def test_forwards_without_preparation_are_unsteered(steerer, monkeypatch):
 def test_stale_tables_of_a_bigger_batch_are_not_applied(steerer, monkeypatch):
     """Even prepared tables that do not fit the forward (a runner that skipped prepare) are left alone."""
     rng = random.Random(2)
-    view, _ = random_batch(steerer, rng, 8, 1)
+    view, _, _ = random_batch(steerer, rng, 8, 1)
     while not steerer.prepare(view):
-        view, _ = random_batch(steerer, rng, 8, 1)
+        view, _, _ = random_batch(steerer, rng, 8, 1)
     last_row = int(steerer.step.steered_rows_host[-1])
     hidden, residual = torch.randn(last_row, D), torch.randn(last_row, D)
     eager, _ = run_op(hidden, residual, False, monkeypatch)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import inprocess_engine, resolve, sampling, token_prompt
+from .conftest import inprocess_engine, sampling, token_prompt
 from .plain_engines import TOP
 from .tiny_models import ARCHITECTURES, SAE_LAYER, TinyModel, build_all
 
@@ -130,8 +130,8 @@ def steering_cases(hf_ref, assets, ids: list[int]) -> dict[str, dict]:
 def reference_error(llm, hf_ref, assets, ids: list[int], steering: dict) -> tuple[float, float]:
     """(max |Δ logprob| vLLM vs reference over vLLM's top tokens, how far steering moved them)."""
     got = first_token_logprobs(llm, assets, ids, steering)
-    want = hf_ref.next_token_logprobs(ids, resolve(assets, steering))  # [vocab]
-    plain = hf_ref.next_token_logprobs(ids, [])  # [vocab]
+    want = hf_ref.next_token_logprobs(ids, steering)  # [vocab]
+    plain = hf_ref.next_token_logprobs(ids, None)  # [vocab]
     tokens = torch.tensor(list(got))
     err = (torch.tensor(list(got.values())) - want[tokens]).abs().max().item()
     moved = (want[tokens] - plain[tokens]).abs().max().item()
@@ -160,7 +160,7 @@ def test_unsteered_equals_plugin_disabled(arch, plugin_llm, plain_runs, hf_ref, 
     params = sampling(tiny_assets, None, max_tokens=len(run["tokens"]))
     tokens = plugin_llm.generate([token_prompt(prompt_ids)], params, use_tqdm=False)[0].outputs[0].token_ids
     assert list(tokens) == run["tokens"]
-    want = hf_ref.next_token_logprobs(prompt_ids, [])  # [vocab]
+    want = hf_ref.next_token_logprobs(prompt_ids, None)  # [vocab]
     err = max(abs(lp - float(want[t])) for t, lp in got.items())
     print(f"{arch}: unsteered vs HF max |Δ logprob| {err:.1e}")
     assert err < LOGPROB_TOL
@@ -186,7 +186,6 @@ def test_generation_steering_matches_reference_on_decode_steps(
     steering = {
         "features": [{"sae": "tiny", "index": 5, "op": "add", "value": 8.0, "positions": "generation"}]
     }
-    ops = resolve(tiny_assets, steering)
     out = plugin_llm.generate(
         [token_prompt(prompt_ids)],
         sampling(tiny_assets, steering, max_tokens=GENERATED, logprobs=TOP),
@@ -196,8 +195,8 @@ def test_generation_steering_matches_reference_on_decode_steps(
     errors, moved = [], []
     for k, step in enumerate(out.logprobs):
         ids = prompt_ids + list(out.token_ids[:k])
-        want = hf_ref.next_token_logprobs(ids, ops, len(prompt_ids))  # [vocab]
-        plain = hf_ref.next_token_logprobs(ids, [], len(prompt_ids))  # [vocab]
+        want = hf_ref.next_token_logprobs(ids, steering, len(prompt_ids))  # [vocab]
+        plain = hf_ref.next_token_logprobs(ids, None, len(prompt_ids))  # [vocab]
         errors.append(max(abs(lp.logprob - float(want[t])) for t, lp in step.items()))
         moved.append(max(abs(float(want[t] - plain[t])) for t in step))
     print(f"{arch} generation: max |Δ logprob| per step {[f'{e:.1e}' for e in errors]}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import PROMPTS, VECTOR_LAYER, resolve, sampling, token_prompt
+from .conftest import PROMPTS, VECTOR_LAYER, sampling, token_prompt
 
 pytestmark = pytest.mark.engine
 
@@ -116,8 +116,8 @@ def vllm_logprobs(llm, assets, ids, steering) -> dict[int, float]:
 
 def check_against_reference(llm, hf, assets, prompt_ids, steering) -> float:
     got = vllm_logprobs(llm, assets, prompt_ids, steering)
-    want = hf.next_token_logprobs(prompt_ids, resolve(assets, steering))
-    plain = hf.next_token_logprobs(prompt_ids, [])
+    want = hf.next_token_logprobs(prompt_ids, steering)
+    plain = hf.next_token_logprobs(prompt_ids, None)
     tokens = torch.tensor(list(got))
     err = (torch.tensor(list(got.values())) - want[tokens]).abs().max().item()
     moved = (want[tokens] - plain[tokens]).abs().max().item()
@@ -149,7 +149,7 @@ def test_first_token_logprobs_match_reference_eager(eager_llm, hf, assets, promp
 
 def test_unsteered_matches_reference(eager_llm, hf, assets, prompt_ids):
     got = vllm_logprobs(eager_llm, assets, prompt_ids, None)
-    want = hf.next_token_logprobs(prompt_ids, [])
+    want = hf.next_token_logprobs(prompt_ids, None)
     err = (torch.tensor(list(got.values())) - want[torch.tensor(list(got))]).abs().max().item()
     assert err < LOGPROB_TOL
 
@@ -162,8 +162,8 @@ def test_generation_only_steering_matches_reference_greedy(eager_llm, hf, assets
         [token_prompt(prompt_ids)], sampling(assets, steering, max_tokens=n), use_tqdm=False
     )
     got = list(out[0].outputs[0].token_ids)
-    want = hf.greedy(prompt_ids, resolve(assets, steering), n)
-    plain = hf.greedy(prompt_ids, [], n)
+    want = hf.greedy(prompt_ids, steering, n)
+    plain = hf.greedy(prompt_ids, None, n)
     assert got == want
     assert got[0] == plain[0] and got != plain
 

@@ -762,7 +762,7 @@ def test_conditional_clamp_changes_exactly_the_tokens_where_the_condition_holds(
     ids = hf.tokenizer(text)["input_ids"]
     x = hf.residual_after(sae_layer, ids)  # [T, d] unsteered: A at layer L is read before any edit there
     sae = assets.saes["demo"].sae
-    f_a = [feature_value(sae, x[t], a)[0] for t in range(len(ids))]
+    f_a = [feature_value(sae, x[t], a) for t in range(len(ids))]
     positive = sorted(v for v in f_a[1:] if v > 0)
     assert len(positive) >= 2, f_a
     threshold = positive[len(positive) // 2] * 0.999  # the median token and those above it hold

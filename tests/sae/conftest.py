@@ -21,6 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ..tools import skip_or_fail
+
 D_IN = 16
 D_SAE = 48
 
@@ -59,7 +61,7 @@ def import_isolated(
     except (ImportError, ValueError, AttributeError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"reference library {package!r} is not installed (requirements/test-extra.txt)")
+        skip_or_fail(f"reference library {package!r} is not installed (requirements/test-extra.txt)")
     stubs = stubs or {}
     owned = (package, *stubs)
 
@@ -76,7 +78,7 @@ def import_isolated(
         sys.modules.update(stubs)
         return {name: importlib.import_module(name) for name in modules}
     except Exception as e:  # version drift in the reference library: compare where we can, skip elsewhere
-        pytest.skip(f"cannot import {package} modules without its package __init__: {type(e).__name__}: {e}")
+        skip_or_fail(f"cannot import {package} modules without its package __init__: {type(e).__name__}: {e}")
     finally:
         for key in [k for k in sys.modules if is_owned(k)]:
             del sys.modules[key]
@@ -114,7 +116,7 @@ def saelens_ref() -> SimpleNamespace:
     try:
         version = importlib.metadata.version("sae-lens")
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("reference library sae-lens is not installed (requirements/test-extra.txt)")
+        skip_or_fail("reference library sae-lens is not installed (requirements/test-extra.txt)")
     names = ("standard_sae", "topk_sae", "jumprelu_sae", "gated_sae")
     mods = import_isolated(
         "sae_lens",

@@ -29,6 +29,8 @@ from steer_plugin.catalog import load_sae_source
 from steer_plugin.config import ConfigError, parse_config
 from steer_plugin.sae import named
 
+from ..tools import skip_or_fail
+
 GEMMA_RELEASE = "gemma-scope-2b-pt-res-canonical"
 GEMMA_ID = "layer_20/width_16k/canonical"
 JB_RELEASE = "gpt2-small-res-jb"  # SAELens' own format; its registry entry asks for centred inputs
@@ -44,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def registry_yaml() -> dict:
     spec = importlib.util.find_spec("sae_lens")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("sae-lens is not installed (pip install --no-deps sae-lens==6.54.12)")
+        skip_or_fail("sae-lens is not installed (pip install --no-deps sae-lens==6.54.12)")
     file = Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
     with open(file) as f:
         return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # a safe loader
