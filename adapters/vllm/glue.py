@@ -9,7 +9,9 @@ installed vLLM and the CUDA wheel pinned there.
   Worker.compile_or_warm_up_model, GPUModelRunner._model_forward, GPUModelRunner._dummy_run);
 - how the flattened batch is laid out (Model Runner V1: input_batch + query_start_loc; V2: InputBatch);
 - where a request's prefix-cache salt is set (Request.from_engine_core_request);
-- where the decoder layers live and what they return ((hidden_states, residual)).
+- where the decoder layers live and what they return ((hidden_states, residual));
+- the API server's engine client, and its collective_rpc to the worker extension's methods (EngineWorkers; the
+  middleware holds nothing else of the engine, see tests/adapters/test_vllm_boundary.py).
 """
 
 from __future__ import annotations
