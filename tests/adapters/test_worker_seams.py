@@ -245,3 +245,62 @@ def test_steer_serve_refuses_another_extension(name, message, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"steer-serve: refusing to start: --worker-extension-cls {name}" in err and message in err
+
+
+# --- the middleware without the extension -------------------------------------------------------------------------
+
+ADMIN_KEY = "k" * 24
+
+
+def _call(middleware, app_state, method: str, path: str, headers=(), body: bytes = b"") -> tuple[int, bytes]:
+    """One ASGI request through `middleware`; (status, body)."""
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": b"",
+        "headers": list(headers),
+        "app": SimpleNamespace(state=app_state, user_middleware=()),
+    }
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(middleware(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_middleware_without_the_extension_refuses_loads_and_skips_the_pull(tmp_path, monkeypatch, caplog):
+    from steer_adapters.vllm.middleware import SteeringMiddleware
+
+    runtime = {"layers": [1], "rows_per_layer": 4, "roots": [str(tmp_path)], "admin_key": ADMIN_KEY}
+    monkeypatch.setenv("STEER_PLUGIN_CONFIG", _config(tmp_path, runtime=runtime))
+    monkeypatch.delenv("STEER_ADMIN_KEY", raising=False)
+
+    async def vllm_app(scope, receive, send):  # what vLLM's own /metrics would answer
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = SteeringMiddleware(vllm_app)
+    engine = FakeEngineClient("", [])  # plain vLLM without --worker-extension-cls
+    state = SimpleNamespace(engine_client=engine)
+    status, reply = _call(
+        middleware,
+        state,
+        "POST",
+        "/v1/steering/vectors",
+        headers=[(b"x-steer-admin-key", ADMIN_KEY.encode())],
+        body=json.dumps({"id": "v", "path": str(tmp_path / "v.safetensors"), "layer": 1}).encode(),
+    )
+    assert status == 503
+    assert f"--worker-extension-cls {EXTENSION_PATH}" in json.loads(reply)["error"]["message"]
+    with caplog.at_level(logging.WARNING, logger="steer_plugin"):
+        assert _call(middleware, state, "GET", "/metrics")[0] == 200
+        assert _call(middleware, state, "GET", "/metrics")[0] == 200
+    assert engine.calls == []  # nothing was sent to the workers
+    assert caplog.text.count("/metrics has no worker figures") == 1  # said once, not per scrape
