@@ -9,20 +9,23 @@ installed vLLM and the CUDA wheel pinned there.
   Worker.compile_or_warm_up_model, GPUModelRunner._model_forward, GPUModelRunner._dummy_run);
 - how the flattened batch is laid out (Model Runner V1: input_batch + query_start_loc; V2: InputBatch);
 - where a request's prefix-cache salt is set (Request.from_engine_core_request);
-- where the decoder layers live and what they return ((hidden_states, residual)).
+- where the decoder layers live and what they return ((hidden_states, residual));
+- the API server's engine client, and its collective_rpc to the worker extension's methods (EngineWorkers; the
+  middleware holds nothing else of the engine, see tests/adapters/test_vllm_boundary.py).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import logging
 import os
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from steer_adapters.vllm import internals, runner_v2
+from steer_adapters.vllm import internals, runner_v2, worker_extension
 
 from steer_plugin.config import config_from_sources
 from steer_plugin.engine.steerer import BatchView, Steerer
@@ -241,14 +244,28 @@ def install_steerer(worker) -> Steerer | None:
         for layer in steerer.layers:
             layers[layer].register_forward_hook(_steer_hook(layer))
     if runner_v2.is_v2_runner(runner):
+        if not config.allow_v2_model_runner and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+            logger.warning(
+                "steer_plugin: running on Model Runner V2 although allow_v2_model_runner is off: the config "
+                "came only through additional_config, read after vLLM chose the runner. Set "
+                "VLLM_USE_V2_MODEL_RUNNER=0 (or name the config in STEER_PLUGIN_CONFIG) to run V1"
+            )
         runner_v2.install_v2(runner, steerer)  # raises if V2's layout changed
     else:
         runner._model_forward = _wrap_model_forward(runner, runner._model_forward, steerer)
         # abort_when: V1 computes the sampled rows' logits after _model_forward (where the features were read).
         model.compute_logits = _wrap_compute_logits(model.compute_logits, steerer)
-    worker._steerer = steerer
-    worker.steer_plugin_stats = steerer.stats  # pulled through collective_rpc for /metrics
-    worker.steer_plugin_load = steerer.runtime_loads.command  # the admin API's loads, through collective_rpc
+    worker_extension.attach(worker, steerer)
+    if not isinstance(worker, worker_extension.SteerWorkerExtension):
+        # Steering works without it; /metrics' worker figures and runtime loads call its methods.
+        logger.warning(
+            "steer_plugin: the worker lacks %s (--worker-extension-cls is %r): /metrics has no worker figures "
+            "and runtime loads are refused. steer-serve adds it; with plain vLLM pass "
+            "--worker-extension-cls %s (LLM(..., worker_extension_cls=...) in Python)",
+            worker_extension.EXTENSION_PATH,
+            vllm_config.parallel_config.worker_extension_cls,
+            worker_extension.EXTENSION_PATH,
+        )
     return steerer
 
 
@@ -305,7 +322,7 @@ def _wrap_compute_logits(original, steerer: Steerer):
 
 
 def run_self_test(worker) -> None:
-    steerer: Steerer | None = getattr(worker, "_steerer", None)
+    steerer = worker_extension.steerer_of(worker)
     if steerer is None or not steerer.config.self_test:
         return
     runner = worker.model_runner
@@ -357,13 +374,22 @@ def patch_workers() -> None:
 
 
 def select_model_runner() -> None:
-    """Model Runner V2 (CUDA default in 0.33) is not yet validated on a GPU: use V1 unless the operator opts in."""
+    """With a steering config: Model Runner V1 unless the config opts in to V2 (the CUDA default in 0.33, not
+    yet validated on a GPU) or the operator set VLLM_USE_V2_MODEL_RUNNER. Without one, vLLM's own choice.
+
+    Runs in the server's first process (plugin.register), before vLLM reads the variable and before any engine
+    process starts (they inherit it), so it sees the config named by STEER_PLUGIN_CONFIG (steer-serve sets it);
+    one given only through additional_config is read later, by the workers (see install_steerer)."""
     try:
         config = config_from_sources(None)
-    except Exception:
+    except Exception:  # named but unreadable: steering was asked for (the workers will refuse it, naming why)
         config = None
-    allow_v2 = config.allow_v2_model_runner if config else False
-    if not allow_v2 and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        configured = True
+    else:
+        configured = config is not None
+    if not configured or (config is not None and config.allow_v2_model_runner):
+        return
+    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         logger.info(
             "steer_plugin: selecting vLLM Model Runner V1 (set allow_v2_model_runner to opt in to V2)"
@@ -399,7 +425,7 @@ class AuthGate:
         return self._middleware.cls(handler, *self._middleware.args, **self._middleware.kwargs)
 
 
-# --- API server: the engine as the admin API sees it -------------------------------------------------------
+# --- API server: the engine and its workers, as the middleware reaches them -----------------------------------
 
 
 def model_shape(app_state) -> tuple[int, int] | None:
@@ -413,10 +439,58 @@ def model_shape(app_state) -> tuple[int, int] | None:
     return int(text.num_hidden_layers), int(text.hidden_size)
 
 
-def api_process_count(engine_client) -> int:
-    """How many API server processes this server runs (--api-server-count): each holds its own catalog."""
-    parallel = engine_client.vllm_config.parallel_config
-    return int(getattr(parallel, "_api_process_count", 1))
+MISSING_EXTENSION = (
+    f"the workers lack {worker_extension.EXTENSION_PATH}: start the server with steer-serve, or pass "
+    f"--worker-extension-cls {worker_extension.EXTENSION_PATH} to vLLM"
+)
+
+
+@functools.cache
+def _provides_extension(qualname: str) -> bool:
+    if not qualname:
+        return False
+    module, _, name = qualname.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return worker_extension.is_extension(cls)
+
+
+class EngineWorkers:
+    """The served engine's workers from the API process: vLLM's engine client (app.state.engine_client) and its
+    collective_rpc, which calls a worker_extension.SteerWorkerExtension method on every TP and PP rank."""
+
+    def __init__(self, engine_client) -> None:
+        self._engine = engine_client
+
+    @classmethod
+    def of(cls, app_state) -> EngineWorkers | None:
+        """The workers of the app's engine, or None before the engine is up."""
+        engine = getattr(app_state, "engine_client", None)
+        return None if engine is None else cls(engine)
+
+    @property
+    def api_process_count(self) -> int:
+        """How many API server processes this server runs (--api-server-count): each holds its own catalog."""
+        parallel = self._engine.vllm_config.parallel_config
+        return int(getattr(parallel, "_api_process_count", 1))
+
+    @property
+    def have_extension(self) -> bool:
+        """Whether the workers were started with the extension (--worker-extension-cls, resolved as vLLM does)."""
+        return _provides_extension(self._engine.vllm_config.parallel_config.worker_extension_cls)
+
+    async def stats(self, timeout: float) -> list[dict]:
+        """Every worker's Steerer.stats (workers without a steerer left out)."""
+        name = worker_extension.SteerWorkerExtension.steer_plugin_stats.__name__
+        outcomes = await self._engine.collective_rpc(name, timeout=timeout)
+        return [o for o in outcomes if o is not None]
+
+    async def load(self, command: dict, timeout: float) -> list[dict]:
+        """One runtime LoadCommand (as a dict) on every worker; their LoadOutcomes (as dicts)."""
+        name = worker_extension.SteerWorkerExtension.steer_plugin_load.__name__
+        return await self._engine.collective_rpc(name, timeout=timeout, args=(command,))
 
 
 # --- several API server processes ---------------------------------------------------------------------------

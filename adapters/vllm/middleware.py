@@ -303,6 +303,7 @@ class SteeringMiddleware:
         config = config_from_sources(None)
         self.service = SteeringService(config) if config is not None else None
         self._auth = glue.AuthGate()
+        self._warned_extension = False
         if self.service is None:
             logger.warning(
                 "steer_plugin middleware: STEER_PLUGIN_CONFIG is not set; `steering` fields get a 400"
@@ -491,17 +492,19 @@ class SteeringMiddleware:
         admin.check_key(dict(scope["headers"]).get(ADMIN_KEY_HEADER))
         match = ADMIN_ROUTE.fullmatch(scope["path"])
         kind, source_id = KINDS[match.group(1)], match.group(2)
-        engine = getattr(scope["app"].state, "engine_client", None)
-        if engine is None:
+        workers = glue.EngineWorkers.of(scope["app"].state)
+        if workers is None:
             raise SpecError("path", "the engine is not ready", status=503)
-        count = glue.api_process_count(engine)
+        count = workers.api_process_count
         if count != 1:
             raise SpecError(
                 "path", f"runtime loads need --api-server-count 1 (this server runs {count})", status=409
             )
+        if not workers.have_extension:
+            raise SpecError("path", f"runtime loads are off: {glue.MISSING_EXTENSION}", status=503)
 
         async def broadcast(command: dict) -> list[dict]:
-            return await engine.collective_rpc("steer_plugin_load", timeout=LOAD_TIMEOUT_S, args=(command,))
+            return await workers.load(command, timeout=LOAD_TIMEOUT_S)
 
         if scope["method"] == "POST":
             if source_id is not None:
@@ -535,11 +538,16 @@ class SteeringMiddleware:
         return await _rewrite_response(self.app, scope, receive, send, with_worker_families)
 
     async def _pull_worker_stats(self, scope) -> None:
-        engine = getattr(scope["app"].state, "engine_client", None)
-        if engine is None:
+        workers = glue.EngineWorkers.of(scope["app"].state)
+        if workers is None:
+            return
+        if not workers.have_extension:
+            if not self._warned_extension:
+                self._warned_extension = True
+                logger.warning("steer_plugin: /metrics has no worker figures: %s", glue.MISSING_EXTENSION)
             return
         try:
-            WORKER_STATS.update(await engine.collective_rpc("steer_plugin_stats", timeout=10))
+            WORKER_STATS.update(await workers.stats(timeout=10))
         except Exception as err:  # metrics must never break serving
             logger.warning("steer_plugin: could not pull worker stats: %s", err)
 

@@ -201,7 +201,7 @@ MOVES = {
         ("vllm/entrypoints/launchers/api_server/app_state.py", "state.engine_client = engine_client",
          "state.client = engine_client"),
         ["vllm.entrypoints.launchers.api_server.app_state.init_app_state no longer contains "
-         "`state.engine_client = engine_client` (glue: glue.model_shape, middleware.SteeringMiddleware._admin)"],
+         "`state.engine_client = engine_client` (glue: glue.model_shape, glue.EngineWorkers.of)"],
     ),
 }  # fmt: skip
 
@@ -317,10 +317,12 @@ def test_every_used_by_names_a_function_of_the_glue():
         "middleware": "steer_adapters.vllm.middleware",
         "launcher": "steer_adapters.vllm.launcher",
         "service": "steer_plugin.service",
+        "worker_extension": "steer_adapters.vllm.worker_extension",
     }
     for internal in INTERNALS:
         refs = re.findall(
-            r"\b(glue|runner_v2|middleware|launcher|service)\.([A-Za-z_][\w.]*)", internal.used_by
+            r"\b(glue|runner_v2|middleware|launcher|service|worker_extension)\.([A-Za-z_][\w.]*)",
+            internal.used_by,
         )
         assert refs, f"{internal.path}: used_by {internal.used_by!r} names no glue function"
         for module, dotted in refs:

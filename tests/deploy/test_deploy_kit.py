@@ -492,10 +492,11 @@ print(json.dumps({"health": health.status_code, "metrics": metrics.status_code, 
 
 def test_vllm_accepts_the_flags_and_answers_the_probe_path(tmp_path):
     """vLLM's own parser takes the flags of compose and the Deployment as steer-serve passes them (plus the
-    launcher's --additional-config and --middleware), and the app it builds answers /health and /metrics
-    through the plugin's middleware."""
+    launcher's --additional-config, --middleware and --worker-extension-cls), and the app it builds answers
+    /health and /metrics through the plugin's middleware."""
     pytest.importorskip("vllm")
     from steer_adapters.vllm.launcher import MIDDLEWARE
+    from steer_adapters.vllm.worker_extension import EXTENSION_PATH
 
     from steer_plugin.config import ADDITIONAL_CONFIG_KEY
 
@@ -504,6 +505,7 @@ def test_vllm_accepts_the_flags_and_answers_the_probe_path(tmp_path):
         ADDITIONAL_CONFIG_KEY: {"config_path": str(tmp_path / "none.json"), "fingerprint": "0" * 16}
     }
     argv += ["--additional-config", json.dumps(additional), "--middleware", MIDDLEWARE]
+    argv += ["--worker-extension-cls", EXTENSION_PATH]
     env = {**os.environ, "VLLM_CONFIGURE_LOGGING": "0", "STEER_PLUGIN_RUN_DIR": str(tmp_path / "run")}
     proc = subprocess.run(
         [sys.executable, "-c", _VLLM_APP, json.dumps(argv), HEALTH],

@@ -119,6 +119,8 @@ def make_llm(model_dir: str, config_path: str | None, enforce_eager: bool, plugi
     from vllm import LLM
 
     additional = {"steer_plugin": {"config_path": config_path}} if config_path else {}
+    if config_path:  # the worker methods tests call by name (collective_rpc("steer_plugin_stats"))
+        kwargs.setdefault("worker_extension_cls", "steer_adapters.vllm.worker_extension.SteerWorkerExtension")
     saved = os.environ.get("VLLM_PLUGINS")
     if not plugins:
         os.environ["VLLM_PLUGINS"] = ""  # an allowlist naming nothing: no general plugin loads

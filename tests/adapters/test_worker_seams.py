@@ -1,0 +1,306 @@
+"""The vLLM seams the plugin uses on the worker side and the API side:
+
+- SteerWorkerExtension, mixed into a worker class by vLLM's own WorkerWrapperBase.init_worker (the code
+  `--worker-extension-cls` runs), reached by name through vLLM's own run_method (what collective_rpc runs on each
+  worker), with no name clashing with the real CPU/GPU worker classes (vLLM asserts that);
+- glue.select_model_runner: touches VLLM_USE_V2_MODEL_RUNNER only when a steering config exists, also when the
+  plugin is loaded as plain vLLM loads it (vllm.plugins.load_general_plugins, in a fresh process);
+- glue.EngineWorkers: the API side's calls, against a stand-in engine client;
+- steer-serve adds `--worker-extension-cls`, keeps a user's class composed with ours, refuses any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from steer_adapters.vllm import glue, launcher, worker_extension
+from steer_adapters.vllm.worker_extension import EXTENSION_PATH, SteerWorkerExtension
+
+pytest.importorskip("vllm")
+
+REPO = Path(__file__).resolve().parents[2]
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+class FakeSteerer:
+    """What the extension reads from a worker's steerer: stats() and runtime_loads.command(dict)."""
+
+    def __init__(self):
+        self.commands: list[dict] = []
+        self.runtime_loads = SimpleNamespace(command=self._command)
+
+    def stats(self) -> dict:
+        return {"step_errors": 7}
+
+    def _command(self, raw: dict) -> dict:
+        self.commands.append(raw)
+        return {"ok": True, "echo": raw["id"]}
+
+
+# --- the extension inside vLLM's own worker machinery ---------------------------------------------------------
+
+
+@pytest.fixture
+def vllm_worker(monkeypatch):
+    """A WorkerWrapperBase whose init_worker ran with worker_extension_cls = ours, on a worker class that
+    subclasses the CPU build's real worker (so vLLM's clash check runs against every name CPUWorker and the GPU
+    Worker have). Only the worker's constructor is stubbed: the test is about the class vLLM builds."""
+    import vllm.v1.worker.worker_base as worker_base
+    from vllm.config import ParallelConfig, VllmConfig
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    module = types.ModuleType("steer_test_workers")
+
+    class StubWorker(CPUWorker):
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    module.StubWorker = StubWorker
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setenv("VLLM_PLUGINS", "")  # init_worker loads general plugins: none here
+    # the multimodal receiver cache needs a model config; this test has no model
+    monkeypatch.setattr(worker_base, "worker_receiver_cache_from_config", lambda *args: None)
+    parallel = ParallelConfig(worker_cls=f"{module.__name__}.StubWorker", worker_extension_cls=EXTENSION_PATH)
+    wrapper = worker_base.WorkerWrapperBase(rpc_rank=0)
+    wrapper.init_worker([{"vllm_config": VllmConfig(parallel_config=parallel)}])
+    return wrapper
+
+
+def test_vllm_mixes_the_extension_into_the_worker_and_runs_it_by_name(vllm_worker):
+    from vllm.v1.serial_utils import run_method
+
+    worker = vllm_worker.worker
+    assert isinstance(worker, SteerWorkerExtension)
+    assert type(worker).__bases__[-1] is SteerWorkerExtension  # appended: the worker's own methods come first
+    # no steerer yet (no steering config on this worker): stats are None, a load is refused
+    assert run_method(vllm_worker, "steer_plugin_stats", (), {}) is None
+    with pytest.raises(worker_extension.NoSteererError):
+        run_method(vllm_worker, "steer_plugin_load", ({"id": "x"},), {})
+    steerer = FakeSteerer()
+    worker_extension.attach(worker, steerer)
+    assert run_method(vllm_worker, "steer_plugin_stats", (), {}) == {"step_errors": 7}
+    assert run_method(vllm_worker, "steer_plugin_load", ({"id": "x"},), {}) == {"ok": True, "echo": "x"}
+    assert steerer.commands == [{"id": "x"}]
+    # the steerer is kept by worker, not set on it
+    assert not any("steer" in name for name in vars(worker))
+
+
+def test_another_worker_does_not_see_this_workers_steerer():
+    class Worker(SteerWorkerExtension):
+        pass
+
+    a, b = Worker(), Worker()
+    worker_extension.attach(a, FakeSteerer())
+    assert a.steer_plugin_stats() == {"step_errors": 7}
+    assert b.steer_plugin_stats() is None
+
+
+# --- the runner choice ------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path, **extra) -> str:
+    path = tmp_path / "steer.json"
+    path.write_text(json.dumps({"vectors": [], **extra}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("config", "preset", "expected", "logged"),
+    [
+        (None, None, None, False),  # plain vLLM: untouched, silent
+        ("v1", None, "0", True),  # steering config, V2 not allowed: V1
+        ("v2", None, None, False),  # steering config allowing V2: vLLM's choice
+        ("v1", "1", "1", False),  # the operator's own choice wins
+        ("missing", None, "0", True),  # named but unreadable: steering was asked for
+    ],
+)
+def test_select_model_runner(tmp_path, monkeypatch, caplog, config, preset, expected, logged):
+    monkeypatch.delenv(RUNNER_ENV, raising=False)
+    monkeypatch.delenv("STEER_PLUGIN_CONFIG", raising=False)
+    if preset is not None:
+        monkeypatch.setenv(RUNNER_ENV, preset)
+    if config == "v1":
+        monkeypatch.setenv("STEER_PLUGIN_CONFIG", _config(tmp_path))
+    elif config == "v2":
+        monkeypatch.setenv("STEER_PLUGIN_CONFIG", _config(tmp_path, allow_v2_model_runner=True))
+    elif config == "missing":
+        monkeypatch.setenv("STEER_PLUGIN_CONFIG", str(tmp_path / "nowhere.json"))
+    with caplog.at_level(logging.INFO, logger="steer_plugin"):
+        glue.select_model_runner()
+    assert os.environ.get(RUNNER_ENV) == expected
+    assert ("Model Runner V1" in caplog.text) == logged
+
+
+_PLAIN_VLLM = """
+import os
+from vllm.plugins import load_general_plugins
+from steer_adapters.vllm import plugin
+load_general_plugins()
+print(plugin._registered, os.environ.get("VLLM_USE_V2_MODEL_RUNNER"))
+"""
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_plain_vllm_loading_the_plugin(tmp_path, with_config):
+    """As vLLM loads general plugins in a fresh process: no steering config leaves the runner variable unset."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in (RUNNER_ENV, "STEER_PLUGIN_CONFIG", "VLLM_PLUGINS")
+    }
+    if with_config:
+        env["STEER_PLUGIN_CONFIG"] = _config(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", _PLAIN_VLLM],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["True", "0" if with_config else "None"]
+
+
+# --- the API side ------------------------------------------------------------------------------------------------
+
+
+class FakeEngineClient:
+    """The parts of vLLM's engine client EngineWorkers reads: vllm_config.parallel_config, collective_rpc."""
+
+    def __init__(self, extension: str, replies: list):
+        parallel = SimpleNamespace(worker_extension_cls=extension, _api_process_count=1)
+        self.vllm_config = SimpleNamespace(parallel_config=parallel)
+        self.replies = replies
+        self.calls: list[tuple] = []
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append((method, timeout, args))
+        return self.replies
+
+
+class Composed(dict, SteerWorkerExtension):  # a user's class composed with ours
+    pass
+
+
+@pytest.mark.parametrize(
+    ("extension", "expected"),
+    [
+        (EXTENSION_PATH, True),
+        (f"{__name__}.Composed", True),
+        ("json.JSONDecoder", False),  # some other class
+        ("", False),  # none
+        ("no_such_module.Ext", False),
+    ],
+)
+def test_engine_workers_know_whether_the_workers_have_the_extension(extension, expected):
+    workers = glue.EngineWorkers.of(SimpleNamespace(engine_client=FakeEngineClient(extension, [])))
+    assert workers.have_extension is expected
+
+
+def test_engine_workers_call_the_extension_methods_by_name():
+    engine = FakeEngineClient(EXTENSION_PATH, [{"a": 1}, None, {"a": 2}])
+    workers = glue.EngineWorkers.of(SimpleNamespace(engine_client=engine))
+    # a worker without a steerer answers None: left out
+    assert asyncio.run(workers.stats(timeout=10)) == [{"a": 1}, {"a": 2}]
+    asyncio.run(workers.load({"id": "s"}, timeout=600))
+    assert engine.calls == [("steer_plugin_stats", 10, ()), ("steer_plugin_load", 600, ({"id": "s"},))]
+    assert workers.api_process_count == 1
+    assert glue.EngineWorkers.of(SimpleNamespace()) is None  # before the engine is up
+
+
+# --- steer-serve's flag -------------------------------------------------------------------------------------------
+
+
+def test_steer_serve_adds_the_extension():
+    assert launcher.worker_extension_args(["--model", "m"]) == ["--worker-extension-cls", EXTENSION_PATH]
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_steer_serve_keeps_a_composed_extension(form):
+    name = f"{__name__}.Composed"
+    args = ["--worker-extension-cls", name] if form == "separate" else [f"--worker-extension-cls={name}"]
+    assert launcher.worker_extension_args(args) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("json.JSONDecoder", "does not inherit steer_adapters.vllm.worker_extension.SteerWorkerExtension"),
+        ("no_such_module.Ext", "cannot import it"),
+    ],
+)
+def test_steer_serve_refuses_another_extension(name, message, tmp_path, capsys):
+    with pytest.raises(ValueError, match=message):
+        launcher.worker_extension_args(["--worker-extension-cls", name])
+    with pytest.raises(SystemExit) as exit_:  # before vLLM starts, with a valid steering config
+        launcher.main(["--steer-config", _config(tmp_path), "--model", "m", "--worker-extension-cls", name])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"steer-serve: refusing to start: --worker-extension-cls {name}" in err and message in err
+
+
+# --- the middleware without the extension -------------------------------------------------------------------------
+
+ADMIN_KEY = "k" * 24
+
+
+def _call(middleware, app_state, method: str, path: str, headers=(), body: bytes = b"") -> tuple[int, bytes]:
+    """One ASGI request through `middleware`; (status, body)."""
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": b"",
+        "headers": list(headers),
+        "app": SimpleNamespace(state=app_state, user_middleware=()),
+    }
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(middleware(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_middleware_without_the_extension_refuses_loads_and_skips_the_pull(tmp_path, monkeypatch, caplog):
+    from steer_adapters.vllm.middleware import SteeringMiddleware
+
+    runtime = {"layers": [1], "rows_per_layer": 4, "roots": [str(tmp_path)], "admin_key": ADMIN_KEY}
+    monkeypatch.setenv("STEER_PLUGIN_CONFIG", _config(tmp_path, runtime=runtime))
+    monkeypatch.delenv("STEER_ADMIN_KEY", raising=False)
+
+    async def vllm_app(scope, receive, send):  # what vLLM's own /metrics would answer
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = SteeringMiddleware(vllm_app)
+    engine = FakeEngineClient("", [])  # plain vLLM without --worker-extension-cls
+    state = SimpleNamespace(engine_client=engine)
+    status, reply = _call(
+        middleware,
+        state,
+        "POST",
+        "/v1/steering/vectors",
+        headers=[(b"x-steer-admin-key", ADMIN_KEY.encode())],
+        body=json.dumps({"id": "v", "path": str(tmp_path / "v.safetensors"), "layer": 1}).encode(),
+    )
+    assert status == 503
+    assert f"--worker-extension-cls {EXTENSION_PATH}" in json.loads(reply)["error"]["message"]
+    with caplog.at_level(logging.WARNING, logger="steer_plugin"):
+        assert _call(middleware, state, "GET", "/metrics")[0] == 200
+        assert _call(middleware, state, "GET", "/metrics")[0] == 200
+    assert engine.calls == []  # nothing was sent to the workers
+    assert caplog.text.count("/metrics has no worker figures") == 1  # said once, not per scrape
