@@ -21,7 +21,7 @@ CPU used by processes other than these servers and this client is measured aroun
 /proc/stat); a disturbed unit is waited out and retried, and the count is reported.
 
 Writes OUT.json (everything, raw units included), OUT.md (tables) and OUT.png (if matplotlib is installed).
-The demo model and SAE come from steer_plugin.demo.build_assets.ensure_assets() unless --model/--sae name
+The demo model and SAE come from steer_demo.build_assets.ensure_assets() unless --model/--sae name
 others (development only).
 """
 
@@ -1056,7 +1056,7 @@ def resolve_assets(args, snapshot_dir: Path | None = None) -> tuple[str, str, st
             raise SystemExit("--model and --sae go together")
         model, sae, labels = args.model, args.sae, None
     else:
-        from steer_plugin.demo.build_assets import ensure_assets
+        from steer_demo.build_assets import ensure_assets
 
         paths = ensure_assets()
         model, sae = str(paths.model_dir), str(paths.sae_dir)
