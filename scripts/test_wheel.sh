@@ -7,7 +7,8 @@
 #    stale build/ output can end up in it) and installs it, non-editable, with its [hf,test] extras (versions
 #    constrained to those of .venv when it exists);
 # 3. from a scratch folder where the source tree is not importable: checks that steer_plugin, steer_adapters and
-#    steer_demo resolve to the venv's site-packages, that the vLLM entry point is registered and every module imports;
+#    steer_demo resolve to the venv's site-packages, that the vLLM entry point is registered and every module
+#    imports;
 # 4. runs tests/integration/test_server_api.py (a copy) there, with the repo's demo assets ($STEER_ASSETS_DIR:
 #    steer_demo.common derives <repo>/assets from the package's own path, which is site-packages here).
 # Extra arguments go to pytest.

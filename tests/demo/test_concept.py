@@ -35,6 +35,18 @@ def test_default_path_follows_the_assets_env_var(assets, monkeypatch):
     assert concept_feature().index == 4242
 
 
+def test_without_the_env_var_the_assets_are_in_the_repository(monkeypatch):
+    """<repo>/assets, the repository being the folder of pyproject.toml (the builder's stage markers live there)."""
+    from pathlib import Path
+
+    from steer_demo.common import ENV_ASSETS_DIR, default_assets_dir
+
+    monkeypatch.delenv(ENV_ASSETS_DIR, raising=False)
+    repo = Path(__file__).resolve().parents[2]
+    assert (repo / "pyproject.toml").is_file()
+    assert default_assets_dir() == repo / "assets"
+
+
 def test_missing_concept_is_a_clear_error(assets):
     for name in ("empty", "nope"):
         with pytest.raises(LookupError, match=name):
