@@ -1,9 +1,10 @@
 """Package discovery for setuptools; all metadata lives in pyproject.toml.
 
-Two source trees: steer_plugin/ (imported as `steer_plugin`) and adapters/ (imported as `steer_adapters`: a bare
-`adapters` collides with a PyPI distribution). [tool.setuptools.packages.find] cannot rename a tree, so both are
-discovered here: every folder with an __init__.py below either root is a package. tests/test_packaging.py builds
-the wheel and checks that every file of both trees is in it.
+Three source trees: steer_plugin/ (the runtime, imported as `steer_plugin`), adapters/ (imported as
+`steer_adapters`: a bare `adapters` collides with a PyPI distribution) and steer_demo/ (the demo-asset builder,
+`steer-build-assets`; the runtime never imports it, tests/test_import_boundary.py). [tool.setuptools.packages.find]
+cannot rename a tree, so all are discovered here: every folder with an __init__.py below a root is a package.
+tests/test_packaging.py builds the wheel and checks that every file of every tree is in it.
 """
 
 from pathlib import Path
@@ -12,7 +13,7 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 # import name -> folder (relative to this file)
-TREES = {"steer_plugin": "steer_plugin", "steer_adapters": "adapters"}
+TREES = {"steer_plugin": "steer_plugin", "steer_adapters": "adapters", "steer_demo": "steer_demo"}
 
 
 def discover() -> list[str]:

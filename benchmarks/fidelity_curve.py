@@ -4,9 +4,9 @@
     python benchmarks/fidelity_curve.py                                    # full sweep (5-10 min on 2 CPU cores)
     python benchmarks/fidelity_curve.py --values 0,2 --prompts 1 --max-tokens 8 --out-dir /tmp/fid   # smoke
 
-The feature is the one the asset analysis recorded for the bridge concept (steer_plugin.demo.concept), never
+The feature is the one the asset analysis recorded for the bridge concept (steer_demo.concept), never
 a literal index; values are multiples of its largest activation in the corpus (labels.json `max_act`, as
-steer_plugin.demo.strength picks them). For `add` and `clamp` at every value, one vLLM engine (fp32, eager,
+steer_demo.strength picks them). For `add` and `clamp` at every value, one vLLM engine (fp32, eager,
 the plugin loaded) answers a few fixed chat prompts greedily, all cases in one batched generate, each request
 steered by its own SamplingParams (every position, like the demo). Per answer:
 
@@ -16,7 +16,7 @@ steered by its own SamplingParams (every position, like the demo). Per answer:
     comes from the HF reference adapter (steer_adapters.hf.reference, the tests' ground truth) fed the same
     resolved operations and vLLM's answer; `agreement` is the share of positions where its argmax is vLLM's
     token (the two models are the same steered model up to fp32 rounding);
-  - named: the answer names the concept as a whole word (steer_plugin.demo.strength.names_concept);
+  - named: the answer names the concept as a whole word (steer_demo.strength.names_concept);
   - fluency: the *unsteered* model's mean log-prob per answer token (the same engine's prompt_logprobs of
     prompt + answer, unsteered; strength.py's proxy), and distinct: share of distinct tokens (catches loops).
 
@@ -111,7 +111,7 @@ class Row(NamedTuple):
 
 def chat_prompts(n: int) -> list[str]:
     """The demo's question, then the first corpus prompt of each non-bridge topic (demo.prompts), in order."""
-    from steer_plugin.demo.prompts import OTHER_PROMPTS
+    from steer_demo.prompts import OTHER_PROMPTS
 
     firsts: dict[str, str] = {}
     for topic, prompt in OTHER_PROMPTS:
@@ -130,7 +130,7 @@ def chat_ids(tokenizer, question: str) -> list[int]:
 
 
 def concept_feature_of(paths) -> Feature:
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.concept import concept_feature
 
     recorded = concept_feature(paths, CONCEPT)
     entry = json.loads(Path(paths.labels_path).read_text())["features"][recorded.index]
@@ -371,10 +371,10 @@ def measure(args, paths, feature, prompts, multiples) -> tuple[list[Scored], lis
     import torch
     from steer_adapters.hf.reference import HFReference
 
+    from steer_demo.labels import CONCEPTS
+    from steer_demo.strength import names_concept
     from steer_plugin.catalog import load_assets
     from steer_plugin.config import load_config_file
-    from steer_plugin.demo.labels import CONCEPTS
-    from steer_plugin.demo.strength import names_concept
 
     words = CONCEPTS[CONCEPT]["word_tokens"]
     cases = sweep(multiples, feature)
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     multiples = [float(v) for v in args.values.split(",") if v.strip()]
     started = time.time()
-    from steer_plugin.demo.build_assets import ensure_assets
+    from steer_demo.build_assets import ensure_assets
 
     paths = ensure_assets(verbose=False)
     feature = concept_feature_of(paths)

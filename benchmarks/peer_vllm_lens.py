@@ -584,7 +584,7 @@ def main(argv=None) -> int:
     while not (model_src / "config.json").exists():  # the demo model may still be building in the background
         if time.time() > deadline:
             raise SystemExit(
-                f"{model_src}/config.json did not appear (build it: python -m steer_plugin.demo.build_assets)"
+                f"{model_src}/config.json did not appear (build it: python -m steer_demo.build_assets)"
             )
         log(f"waiting for {model_src}/config.json ...")
         time.sleep(15)

@@ -21,7 +21,9 @@ CPU used by processes other than these servers and this client is measured aroun
 /proc/stat); a disturbed unit is waited out and retried, and the count is reported.
 
 Writes OUT.json (everything, raw units included), OUT.md (tables) and OUT.png (if matplotlib is installed).
-The demo model and SAE come from steer_plugin.demo.build_assets.ensure_assets() unless --model/--sae name
+This file is the driver (servers, load, rounds, units); the cases and their request bodies are in serve_cases.py,
+the analysis and the reports in serve_report.py (`--from-json` re-renders an earlier run's reports).
+The demo model and SAE come from steer_demo.build_assets.ensure_assets() unless --model/--sae name
 others (development only).
 """
 
@@ -46,98 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from machine import cpu_model, git_state
+from serve_cases import CASE_BY_KEY, CASES, PROMPTS, BenchSetup, steering_for, write_configs
+from serve_report import model_flops, rerender, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "cpu-smollm2"
 SERVED_NAME = "bench"
 PORT_RANGE = (18000, 18999)
 HZ = os.sysconf("SC_CLK_TCK")
-
-PROMPTS = [
-    "Tell me about the Golden Gate Bridge.",
-    "How do I bake a loaf of sourdough bread?",
-    "Explain the rules of basketball in a few sentences.",
-    "Write a short poem about the sea at night.",
-    "What causes the seasons on Earth?",
-    "Describe a busy market in a small town on a Saturday morning.",
-    "Give me three tips for learning a new language.",
-    "Why is the sky blue? Explain it to a child.",
-    "Summarise the plot of a detective story you make up.",
-    "What is a suspension bridge and how does it carry its load?",
-    "List some healthy breakfast ideas.",
-    "Explain how a computer stores numbers.",
-    "Write a letter to a friend about a recent trip to the mountains.",
-    "What are the main differences between cats and dogs as pets?",
-    "How does a bicycle stay upright when it moves?",
-    "Describe the life cycle of a butterfly.",
-]
-
-# --- cases ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Case:
-    key: str
-    server: str  # vanilla | plugin | plugin4
-    title: str
-    target_loss: float | None = None  # max throughput loss vs vanilla (fraction), None = no target
-
-
-CASES = [
-    Case("a_vanilla", "vanilla", "(a) plain vLLM (plugin not loaded)"),
-    Case("b_loaded", "plugin", "(b) plugin loaded, no steering", 0.01),
-    Case("c_add1", "plugin", "(c) every request: one `add`, one layer", 0.02),
-    Case("d_mixed50", "plugin", "(d) 50% of requests steered (add), 50% plain"),
-    Case(
-        "e_distinct256", "plugin", "(e) distinct per-request configs (pool of 256 feature/value pairs)", 0.03
-    ),
-    Case("f_clamp8", "plugin", "(f) every request: clamp of 8 features", 0.05),
-    Case("g_4layers", "plugin4", "(g) every request: raw vectors on 4 layers"),
-    Case("g0_4layers_loaded", "plugin4", "(g0) 4-layer config loaded, no steering (reference for g)"),
-    Case("h_inspect", "plugin", '(h) `"inspect": {"top_k": 5}` on every request'),
-]
-CASE_BY_KEY = {c.key: c for c in CASES}
-INSPECT_SLACK = 1.5  # target for (h): loss <= 1.5 x the SAE's share of model FLOPs
-
-
-@dataclass
-class BenchSetup:
-    """What the request bodies refer to."""
-
-    sae_id: str
-    d_sae: int
-    sae_layer: int
-    vector_ids: list[str]
-    vector_layers: list[int]
-
-
-def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> dict | None:
-    """The `steering` field of request i of a unit of this case (None: no field)."""
-    add = {"features": [{"sae": setup.sae_id, "index": 7, "op": "add", "value": 4.0}]}
-    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded"):
-        return None
-    if case == "c_add1":
-        return add
-    if case == "d_mixed50":
-        return add if i % 2 == 0 else None
-    if case == "e_distinct256":
-        j = counter[0] % 256  # cycles through 256 distinct (feature, value) pairs across the whole run
-        counter[0] += 1
-        index = (j * 97 + 11) % setup.d_sae
-        return {
-            "features": [{"sae": setup.sae_id, "index": index, "op": "add", "value": 1.0 + 0.25 * (j % 16)}]
-        }
-    if case == "f_clamp8":
-        feats = [
-            {"sae": setup.sae_id, "index": (13 * k + 5) % setup.d_sae, "op": "clamp", "value": 3.0}
-            for k in range(8)
-        ]
-        return {"features": feats}
-    if case == "g_4layers":
-        return {"vectors": [{"name": v, "scale": 4.0} for v in setup.vector_ids]}
-    if case == "h_inspect":
-        return {"inspect": {"top_k": 5}}
-    raise KeyError(case)
 
 
 # --- machine and CPU accounting -------------------------------------------------------------------------------
@@ -731,317 +649,6 @@ class Bench:
                     LIVE_SERVERS.remove(s)
 
 
-# --- analysis ----------------------------------------------------------------------------------------------------
-
-
-def _stats(values: list[float]) -> dict | None:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
-
-
-METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
-
-
-def _paired(mine: dict, base: dict, metric: str) -> dict | None:
-    vals = [
-        mine[r][metric] / base[r][metric]
-        for r in mine
-        if r in base and base[r][metric] and mine[r][metric] is not None
-    ]
-    return _stats(vals)
-
-
-# The unsteered unit on the same server as each steered case: the steering's own cost, apart from loading.
-LOADED_REFERENCE = {"g_4layers": "g0_4layers_loaded"}
-
-
-def summarise(units: list[dict], modes: list[str], concs: list[int], cases: list[str]) -> dict:
-    """Per (mode, case, concurrency): medians over rounds, and per-round ratios against vanilla's unit of the
-    same round (and against the same server's unsteered unit: b_loaded, or g0 for g)."""
-    out: dict = {}
-    for mode in modes:
-        for conc in concs:
-
-            def by_round(case: str) -> dict:
-                return {
-                    u["round"]: u
-                    for u in units
-                    if u["mode"] == mode and u["case"] == case and u["concurrency"] == conc  # noqa: B023
-                }
-
-            base = by_round("a_vanilla")
-            for case in cases:
-                mine = by_round(case)
-                if not mine:
-                    continue
-                entry = {m: _stats([u[m] for u in mine.values()]) for m in METRICS}
-                entry["ratio_vs_vanilla"] = {m: _paired(mine, base, m) for m in METRICS}
-                ref = LOADED_REFERENCE.get(case, "b_loaded")
-                entry["ratio_vs_loaded"] = (
-                    {m: _paired(mine, by_round(ref), m) for m in METRICS}
-                    if case not in ("a_vanilla", ref) and CASE_BY_KEY[case].server != "vanilla"
-                    else None
-                )
-                entry["loaded_reference"] = ref
-                entry["errors"] = sum(u["errors"] for u in mine.values())
-                entry["disturbed_units"] = sum(1 for u in mine.values() if u["disturbed"])
-                entry["inspect_tokens"] = sum(u.get("inspect_tokens", 0) for u in mine.values())
-                entry["output_tokens"] = sum(u["output_tokens"] for u in mine.values())
-                entry["extra_response_fields"] = sorted(
-                    set().union(*(u["extra_response_fields"] for u in mine.values()))
-                )
-                out.setdefault(mode, {}).setdefault(str(conc), {})[case] = entry
-    return out
-
-
-def model_flops(model_dir: str, d_sae: int, context: int) -> dict:
-    """Forward FLOPs per token of a Llama-like model (matmuls + attention over `context`) and of one SAE encode."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    d, n_layers, inter, vocab = (
-        cfg["hidden_size"],
-        cfg["num_hidden_layers"],
-        cfg["intermediate_size"],
-        cfg["vocab_size"],
-    )
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads", heads)
-    hd = cfg.get("head_dim") or d // heads
-    per_layer = (
-        2 * (d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * inter) + 4 * context * heads * hd
-    )
-    model = n_layers * per_layer + 2 * d * vocab
-    sae = 2 * d * d_sae  # full encode (x @ W_enc); top-k selection and decode of k rows are negligible
-    return {
-        "model_flops_per_token": model,
-        "sae_encode_flops_per_token": sae,
-        "sae_share": sae / model,
-        "context": context,
-    }
-
-
-def evaluate_targets(summary: dict, modes: list[str], concs: list[int], flops: dict) -> list[dict]:
-    rows = []
-    for mode in modes:
-        for conc in concs:
-            cell = summary.get(mode, {}).get(str(conc), {})
-            for case in CASES:
-                target = case.target_loss
-                note = ""
-                if case.key == "h_inspect":
-                    target = INSPECT_SLACK * flops["sae_share"]
-                entry = cell.get(case.key)
-                if target is None or entry is None or entry["ratio_vs_vanilla"]["tok_s"] is None:
-                    continue
-                r = entry["ratio_vs_vanilla"]["tok_s"]
-                loss = 1.0 - r["median"]
-                spread = (r["max"] - r["min"]) / 2
-                status = "met" if loss <= target else "MISSED"
-                if case.key == "h_inspect" and not entry.get("inspect_tokens"):
-                    status = "n/a"
-                    note = "inspect accepted but ignored: no per-token features in the response"
-                elif status == "MISSED" and loss - target <= spread:
-                    note = "within the round-to-round spread"
-                if r["n"] < 2:
-                    note = (note + "; " if note else "") + "one round: no spread"
-                disturbed = entry["disturbed_units"] + (cell.get("a_vanilla") or {}).get("disturbed_units", 0)
-                if disturbed:
-                    note = (note + "; " if note else "") + f"{disturbed} disturbed unit(s)"
-                loaded = (entry.get("ratio_vs_loaded") or {}).get("tok_s")
-                rows.append(
-                    {
-                        "mode": mode,
-                        "concurrency": conc,
-                        "case": case.key,
-                        "target_loss": target,
-                        "loss": loss,
-                        "loss_vs_loaded": None if loaded is None else 1.0 - loaded["median"],
-                        "ratio_min": r["min"],
-                        "ratio_max": r["max"],
-                        "status": status,
-                        "note": note,
-                    }
-                )
-    return rows
-
-
-# --- reports -------------------------------------------------------------------------------------------------------
-
-
-def _f(v, fmt="{:.3f}"):
-    return "–" if v is None else fmt.format(v)
-
-
-def write_markdown(path: Path, result: dict, notes: str | None) -> None:
-    m, o = result["machine"], result["options"]
-    startups = ", ".join("{}/{} {}s".format(s["mode"], s["server"], s["ready_s"]) for s in result["startups"])
-    lines = [
-        "# Steering overhead vs plain vLLM (serve_bench)",
-        "",
-        f"- Date: {m['date_utc']}; git {m['git_commit'] or '?'}"
-        + (
-            f" with {len(m['uncommitted_engine_files'])} uncommitted engine/adapter files"
-            if m.get("uncommitted_engine_files")
-            else ""
-        ),
-        f"- Machine: {m['cpu_model']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, {m['mem_gib']} GiB; "
-        f"{m['platform']}, Python {m['python']}",
-        f"- vLLM {m['vllm']}, torch {m['torch']}",
-        f"- Model: `{Path(result['asset_sources']['model']).name}`; SAE `{Path(result['asset_sources']['sae']).name}` "
-        f"(from {result['asset_sources']['via']}, copied for the run; {result['setup']['d_sae']} features, layer "
-        f"{result['setup']['sae_layer']}); raw vectors for (g) on layers {result['setup']['vector_layers']} "
-        "(random unit vectors made by the harness: there is one demo SAE)",
-        f"- Modes: {', '.join(o['modes'])}; concurrency {o['concurrencies']}; requests per unit "
-        f"{o['requests']}; max_tokens {o['max_tokens']} with ignore_eos; {o['rounds']} round(s), case order shuffled "
-        "every round; streaming /v1/completions over loopback, greedy, a unique cache_salt per request.",
-        "- Ratios are per round against the vanilla unit of the same round, then the median [min–max] over rounds. "
-        "Throughput ratio < 1 is a loss; latency ratio > 1 is a loss. `× (b)` compares a steered case with the "
-        "unsteered unit on the same plugin server ((b); (g0) for (g)): the steering's own cost, without whatever "
-        "loading the plugin changes.",
-        f"- Server start-up to /health (servers of a mode start together): {startups}",
-        f"- Other processes' CPU during units: median {result['noise']['foreign_median']:.2f} cores, max "
-        f"{result['noise']['foreign_max']:.2f}; disturbed units (>= {o['quiet_threshold']} cores after "
-        f"{o['max_retries']} retries): {result['noise']['disturbed_units']}/{result['noise']['units']}; "
-        f"waited {result['noise']['waited_s']:.0f}s for quiet and re-ran {result['noise']['retried_s']:.0f}s of units "
-        f"(budget {o['noise_budget_s']:.0f}s).",
-        f"- Wall time of the run: {result['wall_s'] / 60:.1f} min.",
-        "",
-    ]
-    summary = result["summary"]
-    for mode in o["modes"]:
-        lines += [f"## Ratios against vanilla: {mode}", ""]
-        head = "| case |"
-        sep = "|---|"
-        for c in o["concurrencies"]:
-            head += f" c={c} tok/s × vanilla | c={c} tok/s × (b) | c={c} TTFT p50 × | c={c} ITL p50 × | c={c} ITL p99 × |"
-            sep += "---:|---:|---:|---:|---:|"
-        lines += [head, sep]
-        for case in CASES:
-            if case.key not in o["cases"]:
-                continue
-            row = f"| {case.title} |"
-            for c in o["concurrencies"]:
-                e = summary.get(mode, {}).get(str(c), {}).get(case.key)
-                if e is None:
-                    row += " – | – | – | – | – |"
-                    continue
-                rv = e["ratio_vs_vanilla"]
-                t = rv["tok_s"]
-                tp = "–" if t is None else f"{t['median']:.3f} [{t['min']:.3f}–{t['max']:.3f}]"
-                tl = (e.get("ratio_vs_loaded") or {}).get("tok_s")
-                tlp = "–" if tl is None else f"{tl['median']:.3f} [{tl['min']:.3f}–{tl['max']:.3f}]"
-                row += f" {tp} | {tlp} | {_f(rv['ttft_p50_ms'] and rv['ttft_p50_ms']['median'])} |"
-                row += f" {_f(rv['itl_p50_ms'] and rv['itl_p50_ms']['median'])} | {_f(rv['itl_p99_ms'] and rv['itl_p99_ms']['median'])} |"
-            lines.append(row)
-        lines += ["", f"### Absolute numbers: {mode} (median over rounds)", ""]
-        lines += [
-            "| case | conc | tok/s [min–max] | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for case in CASES:
-            for c in o["concurrencies"]:
-                e = summary.get(mode, {}).get(str(c), {}).get(case.key)
-                if e is None:
-                    continue
-                t = e["tok_s"]
-                lines.append(
-                    f"| {case.key} | {c} | {t['median']:.1f} [{t['min']:.1f}–{t['max']:.1f}] | "
-                    f"{_f(e['ttft_p50_ms'] and e['ttft_p50_ms']['median'], '{:.1f}')} | {_f(e['ttft_p99_ms'] and e['ttft_p99_ms']['median'], '{:.1f}')} | "
-                    f"{_f(e['itl_p50_ms'] and e['itl_p50_ms']['median'], '{:.1f}')} | {_f(e['itl_p99_ms'] and e['itl_p99_ms']['median'], '{:.1f}')} | {e['errors']} |"
-                )
-        lines.append("")
-    fl = result["flops"]
-    lines += [
-        "## Targets (throughput loss vs vanilla)",
-        "",
-        f"(h)'s target is {INSPECT_SLACK}× the SAE's share of model FLOPs: a full encode is {fl['sae_encode_flops_per_token'] / 1e6:.1f} "
-        f"MFLOP/token against {fl['model_flops_per_token'] / 1e6:.0f} MFLOP/token for the model (context {fl['context']}), "
-        f"a share of {fl['sae_share'] * 100:.2f}%, so the target is {INSPECT_SLACK * fl['sae_share'] * 100:.2f}%.",
-        "",
-        "| mode | conc | case | target | loss vs vanilla (median) | per-round ratio range | status | loss vs (b) | note |",
-        "|---|---:|---|---:|---:|---|---|---:|---|",
-    ]
-    for t in result["targets"]:
-        lb = "–" if t.get("loss_vs_loaded") is None else f"{t['loss_vs_loaded'] * 100:+.2f}%"
-        lines.append(
-            f"| {t['mode']} | {t['concurrency']} | {t['case']} | ≤{t['target_loss'] * 100:.1f}% | {t['loss'] * 100:+.2f}% | "
-            f"{t['ratio_min']:.3f}–{t['ratio_max']:.3f} | {t['status']} | {lb} | {t['note']} |"
-        )
-    lines += ["", "## Inspect (h)", "", result["inspect_note"], ""]
-    if result.get("plot"):
-        lines += [f"![throughput ratios]({Path(result['plot']).name})", ""]
-    else:
-        lines += [f"(plot skipped: {result.get('plot_skipped')})", ""]
-    if notes:
-        lines += [notes.rstrip(), ""]
-    path.write_text("\n".join(lines))
-
-
-def write_plot(path: Path, result: dict) -> str | None:
-    """A bar chart of throughput ratios; returns a reason when skipped."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install matplotlib, or the `bench` extra)"
-    o, summary = result["options"], result["summary"]
-    cases = [c for c in CASES if c.key in o["cases"] and c.key != "a_vanilla"]
-    fig, axes = plt.subplots(
-        1, len(o["modes"]), figsize=(6.5 * len(o["modes"]), 4.8), squeeze=False, sharey=True
-    )
-    width = 0.8 / len(o["concurrencies"])
-    ratios = [
-        v
-        for mode in o["modes"]
-        for cell in summary.get(mode, {}).values()
-        for key, e in cell.items()
-        if key != "a_vanilla" and e["ratio_vs_vanilla"]["tok_s"]
-        for v in (e["ratio_vs_vanilla"]["tok_s"]["min"], e["ratio_vs_vanilla"]["tok_s"]["max"])
-    ] or [1.0]
-    lowest, highest = min(ratios), max(ratios)
-    for ax, mode in zip(axes[0], o["modes"], strict=True):
-        for j, c in enumerate(o["concurrencies"]):
-            xs, ys, lo, hi = [], [], [], []
-            for i, case in enumerate(cases):
-                e = summary.get(mode, {}).get(str(c), {}).get(case.key)
-                t = e and e["ratio_vs_vanilla"]["tok_s"]
-                if not t:
-                    continue
-                xs.append(i + (j - (len(o["concurrencies"]) - 1) / 2) * width)
-                ys.append(t["median"])
-                lo.append(t["median"] - t["min"])
-                hi.append(t["max"] - t["median"])
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"concurrency {c}")
-        for i, case in enumerate(cases):
-            target = case.target_loss
-            if case.key == "h_inspect":
-                target = INSPECT_SLACK * result["flops"]["sae_share"]
-            if target is not None:
-                ax.hlines(1 - target, i - 0.45, i + 0.45, colors="red", linestyles="dashed", linewidth=1)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([c.key.split("_", 1)[0] for c in cases])
-        ax.set_title(f"{mode}: output tok/s relative to vanilla")
-        ax.set_ylim(min(0.8, lowest - 0.05), max(1.1, highest + 0.05))
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("throughput ratio (median, min–max over rounds)")
-    axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.text(
-        0.01,
-        0.01,
-        "red dashes: targets. "
-        + "; ".join(f"{c.key.split('_', 1)[0]}={c.key.split('_', 1)[1]}" for c in cases),
-        fontsize=7,
-    )
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
-
-
 # --- assets ----------------------------------------------------------------------------------------------------------
 
 
@@ -1056,7 +663,7 @@ def resolve_assets(args, snapshot_dir: Path | None = None) -> tuple[str, str, st
             raise SystemExit("--model and --sae go together")
         model, sae, labels = args.model, args.sae, None
     else:
-        from steer_plugin.demo.build_assets import ensure_assets
+        from steer_demo.build_assets import ensure_assets
 
         paths = ensure_assets()
         model, sae = str(paths.model_dir), str(paths.sae_dir)
@@ -1081,40 +688,6 @@ def snapshot_assets(
             shutil.copy(labels, snap_labels)
     sae_path = snap_sae if Path(sae).is_dir() else snap_sae / Path(sae).name
     return str(snap_model), str(sae_path), None if snap_labels is None else str(snap_labels)
-
-
-def write_configs(
-    workdir: Path, model_dir: str, sae_dir: str, labels: str | None, seed: int
-) -> tuple[BenchSetup, dict[str, Path]]:
-    import torch
-    from safetensors.torch import save_file
-
-    from steer_plugin.catalog import load_assets
-    from steer_plugin.config import SAESource, SteerConfig
-
-    sae_entry = {"id": "demo", "path": sae_dir}
-    if labels and Path(labels).exists():
-        sae_entry["labels"] = labels
-    probe = load_assets(SteerConfig(saes=[SAESource(**sae_entry)])).saes["demo"]
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    n_layers, d_model = cfg["num_hidden_layers"], cfg["hidden_size"]
-    layer = probe.layer
-    others = [round(n_layers * f) for f in (1 / 6, 1 / 3, 2 / 3, 5 / 6)]
-    vector_layers = sorted({layer, *[x for x in others if x != layer]})[:4]
-    while len(vector_layers) < 4:  # tiny models
-        vector_layers = sorted(set(vector_layers) | {len(vector_layers)})
-    g = torch.Generator().manual_seed(seed)
-    vectors = []
-    for L in vector_layers:
-        v = torch.randn(d_model, generator=g)
-        path = workdir / f"vector-l{L}.safetensors"
-        save_file({"vector": (v / v.norm()).contiguous()}, str(path))
-        vectors.append({"id": f"v{L}", "path": str(path), "layer": L})
-    configs = {"plugin": workdir / "steer-1layer.json", "plugin4": workdir / "steer-4layers.json"}
-    configs["plugin"].write_text(json.dumps({"saes": [sae_entry]}, indent=2))
-    configs["plugin4"].write_text(json.dumps({"saes": [sae_entry], "vectors": vectors}, indent=2))
-    setup = BenchSetup("demo", probe.sae.d_sae, layer, [v["id"] for v in vectors], vector_layers)
-    return setup, configs
 
 
 # --- main -------------------------------------------------------------------------------------------------------------
@@ -1206,32 +779,6 @@ def build_options(args) -> Options:
     )
 
 
-def inspect_note(summary: dict, units: list[dict]) -> str:
-    cells = [cell["h_inspect"] for mode in summary.values() for cell in mode.values() if "h_inspect" in cell]
-    if not cells:
-        return "(h) was not run."
-    errors = sum(c["errors"] for c in cells)
-    if errors:
-        return f"`inspect` requests failed ({errors} errors); see first_error in the JSON's units."
-    records = sum(c.get("inspect_tokens", 0) for c in cells)
-    tokens = sum(c.get("output_tokens", 0) for c in cells)
-    fields = sorted({f for c in cells for f in c["extra_response_fields"]})
-    if not records:
-        return (
-            'The server accepted `"steering": {"inspect": {"top_k": 5}}` (HTTP 200) but returned no per-token '
-            f"features (extra chunk fields seen: {fields or 'none'}), so (h) measures plain serving through the "
-            "plugin and its target cannot be judged."
-        )
-    sample = next(
-        (u["inspect_sample"] for u in units if u["case"] == "h_inspect" and u.get("inspect_sample")), None
-    )
-    text = json.dumps(sample)[:400] if sample is not None else "?"
-    return (
-        f"Inspect is served: {records} per-token feature records came back in `choices[].steering.tokens` for "
-        f"{tokens} generated tokens of (h). First record: `{text}`."
-    )
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
@@ -1298,35 +845,6 @@ def main(argv=None) -> int:
     }
     write_reports(result, out, Path(args.notes) if args.notes else None)
     print(f"total {result['wall_s'] / 60:.1f} min", flush=True)
-    return 0
-
-
-def write_reports(result: dict, out: Path, notes_path: Path | None) -> None:
-    """(Re)compute the summary, targets and inspect note from the raw units, and write OUT.json/.md/.png."""
-    o = result["options"]
-    result["summary"] = summarise(result["units"], o["modes"], o["concurrencies"], o["cases"])
-    result["targets"] = evaluate_targets(result["summary"], o["modes"], o["concurrencies"], result["flops"])
-    result["inspect_note"] = inspect_note(result["summary"], result["units"])
-    png = out.with_suffix(".png")
-    skipped = write_plot(png, result)
-    result["plot"] = None if skipped else png.name
-    result["plot_skipped"] = skipped
-    if skipped:
-        print(f"plot skipped: {skipped}", flush=True)
-    notes_path = notes_path or out.parent / f"{out.name}-notes.md"
-    notes = notes_path.read_text() if notes_path.exists() else None
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    write_markdown(out.with_suffix(".md"), result, notes)
-    print(
-        f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}" + ("" if skipped else f", {png}"),
-        flush=True,
-    )
-
-
-def rerender(path: str, out: str | None, notes: str | None) -> int:
-    """--from-json: rewrite the reports of an earlier run (new analysis code, or notes added since)."""
-    result = json.loads(Path(path).read_text())
-    write_reports(result, Path(out) if out else Path(path).with_suffix(""), Path(notes) if notes else None)
     return 0
 
 

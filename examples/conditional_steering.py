@@ -1,4 +1,4 @@
-"""Inline vectors, conditional operations and abort_when against a running demo server (`steer-serve --demo`).
+"""Inline vectors, conditional operations and abort_when against a running demo server (`steer-serve-demo`).
 
 1. abort_when: ask about the Golden Gate Bridge and stop the answer as soon as the model's residual reads the
    bridge concept above a threshold (finish_reason "abort_when", and which feature fired at which token).
@@ -22,8 +22,8 @@ import requests
 
 def concept_and_row(base: str) -> tuple[int, int, np.ndarray]:
     """(concept feature index, its layer, its decoder row) of the demo SAE, from the local assets."""
-    from steer_plugin.demo.build_assets import ensure_assets
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.build_assets import ensure_assets
+    from steer_demo.concept import concept_feature
     from steer_plugin.sae import load_sae
 
     paths = ensure_assets()

@@ -2,11 +2,11 @@
 
     python examples/demo.py [--concept bridge] [--value 40] [--port 8077] [--compile] [--log demo-server.log]
 
-It builds the demo assets when missing (steer-serve --demo does), starts the server on loopback, takes the
+It builds the demo assets when missing (steer-serve-demo does), starts the server on loopback, takes the
 concept's feature that the asset build's analysis recorded (``quality.json`` beside the SAE:
 ``concepts.<concept>.best``, chosen by measured activations, so it is right for whatever SAE was built here;
 no label or index is hard-coded), checks that the server serves it, chooses the clamp value by measurement
-(steer_plugin.demo.strength: the smallest that names the concept while staying fluent), clamps it on every token,
+(steer_demo.strength: the smallest that names the concept while staying fluent), clamps it on every token,
 and prints both answers. The server's own output goes to a log file whose path it prints.
 """
 
@@ -21,7 +21,7 @@ import time
 
 import requests
 
-from steer_plugin.demo.strength import answer
+from steer_demo.strength import answer
 
 DEFAULT_QUESTION = "What should I see on a weekend trip? Answer in two sentences."
 
@@ -43,8 +43,8 @@ def wait_for_health(base: str, server: subprocess.Popen, timeout_s: float) -> No
 
 def recorded_feature(base: str, concept: str) -> dict:
     """The concept's feature as the analysis recorded it, cross-checked against the server's label search."""
-    from steer_plugin.demo.build_assets import ensure_assets
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.build_assets import ensure_assets
+    from steer_demo.concept import concept_feature
 
     paths = ensure_assets(verbose=False)  # the server has built them by now: returns at once
     try:
@@ -68,9 +68,9 @@ def recorded_feature(base: str, concept: str) -> dict:
 
 def measured_strength(base: str, model: str, feature: dict, args) -> tuple[float, str, str]:
     """(clamp value, plain answer, steered answer): the smallest value whose answer names the concept while
-    staying fluent, tried on this server (steer_plugin.demo.strength), with the answers it got."""
-    from steer_plugin.demo.labels import CONCEPTS
-    from steer_plugin.demo.strength import choose_strength
+    staying fluent, tried on this server (steer_demo.strength), with the answers it got."""
+    from steer_demo.labels import CONCEPTS
+    from steer_demo.strength import choose_strength
 
     words = CONCEPTS[args.concept]["word_tokens"]
     print(f"demo: choosing the clamp value (smallest that names {'/'.join(words)!r} fluently):", flush=True)
@@ -120,8 +120,7 @@ def main() -> None:
     cmd = [
         sys.executable,
         "-m",
-        "steer_adapters.vllm.launcher",
-        "--demo",
+        "steer_demo.serve",
         "--port",
         str(args.port),
         "--host",

@@ -1,4 +1,4 @@
-"""Golden-Gate-style demo against a running server (`steer-serve --demo`, or scripts/demo.sh).
+"""Golden-Gate-style demo against a running server (`steer-serve-demo`, or scripts/demo.sh).
 
 1. Find the concept feature by inspecting text: the feature that fires most on the concept text and least on
    a neutral control text.

@@ -1,11 +1,11 @@
-"""Load an SAE into a running server, steer with it, unload it (`STEER_ADMIN_KEY=... steer-serve --demo`).
+"""Load an SAE into a running server, steer with it, unload it (`STEER_ADMIN_KEY=... steer-serve-demo`).
 
 The demo config reserves room for one more SAE at the demo SAE's layer and allows loads from the demo assets'
 folder. This loads the demo SAE a second time under another id, clamps the concept feature through both (the
 answers are the same: the runtime copy steers exactly like the configured one), then unloads it.
 
     export STEER_ADMIN_KEY=$(python -c "import secrets; print(secrets.token_hex(24))")
-    steer-serve --demo &
+    steer-serve-demo &
     python examples/runtime_loading.py [--base http://127.0.0.1:8000]
 """
 
@@ -23,8 +23,8 @@ def main() -> None:
     )
     parser.add_argument("--base", default="http://127.0.0.1:8000")
     args = parser.parse_args()
-    from steer_plugin.demo.build_assets import ensure_assets
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.build_assets import ensure_assets
+    from steer_demo.concept import concept_feature
 
     paths = ensure_assets()
     concept = concept_feature(paths)

@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_system.sh  # Chromium, chromedriver, Prometheus: only when missing
 export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_NUM_OF_RESERVED_CPU=0
-.venv/bin/python -m steer_plugin.demo.build_assets
+.venv/bin/python -m steer_demo.build_assets
 exec .venv/bin/python -m pytest "$@"

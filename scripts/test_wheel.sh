@@ -6,10 +6,11 @@
 # 2. builds the wheel from a clean copy of the working tree (git's tracked + untracked-not-ignored files, so no
 #    stale build/ output can end up in it) and installs it, non-editable, with its [hf,test] extras (versions
 #    constrained to those of .venv when it exists);
-# 3. from a scratch folder where the source tree is not importable: checks that steer_plugin and steer_adapters
-#    resolve to the venv's site-packages, that the vLLM entry point is registered and every module imports;
+# 3. from a scratch folder where the source tree is not importable: checks that steer_plugin, steer_adapters and
+#    steer_demo resolve to the venv's site-packages, that the vLLM entry point is registered and every module
+#    imports;
 # 4. runs tests/integration/test_server_api.py (a copy) there, with the repo's demo assets ($STEER_ASSETS_DIR:
-#    steer_plugin.demo.common derives <repo>/assets from the package's own path, which is site-packages here).
+#    steer_demo.common derives <repo>/assets from the package's own path, which is site-packages here).
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     if [ -e "$f" ]; then cp -p --parents -- "$f" "$WORK/src/"; fi  # (tracked but deleted: left out)
   done
 else
-  cp -rp pyproject.toml setup.py README.md steer_plugin adapters tests "$WORK/src/"
+  cp -rp pyproject.toml setup.py README.md steer_plugin adapters steer_demo tests "$WORK/src/"
   find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
 fi
 say "building the wheel (pip wheel --no-deps, isolated build)"
@@ -57,7 +58,7 @@ whl=$(ls "$WORK/dist"/steer_plugin-*.whl)
 n_py=$("$VPY" -c 'import sys, zipfile; print(sum(n.endswith(".py") for n in zipfile.ZipFile(sys.argv[1]).namelist()))' "$whl")
 say "built $(basename "$whl"): $n_py .py files"
 # The dev venv's versions, when there is one: the demo assets' fingerprint includes the versions of the libraries
-# that built them (steer_plugin.demo.common.BUILD_PACKAGES), so other versions here would rebuild the assets.
+# that built them (steer_demo.common.BUILD_PACKAGES), so other versions here would rebuild the assets.
 constraints=()
 DEV_PY=$REPO/${STEER_VENV:-.venv}/bin/python
 if [ -x "$DEV_PY" ]; then
@@ -91,7 +92,7 @@ import sysconfig
 from pathlib import Path
 
 site = Path(sysconfig.get_paths()["purelib"]).resolve()
-for name in ("steer_plugin", "steer_adapters"):
+for name in ("steer_plugin", "steer_adapters", "steer_demo"):
     pkg = importlib.import_module(name)
     where = Path(pkg.__file__).resolve()
     assert where.is_relative_to(site), f"{name} imported from {where}, not from the wheel install in {site}"
@@ -101,7 +102,7 @@ assert not direct.get("dir_info", {}).get("editable"), f"an editable install: {d
 eps = {ep.name: ep.value for ep in md.entry_points(group="vllm.general_plugins")}
 assert eps.get("steer_plugin") == "steer_adapters.vllm.plugin:register", eps
 count = 0
-for name in ("steer_plugin", "steer_adapters"):
+for name in ("steer_plugin", "steer_adapters", "steer_demo"):
     pkg = importlib.import_module(name)
     for mod in pkgutil.walk_packages(pkg.__path__, prefix=name + "."):
         importlib.import_module(mod.name)
@@ -109,7 +110,7 @@ for name in ("steer_plugin", "steer_adapters"):
 print(f"  entry point registered; all {count} modules import")
 EOF
 say "demo assets in $STEER_ASSETS_DIR (built if missing)"
-"$VPY" -m steer_plugin.demo.build_assets
+"$VPY" -m steer_demo.build_assets
 
 # --- 4. the server tests ------------------------------------------------------------------------------------
 say "running the server tests against the wheel install"

@@ -1,4 +1,5 @@
-"""The built wheel: every file of steer_plugin/ and adapters/ (as steer_adapters/) is in it, plus the entry points.
+"""The built wheel: every file of steer_plugin/, adapters/ (as steer_adapters/) and steer_demo/ is in it, plus the
+entry points.
 
 A non-editable install (`pip install .`, the one deploy/k8s prescribes) gets only what the wheel holds; a package
 missing from it imports fine from the source tree and fails only there. The wheel is built from a clean copy of
@@ -21,12 +22,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # source folder -> import name
-TREES = {"steer_plugin": "steer_plugin", "adapters": "steer_adapters"}
+TREES = {"steer_plugin": "steer_plugin", "adapters": "steer_adapters", "steer_demo": "steer_demo"}
 BUILD_INPUTS = ["pyproject.toml", "setup.py", "README.md"]
 
 
 def _source_files() -> set[str]:
-    """Every file of both trees, by its path in the wheel (byte-code caches left out)."""
+    """Every file of every tree, by its path in the wheel (byte-code caches left out)."""
     names = set()
     for folder, name in TREES.items():
         for path in (REPO / folder).rglob("*"):
@@ -79,9 +80,9 @@ def test_every_source_file_is_in_the_wheel(wheel):
     )
 
 
-def test_wheel_holds_only_the_two_packages(wheel):
+def test_wheel_holds_only_the_three_packages(wheel):
     top = {n.split("/")[0] for n in wheel.namelist()}
-    assert top == {"steer_plugin", "steer_adapters", _dist_info(wheel)}
+    assert top == {"steer_plugin", "steer_adapters", "steer_demo", _dist_info(wheel)}
     extra = sorted(
         n for n in wheel.namelist() if not n.startswith(_dist_info(wheel)) and n not in _source_files()
     )
@@ -93,4 +94,5 @@ def test_entry_points(wheel):
     parser.read_string(wheel.read(f"{_dist_info(wheel)}/entry_points.txt").decode())
     assert dict(parser["vllm.general_plugins"]) == {"steer_plugin": "steer_adapters.vllm.plugin:register"}
     assert parser["console_scripts"]["steer-serve"] == "steer_adapters.vllm.launcher:main"
-    assert parser["console_scripts"]["steer-build-assets"] == "steer_plugin.demo.build_assets:main"
+    assert parser["console_scripts"]["steer-serve-demo"] == "steer_demo.serve:main"
+    assert parser["console_scripts"]["steer-build-assets"] == "steer_demo.build_assets:main"

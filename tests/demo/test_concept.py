@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from steer_plugin.demo.build_assets import asset_paths
-from steer_plugin.demo.concept import concept_feature, main
+from steer_demo.build_assets import asset_paths
+from steer_demo.concept import concept_feature, main
 
 BEST = {"index": 4242, "label": "Bridge / bridge", "word_precision": 0.8, "word_recall": 0.9}
 
@@ -29,10 +29,22 @@ def test_reads_the_recorded_choice_from_any_kind_of_path(assets):
 
 
 def test_default_path_follows_the_assets_env_var(assets, monkeypatch):
-    from steer_plugin.demo.common import ENV_ASSETS_DIR
+    from steer_demo.common import ENV_ASSETS_DIR
 
     monkeypatch.setenv(ENV_ASSETS_DIR, str(assets.model_dir.parent))
     assert concept_feature().index == 4242
+
+
+def test_without_the_env_var_the_assets_are_in_the_repository(monkeypatch):
+    """<repo>/assets, the repository being the folder of pyproject.toml (the builder's stage markers live there)."""
+    from pathlib import Path
+
+    from steer_demo.common import ENV_ASSETS_DIR, default_assets_dir
+
+    monkeypatch.delenv(ENV_ASSETS_DIR, raising=False)
+    repo = Path(__file__).resolve().parents[2]
+    assert (repo / "pyproject.toml").is_file()
+    assert default_assets_dir() == repo / "assets"
 
 
 def test_missing_concept_is_a_clear_error(assets):

@@ -1,6 +1,6 @@
 """The demo corpus reads only text pinned by a version: never the machine's /usr/share, home or caches.
 
-Cheap (a few seconds, no built assets, no torch): every non-chat source of ``steer_plugin.demo.corpus`` runs
+Cheap (a few seconds, no built assets, no torch): every non-chat source of ``steer_demo.corpus`` runs
 in a subprocess under an audit hook that records every file it opens and every folder it lists, with
 ``ast.parse`` stubbed out (every file is still read, none is parsed).
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from steer_plugin.demo import corpus
-from steer_plugin.demo.common import BUILD_PACKAGES
+from steer_demo import corpus
+from steer_demo.common import BUILD_PACKAGES
 
 REPO_ROOT = (
     Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ REPO_ROOT = (
 
 AUDIT_SCRIPT = r"""
 import ast, json, os, sys
-from steer_plugin.demo import corpus
+from steer_demo import corpus
 
 events = []
 recording = [False]
@@ -137,7 +137,7 @@ def test_installed_text_packages_match_the_pins(audit):
 
 
 def test_corpus_stage_fingerprint_records_versions(tmp_path):
-    from steer_plugin.demo.build_assets import _stages
+    from steer_demo.build_assets import _stages
 
     stages = _stages(tmp_path)
     params = stages["corpus"].params

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from steer_plugin.demo.concept import concept_feature
+from steer_demo.concept import concept_feature
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -60,7 +60,7 @@ CONCEPT_MIN_HELD_OUT_MASS = 0.5  # of its activation mass on those tokens in the
 
 @pytest.fixture(scope="session")
 def demo_assets():
-    from steer_plugin.demo import ensure_assets
+    from steer_demo import ensure_assets
 
     return ensure_assets()
 
@@ -174,7 +174,7 @@ def test_quality_and_labels(demo_assets, quality, raw_sae):
     best = concept.record
     assert best["word_precision"] >= CONCEPT_MIN_PRECISION and best["word_recall"] >= CONCEPT_MIN_RECALL
     # Rebuilds are byte-identical: wall-clock timings live in the build markers, not in the built files.
-    from steer_plugin.demo.common import TIMING_KEYS
+    from steer_demo.common import TIMING_KEYS
 
     def keys(obj):
         if isinstance(obj, dict):
@@ -242,8 +242,8 @@ def test_saelens_reads_it(demo_assets, raw_sae, held_out_acts, saelens_ref):
 def test_harvest_is_the_same_bytes_on_one_or_two_processes(demo_assets, tmp_path, monkeypatch):
     """The harvest stage forwards on every core; each process computes whole batches with one thread, so the
     activations file must not depend on how many processes ran (checked on a slice of this build's corpus)."""
-    from steer_plugin.demo.common import sha256_file
-    from steer_plugin.demo.harvest import ACTS_FILE, build_activations
+    from steer_demo.common import sha256_file
+    from steer_demo.harvest import ACTS_FILE, build_activations
 
     lines = (demo_assets.sae_dir.parent.parent / "work" / "corpus.jsonl").read_text().splitlines()[:40]
     digests = []

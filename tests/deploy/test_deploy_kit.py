@@ -657,7 +657,14 @@ def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_big():
     # the wheel stage copies every build input of the package
     copied = {Path(s).parts[0] for s in sources}
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert {"pyproject.toml", "setup.py", project["readme"], "steer_plugin", "adapters"} <= copied
+    assert {
+        "pyproject.toml",
+        "setup.py",
+        project["readme"],
+        "steer_plugin",
+        "adapters",
+        "steer_demo",
+    } <= copied
 
 
 def _image_like_venv(tmp_path: Path) -> Path:

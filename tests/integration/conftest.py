@@ -27,7 +27,7 @@ MAX_MODEL_LEN = 512
 
 @pytest.fixture(scope="session")
 def demo_assets():
-    from steer_plugin.demo.build_assets import ensure_assets
+    from steer_demo.build_assets import ensure_assets
 
     return ensure_assets()
 

@@ -20,7 +20,7 @@ GENERATION_VALUE = 80.0
 
 
 def generation_steering() -> dict:
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.concept import concept_feature
 
     index = concept_feature().index
     return {

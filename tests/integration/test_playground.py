@@ -49,7 +49,7 @@ def server(demo_assets, steer_config_path, concept, tmp_path_factory):
 @pytest.fixture(scope="module")
 def concept(demo_assets) -> dict:
     """The demo's concept feature as the asset analysis recorded it, and the demo's clamp strength for it."""
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.concept import concept_feature
 
     feature = concept_feature(demo_assets)
     labels = json.loads(Path(demo_assets.labels_path).read_text())

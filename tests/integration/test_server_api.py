@@ -279,7 +279,7 @@ def test_discovery(server, assets):
 
 
 def test_feature_search_ranks_labels_and_explanations(server, assets, server_config, demo_assets):
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.concept import concept_feature
 
     ix = server_config["explained"]
 
@@ -363,7 +363,7 @@ def test_inspect_endpoint_matches_reference_encode(server, hf, assets, sae_layer
 def test_inspect_traces_features_on_every_token(server, hf, assets, sae_layer, demo_assets):
     """`features` report a feature's activation on every token, in or out of the top K, as the reference
     encode computes it; chat completions carry the same per generated token."""
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.concept import concept_feature
 
     concept = concept_feature(demo_assets).index
     text = "The Golden Gate Bridge spans the strait at the entrance of San Francisco Bay."
@@ -430,11 +430,11 @@ def test_inspect_traced_feature_errors(server, traced, param, status):
 
 
 def test_measured_demo_strength_names_the_concept(server, demo_assets):
-    """The demo's clamp value, chosen on this server by steer_plugin.demo.strength: the steered answer names
+    """The demo's clamp value, chosen on this server by steer_demo.strength: the steered answer names
     the concept (a whole word, case-insensitive) and the plain one does not; the steered one stays fluent."""
-    from steer_plugin.demo.concept import concept_feature
-    from steer_plugin.demo.labels import CONCEPTS
-    from steer_plugin.demo.strength import MAX_FLUENCY_DROP, choose_strength
+    from steer_demo.concept import concept_feature
+    from steer_demo.labels import CONCEPTS
+    from steer_demo.strength import MAX_FLUENCY_DROP, choose_strength
 
     concept = concept_feature(demo_assets)
     max_act = json.loads(open(demo_assets.labels_path).read())["features"][concept.index]["max_act"]
@@ -767,7 +767,7 @@ def test_conditional_clamp_changes_exactly_the_tokens_where_the_condition_holds(
     exactly the tokens where the HF reference says A > t, and nowhere else."""
     from steer_adapters.hf.reference import feature_value
 
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.concept import concept_feature
 
     a, b = concept_feature(demo_assets).index, WATCHED
     text = (
@@ -802,7 +802,7 @@ def test_abort_when_stops_at_the_token_where_the_feature_crosses(server, client,
     """Greedy answer about bridges: the same request with abort_when on the bridge feature ends with
     finish_reason "abort_when" exactly before the first token whose predicting residual reads the feature
     above the threshold (found from the unaborted answer's traced values), streaming and not."""
-    from steer_plugin.demo.concept import concept_feature
+    from steer_demo.concept import concept_feature
 
     concept = concept_feature(demo_assets).index
     messages = [{"role": "user", "content": "Tell me about the Golden Gate Bridge."}]

@@ -49,7 +49,7 @@ def concept_feature(paths: Any = None, name: str = "bridge") -> ConceptFeature:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m steer_plugin.demo.concept [--quality PATH] [--name bridge] [--field index|label|json]``."""
+    """``python -m steer_demo.concept [--quality PATH] [--name bridge] [--field index|label|json]``."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Print the demo SAE's recorded concept feature.")

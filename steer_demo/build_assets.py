@@ -1,6 +1,6 @@
 """Build the demo assets offline: model, corpus, activations, TopK SAE, labels, quality report.
 
-    python -m steer_plugin.demo.build_assets [--assets-dir DIR] [--force]
+    python -m steer_demo.build_assets [--assets-dir DIR] [--force]
 
 Default assets dir: ``<repo root>/assets`` (git-ignored), or ``$STEER_ASSETS_DIR``. Each stage is skipped
 when its marker (written last) says it is complete and its outputs exist; ``--force`` rebuilds all.

@@ -1,6 +1,8 @@
 """Offline demo assets: SmolLM2-135M-Instruct (bf16 HF folder) and a TopK SAE on its layer-15 residual.
 
-``ensure_assets()`` builds whatever is missing (see :mod:`steer_plugin.demo.build_assets`).
+``ensure_assets()`` builds whatever is missing (see :mod:`steer_demo.build_assets`); ``steer-serve-demo``
+(:mod:`steer_demo.serve`) serves them. A package of its own beside the runtime: it uses steer_plugin and
+steer_adapters, they never import it (tests/test_import_boundary.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that `python -m steer_plugin.demo.build_assets` does not import the module twice.
+    # Lazy, so that `python -m steer_demo.build_assets` does not import the module twice.
     if name in __all__:
         from . import build_assets
 

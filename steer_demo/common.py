@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-#: ``steer_plugin/demo/common.py`` -> repository root is two levels above the package.
-REPO_ROOT = Path(__file__).resolve().parents[2]
+#: ``<repo>/steer_demo/common.py`` -> the repository root is the folder holding the package.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_ASSETS_DIR = "STEER_ASSETS_DIR"
 
 MODEL_DIRNAME = "SmolLM2-135M-Instruct"

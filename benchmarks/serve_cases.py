@@ -1,0 +1,132 @@
+"""The cases of benchmarks/serve_bench.py: the prompts, what each case's requests carry, and the steering configs
+of the plugin servers they run on.
+
+A case names its server kind (`vanilla`, `plugin`: the demo SAE only, `plugin4`: plus raw vectors on 4 layers)
+and, for the report, its throughput target; `steering_for` is the `steering` field of its i-th request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPTS = [
+    "Tell me about the Golden Gate Bridge.",
+    "How do I bake a loaf of sourdough bread?",
+    "Explain the rules of basketball in a few sentences.",
+    "Write a short poem about the sea at night.",
+    "What causes the seasons on Earth?",
+    "Describe a busy market in a small town on a Saturday morning.",
+    "Give me three tips for learning a new language.",
+    "Why is the sky blue? Explain it to a child.",
+    "Summarise the plot of a detective story you make up.",
+    "What is a suspension bridge and how does it carry its load?",
+    "List some healthy breakfast ideas.",
+    "Explain how a computer stores numbers.",
+    "Write a letter to a friend about a recent trip to the mountains.",
+    "What are the main differences between cats and dogs as pets?",
+    "How does a bicycle stay upright when it moves?",
+    "Describe the life cycle of a butterfly.",
+]
+
+# --- cases ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    server: str  # vanilla | plugin | plugin4
+    title: str
+    target_loss: float | None = None  # max throughput loss vs vanilla (fraction), None = no target
+
+
+CASES = [
+    Case("a_vanilla", "vanilla", "(a) plain vLLM (plugin not loaded)"),
+    Case("b_loaded", "plugin", "(b) plugin loaded, no steering", 0.01),
+    Case("c_add1", "plugin", "(c) every request: one `add`, one layer", 0.02),
+    Case("d_mixed50", "plugin", "(d) 50% of requests steered (add), 50% plain"),
+    Case(
+        "e_distinct256", "plugin", "(e) distinct per-request configs (pool of 256 feature/value pairs)", 0.03
+    ),
+    Case("f_clamp8", "plugin", "(f) every request: clamp of 8 features", 0.05),
+    Case("g_4layers", "plugin4", "(g) every request: raw vectors on 4 layers"),
+    Case("g0_4layers_loaded", "plugin4", "(g0) 4-layer config loaded, no steering (reference for g)"),
+    Case("h_inspect", "plugin", '(h) `"inspect": {"top_k": 5}` on every request'),
+]
+CASE_BY_KEY = {c.key: c for c in CASES}
+INSPECT_SLACK = 1.5  # target for (h): loss <= 1.5 x the SAE's share of model FLOPs
+
+
+@dataclass
+class BenchSetup:
+    """What the request bodies refer to."""
+
+    sae_id: str
+    d_sae: int
+    sae_layer: int
+    vector_ids: list[str]
+    vector_layers: list[int]
+
+
+def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> dict | None:
+    """The `steering` field of request i of a unit of this case (None: no field)."""
+    add = {"features": [{"sae": setup.sae_id, "index": 7, "op": "add", "value": 4.0}]}
+    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded"):
+        return None
+    if case == "c_add1":
+        return add
+    if case == "d_mixed50":
+        return add if i % 2 == 0 else None
+    if case == "e_distinct256":
+        j = counter[0] % 256  # cycles through 256 distinct (feature, value) pairs across the whole run
+        counter[0] += 1
+        index = (j * 97 + 11) % setup.d_sae
+        return {
+            "features": [{"sae": setup.sae_id, "index": index, "op": "add", "value": 1.0 + 0.25 * (j % 16)}]
+        }
+    if case == "f_clamp8":
+        feats = [
+            {"sae": setup.sae_id, "index": (13 * k + 5) % setup.d_sae, "op": "clamp", "value": 3.0}
+            for k in range(8)
+        ]
+        return {"features": feats}
+    if case == "g_4layers":
+        return {"vectors": [{"name": v, "scale": 4.0} for v in setup.vector_ids]}
+    if case == "h_inspect":
+        return {"inspect": {"top_k": 5}}
+    raise KeyError(case)
+
+
+def write_configs(
+    workdir: Path, model_dir: str, sae_dir: str, labels: str | None, seed: int
+) -> tuple[BenchSetup, dict[str, Path]]:
+    import torch
+    from safetensors.torch import save_file
+
+    from steer_plugin.catalog import load_assets
+    from steer_plugin.config import SAESource, SteerConfig
+
+    sae_entry = {"id": "demo", "path": sae_dir}
+    if labels and Path(labels).exists():
+        sae_entry["labels"] = labels
+    probe = load_assets(SteerConfig(saes=[SAESource(**sae_entry)])).saes["demo"]
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    n_layers, d_model = cfg["num_hidden_layers"], cfg["hidden_size"]
+    layer = probe.layer
+    others = [round(n_layers * f) for f in (1 / 6, 1 / 3, 2 / 3, 5 / 6)]
+    vector_layers = sorted({layer, *[x for x in others if x != layer]})[:4]
+    while len(vector_layers) < 4:  # tiny models
+        vector_layers = sorted(set(vector_layers) | {len(vector_layers)})
+    g = torch.Generator().manual_seed(seed)
+    vectors = []
+    for L in vector_layers:
+        v = torch.randn(d_model, generator=g)
+        path = workdir / f"vector-l{L}.safetensors"
+        save_file({"vector": (v / v.norm()).contiguous()}, str(path))
+        vectors.append({"id": f"v{L}", "path": str(path), "layer": L})
+    configs = {"plugin": workdir / "steer-1layer.json", "plugin4": workdir / "steer-4layers.json"}
+    configs["plugin"].write_text(json.dumps({"saes": [sae_entry]}, indent=2))
+    configs["plugin4"].write_text(json.dumps({"saes": [sae_entry], "vectors": vectors}, indent=2))
+    setup = BenchSetup("demo", probe.sae.d_sae, layer, [v["id"] for v in vectors], vector_layers)
+    return setup, configs
