@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from steer_plugin.catalog import LoadedAssets
+from steer_plugin.request.wire import POSITION_CODES, ResolvedOp
 from steer_plugin.sae.model import SparseAutoencoder
-from steer_plugin.spec import POSITION_CODES, ResolvedOp
 
 
 def op_applies(op: ResolvedOp, position: int, prompt_len: int) -> bool:

@@ -8,8 +8,8 @@ from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine.bank import build_layer_bank
 from steer_plugin.engine.delta import ALL_TERMS, DeltaTerms, add_delta, working_set_weights
+from steer_plugin.request.wire import POSITION_CODES, ResolvedOp
 from steer_plugin.sae.model import SparseAutoencoder
-from steer_plugin.spec import POSITION_CODES, ResolvedOp
 
 D_IN, D_SAE = 16, 40
 

@@ -4,6 +4,7 @@ import torch
 
 from steer_plugin.engine.observe import ObservedRows, Observer
 from steer_plugin.monitor import channel
+from steer_plugin.request.records import TokenRecord
 from steer_plugin.sae.model import SparseAutoencoder
 
 CID_A, CID_B = "a" * 32, "b" * 32
@@ -36,19 +37,19 @@ def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
         {"s": x},
     )
     a, b = channel.ChannelReader(CID_A).read_new(), channel.ChannelReader(CID_B).read_new()
-    assert [r["pos"] for r in a] == [5, 6] and [r["pos"] for r in b] == [9]
+    assert [r.pos for r in a] == [5, 6] and [r.pos for r in b] == [9]
     pre = x @ sae.W_enc  # written out: the top 3 of the pre-activations, kept where positive
     for record, row, top_k in ((a[0], 0, 2), (a[1], 1, 2), (b[0], 3, 3)):
         values, indices = pre[row].topk(3)
-        want = [[int(i), round(float(v), 4)] for i, v in zip(indices[:top_k], values[:top_k]) if v > 0]
-        assert record["top"] == want
+        want = [(int(i), round(float(v), 4)) for i, v in zip(indices[:top_k], values[:top_k]) if v > 0]
+        assert list(record.top) == want
     for record, row in ((a[0], 0), (a[1], 1)):
-        assert record["l0"] == int((pre[row].topk(3).values > 0).sum())
+        assert record.l0 == int((pre[row].topk(3).values > 0).sum())
         f = torch.zeros(20).scatter(0, pre[row].topk(3).indices, torch.relu(pre[row].topk(3).values))
         x_hat = f @ sae.W_dec
         want_err = float(((x[row] - x_hat) ** 2).sum() / (x[row] ** 2).sum())
-        assert abs(record["err"] - want_err) <= 1e-4 * max(1.0, want_err)
-    assert "l0" not in b[0] and "err" not in b[0]
+        assert abs(record.error - want_err) <= 1e-4 * max(1.0, want_err)
+    assert b[0].l0 is None and b[0].error is None
     snapshot = observer.snapshot()
     assert (
         sum(snapshot["l0"]["s"]["counts"]) == 2 and sum(snapshot["reconstruction_error"]["s"]["counts"]) == 2
@@ -71,24 +72,24 @@ def test_watched_feature_outside_top_k_is_reported(tmp_path, monkeypatch):
         [ObservedRows(CID_A, "s", 1, list(range(6)), list(range(6)), 0, ((watched, threshold),))], {"s": x}
     )
     records = channel.ChannelReader(CID_A).read_new()
-    fired = [r["pos"] for r in records if any(i == watched for i, _ in r.get("watch", ()))]
+    fired = [r.pos for r in records if any(i == watched for i, _ in r.watch)]
     assert fired == [p for p in range(6) if pre[p, watched] > threshold]
-    assert fired and all(r["top"][0][0] != watched for r in records)
+    assert fired and all(r.top[0][0] != watched for r in records)
 
 
 def test_a_closed_channel_is_never_recreated(tmp_path, monkeypatch):
     """A worker step that lands after the API server finished the request leaves no file behind."""
     monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     channel.create(CID_A)
-    assert channel.append(CID_A, [{"pos": 0}])
+    assert channel.append(CID_A, [TokenRecord(0, 1, "s", ())])
     channel.ChannelReader(CID_A).remove()
-    assert not channel.append(CID_A, [{"pos": 1}])
+    assert not channel.append(CID_A, [TokenRecord(1, 1, "s", ())])
     assert list(tmp_path.iterdir()) == []
 
 
 def test_traced_feature_is_reported_on_every_token(tmp_path, monkeypatch):
     """inspect.features: a watch at TRACE_THRESHOLD reports the feature's activation on every token, zeros too."""
-    from steer_plugin.spec import TRACE_THRESHOLD
+    from steer_plugin.request.wire import TRACE_THRESHOLD
 
     monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     sae = topk_sae()
@@ -103,13 +104,13 @@ def test_traced_feature_is_reported_on_every_token(tmp_path, monkeypatch):
         {"s": x},
     )
     records = channel.ChannelReader(CID_A).read_new()
-    assert [dict(r["watch"])[traced] for r in records] == [round(float(v), 4) for v in f[:, traced]]
+    assert [dict(r.watch)[traced] for r in records] == [round(float(v), 4) for v in f[:, traced]]
 
 
 def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_aborts(tmp_path, monkeypatch):
     """sink_positions=1: position 0 is flagged `sink`, counted in no histogram, and never fires abort_when,
     whatever its activations; position 1 is an ordinary token."""
-    from steer_plugin.spec import AbortSpec
+    from steer_plugin.request.wire import AbortSpec
 
     monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     sae = topk_sae()
@@ -131,7 +132,7 @@ def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_abo
     channel.create(CID_A)
     hits = observer.collect([group], {"s": x})
     records = channel.ChannelReader(CID_A).read_new()
-    assert [r.get("sink", False) for r in records] == [True, False]
+    assert [r.sink for r in records] == [True, False]
     assert hits == []  # the condition holds at position 0 (any activation > -1e9), but it is a sink
     snapshot = observer.snapshot()
     assert (
@@ -148,8 +149,8 @@ def test_monitoring_summary_leaves_sinks_out():
     from steer_plugin.monitor.log import summarise
 
     records = [
-        {"pos": 0, "sae": "s", "top": [[7, 900.0]], "sink": True},
-        {"pos": 1, "sae": "s", "top": [[3, 2.0], [7, 1.0]]},
+        TokenRecord(0, 1, "s", ((7, 900.0),), sink=True),
+        TokenRecord(1, 1, "s", ((3, 2.0), (7, 1.0))),
     ]
     assert summarise(records, "s", {}, 5) == [
         {"index": 3, "max_activation": 2.0, "tokens": 1, "label": None},
