@@ -110,9 +110,8 @@ def patch_prefix_cache() -> None:
     @functools.wraps(original_from)
     def from_engine_core_request(cls, request, block_hasher):
         params = request.sampling_params
-        plan = request_plan(
-            params.extra_args if params is not None else None
-        )  # the one decode in this process
+        # The request's one decode in the engine core: its salt and whether its prompt is observed.
+        plan = request_plan(params.extra_args if params is not None else None)
         if plan is not None and plan.salt is not None and block_hasher is not None:
             plain_hasher = block_hasher
 

@@ -86,6 +86,23 @@ def test_plugin_without_steering_matches_plain(eager_llm, assets, plain_outputs)
     )
 
 
+def test_the_offline_one_liner_reads_the_steering_config_from_the_llm(eager_llm, assets):
+    """README: SamplingParams(extra_args=steering_args(llm, steering)) with the real `LLM` class gives the plan
+    built from the loaded assets (every engine test's path), and the worker applies it."""
+    from vllm import SamplingParams
+
+    from steer_plugin.offline import steering_args
+
+    steering = distinct_steerings()[0]
+    args = steering_args(eager_llm, steering)
+    assert args == steering_args(assets, steering)
+    applied = lambda: eager_llm.collective_rpc("steer_plugin_stats")[0]["features_applied"].get("demo", 0)  # noqa: E731
+    before = applied()
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=args)
+    eager_llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert applied() == before + 1  # the worker compiled the request's one feature operation
+
+
 # --- prefix cache ---------------------------------------------------------------------------------------------
 
 
