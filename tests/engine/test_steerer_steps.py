@@ -278,6 +278,30 @@ def test_steady_decode_writes_no_plans_and_leaving_requests_free_their_rows(stee
     assert len(writes) == 2 and tables.width == 0 and not steerer.step.slot_of
 
 
+def test_each_request_is_decoded_once_for_steering_and_observation(steerer, monkeypatch):
+    """One message per request, decoded on its first step only: not per step, not once per purpose (ops and
+    observation), not again when compiled plans are dropped (a runtime load moved bank rows)."""
+    catalog = steerer.assets.catalog()
+    ops = resolve_spec(parse_spec({"features": [{"sae": "s", "index": 5, "value": 2.5}]}), catalog)
+    cid = "e" * 32
+    channel.create(cid)
+    wires = [encode_wire(ops, ObservePlan(cid, ("s",), 2, False)), encode_wire(ops)]
+    decoded = []
+    real_decode = RequestPlan.decode
+    monkeypatch.setattr(RequestPlan, "decode", lambda text: decoded.append(text) or real_decode(text))
+    for step in range(5):
+        if step == 3:
+            steerer.drop_plans()
+        view = BatchView(
+            ["a", "b"], np.array([0, 1, 2]), np.array([6 + step, 4 + step]), np.array([6, 4]), wires
+        )
+        assert steerer.prepare(view) == 2
+        run_op(torch.randn(2, D), torch.randn(2, D), False, monkeypatch)
+        steerer.after_forward()
+    assert sorted(decoded) == sorted(wires)
+    assert [r.pos for r in channel.ChannelReader(cid).read_new()] == [6, 7, 8, 9, 10]  # observed every step
+
+
 def test_a_request_beyond_the_working_set_runs_unsteered_and_is_counted(sae_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     config = parse_config({"saes": [{"id": "s", "path": str(sae_dir)}], "limits": {"working_set_rows": 2}})
