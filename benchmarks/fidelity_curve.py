@@ -183,9 +183,15 @@ def shutdown(llm) -> None:
 def sampling_params(catalog, steering: dict | None, **kwargs):
     from vllm import SamplingParams
 
-    from steer_plugin.spec import WIRE_KEY, encode_wire, parse_spec, resolve_spec
+    from steer_plugin.request.resolve import resolve_spec
+    from steer_plugin.request.schema import parse_spec
+    from steer_plugin.request.wire import WIRE_KEY, RequestPlan
 
-    extra = {WIRE_KEY: encode_wire(resolve_spec(parse_spec(steering), catalog))} if steering else None
+    extra = (
+        {WIRE_KEY: RequestPlan.build(resolve_spec(parse_spec(steering), catalog)).encode()}
+        if steering
+        else None
+    )
     return SamplingParams(temperature=0.0, extra_args=extra, **kwargs)
 
 

@@ -27,7 +27,8 @@ from steer_plugin import metrics
 from steer_plugin.catalog import LoadedSAE, LoadedVector, load_sae_source, load_vector_source
 from steer_plugin.config import ConfigError, RuntimeConfig, SAESource, VectorSource
 from steer_plugin.engine.runtime_loads import LoadCommand
-from steer_plugin.spec import ResolvedOp, SpecError, _json_path
+from steer_plugin.request.schema import SpecError, json_path
+from steer_plugin.request.wire import ResolvedOp
 
 logger = logging.getLogger("steer_plugin")
 
@@ -105,7 +106,7 @@ class Admin:
             msg = first["msg"].removeprefix("Value error, ")
             if first["type"] == "extra_forbidden":
                 msg = "unknown field"
-            raise SpecError(_json_path("", first["loc"]).lstrip(".") or "body", msg) from None
+            raise SpecError(json_path("", first["loc"]).lstrip(".") or "body", msg) from None
         for field in ("path", "labels", "explanations"):
             value = getattr(source, field, None)
             if value is not None:

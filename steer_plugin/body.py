@@ -14,7 +14,8 @@ import math
 
 from pydantic import TypeAdapter, ValidationError
 
-from steer_plugin.spec import RESERVED_KEYS, SpecError
+from steer_plugin.request.schema import SpecError
+from steer_plugin.request.wire import RESERVED_KEYS
 
 MAX_DEPTH = 128  # far above any real chat/completion body; json.dumps and pydantic recurse per level
 

@@ -16,8 +16,8 @@ import torch
 
 from steer_plugin.config import ConfigError, SAESource, SteerConfig, VectorSource
 from steer_plugin.labels.neuronpedia import Explanation, load_explanations
+from steer_plugin.request.resolve import Catalog, SAEInfo, VectorInfo
 from steer_plugin.sae.model import SAEHeader, SparseAutoencoder
-from steer_plugin.spec import Catalog, SAEInfo, VectorInfo
 
 
 class LoadedSAE(NamedTuple):

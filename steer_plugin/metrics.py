@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_lat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.openmetrics import exposition as openmetrics
 
-from steer_plugin.spec import OP_NAMES
+from steer_plugin.request.wire import OP_NAMES
 
 STEERED_REQUESTS = Counter("steer_requests", "Requests with steering, by operation they use", ["op"])
 REJECTED_REQUESTS = Counter("steer_rejected_requests", "Requests rejected by the steering plugin", ["reason"])

@@ -1,8 +1,10 @@
 """Server-side request handling, independent of the web framework: the `steering` field and discovery.
 
-`SteeringService.rewrite_request(body)` validates and resolves a completion request's `steering` field and
-returns the body the inference server should see (the resolved ops in vllm_xargs). Errors are `SpecError`s
-carrying the HTTP status and the JSON path of the bad field.
+`SteeringService.rewrite_request(body)` parses the `steering` field (request.schema), resolves it against the
+loaded sources and the policy (request.resolve), and returns the body the inference server should see: the
+request's `RequestPlan` (ops, observation, salt) signed under one vllm_xargs key (request.wire). Errors are
+`SpecError`s carrying the HTTP status and the JSON path of the bad field. `Observation` reads back the
+`TokenRecord`s (request.records) the workers write for an observed request.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import random
 import uuid
 from typing import NamedTuple
 
-import numpy as np
-
 from steer_plugin import metrics
 from steer_plugin.admin import Admin, InFlight
 from steer_plugin.body import lax_int, prompt_count, refuse_reserved_keys
@@ -23,23 +23,18 @@ from steer_plugin.config import SteerConfig
 from steer_plugin.labels.search import SAETexts, SearchIndex
 from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
-from steer_plugin.spec import (
-    OBSERVE_KEY,
+from steer_plugin.request.records import TokenRecord
+from steer_plugin.request.resolve import check_inspectable, check_policy, resolve_feature, resolve_spec
+from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
+from steer_plugin.request.wire import (
     POSITION_CODES,
     TRACE_THRESHOLD,
     WIRE_KEY,
     AbortSpec,
-    InspectSpec,
-    ObserveSpec,
+    ObservePlan,
+    RequestPlan,
     ResolvedOp,
-    SpecError,
-    SteeringSpec,
     WatchSpec,
-    encode_wire,
-    inline_vector,
-    parse_spec,
-    resolve_feature,
-    resolve_spec,
 )
 
 logger = logging.getLogger("steer_plugin")
@@ -48,15 +43,22 @@ STEERING_FIELD = "steering"
 
 
 class RewrittenRequest(NamedTuple):
-    body: dict
-    ops: list[ResolvedOp]
-    observe: ObserveSpec | None = None
+    body: dict  # what vLLM sees: `steering` removed, the signed plan in vllm_xargs[WIRE_KEY]
+    plan: RequestPlan  # what the engine core and the workers decode from it
     inspect: InspectSpec | None = None
     monitored: tuple[str, ...] = ()
     user_wants_token_ids: bool = False
     traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
     compare: bool = False  # also serve the default variant (default_variant) beside this one
     abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
+
+    @property
+    def ops(self) -> tuple[ResolvedOp, ...]:
+        return self.plan.ops
+
+    @property
+    def observe(self) -> ObservePlan | None:
+        return self.plan.observe
 
 
 class TokenRead(NamedTuple):
@@ -141,7 +143,7 @@ class SteeringService:
         raw = body.pop(STEERING_FIELD, None)
         spec = parse_spec(raw, STEERING_FIELD) if raw is not None else SteeringSpec()
         ops = resolve_spec(spec, self.catalog, STEERING_FIELD)
-        self.check_policy(spec, ops)
+        check_policy(spec, ops, self.config.policy, STEERING_FIELD)
         n = lax_int(body, "n", 1)
         single = n == 1 and prompt_count(body) == 1
         if (ops or spec.inspect is not None) and body.get("use_beam_search") not in (None, False):
@@ -179,7 +181,7 @@ class SteeringService:
         for i, ref in enumerate(inspect.features if inspect else []):
             path = f"{STEERING_FIELD}.inspect.features[{i}]"
             sae, index = resolve_feature(ref, self.catalog, path)
-            self.check_inspectable(sae.id, path)
+            check_inspectable(self.config.policy, sae.id, path)
             traced.append((sae.id, index))
         monitored = (
             tuple(
@@ -191,7 +193,6 @@ class SteeringService:
             else ()
         )
         if ops:
-            xargs[WIRE_KEY] = encode_wire(ops)
             for op_name in sorted({o.op for o in ops}):
                 metrics.STEERED_REQUESTS.labels(op=op_name).inc()
         observe = None
@@ -212,23 +213,25 @@ class SteeringService:
                 for w in self.config.monitoring.watchlist
                 if w.sae in monitored
             ] + [WatchSpec(sae, index, TRACE_THRESHOLD) for sae, index in dict.fromkeys(traced)]
-            observe = ObserveSpec(
+            observe = ObservePlan(
                 uuid.uuid4().hex,
-                read,
+                tuple(read),
                 top_k,
                 bool(inspect and inspect.prompt),
-                watch,
-                list(monitored),
-                list(abort),
+                tuple(watch),
+                tuple(monitored),
+                tuple(abort),
             )
-            xargs[OBSERVE_KEY] = observe.encode()
+        plan = RequestPlan.build(ops, observe)
+        if ops or observe is not None:
+            xargs[WIRE_KEY] = plan.encode()
         if xargs:
             body["vllm_xargs"] = xargs
         wants_ids = bool(body.get("return_token_ids"))
         if observe is not None:
             body["return_token_ids"] = True  # lets the server align features with each (streamed) token
         return RewrittenRequest(
-            body, ops, observe, inspect, monitored, wants_ids, tuple(traced), spec.compare, tuple(abort)
+            body, plan, inspect, monitored, wants_ids, tuple(traced), spec.compare, tuple(abort)
         )
 
     def _abort_conditions(
@@ -254,7 +257,7 @@ class SteeringService:
         out = []
         for i, cond in enumerate(spec.abort_when):
             sae, index = resolve_feature(cond, self.catalog, f"{path}[{i}]")
-            self.check_inspectable(sae.id, f"{path}[{i}]")
+            check_inspectable(self.config.policy, sae.id, f"{path}[{i}]")
             out.append(AbortSpec(sae.id, index, float(cond.threshold), cond.sign))
         return out
 
@@ -268,82 +271,6 @@ class SteeringService:
         else:
             body.pop(STEERING_FIELD, None)
         return self.rewrite_request(body)
-
-    def check_policy(self, spec: SteeringSpec, ops: list[ResolvedOp]) -> None:
-        policy = self.config.policy
-        for i, op in enumerate(o for o in ops if o.kind == "feature"):
-            path = f"{STEERING_FIELD}.features[{i}]"
-            if (
-                policy.allowed_saes is not None
-                and op.source not in policy.allowed_saes
-                or op.source in policy.denied_saes
-            ):
-                raise SpecError(path, f"SAE {op.source!r} may not be steered on this server", status=403)
-            if any(f.sae == op.source and f.index == op.index for f in policy.denied_features):
-                raise SpecError(
-                    path, f"feature {op.source}/{op.index} may not be steered on this server", status=403
-                )
-            if policy.allowed_ops is not None and op.op not in policy.allowed_ops:
-                raise SpecError(
-                    f"{path}.op", f"`{op.op}` is not allowed here; allowed: {policy.allowed_ops}", status=403
-                )
-            if policy.max_abs_value is not None and abs(spec.features[i].value or 0.0) > policy.max_abs_value:
-                raise SpecError(
-                    f"{path}.value", f"|value| above this server's limit {policy.max_abs_value:g}", status=403
-                )
-        inline = [(i, vec) for i, vec in enumerate(spec.vectors) if vec.inline]
-        if inline and not policy.allow_inline_vectors:
-            path = f"{STEERING_FIELD}.vectors[{inline[0][0]}]"
-            raise SpecError(path, "inline vectors are not allowed on this server", status=403)
-        if len(inline) > policy.max_inline_vectors:
-            raise SpecError(
-                f"{STEERING_FIELD}.vectors",
-                f"{len(inline)} inline vectors; at most {policy.max_inline_vectors} per request here",
-            )
-        for i, vec in inline:
-            if policy.max_inline_norm is None:
-                break
-            field = "values" if vec.values is not None else "base64"
-            path = f"{STEERING_FIELD}.vectors[{i}]"
-            norm = float(np.linalg.norm(inline_vector(vec, path).astype(np.float64))) * abs(vec.scale)
-            if vec.normalize:
-                norm = abs(vec.scale)  # a fraction of |x|: the vector's own length does not count
-            if norm > policy.max_inline_norm:
-                raise SpecError(
-                    f"{path}.{field}",
-                    f"|scale|·norm is {norm:.4g}, above this server's limit {policy.max_inline_norm:g}",
-                )
-        for i, vec in enumerate(spec.vectors):
-            path = f"{STEERING_FIELD}.vectors[{i}]"
-            if not policy.allow_vectors:
-                raise SpecError(path, "steering vectors are not allowed on this server", status=403)
-            if policy.max_abs_value is not None and abs(vec.scale) > policy.max_abs_value:
-                raise SpecError(
-                    f"{path}.scale", f"|scale| above this server's limit {policy.max_abs_value:g}", status=403
-                )
-        if policy.max_ops_per_request is not None and len(ops) > policy.max_ops_per_request:
-            raise SpecError(
-                STEERING_FIELD,
-                f"at most {policy.max_ops_per_request} operations per request here",
-                status=403,
-            )
-        if spec.inspect is not None:
-            if not policy.allow_inspect:
-                raise SpecError(
-                    f"{STEERING_FIELD}.inspect", "inspect is not allowed on this server", status=403
-                )
-            for i, sae_id in enumerate(spec.inspect.saes or []):
-                self.check_inspectable(sae_id, f"{STEERING_FIELD}.inspect.saes[{i}]")
-
-    def check_inspectable(self, sae_id: str, path: str) -> None:
-        """403 naming `path` when the operator's policy keeps `sae_id` from being read."""
-        policy = self.config.policy
-        if (
-            policy.allowed_saes is not None
-            and sae_id not in policy.allowed_saes
-            or sae_id in policy.denied_saes
-        ):
-            raise SpecError(path, f"SAE {sae_id!r} may not be inspected here", status=403)
 
     def applied(self, ops: list[ResolvedOp]) -> list[dict]:
         """The operations a response reports as applied."""
@@ -463,24 +390,22 @@ class Observation:
         self.request = request
         channel.create(request.observe.cid)
         self.reader = channel.ChannelReader(request.observe.cid)
-        self.by_pos: dict[int, dict[str, list]] = {}  # pos -> sae -> top [[index, activation], ...]
-        self.watched: dict[int, dict[str, dict[int, float]]] = {}  # pos -> sae -> {index: activation}
-        self.records: list[dict] = []
+        self.by_pos: dict[int, dict[str, TokenRecord]] = {}  # pos -> sae -> its record
+        self.records: list[TokenRecord] = []
         self.prompt_len: int | None = None
         self.next_token = 0
-        self.aborted: dict | None = None  # the first abort_when condition that fired
+        self.aborted: TokenRecord | None = None  # the record of the first abort_when condition that fired
         self.sinks: set[int] = set()  # positions the workers flagged as attention sinks
 
     def _pull(self) -> None:
         for r in self.reader.read_new():
             self.records.append(r)
-            self.prompt_len = r["P"]
-            if r.get("sink"):
-                self.sinks.add(r["pos"])
-            if "abort" in r and (self.aborted is None or r["pos"] < self.aborted["pos"]):
-                self.aborted = {"pos": r["pos"], "sae": r["sae"], "hit": r["abort"]}
-            self.by_pos.setdefault(r["pos"], {})[r["sae"]] = r["top"]
-            self.watched.setdefault(r["pos"], {})[r["sae"]] = dict(r.get("watch", ()))
+            self.prompt_len = r.num_prompt
+            if r.sink:
+                self.sinks.add(r.pos)
+            if r.abort is not None and (self.aborted is None or r.pos < self.aborted.pos):
+                self.aborted = r
+            self.by_pos.setdefault(r.pos, {})[r.sae] = r
 
     def _token(self, pos: int) -> TokenRead:
         inspect = self.request.inspect
@@ -489,11 +414,11 @@ class Observation:
         features = {}
         for sae_id in saes:
             labels = self.service.catalog.saes[sae_id].labels
+            top = found[sae_id].top if sae_id in found else ()
             features[sae_id] = [
-                {"index": i, "activation": a, "label": labels.get(i)}
-                for i, a in found.get(sae_id, [])[: inspect.top_k]
+                {"index": i, "activation": a, "label": labels.get(i)} for i, a in top[: inspect.top_k]
             ]
-        watched = self.watched.get(pos, {})
+        watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
         traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
         return TokenRead(features, traced)
 
@@ -519,8 +444,8 @@ class Observation:
         self._pull()
         if self.aborted is None or self.prompt_len is None:
             return None
-        index, activation = self.aborted["hit"]
-        sae_id = self.aborted["sae"]
+        index, activation = self.aborted.abort
+        sae_id = self.aborted.sae
         cond = next((a for a in self.request.abort if a.sae == sae_id and a.index == index), None)
         bound = "above" if cond is None or cond.sign > 0 else "below"
         return {
@@ -529,7 +454,7 @@ class Observation:
             "label": self.service.catalog.saes[sae_id].labels.get(index),
             "activation": activation,
             bound: None if cond is None else cond.threshold,
-            "token": self.aborted["pos"] - (self.prompt_len - 1),
+            "token": self.aborted.pos - (self.prompt_len - 1),
         }
 
     def traced_features(self) -> list[dict]:
@@ -552,14 +477,12 @@ class Observation:
         for sae_id in self.request.monitored:
             labels = self.service.catalog.saes[sae_id].labels
             # Attention sinks (config monitoring.sink_positions) carry no meaning: left out of every figure.
-            records = [r for r in self.records if r["sae"] == sae_id and not r.get("sink")]
-            sinks = sum(1 for r in self.records if r["sae"] == sae_id and r.get("sink"))
+            records = [r for r in self.records if r.sae == sae_id and not r.sink]
+            sinks = sum(1 for r in self.records if r.sae == sae_id and r.sink)
             watch = []
             for w in (w for w in config.watchlist if w.sae == sae_id):
                 # The workers test every watched feature on every token (not just the top K).
-                fired = sum(
-                    1 for r in records if any(i == w.index and a > w.threshold for i, a in r.get("watch", ()))
-                )
+                fired = sum(1 for r in records if any(i == w.index and a > w.threshold for i, a in r.watch))
                 if fired:
                     metrics.WATCHLIST_FIRINGS.labels(sae=sae_id, feature=str(w.index)).inc(fired)
                     watch.append(

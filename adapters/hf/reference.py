@@ -26,8 +26,9 @@ from typing import NamedTuple
 import torch
 
 from steer_plugin.catalog import LoadedAssets
+from steer_plugin.request.resolve import resolve_feature
+from steer_plugin.request.schema import Condition, LastPromptTokens, inline_vector, parse_spec
 from steer_plugin.sae.model import SparseAutoencoder
-from steer_plugin.spec import Condition, LastPromptTokens, inline_vector, parse_spec, resolve_feature
 
 Steering = dict | None  # the request's `steering` JSON object (or a parsed SteeringSpec)
 

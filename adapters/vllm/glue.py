@@ -29,14 +29,7 @@ from steer_adapters.vllm import internals, runner_v2, worker_extension
 
 from steer_plugin.config import config_from_sources
 from steer_plugin.engine.steerer import BatchView, Steerer
-from steer_plugin.spec import (
-    OBSERVE_KEY,
-    WIRE_KEY,
-    ObserveSpec,
-    decode_wire,
-    first_steered_position,
-    steering_salt,
-)
+from steer_plugin.request.wire import WIRE_KEY, RequestPlan
 
 logger = logging.getLogger("steer_plugin")
 
@@ -63,27 +56,24 @@ class KVSalt(NamedTuple):
     first_position: int
 
 
-def kv_salt(extra_args: dict | None, num_prompt_tokens: int) -> KVSalt | None:
-    """The salt of a request's steered blocks, or None (unsteered, or a message we did not sign)."""
+def request_plan(extra_args: dict | None) -> RequestPlan | None:
+    """A request's plan, or None (no steering, or a message we did not sign: the workers drop it too, so the
+    request is computed unsteered and its KV is shareable)."""
     wire = (extra_args or {}).get(WIRE_KEY)
     if wire is None:
         return None
     try:
-        ops = decode_wire(wire)
+        return RequestPlan.decode(wire)
     except Exception:
-        return None  # the workers drop it too: computed unsteered, so shareable
-    first = first_steered_position(ops, num_prompt_tokens)
-    return None if first is None else KVSalt(steering_salt(ops), first)
+        return None
 
 
-def observes_prompt(extra_args: dict | None) -> bool:
-    text = (extra_args or {}).get(OBSERVE_KEY)
-    if text is None:
-        return False
-    try:
-        return ObserveSpec.decode(text).prompt
-    except Exception:
-        return False
+def kv_salt(plan: RequestPlan | None, num_prompt_tokens: int) -> KVSalt | None:
+    """The salt of a request's steered blocks, or None (nothing steered)."""
+    if plan is None or plan.salt is None:
+        return None
+    first = plan.first_steered_position(num_prompt_tokens)
+    return None if first is None else KVSalt(plan.salt, first)
 
 
 _SALT_ATTR = "_steer_kv_salt"
@@ -123,17 +113,18 @@ def patch_prefix_cache() -> None:
     @functools.wraps(original_from)
     def from_engine_core_request(cls, request, block_hasher):
         params = request.sampling_params
-        extra = params.extra_args if params is not None else None
-        if extra and WIRE_KEY in extra and block_hasher is not None:
+        # The request's one decode in the engine core: its salt and whether its prompt is observed.
+        plan = request_plan(params.extra_args if params is not None else None)
+        if plan is not None and plan.salt is not None and block_hasher is not None:
             plain_hasher = block_hasher
 
-            def block_hasher(req, _plain=plain_hasher, _extra=extra):
+            def block_hasher(req, _plain=plain_hasher, _plan=plan):
                 if not hasattr(req, _SALT_ATTR):  # first called inside Request.__init__
-                    setattr(req, _SALT_ATTR, kv_salt(_extra, req.num_prompt_tokens))
+                    setattr(req, _SALT_ATTR, kv_salt(_plan, req.num_prompt_tokens))
                 return _plain(req)
 
         built = original_from(cls, request, block_hasher)
-        if extra and observes_prompt(extra):
+        if plan is not None and plan.observes_prompt:
             built.skip_reading_prefix_cache = True
         return built
 
@@ -287,15 +278,15 @@ def batch_view_v1(runner) -> BatchView:
         query_start=runner.query_start_loc.np[: num_reqs + 1],
         num_computed=batch.num_computed_tokens_cpu[:num_reqs],
         num_prompt=np.array([s.num_prompt_tokens for s in states], dtype=np.int64),
-        wire_specs=[_extra(s, WIRE_KEY) for s in states],
-        observe_specs=[_extra(s, OBSERVE_KEY) for s in states],
+        wires=[_wire(s) for s in states],
         eos_token_ids=[s.sampling_params.eos_token_id if s.sampling_params else None for s in states],
     )
 
 
-def _extra(state, key: str) -> str | None:
+def _wire(state) -> str | None:
+    """The request's signed RequestPlan (the Steerer decodes it once per request)."""
     params = state.sampling_params
-    return (params.extra_args or {}).get(key) if params is not None else None
+    return (params.extra_args or {}).get(WIRE_KEY) if params is not None else None
 
 
 def _wrap_model_forward(runner, original, steerer: Steerer):

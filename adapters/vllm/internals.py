@@ -136,7 +136,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.request", "Request.__init__", "method", "glue.patch_prefix_cache", keywords=("block_hasher",)),
     *_attrs("vllm.v1.request", "Request", ("num_prompt_tokens", "skip_reading_prefix_cache"), "glue.patch_prefix_cache"),
     Internal("vllm.v1.engine", "EngineCoreRequest.sampling_params", "attribute", "glue.patch_prefix_cache"),
-    Internal("vllm.sampling_params", "SamplingParams.extra_args", "attribute", "glue.patch_prefix_cache, glue._extra"),
+    Internal("vllm.sampling_params", "SamplingParams.extra_args", "attribute", "glue.patch_prefix_cache, glue._wire"),
     Internal("vllm.sampling_params", "SamplingParams.eos_token_id", "property", "glue.batch_view_v1"),
     # compile cache and configuration (glue.patch_compile_cache_key, glue.install_steerer)
     Internal("vllm.config", "VllmConfig.compute_hash", "method", "glue.patch_compile_cache_key"),

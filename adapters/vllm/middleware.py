@@ -39,8 +39,9 @@ from steer_plugin.metrics import (
     register_worker_collector,
     with_worker_families,
 )
+from steer_plugin.request.schema import SpecError, SteeringSpec
+from steer_plugin.request.wire import RESERVED_KEYS
 from steer_plugin.service import STEERING_FIELD, RewrittenRequest, SteeringService, error_body
-from steer_plugin.spec import RESERVED_KEYS, SpecError, SteeringSpec
 
 logger = logging.getLogger("steer_plugin")
 

@@ -4,6 +4,7 @@ workers). It only patches; nothing loads until a worker loads its model with a s
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger("steer_plugin")
 
@@ -30,7 +31,25 @@ def register() -> None:
     # starts: the children inherit both through the environment.
     signing.wire_key()
     channel.ensure_private_run_dir()
+    carry_to_ray_workers()
     glue.patch_compile_cache_key()
     glue.select_model_runner()
     glue.patch_prefix_cache()
     glue.patch_workers()
+
+
+RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
+
+
+def carry_to_ray_workers() -> None:
+    """Ray starts workers from its own daemons (on this host or others), not as children of this process: vLLM
+    copies only the variables it is told about (vllm/ray/ray_env.py). Without the signing key a Ray worker
+    would make its own and drop every steering message; without the run dir it could not write observations."""
+    from steer_plugin import signing
+    from steer_plugin.monitor import channel
+
+    names = [n.strip() for n in os.environ.get(RAY_COPY_ENV, "").split(",") if n.strip()]
+    for name in (signing.KEY_ENV, channel.RUN_DIR_ENV):
+        if name not in names:
+            names.append(name)
+    os.environ[RAY_COPY_ENV] = ",".join(names)

@@ -26,7 +26,7 @@ import numpy as np
 from steer_adapters.vllm import internals
 
 from steer_plugin.engine.steerer import BatchView, Steerer
-from steer_plugin.spec import OBSERVE_KEY, WIRE_KEY
+from steer_plugin.request.wire import WIRE_KEY
 
 logger = logging.getLogger("steer_plugin")
 
@@ -46,8 +46,7 @@ _INSTALLED_MARK = "_steer_plugin_v2_registry"
 
 class RequestInfo(NamedTuple):
     num_prompt_tokens: int
-    wire_spec: str | None  # SamplingParams.extra_args[WIRE_KEY] or None
-    observe_spec: str | None = None  # SamplingParams.extra_args[OBSERVE_KEY] or None
+    wire: str | None  # SamplingParams.extra_args[WIRE_KEY] (a signed RequestPlan) or None
 
 
 class RequestRegistry:
@@ -61,9 +60,7 @@ class RequestRegistry:
         for new in new_reqs:
             params = new.sampling_params
             extra = (params.extra_args if params is not None else None) or {}
-            self.info[new.req_id] = RequestInfo(
-                int(new.prompt_len), extra.get(WIRE_KEY), extra.get(OBSERVE_KEY)
-            )
+            self.info[new.req_id] = RequestInfo(int(new.prompt_len), extra.get(WIRE_KEY))
 
     def drop(self, req_ids) -> None:
         for req_id in req_ids:
@@ -94,8 +91,7 @@ def batch_view_v2(input_batch, request_info: dict[str, RequestInfo]) -> BatchVie
         # async speculative decoding, where this CPU mirror is optimistic (states.py:64).
         num_computed=input_batch.num_computed_tokens_np[:n],
         num_prompt=np.array([i.num_prompt_tokens for i in infos], dtype=np.int64),
-        wire_specs=[i.wire_spec for i in infos],
-        observe_specs=[i.observe_spec for i in infos],
+        wires=[i.wire for i in infos],
     )
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from steer_plugin.monitor import channel
+from steer_plugin.request.records import TokenRecord
+from steer_plugin.request.wire import AbortSpec
 from steer_plugin.sae.model import SparseAutoencoder
-from steer_plugin.spec import AbortSpec
 
 L0_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
@@ -120,7 +121,7 @@ class Observer:
     def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> list[AbortHit]:
         """groups' rows index into captures[sae_id] ([max_tokens, d] steered residual, by token row). One encode
         per SAE. Returns the abort_when conditions that fired (the first per request)."""
-        records: dict[str, list[dict]] = {}
+        records: dict[str, list[TokenRecord]] = {}
         hits: dict[int, AbortHit] = {}
         for sae_id in dict.fromkeys(g.sae_id for g in groups):
             mine = [g for g in groups if g.sae_id == sae_id]
@@ -153,31 +154,36 @@ class Observer:
             for g in mine:
                 lines = records.setdefault(g.cid, [])
                 for pos in g.positions:
-                    top = [
-                        [i, round(v, 4)]
+                    top = tuple(
+                        (i, round(v, 4))
                         for i, v in zip(indices[row][: g.top_k], values[row][: g.top_k])
                         if v > 0
-                    ]
-                    record = {"pos": pos, "P": g.num_prompt, "sae": sae_id, "top": top}
+                    )
                     sink = pos < self.sink_positions
-                    if sink:
-                        record["sink"] = True
-                    if g.stats:
-                        record["l0"], record["err"] = l0[row], round(err[row], 5)
-                    fired = [
-                        [index, round(watch_values[row][column[index]], 4)]
+                    fired = tuple(
+                        (index, round(watch_values[row][column[index]], 4))
                         for index, threshold in g.watch
                         if watch_values[row][column[index]] > threshold
-                    ]
-                    if fired:
-                        record["watch"] = fired
+                    )
+                    aborted = None
                     if pos == g.predicting and g.req_index not in hits and not sink:
                         for a in g.abort:
                             value = watch_values[row][column[a.index]]
                             if a.fires(value):
-                                record["abort"] = [a.index, round(value, 4)]
+                                aborted = (a.index, round(value, 4))
                                 hits[g.req_index] = AbortHit(g.req_index, g.cid, pos, sae_id, a.index, value)
                                 break
+                    record = TokenRecord(
+                        pos,
+                        g.num_prompt,
+                        sae_id,
+                        top,
+                        sink,
+                        l0[row] if g.stats else None,
+                        round(err[row], 5) if g.stats else None,
+                        fired,
+                        aborted,
+                    )
                     lines.append(record)
                     row += 1
         if self.write:

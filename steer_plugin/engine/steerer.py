@@ -23,7 +23,7 @@ from steer_plugin.engine.runtime_loads import RuntimeLoads
 from steer_plugin.engine.slots import SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
-from steer_plugin.spec import ObserveSpec, ResolvedOp, decode_vector, decode_wire
+from steer_plugin.request.wire import ObservePlan, RequestPlan, ResolvedOp, decode_vector
 
 logger = logging.getLogger("steer_plugin")
 
@@ -35,8 +35,7 @@ class BatchView(NamedTuple):
     query_start: np.ndarray  # [R + 1]: request i owns token rows query_start[i]:query_start[i+1]
     num_computed: np.ndarray  # [R]: position of each request's first token in this step
     num_prompt: np.ndarray  # [R]
-    wire_specs: list[str | None]  # [R]: SamplingParams.extra_args[WIRE_KEY] or None
-    observe_specs: list[str | None] | None = None  # [R]: extra_args[OBSERVE_KEY] or None
+    wires: list[str | None]  # [R]: SamplingParams.extra_args[WIRE_KEY] (a signed RequestPlan) or None
     eos_token_ids: list[int | None] | None = None  # [R]: the token that ends each request (abort_when)
 
 
@@ -100,8 +99,12 @@ class Steerer:
             layer: steer_op.LayerRuntime(self.tables[layer], self.step, observable=layer in sae_layers)
             for layer in self.banks
         }
-        self._plans: dict[str, tuple[str, dict[int, LayerPlan]]] = {}
-        self._observes: dict[str, tuple[str, ObserveSpec | None]] = {}
+        # Per request, keyed by its id and checked against its wire text (a request's plan never changes while it
+        # runs; a reused id with another message decodes afresh): the decoded plan, its compiled layer plans
+        # (dropped when bank rows move) and its observation narrowed to the SAEs this worker has.
+        self._requests: dict[str, tuple[object, RequestPlan | None]] = {}
+        self._plans: dict[str, tuple[object, dict[int, LayerPlan]]] = {}
+        self._observes: dict[str, tuple[object, ObservePlan | None]] = {}
         self._observed: list[ObservedRows] = []
         self._inline_rows: dict[str, list[tuple[int, int]]] = {}  # request -> (layer, scratch row) it holds
         self.slots = SlotPlanner(
@@ -218,18 +221,34 @@ class Steerer:
                 self.features_applied[o.source] = self.features_applied.get(o.source, 0) + 1
         return plans
 
+    def request_plan(self, req_id: str, wire: object) -> RequestPlan | None:
+        """The request's decoded plan: decoded once per request; None (and counted) for a message we did not
+        sign or that is out of range (the request then runs unsteered and unobserved, never crashing)."""
+        cached = self._requests.get(req_id)
+        if cached is not None and cached[0] == wire:
+            return cached[1]
+        try:
+            plan = RequestPlan.decode(wire)
+        except Exception as err:
+            self._reject("steering", req_id, err)
+            plan = None
+        self._requests[req_id] = (wire, plan)
+        return plan
+
     def plan_for(self, req_id: str, wire: object) -> dict[int, LayerPlan]:
+        """The request's ops compiled for the layers this worker owns (bank rows, coefficients)."""
         cached = self._plans.get(req_id)
         if cached is not None and cached[0] == wire:
             return cached[1]
         self._free_inline(req_id)
+        request = self.request_plan(req_id, wire)
         try:
-            plan = self._compile_plan(req_id, decode_wire(wire))
+            plan = self._compile_plan(req_id, list(request.ops)) if request is not None else {}
         except ScratchFull as err:  # every inline-vector row is taken: unsteered, like a full working set
             self._free_inline(req_id)
             self._reject("capacity", req_id, err)
             plan = {}
-        except Exception as err:  # unsigned, forged or stale: run the request unsteered, never crash
+        except Exception as err:  # a source unloaded since it was resolved: run the request unsteered
             self._free_inline(req_id)
             self._reject("steering", req_id, err)
             plan = {}
@@ -267,23 +286,22 @@ class Steerer:
             self._free_inline(req_id)
             self._plans.pop(req_id, None)
 
-    def observe_for(self, req_id: str, text: object) -> ObserveSpec | None:
+    def observe_for(self, req_id: str, wire: object) -> ObservePlan | None:
+        """What to read for the request, narrowed to the SAEs this worker has (other stages read the rest)."""
         cached = self._observes.get(req_id)
-        if cached is not None and cached[0] == text:
+        if cached is not None and cached[0] == wire:
             return cached[1]
-        try:
-            spec = ObserveSpec.decode(text)
+        request = self.request_plan(req_id, wire)
+        spec = request.observe if request is not None else None
+        if spec is not None:
             saes = self.observer.saes
             spec = spec._replace(
-                saes=[s for s in spec.saes if s in saes],
-                watch=[w for w in spec.watch if w.sae in saes and w.index < saes[w.sae].d_sae],
-                stats=[s for s in spec.stats if s in saes],
-                abort=[a for a in spec.abort if a.sae in saes and a.index < saes[a.sae].d_sae],
+                saes=tuple(s for s in spec.saes if s in saes),
+                watch=tuple(w for w in spec.watch if w.sae in saes and w.index < saes[w.sae].d_sae),
+                stats=tuple(s for s in spec.stats if s in saes),
+                abort=tuple(a for a in spec.abort if a.sae in saes and a.index < saes[a.sae].d_sae),
             )
-        except Exception as err:
-            self._reject("observe", req_id, err)
-            spec = None
-        self._observes[req_id] = (text, spec)
+        self._observes[req_id] = (wire, spec)
         return spec
 
     def _reject(self, what: str, req_id: str, err: Exception) -> None:
@@ -291,24 +309,25 @@ class Steerer:
         logger.error("steer_plugin: ignoring %s message of request %s: %s", what, req_id, err)
 
     def _prune_plans(self, live: list[str]) -> None:
-        if len(self._plans) + len(self._observes) > 4 * max(len(live), 64):
+        if len(self._requests) > 4 * max(len(live), 64):
             keep = set(live)
             for req_id in [r for r in self._inline_rows if r not in keep and r not in self.step.slot_of]:
                 self._free_inline(req_id)  # a plan made for a request that never took its slot
             self._plans = {k: v for k, v in self._plans.items() if k in keep}
             self._observes = {k: v for k, v in self._observes.items() if k in keep}
+            self._requests = {k: v for k, v in self._requests.items() if k in keep}
 
     def _plan_captures(self, batch: BatchView) -> None:
         """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
         self._observed = []
-        if not batch.observe_specs or not any(batch.observe_specs):
+        if not any(batch.wires):
             return
         rows_by_layer: dict[int, set[int]] = {}
         qs = batch.query_start
-        for i, text in enumerate(batch.observe_specs):
-            if not text:
+        for i, wire in enumerate(batch.wires):
+            if not wire:
                 continue
-            spec = self.observe_for(batch.req_ids[i], text)
+            spec = self.observe_for(batch.req_ids[i], wire)
             if spec is None:
                 continue
             start, end = int(qs[i]), int(qs[i + 1])
@@ -452,7 +471,7 @@ class Steerer:
         token rows that belong to steered requests."""
         steered = self.slots.write_step(
             batch.req_ids,
-            batch.wire_specs,
+            batch.wires,
             batch.num_prompt,
             batch.query_start,
             batch.num_computed,

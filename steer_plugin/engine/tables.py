@@ -19,7 +19,7 @@ import torch
 from steer_plugin.engine.bank import CENTER, NORM_KIND, LayerBank
 from steer_plugin.engine.delta import DeltaTerms
 from steer_plugin.engine.step import copy_rows, device_mirror
-from steer_plugin.spec import POSITION_CODES
+from steer_plugin.request.wire import POSITION_CODES
 
 logger = logging.getLogger("steer_plugin")
 

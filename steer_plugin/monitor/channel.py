@@ -1,4 +1,4 @@
-"""Side channel from the workers to the API server: one JSON-lines file per observed request.
+"""Side channel from the workers to the API server: one JSON-lines file of `TokenRecord`s per observed request.
 
 The workers append a line per observed token right after the forward that computed it, before the token is
 sampled, so by the time the API server streams a token its features are on disk. Files are named by a
@@ -20,6 +20,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from steer_plugin.request.records import TokenRecord
 
 RUN_DIR_ENV = "STEER_PLUGIN_RUN_DIR"
 _OWNER_ENV = "STEER_PLUGIN_RUN_DIR_OWNER"  # pid of the process that removes the run dir at exit
@@ -60,7 +62,7 @@ def create(cid: str) -> None:
     os.close(fd)
 
 
-def append(cid: str, records: list[dict]) -> bool:
+def append(cid: str, records: list[TokenRecord]) -> bool:
     """Worker: append records to an open channel; False when the API server has already closed it."""
     try:
         fd = os.open(_path(cid), os.O_WRONLY | os.O_APPEND)  # never O_CREAT: see the module docstring
@@ -69,7 +71,7 @@ def append(cid: str, records: list[dict]) -> bool:
             return False
         raise
     with os.fdopen(fd, "a") as f:
-        f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+        f.write("".join(json.dumps(r.to_json(), separators=(",", ":")) + "\n" for r in records))
     return True
 
 
@@ -80,7 +82,7 @@ class ChannelReader:
         self.path = _path(cid)
         self.offset = 0
 
-    def read_new(self) -> list[dict]:
+    def read_new(self) -> list[TokenRecord]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
@@ -89,7 +91,7 @@ class ChannelReader:
             return []
         complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
         self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line]
+        return [TokenRecord.from_json(json.loads(line)) for line in complete.splitlines() if line]
 
     def remove(self) -> None:
         try:

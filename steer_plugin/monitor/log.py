@@ -8,19 +8,20 @@ import threading
 import time
 
 from steer_plugin.config import MonitoringConfig
+from steer_plugin.request.records import TokenRecord
 
 monitor_logger = logging.getLogger("steer_plugin.monitor")
 _file_lock = threading.Lock()
 
 
-def summarise(records: list[dict], sae_id: str, labels: dict[int, str], top_k: int) -> list[dict]:
+def summarise(records: list[TokenRecord], sae_id: str, labels: dict[int, str], top_k: int) -> list[dict]:
     """The strongest features of a request over its observed tokens (attention sinks left out): max activation
     and token count."""
     best: dict[int, list] = {}
     for r in records:
-        if r["sae"] != sae_id or r.get("sink"):
+        if r.sae != sae_id or r.sink:
             continue
-        for index, act in r["top"]:
+        for index, act in r.top:
             entry = best.setdefault(index, [0.0, 0])
             entry[0] = max(entry[0], act)
             entry[1] += 1

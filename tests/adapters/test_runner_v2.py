@@ -39,7 +39,7 @@ from vllm.v1.worker.gpu.lora_utils import LoraState
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 from vllm.v1.worker.gpu.states import RequestState
 
-from steer_plugin.spec import WIRE_KEY
+from steer_plugin.request.wire import WIRE_KEY
 
 MAX_REQS, MAX_TOKENS, MAX_MODEL_LEN = 8, 64, 256
 CPU = torch.device("cpu")
@@ -234,7 +234,7 @@ def test_prefill_step(installed):
     assert view.query_start.tolist() == [0, 2, 5]
     assert rows(view) == [("B", 0), ("B", 1), ("A", 0), ("A", 1), ("A", 2)]
     assert view.num_prompt.tolist() == [2, 3]
-    assert view.wire_specs == [None, "wA"]
+    assert view.wires == [None, "wA"]
 
 
 def test_mixed_step_decodes_first_then_chunked_prefill(installed):
@@ -247,7 +247,7 @@ def test_mixed_step_decodes_first_then_chunked_prefill(installed):
     assert view.num_computed.tolist() == [3, 2, 0]
     assert rows(view) == [("A", 3), ("B", 2), ("C", 0), ("C", 1), ("C", 2), ("C", 3)]
     assert view.num_prompt.tolist() == [3, 2, 10]
-    assert view.wire_specs == ["wA", None, "wC"]
+    assert view.wires == ["wA", None, "wC"]
 
     execute(runner, STEPS[2]())
     view = steerer.views[-1]
@@ -268,7 +268,7 @@ def test_pure_decode_step_with_full_graph_request_padding(installed):
     assert view.req_ids == ["A", "B", "C"]
     assert view.query_start.tolist() == [0, 1, 2, 3]
     assert rows(view) == [("A", 5), ("B", 4), ("C", 10)]
-    assert view.wire_specs == ["wA", None, "wC"]
+    assert view.wires == ["wA", None, "wC"]
     assert len(steerer.views) == 4  # one prepare per forward
 
 
@@ -282,7 +282,7 @@ def test_finished_and_preempted_requests_are_forgotten(installed):
     view = steerer.views[-1]
     assert view.req_ids == ["C", "A"]
     assert rows(view) == [("C", 11), ("A", 6)]
-    assert view.wire_specs == ["wC", "wA"]
+    assert view.wires == ["wC", "wA"]
 
     execute(runner, STEPS[5]())  # A preempted: V2 frees it too (model_runner.py:1157-1159)
     assert set(registry.info) == {"C"}
@@ -295,7 +295,7 @@ def test_finished_and_preempted_requests_are_forgotten(installed):
     assert rows(view) == [("C", 13)] + [("A", p) for p in range(8)]
     assert batch.prefill_len_np.tolist() == [10, 8]  # V2's prefill length counts A's generated tokens ...
     assert view.num_prompt.tolist() == [10, 3]  # ... the view keeps the prompt length
-    assert view.wire_specs == ["wC", "wA"]
+    assert view.wires == ["wC", "wA"]
     assert registry.info["A"] == RequestInfo(3, "wA")
 
 
@@ -441,7 +441,7 @@ def test_v1_view_matches_v2_view_for_the_mixed_step(installed):
                 int(qs[i + 1] - qs[i]),
                 int(view.num_computed[i]),
                 int(view.num_prompt[i]),
-                view.wire_specs[i],
+                view.wires[i],
             )
             for i, r in enumerate(view.req_ids)
         }

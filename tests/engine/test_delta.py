@@ -18,8 +18,9 @@ from steer_plugin.engine.delta import (
     position_gate,
     working_set_weights,
 )
+from steer_plugin.request.resolve import resolve_spec
+from steer_plugin.request.schema import parse_spec
 from steer_plugin.sae.model import SparseAutoencoder
-from steer_plugin.spec import parse_spec, resolve_spec
 
 from .definitions import feature, written_out
 

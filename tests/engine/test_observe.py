@@ -5,6 +5,7 @@ import torch
 
 from steer_plugin.engine.observe import ObservedRows, Observer
 from steer_plugin.monitor import channel
+from steer_plugin.request.records import TokenRecord
 from steer_plugin.sae.model import SparseAutoencoder
 
 CID_A, CID_B = "a" * 32, "b" * 32
@@ -51,12 +52,14 @@ def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
         x_hat = f[row] @ sae.W_dec  # b_dec = 0
         return pytest.approx(float(((x[row] - x_hat) ** 2).sum() / (x[row] ** 2).sum()), rel=1e-4, abs=1e-5)
 
-    assert a == [
+    assert [r.to_json() for r in a] == [
         {"pos": 5, "P": 5, "sae": "s", "top": top(0, 2), "l0": int((f[0] > 0).sum()), "err": error(0)},
         {"pos": 6, "P": 5, "sae": "s", "top": top(1, 2), "l0": int((f[1] > 0).sum()), "err": error(1)},
     ]
-    assert b == [{"pos": 9, "P": 9, "sae": "s", "top": top(3, 3)}]  # inspect only: no l0 / err
-    assert all(len(r["top"]) == 2 for r in a) and len(b[0]["top"]) == 3  # the rows have positive top-3s
+    assert [r.to_json() for r in b] == [
+        {"pos": 9, "P": 9, "sae": "s", "top": top(3, 3)}
+    ]  # inspect only: no l0 / err
+    assert all(len(r.top) == 2 for r in a) and len(b[0].top) == 3  # the rows have positive top-3s
     snapshot = observer.snapshot()
     assert (
         sum(snapshot["l0"]["s"]["counts"]) == 2 and sum(snapshot["reconstruction_error"]["s"]["counts"]) == 2
@@ -79,25 +82,25 @@ def test_watched_feature_outside_top_k_is_reported(tmp_path, monkeypatch):
         [ObservedRows(CID_A, "s", 1, list(range(6)), list(range(6)), 0, ((watched, threshold),))], {"s": x}
     )
     records = channel.ChannelReader(CID_A).read_new()
-    assert [r["pos"] for r in records] == list(range(6))
-    fired = [r["pos"] for r in records if any(i == watched for i, _ in r.get("watch", ()))]
+    assert [r.pos for r in records] == list(range(6))
+    fired = [r.pos for r in records if any(i == watched for i, _ in r.watch)]
     assert fired == [p for p in range(6) if pre[p, watched] > threshold]
-    assert fired and all(r["top"][0][0] != watched for r in records)
+    assert fired and all(r.top[0][0] != watched for r in records)
 
 
 def test_a_closed_channel_is_never_recreated(tmp_path, monkeypatch):
     """A worker step that lands after the API server finished the request leaves no file behind."""
     monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     channel.create(CID_A)
-    assert channel.append(CID_A, [{"pos": 0}])
+    assert channel.append(CID_A, [TokenRecord(0, 1, "s", ())])
     channel.ChannelReader(CID_A).remove()
-    assert not channel.append(CID_A, [{"pos": 1}])
+    assert not channel.append(CID_A, [TokenRecord(1, 1, "s", ())])
     assert list(tmp_path.iterdir()) == []
 
 
 def test_traced_feature_is_reported_on_every_token(tmp_path, monkeypatch):
     """inspect.features: a watch at TRACE_THRESHOLD reports the feature's activation on every token, zeros too."""
-    from steer_plugin.spec import TRACE_THRESHOLD
+    from steer_plugin.request.wire import TRACE_THRESHOLD
 
     monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     sae = topk_sae()
@@ -112,13 +115,13 @@ def test_traced_feature_is_reported_on_every_token(tmp_path, monkeypatch):
         {"s": x},
     )
     records = channel.ChannelReader(CID_A).read_new()
-    assert [dict(r["watch"])[traced] for r in records] == [round(float(v), 4) for v in f[:, traced]]
+    assert [dict(r.watch)[traced] for r in records] == [round(float(v), 4) for v in f[:, traced]]
 
 
 def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_aborts(tmp_path, monkeypatch):
     """sink_positions=1: position 0 is flagged `sink`, counted in no histogram, and never fires abort_when,
     whatever its activations; position 1 is an ordinary token."""
-    from steer_plugin.spec import AbortSpec
+    from steer_plugin.request.wire import AbortSpec
 
     monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     sae = topk_sae()
@@ -140,7 +143,7 @@ def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_abo
     channel.create(CID_A)
     hits = observer.collect([group], {"s": x})
     records = channel.ChannelReader(CID_A).read_new()
-    assert [r.get("sink", False) for r in records] == [True, False]
+    assert [r.sink for r in records] == [True, False]
     assert hits == []  # the condition holds at position 0 (any activation > -1e9), but it is a sink
     snapshot = observer.snapshot()
     assert (
@@ -157,8 +160,8 @@ def test_monitoring_summary_leaves_sinks_out():
     from steer_plugin.monitor.log import summarise
 
     records = [
-        {"pos": 0, "sae": "s", "top": [[7, 900.0]], "sink": True},
-        {"pos": 1, "sae": "s", "top": [[3, 2.0], [7, 1.0]]},
+        TokenRecord(0, 1, "s", ((7, 900.0),), sink=True),
+        TokenRecord(1, 1, "s", ((3, 2.0), (7, 1.0))),
     ]
     assert summarise(records, "s", {}, 5) == [
         {"index": 3, "max_activation": 2.0, "tokens": 1, "label": None},

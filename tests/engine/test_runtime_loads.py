@@ -20,8 +20,10 @@ from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.monitor import channel
+from steer_plugin.request.resolve import resolve_spec
+from steer_plugin.request.schema import SpecError, parse_spec
+from steer_plugin.request.wire import RequestPlan
 from steer_plugin.service import SteeringService
-from steer_plugin.spec import SpecError, encode_wire, parse_spec, resolve_spec
 
 D, D_SAE, LAYER, OTHER_LAYER, MAX_TOKENS, MAX_SEQS = 16, 48, 2, 3, 64, 8
 KEY = "k" * 32
@@ -112,7 +114,7 @@ def run_op(x_hidden, residual, capturing: bool, monkeypatch, layer: int = LAYER)
 
 
 def wire_for(catalog, steering: dict) -> str:
-    return encode_wire(resolve_spec(parse_spec(steering), catalog))
+    return RequestPlan.build(resolve_spec(parse_spec(steering), catalog)).encode()
 
 
 def one_request(st: Steerer, wire: str | None, req_id: str = "a", tokens: int = 3) -> None:

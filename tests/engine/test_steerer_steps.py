@@ -13,15 +13,23 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from steer_plugin import signing
 from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.monitor import channel
-from steer_plugin.spec import ObserveSpec, encode_wire, parse_spec, resolve_spec
+from steer_plugin.request.resolve import resolve_spec
+from steer_plugin.request.schema import parse_spec
+from steer_plugin.request.wire import ObservePlan, RequestPlan
 
 from .definitions import written_out
 
 D, D_SAE, LAYER, MAX_TOKENS, MAX_SEQS = 16, 48, 2, 64, 8
+
+
+def encode_wire(ops, observe: ObservePlan | None = None) -> str:
+    """The signed message the API process would send for these ops and observation."""
+    return RequestPlan.build(ops, observe).encode()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +107,7 @@ def random_steering(rng: random.Random) -> dict:
 def random_batch(steerer: Steerer, rng: random.Random, num_reqs: int, step: int):
     """(BatchView, padded token count, each request's `steering` or None) of a mixed prefill/decode batch."""
     catalog = steerer.assets.catalog()
-    sizes, computed, prompts, wires, observes, cids, steerings = [], [], [], [], [], [], []
+    sizes, computed, prompts, wires, cids, steerings = [], [], [], [], [], []
     for i in range(num_reqs):
         prompt = rng.randint(2, 9)
         decode = rng.random() < 0.6
@@ -107,22 +115,21 @@ def random_batch(steerer: Steerer, rng: random.Random, num_reqs: int, step: int)
         computed.append(prompt + rng.randint(0, 5) if decode else 0)
         prompts.append(prompt)
         steerings.append(random_steering(rng) if rng.random() < 0.7 else None)
-        wires.append(encode_wire(resolve_spec(parse_spec(steerings[-1]), catalog)) if steerings[-1] else None)
+        ops = resolve_spec(parse_spec(steerings[-1]), catalog) if steerings[-1] else []
+        observe = None
         if rng.random() < 0.5:
             cid = f"{step:08x}{i:024x}"
             channel.create(cid)
             cids.append(cid)
-            observes.append(ObserveSpec(cid, ["s"], 3, rng.random() < 0.5).encode())
-        else:
-            observes.append(None)
+            observe = ObservePlan(cid, ("s",), 3, rng.random() < 0.5)
+        wires.append(encode_wire(ops, observe) if ops or observe else None)
     query_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     view = BatchView(
         req_ids=[f"r{step}-{i}" for i in range(num_reqs)],
         query_start=query_start,
         num_computed=np.array(computed, dtype=np.int64),
         num_prompt=np.array(prompts, dtype=np.int64),
-        wire_specs=wires,
-        observe_specs=observes,
+        wires=wires,
     )
     padded = min(MAX_TOKENS, int(query_start[-1]) + rng.randint(0, 4))  # graph padding rows
     return view, padded, steerings
@@ -232,9 +239,14 @@ def test_forged_and_malformed_messages_run_unsteered(steerer, monkeypatch):
         12,
         ["a", "b"],
     ]
-    observes = [
-        '["a/b", ["demo"], -1, false]',
-        ObserveSpec("f" * 32, ["s"], 3, False).encode().replace("3", "-1"),
+    forged += [
+        '["a/b", ["demo"], -1, false]',  # an observation message of wire version 3, unsigned
+        # signed, but top_k out of range
+        signing.sign(
+            encode_wire([], ObservePlan("f" * 32, ("s",), 3, False))
+            .split(".", 1)[1]
+            .replace(",3,false", ",-1,false")
+        ),
     ]
     n = len(forged)
     view = BatchView(
@@ -243,14 +255,13 @@ def test_forged_and_malformed_messages_run_unsteered(steerer, monkeypatch):
         np.full(n, 4, dtype=np.int64),
         np.full(n, 3, dtype=np.int64),
         forged,
-        observes + [None] * (n - len(observes)),
     )
     assert steerer.prepare(view) == 0
     hidden, residual = torch.randn(n, D), torch.randn(n, D)
     out, _ = run_op(hidden, residual, False, monkeypatch)
     assert torch.equal(out, residual)
     steerer.after_forward()
-    assert steerer.stats()["rejected_messages"] == {"steering": n, "observe": len(observes)}
+    assert steerer.stats()["rejected_messages"] == {"steering": n}
 
 
 def test_steady_decode_writes_no_plans_and_leaving_requests_free_their_rows(steerer, monkeypatch):
@@ -281,6 +292,30 @@ def test_steady_decode_writes_no_plans_and_leaving_requests_free_their_rows(stee
     assert len(writes) == 1  # only when "a" took its slot
     steerer.prepare(BatchView(["b"], np.array([0, 1]), np.array([4]), np.array([3]), [None]))
     assert len(writes) == 2 and tables.width == 0 and not steerer.step.slot_of
+
+
+def test_each_request_is_decoded_once_for_steering_and_observation(steerer, monkeypatch):
+    """One message per request, decoded on its first step only: not per step, not once per purpose (ops and
+    observation), not again when compiled plans are dropped (a runtime load moved bank rows)."""
+    catalog = steerer.assets.catalog()
+    ops = resolve_spec(parse_spec({"features": [{"sae": "s", "index": 5, "value": 2.5}]}), catalog)
+    cid = "e" * 32
+    channel.create(cid)
+    wires = [encode_wire(ops, ObservePlan(cid, ("s",), 2, False)), encode_wire(ops)]
+    decoded = []
+    real_decode = RequestPlan.decode
+    monkeypatch.setattr(RequestPlan, "decode", lambda text: decoded.append(text) or real_decode(text))
+    for step in range(5):
+        if step == 3:
+            steerer.drop_plans()
+        view = BatchView(
+            ["a", "b"], np.array([0, 1, 2]), np.array([6 + step, 4 + step]), np.array([6, 4]), wires
+        )
+        assert steerer.prepare(view) == 2
+        run_op(torch.randn(2, D), torch.randn(2, D), False, monkeypatch)
+        steerer.after_forward()
+    assert sorted(decoded) == sorted(wires)
+    assert [r.pos for r in channel.ChannelReader(cid).read_new()] == [6, 7, 8, 9, 10]  # observed every step
 
 
 def test_a_request_beyond_the_working_set_runs_unsteered_and_is_counted(sae_dir, tmp_path, monkeypatch):
@@ -432,7 +467,7 @@ def test_every_running_request_fits_its_most_inline_vectors(steerer, monkeypatch
 def test_abort_when_forces_the_end_of_sequence_token_of_that_request_only(steerer, sae_dir, monkeypatch):
     """The worker reads the abort feature on the residual that predicts the next token (the observed, steered
     residual) and turns that request's logits into a certain EOS; other rows are untouched."""
-    from steer_plugin.spec import AbortSpec
+    from steer_plugin.request.wire import AbortSpec
 
     g = torch.Generator().manual_seed(5)
     hidden, residual = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
@@ -443,14 +478,13 @@ def test_abort_when_forces_the_end_of_sequence_token_of_that_request_only(steere
         cid = f"{len(cids):032x}"
         channel.create(cid)
         cids.append(cid)
-        spec = ObserveSpec(cid, ["s"], 1, False, abort=[AbortSpec("s", index, bound, 1)])
+        spec = ObservePlan(cid, ("s",), 1, False, abort=(AbortSpec("s", index, bound, 1),))
         view = BatchView(
             ["a", "b"],
             np.array([0, 1, 3]),
             np.array([5, 0]),
             np.array([4, 2]),
-            [None, None],
-            [spec.encode(), None],
+            [encode_wire([], spec), None],
             eos_token_ids=[7, 9],
         )
         steerer.prepare(view)
@@ -460,8 +494,8 @@ def test_abort_when_forces_the_end_of_sequence_token_of_that_request_only(steere
         forced = steerer.force_aborts(logits.clone())
         if bound < value:
             assert forced[0].argmax() == 7 and torch.isinf(forced[0]).sum() == 11
-            record = [r for r in channel.ChannelReader(cid).read_new() if "abort" in r]
-            assert record and record[0]["abort"][0] == index and record[0]["pos"] == 5
+            record = [r for r in channel.ChannelReader(cid).read_new() if r.abort is not None]
+            assert record and record[0].abort[0] == index and record[0].pos == 5
         else:
             assert torch.equal(forced[0], logits[0])
         assert torch.equal(forced[1], logits[1])

@@ -100,7 +100,8 @@ def hf(demo_assets, assets):
 
 def resolve(assets, steering: dict):
     """A `steering` JSON -> resolved ops (the API server's job)."""
-    from steer_plugin.spec import parse_spec, resolve_spec
+    from steer_plugin.request.resolve import resolve_spec
+    from steer_plugin.request.schema import parse_spec
 
     return resolve_spec(parse_spec(steering), assets.catalog())
 
@@ -108,10 +109,10 @@ def resolve(assets, steering: dict):
 def sampling(assets, steering: dict | None = None, **kwargs):
     from vllm import SamplingParams
 
-    from steer_plugin.spec import WIRE_KEY, encode_wire
+    from steer_plugin.offline import steering_args
 
-    extra = {WIRE_KEY: encode_wire(resolve(assets, steering))} if steering else None
-    return SamplingParams(temperature=0.0, extra_args=extra, **kwargs)
+    # The offline one-liner (README "With plain vLLM"): parse, resolve, policy, sign.
+    return SamplingParams(temperature=0.0, extra_args=steering_args(assets, steering) or None, **kwargs)
 
 
 def make_llm(model_dir: str, config_path: str | None, enforce_eager: bool, plugins: bool = True, **kwargs):

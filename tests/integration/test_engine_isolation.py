@@ -86,6 +86,23 @@ def test_plugin_without_steering_matches_plain(eager_llm, assets, plain_outputs)
     )
 
 
+def test_the_offline_one_liner_reads_the_steering_config_from_the_llm(eager_llm, assets):
+    """README: SamplingParams(extra_args=steering_args(llm, steering)) with the real `LLM` class gives the plan
+    built from the loaded assets (every engine test's path), and the worker applies it."""
+    from vllm import SamplingParams
+
+    from steer_plugin.offline import steering_args
+
+    steering = distinct_steerings()[0]
+    args = steering_args(eager_llm, steering)
+    assert args == steering_args(assets, steering)
+    applied = lambda: eager_llm.collective_rpc("steer_plugin_stats")[0]["features_applied"].get("demo", 0)  # noqa: E731
+    before = applied()
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=args)
+    eager_llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert applied() == before + 1  # the worker compiled the request's one feature operation
+
+
 # --- prefix cache ---------------------------------------------------------------------------------------------
 
 
@@ -187,14 +204,16 @@ def test_forged_messages_run_unsteered_and_the_engine_survives(eager_llm, assets
     engine drops them (the request runs unsteered and unobserved), nothing else in the batch changes."""
     from vllm import SamplingParams
 
-    from steer_plugin.spec import OBSERVE_KEY, WIRE_KEY
+    from steer_plugin.request.wire import RESERVED_KEYS, WIRE_KEY
+
+    old_observe_key = RESERVED_KEYS[1]  # wire version 3's observation key: nothing reads it now
 
     wire = sampling(assets, distinct_steerings()[0]).extra_args[WIRE_KEY]
     forged = [
         {WIRE_KEY: wire.split(".", 1)[1]},  # the signed message without its signature
         {WIRE_KEY: '{"v": 2, "ops": [["feature", "demo", 99999999, 15, 0, 1, 0, 0, 0, "add"]]}'},
-        {OBSERVE_KEY: '["a/b", ["demo"], -1, false]'},  # killed the engine before (topk k = -1)
-        {WIRE_KEY: "[[[[", OBSERVE_KEY: "null"},
+        {WIRE_KEY: '["a/b", ["demo"], -1, false]'},  # an observation that killed the engine before (k = -1)
+        {WIRE_KEY: "[[[[", old_observe_key: '["a/b", ["demo"], -1, false]'},
     ]
     params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=x) for x in forged]
     prompts = PROMPTS[: len(forged)]
@@ -206,10 +225,7 @@ def test_forged_messages_run_unsteered_and_the_engine_survives(eager_llm, assets
     assert out[: len(forged)] == plain_outputs[: len(forged)]
     assert out[len(forged) :] == plain_outputs
     stats = eager_llm.collective_rpc("steer_plugin_stats")[0]
-    assert (
-        stats["rejected_messages"].get("steering", 0) >= 3
-        and stats["rejected_messages"].get("observe", 0) >= 1
-    )
+    assert stats["rejected_messages"].get("steering", 0) >= 4
 
 
 # --- start-up self-test ---------------------------------------------------------------------------------------

@@ -69,13 +69,15 @@ def batch_params(assets, cids: list[str] | None) -> list:
     """SamplingParams of the batch; with `cids`, the steered add request also inspects (top-K, generated tokens)."""
     from vllm import SamplingParams
 
-    from steer_plugin.spec import OBSERVE_KEY, WIRE_KEY, ObserveSpec, encode_wire
+    from steer_plugin.request.wire import WIRE_KEY, ObservePlan, RequestPlan
 
     params = []
     for i, steering in enumerate(steerings()):
-        extra = {WIRE_KEY: encode_wire(resolve(assets, steering))} if steering else {}
-        if cids is not None and i == 1:
-            extra[OBSERVE_KEY] = ObserveSpec(cids[0], ["tiny"], INSPECT_TOP_K, False).encode()
+        ops = resolve(assets, steering) if steering else []
+        observe = (
+            ObservePlan(cids[0], ("tiny",), INSPECT_TOP_K, False) if cids is not None and i == 1 else None
+        )
+        extra = {WIRE_KEY: RequestPlan.build(ops, observe).encode()} if ops or observe else {}
         params.append(
             SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP, extra_args=extra or None)
         )

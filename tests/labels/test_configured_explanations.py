@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from steer_plugin.catalog import load_assets
 from steer_plugin.config import ConfigError, load_config_file
+from steer_plugin.request.schema import SpecError
 from steer_plugin.service import SteeringService
-from steer_plugin.spec import SpecError
 
 D_IN, D_SAE = 8, 32
 

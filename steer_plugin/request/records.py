@@ -1,0 +1,60 @@
+"""What comes back from the workers for an observed request: one `TokenRecord` per token and SAE.
+
+The worker's observer (steer_plugin.engine.observe) writes them, the observation channel
+(steer_plugin.monitor.channel) carries them as JSON lines, and the API process (steer_plugin.service.Observation)
+reads them back: this module is the one definition both sides share.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+Activation = tuple[int, float]  # (feature index, activation)
+
+
+class TokenRecord(NamedTuple):
+    """The features one SAE read at one token position of one request."""
+
+    pos: int  # token position in the sequence (the residual at `pos` predicts token pos + 1)
+    num_prompt: int  # the request's prompt length
+    sae: str
+    top: tuple[Activation, ...]  # the top-K active features (activation > 0), strongest first
+    sink: bool = False  # an attention-sink position (config monitoring.sink_positions): left out of figures
+    l0: int | None = None  # monitored SAEs: active features at this token
+    error: float | None = None  # monitored SAEs: relative reconstruction error
+    watch: tuple[Activation, ...] = ()  # watched / traced features whose activation passed their threshold
+    abort: Activation | None = None  # the abort_when condition that fired at this token
+
+    def to_json(self) -> dict:
+        out: dict = {
+            "pos": self.pos,
+            "P": self.num_prompt,
+            "sae": self.sae,
+            "top": [list(t) for t in self.top],
+        }
+        if self.sink:
+            out["sink"] = True
+        if self.l0 is not None:
+            out["l0"] = self.l0
+        if self.error is not None:
+            out["err"] = self.error
+        if self.watch:
+            out["watch"] = [list(w) for w in self.watch]
+        if self.abort is not None:
+            out["abort"] = list(self.abort)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> TokenRecord:
+        abort = data.get("abort")
+        return cls(
+            int(data["pos"]),
+            int(data["P"]),
+            str(data["sae"]),
+            tuple((int(i), float(a)) for i, a in data["top"]),
+            bool(data.get("sink", False)),
+            None if data.get("l0") is None else int(data["l0"]),
+            None if data.get("err") is None else float(data["err"]),
+            tuple((int(i), float(a)) for i, a in data.get("watch", ())),
+            None if abort is None else (int(abort[0]), float(abort[1])),
+        )

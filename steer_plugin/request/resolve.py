@@ -1,0 +1,303 @@
+"""Resolution of a parsed `steering` field against what the server loaded, and the operator's policy.
+
+`resolve_spec` turns the features and vectors a request names into `ResolvedOp`s (layer, bank entry,
+coefficients; see `steer_plugin.request.wire`) or raises a `SpecError` naming the bad field (400);
+`check_policy` then refuses what this server's policy forbids (403).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from steer_plugin.config import PolicyConfig
+from steer_plugin.request.schema import (
+    Condition,
+    FeatureRef,
+    LastPromptTokens,
+    Positions,
+    SpecError,
+    SteeringSpec,
+    inline_vector,
+)
+from steer_plugin.request.wire import POSITION_CODES, ResolvedOp, encode_vector
+
+
+class SAEInfo(NamedTuple):
+    """What request resolution needs to know about a loaded SAE."""
+
+    id: str
+    layer: int
+    d_sae: int
+    neuronpedia_id: str | None
+    labels: dict[int, str]
+    revision: str = ""  # loaded at runtime: that load's revision ("" for configured SAEs)
+
+
+class VectorInfo(NamedTuple):
+    id: str
+    layer: int
+    revision: str = ""  # loaded at runtime: that load's revision ("" for configured vectors)
+
+
+class Catalog(NamedTuple):
+    saes: dict[str, SAEInfo]
+    vectors: dict[str, VectorInfo]
+    max_ops_per_request: int = 32
+    max_ops_per_layer: int = 8
+    max_abs_value: float = 1e4
+    d_model: int | None = None  # residual width (inline vectors must have it)
+    layers: tuple[int, ...] = ()  # layers the server steers (inline vectors may target these)
+
+
+def _positions(p: Positions | LastPromptTokens) -> tuple[int, int]:
+    if isinstance(p, LastPromptTokens):
+        return POSITION_CODES["last_prompt_tokens"], p.last_prompt_tokens
+    return POSITION_CODES[p], 0
+
+
+def _coefficients(op: str, value: float | None, normalize: bool) -> tuple[float, float, float]:
+    if op == "add":
+        return (0.0, 0.0, value) if normalize else (0.0, value, 0.0)
+    if op == "clamp":
+        return -1.0, value, 0.0
+    if op == "scale":
+        return value - 1.0, 0.0, 0.0
+    return -1.0, 0.0, 0.0  # ablate
+
+
+def _condition(cond: Condition | None, layer: int, catalog: Catalog, path: str) -> dict:
+    """ResolvedOp's cond_* fields."""
+    if cond is None:
+        return {}
+    sae, index = resolve_feature(cond, catalog, f"{path}.when")
+    if sae.layer != layer:
+        raise SpecError(
+            f"{path}.when",
+            f"the condition's feature is read at layer {sae.layer}, the operation applies at layer {layer}; "
+            "they must be at the same layer",
+        )
+    if abs(cond.threshold) > catalog.max_abs_value:
+        raise SpecError(
+            f"{path}.when.{'above' if cond.sign > 0 else 'below'}", f"must be <= {catalog.max_abs_value:g}"
+        )
+    return {
+        "cond_source": sae.id,
+        "cond_index": index,
+        "cond_sign": cond.sign,
+        "cond_threshold": float(cond.threshold),
+        "cond_revision": sae.revision,
+    }
+
+
+def _find_feature(op: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
+    if op.id is not None:
+        source, _, index_text = op.id.rpartition("/")
+        matches = [s for s in catalog.saes.values() if s.neuronpedia_id and s.neuronpedia_id == source]
+        if not source or not index_text.isdigit():
+            raise SpecError(f"{path}.id", "must look like `model/source/index`")
+        if not matches:
+            known = sorted(s.neuronpedia_id for s in catalog.saes.values() if s.neuronpedia_id)
+            raise SpecError(f"{path}.id", f"unknown source {source!r}; loaded: {known}")
+        return matches[0], int(index_text)
+    if op.sae is not None and op.sae not in catalog.saes:
+        raise SpecError(f"{path}.sae", f"unknown SAE {op.sae!r}; loaded: {sorted(catalog.saes)}")
+    candidates = [catalog.saes[op.sae]] if op.sae is not None else list(catalog.saes.values())
+    if op.label is not None:
+        hits = [(s, i) for s in candidates for i, lab in s.labels.items() if lab == op.label]
+        if not hits:
+            raise SpecError(f"{path}.label", f"no feature is labelled {op.label!r}")
+        if len(hits) > 1:
+            where = ", ".join(f"{s.id}/{i}" for s, i in hits[:5])
+            raise SpecError(f"{path}.label", f"label {op.label!r} is not unique ({where}); use sae + index")
+        return hits[0]
+    return candidates[0], op.index
+
+
+def resolve_feature(ref: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
+    """The loaded SAE and feature index a reference names; SpecError naming `path` otherwise."""
+    sae, index = _find_feature(ref, catalog, path)
+    if not 0 <= index < sae.d_sae:
+        field = "id" if ref.id is not None else "index"
+        raise SpecError(
+            f"{path}.{field}",
+            f"feature index {index} out of range for SAE {sae.id!r} (0..{sae.d_sae - 1})",
+        )
+    return sae, index
+
+
+def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering") -> list[ResolvedOp]:
+    """Check a parsed spec against the catalog and limits; SpecError names the bad field."""
+    ops: list[ResolvedOp] = []
+    for i, op in enumerate(spec.features):
+        path = f"{prefix}.features[{i}]"
+        sae, index = resolve_feature(op, catalog, path)
+        if op.value is not None and abs(op.value) > catalog.max_abs_value:
+            raise SpecError(f"{path}.value", f"|value| must be <= {catalog.max_abs_value:g}")
+        pos, last_n = _positions(op.positions)
+        a, b, bn = _coefficients(op.op, op.value, op.normalize)
+        cond = _condition(op.when, sae.layer, catalog, path)
+        ops.append(
+            ResolvedOp(
+                "feature",
+                sae.id,
+                index,
+                sae.layer,
+                a,
+                b,
+                bn,
+                pos,
+                last_n,
+                op.op,
+                **cond,
+                revision=sae.revision,
+            )
+        )
+    for i, op in enumerate(spec.vectors):
+        path = f"{prefix}.vectors[{i}]"
+        if abs(op.scale) > catalog.max_abs_value:
+            raise SpecError(f"{path}.scale", f"|scale| must be <= {catalog.max_abs_value:g}")
+        pos, last_n = _positions(op.positions)
+        b, bn = (0.0, op.scale) if op.normalize else (op.scale, 0.0)
+        if op.inline:
+            if op.layer not in catalog.layers:
+                raise SpecError(
+                    f"{path}.layer",
+                    f"layer {op.layer} is not steered on this server; steered: {list(catalog.layers)}",
+                )
+            vec = inline_vector(op, path)
+            if vec.size != catalog.d_model:
+                field = "values" if op.values is not None else "base64"
+                raise SpecError(
+                    f"{path}.{field}", f"has {vec.size} values; the model's d_model is {catalog.d_model}"
+                )
+            if not float(np.linalg.norm(vec.astype(np.float64))) > 0:
+                raise SpecError(f"{path}.{'values' if op.values is not None else 'base64'}", "is all zeros")
+            cond = _condition(op.when, op.layer, catalog, path)
+            ops.append(
+                ResolvedOp(
+                    "inline",
+                    "",
+                    0,
+                    op.layer,
+                    0.0,
+                    b,
+                    bn,
+                    pos,
+                    last_n,
+                    "vector",
+                    **cond,
+                    vector=encode_vector(vec),
+                )
+            )
+            continue
+        if op.name not in catalog.vectors:
+            raise SpecError(f"{path}.name", f"unknown vector {op.name!r}; loaded: {sorted(catalog.vectors)}")
+        info = catalog.vectors[op.name]
+        cond = _condition(op.when, info.layer, catalog, path)
+        ops.append(
+            ResolvedOp(
+                "vector",
+                op.name,
+                0,
+                info.layer,
+                0.0,
+                b,
+                bn,
+                pos,
+                last_n,
+                "vector",
+                **cond,
+                revision=info.revision,
+            )
+        )
+    if len(ops) > catalog.max_ops_per_request:
+        raise SpecError(
+            f"{prefix}", f"too many operations ({len(ops)}); at most {catalog.max_ops_per_request}"
+        )
+    per_layer: dict[int, int] = {}
+    for op in ops:
+        per_layer[op.layer] = per_layer.get(op.layer, 0) + 1
+        if per_layer[op.layer] > catalog.max_ops_per_layer:
+            raise SpecError(
+                f"{prefix}",
+                f"too many operations at layer {op.layer}; at most {catalog.max_ops_per_layer} per layer",
+            )
+    return ops
+
+
+# --- the operator's policy ---------------------------------------------------------------------------------
+
+
+def check_policy(
+    spec: SteeringSpec, ops: list[ResolvedOp], policy: PolicyConfig, prefix: str = "steering"
+) -> None:
+    """403 (or 400 for a count) naming the field where `spec` does what `policy` forbids."""
+    for i, op in enumerate(o for o in ops if o.kind == "feature"):
+        path = f"{prefix}.features[{i}]"
+        if (
+            policy.allowed_saes is not None
+            and op.source not in policy.allowed_saes
+            or op.source in policy.denied_saes
+        ):
+            raise SpecError(path, f"SAE {op.source!r} may not be steered on this server", status=403)
+        if any(f.sae == op.source and f.index == op.index for f in policy.denied_features):
+            raise SpecError(
+                path, f"feature {op.source}/{op.index} may not be steered on this server", status=403
+            )
+        if policy.allowed_ops is not None and op.op not in policy.allowed_ops:
+            raise SpecError(
+                f"{path}.op", f"`{op.op}` is not allowed here; allowed: {policy.allowed_ops}", status=403
+            )
+        if policy.max_abs_value is not None and abs(spec.features[i].value or 0.0) > policy.max_abs_value:
+            raise SpecError(
+                f"{path}.value", f"|value| above this server's limit {policy.max_abs_value:g}", status=403
+            )
+    inline = [(i, vec) for i, vec in enumerate(spec.vectors) if vec.inline]
+    if inline and not policy.allow_inline_vectors:
+        path = f"{prefix}.vectors[{inline[0][0]}]"
+        raise SpecError(path, "inline vectors are not allowed on this server", status=403)
+    if len(inline) > policy.max_inline_vectors:
+        raise SpecError(
+            f"{prefix}.vectors",
+            f"{len(inline)} inline vectors; at most {policy.max_inline_vectors} per request here",
+        )
+    for i, vec in inline:
+        if policy.max_inline_norm is None:
+            break
+        field = "values" if vec.values is not None else "base64"
+        path = f"{prefix}.vectors[{i}]"
+        norm = float(np.linalg.norm(inline_vector(vec, path).astype(np.float64))) * abs(vec.scale)
+        if vec.normalize:
+            norm = abs(vec.scale)  # a fraction of |x|: the vector's own length does not count
+        if norm > policy.max_inline_norm:
+            raise SpecError(
+                f"{path}.{field}",
+                f"|scale|·norm is {norm:.4g}, above this server's limit {policy.max_inline_norm:g}",
+            )
+    for i, vec in enumerate(spec.vectors):
+        path = f"{prefix}.vectors[{i}]"
+        if not policy.allow_vectors:
+            raise SpecError(path, "steering vectors are not allowed on this server", status=403)
+        if policy.max_abs_value is not None and abs(vec.scale) > policy.max_abs_value:
+            raise SpecError(
+                f"{path}.scale", f"|scale| above this server's limit {policy.max_abs_value:g}", status=403
+            )
+    if policy.max_ops_per_request is not None and len(ops) > policy.max_ops_per_request:
+        raise SpecError(
+            prefix,
+            f"at most {policy.max_ops_per_request} operations per request here",
+            status=403,
+        )
+    if spec.inspect is not None:
+        if not policy.allow_inspect:
+            raise SpecError(f"{prefix}.inspect", "inspect is not allowed on this server", status=403)
+        for i, sae_id in enumerate(spec.inspect.saes or []):
+            check_inspectable(policy, sae_id, f"{prefix}.inspect.saes[{i}]")
+
+
+def check_inspectable(policy: PolicyConfig, sae_id: str, path: str) -> None:
+    """403 naming `path` when the operator's policy keeps `sae_id` from being read."""
+    if policy.allowed_saes is not None and sae_id not in policy.allowed_saes or sae_id in policy.denied_saes:
+        raise SpecError(path, f"SAE {sae_id!r} may not be inspected here", status=403)

@@ -1,0 +1,283 @@
+"""What travels from the API process to the engine core and the workers: one signed `RequestPlan` per request.
+
+vLLM carries only flat values in SamplingParams.extra_args, so the plan is one signed JSON string under
+`WIRE_KEY`. The engine core decodes it once when the request enters (its prefix-cache salt, whether prompt
+tokens are observed); each worker decodes it once per request (its ops, what to observe). `decode` is strict:
+the signature first (`steer_plugin.signing`), then every field's type and range, so a message we did not write,
+or a bug on the writing side, never reaches the op or the observer.
+
+Every operation becomes x' = x + c·d at its layer, with d the feature's decoder row (or the vector) and
+    c = a·f_i(x) + b            (+ bn·|x|/|d| for normalised adds)
+    add: a=0, b=v    clamp: a=-1, b=v    scale: a=v-1, b=0    ablate: a=-1, b=0    vector: a=0, b=scale
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+from steer_plugin import signing
+
+WIRE_KEY = "steer_plugin"
+WIRE_VERSION = 4
+# Keys of vllm_xargs a client may not send (the middleware refuses them before anything else).
+RESERVED_KEYS = (WIRE_KEY, f"{WIRE_KEY}_observe")  # and the observation key of wire version 3
+
+POSITION_CODES = {"all": 0, "prompt": 1, "generation": 2, "last_prompt_tokens": 3}
+OP_NAMES = ("add", "clamp", "scale", "ablate", "vector")  # ResolvedOp.op
+MAX_WIRE_OPS = 4096
+MAX_TOP_K = 64
+_CID_CHARS = frozenset("0123456789abcdef")
+
+
+class ResolvedOp(NamedTuple):
+    """One operation, ready for the workers."""
+
+    kind: Literal["feature", "vector", "inline"]
+    source: str  # SAE id or vector id
+    index: int  # feature index (0 for vectors)
+    layer: int
+    a: float
+    b: float
+    bn: float
+    positions: int  # POSITION_CODES value
+    last_n: int  # for positions == last_prompt_tokens
+    op: str = "add"  # add, clamp, scale, ablate or vector (for metrics and the response)
+    # `when`: applies only where feature (cond_source, cond_index) at the same layer is above (cond_sign 1) or
+    # below (-1) cond_threshold; cond_sign 0: always.
+    cond_source: str = ""
+    cond_index: int = -1
+    cond_sign: int = 0
+    cond_threshold: float = 0.0
+    vector: str = ""  # kind "inline": the vector, base64 of little-endian float32 (d_model values)
+    # Runtime-loaded sources: the load's revision, so a request never reads rows of an SAE or vector that was
+    # unloaded (and maybe reloaded under the same id) after it was resolved, and prefix-cache salts differ.
+    revision: str = ""
+    cond_revision: str = ""
+
+
+def encode_vector(vec: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(vec, dtype="<f4").tobytes()).decode()
+
+
+def decode_vector(text: str) -> np.ndarray:
+    """The float32 values of an inline op's `vector` (as encode wrote them)."""
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f4").astype(np.float32)
+
+
+class WatchSpec(NamedTuple):
+    """A watchlist feature the workers test on every observed token (not only when it is in the top K)."""
+
+    sae: str
+    index: int
+    threshold: float
+
+
+# A watch threshold every activation passes: the feature's activation is reported on every observed token.
+TRACE_THRESHOLD = -3.0e38
+
+
+class AbortSpec(NamedTuple):
+    """`abort_when`: stop the request when feature `index` of `sae` is above (sign 1) / below (-1) threshold
+    on the residual that predicts its next token."""
+
+    sae: str
+    index: int
+    threshold: float
+    sign: int
+
+    def fires(self, activation: float) -> bool:
+        return activation > self.threshold if self.sign > 0 else activation < self.threshold
+
+
+class ObservePlan(NamedTuple):
+    """What the workers should read for one request: SAEs, top-K, whether prompt tokens count too, the
+    watchlist features of the monitored SAEs, the SAEs whose L0 / reconstruction error feed monitoring, and the
+    `abort_when` conditions."""
+
+    cid: str  # correlation id: names the request's observation channel (32 hex characters)
+    saes: tuple[str, ...]
+    top_k: int
+    prompt: bool
+    watch: tuple[WatchSpec, ...] = ()
+    stats: tuple[
+        str, ...
+    ] = ()  # monitored SAEs: the worker decodes for the error and L0 histograms only for these
+    abort: tuple[AbortSpec, ...] = ()
+
+
+class RequestPlan(NamedTuple):
+    """One request's steering and observation, as the engine core and the workers see it."""
+
+    ops: tuple[ResolvedOp, ...]
+    observe: ObservePlan | None = None
+    salt: str | None = None  # prefix-cache salt of KV computed under `ops` (None: nothing steered)
+
+    @classmethod
+    def build(cls, ops, observe: ObservePlan | None = None) -> RequestPlan:
+        ops = tuple(ops)
+        return cls(ops, observe, steering_salt(ops))
+
+    def encode(self) -> str:
+        """The signed message (SamplingParams.extra_args[WIRE_KEY])."""
+        observe = None
+        if self.observe is not None:
+            o = self.observe
+            observe = [
+                o.cid,
+                list(o.saes),
+                o.top_k,
+                o.prompt,
+                [list(w) for w in o.watch],
+                list(o.stats),
+                [list(a) for a in o.abort],
+            ]
+        payload = {
+            "v": WIRE_VERSION,
+            "ops": [list(op) for op in self.ops],
+            "observe": observe,
+            "salt": self.salt,
+        }
+        return signing.sign(json.dumps(payload, separators=(",", ":")))
+
+    @classmethod
+    def decode(cls, text: object) -> RequestPlan:
+        """Verify and decode; ValueError (SignatureError) for anything we did not write or that is out of range."""
+        data = json.loads(signing.verify(text))
+        if not isinstance(data, dict) or data.get("v") != WIRE_VERSION:
+            raise ValueError("unsupported steering wire version")
+        if set(data) != {"v", "ops", "observe", "salt"}:
+            raise ValueError("steering wire: malformed plan")
+        raw = data["ops"]
+        if not isinstance(raw, list) or len(raw) > MAX_WIRE_OPS:
+            raise ValueError("steering wire: `ops` must be a list")
+        ops = tuple(_checked_op(item) for item in raw)
+        observe = None if data["observe"] is None else _checked_observe(data["observe"])
+        if data["salt"] != steering_salt(ops):
+            raise ValueError("steering wire: salt does not match the operations")
+        return cls(ops, observe, data["salt"])
+
+    def first_steered_position(self, num_prompt_tokens: int) -> int | None:
+        """The first token position whose residual any op changes. KV of earlier positions is computed exactly
+        as without steering (attention is causal), so those blocks may be shared with everyone."""
+        firsts = []
+        for op in self.ops:
+            if op.positions == POSITION_CODES["generation"]:
+                firsts.append(num_prompt_tokens)
+            elif op.positions == POSITION_CODES["last_prompt_tokens"]:
+                firsts.append(max(0, num_prompt_tokens - op.last_n))
+            else:
+                firsts.append(0)
+        return min(firsts) if firsts else None
+
+    @property
+    def observes_prompt(self) -> bool:
+        """Prompt-token features are reported: every prompt position must be computed (no prefix-cache read)."""
+        return self.observe is not None and self.observe.prompt
+
+
+def _ops_payload(ops) -> str:
+    return json.dumps({"v": WIRE_VERSION, "ops": [list(op) for op in ops]}, separators=(",", ":"))
+
+
+def steering_salt(ops) -> str | None:
+    """Prefix-cache salt of KV computed under these ops (None when nothing is steered)."""
+    if not ops:
+        return None
+    return "steer-" + hashlib.sha256(_ops_payload(ops).encode()).hexdigest()[:24]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_OP_FIELDS = len(ResolvedOp._fields)
+
+
+def _checked_op(item: object) -> ResolvedOp:
+    """Types and ranges of one decoded op (defence in depth behind the signature)."""
+    if not isinstance(item, list) or len(item) != _OP_FIELDS:
+        raise ValueError("steering wire: malformed op")
+    op = ResolvedOp(*item)
+    ok = (
+        op.kind in ("feature", "vector", "inline")
+        and isinstance(op.source, str)
+        and _is_int(op.index)
+        and op.index >= 0
+        and _is_int(op.layer)
+        and op.layer >= 0
+        and all(_is_number(c) for c in (op.a, op.b, op.bn))
+        and _is_int(op.positions)
+        and op.positions in POSITION_CODES.values()
+        and _is_int(op.last_n)
+        and op.last_n >= 0
+        and op.op in OP_NAMES
+        and isinstance(op.cond_source, str)
+        and _is_int(op.cond_index)
+        and op.cond_index >= -1
+        and op.cond_sign in (-1, 0, 1)
+        and _is_number(op.cond_threshold)
+        and (op.cond_sign == 0 or (op.cond_source and op.cond_index >= 0))
+        and isinstance(op.vector, str)
+        and (op.kind == "inline") == bool(op.vector)
+        and all(isinstance(r, str) and len(r) <= 64 for r in (op.revision, op.cond_revision))
+    )
+    if not ok:
+        raise ValueError("steering wire: op field out of range")
+    if op.vector and not np.isfinite(decode_vector(op.vector)).all():
+        raise ValueError("steering wire: inline vector not finite")
+    return op
+
+
+def _checked_observe(data: object) -> ObservePlan:
+    if not isinstance(data, list) or len(data) != 7:
+        raise ValueError("steering wire: malformed observation")
+    cid, saes, top_k, prompt, watch, stats, abort = data
+
+    def feature_bound(w: object, extra: int) -> bool:
+        return (
+            isinstance(w, list)
+            and len(w) == 3 + extra
+            and isinstance(w[0], str)
+            and _is_int(w[1])
+            and w[1] >= 0
+            and _is_number(w[2])
+            and (not extra or w[3] in (-1, 1))
+        )
+
+    ok = (
+        isinstance(cid, str)
+        and len(cid) == 32
+        and set(cid) <= _CID_CHARS
+        and isinstance(saes, list)
+        and all(isinstance(s, str) for s in saes)
+        and _is_int(top_k)
+        and 1 <= top_k <= MAX_TOP_K
+        and isinstance(prompt, bool)
+        and isinstance(watch, list)
+        and all(feature_bound(w, 0) for w in watch)
+        and isinstance(stats, list)
+        and all(isinstance(s, str) for s in stats)
+        and isinstance(abort, list)
+        and all(feature_bound(a, 1) for a in abort)
+    )
+    if not ok:
+        raise ValueError("steering wire: observation field out of range")
+    return ObservePlan(
+        cid,
+        tuple(saes),
+        top_k,
+        prompt,
+        tuple(WatchSpec(*w) for w in watch),
+        tuple(stats),
+        tuple(AbortSpec(*a) for a in abort),
+    )

@@ -1,0 +1,230 @@
+"""SteeringService, framework-free: what rewrite_request puts into the body vLLM sees, the errors it raises (the
+field named, the status), the observation it asks for, and how Observation reads the workers' records back.
+
+The catalog is small and in memory: SAE "a" (layer 3, 10 features, feature 7 labelled "bridge"), SAE "b"
+(layer 5, 6 features) and vector "v" (layer 5), d_model 4.
+"""
+
+import pytest
+import torch
+
+from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
+from steer_plugin.config import parse_config
+from steer_plugin.monitor import channel
+from steer_plugin.request.records import TokenRecord
+from steer_plugin.request.schema import SpecError
+from steer_plugin.request.wire import (
+    TRACE_THRESHOLD,
+    WIRE_KEY,
+    AbortSpec,
+    RequestPlan,
+    ResolvedOp,
+    WatchSpec,
+)
+from steer_plugin.sae.model import SparseAutoencoder
+from steer_plugin.service import SteeringService
+
+D = 4
+
+
+def sae(d_sae: int) -> SparseAutoencoder:
+    return SparseAutoencoder(
+        W_enc=torch.zeros(D, d_sae),
+        W_dec=torch.ones(d_sae, D),
+        b_enc=torch.zeros(d_sae),
+        b_dec=torch.zeros(D),
+    )
+
+
+def service(**config) -> SteeringService:
+    cfg = parse_config(
+        {
+            "saes": [{"id": "a", "path": "/unused/a"}, {"id": "b", "path": "/unused/b"}],
+            "vectors": [{"id": "v", "path": "/unused/v.safetensors", "layer": 5}],
+            **config,
+        }
+    )
+    assets = LoadedAssets(
+        saes={
+            "a": LoadedSAE("a", sae(10), 3, {7: "bridge"}, None),
+            "b": LoadedSAE("b", sae(6), 5, {}, None),
+        },
+        vectors={"v": LoadedVector("v", torch.ones(D), 5)},
+        config=cfg,
+    )
+    return SteeringService(cfg, assets)
+
+
+def rewrite(body: dict, observable: bool = True, **config):
+    return service(**config).rewrite_request({"model": "m", "prompt": "hi", **body}, observable)
+
+
+def test_steering_becomes_one_signed_plan_in_vllm_xargs():
+    steering = {
+        "features": [
+            {"label": "bridge", "op": "clamp", "value": 3, "positions": "generation"},
+            {"sae": "b", "index": 2, "op": "scale", "value": 0.25, "positions": {"last_prompt_tokens": 2}},
+        ],
+        "vectors": [{"name": "v", "scale": 2}],
+    }
+    request = rewrite({"steering": steering, "vllm_xargs": {"other": 1}})
+    # Written out from the coefficient table (x += (a·f + b)·d): clamp a=-1, b=v; scale a=v-1, b=0;
+    # vector a=0, b=scale. Positions: all 0, prompt 1, generation 2, last_prompt_tokens 3.
+    assert request.ops == (
+        ResolvedOp("feature", "a", 7, 3, -1.0, 3.0, 0.0, 2, 0, "clamp"),
+        ResolvedOp("feature", "b", 2, 5, -0.75, 0.0, 0.0, 3, 2, "scale"),
+        ResolvedOp("vector", "v", 0, 5, 0.0, 2.0, 0.0, 0, 0, "vector"),
+    )
+    body = request.body
+    assert "steering" not in body and set(body["vllm_xargs"]) == {"other", WIRE_KEY}
+    assert RequestPlan.decode(body["vllm_xargs"][WIRE_KEY]) == request.plan
+    assert request.observe is None and request.plan.salt is not None
+    assert "return_token_ids" not in body
+
+
+def test_no_steering_leaves_the_body_alone():
+    request = rewrite({"vllm_xargs": {"other": 1}})
+    assert request.ops == () and request.observe is None
+    assert request.body == {"model": "m", "prompt": "hi", "vllm_xargs": {"other": 1}}
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "status"),
+    [
+        (
+            {"steering": {"features": [{"sae": "zz", "index": 1, "value": 1}]}},
+            "steering.features[0].sae",
+            400,
+        ),
+        (
+            {"steering": {"features": [{"sae": "a", "index": 10, "value": 1}]}},
+            "steering.features[0].index",
+            400,
+        ),
+        ({"steering": {"vectors": [{"name": "v", "scale": "x"}]}}, "steering.vectors[0].scale", 400),
+        ({"vllm_xargs": {WIRE_KEY: "forged"}}, f"vllm_xargs.{WIRE_KEY}", 400),
+        ({"vllm_xargs": {"steer_plugin_observe": "forged"}}, "vllm_xargs.steer_plugin_observe", 400),
+        ({"vllm_xargs": [1]}, "vllm_xargs", 400),
+        ({"n": 2, "steering": {"inspect": {}}}, "steering.inspect", 400),
+        ({"prompt": ["a", "b"], "steering": {"inspect": {}}}, "steering.inspect", 400),
+        ({"steering": {"inspect": {"saes": ["a", "zz"]}}}, "steering.inspect.saes[1]", 400),
+        (
+            {"use_beam_search": True, "steering": {"features": [{"sae": "a", "index": 1, "value": 1}]}},
+            "use_beam_search",
+            400,
+        ),
+        ({"steering": {"compare": True}}, "steering.compare", 400),  # nothing to compare with
+        (
+            {"ignore_eos": True, "steering": {"abort_when": [{"sae": "a", "index": 1, "above": 1}]}},
+            "ignore_eos",
+            400,
+        ),
+        (
+            {"n": 3, "steering": {"abort_when": [{"sae": "a", "index": 1, "above": 1}]}},
+            "steering.abort_when",
+            400,
+        ),
+        (
+            {"steering": {"inspect": {"features": [{"sae": "b", "index": 6}]}}},
+            "steering.inspect.features[0].index",
+            400,
+        ),
+    ],
+)
+def test_errors_name_the_field(body, path, status):
+    with pytest.raises(SpecError) as err:
+        rewrite(body)
+    assert (err.value.path, err.value.status) == (path, status)
+
+
+def test_policy_and_endpoint_refusals():
+    steering = {"features": [{"sae": "a", "index": 1, "value": 1}]}
+    with pytest.raises(SpecError) as err:
+        rewrite({"steering": steering}, policy={"denied_saes": ["a"]})
+    assert (err.value.path, err.value.status) == ("steering.features[0]", 403)
+    with pytest.raises(SpecError) as err:  # read-only policy applies to what inspect reads too
+        rewrite({"steering": {"inspect": {"features": [{"label": "bridge"}]}}}, policy={"denied_saes": ["a"]})
+    assert (err.value.path, err.value.status) == ("steering.inspect.features[0]", 403)
+    for field in ({"inspect": {}}, {"abort_when": [{"sae": "a", "index": 1, "above": 1}]}):
+        with pytest.raises(SpecError) as err:  # /v1/responses, /v1/messages: no per-token slots
+            rewrite({"steering": field}, observable=False)
+        assert err.value.path.startswith(f"steering.{next(iter(field))}")
+    assert rewrite({"steering": steering}, observable=False).ops  # steering itself applies there
+
+
+def test_inspect_asks_the_workers_for_what_the_response_reports():
+    inspect = {
+        "top_k": 3,
+        "saes": ["a"],
+        "prompt": True,
+        "features": [{"label": "bridge"}, {"sae": "b", "index": 2}],
+    }
+    request = rewrite({"steering": {"inspect": inspect}})
+    observe = request.observe
+    assert len(observe.cid) == 32 and int(observe.cid, 16) >= 0
+    # The inspected SAE, then the traced features' SAEs; traced features are watched on every token.
+    assert (observe.saes, observe.top_k, observe.prompt) == (("a", "b"), 3, True)
+    assert observe.watch == (WatchSpec("a", 7, TRACE_THRESHOLD), WatchSpec("b", 2, TRACE_THRESHOLD))
+    assert (observe.stats, observe.abort) == ((), ())
+    assert request.traced == (("a", 7), ("b", 2))
+    assert request.plan.salt is None  # nothing steered: its KV is plain
+    assert request.body["return_token_ids"] is True and not request.user_wants_token_ids
+    assert RequestPlan.decode(request.body["vllm_xargs"][WIRE_KEY]).observe == observe
+
+
+def test_monitoring_and_abort_when_build_the_observation():
+    monitoring = {
+        "saes": {"b": {"sample_rate": 1.0}},
+        "watchlist": [{"sae": "b", "index": 2, "threshold": 0.5}],
+    }
+    abort = [{"sae": "a", "index": 7, "above": 2.5}, {"sae": "b", "index": 1, "below": -1}]
+    request = rewrite({"steering": {"abort_when": abort}}, monitoring={**monitoring, "top_k": 4})
+    observe = request.observe
+    assert request.monitored == ("b",)
+    assert request.abort == (AbortSpec("a", 7, 2.5, 1), AbortSpec("b", 1, -1.0, -1))
+    assert observe.abort == request.abort and observe.stats == ("b",) and observe.top_k == 4
+    assert set(observe.saes) == {"a", "b"} and observe.watch == (WatchSpec("b", 2, 0.5),)
+    # Monitoring samples single-choice requests only: n = 2 is not monitored (and so not observed at all).
+    assert rewrite({"n": 2}, monitoring=monitoring).observe is None
+
+
+def test_observation_reads_the_workers_records(monkeypatch, tmp_path):
+    """What the worker writes (TokenRecords) comes back per token: position P-1+k predicts generated token k."""
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    svc = service()
+    inspect = {"top_k": 2, "saes": ["a"], "prompt": True, "features": [{"sae": "b", "index": 2}]}
+    abort = [{"sae": "a", "index": 7, "above": 5}]
+    request = svc.rewrite_request({"prompt": "hi", "steering": {"inspect": inspect, "abort_when": abort}})
+    observation = svc.observation(request)
+    cid = request.observe.cid
+    prompt_len = 3
+    channel.append(
+        cid,
+        [
+            TokenRecord(0, prompt_len, "a", ((1, 9.0),), sink=True),
+            TokenRecord(1, prompt_len, "a", ((4, 2.0),)),
+            TokenRecord(2, prompt_len, "a", ((7, 3.0), (4, 1.0), (5, 0.5))),  # predicts generated token 0
+            TokenRecord(2, prompt_len, "b", (), watch=((2, 0.0),)),
+            TokenRecord(3, prompt_len, "a", ((7, 6.0),), abort=(7, 6.0)),  # would have predicted token 1
+        ],
+    )
+    first, second = observation.next_tokens(2)
+    assert first.features == {
+        "a": [
+            {"index": 7, "activation": 3.0, "label": "bridge"},
+            {"index": 4, "activation": 1.0, "label": None},
+        ]
+    }
+    assert first.traced == [0.0] and second.traced == [None]  # no record of b at position 3
+    assert [t.features["a"][0]["index"] for t in observation.prompt_tokens()] == [1, 4, 7]
+    assert observation.sinks == {0}
+    assert observation.abort() == {
+        "sae": "a",
+        "index": 7,
+        "label": "bridge",
+        "activation": 6.0,
+        "above": 5.0,
+        "token": 1,
+    }
+    observation.finish("resp-1", "m")
+    assert not (tmp_path / f"{cid}.jsonl").exists()  # the channel is gone with the response
