@@ -41,7 +41,7 @@ RUNTIME_LOADS = Counter(
 
 REJECT_REASONS = ("invalid", "policy")  # 400 / 403
 RUNTIME_LOAD_OUTCOMES = ("ok", "refused", "failed")  # refused: a 4xx/507 answer; failed: a worker error
-WORKER_REJECT_KINDS = ("steering", "observe", "capacity")  # see Steerer._reject and config.working_set_rows
+WORKER_REJECT_KINDS = ("steering", "capacity")  # see Steerer._reject and config.working_set_rows
 
 
 def initialize_series(config) -> None:

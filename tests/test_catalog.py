@@ -27,9 +27,9 @@ from steer_plugin.catalog import (
     load_vector_source,
 )
 from steer_plugin.config import ConfigError, SAESource, VectorSource, parse_config
+from steer_plugin.request.resolve import SAEInfo, VectorInfo
 from steer_plugin.sae import SAEHeader, SAEMetadata, SparseAutoencoder
 from steer_plugin.service import SteeringService
-from steer_plugin.request.resolve import SAEInfo, VectorInfo
 
 D, D_SAE, LAYER = 8, 24, 3
 

@@ -142,7 +142,7 @@ def test_worker_collector_emits_known_kinds_and_every_sae_at_zero():
     collector.update([snap])
     families = {f.name: f for f in collector.collect()}
     kinds = {s.labels["kind"]: s.value for s in families["steer_worker_rejected_messages"].samples}
-    assert kinds == {"steering": 0, "observe": 0, "capacity": 0}
+    assert kinds == {"steering": 0, "capacity": 0}
     applied = {s.labels["sae"]: s.value for s in families["steer_features_applied"].samples}
     assert applied == {"a": 0, "b": 4}
 

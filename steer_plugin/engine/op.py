@@ -48,7 +48,6 @@ class LayerRuntime:
         self.seconds = 0.0  # host time in the op body (eager executions)
         # probe[0] is set to 1 whenever the op runs; probe[1] = the delta it added to row 0 (float32).
         self.probe = torch.zeros(2, d_model, dtype=torch.float32, device=device)  # [2, d_model]
-        self.calls = 0  # host count of eager executions (graph replays do not count)
         self.mismatches = 0  # forwards shorter than the prepared batch (left unsteered)
 
 
@@ -237,7 +236,6 @@ def steer_residual(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> 
         out = apply_fixed_shape(rt, hidden, residual)
     else:
         started = time.perf_counter()
-        rt.calls += 1
         out = apply_eager(rt, hidden, residual)
         rt.seconds += time.perf_counter() - started
     rt.probe[0].fill_(1.0)

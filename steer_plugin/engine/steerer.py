@@ -117,7 +117,6 @@ class Steerer:
         self.abort_rows: torch.Tensor | None = None  # [R] bool, set by after_forward for this step's logits
         self.abort_eos: torch.Tensor | None = None  # [R] int64 token to force
         self._batch: BatchView | None = None
-        self.aborts = 0
         self.observer = Observer(
             {s.id: self.sae_view(s) for s in self.assets.saes.values()},
             write=tp_rank == 0,
@@ -390,7 +389,6 @@ class Steerer:
         mask[rows] = True
         tokens = torch.tensor([t if t is not None else 0 for t in eos], dtype=torch.int64)
         self.abort_rows, self.abort_eos = mask.to(self.device), tokens.to(self.device)
-        self.aborts += len(rows)
 
     def force_aborts(self, logits: torch.Tensor | None) -> torch.Tensor | None:
         """Logits [R, vocab] of this step's sampled rows, with the rows of aborted requests turned into a

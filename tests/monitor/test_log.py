@@ -11,6 +11,7 @@ import pytest
 
 from steer_plugin.config import MonitoringConfig
 from steer_plugin.monitor import log
+from steer_plugin.request.records import TokenRecord
 
 RECORD = {
     "request_id": "cmpl-1",
@@ -50,9 +51,8 @@ def test_stdout_sink_logs_the_same_line_at_info(caplog, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written to a file
 
 
-def record(pos: int, top: list, sae: str = "s", sink: bool = False) -> dict:
-    r = {"pos": pos, "P": 3, "sae": sae, "top": top}
-    return {**r, "sink": True} if sink else r
+def record(pos: int, top: list, sae: str = "s", sink: bool = False) -> TokenRecord:
+    return TokenRecord(pos=pos, num_prompt=3, sae=sae, top=tuple(tuple(t) for t in top), sink=sink)
 
 
 def test_summary_ranks_features_by_their_largest_activation_over_the_request():
