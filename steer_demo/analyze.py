@@ -29,13 +29,6 @@ LABELS_FILE = "labels.json"
 QUALITY_FILE = "quality.json"
 
 
-def explained_variance(x, xhat) -> float:
-    """1 - sum((x - xhat)^2) / sum((x - mean(x))^2), over all tokens and dimensions."""
-    resid = (x - xhat).double().pow(2).sum()
-    total = (x - x.mean(0, keepdim=True)).double().pow(2).sum()
-    return float(1.0 - resid / total)
-
-
 def write_labels(path: Path, meta: dict, feats: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:

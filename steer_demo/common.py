@@ -13,11 +13,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 #: ``<repo>/steer_demo/common.py`` -> the repository root is the folder holding the package.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +26,6 @@ WORK_DIRNAME = "work"  # intermediate files (corpus, activations)
 MARKER_DIRNAME = ".build"
 
 # ---- build parameters (part of the stage fingerprints) ----
-MODEL_NAME = "SmolLM2-135M-Instruct"
 LAYER = 15  # blocks.15.hook_resid_post == HF hidden_states[16]
 HOOK_NAME = f"blocks.{LAYER}.hook_resid_post"
 NEURONPEDIA_ID = f"smollm2-135m/{LAYER}-res-topk"
@@ -125,14 +121,6 @@ class Progress:
     def done(self, extra: str = "") -> float:
         self._print(extra)
         return time.monotonic() - self.t0
-
-
-def track(items: Iterable[T], label: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    p = Progress(label, total, unit)
-    for x in items:
-        yield x
-        p.update()
-    p.done()
 
 
 def fingerprint(obj: Any) -> str:

@@ -91,12 +91,6 @@ class TopKSAE:
         }
 
 
-def explained_variance(x, xhat) -> float:
-    resid = (x - xhat).pow(2).sum()
-    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
-    return float(1.0 - resid / total)
-
-
 def train(x_train, cfg: TrainConfig) -> tuple[TopKSAE, dict]:
     """Train on ``x_train`` [N, d_in] (float32). Returns the SAE and training statistics."""
     torch = _torch()
@@ -232,17 +226,3 @@ def train(x_train, cfg: TrainConfig) -> tuple[TopKSAE, dict]:
         "history": hist,
     }
     return sae, stats
-
-
-def encode_all(sae: TopKSAE, x, batch: int = 8192):
-    """Sparse codes for all rows: (values [N, k], indices [N, k])."""
-    torch = _torch()
-    n = x.shape[0]
-    vals_out = torch.empty(n, sae.k)
-    idx_out = torch.empty(n, sae.k, dtype=torch.int32)
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            v, ix, _ = sae.encode(x[i : i + batch].float())
-            vals_out[i : i + batch] = v
-            idx_out[i : i + batch] = ix.to(torch.int32)
-    return vals_out, idx_out
