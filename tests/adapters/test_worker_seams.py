@@ -66,7 +66,11 @@ def vllm_worker(monkeypatch):
 
     module.StubWorker = StubWorker
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setenv("VLLM_PLUGINS", "")  # init_worker loads general plugins: none here
+    # init_worker loads general plugins: none here. vLLM marks them loaded for the whole process, so the mark is
+    # set (and undone) by monkeypatch; VLLM_PLUGINS="" would leave later in-process engines without the plugin.
+    import vllm.plugins
+
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", True)
     # the multimodal receiver cache needs a model config; this test has no model
     monkeypatch.setattr(worker_base, "worker_receiver_cache_from_config", lambda *args: None)
     parallel = ParallelConfig(worker_cls=f"{module.__name__}.StubWorker", worker_extension_cls=EXTENSION_PATH)
