@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from steer_plugin.request.records import TokenRecord
+
 from .conftest import engine, inprocess_engine, resolve, token_prompt
 from .plain_engines import TOP
 from .tiny_models import TinyModel, build_all
@@ -120,12 +122,12 @@ def one_core_per_rank():
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
 
 
-def check_records(records: list[dict], prompt_len: int, tokens: list[int]) -> dict[int, list[int]]:
+def check_records(records: list[TokenRecord], prompt_len: int, tokens: list[int]) -> dict[int, list[int]]:
     """One record per generated token, at the position that predicted it; {pos: top feature indices}."""
-    positions = [r["pos"] for r in records]
+    positions = [r.pos for r in records]
     assert positions == list(range(prompt_len - 1, prompt_len - 1 + len(tokens))), positions
-    assert all(r["sae"] == "tiny" and len(r["top"]) >= 1 for r in records)
-    return {r["pos"]: [i for i, _ in r["top"]] for r in records}
+    assert all(r.sae == "tiny" and len(r.top) >= 1 for r in records)
+    return {r.pos: [i for i, _ in r.top] for r in records}
 
 
 def test_tp2_equals_tp1_with_isolation_and_single_observations(tiny, tiny_assets, prompts):
