@@ -51,6 +51,13 @@ class FeatureRef(_Strict):
         return self
 
 
+def _finite_number(v: float | None) -> float | None:
+    """Field check shared by the models below: pydantic takes NaN and inf from Python callers."""
+    if v is not None and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
 class Condition(FeatureRef):
     """A feature's activation compared with a threshold: `above` or `below` (exactly one)."""
 
@@ -59,12 +66,7 @@ class Condition(FeatureRef):
     below: float | None = None
     """Holds where the feature's activation is < this value."""
 
-    @field_validator("above", "below")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+    _finite = field_validator("above", "below")(_finite_number)
 
     @model_validator(mode="after")
     def _one_bound(self) -> Condition:
@@ -96,12 +98,7 @@ class FeatureOp(FeatureRef):
     """Apply only on tokens where this feature (at the same layer, read from the same residual before any
     operation) is above / below a threshold, e.g. "when feature A > 3, clamp feature B to 0"."""
 
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+    _finite = field_validator("value")(_finite_number)
 
     @model_validator(mode="after")
     def _check(self) -> FeatureOp:
@@ -139,12 +136,7 @@ class VectorOp(_Strict):
     when: Condition | None = None
     """Apply only on tokens where this feature (at the vector's layer) is above / below a threshold."""
 
-    @field_validator("scale")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+    _finite = field_validator("scale")(_finite_number)
 
     @field_validator("values")
     @classmethod
