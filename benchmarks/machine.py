@@ -33,3 +33,11 @@ def git_state() -> tuple[str, list[str]]:
     except OSError:
         return "", []
     return commit, sorted(line[3:] for line in status.splitlines() if line[3:].endswith(".py"))
+
+
+def date_and_commit_line(machine: dict) -> str:
+    """The report line naming when and from which commit a run was taken (and how many engine files differed)."""
+    dirty = machine.get("uncommitted_engine_files")
+    return f"- Date: {machine['date_utc']}; git {machine['git_commit'] or '?'}" + (
+        f" with {len(dirty)} uncommitted engine/adapter files" if dirty else ""
+    )

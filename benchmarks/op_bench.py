@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import cpu_model, git_state
+from machine import cpu_model, date_and_commit_line, git_state
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER = 0
@@ -539,12 +539,7 @@ def write_markdown(path: Path, result: dict) -> None:
     lines = [
         f"# Steering op microbenchmark ({s['device']})",
         "",
-        f"- Date: {m['date_utc']}; git {m['git_commit'] or '?'}"
-        + (
-            f" with {len(m['uncommitted_engine_files'])} uncommitted engine/adapter files"
-            if m.get("uncommitted_engine_files")
-            else ""
-        ),
+        date_and_commit_line(m),
         f"- Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads"
         + (f"; GPU {m['gpu']}" if "gpu" in m else ""),
         f"- Sizes: d_model {s['d_model']}, SAE {s['d_sae']} features, {s['dtype']}; op timed as {mode}.",

@@ -11,6 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
+from machine import date_and_commit_line
 from serve_cases import CASE_BY_KEY, CASES, INSPECT_SLACK
 
 # --- analysis ----------------------------------------------------------------------------------------------------
@@ -161,12 +162,7 @@ def write_markdown(path: Path, result: dict, notes: str | None) -> None:
     lines = [
         "# Steering overhead vs plain vLLM (serve_bench)",
         "",
-        f"- Date: {m['date_utc']}; git {m['git_commit'] or '?'}"
-        + (
-            f" with {len(m['uncommitted_engine_files'])} uncommitted engine/adapter files"
-            if m.get("uncommitted_engine_files")
-            else ""
-        ),
+        date_and_commit_line(m),
         f"- Machine: {m['cpu_model']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, {m['mem_gib']} GiB; "
         f"{m['platform']}, Python {m['python']}",
         f"- vLLM {m['vllm']}, torch {m['torch']}",
