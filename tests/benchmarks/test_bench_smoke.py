@@ -89,7 +89,18 @@ def test_serve_bench_smoke(tmp_path):
     md = out.with_suffix(".md").read_text()
     ratio_section = md.split("## Ratios against vanilla: eager", 1)[1].split("###", 1)[0]
     titles = [row.split("|")[1].strip() for row in _table_rows(ratio_section)[1:]]  # skip the header row
-    assert titles == [data["cases"][c]["title"] for c in cases]
+    assert titles == [
+        data["cases"][c]["title"] for c in cases if data["cases"][c]["reference"] == "a_vanilla"
+    ]
+    lens = [
+        c for c in cases if data["cases"][c]["reference"] != "a_vanilla"
+    ]  # vllm-lens' cases, if its venv is ready
+    if lens:
+        own = md.split("### Ratios against their own plain vLLM", 1)[1].split("###", 1)[0]
+        assert [row.split("|")[1].strip().split(" (ref ")[0] for row in _table_rows(own)[1:]] == [
+            data["cases"][c]["title"] for c in lens
+        ]
+        assert data["lens"]["steering_check"]["vector_applied"], data["lens"]["steering_check"]
     assert "[eager] round 1/1" in proc.stdout  # progress per case
     if data["plot"]:
         assert (out.parent / data["plot"]).is_file()  # recorded relative to the report

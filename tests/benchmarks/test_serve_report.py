@@ -30,3 +30,42 @@ def test_committed_report_rerenders_byte_identically(tmp_path):
     for suffix in (".md", ".json"):
         assert out.with_suffix(suffix).read_bytes() == (RESULTS / f"cpu-smollm2{suffix}").read_bytes(), suffix
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _unit(case: str, rnd: int, tok_s: float, itl: float) -> dict:
+    return {"mode": "eager", "round": rnd, "case": case, "concurrency": 1, "tok_s": tok_s, "ttft_p50_ms": 10.0,
+            "ttft_p99_ms": 12.0, "itl_p50_ms": itl, "itl_p99_ms": 2 * itl, "errors": 0, "disturbed": False,
+            "output_tokens": 8, "extra_response_fields": []}  # fmt: skip
+
+
+def test_ratios_are_per_round_against_each_cases_reference():
+    """steer-plugin's (c) against vanilla (a), vllm-lens' (l) against its own plain vLLM (l0), round by round."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import serve_report
+
+    tok = {  # tok/s per round
+        "a_vanilla": [100.0, 90.0, 110.0],
+        "c_add1": [95.0, 88.0, 99.0],
+        "l0_lens_plain": [80.0, 70.0, 75.0],
+        "l_lens_vector": [60.0, 63.0, 75.0],
+    }
+    itl = {"a_vanilla": [10.0] * 3, "c_add1": [11.0, 10.0, 12.0], "l0_lens_plain": [20.0] * 3,
+           "l_lens_vector": [30.0, 22.0, 25.0]}  # fmt: skip
+    units = [_unit(c, r, tok[c][r], itl[c][r]) for c in tok for r in range(3)]
+    cell = serve_report.summarise(units, ["eager"], [1], list(tok))["eager"]["1"]
+
+    c, lens = cell["c_add1"], cell["l_lens_vector"]
+    # (c): per round 95/100, 88/90, 99/110 = 0.95, 0.977, 0.9 -> median 0.95, min 0.9, max 88/90
+    assert "reference" not in c and serve_report.vs_reference(c) is c["ratio_vs_vanilla"]
+    assert c["ratio_vs_vanilla"]["tok_s"]["median"] == pytest.approx(0.95)
+    assert c["ratio_vs_vanilla"]["tok_s"]["min"] == pytest.approx(0.9)
+    assert c["ratio_vs_vanilla"]["tok_s"]["max"] == pytest.approx(88 / 90)
+    # (l): per round 60/80, 63/70, 75/75 -> 0.75, 0.9, 1.0; against vanilla it would be 0.6, 0.7, 0.6818
+    assert lens["reference"] == "l0_lens_plain"
+    r = serve_report.vs_reference(lens)
+    assert (r["tok_s"]["median"], r["tok_s"]["min"], r["tok_s"]["max"]) == pytest.approx((0.9, 0.75, 1.0))
+    assert r["itl_p50_ms"]["median"] == pytest.approx(25 / 20)
+    assert lens["ratio_vs_vanilla"]["tok_s"]["median"] == pytest.approx(75 / 110)
+    assert lens["ratio_vs_loaded"] is None  # no steer-plugin server under it
+    # the reference against itself is 1
+    assert serve_report.vs_reference(cell["l0_lens_plain"])["tok_s"]["median"] == pytest.approx(1.0)
