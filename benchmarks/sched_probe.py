@@ -14,7 +14,8 @@ than compiled plain vLLM on the 2-core CPU machine; benchmarks/results/cpu-smoll
 then for each concurrency a timed generate of `--tokens` tokens per prompt (ignore_eos, greedy), with the
 per-thread counters read before and after. Prints one JSON line per concurrency (tok/s and, per process role
 and thread, CPU seconds, run-queue wait seconds, voluntary and involuntary switches during the timed generate),
-and a table to stderr. `--perf` / `--pyspy` add a perf or py-spy recording of each timed generate.
+and a table to stderr. `--steer` (op only) times each concurrency twice in the same start, unsteered then with
+serve_bench's case (c) on every request. `--perf` / `--pyspy` add a perf or py-spy recording of each timed generate.
 The findings and the start-to-start comparison (six fresh starts of each server, alternating) are in
 benchmarks/results/compile-anomaly-cpu.md.
 """
@@ -33,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Tell me about the Golden Gate Bridge."
+# --steer: serve_bench's case (c), one `add` of feature 7 at value 4 of the demo SAE on every request
+STEERING = {"features": [{"sae": "demo", "index": 7, "op": "add", "value": 4.0}]}
 
 
 @dataclass
@@ -148,10 +151,17 @@ def main() -> None:
         "--pyspy",
         help="record Python stacks (py-spy, --idle, raw) of the worker and engine core to PYSPY.cN.*.txt",
     )
+    ap.add_argument(
+        "--steer",
+        action="store_true",
+        help="--server op: time each concurrency twice in the same start, unsteered then steered (STEERING)",
+    )
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE set before vLLM is imported")
     ap.add_argument("--model", default=str(REPO / "assets" / "SmolLM2-135M-Instruct"))
     ap.add_argument("--config", default=str(REPO / "assets" / "sae" / "demo-steer-config.json"))
     args = ap.parse_args()
+    if args.steer and args.server != "op":
+        ap.error("--steer needs --server op")
 
     os.environ.update(
         {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -176,76 +186,85 @@ def main() -> None:
         max_model_len=1024,
         enable_prefix_caching=False,
     )
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+    # logprobs=0: the sampled token's log-prob, so a steered run shows that its steering reached the model
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=0)
     llm.generate([PROMPT] * 2, params, use_tqdm=False)  # warm-up
+    variants = [("unsteered", params)]
+    if args.steer:
+        from steer_plugin.config import load_config_file
+        from steer_plugin.offline import steering_args
+
+        extra = steering_args(load_config_file(args.config), STEERING)
+        steered = SamplingParams(
+            max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=0, extra_args=extra
+        )
+        variants.append(("steered", steered))
     for conc in (int(c) for c in args.concurrency.split(",")):
-        perf = None
-        if args.perf:
-            perf = subprocess.Popen(
-                ["perf", "sched", "record", "-o", f"{args.perf}.c{conc}.data"]
-                if args.perf_kind == "sched"
-                else ["perf", "record", "-a", "-F", "1999", "-o", f"{args.perf}.c{conc}.data"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1.0)  # perf attaches to every CPU before the clock starts
-        spies = []
-        if args.pyspy:
-            for pid in _tree(os.getpid()):
-                role = _role(pid)
-                if role in ("worker", "engine_core") and not any(r == role for r, _ in spies):
-                    cmd = [
-                        str(Path(sys.executable).with_name("py-spy")),
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--idle",
-                        "--nonblocking",
-                        "--rate",
-                        "250",
-                    ]
-                    cmd += ["--format", "raw", "--output", f"{args.pyspy}.c{conc}.{role}.txt"]
-                    spies.append(
-                        (role, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                    )
-            time.sleep(1.0)
-        before = snapshot()
-        wall0 = time.perf_counter()
-        outs = llm.generate([PROMPT] * conc, params, use_tqdm=False)
-        wall = time.perf_counter() - wall0
-        after = snapshot()
-        for _, spy in spies:
-            spy.send_signal(signal.SIGINT)
-            spy.wait()
-        if perf is not None:
-            perf.send_signal(signal.SIGINT)
-            perf.wait()
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        threads = delta(before, after)
-        row = {
-            "server": args.server,
-            "mode": args.mode,
-            "env": args.env,
-            "concurrency": conc,
-            "tokens": tokens,
-            "wall_s": round(wall, 3),
-            "tok_s": round(tokens / wall, 2),
-            "threads": [asdict(t) for t in threads],
-        }
-        print(json.dumps(row), flush=True)
-        print(
-            f"\n{args.server} {args.mode} {' '.join(args.env)} c={conc}: {tokens / wall:.1f} tok/s, "
-            f"wall {wall:.2f} s",
-            file=sys.stderr,
-        )
-        print(
-            f"{'role':12} {'thread':28} {'run s':>8} {'wait s':>8} {'vol':>8} {'invol':>8}", file=sys.stderr
-        )
-        for t in threads:
+        for name, sampling in variants:
+            row = timed_generate(llm, [PROMPT] * conc, sampling, args, f"c{conc}.{name}")
+            row.update(server=args.server, mode=args.mode, env=args.env, concurrency=conc, requests=name)
+            print(json.dumps(row), flush=True)
             print(
-                f"{t.role:12} {t.comm:28} {t.run_s:8.3f} {t.wait_s:8.3f} {t.voluntary:8d} {t.involuntary:8d}",
+                f"\n{args.server} {args.mode} {' '.join(args.env)} c={conc} {name}: {row['tok_s']:.1f} tok/s, "
+                f"wall {row['wall_s']:.2f} s",
                 file=sys.stderr,
             )
+            print(
+                f"{'role':12} {'thread':28} {'run s':>8} {'wait s':>8} {'vol':>8} {'invol':>8}",
+                file=sys.stderr,
+            )
+            for t in row["threads"]:
+                print(
+                    f"{t['role']:12} {t['comm']:28} {t['run_s']:8.3f} {t['wait_s']:8.3f} {t['voluntary']:8d} "
+                    f"{t['involuntary']:8d}",
+                    file=sys.stderr,
+                )
+
+
+def timed_generate(llm, prompts: list[str], params, args, tag: str) -> dict:
+    """One timed generate with the per-thread counters around it (and perf / py-spy if asked)."""
+    perf = None
+    if args.perf:
+        out = f"{args.perf}.{tag}.data"
+        cmd = (
+            ["perf", "sched", "record", "-o", out] if args.perf_kind == "sched" else ["perf", "record", "-a"]
+        )
+        if args.perf_kind != "sched":
+            cmd += ["-F", "1999", "-o", out]
+        perf = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # perf attaches to every CPU before the clock starts
+    spies = []
+    if args.pyspy:
+        for pid in _tree(os.getpid()):
+            role = _role(pid)
+            if role in ("worker", "engine_core") and not any(r == role for r, _ in spies):
+                cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--idle"]
+                cmd += ["--nonblocking", "--rate", "250", "--format", "raw"]
+                cmd += ["--output", f"{args.pyspy}.{tag}.{role}.txt"]
+                spies.append(
+                    (role, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                )
+        time.sleep(1.0)
+    before = snapshot()
+    wall0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - wall0
+    after = snapshot()
+    for _, spy in spies:
+        spy.send_signal(signal.SIGINT)
+        spy.wait()
+    if perf is not None:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    first = outs[0].outputs[0]
+    return {
+        "tokens": tokens,
+        "first_logprob_sum": round(sum(lp[t].logprob for lp, t in zip(first.logprobs, first.token_ids)), 4),
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 2),
+        "threads": [asdict(t) for t in delta(before, after)],
+    }
 
 
 if __name__ == "__main__":
