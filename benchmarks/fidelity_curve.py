@@ -375,8 +375,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measure(args, paths, feature, prompts, multiples) -> tuple[list[Scored], list[Case], list[int]]:
     import torch
-    from steer_adapters.hf.reference import HFReference
 
+    from steer_adapters.hf.reference import HFReference
     from steer_demo.labels import CONCEPTS
     from steer_demo.strength import names_concept
     from steer_plugin.catalog import load_assets

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_bench as sb  # noqa: E402
 
-OURS = ("steer_plugin/", "adapters/vllm/", "steer_adapters/")
+OURS = ("steer_plugin/", "steer_adapters/")
 
 
 def worker_pid(pgid: int, timeout_s: float = 30, prefix: str = "VLLM::Worker") -> int:
@@ -56,7 +56,7 @@ def frame_key(frame: str) -> str:
     """'func (path/to/file.py:123)' -> 'func (file.py)' relative to the repo/package."""
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("steer_plugin/", "adapters/vllm/", "steer_adapters/", "vllm/", "torch/"):
+    for marker in ("steer_plugin/", "steer_adapters/", "vllm/", "torch/"):
         if marker in path:
             path = marker + path.split(marker, 1)[1]
             break

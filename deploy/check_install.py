@@ -37,7 +37,7 @@ VERSIONS_FILES = (
 
 def _checked_vllm() -> tuple[str, ...]:
     """vLLM minor versions the glue is checked against: those of requirements/vllm-versions.txt (the one file
-    that names them; adapters/vllm/check_internals.py checks every internal the glue touches in each)."""
+    that names them; steer_adapters/vllm/check_internals.py checks every internal the glue touches in each)."""
     from steer_adapters.vllm.check_internals import read_pins
 
     path = next((p for p in VERSIONS_FILES if p.is_file()), None)
@@ -48,7 +48,7 @@ def _checked_vllm() -> tuple[str, ...]:
 
 
 CHECKED_VLLM = _checked_vllm()
-"""vLLM minor versions adapters/vllm/glue.py is checked against (requirements/vllm-versions.txt)."""
+"""vLLM minor versions steer_adapters/vllm/glue.py is checked against (requirements/vllm-versions.txt)."""
 ALLOW_ENV = "STEER_ALLOW_UNCHECKED_VLLM"
 
 

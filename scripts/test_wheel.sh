@@ -46,7 +46,7 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
     if [ -e "$f" ]; then cp -p --parents -- "$f" "$WORK/src/"; fi  # (tracked but deleted: left out)
   done
 else
-  cp -rp pyproject.toml setup.py README.md steer_plugin adapters steer_demo tests "$WORK/src/"
+  cp -rp pyproject.toml README.md steer_plugin steer_adapters steer_demo tests "$WORK/src/"
   find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
 fi
 say "building the wheel (pip wheel --no-deps, isolated build)"

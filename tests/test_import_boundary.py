@@ -1,4 +1,4 @@
-"""The runtime (steer_plugin/, adapters/ as steer_adapters) never imports the demo-asset builder (steer_demo/).
+"""The runtime (steer_plugin/, steer_adapters/) never imports the demo-asset builder (steer_demo/).
 
 The builder depends on the runtime (it loads its SAE with steer_plugin.sae, serves through the launcher), never the
 other way: a server install must not need the builder's code paths (transformers conversion, corpus, training).
@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RUNTIME_TREES = ("steer_plugin", "adapters")
+RUNTIME_TREES = ("steer_plugin", "steer_adapters")
 DEMO = "steer_demo"
 
 
@@ -57,7 +57,7 @@ def test_the_scan_sees_the_imports_it_must_see():
     """Not vacuous: the scan finds known cross-tree imports (the adapters use the core) and lazy ones."""
     imports = _runtime_imports()
     assert len(imports) > 40
-    launcher = {module for _, module in imports["adapters/vllm/launcher.py"]}
+    launcher = {module for _, module in imports["steer_adapters/vllm/launcher.py"]}
     assert "steer_plugin.config" in launcher  # top-level `from steer_plugin.config import ...`
     assert "steer_plugin.catalog" in launcher  # inside build_vllm_args
     lazy = ast.parse("def f():\n    import importlib\n    importlib.import_module('steer_demo.common')\n")

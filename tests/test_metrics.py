@@ -260,7 +260,6 @@ def _serve(app, headers=()):
     import asyncio
 
     from steer_adapters.vllm.middleware import _rewrite_response
-
     from steer_plugin.metrics import with_worker_families
 
     sent = []

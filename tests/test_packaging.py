@@ -1,4 +1,4 @@
-"""The built wheel: every file of steer_plugin/, adapters/ (as steer_adapters/) and steer_demo/ is in it, plus the
+"""The built wheel: every file of steer_plugin/, steer_adapters/ and steer_demo/ is in it, plus the
 entry points.
 
 A non-editable install (`pip install .`, the one deploy/k8s prescribes) gets only what the wheel holds; a package
@@ -22,8 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # source folder -> import name
-TREES = {"steer_plugin": "steer_plugin", "adapters": "steer_adapters", "steer_demo": "steer_demo"}
-BUILD_INPUTS = ["pyproject.toml", "setup.py", "README.md"]
+TREES = {"steer_plugin": "steer_plugin", "steer_adapters": "steer_adapters", "steer_demo": "steer_demo"}
+BUILD_INPUTS = ["pyproject.toml", "README.md"]
 
 
 def _source_files() -> set[str]:

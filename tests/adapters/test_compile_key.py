@@ -11,8 +11,9 @@ pytest.importorskip("vllm")
 
 @pytest.fixture
 def keyed(monkeypatch):
-    from steer_adapters.vllm import glue
     from vllm.config import VllmConfig
+
+    from steer_adapters.vllm import glue
 
     glue.patch_compile_cache_key()
     monkeypatch.delenv("STEER_PLUGIN_CONFIG", raising=False)

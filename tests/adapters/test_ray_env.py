@@ -1,7 +1,6 @@
 """Ray workers get the signing key and the run dir: vLLM's own list of variables it copies to Ray actors."""
 
 from steer_adapters.vllm import plugin
-
 from steer_plugin import signing
 from steer_plugin.monitor import channel
 

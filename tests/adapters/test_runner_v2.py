@@ -26,9 +26,6 @@ import vllm
 import vllm.v1.worker.cpu.buffer_utils as cpu_buffer_utils
 import vllm.v1.worker.gpu.buffer_utils as gpu_buffer_utils
 import vllm.v1.worker.gpu.model_runner as v2_model_runner
-from steer_adapters.vllm import runner_v2
-from steer_adapters.vllm.glue import batch_view_v1
-from steer_adapters.vllm.runner_v2 import RequestInfo, batch_view_v2, install_v2, is_v2_runner
 from vllm.config import ParallelConfig
 from vllm.config.compilation import CUDAGraphMode
 from vllm.sampling_params import SamplingParams
@@ -39,6 +36,9 @@ from vllm.v1.worker.gpu.lora_utils import LoraState
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 from vllm.v1.worker.gpu.states import RequestState
 
+from steer_adapters.vllm import runner_v2
+from steer_adapters.vllm.glue import batch_view_v1
+from steer_adapters.vllm.runner_v2 import RequestInfo, batch_view_v2, install_v2, is_v2_runner
 from steer_plugin.request.wire import WIRE_KEY
 
 MAX_REQS, MAX_TOKENS, MAX_MODEL_LEN = 8, 64, 256

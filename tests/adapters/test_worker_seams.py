@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from steer_adapters.vllm import glue, launcher, worker_extension
 from steer_adapters.vllm.worker_extension import EXTENSION_PATH, SteerWorkerExtension
 

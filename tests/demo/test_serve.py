@@ -44,7 +44,6 @@ def test_demo_config_serves_the_demo_sae(linked_assets):
 
 def test_main_hands_the_launcher_the_demo_config_and_model(linked_assets, monkeypatch):
     import steer_adapters.vllm.launcher as launcher
-
     from steer_demo import serve
 
     got = []

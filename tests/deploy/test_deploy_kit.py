@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from steer_adapters.vllm.launcher import _flag_value as _flag
 from steer_adapters.vllm.launcher import _without_flag as _without
 
@@ -497,7 +498,6 @@ def test_vllm_accepts_the_flags_and_answers_the_probe_path(tmp_path):
     pytest.importorskip("vllm")
     from steer_adapters.vllm.launcher import MIDDLEWARE
     from steer_adapters.vllm.worker_extension import EXTENSION_PATH
-
     from steer_plugin.config import ADDITIONAL_CONFIG_KEY
 
     argv = _without(_server_args()["k8s"], "--steer-config")
@@ -659,10 +659,9 @@ def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_big():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert {
         "pyproject.toml",
-        "setup.py",
         project["readme"],
         "steer_plugin",
-        "adapters",
+        "steer_adapters",
         "steer_demo",
     } <= copied
 

@@ -766,7 +766,6 @@ def test_conditional_clamp_changes_exactly_the_tokens_where_the_condition_holds(
     """ "When the bridge feature A > t, clamp feature B to 40", on the prompt: B (read after steering) changes on
     exactly the tokens where the HF reference says A > t, and nowhere else."""
     from steer_adapters.hf.reference import feature_value
-
     from steer_demo.concept import concept_feature
 
     a, b = concept_feature(demo_assets).index, WATCHED

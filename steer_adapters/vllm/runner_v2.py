@@ -23,8 +23,8 @@ import logging
 from typing import Any, NamedTuple
 
 import numpy as np
-from steer_adapters.vllm import internals
 
+from steer_adapters.vllm import internals
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.request.wire import WIRE_KEY
 

@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from steer_adapters.vllm import internals, runner_v2, worker_extension
 
+from steer_adapters.vllm import internals, runner_v2, worker_extension
 from steer_plugin.config import config_from_sources
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.request.wire import WIRE_KEY, RequestPlan

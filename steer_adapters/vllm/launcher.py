@@ -20,7 +20,6 @@ import os
 import sys
 
 from steer_adapters.vllm.worker_extension import EXTENSION_PATH, is_extension
-
 from steer_plugin.config import ADDITIONAL_CONFIG_KEY, CONFIG_ENV, ConfigError, load_config_file
 
 MIDDLEWARE = "steer_adapters.vllm.middleware.SteeringMiddleware"

@@ -1,4 +1,4 @@
-"""Every vLLM internal the glue touches, as data (adapters/vllm/glue.py, runner_v2.py, worker_extension.py,
+"""Every vLLM internal the glue touches, as data (steer_adapters/vllm/glue.py, runner_v2.py, worker_extension.py,
 launcher.py).
 
 Each entry names a module, a class or function in it, what the glue does with it and which glue function does

@@ -23,7 +23,6 @@ def register() -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     from steer_adapters.vllm import glue
-
     from steer_plugin import signing
     from steer_plugin.monitor import channel
 

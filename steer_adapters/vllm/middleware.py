@@ -28,7 +28,6 @@ from urllib.parse import parse_qs, unquote
 
 from steer_adapters.vllm import glue, sse
 from steer_adapters.vllm.compare import DEFAULT, STEERED, CompareMerger
-
 from steer_plugin import playground
 from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S, START_UP_ONLY_KEYS
 from steer_plugin.body import lax_int, parse_json, refuse_reserved_keys
@@ -405,7 +404,7 @@ class SteeringMiddleware:
 
     async def _compare(self, scope, receive, send, raw: bytes, body: bytes, steered: RewrittenRequest):
         """`steering.compare`: the steered and the default variant run as two requests at once, merged into
-        one answer (adapters/vllm/compare.py). A client disconnect reaches both."""
+        one answer (steer_adapters/vllm/compare.py). A client disconnect reaches both."""
         default = self.service.default_variant(parse_json(raw))
         merger = CompareMerger(send, stream=bool(steered.body.get("stream")), n=lax_int(steered.body, "n", 1))
         disconnected = asyncio.Event()

@@ -1,4 +1,4 @@
-"""Checks adapters/vllm/internals.py (every vLLM internal the glue touches) against a vLLM build.
+"""Checks steer_adapters/vllm/internals.py (every vLLM internal the glue touches) against a vLLM build.
 
     python -m steer_adapters.vllm.check_internals             # the installed vLLM: import + inspect
     python -m steer_adapters.vllm.check_internals --pinned    # also the CUDA wheel of requirements/vllm-versions.txt
@@ -714,7 +714,7 @@ def check_wheel(path: Path, internals: tuple[Internal, ...] = INTERNALS) -> Repo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m steer_adapters.vllm.check_internals",
-        description="Check every vLLM internal the glue touches (adapters/vllm/internals.py).",
+        description="Check every vLLM internal the glue touches (steer_adapters/vllm/internals.py).",
     )
     parser.add_argument(
         "--pinned", action="store_true", help="also the CUDA wheel pinned in requirements/vllm-versions.txt"
