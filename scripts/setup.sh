@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${STEER_VENV:-.venv}
 PY=${PYTHON:-python3}
-stamp="$VENV/.steer-setup-$(cat scripts/setup.sh scripts/_install_vllm.sh pyproject.toml requirements/*.txt 2>/dev/null | sha256sum | cut -c1-16)"
+stamp="$VENV/.steer-setup-$(cat scripts/setup.sh scripts/_install_vllm.sh pyproject.toml requirements/*.txt steer_adapters/vllm/vllm-versions.txt 2>/dev/null | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi

@@ -24,7 +24,7 @@ say() { echo "[wheel +$((SECONDS - T0))s] $*" >&2; }
 # --- 1. venv with vLLM -------------------------------------------------------------------------------------
 # shellcheck source=scripts/_install_vllm.sh
 . scripts/_install_vllm.sh
-stamp="$VENV/.steer-vllm-$(cat scripts/_install_vllm.sh requirements/vllm-versions.txt | sha256sum | cut -c1-16)"
+stamp="$VENV/.steer-vllm-$(cat scripts/_install_vllm.sh steer_adapters/vllm/vllm-versions.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   say "$VENV: vLLM already installed (stamp), skipped"
 else

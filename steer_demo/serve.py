@@ -4,7 +4,7 @@
 
 Lives on the demo side so that the runtime (steer_plugin, steer_adapters) never imports the asset builder: this
 builds the assets, writes the demo's steering config beside the SAE, then hands over to the launcher
-(steer_adapters.vllm.launcher.main) with --steer-config, --model and --served-model-name filled in unless given.
+(steer_adapters.vllm.api.launcher.main) with --steer-config, --model and --served-model-name filled in unless given.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def demo_config_path() -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from steer_adapters.vllm.launcher import _flag_value
-    from steer_adapters.vllm.launcher import main as launch
+    from steer_adapters.vllm.api.launcher import _flag_value
+    from steer_adapters.vllm.api.launcher import main as launch
 
     vllm_args = list(sys.argv[1:] if argv is None else argv)
     if "--steer-config" in vllm_args or any(a.startswith("--steer-config=") for a in vllm_args):

@@ -57,7 +57,7 @@ def test_the_scan_sees_the_imports_it_must_see():
     """Not vacuous: the scan finds known cross-tree imports (the adapters use the core) and lazy ones."""
     imports = _runtime_imports()
     assert len(imports) > 40
-    launcher = {module for _, module in imports["steer_adapters/vllm/launcher.py"]}
+    launcher = {module for _, module in imports["steer_adapters/vllm/api/launcher.py"]}
     assert "steer_plugin.config" in launcher  # top-level `from steer_plugin.config import ...`
     assert "steer_plugin.catalog" in launcher  # inside build_vllm_args
     lazy = ast.parse("def f():\n    import importlib\n    importlib.import_module('steer_demo.common')\n")

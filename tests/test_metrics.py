@@ -259,7 +259,7 @@ def test_multiprocess_mode_sums_api_processes_and_adds_worker_families(tmp_path)
 def _serve(app, headers=()):
     import asyncio
 
-    from steer_adapters.vllm.middleware import _rewrite_response
+    from steer_adapters.vllm.api.middleware import _rewrite_response
     from steer_plugin.metrics import with_worker_families
 
     sent = []

@@ -93,6 +93,6 @@ def test_entry_points(wheel):
     parser = configparser.ConfigParser()
     parser.read_string(wheel.read(f"{_dist_info(wheel)}/entry_points.txt").decode())
     assert dict(parser["vllm.general_plugins"]) == {"steer_plugin": "steer_adapters.vllm.plugin:register"}
-    assert parser["console_scripts"]["steer-serve"] == "steer_adapters.vllm.launcher:main"
+    assert parser["console_scripts"]["steer-serve"] == "steer_adapters.vllm.api.launcher:main"
     assert parser["console_scripts"]["steer-serve-demo"] == "steer_demo.serve:main"
     assert parser["console_scripts"]["steer-build-assets"] == "steer_demo.build_assets:main"

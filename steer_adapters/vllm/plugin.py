@@ -22,7 +22,8 @@ def register() -> None:
         logger.handlers = list(vllm_logger.handlers)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    from steer_adapters.vllm import glue
+    from steer_adapters.vllm import engine_core
+    from steer_adapters.vllm.worker import install, runner_v1
     from steer_plugin import signing
     from steer_plugin.monitor import channel
 
@@ -31,10 +32,10 @@ def register() -> None:
     signing.wire_key()
     channel.ensure_private_run_dir()
     carry_to_ray_workers()
-    glue.patch_compile_cache_key()
-    glue.select_model_runner()
-    glue.patch_prefix_cache()
-    glue.patch_workers()
+    install.patch_compile_cache_key()
+    runner_v1.select_model_runner()
+    engine_core.patch_prefix_cache()
+    install.patch_workers()
 
 
 RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"

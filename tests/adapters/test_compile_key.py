@@ -13,7 +13,7 @@ pytest.importorskip("vllm")
 def keyed(monkeypatch):
     from vllm.config import VllmConfig
 
-    from steer_adapters.vllm import glue
+    from steer_adapters.vllm.worker import install as glue
 
     glue.patch_compile_cache_key()
     monkeypatch.delenv("STEER_PLUGIN_CONFIG", raising=False)

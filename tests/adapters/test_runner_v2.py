@@ -36,9 +36,9 @@ from vllm.v1.worker.gpu.lora_utils import LoraState
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 from vllm.v1.worker.gpu.states import RequestState
 
-from steer_adapters.vllm import runner_v2
-from steer_adapters.vllm.glue import batch_view_v1
-from steer_adapters.vllm.runner_v2 import RequestInfo, batch_view_v2, install_v2, is_v2_runner
+from steer_adapters.vllm.worker import runner_v2
+from steer_adapters.vllm.worker.runner_v1 import batch_view_v1
+from steer_adapters.vllm.worker.runner_v2 import RequestInfo, batch_view_v2, install_v2, is_v2_runner
 from steer_plugin.request.wire import WIRE_KEY
 
 MAX_REQS, MAX_TOKENS, MAX_MODEL_LEN = 8, 64, 256

@@ -1,5 +1,5 @@
-"""vLLM's internals stay in steer_adapters/vllm/glue.py and runner_v2.py (listed in internals.py, checked by
-check_internals.py): every other module of the plugin (steer_plugin/, steer_adapters/, the middleware, the launcher,
+"""vLLM's internals stay in the adapter's glue modules (GLUE below; listed in internals.py, checked by
+tools/check_internals.py): every other module of the plugin (steer_plugin/, steer_adapters/, the middleware, the launcher,
 the worker extension included) is read with `ast` and must not
 
 - import `vllm` or any `vllm.*` module (`import` or `from ... import`, at any depth in the module), and
@@ -8,7 +8,7 @@ the worker extension included) is read with `ast` and must not
 
 What it does not see: the names inside longer strings (docstrings, the launcher's `python -m
 vllm.entrypoints.openai.api_server` command line, which is vLLM's public CLI) and duck-typed objects handed over
-by glue (the middleware holds a glue.EngineWorkers, never the engine client).
+by the glue (the middleware holds an api.engine.EngineWorkers, never the engine client).
 """
 
 from __future__ import annotations
@@ -19,13 +19,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-GLUE = {"glue.py", "runner_v2.py", "internals.py", "check_internals.py"}  # in steer_adapters/vllm/
+# The modules that may touch vLLM's internals (each internal listed in internals.py), by process.
+GLUE = {
+    "steer_adapters/vllm/internals.py",
+    "steer_adapters/vllm/engine_core.py",
+    "steer_adapters/vllm/worker/install.py",
+    "steer_adapters/vllm/worker/runner_v1.py",
+    "steer_adapters/vllm/worker/runner_v2.py",
+    "steer_adapters/vllm/api/engine.py",
+    "steer_adapters/vllm/api/serve.py",
+}
 ENGINE_NAMES = {"engine_client", "collective_rpc"}
 
 
 def _outside_the_glue() -> list[Path]:
     files = sorted((REPO / "steer_plugin").rglob("*.py")) + sorted((REPO / "steer_adapters").rglob("*.py"))
-    return [p for p in files if not (p.parent == REPO / "steer_adapters" / "vllm" and p.name in GLUE)]
+    return [p for p in files if p.relative_to(REPO).as_posix() not in GLUE]
 
 
 def violations(source: str) -> list[str]:
@@ -61,14 +70,14 @@ def violations(source: str) -> list[str]:
 def test_the_boundary_covers_the_middleware_and_the_launcher():
     names = {p.relative_to(REPO).as_posix() for p in _outside_the_glue()}
     for expected in (
-        "steer_adapters/vllm/middleware.py",
-        "steer_adapters/vllm/launcher.py",
+        "steer_adapters/vllm/api/middleware.py",
+        "steer_adapters/vllm/api/launcher.py",
         "steer_adapters/vllm/plugin.py",
-        "steer_adapters/vllm/worker_extension.py",
+        "steer_adapters/vllm/worker/extension.py",
         "steer_plugin/admin.py",
     ):
         assert expected in names
-    assert "steer_adapters/vllm/glue.py" not in names
+    assert not GLUE & names
 
 
 @pytest.mark.parametrize("path", _outside_the_glue(), ids=lambda p: p.relative_to(REPO).as_posix())
@@ -77,7 +86,7 @@ def test_no_vllm_internals_outside_the_glue(path):
 
 
 def test_the_check_sees_each_kind_of_reach():
-    """What the middleware did before the engine access moved into glue.EngineWorkers, and other spellings."""
+    """What the middleware did before the engine access moved into api.engine.EngineWorkers, and other spellings."""
     source = """
 import vllm.envs
 from vllm.config import VllmConfig
@@ -98,4 +107,6 @@ async def pull(scope, engine_client=None):
         "8: collective_rpc",
         "9: engine_client",
     ]
-    assert violations('"""Calls vLLM\'s collective_rpc."""\nfrom steer_adapters.vllm import glue\n') == []
+    assert (
+        violations('"""Calls vLLM\'s collective_rpc."""\nfrom steer_adapters.vllm.api import engine\n') == []
+    )

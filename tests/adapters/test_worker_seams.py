@@ -3,9 +3,9 @@
 - SteerWorkerExtension, mixed into a worker class by vLLM's own WorkerWrapperBase.init_worker (the code
   `--worker-extension-cls` runs), reached by name through vLLM's own run_method (what collective_rpc runs on each
   worker), with no name clashing with the real CPU/GPU worker classes (vLLM asserts that);
-- glue.select_model_runner: touches VLLM_USE_V2_MODEL_RUNNER only when a steering config exists, also when the
+- runner_v1.select_model_runner: touches VLLM_USE_V2_MODEL_RUNNER only when a steering config exists, also when the
   plugin is loaded as plain vLLM loads it (vllm.plugins.load_general_plugins, in a fresh process);
-- glue.EngineWorkers: the API side's calls, against a stand-in engine client;
+- api_engine.EngineWorkers: the API side's calls, against a stand-in engine client;
 - steer-serve adds `--worker-extension-cls`, keeps a user's class composed with ours, refuses any other.
 """
 
@@ -23,8 +23,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from steer_adapters.vllm import glue, launcher, worker_extension
-from steer_adapters.vllm.worker_extension import EXTENSION_PATH, SteerWorkerExtension
+from steer_adapters.vllm.api import engine as api_engine
+from steer_adapters.vllm.api import launcher
+from steer_adapters.vllm.worker import extension as worker_extension
+from steer_adapters.vllm.worker import runner_v1
+from steer_adapters.vllm.worker.extension import EXTENSION_PATH, SteerWorkerExtension
 
 pytest.importorskip("vllm")
 
@@ -140,7 +143,7 @@ def test_select_model_runner(tmp_path, monkeypatch, caplog, config, preset, expe
     elif config == "missing":
         monkeypatch.setenv("STEER_PLUGIN_CONFIG", str(tmp_path / "nowhere.json"))
     with caplog.at_level(logging.INFO, logger="steer_plugin"):
-        glue.select_model_runner()
+        runner_v1.select_model_runner()
     assert os.environ.get(RUNNER_ENV) == expected
     assert ("Model Runner V1" in caplog.text) == logged
 
@@ -206,19 +209,19 @@ class Composed(dict, SteerWorkerExtension):  # a user's class composed with ours
     ],
 )
 def test_engine_workers_know_whether_the_workers_have_the_extension(extension, expected):
-    workers = glue.EngineWorkers.of(SimpleNamespace(engine_client=FakeEngineClient(extension, [])))
+    workers = api_engine.EngineWorkers.of(SimpleNamespace(engine_client=FakeEngineClient(extension, [])))
     assert workers.have_extension is expected
 
 
 def test_engine_workers_call_the_extension_methods_by_name():
     engine = FakeEngineClient(EXTENSION_PATH, [{"a": 1}, None, {"a": 2}])
-    workers = glue.EngineWorkers.of(SimpleNamespace(engine_client=engine))
+    workers = api_engine.EngineWorkers.of(SimpleNamespace(engine_client=engine))
     # a worker without a steerer answers None: left out
     assert asyncio.run(workers.stats(timeout=10)) == [{"a": 1}, {"a": 2}]
     asyncio.run(workers.load({"id": "s"}, timeout=600))
     assert engine.calls == [("steer_plugin_stats", 10, ()), ("steer_plugin_load", 600, ({"id": "s"},))]
     assert workers.api_process_count == 1
-    assert glue.EngineWorkers.of(SimpleNamespace()) is None  # before the engine is up
+    assert api_engine.EngineWorkers.of(SimpleNamespace()) is None  # before the engine is up
 
 
 # --- steer-serve's flag -------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def test_steer_serve_keeps_a_composed_extension(form):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("json.JSONDecoder", "does not inherit steer_adapters.vllm.worker_extension.SteerWorkerExtension"),
+        ("json.JSONDecoder", "does not inherit steer_adapters.vllm.worker.extension.SteerWorkerExtension"),
         ("no_such_module.Ext", "cannot import it"),
     ],
 )
@@ -281,7 +284,7 @@ def _call(middleware, app_state, method: str, path: str, headers=(), body: bytes
 
 
 def test_middleware_without_the_extension_refuses_loads_and_skips_the_pull(tmp_path, monkeypatch, caplog):
-    from steer_adapters.vllm.middleware import SteeringMiddleware
+    from steer_adapters.vllm.api.middleware import SteeringMiddleware
 
     runtime = {"layers": [1], "rows_per_layer": 4, "roots": [str(tmp_path)], "admin_key": ADMIN_KEY}
     monkeypatch.setenv("STEER_PLUGIN_CONFIG", _config(tmp_path, runtime=runtime))

@@ -43,7 +43,7 @@ def test_demo_config_serves_the_demo_sae(linked_assets):
 
 
 def test_main_hands_the_launcher_the_demo_config_and_model(linked_assets, monkeypatch):
-    import steer_adapters.vllm.launcher as launcher
+    import steer_adapters.vllm.api.launcher as launcher
     from steer_demo import serve
 
     got = []
@@ -60,7 +60,7 @@ def test_main_hands_the_launcher_the_demo_config_and_model(linked_assets, monkey
 
 
 def test_launcher_points_the_old_demo_flag_at_the_demo_command(capsys):
-    from steer_adapters.vllm.launcher import main
+    from steer_adapters.vllm.api.launcher import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--demo", "--port", "8000"])

@@ -37,8 +37,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steer_adapters.vllm.launcher import _flag_value as _flag
-from steer_adapters.vllm.launcher import _without_flag as _without
+from steer_adapters.vllm.api.launcher import _flag_value as _flag
+from steer_adapters.vllm.api.launcher import _without_flag as _without
 
 from ..test_packaging import _local_setuptools_builds_wheels
 from ..tools import require_module
@@ -496,8 +496,8 @@ def test_vllm_accepts_the_flags_and_answers_the_probe_path(tmp_path):
     launcher's --additional-config, --middleware and --worker-extension-cls), and the app it builds answers
     /health and /metrics through the plugin's middleware."""
     pytest.importorskip("vllm")
-    from steer_adapters.vllm.launcher import MIDDLEWARE
-    from steer_adapters.vllm.worker_extension import EXTENSION_PATH
+    from steer_adapters.vllm.api.launcher import MIDDLEWARE
+    from steer_adapters.vllm.worker.extension import EXTENSION_PATH
     from steer_plugin.config import ADDITIONAL_CONFIG_KEY
 
     argv = _without(_server_args()["k8s"], "--steer-config")
@@ -568,17 +568,17 @@ def test_dockerfile_pins_a_vllm_image_the_glue_is_checked_against():
     assert match, f"base image {image} is not a pinned vllm/vllm-openai release tag"
     checked = _checked_vllm()
     assert match[1] in checked
-    # exactly the CUDA vllm of requirements/vllm-versions.txt (a Dockerfile cannot read it from there)
-    from steer_adapters.vllm.check_internals import pinned
+    # exactly the CUDA vllm of steer_adapters/vllm/vllm-versions.txt (a Dockerfile cannot read it from there)
+    from steer_adapters.vllm.versions import pinned
 
     gpu = pinned("gpu", "vllm").version
     assert image == f"vllm/vllm-openai:v{gpu}", (
-        f"requirements/vllm-versions.txt pins vllm=={gpu}: set deploy/Dockerfile's ARG VLLM_IMAGE to "
+        f"steer_adapters/vllm/vllm-versions.txt pins vllm=={gpu}: set deploy/Dockerfile's ARG VLLM_IMAGE to "
         f"vllm/vllm-openai:v{gpu} (it is {image})"
     )
     comment = DOCKERFILE.read_text().replace("\n# ", " ")
     assert (
-        "checked against the versions in requirements/vllm-versions.txt" in comment
+        "checked against the versions in steer_adapters/vllm/vllm-versions.txt" in comment
         and f"pins {image}" in comment
     )
 
@@ -588,7 +588,7 @@ def test_dockerfile_entrypoint_is_steer_serve():
     entrypoints = [json.loads(v) for i, v in final["instructions"] if i == "ENTRYPOINT"]
     assert entrypoints == [["steer-serve"]]
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["steer-serve"] == "steer_adapters.vllm.launcher:main"
+    assert scripts["steer-serve"] == "steer_adapters.vllm.api.launcher:main"
     assert ("EXPOSE", str(PORT)) in final["instructions"]
 
 

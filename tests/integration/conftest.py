@@ -121,7 +121,7 @@ def make_llm(model_dir: str, config_path: str | None, enforce_eager: bool, plugi
 
     additional = {"steer_plugin": {"config_path": config_path}} if config_path else {}
     if config_path:  # the worker methods tests call by name (collective_rpc("steer_plugin_stats"))
-        kwargs.setdefault("worker_extension_cls", "steer_adapters.vllm.worker_extension.SteerWorkerExtension")
+        kwargs.setdefault("worker_extension_cls", "steer_adapters.vllm.worker.extension.SteerWorkerExtension")
     saved = os.environ.get("VLLM_PLUGINS")
     if not plugins:
         os.environ["VLLM_PLUGINS"] = ""  # an allowlist naming nothing: no general plugin loads
@@ -237,7 +237,7 @@ def running_server(
     """`steer-serve` on the demo model (fp32; eager unless `compiled`: vLLM's default compile mode) until it
     answers /health; stopped with SIGTERM after."""
     cmd = [
-        sys.executable, "-m", "steer_adapters.vllm.launcher", "--steer-config", config_path,
+        sys.executable, "-m", "steer_adapters.vllm.api.launcher", "--steer-config", config_path,
         "--model", str(model_dir), "--served-model-name", "demo", "--dtype", "float32",
         *([] if compiled else ["--enforce-eager"]),
         "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port), *flags,

@@ -237,7 +237,7 @@ def test_server_refuses_to_start_when_the_op_does_not_fire(demo_assets, steer_co
     cmd = [
         sys.executable,
         "-m",
-        "steer_adapters.vllm.launcher",
+        "steer_adapters.vllm.api.launcher",
         "--steer-config",
         steer_config_path,
         "--model",

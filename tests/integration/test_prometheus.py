@@ -86,7 +86,7 @@ def server(request, demo_assets, server_config):
     if request.param == "one-api-server":
         serving = running_server(demo_assets.model_dir, server_config, PORT)
     else:
-        # steer-serve runs `vllm serve` for this (glue.run_vllm_serve), which makes its own multiprocess dir.
+        # steer-serve runs `vllm serve` for this (api/serve.py), which makes its own multiprocess dir.
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         serving = running_server(
             demo_assets.model_dir, server_config, PORT, "--api-server-count", "2", env=env

@@ -569,7 +569,7 @@ def test_compare_errors_name_the_field(path, body, param, server):
 def test_workers_answer_through_the_plugins_extension(server, client):
     """steer-serve started vLLM with the plugin's worker extension, and the worker figures on /metrics come
     through it (collective_rpc("steer_plugin_stats") on the extension's method)."""
-    from steer_adapters.vllm.worker_extension import EXTENSION_PATH
+    from steer_adapters.vllm.worker.extension import EXTENSION_PATH
 
     argv = open(f"/proc/{server.pid}/cmdline", "rb").read().decode().split("\0")
     assert argv[argv.index("--worker-extension-cls") + 1] == EXTENSION_PATH

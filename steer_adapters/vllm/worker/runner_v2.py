@@ -148,6 +148,11 @@ def _check_runner(runner) -> None:
         raise _unsupported("adaptive draft verification changes token rows on the GPU only; not supported")
 
 
+def install(runner, model, steerer: Steerer) -> RequestRegistry:
+    """The runner module's entry point (worker/install.py): hook this V2 runner's steps."""
+    return install_v2(runner, steerer)
+
+
 def install_v2(runner, steerer: Steerer) -> RequestRegistry:
     """Wrap (on the instance) add_requests, finish_requests and prepare_inputs; call after load_model."""
     _check_layouts()
@@ -197,7 +202,7 @@ def install_v2(runner, steerer: Steerer) -> RequestRegistry:
     return registry
 
 
-def self_test_step_v2(runner):
+def self_test_step(runner):
     """One decode-shaped dummy forward of one token (V2 dummy batches zero input_ids/positions, input_batch.py:174-175)."""
 
     def decode_one_token():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from steer_adapters.vllm import sse
+from steer_adapters.vllm.api import sse
 
 STEERED, DEFAULT = "steered", "default"
 VARIANTS = (STEERED, DEFAULT)

@@ -1,9 +1,9 @@
 """The worker side of the API server's calls: vLLM mixes this class into its worker class when the server runs
-with `--worker-extension-cls steer_adapters.vllm.worker_extension.SteerWorkerExtension` (steer-serve adds it), and
-the API process calls its methods by name through the engine client's collective_rpc (glue.EngineWorkers).
+with `--worker-extension-cls steer_adapters.vllm.worker.extension.SteerWorkerExtension` (steer-serve adds it), and
+the API process calls its methods by name through the engine client's collective_rpc (api/engine.EngineWorkers).
 
 vLLM appends the class to the worker class's bases and refuses any name the worker already has, so the
-extension only adds methods; the worker's own start-up (load_model, warm-up) stays hooked by glue.patch_workers.
+extension only adds methods; the worker's own start-up (load_model, warm-up) stays hooked by worker/install.patch_workers.
 The steerer a worker loaded is kept here, by worker, instead of as an attribute set on the worker.
 """
 
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from steer_plugin.engine.steerer import Steerer
 
-EXTENSION_PATH = "steer_adapters.vllm.worker_extension.SteerWorkerExtension"
+EXTENSION_PATH = "steer_adapters.vllm.worker.extension.SteerWorkerExtension"
 
 _STEERERS: weakref.WeakKeyDictionary[object, Steerer] = weakref.WeakKeyDictionary()
 
 
 def attach(worker: object, steerer: Steerer) -> None:
-    """Record the steerer `worker` loaded (glue.install_steerer)."""
+    """Record the steerer `worker` loaded (worker/install.py)."""
     _STEERERS[worker] = steerer
 
 

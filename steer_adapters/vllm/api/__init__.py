@@ -1,0 +1,1 @@
+"""The API server process: the middleware, its view of the engine's workers, and the `steer-serve` launcher."""

@@ -1,0 +1,76 @@
+"""The served engine as the API process sees it: the model's shape and the workers' collective_rpc.
+
+The middleware holds nothing else of the engine (tests/adapters/test_vllm_boundary.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+from steer_adapters.vllm.worker import extension
+
+
+def model_shape(app_state) -> tuple[int, int] | None:
+    """(decoder layers, d_model) of the served model, from the API server's engine client (None before the
+    engine is up)."""
+    engine = getattr(app_state, "engine_client", None)
+    model_config = getattr(engine, "model_config", None)
+    text = getattr(model_config, "hf_text_config", None)
+    if text is None:
+        return None
+    return int(text.num_hidden_layers), int(text.hidden_size)
+
+
+MISSING_EXTENSION = (
+    f"the workers lack {extension.EXTENSION_PATH}: start the server with steer-serve, or pass "
+    f"--worker-extension-cls {extension.EXTENSION_PATH} to vLLM"
+)
+
+
+@functools.cache
+def _provides_extension(qualname: str) -> bool:
+    if not qualname:
+        return False
+    module, _, name = qualname.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return extension.is_extension(cls)
+
+
+class EngineWorkers:
+    """The served engine's workers from the API process: vLLM's engine client (app.state.engine_client) and its
+    collective_rpc, which calls a extension.SteerWorkerExtension method on every TP and PP rank."""
+
+    def __init__(self, engine_client) -> None:
+        self._engine = engine_client
+
+    @classmethod
+    def of(cls, app_state) -> EngineWorkers | None:
+        """The workers of the app's engine, or None before the engine is up."""
+        engine = getattr(app_state, "engine_client", None)
+        return None if engine is None else cls(engine)
+
+    @property
+    def api_process_count(self) -> int:
+        """How many API server processes this server runs (--api-server-count): each holds its own catalog."""
+        parallel = self._engine.vllm_config.parallel_config
+        return int(getattr(parallel, "_api_process_count", 1))
+
+    @property
+    def have_extension(self) -> bool:
+        """Whether the workers were started with the extension (--worker-extension-cls, resolved as vLLM does)."""
+        return _provides_extension(self._engine.vllm_config.parallel_config.worker_extension_cls)
+
+    async def stats(self, timeout: float) -> list[dict]:
+        """Every worker's Steerer.stats (workers without a steerer left out)."""
+        name = extension.SteerWorkerExtension.steer_plugin_stats.__name__
+        outcomes = await self._engine.collective_rpc(name, timeout=timeout)
+        return [o for o in outcomes if o is not None]
+
+    async def load(self, command: dict, timeout: float) -> list[dict]:
+        """One runtime LoadCommand (as a dict) on every worker; their LoadOutcomes (as dicts)."""
+        name = extension.SteerWorkerExtension.steer_plugin_load.__name__
+        return await self._engine.collective_rpc(name, timeout=timeout, args=(command,))
