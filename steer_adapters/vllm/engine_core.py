@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+from steer_adapters.vllm import preflight
 from steer_plugin.request.wire import WIRE_KEY, RequestPlan
 
 
@@ -54,6 +55,7 @@ def patch_prefix_cache() -> None:
     - a request that reports prompt-token features must compute every prompt position, so it skips reading
       the prefix cache (cached positions have no residual to read).
     """
+    preflight.check("engine_core")  # refuses to start, naming what moved, on a vLLM we do not fit
     from vllm.v1.core import kv_cache_utils
     from vllm.v1.request import Request
 
@@ -75,7 +77,7 @@ def patch_prefix_cache() -> None:
     original_from = Request.from_engine_core_request.__func__
 
     @functools.wraps(original_from)
-    def from_engine_core_request(cls, request, block_hasher):
+    def from_engine_core_request(cls, request, block_hasher, *args, **kwargs):
         params = request.sampling_params
         # The request's one decode in the engine core: its salt and whether its prompt is observed.
         plan = request_plan(params.extra_args if params is not None else None)
@@ -87,9 +89,15 @@ def patch_prefix_cache() -> None:
                     setattr(req, _SALT_ATTR, kv_salt(_plan, req.num_prompt_tokens))
                 return _plain(req)
 
-        built = original_from(cls, request, block_hasher)
+            # vLLM 0.34: prompt block hashes a frontend computed (EngineCoreRequest.block_hashes) know no salt;
+            # the engine hashes the prompt itself instead.
+            if args:
+                args = (None, *args[1:])
+            elif kwargs.get("block_hashes") is not None:
+                kwargs["block_hashes"] = None
         if plan is not None and plan.observes_prompt:
-            built.skip_reading_prefix_cache = True
-        return built
+            # Cached prompt positions have no residual to read (a public SamplingParams field, read by Request).
+            params.skip_reading_prefix_cache = True
+        return original_from(cls, request, block_hasher, *args, **kwargs)
 
     Request.from_engine_core_request = classmethod(from_engine_core_request)

@@ -23,7 +23,7 @@ def register() -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     from steer_adapters.vllm import engine_core
-    from steer_adapters.vllm.worker import install, runner_v1
+    from steer_adapters.vllm.worker import install
     from steer_plugin import signing
     from steer_plugin.monitor import channel
 
@@ -32,9 +32,7 @@ def register() -> None:
     signing.wire_key()
     channel.ensure_private_run_dir()
     carry_to_ray_workers()
-    install.patch_compile_cache_key()
-    runner_v1.select_model_runner()
-    engine_core.patch_prefix_cache()
+    engine_core.patch_prefix_cache()  # checks the engine core's internals first (preflight.py)
     install.patch_workers()
 
 

@@ -36,7 +36,6 @@ class BatchView(NamedTuple):
     num_computed: np.ndarray  # [R]: position of each request's first token in this step
     num_prompt: np.ndarray  # [R]
     wires: list[str | None]  # [R]: SamplingParams.extra_args[WIRE_KEY] (a signed RequestPlan) or None
-    eos_token_ids: list[int | None] | None = None  # [R]: the token that ends each request (abort_when)
 
 
 class SelfTestError(RuntimeError):
@@ -99,10 +98,11 @@ class Steerer:
             layer: steer_op.LayerRuntime(self.tables[layer], self.step, observable=layer in sae_layers)
             for layer in self.banks
         }
-        # Per request, keyed by its id and checked against its wire text (a request's plan never changes while it
-        # runs; a reused id with another message decodes afresh): the decoded plan, its compiled layer plans
-        # (dropped when bank rows move) and its observation narrowed to the SAEs this worker has.
-        self._requests: dict[str, tuple[object, RequestPlan | None]] = {}
+        # Decoded plans by their wire text (each message decoded once in this process, whoever asks: the runner's
+        # step or a logits processor); per request, keyed by its id and checked against its wire text (a reused
+        # id with another message compiles afresh): its compiled layer plans (dropped when bank rows move) and its
+        # observation narrowed to the SAEs this worker has.
+        self._decoded: dict[object, RequestPlan | None] = {}
         self._plans: dict[str, tuple[object, dict[int, LayerPlan]]] = {}
         self._observes: dict[str, tuple[object, ObservePlan | None]] = {}
         self._observed: list[ObservedRows] = []
@@ -113,10 +113,6 @@ class Steerer:
             on_capacity=lambda req_id, err: self._reject("capacity", req_id, err),
             on_release=self._released,
         )
-        # abort_when: per request row of the coming sampling, force the end-of-sequence token (device mask).
-        self.abort_rows: torch.Tensor | None = None  # [R] bool, set by after_forward for this step's logits
-        self.abort_eos: torch.Tensor | None = None  # [R] int64 token to force
-        self._batch: BatchView | None = None
         self.observer = Observer(
             {s.id: self.sae_view(s) for s in self.assets.saes.values()},
             write=tp_rank == 0,
@@ -220,19 +216,23 @@ class Steerer:
                 self.features_applied[o.source] = self.features_applied.get(o.source, 0) + 1
         return plans
 
-    def request_plan(self, req_id: str, wire: object) -> RequestPlan | None:
-        """The request's decoded plan: decoded once per request; None (and counted) for a message we did not
-        sign or that is out of range (the request then runs unsteered and unobserved, never crashing)."""
-        cached = self._requests.get(req_id)
-        if cached is not None and cached[0] == wire:
-            return cached[1]
+    def plan_of(self, wire: object, req_id: str = "?") -> RequestPlan | None:
+        """The decoded plan of a wire message, decoded once per process; None (and counted) for a message we
+        did not sign or that is out of range (the request then runs unsteered and unobserved, never crashing)."""
+        key = wire if isinstance(wire, str) else repr(wire)
+        if key in self._decoded:
+            return self._decoded[key]
         try:
             plan = RequestPlan.decode(wire)
         except Exception as err:
             self._reject("steering", req_id, err)
             plan = None
-        self._requests[req_id] = (wire, plan)
+        self._decoded[key] = plan
         return plan
+
+    def request_plan(self, req_id: str, wire: object) -> RequestPlan | None:
+        """The request's decoded plan (see plan_of)."""
+        return self.plan_of(wire, req_id)
 
     def plan_for(self, req_id: str, wire: object) -> dict[int, LayerPlan]:
         """The request's ops compiled for the layers this worker owns (bank rows, coefficients)."""
@@ -307,14 +307,15 @@ class Steerer:
         self.rejected_messages[what] = self.rejected_messages.get(what, 0) + 1
         logger.error("steer_plugin: ignoring %s message of request %s: %s", what, req_id, err)
 
-    def _prune_plans(self, live: list[str]) -> None:
-        if len(self._requests) > 4 * max(len(live), 64):
+    def _prune_plans(self, live: list[str], wires: list) -> None:
+        if len(self._decoded) > 4 * max(len(live), 64) or len(self._plans) > 4 * max(len(live), 64):
             keep = set(live)
             for req_id in [r for r in self._inline_rows if r not in keep and r not in self.step.slot_of]:
                 self._free_inline(req_id)  # a plan made for a request that never took its slot
             self._plans = {k: v for k, v in self._plans.items() if k in keep}
             self._observes = {k: v for k, v in self._observes.items() if k in keep}
-            self._requests = {k: v for k, v in self._requests.items() if k in keep}
+            live_wires = {w if isinstance(w, str) else repr(w) for w in wires if w is not None}
+            self._decoded = {k: v for k, v in self._decoded.items() if k in live_wires}
 
     def _plan_captures(self, batch: BatchView) -> None:
         """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
@@ -361,58 +362,27 @@ class Steerer:
         for layer, rows in rows_by_layer.items():
             self.runtimes[layer].capture_rows = torch.tensor(sorted(rows), device=self.device)
 
-    def after_forward(self) -> None:
-        """Read the features of this step's observed tokens (outside the model forward and any graph)."""
+    def after_forward(self) -> list[int]:
+        """Read the features of this step's observed tokens (outside the model forward and any graph); returns
+        the batch positions of the requests whose abort_when fired: the runner's adapter makes each one's sampled
+        token its end-of-sequence token, so it ends right there, before the token the crossing residual would
+        have predicted."""
         try:
-            if self._observed:
-                captures = {
-                    s: self.runtimes[self.assets.saes[s].layer].capture
-                    for s in {g.sae_id for g in self._observed}
-                }
-                self._arm_aborts(self.observer.collect(self._observed, captures))
+            if not self._observed:
+                return []
+            captures = {
+                s: self.runtimes[self.assets.saes[s].layer].capture
+                for s in {g.sae_id for g in self._observed}
+            }
+            hits = self.observer.collect(self._observed, captures)
+            return sorted({h.req_index for h in hits})
         finally:
             self.disarm()
-
-    def _arm_aborts(self, hits: list) -> None:
-        """abort_when fired: the sampled token of these requests becomes their end-of-sequence token, so each
-        ends right there, before the token the crossing residual would have predicted."""
-        batch = self._batch
-        if not hits or batch is None:
-            return
-        eos = batch.eos_token_ids or [None] * len(batch.req_ids)
-        rows = [h.req_index for h in hits if eos[h.req_index] is not None]
-        if len(rows) < len(hits):
-            logger.error("steer_plugin: abort_when fired on a request without an end-of-sequence token")
-        if not rows:
-            return
-        mask = torch.zeros(len(batch.req_ids), dtype=torch.bool)
-        mask[rows] = True
-        tokens = torch.tensor([t if t is not None else 0 for t in eos], dtype=torch.int64)
-        self.abort_rows, self.abort_eos = mask.to(self.device), tokens.to(self.device)
-
-    def force_aborts(self, logits: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits [R, vocab] of this step's sampled rows, with the rows of aborted requests turned into a
-        certain end-of-sequence token (one step only)."""
-        rows, eos = self.abort_rows, self.abort_eos
-        self.abort_rows = self.abort_eos = None
-        if rows is None or logits is None:
-            return logits
-        if logits.shape[0] != rows.shape[0]:  # more than one sampled row per request (speculative decoding)
-            logger.error(
-                "steer_plugin: abort_when skipped: %d logit rows for %d requests",
-                logits.shape[0],
-                rows.shape[0],
-            )
-            return logits
-        forced = torch.full_like(logits, float("-inf"))
-        forced.scatter_(1, eos[:, None], 0.0)
-        return torch.where(rows[:, None], forced, logits)
 
     def disarm(self) -> None:
         """Until the next prepare(), the op steers and captures nothing: forwards that skip preparation
         (warm-up, profile and dummy runs, idle data-parallel ranks) never read this step's rows."""
         self._observed = []
-        self._batch = None
         self.step.disarm()
         for rt in self.runtimes.values():
             rt.capture_rows = None
@@ -428,14 +398,16 @@ class Steerer:
             self.clear()
             self.disarm()
 
-    def after_forward_safely(self) -> None:
+    def after_forward_safely(self) -> list[int]:
+        """after_forward; on any error, log it, count it and drop this step's observations (no abort)."""
         try:
-            self.after_forward()
+            return self.after_forward()
         except Exception:
             self.step_errors += 1
             logger.exception(
                 "steer_plugin: reading observed features failed; observations of this step dropped"
             )
+            return []
 
     def stats(self) -> dict:
         """Cumulative worker figures, pulled by the API server for /metrics."""
@@ -475,11 +447,9 @@ class Steerer:
             batch.num_computed,
             self.plan_for,
         )
-        self._batch = batch
-        self.abort_rows = self.abort_eos = None
         self.runtime_loads.release_retired()
         self._plan_captures(batch)
-        self._prune_plans(batch.req_ids)
+        self._prune_plans(batch.req_ids, batch.wires)
         return steered
 
     def clear(self) -> None:

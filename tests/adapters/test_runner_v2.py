@@ -36,9 +36,8 @@ from vllm.v1.worker.gpu.lora_utils import LoraState
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 from vllm.v1.worker.gpu.states import RequestState
 
-from steer_adapters.vllm.worker import runner_v2
-from steer_adapters.vllm.worker.runner_v1 import batch_view_v1
-from steer_adapters.vllm.worker.runner_v2 import RequestInfo, batch_view_v2, install_v2, is_v2_runner
+from steer_adapters.vllm.worker import runner_v1
+from steer_adapters.vllm.worker.runner_v2 import RequestInfo, SlotRequests, batch_view, install, is_v2_runner
 from steer_plugin.request.wire import WIRE_KEY
 
 MAX_REQS, MAX_TOKENS, MAX_MODEL_LEN = 8, 64, 256
@@ -79,6 +78,9 @@ def v2_runner(monkeypatch):
     runner.max_num_tokens = MAX_TOKENS
     runner.parallel_config = ParallelConfig()
     runner.speculator = None
+    runner.vllm_config = types.SimpleNamespace(
+        parallel_config=runner.parallel_config, speculative_config=None
+    )
     runner.req_states = RequestState(MAX_REQS, MAX_MODEL_LEN, MAX_TOKENS, 0, 1000, CPU)
     runner.req_states.apply_staged_writes = lambda: (
         None
@@ -118,7 +120,7 @@ class RecordingSteerer:
         self.prepare(batch_view())
 
     def after_forward_safely(self):
-        pass
+        return []
 
     def disarm(self):
         pass
@@ -127,8 +129,8 @@ class RecordingSteerer:
 @pytest.fixture
 def installed(v2_runner):
     steerer = RecordingSteerer()
-    registry = install_v2(v2_runner, steerer)
-    return v2_runner, registry, steerer
+    requests = install(v2_runner, None, steerer)
+    return v2_runner, requests, steerer
 
 
 # --- scheduler outputs ------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def rows(view):
 
 
 def test_prefill_step(installed):
-    runner, registry, steerer = installed
+    runner, requests, steerer = installed
     batch = play(runner, 1)
     assert isinstance(batch, InputBatch)
     (view,) = steerer.views
@@ -238,7 +240,7 @@ def test_prefill_step(installed):
 
 
 def test_mixed_step_decodes_first_then_chunked_prefill(installed):
-    runner, registry, steerer = installed
+    runner, requests, steerer = installed
     batch = play(runner, 2)
     view = steerer.views[-1]
     assert batch.req_ids == ["A", "B", "C"]  # C was scheduled first but V2 puts decodes first
@@ -256,7 +258,7 @@ def test_mixed_step_decodes_first_then_chunked_prefill(installed):
 
 
 def test_pure_decode_step_with_full_graph_request_padding(installed):
-    runner, registry, steerer = installed
+    runner, requests, steerer = installed
     # A FULL decode graph captured for 4 requests / 4 tokens serves this 3-request step.
     desc = BatchExecutionDescriptor(
         cg_mode=CUDAGraphMode.FULL, num_tokens=4, num_reqs=4, uniform_token_count=1, max_query_len=1
@@ -272,68 +274,71 @@ def test_pure_decode_step_with_full_graph_request_padding(installed):
     assert len(steerer.views) == 4  # one prepare per forward
 
 
-def test_finished_and_preempted_requests_are_forgotten(installed):
-    runner, registry, steerer = installed
+def test_finished_preempted_and_resumed_requests(installed):
+    runner, requests, steerer = installed
     play(runner, 4)
-    assert set(registry.info) == {"A", "B", "C"}
+    assert {i.req_id for i in requests.by_slot.values()} == {"A", "B", "C"}
 
     execute(runner, STEPS[4]())  # B finished
-    assert set(registry.info) == {"A", "C"}
     view = steerer.views[-1]
     assert view.req_ids == ["C", "A"]
     assert rows(view) == [("C", 11), ("A", 6)]
     assert view.wires == ["wC", "wA"]
 
-    execute(runner, STEPS[5]())  # A preempted: V2 frees it too (model_runner.py:1157-1159)
-    assert set(registry.info) == {"C"}
+    execute(runner, STEPS[5]())  # A preempted: V2 frees its slot
     assert rows(steerer.views[-1]) == [("C", 12)]
 
-    batch = execute(runner, STEPS[6]())  # A resumed, recomputed from position 0
-    assert set(registry.info) == {"A", "C"}
+    batch = execute(runner, STEPS[6]())  # A resumed, recomputed from position 0, maybe in another slot
     view = steerer.views[-1]
     assert view.req_ids == ["C", "A"]
     assert rows(view) == [("C", 13)] + [("A", p) for p in range(8)]
     assert batch.prefill_len_np.tolist() == [10, 8]  # V2's prefill length counts A's generated tokens ...
     assert view.num_prompt.tolist() == [10, 3]  # ... the view keeps the prompt length
     assert view.wires == ["wC", "wA"]
-    assert registry.info["A"] == RequestInfo(3, "wA")
+    slot_of_a = int(batch.idx_mapping_np[1])
+    assert requests.by_slot[slot_of_a] == RequestInfo("A", 3, "wA")
+    assert len(requests.by_slot) <= MAX_REQS  # one entry per slot: nothing to free when requests end
 
 
-def test_request_added_behind_the_wrapper_is_an_error(installed):
-    runner, registry, steerer = installed
+def test_a_request_that_never_entered_is_an_error(installed):
+    """A request in the batch that this worker never saw enter (vLLM changed how requests reach the worker):
+    prepare_or_disarm runs the step unsteered and says why, never steering with another request's plan."""
+    runner, requests, steerer = installed
     out = STEPS[0]()
     runner.finish_requests(out)
-    GPUModelRunner.add_requests(runner, out)  # vLLM adds requests, our hook does not see them
+    runner.add_requests(out)
     runner.update_requests(out)
     batch_state, _ = runner.gather_batch_req_state(out, False)
-    with pytest.raises(RuntimeError, match="never seen in add_requests"):
+    out.scheduled_new_reqs = []  # as if vLLM no longer listed them there
+    with pytest.raises(RuntimeError, match="never entered it through scheduled_new_reqs"):
         runner.prepare_inputs(out, batch_state, eager(5), 0)
 
 
 def test_view_of_make_dummy_batch():
     """vLLM's own dummy builder: 7 tokens over 3 requests, the remainder on the last (input_batch.py:148-153)."""
     batch = InputBatch.make_dummy(3, 7, InputBuffers(MAX_REQS, MAX_TOKENS, CPU))
-    info = {r: RequestInfo(4, None) for r in batch.req_ids}
-    view = batch_view_v2(batch, info)
+    requests = SlotRequests()
+    requests.by_slot = {int(s): RequestInfo(r, 4, None) for r, s in zip(batch.req_ids, batch.idx_mapping_np)}
+    view = batch_view(batch, requests)
     assert view.req_ids == batch.req_ids
     assert view.query_start.tolist() == [0, 2, 4, 7]
     assert view.num_computed.tolist() == [0, 0, 0]
-    with pytest.raises(RuntimeError, match="never seen"):
-        batch_view_v2(batch, {})
+    with pytest.raises(RuntimeError, match="never entered"):
+        batch_view(batch, SlotRequests())
 
 
 # --- install_v2 --------------------------------------------------------------------------------------------------
 
 
 def test_install_wraps_the_instance_not_the_class(installed):
-    runner, registry, steerer = installed
-    for name in ("add_requests", "finish_requests", "prepare_inputs"):
+    runner, requests, steerer = installed
+    for name in ("prepare_inputs", "execute_model"):
         assert name in vars(runner)
         assert getattr(GPUModelRunner, name).__qualname__ == f"GPUModelRunner.{name}"
     other = GPUModelRunner.__new__(GPUModelRunner)
     assert "prepare_inputs" not in vars(other)
     with pytest.raises(RuntimeError, match="twice"):
-        install_v2(runner, steerer)
+        install(runner, None, steerer)
 
 
 def test_is_v2_runner():
@@ -351,36 +356,26 @@ def test_install_refuses_a_v1_runner():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner as CPURunnerV1
 
     with pytest.raises(RuntimeError, match=rf"vLLM {vllm.__version__} .*not a Model Runner V2"):
-        install_v2(CPURunnerV1.__new__(CPURunnerV1), RecordingSteerer())
+        install(CPURunnerV1.__new__(CPURunnerV1), None, RecordingSteerer())
 
 
 def test_install_names_a_missing_method(v2_runner):
     v2_runner.prepare_inputs = None
     with pytest.raises(RuntimeError, match=rf"vLLM {vllm.__version__} .*'prepare_inputs'"):
-        install_v2(v2_runner, RecordingSteerer())
-    assert "add_requests" not in vars(v2_runner)  # nothing half-installed
-
-
-def test_install_names_a_missing_input_batch_field(v2_runner, monkeypatch):
-    monkeypatch.setattr(
-        runner_v2, "_INPUT_BATCH_FIELDS", (*runner_v2._INPUT_BATCH_FIELDS, "query_start_rows")
-    )
-    with pytest.raises(
-        RuntimeError, match=rf"vLLM {vllm.__version__} .*InputBatch has no field 'query_start_rows'"
-    ):
-        install_v2(v2_runner, RecordingSteerer())
+        install(v2_runner, None, RecordingSteerer())
+    assert "execute_model" not in vars(v2_runner)  # nothing half-installed
 
 
 def test_install_refuses_prefill_context_parallel(v2_runner):
-    v2_runner.parallel_config = ParallelConfig(prefill_context_parallel_size=2)
+    v2_runner.vllm_config.parallel_config = ParallelConfig(prefill_context_parallel_size=2)
     with pytest.raises(RuntimeError, match="prefill context parallelism"):
-        install_v2(v2_runner, RecordingSteerer())
+        install(v2_runner, None, RecordingSteerer())
 
 
-def test_install_refuses_adaptive_verification(v2_runner):
-    v2_runner.speculator = types.SimpleNamespace(enable_adaptive_verification=True)
-    with pytest.raises(RuntimeError, match="adaptive draft verification"):
-        install_v2(v2_runner, RecordingSteerer())
+def test_install_refuses_speculative_decoding(v2_runner):
+    v2_runner.vllm_config.speculative_config = types.SimpleNamespace(num_speculative_tokens=3)
+    with pytest.raises(RuntimeError, match="speculative decoding"):
+        install(v2_runner, None, RecordingSteerer())
 
 
 # --- V1 and V2 agree on the same logical batch --------------------------------------------------------------------
@@ -392,7 +387,7 @@ def test_v1_view_matches_v2_view_for_the_mixed_step(installed):
     from vllm.v1.worker.gpu_input_batch import CachedRequestState
     from vllm.v1.worker.gpu_input_batch import InputBatch as InputBatchV1
 
-    runner, registry, steerer = installed
+    runner, requests, steerer = installed
     play(runner, 2)
     v2 = steerer.views[-1]
 
@@ -427,7 +422,7 @@ def test_v1_view_matches_v2_view_for_the_mixed_step(installed):
     n = batch.num_reqs
     # gpu_model_runner.py:2029-2030: cumulative scheduled tokens in the persistent batch's order.
     query_start_loc.np[1 : n + 1] = np.cumsum([scheduled[r] for r in batch.req_ids[:n]])
-    v1 = batch_view_v1(
+    v1 = runner_v1.batch_view(
         types.SimpleNamespace(input_batch=batch, query_start_loc=query_start_loc, requests=states)
     )
 

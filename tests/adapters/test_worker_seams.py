@@ -3,8 +3,8 @@
 - SteerWorkerExtension, mixed into a worker class by vLLM's own WorkerWrapperBase.init_worker (the code
   `--worker-extension-cls` runs), reached by name through vLLM's own run_method (what collective_rpc runs on each
   worker), with no name clashing with the real CPU/GPU worker classes (vLLM asserts that);
-- runner_v1.select_model_runner: touches VLLM_USE_V2_MODEL_RUNNER only when a steering config exists, also when the
-  plugin is loaded as plain vLLM loads it (vllm.plugins.load_general_plugins, in a fresh process);
+- the plugin loaded as plain vLLM loads it (vllm.plugins.load_general_plugins, in a fresh process) leaves vLLM's
+  choice of model runner alone, with or without a steering config;
 - api_engine.EngineWorkers: the API side's calls, against a stand-in engine client;
 - steer-serve adds `--worker-extension-cls`, keeps a user's class composed with ours, refuses any other.
 """
@@ -26,7 +26,6 @@ import pytest
 from steer_adapters.vllm.api import engine as api_engine
 from steer_adapters.vllm.api import launcher
 from steer_adapters.vllm.worker import extension as worker_extension
-from steer_adapters.vllm.worker import runner_v1
 from steer_adapters.vllm.worker.extension import EXTENSION_PATH, SteerWorkerExtension
 
 pytest.importorskip("vllm")
@@ -121,33 +120,6 @@ def _config(tmp_path, **extra) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize(
-    ("config", "preset", "expected", "logged"),
-    [
-        (None, None, None, False),  # plain vLLM: untouched, silent
-        ("v1", None, "0", True),  # steering config, V2 not allowed: V1
-        ("v2", None, None, False),  # steering config allowing V2: vLLM's choice
-        ("v1", "1", "1", False),  # the operator's own choice wins
-        ("missing", None, "0", True),  # named but unreadable: steering was asked for
-    ],
-)
-def test_select_model_runner(tmp_path, monkeypatch, caplog, config, preset, expected, logged):
-    monkeypatch.delenv(RUNNER_ENV, raising=False)
-    monkeypatch.delenv("STEER_PLUGIN_CONFIG", raising=False)
-    if preset is not None:
-        monkeypatch.setenv(RUNNER_ENV, preset)
-    if config == "v1":
-        monkeypatch.setenv("STEER_PLUGIN_CONFIG", _config(tmp_path))
-    elif config == "v2":
-        monkeypatch.setenv("STEER_PLUGIN_CONFIG", _config(tmp_path, allow_v2_model_runner=True))
-    elif config == "missing":
-        monkeypatch.setenv("STEER_PLUGIN_CONFIG", str(tmp_path / "nowhere.json"))
-    with caplog.at_level(logging.INFO, logger="steer_plugin"):
-        runner_v1.select_model_runner()
-    assert os.environ.get(RUNNER_ENV) == expected
-    assert ("Model Runner V1" in caplog.text) == logged
-
-
 _PLAIN_VLLM = """
 import os
 from vllm.plugins import load_general_plugins
@@ -159,7 +131,7 @@ print(plugin._registered, os.environ.get("VLLM_USE_V2_MODEL_RUNNER"))
 
 @pytest.mark.parametrize("with_config", [False, True])
 def test_plain_vllm_loading_the_plugin(tmp_path, with_config):
-    """As vLLM loads general plugins in a fresh process: no steering config leaves the runner variable unset."""
+    """As vLLM loads general plugins in a fresh process: the plugin registers and never picks the runner."""
     env = {
         k: v for k, v in os.environ.items() if k not in (RUNNER_ENV, "STEER_PLUGIN_CONFIG", "VLLM_PLUGINS")
     }
@@ -174,7 +146,7 @@ def test_plain_vllm_loading_the_plugin(tmp_path, with_config):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-2:] == ["True", "0" if with_config else "None"]
+    assert out.stdout.split()[-2:] == ["True", "None"]
 
 
 # --- the API side ------------------------------------------------------------------------------------------------

