@@ -122,6 +122,12 @@ def make_llm(model_dir: str, config_path: str | None, enforce_eager: bool, plugi
     additional = {"steer_plugin": {"config_path": config_path}} if config_path else {}
     if config_path:  # the worker methods tests call by name (collective_rpc("steer_plugin_stats"))
         kwargs.setdefault("worker_extension_cls", "steer_adapters.vllm.worker.extension.SteerWorkerExtension")
+    if plugins:
+        # This process is the engines' first process (it signs the plans): register here even when an earlier
+        # engine without plugins made vLLM mark its plugins loaded for the whole test process.
+        from steer_adapters.vllm import plugin
+
+        plugin.register()
     saved = os.environ.get("VLLM_PLUGINS")
     if not plugins:
         os.environ["VLLM_PLUGINS"] = ""  # an allowlist naming nothing: no general plugin loads
