@@ -51,12 +51,18 @@ class ScriptRequest:
     output: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0  # as the scheduler counts it after the last scheduled step
     in_runner: bool = False  # the runner holds its state (added and not since freed)
+    admitted_len: int = 0  # prefill length the runner got when it (re)admitted the request
     pending: int = 0  # tokens the last step will sample for it (0 mid-prefill)
     drafts: int = 0  # draft tokens scheduled in the last step
 
     @property
     def prefill(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def decoding(self) -> bool:
+        """Past the prefill the runner was given: its next step is a decode (which may carry drafts)."""
+        return self.in_runner and self.num_computed >= self.admitted_len
 
 
 class ScriptedScheduler:
@@ -109,7 +115,7 @@ class ScriptedScheduler:
             req = self.requests[req_id]
             if not req.in_runner:
                 new.append(self._new_request_data(req))
-                req.in_runner = True
+                req.in_runner, req.admitted_len = True, len(req.prefill)
             else:
                 cached.append(req)
         out = SchedulerOutput.make_empty()

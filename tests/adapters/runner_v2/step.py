@@ -82,13 +82,12 @@ def sample(runner: GPUModelRunner, batch: InputBatch, logits: torch.Tensor) -> S
     return Sampled(tokens, output)
 
 
-def write_drafts(runner: GPUModelRunner, batch: InputBatch, drafts: Mapping[str, Sequence[int]]) -> None:
+def write_drafts(runner: GPUModelRunner, drafts: Mapping[str, Sequence[int]]) -> None:
     """Stand-in for the speculator's propose (needs a draft model): the drafts each request's next step verifies,
-    written where sample_tokens writes them (req_states.draft_tokens[idx_mapping])."""
-    for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
-        if req_id in drafts:
-            row = torch.tensor(list(drafts[req_id]), dtype=runner.req_states.draft_tokens.dtype)
-            runner.req_states.draft_tokens[int(batch.idx_mapping_np[i]), : len(row)] = row
+    written where sample_tokens writes them (req_states.draft_tokens, by request slot)."""
+    for req_id, tokens in drafts.items():
+        row = torch.tensor(list(tokens), dtype=runner.req_states.draft_tokens.dtype)
+        runner.req_states.draft_tokens[runner.req_states.req_id_to_index[req_id], : len(row)] = row
 
 
 def one_hot_logits(vocab_size: int, wanted: Sequence[int], margin: float = 20.0) -> torch.Tensor:
