@@ -47,3 +47,12 @@ def require_kernels(what: str) -> None:
             f"{what} needs vLLM's Triton kernels, which cannot run under {VERSION_TEXT} here (no Triton in the "
             "shared venv); tests/adapters/test_v2_side_versions.py runs this module where they do"
         )
+
+
+# Skips with this prefix are about what a vLLM version does not have at all (e.g. Model Runner V1 in 0.34): the
+# side-version runs report them and do not fail on them; they fail on any other skip.
+NOT_IN_THIS_VLLM = "[not in this vLLM]"
+
+
+def not_in_this_vllm(what: str) -> None:
+    pytest.skip(f"{NOT_IN_THIS_VLLM} vLLM {VERSION_TEXT} has no {what}")
