@@ -229,6 +229,20 @@ def test_finished_and_preempted_requests_are_forgotten(installed):
     assert registry.info["A"] == RequestInfo(3, "wA")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="glue, every vLLM (0.32.0, 0.33.0, 0.34.0): batch_view_v2 leaves BatchView.eos_token_ids None "
+    "(batch_view_v1 fills it), so abort_when has no token to force under Model Runner V2",
+)
+def test_view_carries_each_requests_eos_token(installed):
+    runner, registry, steerer = installed
+    s = ScriptedScheduler()
+    s.add("A", 3, params=sampling_params(wire="wA", eos_token_id=2))
+    s.add("B", 2, params=sampling_params(eos_token_id=7))
+    execute_cpu_half(runner, s.step([("A", 3), ("B", 2)]))
+    assert steerer.views[-1].eos_token_ids == [7, 2]
+
+
 def test_request_added_behind_the_wrapper_is_an_error(installed):
     runner, registry, steerer = installed
     out = script().step(**PLANS[0])

@@ -34,13 +34,21 @@ _CACHED_DEFAULTS: dict[str, Any] = {"resumed_req_ids": set, "all_token_ids": dic
 
 
 def sampling_params(
-    wire: str | None = None, extra: Mapping[str, Any] | None = None, max_tokens: int = 32, **kwargs: Any
+    wire: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    max_tokens: int = 32,
+    eos_token_id: int | None = None,
+    **kwargs: Any,
 ) -> SamplingParams:
-    """SamplingParams whose extra_args carry the steering wire form (and any other extra args)."""
+    """SamplingParams whose extra_args carry the steering wire form (and any other extra args); `eos_token_id` is
+    set the way the engine's input processing sets it (SamplingParams.update_from_generation_config)."""
     extra_args = dict(extra or {})
     if wire is not None:
         extra_args[WIRE_KEY] = wire
-    return SamplingParams(max_tokens=max_tokens, extra_args=extra_args or None, **kwargs)
+    params = SamplingParams(max_tokens=max_tokens, extra_args=extra_args or None, **kwargs)
+    if eos_token_id is not None:
+        params.update_from_generation_config({}, eos_token_id)
+    return params
 
 
 @dataclasses.dataclass
