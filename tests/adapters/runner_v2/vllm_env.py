@@ -16,6 +16,8 @@ import pytest
 import vllm
 from vllm import triton_utils
 
+from tests.adapters.runner_v2.summary import NOT_IN_THIS_VLLM
+
 
 def _version_tuple(text: str) -> tuple[int, int, int]:
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
@@ -47,11 +49,6 @@ def require_kernels(what: str) -> None:
             f"{what} needs vLLM's Triton kernels, which cannot run under {VERSION_TEXT} here (no Triton in the "
             "shared venv); tests/adapters/test_v2_side_versions.py runs this module where they do"
         )
-
-
-# Skips with this prefix are about what a vLLM version does not have at all (e.g. Model Runner V1 in 0.34): the
-# side-version runs report them and do not fail on them; they fail on any other skip.
-NOT_IN_THIS_VLLM = "[not in this vLLM]"
 
 
 def not_in_this_vllm(what: str) -> None:
