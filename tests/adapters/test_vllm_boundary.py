@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 # The modules that may touch vLLM's internals (each internal listed in internals.py), by process.
 GLUE = {
     "steer_adapters/vllm/internals.py",
+    "steer_adapters/vllm/internals_check.py",
+    "steer_adapters/vllm/worker/abort.py",
     "steer_adapters/vllm/engine_core.py",
     "steer_adapters/vllm/worker/install.py",
     "steer_adapters/vllm/worker/runner_v1.py",

@@ -24,12 +24,12 @@ from steer_plugin.request.wire import WIRE_KEY, RequestPlan
 logger = logging.getLogger("steer_plugin")
 
 NO_EOS = -1
-_ACTIVE: weakref.WeakSet[AbortWhen] = weakref.WeakSet()  # the processor(s) vLLM built in this worker process
+_latest: weakref.ref[AbortWhen] | None = None  # the processor vLLM built last in this process
 
 
 def active() -> AbortWhen | None:
     """The processor vLLM built for this worker's sampler (one engine per worker process), if any."""
-    return next(iter(_ACTIVE), None)
+    return _latest() if _latest is not None else None
 
 
 def decode_plan(wire: object) -> RequestPlan | None:
@@ -53,7 +53,8 @@ class AbortWhen(LogitsProcessor):
         self.armed = np.zeros(req_states.max_num_reqs, dtype=bool)  # [slots] fired, not yet forced
         # The worker's plan decoder (Steerer.plan_of: each plan decoded once per process), set by runner_v2.install.
         self.plan_of: Callable[[object], RequestPlan | None] = decode_plan
-        _ACTIVE.add(self)
+        global _latest
+        _latest = weakref.ref(self)
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
         eos = getattr(sampling_params, "eos_token_id", None)
