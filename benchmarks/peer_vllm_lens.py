@@ -48,7 +48,6 @@ names another stem. Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import atexit
 import datetime as dt
 import json
@@ -67,18 +66,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import vllm_lens_side as lens_side  # noqa: E402  (the side venv's servers, helper and wire form)
+from harness.cpu import CpuMonitor  # noqa: E402  (the shared harness)
+from harness.load import LoadStats, complete, run_requests  # noqa: E402
+from harness.servers import Server, ServerSpec, free_port, stop_all, wait_ready  # noqa: E402
 from machine import cpu_model, git_state  # noqa: E402  (benchmarks/machine.py: no side effects)
-from serve_bench import (  # noqa: E402  (the same prompts and harness; the import defines names only)
-    LIVE_SERVERS,
-    PROMPTS,
-    CpuMonitor,
-    Server,
-    _run_requests,
-    free_port,
-    pct,
-    stop_all,
-    wait_ready,
-)
+from serve_cases import PROMPTS  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "peer-vllm-lens-cpu"
 DEFAULT_MODEL = REPO / "assets" / "SmolLM2-135M-Instruct"
@@ -122,48 +114,21 @@ class Bench:
     def wait_quiet(self) -> float:
         """Wait (at most --quiet-wait per unit, --noise-budget in all) until other processes use < the threshold."""
         limit = min(self.args.quiet_wait, max(self.args.noise_budget - self.waited_s, 0.0))
-        start = time.perf_counter()
-        noted = False
-        while True:
-            a = self.monitor.snapshot()
-            time.sleep(0.5)
-            load = CpuMonitor.foreign_cores(a, self.monitor.snapshot())
-            waited = time.perf_counter() - start
-            if load < self.args.quiet_threshold or waited >= limit:
-                self.waited_s += max(waited - 0.5, 0.0)
-                return load
-            if not noted:
-                log(
-                    f"    other processes use {load:.2f} cores; waiting up to {limit:.0f}s for a quieter machine"
-                )
-                noted = True
+        load, waited = self.monitor.wait_quiet(self.args.quiet_threshold, limit)
+        self.waited_s += waited
+        return load
 
-    def env(self, kind: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            {
-                "HF_HUB_OFFLINE": "1",
-                "VLLM_CPU_KVCACHE_SPACE": "1",
-                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            }
-        )
-        return lens_side.server_env(env, lens_active=kind == "lens")
-
-    def cmd(self, port: int) -> list[str]:
-        return [
-            self.side_python, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model_dir, "--served-model-name", SERVED_NAME,
-            "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--enforce-eager",
-            *self.args.vllm_arg,
-        ]  # fmt: skip
+    def spec(self, kind: str) -> ServerSpec:
+        server_kind = "lens" if kind == "lens" else "lens_plain"
+        return ServerSpec(server_kind, self.model_dir, eager=True, lens_venv=str(Path(self.side_python).parents[1]),
+                          extra_args=tuple(self.args.vllm_arg))  # fmt: skip
 
     def start(self) -> None:
         kinds = sorted({CASES[c][0] for c in self.args.case_list}, key=["plain", "lens"].index)
         for kind in kinds:
             port = free_port(self.used_ports, PORT_RANGE)
-            s = Server(kind, self.cmd(port), self.env(kind), port, self.workdir / "logs" / f"{kind}.log")
+            s = Server(kind, self.spec(kind), port, self.workdir / "logs" / f"{kind}.log")
             s.start()
-            LIVE_SERVERS.append(s)
             self.servers[kind] = s
             self.monitor.own_pgids.add(s.proc.pid)
         log(f"starting {', '.join(kinds)} from the side venv (logs in {self.workdir / 'logs'}) ...")
@@ -196,7 +161,7 @@ class Bench:
     def complete(self, case: str, prompt: str, max_tokens: int) -> str:
         server = self.servers[CASES[case][0]]
         body = self.body(case, prompt, max_tokens, f"peer-check-{random.random():.6f}", stream=False)
-        return lens_side.completion_choice(server.url, body)["text"]
+        return complete(server.url, body)["text"]
 
     def steering_check(self) -> dict:
         n, max_tokens = self.args.check_prompts, self.args.check_tokens
@@ -225,9 +190,7 @@ class Bench:
         top = max(self.args.conc_list)
         for case in self.args.case_list:
             server = self.servers[CASES[case][0]]
-            results, _ = asyncio.run(
-                _run_requests(server.url + "/v1/completions", self.bodies(case, top, "warm", 4), top, 300)
-            )
+            results, _ = run_requests(server.completions_url, self.bodies(case, top, "warm", 4), top, 300)
             bad = [r.error for r in results if not r.ok]
             if bad:
                 raise RuntimeError(f"warm-up {case} failed: {bad[0]}")
@@ -238,30 +201,30 @@ class Bench:
         bodies = self.bodies(case, n, f"r{rnd}-c{conc}", self.args.max_tokens)
         pre_load = self.wait_quiet() if self.args.quiet_wait > 0 else None
         a = self.monitor.snapshot()
-        results, elapsed = asyncio.run(_run_requests(server.url + "/v1/completions", bodies, conc, 900))
+        load = run_requests(server.completions_url, bodies, conc, 900)
         foreign = CpuMonitor.foreign_cores(a, self.monitor.snapshot())
-        ok = [r for r in results if r.ok]
-        ttfts = [r.ttft for r in ok if r.ttft is not None]
-        gaps = [g for r in ok for g in r.gaps]
-        tokens = sum(r.tokens for r in ok)
-        errors = [r.error for r in results if not r.ok]
-        ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+        stats = LoadStats.of(load)
         return {
             "round": rnd,
             "case": case,
             "concurrency": conc,
-            "requests": len(results),
-            "ok": len(ok),
-            "errors": len(errors),
-            "first_error": errors[0] if errors else None,
-            "output_tokens": tokens,
-            "tokens_per_request": sorted({r.tokens for r in ok}),
-            "elapsed_s": round(elapsed, 4),
-            "tok_s": round(tokens / elapsed, 3) if elapsed > 0 else 0.0,
-            "ttft_p50_ms": ms(pct(ttfts, 0.5)),
-            "ttft_p99_ms": ms(pct(ttfts, 0.99)),
-            "itl_p50_ms": ms(pct(gaps, 0.5)),
-            "itl_p99_ms": ms(pct(gaps, 0.99)),
+            **{
+                k: getattr(stats, k)
+                for k in (
+                    "requests",
+                    "ok",
+                    "errors",
+                    "first_error",
+                    "output_tokens",
+                    "tokens_per_request",
+                    "elapsed_s",
+                    "tok_s",
+                    "ttft_p50_ms",
+                    "ttft_p99_ms",
+                    "itl_p50_ms",
+                    "itl_p99_ms",
+                )
+            },
             "foreign_cores": round(foreign, 3),
             "foreign_cores_before": None if pre_load is None else round(pre_load, 3),
             "disturbed": foreign >= self.args.quiet_threshold,
@@ -543,7 +506,7 @@ def main(argv=None) -> int:
     try:
         bench.start()
         result["startups"] = {k: round(s.ready_s or 0, 1) for k, s in bench.servers.items()}
-        result["server_cmd"] = bench.cmd(0)[1:]
+        result["server_cmd"] = bench.spec("plain").command(0)[1:]
         if "lens" in bench.servers:
             log(
                 f"measuring the layer-{args.layer} residual norm via vllm-lens capture and building the vector ..."

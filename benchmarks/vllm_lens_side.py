@@ -58,7 +58,6 @@ def server_env(env: dict[str, str], lens_active: bool) -> dict[str, str]:
     env = dict(env)
     for k in ("VIRTUAL_ENV", "PYTHONPATH", "STEER_PLUGIN_CONFIG", "VLLM_LENS_DISABLE", "VLLM_PLUGINS"):
         env.pop(k, None)
-    env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # what vllm-lens selects (its hooks need the V1 runner); both alike
     if not lens_active:
         env["VLLM_LENS_DISABLE"] = "1"
         env["VLLM_PLUGINS"] = ""
