@@ -28,7 +28,7 @@ def git_state() -> tuple[str, list[str]]:
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "steer_plugin", "adapters"],
+            ["git", "status", "--porcelain", "--", "steer_plugin", "steer_adapters"],
             cwd=REPO,
             capture_output=True,
             text=True,
