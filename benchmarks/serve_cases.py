@@ -86,6 +86,14 @@ CASES = [
         modes=("eager",),
     ),
     Case(
+        "l1_lens_loaded",
+        "lens",
+        "(l1) vllm-lens loaded (hooks installed), no vector",
+        reference="l0_lens_plain",
+        modes=("eager",),
+        compare_with="b_loaded",
+    ),
+    Case(
         "l_lens_vector",
         "lens",
         "(l) vllm-lens: one steering vector, one layer, every request",

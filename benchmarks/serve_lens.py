@@ -1,4 +1,4 @@
-"""serve_bench's vllm-lens side (cases l0, l): the side venv's versions, (l)'s steering vector in vllm-lens'
+"""serve_bench's vllm-lens side (cases l0, l1, l): the side venv's versions, (l)'s steering vector in vllm-lens'
 wire form, and the untimed greedy check that the vector reaches the model.
 
 (l)'s vector is the very vector (c)'s `add` puts on the residual (value·W_dec[index] of the demo SAE, at its layer;
@@ -65,7 +65,7 @@ def check(
 ) -> dict | None:
     """Not timed: does (l)'s vector reach the model? Greedy completions with and without it on the vllm-lens
     server; the vector is small (the size of (c)'s add), so the logprobs of the greedy tokens are compared, not
-    only the text."""
+    only the text. With (l0)'s server up, also whether vllm-lens without a vector answers as plain vLLM does."""
     if "lens" not in servers or requests.lens_wire is None:
         return None
     rows = []
@@ -79,6 +79,10 @@ def check(
             "steered": text1,
             "max_abs_logprob_diff": _max_diff(lp0, lp1),
         }
+        if "lens_plain" in servers:
+            plain, lp_plain = _greedy(servers["lens_plain"], requests, "l0_lens_plain", i, max_tokens)
+            row["plain"] = plain
+            row["unsteered_vs_plain_max_abs_logprob_diff"] = _max_diff(lp0, lp_plain)
         rows.append(row)
     diffs = [r["max_abs_logprob_diff"] for r in rows]
     out = {
@@ -88,6 +92,8 @@ def check(
         "logprobs_differ": sum(1 for d in diffs if d),
         "vector_applied": all(diffs),
     }
+    if "lens_plain" in servers:
+        out["unsteered_equals_plain"] = sum(r["unsteered"] == r["plain"] for r in rows)
     out["rows"] = rows
     print(
         f"[eager] (l)'s vector changes the greedy logprobs in {out['logprobs_differ']}/{len(rows)} prompts (text in "
