@@ -1,7 +1,10 @@
-"""What both benchmark harnesses record about the machine and the code they measured."""
+"""What the benchmarks record about the machine and the code they measured."""
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -25,7 +28,7 @@ def git_state() -> tuple[str, list[str]]:
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "steer_plugin", "adapters"],
+            ["git", "status", "--porcelain", "--", "steer_plugin", "steer_adapters"],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -41,3 +44,35 @@ def date_and_commit_line(machine: dict) -> str:
     return f"- Date: {machine['date_utc']}; git {machine['git_commit'] or '?'}" + (
         f" with {len(dirty)} uncommitted engine/adapter files" if dirty else ""
     )
+
+
+def machine_info() -> dict:
+    """The machine, the vLLM and torch of this process, the commit, and when (serve_bench's `machine` record)."""
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    versions = {}
+    for mod in ("vllm", "torch"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception as err:  # noqa: BLE001 - report, don't fail
+            versions[mod] = f"unavailable ({type(err).__name__})"
+    commit, dirty = git_state()
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "mem_gib": mem_gib,
+        "vllm": versions["vllm"],
+        "torch": versions["torch"],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit,
+        "uncommitted_engine_files": dirty,
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_start": os.getloadavg(),
+    }

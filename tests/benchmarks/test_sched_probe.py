@@ -17,6 +17,7 @@ PROBE = Path(__file__).resolve().parents[2] / "benchmarks" / "sched_probe.py"
 
 @pytest.fixture(scope="module")
 def probe():
+    sys.path.insert(0, str(PROBE.parent))  # it imports its siblings (harness, serve_cases) as a script would
     spec = importlib.util.spec_from_file_location("sched_probe_under_test", PROBE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its module up there
