@@ -17,7 +17,7 @@ pip install -q --upgrade pip
 . scripts/_install_vllm.sh
 steer_install_vllm "$VENV" setup
 echo "[setup] installing steer-plugin (editable) and test tools" >&2
-pip install -q -e ".[hf,test,bench]"
+pip install -q -e ".[hf,test,bench,docs]"
 if [ -f requirements/test-extra.txt ]; then
   pip install -q --no-deps -r requirements/test-extra.txt
 fi
