@@ -20,7 +20,17 @@ def test_site_builds_in_strict_mode(tmp_path):
     require_module("mkdocs", "pip install -e .[docs]")
     require_module("material", "pip install -e .[docs]")
     out = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"), "-d", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-f",
+            str(REPO / "mkdocs.yml"),
+            "-d",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -65,7 +65,11 @@ def _type(annotation: Any) -> str:
 def _default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         value = field.default_factory()
-        return "`" + (json.dumps(value.model_dump()) if isinstance(value, BaseModel) else json.dumps(value)) + "`"
+        return (
+            "`"
+            + (json.dumps(value.model_dump()) if isinstance(value, BaseModel) else json.dumps(value))
+            + "`"
+        )
     if field.default is PydanticUndefined:
         return "required"
     return f"`{json.dumps(field.default)}`"

@@ -14,7 +14,9 @@ from steer_adapters.vllm.api.middleware import REQUEST_SCHEMAS, add_steering_to_
 
 def document() -> dict:
     """What the middleware adds to vLLM's document, on a stand-in with vLLM's two completion request schemas."""
-    doc = {"components": {"schemas": {name: {"type": "object", "properties": {}} for name in REQUEST_SCHEMAS}}}
+    doc = {
+        "components": {"schemas": {name: {"type": "object", "properties": {}} for name in REQUEST_SCHEMAS}}
+    }
     return add_steering_to_openapi(doc, admin=True)
 
 
