@@ -205,6 +205,11 @@ class MonitoringConfig(_Strict):
     """`stdout`: the `steer_plugin.monitor` logger; `file`: JSON lines appended to `path`."""
     path: str | None = None
     """File for the `file` sink."""
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
+    """`file` sink: the file is rotated (renamed to `path.1`, `path.2`, ...) before it grows past this many
+    bytes; 0: never rotated (then rotate it outside the server, e.g. logrotate's copytruncate)."""
+    backup_count: int = Field(default=5, ge=1, le=1000)
+    """`file` sink: rotated files kept (`path.1` .. `path.N`); older ones are deleted."""
     watchlist: list[WatchItem] = Field(default_factory=list)
     """Features flagged (and counted in steer_watchlist_firings_total) when they fire above their threshold."""
     sink_positions: int = Field(default=1, ge=0, le=64)
@@ -245,6 +250,12 @@ class PolicyConfig(_Strict):
     max_inline_norm: float | None = Field(default=None, gt=0)
     """Largest L2 norm of an inline vector times |scale| (unset: no limit beyond limits.max_abs_value)."""
 
+    def may_read(self, sae_id: str) -> bool:
+        """Whether requests may read `sae_id` at all: steer or condition on its features, inspect or trace
+        them, stop on them (abort_when), see it in discovery. The one rule every read goes through."""
+        allowed = self.allowed_saes is None or sae_id in self.allowed_saes
+        return allowed and sae_id not in self.denied_saes
+
 
 class RuntimeConfig(_Strict):
     """Loading and unloading SAEs and vectors while the server runs (the admin API, README "Runtime loading").
@@ -260,7 +271,7 @@ class RuntimeConfig(_Strict):
     row each). A load that does not fit gets a 507."""
     roots: list[str] = Field(min_length=1)
     """Folders the admin API may load from; any other path gets a 403 (symbolic links resolved first)."""
-    admin_key: str | None = Field(default=None, min_length=16)
+    admin_key: str | None = Field(default=None, min_length=16)  # MIN_ADMIN_KEY
     """Key the admin routes require in the `X-Steer-Admin-Key` header (separate from vLLM's `--api-key`);
     STEER_ADMIN_KEY overrides it. Without either, the admin routes do not exist."""
     allow_pickle: bool = False
@@ -276,11 +287,18 @@ class RuntimeConfig(_Strict):
         return layers
 
     def key(self) -> str | None:
-        """The admin key in force (STEER_ADMIN_KEY first), or None: no admin routes."""
-        return os.environ.get(ADMIN_KEY_ENV) or self.admin_key
+        """The admin key in force (STEER_ADMIN_KEY first), or None: no admin routes. ConfigError for a key
+        from the environment shorter than the field allows (the same rule as `admin_key`)."""
+        from_env = os.environ.get(ADMIN_KEY_ENV)
+        if from_env and len(from_env) < MIN_ADMIN_KEY:
+            raise ConfigError(
+                f"{ADMIN_KEY_ENV} must be at least {MIN_ADMIN_KEY} characters (it has {len(from_env)})"
+            )
+        return from_env or self.admin_key
 
 
 ADMIN_KEY_ENV = "STEER_ADMIN_KEY"
+MIN_ADMIN_KEY = 16
 
 
 class SteerConfig(_Strict):
@@ -302,6 +320,9 @@ class SteerConfig(_Strict):
     """Prove at start-up, under the active compile mode, that the op fires on a decode step."""
     allow_v2_model_runner: bool = False
     """Allow vLLM's Model Runner V2 on CUDA (not yet validated on a GPU); otherwise V1 is selected."""
+    health_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """/health answers 503 when the engine core has not answered a probe for this long (it is stuck in a step
+    or a worker call); vLLM's own /health says 200 as long as the process lives."""
 
     @model_validator(mode="after")
     def _known_saes(self) -> SteerConfig:
@@ -343,7 +364,9 @@ class SteerConfig(_Strict):
         import hashlib
 
         # The admin key changes no graph: a new key must not cost a recompile.
-        digest = hashlib.sha256(self.model_dump_json(exclude={"runtime": {"admin_key"}}).encode())
+        digest = hashlib.sha256(
+            self.model_dump_json(exclude={"runtime": {"admin_key"}, "health_timeout_s": True}).encode()
+        )
         for sae in self.saes:
             resolved = sae.resolve()  # a named SAE: the repo commit and folder its files come from
             if resolved is not None:
@@ -363,7 +386,17 @@ class SteerConfig(_Strict):
 
 
 class ConfigError(ValueError):
-    """The operator configuration is invalid; the message names the key or file."""
+    """The operator configuration is invalid; the message names the key or file. `status`: the HTTP status an
+    admin load answers with (403 for a file outside runtime.roots); `field`: the entry's field at fault, when
+    it is not `path`."""
+
+    def __init__(self, message: str, status: int = 400, field: str = "path"):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+    def __reduce__(self):
+        return ConfigError, (str(self), self.status, self.field)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

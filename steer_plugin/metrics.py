@@ -65,6 +65,20 @@ def initialize_series(config) -> None:
                     RUNTIME_LOADS.labels(kind=kind, action=action, outcome=outcome)
 
 
+# API-side families labelled by SAE alone (watchlist features are configured SAEs, never unloaded)
+PER_SAE = (ABORTED_REQUESTS, MONITORED_REQUESTS)
+
+
+def forget_sae(sae_id: str) -> None:
+    """Drop the API-side series of an SAE unloaded at runtime (the workers drop theirs with it), so series do
+    not accumulate with load/unload churn. A later load under the same id starts from zero."""
+    for family in PER_SAE:
+        try:
+            family.remove(sae_id)
+        except KeyError:
+            pass
+
+
 def _merge(snapshots: list[dict]) -> dict:
     """Sum worker snapshots (pipeline ranks own different layers; tensor ranks compute the same, rank 0 counts)."""
     merged: dict = {

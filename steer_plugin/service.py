@@ -24,7 +24,13 @@ from steer_plugin.labels.search import SAETexts, SearchIndex
 from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
 from steer_plugin.request.records import TokenRecord
-from steer_plugin.request.resolve import check_inspectable, check_policy, resolve_feature, resolve_spec
+from steer_plugin.request.resolve import (
+    check_counts,
+    check_inspectable,
+    check_policy,
+    resolve_feature,
+    resolve_spec,
+)
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
 from steer_plugin.request.wire import (
     POSITION_CODES,
@@ -51,6 +57,9 @@ class RewrittenRequest(NamedTuple):
     traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
     compare: bool = False  # also serve the default variant (default_variant) beside this one
     abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
+    inspected: tuple[
+        str, ...
+    ] = ()  # the SAEs `inspect` reports, resolved (policy applied) when it was rewritten
 
     @property
     def ops(self) -> tuple[ResolvedOp, ...]:
@@ -141,6 +150,7 @@ class SteeringService:
             raise SpecError("vllm_xargs", "must be an object")
         xargs = dict(xargs or {})
         raw = body.pop(STEERING_FIELD, None)
+        check_counts(raw, self.catalog, STEERING_FIELD)  # before anything in it is decoded
         spec = parse_spec(raw, STEERING_FIELD) if raw is not None else SteeringSpec()
         ops = resolve_spec(spec, self.catalog, STEERING_FIELD)
         check_policy(spec, ops, self.config.policy, STEERING_FIELD)
@@ -160,6 +170,7 @@ class SteeringService:
                     f"{STEERING_FIELD}.compare", "compare needs steering operations to compare with"
                 )
         inspect = spec.inspect
+        inspected: list[str] = []
         if inspect is not None:
             if not observable:
                 raise SpecError(
@@ -170,8 +181,12 @@ class SteeringService:
                 if sae_id not in self.catalog.saes:
                     raise SpecError(
                         f"{STEERING_FIELD}.inspect.saes[{i}]",
-                        f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.saes)}",
+                        f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.readable_saes())}",
                     )
+            # Without `saes`: every SAE the policy lets requests read (never a denied one).
+            inspected = list(dict.fromkeys(inspect.saes)) if inspect.saes else self.catalog.readable_saes()
+            if not inspected:
+                raise SpecError(f"{STEERING_FIELD}.inspect", "no SAE may be inspected on this server", 403)
             if n != 1:
                 raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs n = 1")
             if prompt_count(body) != 1:
@@ -199,7 +214,7 @@ class SteeringService:
         read = list(
             dict.fromkeys(
                 [
-                    *((inspect.saes or list(self.catalog.saes)) if inspect else []),
+                    *inspected,
                     *(sae for sae, _ in traced),
                     *(a.sae for a in abort),
                     *monitored,
@@ -231,7 +246,15 @@ class SteeringService:
         if observe is not None:
             body["return_token_ids"] = True  # lets the server align features with each (streamed) token
         return RewrittenRequest(
-            body, plan, inspect, monitored, wants_ids, tuple(traced), spec.compare, tuple(abort)
+            body,
+            plan,
+            inspect,
+            monitored,
+            wants_ids,
+            tuple(traced),
+            spec.compare,
+            tuple(abort),
+            tuple(inspected),
         )
 
     def _abort_conditions(
@@ -320,9 +343,10 @@ class SteeringService:
         }
 
     def list_saes(self) -> dict:
+        """Loaded SAEs requests may read (the policy's denied SAEs are not listed) and vectors."""
         return {
             "object": "list",
-            "data": [self.describe("sae", sid) for sid in self.assets.saes],
+            "data": [self.describe("sae", sid) for sid in self.assets.saes if self.catalog.may_read(sid)],
             "vectors": [self.describe("vector", vid) for vid in self.assets.vectors],
         }
 
@@ -331,8 +355,11 @@ class SteeringService:
     ) -> dict:
         """Features whose label or explanations match `query`, best match first (steer_plugin.labels.search);
         with `index` (and `sae`), that one feature whatever its texts."""
-        if sae is not None and sae not in self.assets.saes:
-            raise SpecError("sae", f"unknown SAE {sae!r}; loaded: {sorted(self.assets.saes)}", status=404)
+        readable = [sid for sid in self.assets.saes if self.catalog.may_read(sid)]
+        if sae is not None and sae not in readable:
+            if sae in self.assets.saes:
+                raise SpecError("sae", f"SAE {sae!r} may not be read on this server", status=403)
+            raise SpecError("sae", f"unknown SAE {sae!r}; loaded: {readable}", status=404)
         if not 1 <= limit <= 1000:
             raise SpecError("limit", "must be between 1 and 1000")
         if index is not None:
@@ -353,7 +380,9 @@ class SteeringService:
             return {"object": "list", "data": [item], "total": 1}
         if self._search is None:
             self._search = SearchIndex(
-                SAETexts(s.id, s.labels, s.explanations, s.max_activations) for s in self.assets.saes.values()
+                SAETexts(s.id, s.labels, s.explanations, s.max_activations)
+                for s in self.assets.saes.values()
+                if s.id in readable
             )
         hits = self._search.search(query or "", sae)
         return {"object": "list", "data": [h.to_json() for h in hits[:limit]], "total": len(hits)}
@@ -409,10 +438,9 @@ class Observation:
 
     def _token(self, pos: int) -> TokenRead:
         inspect = self.request.inspect
-        saes = (inspect.saes or list(self.service.catalog.saes)) if inspect else []
         found = self.by_pos.get(pos, {})
         features = {}
-        for sae_id in saes:
+        for sae_id in self.request.inspected:
             labels = self.service.catalog.saes[sae_id].labels
             top = found[sae_id].top if sae_id in found else ()
             features[sae_id] = [

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
+from steer_plugin.engine.runtime_loads import LoadCommand
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.monitor import channel
 from steer_plugin.request.resolve import resolve_spec
@@ -99,13 +100,12 @@ def worker(root, tmp_path, monkeypatch):
 
 
 def load(st: Steerer, kind: str, sid: str, source: dict, revision: str = "r1") -> dict:
-    return st.runtime_loads.command(
-        {"action": "load", "kind": kind, "id": sid, "revision": revision, "source": {"id": sid, **source}}
-    )
+    command = LoadCommand("load", kind, sid, revision, {"id": sid, **source})
+    return st.runtime_loads.command(command.signed())  # signed as the admin API signs it
 
 
 def unload(st: Steerer, kind: str, sid: str) -> dict:
-    return st.runtime_loads.command({"action": "unload", "kind": kind, "id": sid})
+    return st.runtime_loads.command(LoadCommand("unload", kind, sid).signed())
 
 
 def run_op(x_hidden, residual, capturing: bool, monkeypatch, layer: int = LAYER):
@@ -374,8 +374,10 @@ def test_the_admin_schema_takes_a_path_and_no_hub_names():
 def test_admin_broken_sae_files_are_400_naming_the_file(root, tmp_path, monkeypatch):
     """The API side reads only headers: a damaged header is refused there; NaN weights behind an intact header
     only by the workers, whose refusal comes back as the same 400 and is rolled back everywhere."""
-    service, steerers, broadcast = admin_setup(root, monkeypatch, tmp_path)
     bad = tmp_path / "bad"
+    bad.mkdir()
+    # The workers read files under their own configuration's roots: `bad` is one of them.
+    service, steerers, broadcast = admin_setup(root, monkeypatch, tmp_path, roots=[str(root), str(bad)])
     for name, damage in (("cut", "truncate"), ("nan", "nan")):
         folder = write_sae(bad / name, seed=5)
         weights = folder / "sae_weights.safetensors"
@@ -385,7 +387,6 @@ def test_admin_broken_sae_files_are_400_naming_the_file(root, tmp_path, monkeypa
             tensors = load_file(str(weights))
             tensors["W_dec"][3, 1] = float("nan")
             save_file(tensors, str(weights))
-        service.admin.roots.append(bad.resolve())
         with pytest.raises(SpecError) as err:
             asyncio.run(service.admin.load("sae", {"id": name, "path": str(folder)}, broadcast))
         assert (err.value.status, err.value.path) == (400, "path") and str(weights) in str(err.value)

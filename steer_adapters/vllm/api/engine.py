@@ -5,8 +5,10 @@ The middleware holds nothing else of the engine (tests/adapters/test_vllm_bounda
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
+import time
 
 from steer_adapters.vllm.worker import extension
 
@@ -74,3 +76,45 @@ class EngineWorkers:
         """One runtime LoadCommand (as a dict) on every worker; their LoadOutcomes (as dicts)."""
         name = extension.SteerWorkerExtension.steer_plugin_load.__name__
         return await self._engine.collective_rpc(name, timeout=timeout, args=(command,))
+
+
+class EngineProbe:
+    """Whether the engine core answers at all: a utility call (`is_sleeping`) that the engine core serves
+    between two steps, so no reply means it is stuck inside one (or in a worker call). One probe runs at a time
+    however many /health calls come in; a reply is reused for a second."""
+
+    _probes: dict[int, EngineProbe] = {}
+    FRESH_S = 1.0
+
+    def __init__(self, engine_client) -> None:
+        self._engine = engine_client
+        self._task: asyncio.Task | None = None
+        self._answered_at = float("-inf")
+
+    @classmethod
+    def of(cls, app_state) -> EngineProbe | None:
+        engine = getattr(app_state, "engine_client", None)
+        if engine is None or not hasattr(engine, "is_sleeping"):
+            return None
+        probe = cls._probes.get(id(engine))
+        if probe is None or probe._engine is not engine:
+            probe = cls._probes[id(engine)] = cls(engine)
+        return probe
+
+    async def _ask(self) -> None:
+        await self._engine.is_sleeping()
+        self._answered_at = time.monotonic()
+
+    async def answers(self, timeout: float) -> bool:
+        """True if the engine core replied within `timeout` seconds (or did so less than FRESH_S ago)."""
+        if time.monotonic() - self._answered_at < self.FRESH_S:
+            return True
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._ask())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except asyncio.TimeoutError:
+            return False
+        except Exception:  # a dead engine: vLLM's own /health says so
+            return True
+        return True

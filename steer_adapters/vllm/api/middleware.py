@@ -49,6 +49,7 @@ COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 STEERABLE_PATHS = ("/v1/responses", "/v1/messages")
 REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest")
 ADMIN_ROUTE = re.compile(r"/v1/steering/(saes|vectors)(?:/([^/]+))?")
+HEALTH_PATHS = ("/health", "/ping")  # vLLM's, and SageMaker's name for it
 
 
 async def _read_body(receive) -> bytes:
@@ -119,6 +120,17 @@ async def _rewrite_response(app, scope, receive, send, transform) -> None:
         await send({"type": "http.response.body", "body": body})
 
     await app({**scope, "headers": headers}, receive, buffered)
+
+
+def json_as_vllm_reads_it(raw: bytes) -> object | None:
+    """The body as vLLM's routes parse it (Starlette's `request.json()`: json.loads on the bytes, which reads
+    UTF-8, UTF-16 and UTF-32), or None when it is not JSON."""
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON (or JSON vLLM cannot read either)
+        return None
 
 
 def add_steering_to_openapi(doc: dict, admin: bool = False) -> dict:
@@ -251,6 +263,8 @@ class ResponseRewriter:
 
     def _rewrite_full(self, raw: bytes) -> bytes:
         data = json.loads(raw)
+        if not isinstance(data, dict):  # vLLM answers `null` when the client went away before the end
+            return raw
         self.response_id, self.model = data.get("id"), data.get("model")
         for choice in data.get("choices", []):
             count = len(choice.get("token_ids") or [])
@@ -267,7 +281,7 @@ class ResponseRewriter:
 
     def _rewrite_event(self, event: bytes) -> bytes:
         data = sse.event_json(event)
-        if data is None:
+        if not isinstance(data, dict):
             return event + sse.SEPARATOR
         self.response_id, self.model = data.get("id", self.response_id), data.get("model", self.model)
         for choice in data.get("choices", []):
@@ -353,6 +367,8 @@ class SteeringMiddleware:
                 return self._inspect
             return self._guard_reserved
         if method == "GET":
+            if path in HEALTH_PATHS and self.service is not None:
+                return self._health
             if path.startswith("/v1/steering/"):
                 return self._discovery
             if path.rstrip("/") == playground.ROUTE:
@@ -447,22 +463,26 @@ class SteeringMiddleware:
             return await self.app(scope, replay, send)
 
     async def _guard_reserved(self, scope, receive, send):
-        """Any other POST: a body that names the plugin's reserved keys is refused (the engine would drop
-        the forged message anyway); everything else reaches vLLM untouched."""
-        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
-        if b"json" not in content_type and b"form" not in content_type:
-            return await self.app(scope, receive, send)
+        """Any other POST (/v1/chat/completions/batch, /invocations, /tokenize, ...): a body that names the
+        plugin's reserved keys is refused (the engine would drop the forged message anyway), and so is a
+        `steering` field, which these endpoints would silently ignore; everything else reaches vLLM untouched.
+        The body is read the way vLLM reads it, whatever its content type: JSON in UTF-8, -16 or -32 (what
+        json.loads detects from the bytes), so no encoding or escape hides a key from the check."""
         raw = await _read_body(receive)
-        if any(key.encode() in raw for key in RESERVED_KEYS):
-            raise SpecError(
-                "vllm_xargs", "keys starting with `steer_plugin` are reserved for the steering plugin"
-            )
-        if b"json" in content_type and b"\\u" in raw:  # an escaped key could hide from the byte test
-            try:
-                data = parse_json(raw)
-            except SpecError:
-                data = None  # vLLM answers malformed JSON itself
+        data = json_as_vllm_reads_it(raw)
+        if data is None:  # not JSON (a multipart upload, a form): the raw bytes are all there is to test
+            if any(key.encode() in raw for key in RESERVED_KEYS):
+                raise SpecError(
+                    "vllm_xargs", "keys starting with `steer_plugin` are reserved for the steering plugin"
+                )
+        else:
             refuse_reserved_keys(data)
+            if isinstance(data, dict) and STEERING_FIELD in data:
+                raise SpecError(
+                    STEERING_FIELD,
+                    f"{scope['path']} does not apply steering; it is served on "
+                    f"{', '.join(COMPLETION_PATHS + STEERABLE_PATHS)}",
+                )
         scope, replay = _with_body(scope, raw, receive)
         return await self.app(scope, replay, send)
 
@@ -530,7 +550,22 @@ class SteeringMiddleware:
             b"text/html; charset=utf-8",
             (b"cache-control", b"no-cache"),
             (b"x-content-type-options", b"nosniff"),
+            (b"content-security-policy", playground.content_security_policy()),
+            (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers without CSP level 2
+            (b"referrer-policy", b"no-referrer"),
         )
+
+    async def _health(self, scope, receive, send):
+        """vLLM's /health answers 200 while its engine core process is alive, even when it is stuck (in a step,
+        or in a worker call that never returns): then no request progresses. The engine core is asked for a
+        reply first (engine.EngineProbe); no reply within `health_timeout_s` is a 503 naming the wait."""
+        probe = engine.EngineProbe.of(scope["app"].state)
+        if probe is not None:
+            timeout = self.service.config.health_timeout_s
+            if not await probe.answers(timeout):
+                message = f"the engine has not answered for {timeout:g} s: it is stalled"
+                return await _send_json(send, 503, error_body(SpecError("engine", message, 503)))
+        return await self.app(scope, receive, send)
 
     async def _metrics(self, scope, receive, send):
         await self._pull_worker_stats(scope)
