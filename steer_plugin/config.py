@@ -224,6 +224,25 @@ class MonitoringConfig(_Strict):
         return self
 
 
+class ObservationLimits(_Strict):
+    """What observing requests (inspect, traced features, abort_when) may cost: steer_plugin/observation.py. The
+    unit is the token-encode: cost = prompt positions observed x (1 + SAEs read) + generated positions x SAEs
+    read (an observed prompt is computed again, not read from the prefix cache). Plain requests are never
+    counted, queued or refused; nor is the monitoring the operator configured."""
+
+    max_prompt_tokens: int | None = Field(default=8192, ge=1)
+    """Most prompt tokens one request may observe (`inspect.prompt`, /v1/steering/inspect): 403 above."""
+    max_values_per_token: int | None = Field(default=None, ge=1)
+    """Most feature values one request streams per token (top_k x SAEs inspected + traced features): 403 above."""
+    max_cost: int | None = Field(default=None, ge=1)
+    """Most token-encodes one request may cost: 403 above."""
+    max_cost_in_flight: int | None = Field(default=16384, ge=1)
+    """Most token-encodes the observing requests running at once may cost, server-wide (None: no bound). A
+    request that does not fit waits for room in arrival order, at most `max_wait_s`, then gets a 429."""
+    max_wait_s: float = Field(default=30.0, ge=0, le=3600)
+    """How long an observing request waits for room under `max_cost_in_flight` before its 429."""
+
+
 class PolicyConfig(_Strict):
     """What requests may do. Breaking it gets a 403 naming the field."""
 
@@ -249,6 +268,8 @@ class PolicyConfig(_Strict):
     """Most inline vectors per request; also sizes the per-layer scratch rows they are written to."""
     max_inline_norm: float | None = Field(default=None, gt=0)
     """Largest L2 norm of an inline vector times |scale| (unset: no limit beyond limits.max_abs_value)."""
+    observation: ObservationLimits = Field(default_factory=ObservationLimits)
+    """What observing requests may cost, per request and server-wide (README "Bounding observation")."""
 
     def may_read(self, sae_id: str) -> bool:
         """Whether requests may read `sae_id` at all: steer or condition on its features, inspect or trace

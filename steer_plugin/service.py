@@ -23,6 +23,7 @@ from steer_plugin.config import SteerConfig
 from steer_plugin.labels.search import SAETexts, SearchIndex
 from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
+from steer_plugin.observation import ObservationBudget, ObservationCost
 from steer_plugin.request.records import TokenRecord
 from steer_plugin.request.resolve import (
     check_counts,
@@ -33,10 +34,12 @@ from steer_plugin.request.resolve import (
 )
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
 from steer_plugin.request.wire import (
+    MAX_USES,
     POSITION_CODES,
     TRACE_THRESHOLD,
     WIRE_KEY,
     AbortSpec,
+    Binding,
     ObservePlan,
     RequestPlan,
     ResolvedOp,
@@ -57,9 +60,11 @@ class RewrittenRequest(NamedTuple):
     traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
     compare: bool = False  # also serve the default variant (default_variant) beside this one
     abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
-    inspected: tuple[
-        str, ...
-    ] = ()  # the SAEs `inspect` reports, resolved (policy applied) when it was rewritten
+    inspected: tuple[str, ...] = ()  # the SAEs `inspect` reports (the policy applied), as resolved
+    request_id_header: str | None = None  # an X-Request-Id to send with it (the id its plan is bound to)
+    # What the client's observation costs (inspect, traces, abort_when; None: it observes nothing), before the
+    # server counts the prompt tokens (prompt_tokens 0) and, without max_tokens, the generation (0).
+    cost: ObservationCost | None = None
 
     @property
     def ops(self) -> tuple[ResolvedOp, ...]:
@@ -88,6 +93,8 @@ class SteeringService:
         self.catalog = self.assets.catalog(self.runtime_layers())
         self._search: SearchIndex | None = None  # built on the first feature search
         self.in_flight = InFlight()  # sources running requests use (runtime unloads wait for them)
+        limits = config.policy.observation
+        self.observation_budget = ObservationBudget(limits.max_cost_in_flight, limits.max_wait_s)
         runtime = config.runtime
         self.admin = Admin(self, runtime) if runtime is not None and runtime.key() else None
 
@@ -131,19 +138,23 @@ class SteeringService:
         ops = request.ops if request is not None else []
         return self.in_flight.holding(InFlight.sources(ops, observed))
 
-    def rewrite_request(self, body: dict, observable: bool = True) -> RewrittenRequest:
+    def rewrite_request(
+        self, body: dict, observable: bool = True, request_id: str | None = None, turns: int = 1
+    ) -> RewrittenRequest:
         """Move a valid `steering` field into vllm_xargs; raise SpecError (400/403) naming the bad field.
 
         `observable`: the endpoint's responses carry per-token features (chat/completions); elsewhere
         (/v1/responses, /v1/messages) steering applies but `inspect` is refused and nothing is monitored.
+        `request_id`: the id vLLM will build the request's engine id from; the signed plan is bound to it (and
+        to `turns` engine requests per choice and prompt; request/wire.py Binding). None: an unbound plan.
         """
         try:
-            return self._rewrite(body, observable)
+            return self._rewrite(body, observable, request_id, turns)
         except SpecError as err:
             metrics.REJECTED_REQUESTS.labels(reason="policy" if err.status == 403 else "invalid").inc()
             raise
 
-    def _rewrite(self, body: dict, observable: bool) -> RewrittenRequest:
+    def _rewrite(self, body: dict, observable: bool, request_id: str | None, turns: int) -> RewrittenRequest:
         refuse_reserved_keys(body)
         xargs = body.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
@@ -237,7 +248,18 @@ class SteeringService:
                 tuple(monitored),
                 tuple(abort),
             )
-        plan = RequestPlan.build(ops, observe)
+        cost = None
+        asked = list(dict.fromkeys([*inspected, *(sae for sae, _ in traced), *(a.sae for a in abort)]))
+        if asked:  # the client's own observation (monitoring is the operator's): steer_plugin/observation.py
+            generated = lax_int(body, "max_completion_tokens", 0) or lax_int(body, "max_tokens", 0)
+            values = (inspect.top_k * len(inspected) if inspect else 0) + len(traced)
+            cost = ObservationCost(0, max(0, generated) * max(1, n), len(asked), values)
+        binding = None
+        if request_id is not None:
+            # Every engine request that may carry the plan: n choices x prompts (x turns).
+            uses = min(MAX_USES, max(1, n) * max(1, prompt_count(body)) * turns)
+            binding = Binding.new(request_id, uses)
+        plan = RequestPlan.build(ops, observe, binding)
         if ops or observe is not None:
             xargs[WIRE_KEY] = plan.encode()
         if xargs:
@@ -255,6 +277,7 @@ class SteeringService:
             spec.compare,
             tuple(abort),
             tuple(inspected),
+            cost=cost,
         )
 
     def _abort_conditions(
@@ -284,16 +307,16 @@ class SteeringService:
             out.append(AbortSpec(sae.id, index, float(cond.threshold), cond.sign))
         return out
 
-    def default_variant(self, body: dict) -> RewrittenRequest:
+    def default_variant(self, body: dict, request_id: str | None = None) -> RewrittenRequest:
         """The default side of a `compare` request (`body` as the client sent it): the same request without
-        steering operations, still inspected as asked."""
+        steering operations, still inspected as asked (bound to `request_id`)."""
         steering = body.get(STEERING_FIELD)
         body = dict(body)
         if isinstance(steering, dict) and steering.get("inspect") is not None:
             body[STEERING_FIELD] = {"inspect": steering["inspect"]}
         else:
             body.pop(STEERING_FIELD, None)
-        return self.rewrite_request(body)
+        return self.rewrite_request(body, request_id=request_id)
 
     def applied(self, ops: list[ResolvedOp]) -> list[dict]:
         """The operations a response reports as applied."""
@@ -396,6 +419,7 @@ def error_body(err: SpecError) -> bytes:
         403: "PermissionDeniedError",
         404: "NotFoundError",
         409: "ConflictError",
+        429: "RateLimitError",
         500: "InternalServerError",
         503: "ServiceUnavailableError",
         507: "InsufficientStorageError",
@@ -448,6 +472,7 @@ class Observation:
             ]
         watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
         traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
+        metrics.OBSERVATION_VALUES.inc(sum(map(len, features.values())) + len(traced))
         return TokenRead(features, traced)
 
     def next_tokens(self, count: int) -> list[TokenRead]:

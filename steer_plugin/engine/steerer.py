@@ -227,7 +227,7 @@ class Steerer:
         if cached is not None and cached[0] == wire:
             return cached[1]
         try:
-            plan = RequestPlan.decode(wire)
+            plan = RequestPlan.decode(wire, req_id)  # a bound plan: only on its own request
         except Exception as err:
             self._reject("steering", req_id, err)
             plan = None

@@ -24,6 +24,13 @@ def model_shape(app_state) -> tuple[int, int] | None:
     return int(text.num_hidden_layers), int(text.hidden_size)
 
 
+def max_model_len(app_state) -> int | None:
+    """The served model's context length (None before the engine is up)."""
+    engine = getattr(app_state, "engine_client", None)
+    value = getattr(getattr(engine, "model_config", None), "max_model_len", None)
+    return int(value) if isinstance(value, int) else None
+
+
 MISSING_EXTENSION = (
     f"the workers lack {extension.EXTENSION_PATH}: start the server with steer-serve, or pass "
     f"--worker-extension-cls {extension.EXTENSION_PATH} to vLLM"
