@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
-import time
 
 from steer_adapters.vllm.worker import extension
 
@@ -87,16 +86,14 @@ class EngineWorkers:
 
 class EngineProbe:
     """Whether the engine core answers at all: a utility call (`is_sleeping`) that the engine core serves
-    between two steps, so no reply means it is stuck inside one (or in a worker call). One probe runs at a time
-    however many /health calls come in; a reply is reused for a second."""
+    between two steps, so no reply means it is stuck inside one (or in a worker call). However many /health
+    calls come in, one probe is in flight at a time and they all wait on it."""
 
     _probes: dict[int, EngineProbe] = {}
-    FRESH_S = 1.0
 
     def __init__(self, engine_client) -> None:
         self._engine = engine_client
         self._task: asyncio.Task | None = None
-        self._answered_at = float("-inf")
 
     @classmethod
     def of(cls, app_state) -> EngineProbe | None:
@@ -108,16 +105,10 @@ class EngineProbe:
             probe = cls._probes[id(engine)] = cls(engine)
         return probe
 
-    async def _ask(self) -> None:
-        await self._engine.is_sleeping()
-        self._answered_at = time.monotonic()
-
     async def answers(self, timeout: float) -> bool:
-        """True if the engine core replied within `timeout` seconds (or did so less than FRESH_S ago)."""
-        if time.monotonic() - self._answered_at < self.FRESH_S:
-            return True
+        """True if the engine core replied within `timeout` seconds."""
         if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._ask())
+            self._task = asyncio.ensure_future(self._engine.is_sleeping())
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except asyncio.TimeoutError:
