@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--capacity", nargs="+", default=["none", "default"],
                         help="max_cost_in_flight per server: an integer, `none` or `default`")  # fmt: skip
-    parser.add_argument("--canaries", type=int, default=5)
+    parser.add_argument("--canaries", type=int, default=12)
     parser.add_argument("--warmup", type=float, default=20.0)
-    parser.add_argument("--gap", type=float, default=2.0)
+    parser.add_argument("--gap", type=float, default=3.0)
     parser.add_argument("--port", type=int, default=18950)
     parser.add_argument("--out", default=str(RESULTS / "observation-cost-cpu"))
     args = parser.parse_args(argv)

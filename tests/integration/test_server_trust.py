@@ -506,3 +506,27 @@ def test_the_hostile_fuzz_with_unicode_digits_and_utf16_bodies(server):
         if r.status_code >= 400 and path != "/v1/messages":
             assert "error" in r.json(), r.text
     assert_serving()
+
+
+def test_every_endpoint_and_request_shape_keeps_its_plan(server, server_log):
+    """Plans are bound to the id vLLM builds each engine request's id from, and admitted once per engine
+    request: n choices, several prompts, compare's two variants, /v1/responses and /v1/messages all keep theirs
+    (the engine core drops none, no worker rejects one)."""
+    add = {"features": [{"sae": "demo", "index": 5, "op": "add", "value": 0.3, "normalize": True}]}
+    cases = [
+        ("/v1/chat/completions", {**CHAT, "n": 2, "temperature": 1.0, "steering": add}),
+        ("/v1/completions", {"model": "demo", "prompt": ["One", "Two"], "n": 2, "max_tokens": 2,
+                             "temperature": 1.0, "steering": add}),
+        ("/v1/chat/completions", {**CHAT, "stream": True, "steering": {**add, "compare": True}}),
+        ("/v1/responses", {"model": "demo", "input": "Hi", "max_output_tokens": 2, "steering": add}),
+        ("/v1/messages", {"model": "demo", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}],
+                          "steering": add}),
+    ]  # fmt: skip
+    for path, body in cases:
+        r = post(path, body)
+        assert r.status_code == 200, (path, r.text)
+    time.sleep(2)
+    text = server_log.read_text(errors="replace")
+    assert "steering of request" not in text, text[text.find("steering of request") :][:2000]
+    metrics = requests.get(BASE + "/metrics", headers=AUTH, timeout=30).text
+    assert 'steer_worker_rejected_messages_total{kind="steering"} 0.0' in metrics
