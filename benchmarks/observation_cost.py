@@ -11,11 +11,11 @@ A plain "canary" chat is timed beside 16 streaming clients that loop over one of
                     already cost without the plugin
 
 on one server per `--capacity` (policy.observation.max_cost_in_flight; `none`: unbounded, the behaviour
-before the bound existed). Observing clients that get a 429 back off for half a second and retry, as a client
-should. Writes JSON and a Markdown table (benchmarks/results/observation-cost-cpu.*).
+before the bound existed), the four loads interleaved over `--rounds` rounds. Observing clients that get a 429
+back off for half a second and retry, as a client should. Writes JSON and a Markdown table (benchmarks/results/observation-cost-cpu.*).
 
-    python benchmarks/observation_cost.py                       # unbounded and the default bound (~25 min)
-    python benchmarks/observation_cost.py --capacity none 4096 --canaries 3
+    python benchmarks/observation_cost.py                       # unbounded and the default bound (~30 min)
+    python benchmarks/observation_cost.py --capacity none 4096 --rounds 1 --canaries 3
 """
 
 from __future__ import annotations
@@ -154,17 +154,20 @@ def canary(base: str) -> float:
 
 
 def measure(base: str, load: str, canaries: int, warmup_s: float, gap_s: float) -> dict:
-    for _ in range(2):  # the shared prompt in the prefix cache, the canary's path warm
-        requests.post(
-            f"{base}/v1/chat/completions", json={**body("plain-cached", 0), "stream": False}, timeout=600
-        )
-        canary(base)
+    """One round of one load: the canary's latencies, and what the background clients got meanwhile."""
     times: list[float] = []
     if load == "alone":
         for _ in range(canaries):
             times.append(canary(base))
             time.sleep(gap_s)
-        return {"load": load, "canary_s": times, "median_s": statistics.median(times)}
+        return {
+            "canary_s": times,
+            "background_requests": 0,
+            "seconds": 0.0,
+            "bytes": 0,
+            "429": 0,
+            "errors": 0,
+        }
     with Clients(base, load, 16) as clients:
         time.sleep(warmup_s)  # every client has a request in flight
         start = time.monotonic()
@@ -173,15 +176,48 @@ def measure(base: str, load: str, canaries: int, warmup_s: float, gap_s: float) 
             time.sleep(gap_s)
         elapsed = time.monotonic() - start
     return {
+        "canary_s": times,
+        "background_requests": clients.done,
+        "seconds": elapsed,
+        "bytes": clients.bytes,
+        "429": clients.refused,
+        "errors": clients.errors,
+    }
+
+
+def summarise(load: str, rounds: list[dict]) -> dict:
+    times = [t for r in rounds for t in r["canary_s"]]
+    done = sum(r["background_requests"] for r in rounds)
+    seconds = sum(r["seconds"] for r in rounds)
+    return {
         "load": load,
         "canary_s": [round(t, 3) for t in times],
         "median_s": round(statistics.median(times), 3),
-        "background_requests": clients.done,
-        "background_per_s": round(clients.done / elapsed, 3),
-        "bytes_per_request": round(clients.bytes / max(1, clients.done)),
-        "refused_429": clients.refused,
-        "errors": clients.errors,
+        "background_per_s": round(done / seconds, 3) if seconds else None,
+        "bytes_per_request": round(sum(r["bytes"] for r in rounds) / done) if done else None,
+        "refused_429": sum(r["429"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
     }
+
+
+def run_server(
+    base: str, rounds: int, canaries: int, warmup_s: float, gap_s: float, label: str
+) -> list[dict]:
+    """Every load, `rounds` times over, interleaved (so a slow spell of the machine hits every load alike)."""
+    for _ in range(2):  # the shared prompt in the prefix cache, the canary's path warm
+        requests.post(
+            f"{base}/v1/chat/completions", json={**body("plain-cached", 0), "stream": False}, timeout=600
+        )
+        canary(base)
+    got: dict[str, list[dict]] = {load: [] for load in LOADS}
+    for i in range(rounds):
+        for load in LOADS:
+            got[load].append(measure(base, load, canaries, warmup_s, gap_s))
+            print(
+                f"{label} round {i + 1} {load}: {[round(t, 2) for t in got[load][-1]['canary_s']]}",
+                flush=True,
+            )
+    return [summarise(load, got[load]) for load in LOADS]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--capacity", nargs="+", default=["none", "default"],
                         help="max_cost_in_flight per server: an integer, `none` or `default`")  # fmt: skip
-    parser.add_argument("--canaries", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--canaries", type=int, default=6, help="per load and round")
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--gap", type=float, default=3.0)
     parser.add_argument("--port", type=int, default=18950)
@@ -207,13 +244,13 @@ def main(argv: list[str] | None = None) -> None:
         with open(f"{args.out}-server-{capacity}.log", "w") as log:
             proc = start_server(args.port, {"policy": {"observation": observation}}, log)
             try:
-                rows = []
-                for load in LOADS:
-                    row = measure(base, load, args.canaries, args.warmup, args.gap)
-                    print(f"capacity {capacity}: {json.dumps(row)}", flush=True)
-                    rows.append(row)
+                rows = run_server(
+                    base, args.rounds, args.canaries, args.warmup, args.gap, f"capacity {capacity}"
+                )
             finally:
                 stop_server(proc)
+        for row in rows:
+            print(f"capacity {capacity}: {json.dumps(row)}", flush=True)
         runs.append({"capacity": capacity, "max_cost_in_flight": limit, "loads": rows})
     from datetime import datetime, timezone
 
