@@ -238,7 +238,8 @@ class ObservationLimits(_Strict):
     """Most token-encodes one request may cost: 403 above."""
     max_cost_in_flight: int | None = Field(default=16384, ge=1)
     """Most token-encodes the observing requests running at once may cost, server-wide (None: no bound). A
-    request that does not fit waits for room in arrival order, at most `max_wait_s`, then gets a 429."""
+    request that does not fit waits for room in arrival order, at most `max_wait_s`, then gets a 429; one costing
+    more than this runs alone."""
     max_wait_s: float = Field(default=30.0, ge=0, le=3600)
     """How long an observing request waits for room under `max_cost_in_flight` before its 429."""
 

@@ -11,8 +11,9 @@ everyone, so it is counted in one unit, the token-encode:
 through each SAE read), and what is streamed per token is `values_per_token` = top_k × SAEs inspected + traced
 features. Per request, `policy.observation` bounds the prompt positions, the values per token and the cost (a 403
 naming the field); server-wide, the cost of the observing requests running at once (`max_cost_in_flight`): a
-request that does not fit waits, in arrival order, up to `max_wait_s`, then gets a 429. Plain requests never
-wait and are never counted. Monitoring the operator configured is the operator's own cost: it is not counted.
+request that does not fit waits, in arrival order, up to `max_wait_s`, then gets a 429 (one costing more than the
+whole budget runs alone, once no other observing request runs). Plain requests never wait and are never counted.
+Monitoring the operator configured is the operator's own cost: it is not counted.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _refused(path: str, message: str) -> SpecError:
 class ObservationBudget:
     """The server-wide bound: the cost of the observing requests running at once stays within `capacity`
     (None: no bound). Requests that do not fit wait in arrival order (first come, first served: a large request
-    at the head is not overtaken), each at most `max_wait_s`."""
+    at the head is not overtaken), each at most `max_wait_s`; a request costing more than `capacity` runs alone
+    (it is admitted when nothing else is in flight)."""
 
     def __init__(self, capacity: int | None, max_wait_s: float):
         self.capacity = capacity
@@ -80,16 +82,11 @@ class ObservationBudget:
     @asynccontextmanager
     async def hold(self, cost: ObservationCost, prefix: str = "steering") -> AsyncIterator[None]:
         """Run the body with `cost` counted in flight (after waiting for room); SpecError 429 when no room came
-        within max_wait_s, 403 when the request alone exceeds the capacity."""
+        within max_wait_s."""
         units = cost.units
         metrics.OBSERVATION_COST.labels(kind="prompt").inc(cost.prompt_tokens * (1 + cost.saes))
         metrics.OBSERVATION_COST.labels(kind="generation").inc(cost.generated_tokens * cost.saes)
         if self.capacity is not None:
-            if units > self.capacity:
-                raise _refused(
-                    prefix,
-                    f"observation costs {units} token-encodes; the whole server allows {self.capacity} at once",
-                )
             await self._acquire(units, prefix)
         metrics.OBSERVATION_IN_FLIGHT.inc(units)
         try:
@@ -102,7 +99,7 @@ class ObservationBudget:
 
     async def _acquire(self, units: int, prefix: str) -> None:
         start = time.monotonic()
-        if not self._queue and self.in_flight + units <= self.capacity:
+        if not self._queue and self._fits(units):
             self.in_flight += units
             metrics.OBSERVATION_WAIT.observe(0.0)
             return
@@ -138,9 +135,12 @@ class ObservationBudget:
             pass
         self._wake()
 
+    def _fits(self, units: int) -> bool:
+        return self.in_flight + units <= self.capacity or self.in_flight == 0
+
     def _wake(self) -> None:
         """Grant room to the waiters at the head of the queue, in order, while they fit."""
-        while self._queue and self.in_flight + self._queue[0][0] <= self.capacity:
+        while self._queue and self._fits(self._queue[0][0]):
             units, waiter = self._queue.popleft()
             if waiter.done():
                 continue

@@ -1,6 +1,6 @@
 """The observation cost model and its bounds (steer_plugin/observation.py): per-request refusals naming the field,
 and the server-wide budget: observing requests wait in arrival order for room, get a 429 when none comes in time,
-and a 403 when one alone is larger than the server allows."""
+and one larger than the whole budget runs alone."""
 
 from __future__ import annotations
 
@@ -55,11 +55,15 @@ def test_the_budget_admits_in_arrival_order_and_refuses_after_the_wait():
         with pytest.raises(SpecError) as err:
             await run("e", 1, 0.0)
         assert err.value.status == 429
-        with pytest.raises(SpecError) as err:
-            await run("f", 101, 0.0)  # can never fit
-        assert err.value.status == 403
         await blocker
-        assert budget.in_flight == 0 and not budget._queue
+        order.clear()
+        big = asyncio.create_task(run("big", 250, 0.2))  # more than the whole budget: runs alone
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(run("small", 1, 0.0))
+        await asyncio.sleep(0.05)
+        assert order == ["big"]  # the small one waits for it
+        await asyncio.gather(big, small)
+        assert order == ["big", "small"] and budget.in_flight == 0 and not budget._queue
 
     asyncio.run(scenario())
 
