@@ -15,6 +15,7 @@ before the bound existed), the four loads interleaved over `--rounds` rounds. Ob
 back off for half a second and retry, as a client should. Writes JSON and a Markdown table (benchmarks/results/observation-cost-cpu.*).
 
     python benchmarks/observation_cost.py                       # unbounded and the default bound (~30 min)
+    python benchmarks/observation_cost.py --capacity none 16384 4096   # the committed run
     python benchmarks/observation_cost.py --capacity none 4096 --rounds 1 --canaries 3
 """
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         limit = default if capacity == "default" else None if capacity == "none" else int(capacity)
         observation = {"max_cost_in_flight": limit, "max_prompt_tokens": None}
         base = f"http://127.0.0.1:{args.port}"
-        with open(f"{args.out}-server-{capacity}.log", "w") as log:
+        with open(Path(tempfile.gettempdir()) / f"observation-cost-server-{capacity}.log", "w") as log:
             proc = start_server(args.port, {"policy": {"observation": observation}}, log)
             try:
                 rows = run_server(

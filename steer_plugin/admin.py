@@ -191,23 +191,26 @@ class Admin:
             )
         revision = uuid.uuid4().hex[:12]
         command = LoadCommand("stage", kind, source.id, revision, source.model_dump())
+        done = False
         try:
             outcomes = await self._staged(broadcast, command)
-        except SpecError:
-            await self._broadcast(broadcast, command._replace(action="discard").signed(), quiet=True)
-            raise
-        if not any(o.get("owned") for o in outcomes):
-            await self._broadcast(broadcast, command._replace(action="discard").signed(), quiet=True)
-            raise SpecError("layer", f"no worker holds layer {loaded.layer}", 500)
-        async with self._lock:  # the commit: quick row copies in every worker
-            if source.id in (service.assets.saes if kind == "sae" else service.assets.vectors):
-                raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
-            outcomes = await self._broadcast(broadcast, command._replace(action="load").signed())
-            failed = [o for o in outcomes if not o.get("ok")]
-            if failed:
-                await self._broadcast(broadcast, LoadCommand("unload", kind, source.id).signed(), quiet=True)
-                raise self._worst(failed)
-            service.add_source(loaded._replace(revision=revision))
+            if not any(o.get("owned") for o in outcomes):
+                raise SpecError("layer", f"no worker holds layer {loaded.layer}", 500)
+            async with self._lock:  # the commit: quick row copies in every worker
+                if source.id in (service.assets.saes if kind == "sae" else service.assets.vectors):
+                    raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
+                outcomes = await self._broadcast(broadcast, command._replace(action="load").signed())
+                failed = [o for o in outcomes if not o.get("ok")]
+                if failed:
+                    unload = LoadCommand("unload", kind, source.id).signed()
+                    await self._broadcast(broadcast, unload, quiet=True)
+                    raise self._worst(failed)
+                service.add_source(loaded._replace(revision=revision))
+                done = True
+        finally:
+            if not done:  # refused, failed or the client left: no worker keeps the files it read
+                discard = command._replace(action="discard").signed()
+                await asyncio.shield(self._broadcast(broadcast, discard, quiet=True))
         logger.info(
             "steer_plugin: runtime load: %s %s (revision %s) at layer %d from %s",
             kind,

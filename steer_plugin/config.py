@@ -236,7 +236,7 @@ class ObservationLimits(_Strict):
     """Most feature values one request streams per token (top_k x SAEs inspected + traced features): 403 above."""
     max_cost: int | None = Field(default=None, ge=1)
     """Most token-encodes one request may cost: 403 above."""
-    max_cost_in_flight: int | None = Field(default=16384, ge=1)
+    max_cost_in_flight: int | None = Field(default=4096, ge=1)
     """Most token-encodes the observing requests running at once may cost, server-wide (None: no bound). A
     request that does not fit waits for room in arrival order, at most `max_wait_s`, then gets a 429; one costing
     more than this runs alone."""
