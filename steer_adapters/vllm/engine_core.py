@@ -22,7 +22,7 @@ class KVSalt(NamedTuple):
 
 def request_plan(extra_args: dict | None, request_id: str) -> RequestPlan | None:
     """A request's plan, or None (no steering, or a message we did not sign, bound to another request, expired
-    or replayed: wire.admit_plan removes it, so the workers never see it and the request is computed unsteered
+    or replayed: wire.admit_plan replaces it, so the workers never see it and the request is computed unsteered
     and its KV is shareable)."""
     return admit_plan(extra_args, request_id)
 

@@ -11,8 +11,8 @@ the middleware gave the request (vLLM's engine request id contains it), a random
 engine requests may carry it (n choices, several prompts). The engine core admits it (`Admissions`) only on a
 request whose id contains the bound one, before its expiry, and no more times than that: a captured plan cannot
 be replayed on another request, nor after the window, nor again on the same one. A plan the engine core does
-not admit is removed from the request, so the workers never see it; they check the signature and the request id
-again. Plans made in-process for vLLM's `LLM` class (steering_args) are unbound: they never leave the process.
+not admit is replaced by a marker that never verifies, so the workers never see it (they count the marker as a
+rejected message); they check the signature and the request id of every plan again. Plans made in-process for vLLM's `LLM` class (steering_args) are unbound: they never leave the process.
 
 Every operation becomes x' = x + c·d at its layer, with d the feature's decoder row (or the vector) and
     c = a·f_i(x) + b            (+ bn·|x|/|d| for normalised adds)
@@ -328,12 +328,15 @@ class Admissions:
 ADMISSIONS = Admissions()
 
 
+REFUSED = "refused by the engine core"  # what replaces a plan the engine core did not admit (never verifies)
+
+
 def admit_plan(
     extra_args: dict | None, request_id: str, admissions: Admissions = ADMISSIONS
 ) -> RequestPlan | None:
     """The engine core's gate, once per request as it enters: the request's plan if it is ours, bound to this
-    request, fresh and not used up; otherwise None, and the plan is removed from `extra_args` so that no worker
-    ever sees it (the request runs unsteered and unobserved)."""
+    request, fresh and not used up; otherwise None, and the plan is replaced by REFUSED, so no worker ever
+    sees it (the workers count REFUSED as a rejected message; the request runs unsteered and unobserved)."""
     wire = (extra_args or {}).get(WIRE_KEY)
     if wire is None:
         return None
@@ -342,7 +345,7 @@ def admit_plan(
         admissions.admit(plan)
         return plan
     except Exception as err:
-        extra_args.pop(WIRE_KEY, None)
+        extra_args[WIRE_KEY] = REFUSED
         logger.warning("steer_plugin: steering of request %s dropped: %s", request_id, err)
         return None
 

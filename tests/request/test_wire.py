@@ -11,6 +11,7 @@ from steer_plugin import signing
 from steer_plugin.request.resolve import Catalog, SAEInfo, resolve_spec
 from steer_plugin.request.schema import parse_spec
 from steer_plugin.request.wire import (
+    REFUSED,
     WIRE_KEY,
     WIRE_VERSION,
     AbortSpec,
@@ -236,17 +237,20 @@ def test_the_engine_core_admits_a_plan_once_per_use_and_only_until_it_expires():
     admissions.admit(RequestPlan.build([]))  # unbound (steering_args, in-process): nothing to count
 
 
-def test_admit_plan_removes_what_it_refuses_so_workers_never_see_it():
+def test_admit_plan_replaces_what_it_refuses_so_workers_never_see_it():
     admissions = Admissions()
     wire = bound("abc").encode()
     args = {WIRE_KEY: wire, "other": 1}
-    assert admit_plan(args, "cmpl-abc-12345678", admissions) is not None and WIRE_KEY in args
+    assert admit_plan(args, "cmpl-abc-12345678", admissions) is not None and args[WIRE_KEY] == wire
     replayed = {WIRE_KEY: wire}  # the same captured plan on another request of the same name
-    assert admit_plan(replayed, "cmpl-abc-87654321", admissions) is None and replayed == {}
+    assert admit_plan(replayed, "cmpl-abc-87654321", admissions) is None and replayed == {WIRE_KEY: REFUSED}
     moved = {WIRE_KEY: bound("abc").encode(), "other": 1}
-    assert admit_plan(moved, "cmpl-zzz-12345678", admissions) is None and moved == {"other": 1}
+    assert admit_plan(moved, "cmpl-zzz-12345678", admissions) is None
+    assert moved == {WIRE_KEY: REFUSED, "other": 1}
     expired = {WIRE_KEY: bound("abc", ttl=-1).encode()}
-    assert admit_plan(expired, "cmpl-abc-1", admissions) is None and expired == {}
+    assert admit_plan(expired, "cmpl-abc-1", admissions) is None and expired == {WIRE_KEY: REFUSED}
+    with pytest.raises(SignatureError):  # what a worker then sees never verifies (it counts a rejection)
+        RequestPlan.decode(REFUSED)
 
 
 @pytest.mark.parametrize(
