@@ -1,9 +1,14 @@
 """The admin API's API-process side: load and unload SAEs and vectors while the server runs.
 
 A load is checked here first (operator key, allowed roots, pickle policy, the file itself, the layer's
-reservation), then sent to every worker (`broadcast`: vLLM's collective_rpc, so every TP and PP rank); only
-when every worker has written it does the catalog name it, so no request can resolve against a source some
-worker lacks. A failed load is rolled back on every worker. An unload is refused while running requests use
+reservation), then sent to every worker (`broadcast`: vLLM's collective_rpc, so every TP and PP rank): staged
+(each worker reads the files in a background thread while the engine keeps serving; polled until ready), then
+committed (rows copied into the bank, between two steps). Only when every worker has written it does the catalog
+name it, so no request can resolve against a source some worker lacks. A failed load is rolled back on every
+worker. Nothing slow runs under the admin lock: the files are read (here and in the workers) before it is
+taken, and an unrelated unload never waits for them. Every file a load opens, by any route (the body's paths,
+the files in the SAE's folder, loader options, links), must resolve under runtime.roots
+(steer_plugin.files.confined), here and again in each worker. An unload is refused while running requests use
 the source (`InFlight`), leaves the catalog first, then the workers (which free the rows once no working-set
 column holds them). Each load gets a new revision that requests carry (ResolvedOp.revision), so a request
 never reads the rows of an unloaded or reloaded source, and prefix-cache salts of different loads differ.
@@ -27,6 +32,7 @@ from steer_plugin import metrics
 from steer_plugin.catalog import LoadedSAE, LoadedVector, load_sae_source, load_vector_source
 from steer_plugin.config import ConfigError, RuntimeConfig, SAESource, VectorSource
 from steer_plugin.engine.runtime_loads import LoadCommand
+from steer_plugin.files import FileRefused, confined, real_path, under
 from steer_plugin.request.schema import SpecError, json_path
 from steer_plugin.request.wire import ResolvedOp
 
@@ -36,6 +42,7 @@ ADMIN_KEY_HEADER = b"x-steer-admin-key"
 KINDS = {"saes": "sae", "vectors": "vector"}  # route segment -> kind
 Broadcast = Callable[[dict], Awaitable[list[dict]]]  # a LoadCommand to every worker -> their LoadOutcomes
 LOAD_TIMEOUT_S = 600.0
+POLL_S = 0.2  # between two polls of the workers' background reads (each poll: one quick collective_rpc)
 START_UP_ONLY_KEYS = ("release", "sae_id", "neuronpedia", "hub_revision")
 """SAESource keys that name an SAE through the Hub registry: resolved from the configuration at start-up, refused
 by runtime loads (which take a `path` under runtime.roots)."""
@@ -75,7 +82,8 @@ class Admin:
         self.runtime = runtime
         self.key = runtime.key()
         self.roots = [Path(os.path.realpath(root)) for root in runtime.roots]
-        self._lock = asyncio.Lock()  # one load or unload at a time
+        self._lock = asyncio.Lock()  # one commit or unload at a time (each a few quick worker calls)
+        self._loading: set[tuple[str, str]] = set()  # (kind, id) of loads being read
 
     # --- checks --------------------------------------------------------------------------------------------
 
@@ -111,6 +119,10 @@ class Admin:
             value = getattr(source, field, None)
             if value is not None:
                 setattr(source, field, self._allowed_path(field, value))
+        for name, value in (getattr(source, "options", None) or {}).items():
+            # Loader options name things inside the SAE's folder (sparsify's `hookpoint`), never a path.
+            if isinstance(value, str) and (value in (".", "..") or any(c in value for c in "/\\\0")):
+                raise SpecError(f"options.{name}", "must be a name inside the SAE's folder, not a path", 403)
         if getattr(source, "allow_pickle", False) and not self.runtime.allow_pickle:
             raise SpecError("allow_pickle", "pickle loading is not allowed here (runtime.allow_pickle)", 403)
         return source
@@ -120,10 +132,21 @@ class Admin:
         about the file, so the admin API does not probe the server's disk)."""
         if not os.path.isabs(value):
             raise SpecError(field, "must be an absolute path on the server")
-        real = Path(os.path.realpath(value))
-        if not any(real == root or root in real.parents for root in self.roots):
+        try:
+            real = real_path(value)
+        except FileRefused as err:
+            raise SpecError(field, err.reason) from None
+        if not under(real, [str(root) for root in self.roots]):
             raise SpecError(field, "is not under an allowed root (runtime.roots)", 403)
-        return str(real)
+        return real
+
+    def _read_source(self, kind: str, source: SAESource | VectorSource, d_model: int | None):
+        """The source as the API process holds it (an SAE's header, no weights), every file it opens under the
+        roots (a thread: a big or slow file must not stall the event loop)."""
+        with confined([str(root) for root in self.roots]):
+            if kind == "sae":
+                return load_sae_source(source, "body", d_model, weights=False)
+            return load_vector_source(source, "body", d_model)
 
     def _reserved(self, layer: int) -> bool:
         layers = self.runtime.layers
@@ -133,51 +156,61 @@ class Admin:
 
     async def load(self, kind: str, body: object, broadcast: Broadcast) -> dict:
         """Load one SAE or vector everywhere; its description (as GET /v1/steering/saes lists it)."""
-        async with self._lock:
-            try:
-                described = await self._load(kind, body, broadcast)
-            except SpecError as err:
-                outcome = "failed" if err.status >= 500 and err.status != 507 else "refused"
-                metrics.RUNTIME_LOADS.labels(kind=kind, action="load", outcome=outcome).inc()
-                logger.warning("steer_plugin: runtime load of a %s refused: %s", kind, err)
-                raise
-            metrics.RUNTIME_LOADS.labels(kind=kind, action="load", outcome="ok").inc()
-            return described
+        try:
+            described = await self._load(kind, body, broadcast)
+        except SpecError as err:
+            outcome = "failed" if err.status >= 500 and err.status != 507 else "refused"
+            metrics.RUNTIME_LOADS.labels(kind=kind, action="load", outcome=outcome).inc()
+            logger.warning("steer_plugin: runtime load of a %s refused: %s", kind, err)
+            raise
+        metrics.RUNTIME_LOADS.labels(kind=kind, action="load", outcome="ok").inc()
+        return described
 
     async def _load(self, kind: str, body: object, broadcast: Broadcast) -> dict:
         source = self._parse(kind, body)
-        service = self.service
-        loaded_now = service.assets.saes if kind == "sae" else service.assets.vectors
-        if source.id in loaded_now:
+        key = (kind, source.id)
+        if source.id in (self.service.assets.saes if kind == "sae" else self.service.assets.vectors):
             raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
-        try:  # in a thread: a big SAE must not stall the server's event loop
-            if kind == "sae":
-                # the header only (no weights in the API process); the workers' loads read and check them
-                loaded = await asyncio.to_thread(
-                    load_sae_source, source, "body", service.d_model(), weights=False
-                )
-            else:
-                loaded = await asyncio.to_thread(load_vector_source, source, "body", service.d_model())
+        if key in self._loading:
+            raise SpecError("id", f"{kind} {source.id!r} is being loaded", 409)
+        self._loading.add(key)
+        try:
+            return await self._load_unlocked(kind, source, broadcast)
+        finally:
+            self._loading.discard(key)
+
+    async def _load_unlocked(self, kind: str, source: SAESource | VectorSource, broadcast: Broadcast) -> dict:
+        service = self.service
+        try:  # the header only (no weights in the API process); the workers' reads check the weights
+            loaded = await asyncio.to_thread(self._read_source, kind, source, service.d_model())
         except ConfigError as err:
-            raise SpecError("path", str(err).removeprefix("body ").strip()) from None
+            raise SpecError(err.field, str(err).removeprefix("body ").strip(), err.status) from None
         if not self._reserved(loaded.layer):
             raise SpecError(
                 "layer", f"layer {loaded.layer} has no reserved rows; runtime.layers = {self.runtime.layers}"
             )
         revision = uuid.uuid4().hex[:12]
-        command = LoadCommand("load", kind, source.id, revision, source.model_dump())._asdict()
-        outcomes = await self._broadcast(broadcast, command)
-        failed = [o for o in outcomes if not o.get("ok")]
-        if failed or not any(o.get("owned") for o in outcomes):
-            await self._broadcast(broadcast, LoadCommand("unload", kind, source.id)._asdict(), quiet=True)
-            if not failed:
+        command = LoadCommand("stage", kind, source.id, revision, source.model_dump())
+        done = False
+        try:
+            outcomes = await self._staged(broadcast, command)
+            if not any(o.get("owned") for o in outcomes):
                 raise SpecError("layer", f"no worker holds layer {loaded.layer}", 500)
-            worst = max(failed, key=lambda o: o.get("status", 500))
-            field = "path" if worst.get("status") == 400 else "id" if worst.get("status") == 409 else "body"
-            raise SpecError(
-                field, worst.get("error") or "a worker refused the load", worst.get("status", 500)
-            )
-        service.add_source(loaded._replace(revision=revision))
+            async with self._lock:  # the commit: quick row copies in every worker
+                if source.id in (service.assets.saes if kind == "sae" else service.assets.vectors):
+                    raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
+                outcomes = await self._broadcast(broadcast, command._replace(action="load").signed())
+                failed = [o for o in outcomes if not o.get("ok")]
+                if failed:
+                    unload = LoadCommand("unload", kind, source.id).signed()
+                    await self._broadcast(broadcast, unload, quiet=True)
+                    raise self._worst(failed)
+                service.add_source(loaded._replace(revision=revision))
+                done = True
+        finally:
+            if not done:  # refused, failed or the client left: no worker keeps the files it read
+                discard = command._replace(action="discard").signed()
+                await asyncio.shield(self._broadcast(broadcast, discard, quiet=True))
         logger.info(
             "steer_plugin: runtime load: %s %s (revision %s) at layer %d from %s",
             kind,
@@ -187,6 +220,32 @@ class Admin:
             source.path,
         )
         return service.describe(kind, source.id)
+
+    async def _staged(self, broadcast: Broadcast, command: LoadCommand) -> list[dict]:
+        """Every worker's outcome once its background read is done (SpecError for the worst failure)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOAD_TIMEOUT_S
+        outcomes = await self._broadcast(broadcast, command.signed())
+        poll = command._replace(action="poll").signed()
+        while True:
+            failed = [o for o in outcomes if not o.get("ok")]
+            if failed:
+                raise self._worst(failed)
+            if not any(o.get("pending") for o in outcomes):
+                return outcomes
+            if loop.time() > deadline:
+                raise SpecError(
+                    "path", f"the workers did not read the files within {LOAD_TIMEOUT_S:g} s", 504
+                )
+            await asyncio.sleep(POLL_S)
+            outcomes = await self._broadcast(broadcast, poll)
+
+    @staticmethod
+    def _worst(failed: list[dict]) -> SpecError:
+        worst = max(failed, key=lambda o: o.get("status", 500))
+        status = worst.get("status", 500)
+        field = worst.get("field") or ("id" if status == 409 else "path" if status in (400, 403) else "body")
+        return SpecError(field, worst.get("error") or "a worker refused the load", status)
 
     async def unload(self, kind: str, source_id: str, broadcast: Broadcast) -> dict:
         async with self._lock:
@@ -217,12 +276,14 @@ class Admin:
                 "id", f"{kind} {source_id!r} is in use by {using} running request(s); retry later", 409
             )
         service.remove_source(kind, source_id)  # no request resolves against it from here on
-        outcomes = await self._broadcast(broadcast, LoadCommand("unload", kind, source_id)._asdict())
+        outcomes = await self._broadcast(broadcast, LoadCommand("unload", kind, source_id).signed())
         failed = [o for o in outcomes if not o.get("ok")]
         if failed:
             raise SpecError(
                 "id", f"removed from the catalog, but a worker failed: {failed[0].get('error')}", 500
             )
+        if kind == "sae":
+            metrics.forget_sae(source_id)
         logger.info("steer_plugin: runtime unload: %s %s (revision %s)", kind, source_id, loaded.revision)
         return {"id": source_id, "object": kind, "deleted": True, "revision": loaded.revision}
 

@@ -15,8 +15,17 @@ import numpy as np
 import torch
 
 from steer_plugin.config import ConfigError, SAESource, SteerConfig, VectorSource
+from steer_plugin.files import (
+    MAX_JSON_BYTES,
+    MAX_LABELS_BYTES,
+    MAX_VECTOR_BYTES,
+    FileRefused,
+    open_regular,
+    read_bounded,
+    regular_path,
+)
 from steer_plugin.labels.neuronpedia import Explanation, load_explanations
-from steer_plugin.request.resolve import Catalog, SAEInfo, VectorInfo
+from steer_plugin.request.resolve import ASCII_INDEX, Catalog, SAEInfo, VectorInfo
 from steer_plugin.sae.model import SAEHeader, SparseAutoencoder
 
 
@@ -68,6 +77,7 @@ class LoadedAssets(NamedTuple):
             max_abs_value=limits.max_abs_value,
             d_model=self.d_model(),
             layers=tuple(sorted(self.layers() | set(runtime_layers))),
+            policy=self.config.policy,
         )
 
 
@@ -75,9 +85,11 @@ def load_labels(path: str | os.PathLike) -> tuple[dict[int, str], dict[int, floa
     """(index -> label, index -> max activation) from a labels JSON: {"12": "bridge"},
     {"12": {"label": "bridge", "max_act": 47.6, ...}}, {"features": {...}} or a list."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read labels file {path}: {err}") from None
+        data = json.loads(read_bounded(path, MAX_LABELS_BYTES).decode("utf-8"))
+    except FileRefused as err:
+        raise ConfigError(f"labels file {err}", status=err.status, field="labels") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read labels file {path}: {err}", field="labels") from None
     if isinstance(data, dict) and "features" in data:
         data = data["features"]
     if not isinstance(data, (list, dict)):
@@ -87,10 +99,13 @@ def load_labels(path: str | os.PathLike) -> tuple[dict[int, str], dict[int, floa
     for key, value in items:
         if isinstance(data, list) and isinstance(value, dict) and "index" in value:
             key = value["index"]  # a list of feature records names each one's index
-        try:
+        # ASCII digits only: int() also reads "٣" as 3 and str.isdigit() accepts "²".
+        if isinstance(key, int) and not isinstance(key, bool):
+            index = key
+        elif isinstance(key, str) and ASCII_INDEX.fullmatch(key):
             index = int(key)
-        except (TypeError, ValueError):
-            raise ConfigError(f"labels file {path}: feature index {key!r} is not an integer") from None
+        else:
+            raise ConfigError(f"labels file {path}: feature index {key!r} is not an integer", field="labels")
         label = value.get("label") if isinstance(value, dict) else value
         if isinstance(label, str) and label:
             labels[index] = label
@@ -113,31 +128,38 @@ def _sae_layer(source: SAESource, sae: SparseAutoencoder | SAEHeader, key: str) 
 
 
 def load_vector(source: VectorSource, key: str) -> torch.Tensor:
+    """The vector a source names, read through steer_plugin.files (a regular file of bounded size, under the
+    roots in force)."""
     path = Path(source.path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            tensors = load_file(str(path))
+            with regular_path(path, MAX_VECTOR_BYTES) as opened:
+                tensors = load_file(opened)
             name = source.tensor or (next(iter(tensors)) if len(tensors) == 1 else None)
             if name is None or name not in tensors:
                 raise ConfigError(f"{key}.tensor: choose one of {sorted(tensors)} in {path}")
             vec = tensors[name]
         elif path.suffix in (".pt", ".pth"):
-            vec = torch.load(path, map_location="cpu", weights_only=True)
+            with regular_path(path, MAX_VECTOR_BYTES) as opened:
+                vec = torch.load(opened, map_location="cpu", weights_only=True)
             if isinstance(vec, dict):
                 name = source.tensor or (next(iter(vec)) if len(vec) == 1 else None)
                 if name is None or name not in vec:
                     raise ConfigError(f"{key}.tensor: choose one of {sorted(vec)} in {path}")
                 vec = vec[name]
         elif path.suffix == ".npy":
-            vec = torch.from_numpy(np.load(path, allow_pickle=False))
+            with open_regular(path, MAX_VECTOR_BYTES) as f:
+                vec = torch.from_numpy(np.load(f, allow_pickle=False))
         elif path.suffix == ".json":
-            vec = torch.tensor(json.loads(path.read_text()), dtype=torch.float32)
+            vec = torch.tensor(json.loads(read_bounded(path, MAX_JSON_BYTES)), dtype=torch.float32)
         else:
             raise ConfigError(f"{key}.path: unsupported vector file type {path.suffix!r} ({path})")
     except ConfigError:
         raise
+    except FileRefused as err:
+        raise ConfigError(f"{key}.path: {err}", status=err.status) from None
     except Exception as err:
         raise ConfigError(f"{key}.path: cannot load vector from {path}: {err}") from None
     vec = vec.float().reshape(-1) if vec.dim() == 2 and 1 in vec.shape else vec.float()
@@ -149,11 +171,17 @@ def load_vector(source: VectorSource, key: str) -> torch.Tensor:
 
 
 def load_sae_source(
-    source: SAESource, key: str, d_model: int | None = None, explanations: bool = True, weights: bool = True
+    source: SAESource,
+    key: str,
+    d_model: int | None = None,
+    explanations: bool = True,
+    weights: bool = True,
+    labels: bool = True,
 ) -> LoadedSAE:
-    """One configured SAE with its labels (and explanations unless `explanations` is False); ConfigError
-    naming `key` (e.g. `saes[2]`) and the file otherwise. `weights` False: its header only (shapes, dtype,
-    metadata), the files' configs and shapes checked but no weights read (so NaNs in them go unnoticed)."""
+    """One configured SAE with its labels (unless `labels` is False: the workers never show them) and
+    explanations (unless `explanations` is False); ConfigError naming `key` (e.g. `saes[2]`) and the file
+    otherwise. `weights` False: its header only (shapes, dtype, metadata), the files' configs and shapes
+    checked but no weights read (so NaNs in them go unnoticed)."""
     from steer_plugin.sae.loading import load_sae, read_sae_header
 
     try:
@@ -166,6 +194,8 @@ def load_sae_source(
     try:
         read = load_sae if weights else read_sae_header
         sae = read(path, fmt, allow_pickle=source.allow_pickle, **options)
+    except FileRefused as err:
+        raise ConfigError(f"{key} ({source.id}): {err}", status=err.status) from None
     except (ValueError, OSError) as err:
         raise ConfigError(f"{key} ({source.id}): {err}") from None
     layer = _sae_layer(source, sae, key)
@@ -174,7 +204,9 @@ def load_sae_source(
     labels_path = source.labels or os.path.join(
         path if os.path.isdir(path) else os.path.dirname(path), "labels.json"
     )
-    labels, maxima = load_labels(labels_path) if os.path.exists(labels_path) else ({}, {})
+    # lexists: a link or a named pipe is there, and load_labels refuses it (exists() would follow the link).
+    wanted = labels and os.path.lexists(labels_path)
+    labels, maxima = load_labels(labels_path) if wanted else ({}, {})
     neuronpedia_id = (
         source.neuronpedia_id
         or (resolved.neuronpedia_id if resolved else None)

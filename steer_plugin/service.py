@@ -23,14 +23,23 @@ from steer_plugin.config import SteerConfig
 from steer_plugin.labels.search import SAETexts, SearchIndex
 from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
+from steer_plugin.observation import ObservationBudget, ObservationCost
 from steer_plugin.request.records import TokenRecord
-from steer_plugin.request.resolve import check_inspectable, check_policy, resolve_feature, resolve_spec
+from steer_plugin.request.resolve import (
+    check_counts,
+    check_inspectable,
+    check_policy,
+    resolve_feature,
+    resolve_spec,
+)
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
 from steer_plugin.request.wire import (
+    MAX_USES,
     POSITION_CODES,
     TRACE_THRESHOLD,
     WIRE_KEY,
     AbortSpec,
+    Binding,
     ObservePlan,
     RequestPlan,
     ResolvedOp,
@@ -51,6 +60,11 @@ class RewrittenRequest(NamedTuple):
     traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
     compare: bool = False  # also serve the default variant (default_variant) beside this one
     abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
+    inspected: tuple[str, ...] = ()  # the SAEs `inspect` reports (the policy applied), as resolved
+    request_id_header: str | None = None  # an X-Request-Id to send with it (the id its plan is bound to)
+    # What the client's observation costs (inspect, traces, abort_when; None: it observes nothing), before the
+    # server counts the prompt tokens (prompt_tokens 0) and, without max_tokens, the generation (0).
+    cost: ObservationCost | None = None
 
     @property
     def ops(self) -> tuple[ResolvedOp, ...]:
@@ -79,6 +93,8 @@ class SteeringService:
         self.catalog = self.assets.catalog(self.runtime_layers())
         self._search: SearchIndex | None = None  # built on the first feature search
         self.in_flight = InFlight()  # sources running requests use (runtime unloads wait for them)
+        limits = config.policy.observation
+        self.observation_budget = ObservationBudget(limits.max_cost_in_flight, limits.max_wait_s)
         runtime = config.runtime
         self.admin = Admin(self, runtime) if runtime is not None and runtime.key() else None
 
@@ -122,25 +138,30 @@ class SteeringService:
         ops = request.ops if request is not None else []
         return self.in_flight.holding(InFlight.sources(ops, observed))
 
-    def rewrite_request(self, body: dict, observable: bool = True) -> RewrittenRequest:
+    def rewrite_request(
+        self, body: dict, observable: bool = True, request_id: str | None = None, turns: int = 1
+    ) -> RewrittenRequest:
         """Move a valid `steering` field into vllm_xargs; raise SpecError (400/403) naming the bad field.
 
         `observable`: the endpoint's responses carry per-token features (chat/completions); elsewhere
         (/v1/responses, /v1/messages) steering applies but `inspect` is refused and nothing is monitored.
+        `request_id`: the id vLLM will build the request's engine id from; the signed plan is bound to it (and
+        to `turns` engine requests per choice and prompt; request/wire.py Binding). None: an unbound plan.
         """
         try:
-            return self._rewrite(body, observable)
+            return self._rewrite(body, observable, request_id, turns)
         except SpecError as err:
             metrics.REJECTED_REQUESTS.labels(reason="policy" if err.status == 403 else "invalid").inc()
             raise
 
-    def _rewrite(self, body: dict, observable: bool) -> RewrittenRequest:
+    def _rewrite(self, body: dict, observable: bool, request_id: str | None, turns: int) -> RewrittenRequest:
         refuse_reserved_keys(body)
         xargs = body.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
             raise SpecError("vllm_xargs", "must be an object")
         xargs = dict(xargs or {})
         raw = body.pop(STEERING_FIELD, None)
+        check_counts(raw, self.catalog, STEERING_FIELD)  # before anything in it is decoded
         spec = parse_spec(raw, STEERING_FIELD) if raw is not None else SteeringSpec()
         ops = resolve_spec(spec, self.catalog, STEERING_FIELD)
         check_policy(spec, ops, self.config.policy, STEERING_FIELD)
@@ -160,6 +181,7 @@ class SteeringService:
                     f"{STEERING_FIELD}.compare", "compare needs steering operations to compare with"
                 )
         inspect = spec.inspect
+        inspected: list[str] = []
         if inspect is not None:
             if not observable:
                 raise SpecError(
@@ -170,8 +192,12 @@ class SteeringService:
                 if sae_id not in self.catalog.saes:
                     raise SpecError(
                         f"{STEERING_FIELD}.inspect.saes[{i}]",
-                        f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.saes)}",
+                        f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.readable_saes())}",
                     )
+            # Without `saes`: every SAE the policy lets requests read (never a denied one).
+            inspected = list(dict.fromkeys(inspect.saes)) if inspect.saes else self.catalog.readable_saes()
+            if not inspected:
+                raise SpecError(f"{STEERING_FIELD}.inspect", "no SAE may be inspected on this server", 403)
             if n != 1:
                 raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs n = 1")
             if prompt_count(body) != 1:
@@ -199,7 +225,7 @@ class SteeringService:
         read = list(
             dict.fromkeys(
                 [
-                    *((inspect.saes or list(self.catalog.saes)) if inspect else []),
+                    *inspected,
                     *(sae for sae, _ in traced),
                     *(a.sae for a in abort),
                     *monitored,
@@ -222,7 +248,18 @@ class SteeringService:
                 tuple(monitored),
                 tuple(abort),
             )
-        plan = RequestPlan.build(ops, observe)
+        cost = None
+        asked = list(dict.fromkeys([*inspected, *(sae for sae, _ in traced), *(a.sae for a in abort)]))
+        if asked:  # the client's own observation (monitoring is the operator's): steer_plugin/observation.py
+            generated = lax_int(body, "max_completion_tokens", 0) or lax_int(body, "max_tokens", 0)
+            values = (inspect.top_k * len(inspected) if inspect else 0) + len(traced)
+            cost = ObservationCost(0, max(0, generated) * max(1, n), len(asked), values)
+        binding = None
+        if request_id is not None:
+            # Every engine request that may carry the plan: n choices x prompts (x turns).
+            uses = min(MAX_USES, max(1, n) * max(1, prompt_count(body)) * turns)
+            binding = Binding.new(request_id, uses)
+        plan = RequestPlan.build(ops, observe, binding)
         if ops or observe is not None:
             xargs[WIRE_KEY] = plan.encode()
         if xargs:
@@ -231,7 +268,16 @@ class SteeringService:
         if observe is not None:
             body["return_token_ids"] = True  # lets the server align features with each (streamed) token
         return RewrittenRequest(
-            body, plan, inspect, monitored, wants_ids, tuple(traced), spec.compare, tuple(abort)
+            body,
+            plan,
+            inspect,
+            monitored,
+            wants_ids,
+            tuple(traced),
+            spec.compare,
+            tuple(abort),
+            tuple(inspected),
+            cost=cost,
         )
 
     def _abort_conditions(
@@ -261,16 +307,16 @@ class SteeringService:
             out.append(AbortSpec(sae.id, index, float(cond.threshold), cond.sign))
         return out
 
-    def default_variant(self, body: dict) -> RewrittenRequest:
+    def default_variant(self, body: dict, request_id: str | None = None) -> RewrittenRequest:
         """The default side of a `compare` request (`body` as the client sent it): the same request without
-        steering operations, still inspected as asked."""
+        steering operations, still inspected as asked (bound to `request_id`)."""
         steering = body.get(STEERING_FIELD)
         body = dict(body)
         if isinstance(steering, dict) and steering.get("inspect") is not None:
             body[STEERING_FIELD] = {"inspect": steering["inspect"]}
         else:
             body.pop(STEERING_FIELD, None)
-        return self.rewrite_request(body)
+        return self.rewrite_request(body, request_id=request_id)
 
     def applied(self, ops: list[ResolvedOp]) -> list[dict]:
         """The operations a response reports as applied."""
@@ -320,9 +366,10 @@ class SteeringService:
         }
 
     def list_saes(self) -> dict:
+        """Loaded SAEs requests may read (the policy's denied SAEs are not listed) and vectors."""
         return {
             "object": "list",
-            "data": [self.describe("sae", sid) for sid in self.assets.saes],
+            "data": [self.describe("sae", sid) for sid in self.assets.saes if self.catalog.may_read(sid)],
             "vectors": [self.describe("vector", vid) for vid in self.assets.vectors],
         }
 
@@ -331,8 +378,11 @@ class SteeringService:
     ) -> dict:
         """Features whose label or explanations match `query`, best match first (steer_plugin.labels.search);
         with `index` (and `sae`), that one feature whatever its texts."""
-        if sae is not None and sae not in self.assets.saes:
-            raise SpecError("sae", f"unknown SAE {sae!r}; loaded: {sorted(self.assets.saes)}", status=404)
+        readable = [sid for sid in self.assets.saes if self.catalog.may_read(sid)]
+        if sae is not None and sae not in readable:
+            if sae in self.assets.saes:
+                raise SpecError("sae", f"SAE {sae!r} may not be read on this server", status=403)
+            raise SpecError("sae", f"unknown SAE {sae!r}; loaded: {readable}", status=404)
         if not 1 <= limit <= 1000:
             raise SpecError("limit", "must be between 1 and 1000")
         if index is not None:
@@ -353,7 +403,9 @@ class SteeringService:
             return {"object": "list", "data": [item], "total": 1}
         if self._search is None:
             self._search = SearchIndex(
-                SAETexts(s.id, s.labels, s.explanations, s.max_activations) for s in self.assets.saes.values()
+                SAETexts(s.id, s.labels, s.explanations, s.max_activations)
+                for s in self.assets.saes.values()
+                if s.id in readable
             )
         hits = self._search.search(query or "", sae)
         return {"object": "list", "data": [h.to_json() for h in hits[:limit]], "total": len(hits)}
@@ -367,6 +419,7 @@ def error_body(err: SpecError) -> bytes:
         403: "PermissionDeniedError",
         404: "NotFoundError",
         409: "ConflictError",
+        429: "RateLimitError",
         500: "InternalServerError",
         503: "ServiceUnavailableError",
         507: "InsufficientStorageError",
@@ -409,10 +462,9 @@ class Observation:
 
     def _token(self, pos: int) -> TokenRead:
         inspect = self.request.inspect
-        saes = (inspect.saes or list(self.service.catalog.saes)) if inspect else []
         found = self.by_pos.get(pos, {})
         features = {}
-        for sae_id in saes:
+        for sae_id in self.request.inspected:
             labels = self.service.catalog.saes[sae_id].labels
             top = found[sae_id].top if sae_id in found else ()
             features[sae_id] = [
@@ -420,6 +472,7 @@ class Observation:
             ]
         watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
         traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
+        metrics.OBSERVATION_VALUES.inc(sum(map(len, features.values())) + len(traced))
         return TokenRead(features, traced)
 
     def next_tokens(self, count: int) -> list[TokenRead]:

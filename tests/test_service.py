@@ -143,8 +143,13 @@ def test_policy_and_endpoint_refusals():
         rewrite({"steering": steering}, policy={"denied_saes": ["a"]})
     assert (err.value.path, err.value.status) == ("steering.features[0]", 403)
     with pytest.raises(SpecError) as err:  # read-only policy applies to what inspect reads too
-        rewrite({"steering": {"inspect": {"features": [{"label": "bridge"}]}}}, policy={"denied_saes": ["a"]})
+        rewrite(
+            {"steering": {"inspect": {"features": [{"sae": "a", "index": 7}]}}}, policy={"denied_saes": ["a"]}
+        )
     assert (err.value.path, err.value.status) == ("steering.inspect.features[0]", 403)
+    with pytest.raises(SpecError) as err:  # a denied SAE's labels are not looked up at all
+        rewrite({"steering": {"inspect": {"features": [{"label": "bridge"}]}}}, policy={"denied_saes": ["a"]})
+    assert (err.value.path, err.value.status) == ("steering.inspect.features[0].label", 400)
     for field in ({"inspect": {}}, {"abort_when": [{"sae": "a", "index": 1, "above": 1}]}):
         with pytest.raises(SpecError) as err:  # /v1/responses, /v1/messages: no per-token slots
             rewrite({"steering": field}, observable=False)
@@ -228,3 +233,91 @@ def test_observation_reads_the_workers_records(monkeypatch, tmp_path):
     }
     observation.finish("resp-1", "m")
     assert not (tmp_path / f"{cid}.jsonl").exists()  # the channel is gone with the response
+
+
+DENY_A = {"denied_saes": ["a"]}
+
+
+def test_inspect_without_saes_reads_only_what_the_policy_allows():
+    request = rewrite({"steering": {"inspect": {"top_k": 2}}}, policy=DENY_A)
+    assert request.inspected == ("b",) and request.observe.saes == ("b",)
+    request = rewrite({"steering": {"inspect": {}}}, policy={"allowed_saes": ["a"]})
+    assert request.inspected == ("a",)
+    with pytest.raises(SpecError) as err:
+        rewrite({"steering": {"inspect": {}}}, policy={"denied_saes": ["a", "b"]})
+    assert (err.value.path, err.value.status) == ("steering.inspect", 403)
+
+
+@pytest.mark.parametrize(
+    "steering, path",
+    [
+        (  # a condition reads the denied SAE's feature on every token
+            {"vectors": [{"name": "v", "when": {"sae": "a", "index": 1, "above": 0}}]},
+            "steering.vectors[0].when",
+        ),
+        (
+            {
+                "features": [
+                    {"sae": "b", "index": 1, "value": 1, "when": {"sae": "a", "index": 1, "above": 0}}
+                ]
+            },
+            "steering.features[0].when",
+        ),
+        ({"abort_when": [{"sae": "a", "index": 1, "above": 0}]}, "steering.abort_when[0]"),
+        ({"inspect": {"features": [{"sae": "a", "index": 7}]}}, "steering.inspect.features[0]"),
+        ({"inspect": {"saes": ["a"]}}, "steering.inspect.saes[0]"),
+    ],
+)
+def test_every_read_of_a_denied_sae_is_refused(steering, path):
+    with pytest.raises(SpecError) as err:
+        rewrite({"steering": steering}, policy=DENY_A)
+    assert (err.value.path, err.value.status) == (path, 403)
+
+
+def test_discovery_hides_denied_saes():
+    svc = service(policy=DENY_A)
+    assert [s["id"] for s in svc.list_saes()["data"]] == ["b"]
+    assert all(hit["sae"] != "a" for hit in svc.search_features(None, "")["data"])
+    assert svc.search_features(None, "bridge")["total"] == 0
+    for sae_id, index in (("a", None), ("a", 7)):
+        with pytest.raises(SpecError) as err:
+            svc.search_features(sae_id, None, index=index)
+        assert (err.value.path, err.value.status) == ("sae", 403)
+    with pytest.raises(SpecError) as err:  # an unknown SAE's error does not list the denied one
+        svc.rewrite_request(
+            {"prompt": "x", "steering": {"features": [{"sae": "zz", "index": 1, "value": 1}]}}
+        )
+    assert "'a'" not in err.value.message
+
+
+def test_counts_are_checked_before_anything_is_decoded(monkeypatch):
+    import steer_plugin.service as service_module
+
+    decoded = []
+    monkeypatch.setattr(service_module, "parse_spec", lambda *a: decoded.append(1))
+    many = {"vectors": [{"values": [0.0] * D, "layer": 5}] * 20_000}
+    with pytest.raises(SpecError) as err:
+        rewrite({"steering": many}, policy={"allow_inline_vectors": True})
+    assert (err.value.path, err.value.status) == ("steering", 400) and "20000" in err.value.message
+    with pytest.raises(SpecError) as err:
+        rewrite({"steering": {"vectors": [{"values": [0.0] * D, "layer": 5}]}})
+    assert (err.value.path, err.value.status) == ("steering.vectors[0]", 403)
+    assert decoded == []
+
+
+@pytest.mark.parametrize("text", ["m/3-res/\u00b2", "m/3-res/\u0663", "m/3-res/\uff13", "m/3-res/3\u00b2"])
+def test_feature_ids_take_ascii_digits_only(text):
+    svc = service(
+        saes=[{"id": "a", "path": "/unused/a", "neuronpedia_id": "m/3-res"}, {"id": "b", "path": "/u/b"}]
+    )
+    svc.catalog = svc.catalog._replace(
+        saes={
+            k: v._replace(neuronpedia_id="m/3-res" if k == "a" else None) for k, v in svc.catalog.saes.items()
+        }
+    )
+    with pytest.raises(SpecError) as err:
+        svc.rewrite_request({"prompt": "x", "steering": {"features": [{"id": text, "value": 1}]}})
+    assert (err.value.path, err.value.status) == ("steering.features[0].id", 400)
+    assert svc.rewrite_request(
+        {"prompt": "x", "steering": {"features": [{"id": "m/3-res/3", "value": 1}]}}
+    ).ops

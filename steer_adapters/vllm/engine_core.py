@@ -10,7 +10,7 @@ import functools
 from typing import NamedTuple
 
 from steer_adapters.vllm import preflight
-from steer_plugin.request.wire import WIRE_KEY, RequestPlan
+from steer_plugin.request.wire import RequestPlan, admit_plan
 
 
 class KVSalt(NamedTuple):
@@ -21,16 +21,11 @@ class KVSalt(NamedTuple):
     first_position: int
 
 
-def request_plan(extra_args: dict | None) -> RequestPlan | None:
-    """A request's plan, or None (no steering, or a message we did not sign: the workers drop it too, so the
-    request is computed unsteered and its KV is shareable)."""
-    wire = (extra_args or {}).get(WIRE_KEY)
-    if wire is None:
-        return None
-    try:
-        return RequestPlan.decode(wire)
-    except Exception:
-        return None
+def request_plan(extra_args: dict | None, request_id: str) -> RequestPlan | None:
+    """A request's plan, or None (no steering, or a message we did not sign, bound to another request, expired
+    or replayed: wire.admit_plan replaces it, so the workers never see it and the request is computed unsteered
+    and its KV is shareable)."""
+    return admit_plan(extra_args, request_id)
 
 
 def kv_salt(plan: RequestPlan | None, num_prompt_tokens: int) -> KVSalt | None:
@@ -80,7 +75,7 @@ def patch_prefix_cache() -> None:
     def from_engine_core_request(cls, request, block_hasher, *args, **kwargs):
         params = request.sampling_params
         # The request's one decode in the engine core: its salt and whether its prompt is observed.
-        plan = request_plan(params.extra_args if params is not None else None)
+        plan = request_plan(params.extra_args if params is not None else None, request.request_id)
         if plan is not None and plan.salt is not None and block_hasher is not None:
             plain_hasher = block_hasher
 

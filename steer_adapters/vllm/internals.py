@@ -254,7 +254,15 @@ INTERNALS: tuple[Internal, ...] = (
         leading=("method",),
         keywords=("timeout", "args"),
     ),
-    *_attrs("vllm.v1.engine.async_llm", "AsyncLLM", ("model_config", "vllm_config"), "engine.model_shape, engine.EngineWorkers.api_process_count", why=_WHY_API),
+    *_attrs("vllm.v1.engine.async_llm", "AsyncLLM", ("model_config", "vllm_config"), "engine.model_shape, engine.max_model_len, engine.EngineWorkers.api_process_count", why=_WHY_API),
+    Internal(
+        "vllm.v1.engine.async_llm",
+        "AsyncLLM.is_sleeping",
+        "method",
+        "engine.EngineProbe.answers",
+        why="vLLM's /health answers 200 while the engine core is stuck in a step; a utility call it must serve is "
+        "the only probe of the engine core the API process has",
+    ),
     Internal(
         "vllm.config",
         "ParallelConfig._api_process_count",
@@ -288,7 +296,7 @@ SEAMS: tuple[Internal, ...] = (
     # configuration the adapter reads
     *_attrs("vllm.config", "VllmConfig", ("additional_config", "parallel_config", "model_config", "scheduler_config", "compilation_config", "speculative_config"), "install.install_steerer, install.key_compile_cache"),
     *_attrs("vllm.config", "ParallelConfig", ("worker_extension_cls", "use_ubatching", "prefill_context_parallel_size"), "install.refuse_unsupported_modes, runner_v2.check_runner, engine.EngineWorkers.have_extension"),
-    *_attrs("vllm.config", "ModelConfig", ("hf_text_config", "dtype"), "install.install_steerer, engine.model_shape"),
+    *_attrs("vllm.config", "ModelConfig", ("hf_text_config", "dtype", "max_model_len"), "install.install_steerer, engine.model_shape, engine.max_model_len"),
     *_attrs("vllm.config", "SchedulerConfig", ("max_num_seqs", "max_num_batched_tokens"), "install.install_steerer, install._max_tokens"),
     Internal("vllm.config", "CompilationConfig.max_cudagraph_capture_size", "attribute", "install._max_tokens"),
     # request fields: SamplingParams carries the plan; the OpenAI endpoints copy `vllm_xargs` into it

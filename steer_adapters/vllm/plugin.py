@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 logger = logging.getLogger("steer_plugin")
 
@@ -40,9 +41,11 @@ RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
 
 
 def carry_to_ray_workers() -> None:
-    """Ray starts workers from its own daemons (on this host or others), not as children of this process: vLLM
-    copies only the variables it is told about (vllm/ray/ray_env.py). Without the signing key a Ray worker
-    would make its own and drop every steering message; without the run dir it could not write observations."""
+    """Ray starts workers from its own daemons (on this host or others), not through multiprocessing from this
+    process: they do not share its signing key (steer_plugin/signing.py), and vLLM copies to them only the
+    variables it is told about (vllm/ray/ray_env.py). So with Ray the key must be set (STEER_PLUGIN_WIRE_KEY) and
+    is copied to the Ray workers; a Ray worker without it refuses to start instead of dropping every steering
+    message. The run dir goes with it (observation files)."""
     from steer_plugin import signing
     from steer_plugin.monitor import channel
 
@@ -51,3 +54,21 @@ def carry_to_ray_workers() -> None:
         if name not in names:
             names.append(name)
     os.environ[RAY_COPY_ENV] = ",".join(names)
+    if _in_ray_worker() and not os.environ.get(signing.KEY_ENV):
+        raise RuntimeError(
+            f"steer_plugin: this is a Ray worker and {signing.KEY_ENV} is not set: it cannot verify the API "
+            f"server's steering messages. Set {signing.KEY_ENV} (a random secret, the same for the whole server) "
+            "in the environment that starts vLLM; the plugin has vLLM copy it to the Ray workers."
+        )
+
+
+def _in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (an actor started by Ray, not the driver)."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    try:
+        worker_mode = getattr(ray, "WORKER_MODE", 1)  # ray._private.worker.WORKER_MODE
+        return bool(ray.is_initialized()) and ray.get_runtime_context().worker.mode == worker_mode
+    except Exception:  # an unexpected Ray: never stop a start-up on this check
+        return False

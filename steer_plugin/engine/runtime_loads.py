@@ -2,40 +2,64 @@
 
 Each load writes into rows the bank reserved at start-up (runtime.rows_per_layer), so no buffer a compiled
 or captured graph reads ever moves; the op reads the working set, which copies bank rows when a request takes
-them. An unload retires the entry (no new plan can name it) and gives back the slots of requests whose plans
-name it: the API refuses unloads while running requests use a source, so those are requests that finished
-since the last step (the worker learns of that only at the next step). Their working-set columns go with
-them, so the rows are free at once and a later load into them can never be confused with the old one.
+them. An unload retires the entry (no new plan can name it) and gives back the slots that still hold its rows:
+the API refuses unloads while running requests use a source, so those are requests that finished since the
+last step (the worker learns of that only at the next step). Their working-set columns go with them, so the
+rows are free at once and a later load into them can never be confused with the old one.
 
-Commands arrive through vLLM's collective_rpc between steps (never during a forward) as plain dicts, and
-every outcome is a plain dict: a broken file must not raise inside the engine.
+Commands arrive through vLLM's collective_rpc between steps (never during a forward), so nothing slow may run
+in them: a load is `stage`d first (the files are read in a background thread of this worker while the engine
+keeps stepping; the API `poll`s until every worker is ready), then committed by `load` (rows copied into the
+bank). Files are opened under runtime.roots only (steer_plugin.files.confined), from this worker's own
+configuration, and a command must carry the server's signature: only the API process's admin routes, which
+check the admin key, can load anything. Every outcome is a plain dict: a broken file never raises here.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from steer_plugin.catalog import load_sae_source, load_vector_source
+from steer_plugin import signing
+from steer_plugin.catalog import LoadedSAE, LoadedVector, load_sae_source, load_vector_source
 from steer_plugin.config import ConfigError, SAESource, VectorSource
 from steer_plugin.engine.bank import BankEntry, BankFull, sae_params, vector_params
+from steer_plugin.files import confined
 
 if TYPE_CHECKING:
     from steer_plugin.engine.steerer import Steerer
 
 logger = logging.getLogger("steer_plugin")
 
+ACTIONS = ("stage", "poll", "load", "discard", "unload")
+
 
 class LoadCommand(NamedTuple):
     """What the API process asks every worker to do (sent as a dict: `LoadCommand(**d)`)."""
 
-    action: str  # "load" or "unload"
+    action: str  # stage (read the files in the background), poll, load (commit), discard, unload
     kind: str  # "sae" or "vector"
     id: str
-    revision: str = ""  # load: the revision requests will name
-    source: dict | None = None  # load: SAESource / VectorSource fields
+    revision: str = ""  # stage/load: the revision requests will name
+    source: dict | None = None  # stage/load: SAESource / VectorSource fields
+    mac: str = ""  # the server's signature over the other fields (signed())
+
+    def _payload(self) -> str:
+        return json.dumps([self.action, self.kind, self.id, self.revision, self.source], sort_keys=True)
+
+    def signed(self) -> dict:
+        """The command as the dict collective_rpc carries, signed with the server's key."""
+        return self._replace(mac=signing.sign(self._payload()))._asdict()
+
+    def verified(self) -> LoadCommand:
+        """Itself, if its signature is the server's (ValueError otherwise)."""
+        if signing.verify(self.mac) != self._payload():
+            raise signing.SignatureError("load command does not match its signature")
+        return self
 
 
 class LoadOutcome(NamedTuple):
@@ -47,33 +71,111 @@ class LoadOutcome(NamedTuple):
     error: str = ""
     layer: int = -1
     rows: int = 0
+    pending: bool = False  # stage/poll: the files are still being read
+    field: str = "path"  # on failure: the request field at fault
+
+
+class _Staged(NamedTuple):
+    loaded: LoadedSAE | LoadedVector
 
 
 class RuntimeLoads:
-    """The worker's runtime loads: which entries are live, which are retired and waiting to be freed."""
+    """The worker's runtime loads: which entries are live, which are retired and waiting to be freed, and the
+    loads being read in the background."""
 
     def __init__(self, steerer: Steerer):
         self.steerer = steerer
         self.retired: list[tuple[int, BankEntry]] = []  # (layer, entry) whose rows may still be in use
+        self._staged: dict[tuple[str, str, str], Future] = {}  # (kind, id, revision) -> its read
+        self._reader: ThreadPoolExecutor | None = None
 
     def command(self, raw: dict) -> dict:
         """Run one LoadCommand; its LoadOutcome as a dict."""
         try:
-            cmd = LoadCommand(**raw)
-            if cmd.action == "load":
-                outcome = self._load_sae(cmd) if cmd.kind == "sae" else self._load_vector(cmd)
-            elif cmd.action == "unload":
-                outcome = self._unload(cmd)
-            else:
+            cmd = LoadCommand(**raw).verified()
+            if cmd.action not in ACTIONS or cmd.kind not in ("sae", "vector"):
                 outcome = LoadOutcome(False, status=400, error=f"unknown action {cmd.action!r}")
-        except ConfigError as err:
-            outcome = LoadOutcome(False, status=400, error=str(err))
-        except BankFull as err:
-            outcome = LoadOutcome(False, status=507, error=str(err))
-        except Exception as err:  # never take the engine down
-            logger.exception("steer_plugin: runtime %s failed", raw.get("action"))
-            outcome = LoadOutcome(False, status=500, error=f"{type(err).__name__}: {err}")
+            elif cmd.action == "stage":
+                outcome = self._stage(cmd)
+            elif cmd.action == "poll":
+                outcome = self._poll(cmd)
+            elif cmd.action == "discard":
+                future = self._staged.pop(self._key(cmd), None)
+                if future is not None:
+                    future.cancel()
+                outcome = LoadOutcome(True)
+            elif cmd.action == "load":
+                outcome = self._commit(cmd)
+            else:
+                outcome = self._unload(cmd)
+        except Exception as err:
+            outcome = self._failure(err, raw.get("action"))
         return outcome._asdict()
+
+    @staticmethod
+    def _failure(err: Exception, action: object) -> LoadOutcome:
+        if isinstance(err, ConfigError):
+            return LoadOutcome(False, status=err.status, error=str(err), field=err.field)
+        if isinstance(err, BankFull):
+            return LoadOutcome(False, status=507, error=str(err), field="layer")
+        if isinstance(err, (signing.SignatureError, TypeError)):
+            return LoadOutcome(False, status=403, error=f"refused: {err}", field="body")
+        logger.exception("steer_plugin: runtime %s failed", action)  # never take the engine down
+        return LoadOutcome(False, status=500, error=f"{type(err).__name__}: {err}", field="body")
+
+    @staticmethod
+    def _key(cmd: LoadCommand) -> tuple[str, str, str]:
+        return cmd.kind, cmd.id, cmd.revision
+
+    # --- reading (a background thread: never inside the engine's step) ---------------------------------------
+
+    def _read(self, cmd: LoadCommand) -> _Staged:
+        """The source's files, read under runtime.roots (this worker's own configuration)."""
+        steerer = self.steerer
+        runtime = steerer.config.runtime
+        if runtime is None:
+            raise ConfigError("this server has no `runtime` section: nothing can be loaded", status=403)
+        with confined(runtime.roots):
+            if cmd.kind == "sae":
+                loaded = load_sae_source(
+                    SAESource(**cmd.source), "sae", steerer.d_model, explanations=False, labels=False
+                )
+            else:
+                loaded = load_vector_source(VectorSource(**cmd.source), "vector", steerer.d_model)
+        return _Staged(loaded)
+
+    def _stage(self, cmd: LoadCommand) -> LoadOutcome:
+        key = self._key(cmd)
+        if key not in self._staged:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="steer-plugin-load")
+            self._staged[key] = self._reader.submit(self._read, cmd)
+        return LoadOutcome(True, pending=True)
+
+    def _poll(self, cmd: LoadCommand) -> LoadOutcome:
+        future = self._staged.get(self._key(cmd))
+        if future is None:
+            return LoadOutcome(
+                False, status=409, error=f"{cmd.kind} {cmd.id!r} is not being loaded", field="id"
+            )
+        if not future.done():
+            return LoadOutcome(True, pending=True)
+        err = future.exception()
+        if err is not None:
+            del self._staged[self._key(cmd)]
+            return self._failure(err, "load")
+        loaded = future.result().loaded
+        return LoadOutcome(True, owned=self._bank(loaded.layer, cmd.kind) is not None, layer=loaded.layer)
+
+    # --- committing (between steps: only row copies) ---------------------------------------------------------
+
+    def _commit(self, cmd: LoadCommand) -> LoadOutcome:
+        future = self._staged.pop(self._key(cmd), None)
+        # A load that was not staged reads its files here (offline use and tests; the admin API stages).
+        staged = future.result() if future is not None else self._read(cmd)
+        if cmd.kind == "sae":
+            return self._place_sae(cmd, staged.loaded)
+        return self._place_vector(cmd, staged.loaded)
 
     def _bank(self, layer: int, what: str):
         """The layer's bank if this worker owns it (None otherwise); ConfigError without reserved rows."""
@@ -81,18 +183,16 @@ class RuntimeLoads:
         config = self.steerer.config.runtime
         reserved = config is not None and (config.layers == "any" or layer in config.layers)
         if not reserved:
-            raise ConfigError(f"{what}: layer {layer} has no reserved rows (runtime.layers)")
+            raise ConfigError(f"{what}: layer {layer} has no reserved rows (runtime.layers)", field="layer")
         return bank
 
-    def _load_sae(self, cmd: LoadCommand) -> LoadOutcome:
+    def _place_sae(self, cmd: LoadCommand, loaded: LoadedSAE) -> LoadOutcome:
         steerer = self.steerer
-        source = SAESource(**cmd.source)
-        loaded = load_sae_source(source, "sae", steerer.d_model, explanations=False)
         bank = self._bank(loaded.layer, "sae")
         if bank is None:
             return LoadOutcome(True, owned=False, layer=loaded.layer)
         if ("feature", cmd.id) in bank.entries:
-            return LoadOutcome(False, status=409, error=f"SAE {cmd.id!r} is already loaded")
+            return LoadOutcome(False, status=409, error=f"SAE {cmd.id!r} is already loaded", field="id")
         sae = loaded.sae
         bank.place("feature", cmd.id, cmd.revision, sae.W_dec.float(), sae.W_enc.t().float(), sae_params(sae))
         steerer.tables[loaded.layer].bank_rows_changed()
@@ -108,14 +208,13 @@ class RuntimeLoads:
         )
         return LoadOutcome(True, owned=True, layer=loaded.layer, rows=sae.d_sae)
 
-    def _load_vector(self, cmd: LoadCommand) -> LoadOutcome:
+    def _place_vector(self, cmd: LoadCommand, loaded: LoadedVector) -> LoadOutcome:
         steerer = self.steerer
-        loaded = load_vector_source(VectorSource(**cmd.source), "vector", steerer.d_model)
         bank = self._bank(loaded.layer, "vector")
         if bank is None:
             return LoadOutcome(True, owned=False, layer=loaded.layer)
         if ("vector", cmd.id) in bank.entries:
-            return LoadOutcome(False, status=409, error=f"vector {cmd.id!r} is already loaded")
+            return LoadOutcome(False, status=409, error=f"vector {cmd.id!r} is already loaded", field="id")
         vec = loaded.vector
         bank.place("vector", cmd.id, cmd.revision, vec[None], torch.zeros(1, vec.numel()), vector_params(vec))
         steerer.tables[loaded.layer].bank_rows_changed()
@@ -134,13 +233,17 @@ class RuntimeLoads:
             return LoadOutcome(True, owned=False)  # another pipeline rank holds it (or it never loaded)
         if not loaded.revision:
             return LoadOutcome(
-                False, status=409, error=f"{cmd.kind} {cmd.id!r} is configured, not loaded at runtime"
+                False,
+                status=409,
+                error=f"{cmd.kind} {cmd.id!r} is configured, not loaded at runtime",
+                field="id",
             )
         entry = steerer.banks[loaded.layer].retire(kind, cmd.id)
         del assets[cmd.id]
         if cmd.kind == "sae":
             steerer.observer.remove(cmd.id)
-        steerer.release_requests_using(loaded.layer, entry.offset, entry.size)
+        steerer.features_applied.pop(cmd.id, None)  # its metric series goes with it
+        self._release_slots_using(loaded.layer, entry)
         # Cached plans name bank rows: a request that comes back compiles afresh (and finds no such source).
         steerer.drop_plans()
         self.retired.append((loaded.layer, entry))
@@ -151,6 +254,18 @@ class RuntimeLoads:
             )
         logger.info("steer_plugin: unloaded %s %s (revision %s)", cmd.kind, cmd.id, loaded.revision)
         return LoadOutcome(True, owned=True, layer=loaded.layer, rows=entry.size)
+
+    def _release_slots_using(self, layer: int, entry: BankEntry) -> None:
+        """Give back every slot whose tables name the entry's rows: requests that finished since the last step
+        (the API refuses unloads while running requests use the source). Read from the tables, not the cached
+        plans: an earlier unload drops those, and the rows would then stay taken until the next step."""
+        steerer = self.steerer
+        slot_of = steerer.step.slot_of
+        using = set(steerer.tables[layer].slots_using_rows(list(slot_of.values()), entry.offset, entry.size))
+        req_ids = [req_id for req_id, slot in slot_of.items() if slot in using]
+        if req_ids:
+            steerer.slots.release_many(req_ids)
+            steerer.slots.forget_batch()
 
     def release_retired(self) -> None:
         """Free the rows of retired entries that no working-set column holds any more (called per step)."""

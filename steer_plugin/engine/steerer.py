@@ -216,18 +216,29 @@ class Steerer:
                 self.features_applied[o.source] = self.features_applied.get(o.source, 0) + 1
         return plans
 
-    def plan_of(self, wire: object, req_id: str = "?") -> RequestPlan | None:
-        """The decoded plan of a wire message, decoded once per process; None (and counted) for a message we
-        did not sign or that is out of range (the request then runs unsteered and unobserved, never crashing)."""
+    def plan_of(self, wire: object, req_id: str | None = None) -> RequestPlan | None:
+        """The decoded plan of a wire message, decoded once per process whoever asks (the runner's step, a logits
+        processor); None (and counted) for a message we did not sign or that is out of range, and, given the
+        request's id, for a plan bound to another request (the request then runs unsteered and unobserved, never
+        crashing)."""
         key = wire if isinstance(wire, str) else repr(wire)
-        if key in self._decoded:
-            return self._decoded[key]
-        try:
-            plan = RequestPlan.decode(wire)
-        except Exception as err:
-            self._reject("steering", req_id, err)
-            plan = None
-        self._decoded[key] = plan
+        if key not in self._decoded:
+            try:
+                self._decoded[key] = RequestPlan.decode(wire)  # signature and fields
+            except Exception as err:
+                self._reject("steering", req_id or "?", err)
+                self._decoded[key] = None
+        plan = self._decoded[key]
+        if (
+            plan is not None
+            and req_id is not None
+            and plan.binding is not None
+            and not plan.binding.matches(req_id)
+        ):
+            self._reject(
+                "steering", req_id, ValueError("steering wire: the plan is bound to another request")
+            )
+            return None  # a bound plan: only on its own request
         return plan
 
     def request_plan(self, req_id: str, wire: object) -> RequestPlan | None:

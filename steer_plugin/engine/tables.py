@@ -175,6 +175,20 @@ class LayerTables:
         live = self._row_of_col[self._row_of_col >= 0]
         return bool(((live >= offset) & (live < offset + size)).any())
 
+    def slots_using_rows(self, slots: list[int], offset: int, size: int) -> list[int]:
+        """Those of `slots` whose plan here reads or writes a bank row in [offset, offset + size), read from the
+        tables themselves (not from cached plans, which an earlier unload may have dropped)."""
+        if not slots:
+            return []
+        at = np.asarray(slots, dtype=np.int64)
+        live = self.slot_code_host.numpy()[at] != NO_OP  # [n, K]
+        cond = live & (self.slot_cond_sign_host.numpy()[at] != 0)
+        rows = self._row_of_col[self.slot_col_host.numpy()[at]]
+        cond_rows = self._row_of_col[self.slot_cond_col_host.numpy()[at]]
+        hit = (live & (rows >= offset) & (rows < offset + size)).any(1)
+        hit |= (cond & (cond_rows >= offset) & (cond_rows < offset + size)).any(1)
+        return [slot for slot, used in zip(slots, hit.tolist()) if used]
+
     # --- writes when a slot changes hands ------------------------------------------------------------------
 
     def set_slot(self, slot: int, plan: LayerPlan | None) -> None:

@@ -23,6 +23,7 @@ Checks (a failure is a ConfigError naming the config key, the file and the line 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from steer_plugin.config import ConfigError
+from steer_plugin.files import MAX_EXPLANATIONS_BYTES, BoundedReader, FileRefused, open_regular
 
 logger = logging.getLogger("steer_plugin")
 
@@ -96,9 +98,12 @@ def explanation_files(path: str | os.PathLike, key: str) -> list[Path]:
 
 
 def _open(path: Path) -> IO[str]:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    """The file as text, read through steer_plugin.files (a regular file, bounded, under the roots in force);
+    a gzip file's decompressed size is bounded too."""
+    raw = open_regular(path, MAX_EXPLANATIONS_BYTES)
+    stream = raw if not path.name.endswith(".gz") else gzip.GzipFile(fileobj=raw, mode="rb")
+    bounded = io.BufferedReader(BoundedReader(stream, MAX_EXPLANATIONS_BYTES, path, raw))
+    return io.TextIOWrapper(bounded, encoding="utf-8")
 
 
 def _documents(path: Path, key: str) -> Iterator[tuple[str, object]]:
@@ -118,6 +123,8 @@ def _documents(path: Path, key: str) -> Iterator[tuple[str, object]]:
                 data = json.load(f)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{key}: {path} is not valid JSON: {err}") from None
+    except FileRefused as err:
+        raise ConfigError(f"{key}: {err}", status=err.status) from None
     except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as err:
         raise ConfigError(f"{key}: cannot read {path}: {err}") from None
     if isinstance(data, list):

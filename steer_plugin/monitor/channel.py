@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -62,14 +63,32 @@ def create(cid: str) -> None:
     os.close(fd)
 
 
+# Never O_CREAT (see the module docstring); never through a link, never waiting on a pipe: a channel file is a
+# regular file the API server created, or it is not one (another process of the user replaced it).
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_NOT_OURS = (errno.ENOENT, errno.ELOOP, errno.ENXIO)
+
+
+def _open_regular(path: Path, flags: int) -> int | None:
+    """A descriptor of the channel file, or None when it is gone or is not a regular file."""
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno in _NOT_OURS:
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
 def append(cid: str, records: list[TokenRecord]) -> bool:
     """Worker: append records to an open channel; False when the API server has already closed it."""
-    try:
-        fd = os.open(_path(cid), os.O_WRONLY | os.O_APPEND)  # never O_CREAT: see the module docstring
-    except OSError as err:
-        if err.errno == errno.ENOENT:
-            return False
-        raise
+    fd = _open_regular(_path(cid), _APPEND)
+    if fd is None:
+        return False
     with os.fdopen(fd, "a") as f:
         f.write("".join(json.dumps(r.to_json(), separators=(",", ":")) + "\n" for r in records))
     return True
@@ -83,12 +102,12 @@ class ChannelReader:
         self.offset = 0
 
     def read_new(self) -> list[TokenRecord]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
+        fd = _open_regular(self.path, _READ)
+        if fd is None:
             return []
+        with os.fdopen(fd, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
         complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
         self.offset += len(complete)
         return [TokenRecord.from_json(json.loads(line)) for line in complete.splitlines() if line]

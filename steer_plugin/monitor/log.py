@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from logging.handlers import RotatingFileHandler
 
 from steer_plugin.config import MonitoringConfig
 from steer_plugin.request.records import TokenRecord
@@ -35,7 +36,25 @@ def summarise(records: list[TokenRecord], sae_id: str, labels: dict[int, str], t
 def write(config: MonitoringConfig, record: dict) -> None:
     line = json.dumps({"ts": round(time.time(), 3), **record}, separators=(",", ":"))
     if config.sink == "file":
-        with _file_lock, open(config.path, "a") as f:
-            f.write(line + "\n")
+        with _file_lock:
+            _file_sink(config).emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
     else:
         monitor_logger.info(line)
+
+
+_sinks: dict[tuple[str, int, int], logging.Handler] = {}
+
+
+def _file_sink(config: MonitoringConfig) -> logging.Handler:
+    """The file sink: the standard library's RotatingFileHandler, so the file never grows past
+    `monitoring.max_bytes` (renamed to `.1`, `.2`, ... up to `monitoring.backup_count` files, the oldest
+    dropped); `max_bytes` 0 turns rotation off. One handler per path, opened on first use."""
+    key = (config.path, config.max_bytes, config.backup_count)
+    handler = _sinks.get(key)
+    if handler is None:
+        handler = RotatingFileHandler(
+            config.path, maxBytes=config.max_bytes, backupCount=config.backup_count, encoding="utf-8"
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        _sinks[key] = handler
+    return handler

@@ -7,6 +7,9 @@ feature's activation over the text as a heat map, and copy the exact request as 
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from functools import cache
 from importlib.resources import files
 
@@ -16,3 +19,18 @@ ROUTE = "/playground"
 @cache
 def page() -> bytes:
     return files(__package__).joinpath("index.html").read_bytes()
+
+
+@cache
+def content_security_policy() -> bytes:
+    """The page's Content-Security-Policy: its one inline script (by hash) and nothing else runs; it talks to
+    this server only; no other site may frame it (clickjacking), and no form or base URL leaves it. Inline
+    styles are allowed (they cannot run code)."""
+    scripts = re.findall(rb"<script>(.*?)</script>", page(), flags=re.DOTALL)
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'" for body in scripts
+    )
+    return (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ).encode()

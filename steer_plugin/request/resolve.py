@@ -7,6 +7,7 @@ coefficients; see `steer_plugin.request.wire`) or raises a `SpecError` naming th
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -22,6 +23,9 @@ from steer_plugin.request.schema import (
     inline_vector,
 )
 from steer_plugin.request.wire import POSITION_CODES, ResolvedOp, encode_vector
+
+# A feature index written in text: ASCII digits only (str.isdigit and int() also take "²" and "٣").
+ASCII_INDEX = re.compile(r"[0-9]{1,18}")
 
 
 class SAEInfo(NamedTuple):
@@ -49,6 +53,14 @@ class Catalog(NamedTuple):
     max_abs_value: float = 1e4
     d_model: int | None = None  # residual width (inline vectors must have it)
     layers: tuple[int, ...] = ()  # layers the server steers (inline vectors may target these)
+    policy: PolicyConfig | None = None  # the operator's policy: which SAEs requests may read at all
+
+    def may_read(self, sae_id: str) -> bool:
+        return self.policy is None or self.policy.may_read(sae_id)
+
+    def readable_saes(self) -> list[str]:
+        """The SAEs requests may read, in catalog order (what `inspect` reads when it names none)."""
+        return [sae_id for sae_id in self.saes if self.may_read(sae_id)]
 
 
 def _positions(p: Positions | LastPromptTokens) -> tuple[int, int]:
@@ -95,15 +107,24 @@ def _find_feature(op: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo,
     if op.id is not None:
         source, _, index_text = op.id.rpartition("/")
         matches = [s for s in catalog.saes.values() if s.neuronpedia_id and s.neuronpedia_id == source]
-        if not source or not index_text.isdigit():
-            raise SpecError(f"{path}.id", "must look like `model/source/index`")
+        if not source or not ASCII_INDEX.fullmatch(index_text):
+            raise SpecError(f"{path}.id", "must look like `model/source/index` (index: ASCII digits)")
         if not matches:
-            known = sorted(s.neuronpedia_id for s in catalog.saes.values() if s.neuronpedia_id)
+            known = sorted(
+                s.neuronpedia_id for s in catalog.saes.values() if s.neuronpedia_id and catalog.may_read(s.id)
+            )
             raise SpecError(f"{path}.id", f"unknown source {source!r}; loaded: {known}")
         return matches[0], int(index_text)
     if op.sae is not None and op.sae not in catalog.saes:
-        raise SpecError(f"{path}.sae", f"unknown SAE {op.sae!r}; loaded: {sorted(catalog.saes)}")
-    candidates = [catalog.saes[op.sae]] if op.sae is not None else list(catalog.saes.values())
+        raise SpecError(f"{path}.sae", f"unknown SAE {op.sae!r}; loaded: {sorted(catalog.readable_saes())}")
+    # Without `sae`, a label is looked up in the SAEs the policy lets requests read only.
+    candidates = (
+        [catalog.saes[op.sae]]
+        if op.sae is not None
+        else [s for s in catalog.saes.values() if catalog.may_read(s.id)]
+    )
+    if not candidates:
+        raise SpecError(f"{path}.label", "no SAE may be read on this server", status=403)
     if op.label is not None:
         hits = [(s, i) for s in candidates for i, lab in s.labels.items() if lab == op.label]
         if not hits:
@@ -116,8 +137,12 @@ def _find_feature(op: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo,
 
 
 def resolve_feature(ref: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
-    """The loaded SAE and feature index a reference names; SpecError naming `path` otherwise."""
+    """The loaded SAE and feature index a reference names; SpecError naming `path` otherwise (403 where the
+    policy keeps requests from reading the SAE: every use of a feature, steered, conditioned on, traced or
+    stopped on, is resolved here)."""
     sae, index = _find_feature(ref, catalog, path)
+    if not catalog.may_read(sae.id):
+        raise SpecError(path, f"SAE {sae.id!r} may not be read on this server", status=403)
     if not 0 <= index < sae.d_sae:
         field = "id" if ref.id is not None else "index"
         raise SpecError(
@@ -227,6 +252,35 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
     return ops
 
 
+def check_counts(raw: object, catalog: Catalog, prefix: str = "steering") -> None:
+    """The operation counts of a raw `steering` field, checked before any of it is validated or decoded (a body
+    with 20,000 inline vectors is refused at once, not after decoding them): the same refusals, statuses and
+    fields as resolve_spec and check_policy give for them."""
+    if not isinstance(raw, dict):
+        return
+    features, vectors = raw.get("features"), raw.get("vectors")
+    count = sum(len(items) for items in (features, vectors) if isinstance(items, list))
+    if count > catalog.max_ops_per_request:
+        raise SpecError(prefix, f"too many operations ({count}); at most {catalog.max_ops_per_request}")
+    policy = catalog.policy
+    if policy is None:
+        return
+    if policy.max_ops_per_request is not None and count > policy.max_ops_per_request:
+        raise SpecError(prefix, f"at most {policy.max_ops_per_request} operations per request here", 403)
+    if not isinstance(vectors, list):
+        return
+    inline = [i for i, v in enumerate(vectors) if isinstance(v, dict) and ("values" in v or "base64" in v)]
+    if inline and not policy.allow_inline_vectors:
+        raise SpecError(
+            f"{prefix}.vectors[{inline[0]}]", "inline vectors are not allowed on this server", 403
+        )
+    if len(inline) > policy.max_inline_vectors:
+        raise SpecError(
+            f"{prefix}.vectors",
+            f"{len(inline)} inline vectors; at most {policy.max_inline_vectors} per request here",
+        )
+
+
 # --- the operator's policy ---------------------------------------------------------------------------------
 
 
@@ -299,5 +353,5 @@ def check_policy(
 
 def check_inspectable(policy: PolicyConfig, sae_id: str, path: str) -> None:
     """403 naming `path` when the operator's policy keeps `sae_id` from being read."""
-    if policy.allowed_saes is not None and sae_id not in policy.allowed_saes or sae_id in policy.denied_saes:
+    if not policy.may_read(sae_id):
         raise SpecError(path, f"SAE {sae_id!r} may not be inspected here", status=403)

@@ -6,6 +6,14 @@ tokens are observed); each worker decodes it once per request (its ops, what to 
 the signature first (`steer_plugin.signing`), then every field's type and range, so a message we did not write,
 or a bug on the writing side, never reaches the op or the observer.
 
+A plan the API server signs is bound (`Binding`) to its request and to a short window: it names the request id
+the middleware gave the request (vLLM's engine request id contains it), a random nonce, an expiry, and how many
+engine requests may carry it (n choices, several prompts). The engine core admits it (`Admissions`) only on a
+request whose id contains the bound one, before its expiry, and no more times than that: a captured plan cannot
+be replayed on another request, nor after the window, nor again on the same one. A plan the engine core does
+not admit is replaced by a marker that never verifies, so the workers never see it (they count the marker as a
+rejected message); they check the signature and the request id of every plan again. Plans made in-process for vLLM's `LLM` class (steering_args) are unbound: they never leave the process.
+
 Every operation becomes x' = x + c·d at its layer, with d the feature's decoder row (or the vector) and
     c = a·f_i(x) + b            (+ bn·|x|/|d| for normalised adds)
     add: a=0, b=v    clamp: a=-1, b=v    scale: a=v-1, b=0    ablate: a=-1, b=0    vector: a=0, b=scale
@@ -16,15 +24,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
+import secrets
+import threading
+import time
+from collections import OrderedDict
 from typing import Literal, NamedTuple
 
 import numpy as np
 
 from steer_plugin import signing
 
+logger = logging.getLogger("steer_plugin")
+
 WIRE_KEY = "steer_plugin"
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 # Keys of vllm_xargs a client may not send (the middleware refuses them before anything else).
 RESERVED_KEYS = (WIRE_KEY, f"{WIRE_KEY}_observe")  # and the observation key of wire version 3
 
@@ -111,17 +126,39 @@ class ObservePlan(NamedTuple):
     abort: tuple[AbortSpec, ...] = ()
 
 
+PLAN_TTL_S = 120  # a bound plan must reach the engine core within this long after it was signed
+MAX_USES = 4096  # engine requests one plan may be admitted on (n x prompts; /v1/responses' turns)
+_NONCE_CHARS = 32
+
+
+class Binding(NamedTuple):
+    """What ties a signed plan to its request: see the module docstring."""
+
+    request_id: str  # the id the API server gave the request (vLLM's engine request id contains it)
+    nonce: str  # random, one per plan: what Admissions counts
+    expires: float  # unix time after which the engine core refuses it
+    uses: int  # engine requests that may carry it
+
+    @classmethod
+    def new(cls, request_id: str, uses: int = 1, ttl: float = PLAN_TTL_S) -> Binding:
+        return cls(request_id, secrets.token_hex(_NONCE_CHARS // 2), round(time.time() + ttl, 3), uses)
+
+    def matches(self, request_id: str) -> bool:
+        return self.request_id in request_id
+
+
 class RequestPlan(NamedTuple):
     """One request's steering and observation, as the engine core and the workers see it."""
 
     ops: tuple[ResolvedOp, ...]
     observe: ObservePlan | None = None
     salt: str | None = None  # prefix-cache salt of KV computed under `ops` (None: nothing steered)
+    binding: Binding | None = None  # None: an in-process plan (steering_args), not bound to a request
 
     @classmethod
-    def build(cls, ops, observe: ObservePlan | None = None) -> RequestPlan:
+    def build(cls, ops, observe: ObservePlan | None = None, binding: Binding | None = None) -> RequestPlan:
         ops = tuple(ops)
-        return cls(ops, observe, steering_salt(ops))
+        return cls(ops, observe, steering_salt(ops), binding)
 
     def encode(self) -> str:
         """The signed message (SamplingParams.extra_args[WIRE_KEY])."""
@@ -142,16 +179,18 @@ class RequestPlan(NamedTuple):
             "ops": [list(op) for op in self.ops],
             "observe": observe,
             "salt": self.salt,
+            "bind": None if self.binding is None else list(self.binding),
         }
         return signing.sign(json.dumps(payload, separators=(",", ":")))
 
     @classmethod
-    def decode(cls, text: object) -> RequestPlan:
-        """Verify and decode; ValueError (SignatureError) for anything we did not write or that is out of range."""
+    def decode(cls, text: object, request_id: str | None = None) -> RequestPlan:
+        """Verify and decode; ValueError (SignatureError) for anything we did not write or that is out of range,
+        and for a bound plan carried by a request whose id is not `request_id`'s (when given)."""
         data = json.loads(signing.verify(text))
         if not isinstance(data, dict) or data.get("v") != WIRE_VERSION:
             raise ValueError("unsupported steering wire version")
-        if set(data) != {"v", "ops", "observe", "salt"}:
+        if set(data) != {"v", "ops", "observe", "salt", "bind"}:
             raise ValueError("steering wire: malformed plan")
         raw = data["ops"]
         if not isinstance(raw, list) or len(raw) > MAX_WIRE_OPS:
@@ -160,7 +199,10 @@ class RequestPlan(NamedTuple):
         observe = None if data["observe"] is None else _checked_observe(data["observe"])
         if data["salt"] != steering_salt(ops):
             raise ValueError("steering wire: salt does not match the operations")
-        return cls(ops, observe, data["salt"])
+        binding = None if data["bind"] is None else _checked_binding(data["bind"])
+        if binding is not None and request_id is not None and not binding.matches(request_id):
+            raise ValueError("steering wire: the plan is bound to another request")
+        return cls(ops, observe, data["salt"], binding)
 
     def first_steered_position(self, num_prompt_tokens: int) -> int | None:
         """The first token position whose residual any op changes. KV of earlier positions is computed exactly
@@ -236,6 +278,76 @@ def _checked_op(item: object) -> ResolvedOp:
     if op.vector and not np.isfinite(decode_vector(op.vector)).all():
         raise ValueError("steering wire: inline vector not finite")
     return op
+
+
+def _checked_binding(data: object) -> Binding:
+    ok = (
+        isinstance(data, list)
+        and len(data) == 4
+        and isinstance(data[0], str)
+        and 1 <= len(data[0]) <= 256
+        and isinstance(data[1], str)
+        and len(data[1]) == _NONCE_CHARS
+        and set(data[1]) <= _CID_CHARS
+        and _is_number(data[2])
+        and _is_int(data[3])
+        and 1 <= data[3] <= MAX_USES
+    )
+    if not ok:
+        raise ValueError("steering wire: malformed binding")
+    return Binding(*data)
+
+
+class Admissions:
+    """The engine core's record of the bound plans it admitted during this server's life: each nonce is
+    admitted on at most `uses` requests and only until it expires (its entry is then dropped, so memory holds
+    only the plans of the last PLAN_TTL_S seconds). Thread-safe."""
+
+    def __init__(self, clock=time.time):
+        self._clock = clock
+        self._left: OrderedDict[str, tuple[int, float]] = OrderedDict()  # nonce -> (uses left, expires)
+        self._lock = threading.Lock()
+
+    def admit(self, plan: RequestPlan) -> None:
+        """Count one use of `plan` (ValueError: expired, or used up: a replay)."""
+        binding = plan.binding
+        if binding is None:
+            return
+        now = self._clock()
+        with self._lock:
+            while self._left and next(iter(self._left.values()))[1] < now:
+                self._left.popitem(last=False)  # signed in order, so they expire about in order
+            if binding.expires < now:
+                raise ValueError("steering wire: the plan has expired")
+            left, _ = self._left.get(binding.nonce, (binding.uses, binding.expires))
+            if left <= 0:
+                raise ValueError("steering wire: the plan was already used (a replay)")
+            self._left[binding.nonce] = (left - 1, binding.expires)
+
+
+ADMISSIONS = Admissions()
+
+
+REFUSED = "refused by the engine core"  # what replaces a plan the engine core did not admit (never verifies)
+
+
+def admit_plan(
+    extra_args: dict | None, request_id: str, admissions: Admissions = ADMISSIONS
+) -> RequestPlan | None:
+    """The engine core's gate, once per request as it enters: the request's plan if it is ours, bound to this
+    request, fresh and not used up; otherwise None, and the plan is replaced by REFUSED, so no worker ever
+    sees it (the workers count REFUSED as a rejected message; the request runs unsteered and unobserved)."""
+    wire = (extra_args or {}).get(WIRE_KEY)
+    if wire is None:
+        return None
+    try:
+        plan = RequestPlan.decode(wire, request_id)
+        admissions.admit(plan)
+        return plan
+    except Exception as err:
+        extra_args[WIRE_KEY] = REFUSED
+        logger.warning("steer_plugin: steering of request %s dropped: %s", request_id, err)
+        return None
 
 
 def _checked_observe(data: object) -> ObservePlan:

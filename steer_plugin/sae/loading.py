@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from steer_plugin.files import FileRefused
+
 from .errors import SAELoadError
 from .formats import REGISTRY, SAEFormat
 from .formats._io import shapes_only
@@ -59,7 +61,7 @@ def _load(path: Path, format: str | None, allow_pickle: bool, format_kwargs: dic
     _check_kwargs(fmt, format_kwargs, path)
     try:
         sae = fmt.load(path, allow_pickle=allow_pickle, **format_kwargs)
-    except SAELoadError:
+    except (SAELoadError, FileRefused):
         raise
     except Exception as e:  # a malformed checkpoint the checks did not anticipate: still name the path
         raise SAELoadError(f"{path}: failed to load as {fmt.name!r}: {type(e).__name__}: {e}", path) from e

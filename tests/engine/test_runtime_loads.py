@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
+from steer_plugin.engine.runtime_loads import LoadCommand
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.monitor import channel
 from steer_plugin.request.resolve import resolve_spec
@@ -99,13 +101,12 @@ def worker(root, tmp_path, monkeypatch):
 
 
 def load(st: Steerer, kind: str, sid: str, source: dict, revision: str = "r1") -> dict:
-    return st.runtime_loads.command(
-        {"action": "load", "kind": kind, "id": sid, "revision": revision, "source": {"id": sid, **source}}
-    )
+    command = LoadCommand("load", kind, sid, revision, {"id": sid, **source})
+    return st.runtime_loads.command(command.signed())  # signed as the admin API signs it
 
 
 def unload(st: Steerer, kind: str, sid: str) -> dict:
-    return st.runtime_loads.command({"action": "unload", "kind": kind, "id": sid})
+    return st.runtime_loads.command(LoadCommand("unload", kind, sid).signed())
 
 
 def run_op(x_hidden, residual, capturing: bool, monkeypatch, layer: int = LAYER):
@@ -374,8 +375,10 @@ def test_the_admin_schema_takes_a_path_and_no_hub_names():
 def test_admin_broken_sae_files_are_400_naming_the_file(root, tmp_path, monkeypatch):
     """The API side reads only headers: a damaged header is refused there; NaN weights behind an intact header
     only by the workers, whose refusal comes back as the same 400 and is rolled back everywhere."""
-    service, steerers, broadcast = admin_setup(root, monkeypatch, tmp_path)
     bad = tmp_path / "bad"
+    bad.mkdir()
+    # The workers read files under their own configuration's roots: `bad` is one of them.
+    service, steerers, broadcast = admin_setup(root, monkeypatch, tmp_path, roots=[str(root), str(bad)])
     for name, damage in (("cut", "truncate"), ("nan", "nan")):
         folder = write_sae(bad / name, seed=5)
         weights = folder / "sae_weights.safetensors"
@@ -385,7 +388,6 @@ def test_admin_broken_sae_files_are_400_naming_the_file(root, tmp_path, monkeypa
             tensors = load_file(str(weights))
             tensors["W_dec"][3, 1] = float("nan")
             save_file(tensors, str(weights))
-        service.admin.roots.append(bad.resolve())
         with pytest.raises(SpecError) as err:
             asyncio.run(service.admin.load("sae", {"id": name, "path": str(folder)}, broadcast))
         assert (err.value.status, err.value.path) == (400, "path") and str(weights) in str(err.value)
@@ -393,3 +395,52 @@ def test_admin_broken_sae_files_are_400_naming_the_file(root, tmp_path, monkeypa
         assert name not in service.catalog.saes and not any(name in st.assets.saes for st in steerers)
     assert all(st.banks[LAYER].free_reserved_rows() == D_SAE + 2 for st in steerers)
     steer_op.LAYERS.clear()
+
+
+def test_rows_are_free_at_once_after_several_unloads(root, tmp_path, monkeypatch):
+    """Two SAEs loaded; a request that steered with the second finished (it still holds its slot until the next
+    step). Unloading the first drops every cached plan; unloading the second must still give that slot back (read
+    from the tables), so two loads right after both find whole free ranges, no 507."""
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    st = make_steerer(make_config(root, rows=2 * D_SAE + 2))
+    assert load(st, "sae", "t", {"path": str(root / "t")}, revision="r-t")["ok"]
+    assert load(st, "sae", "u", {"path": str(root / "u")}, revision="r-u")["ok"]
+    service = service_for(st.config, st)
+    one_request(st, wire_for(service.catalog, {"features": [{"sae": "u", "index": 3, "value": 1.0}]}), "a")
+    assert unload(st, "sae", "t")["ok"] and unload(st, "sae", "u")["ok"]
+    assert "a" not in st.step.slot_of and not st.runtime_loads.retired
+    for sid in ("v1", "v2"):
+        outcome = load(st, "sae", sid, {"path": str(root / "t")}, revision=f"r-{sid}")
+        assert outcome["ok"], outcome
+    steer_op.LAYERS.clear()
+
+
+def test_loads_are_read_in_the_background_and_committed_between_steps(worker, root):
+    """stage returns at once (the files are read in a thread), poll says when every file is read, load copies
+    the rows; an unsigned command (what another process reaching the engine could send) is refused."""
+    cmd = LoadCommand("stage", "sae", "t", "r1", {"id": "t", "path": str(root / "t")})
+    assert worker.runtime_loads.command(cmd.signed())["pending"]
+    deadline = time.monotonic() + 30
+    while (polled := worker.runtime_loads.command(cmd._replace(action="poll").signed()))["pending"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert polled["ok"] and polled["owned"] and ("feature", "t") not in worker.banks[LAYER].entries
+    assert worker.runtime_loads.command(cmd._replace(action="load").signed())["rows"] == D_SAE
+    unsigned = LoadCommand("unload", "sae", "t")._asdict()
+    refused = worker.runtime_loads.command(unsigned)
+    assert not refused["ok"] and refused["status"] == 403 and "t" in worker.assets.saes
+
+
+def test_a_worker_opens_files_under_its_own_roots_only(worker, root, tmp_path):
+    """Whatever the command says, the worker reads under runtime.roots of its own configuration (403)."""
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "t", outside)
+    refused = load(worker, "sae", "x", {"path": str(outside)})
+    assert not refused["ok"] and refused["status"] == 403
+    linked = root / "linked-weights"
+    linked.mkdir(exist_ok=True)
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        if not (linked / name).is_symlink():
+            (linked / name).symlink_to(outside / name)
+    refused = load(worker, "sae", "y", {"path": str(linked)})
+    assert not refused["ok"] and refused["status"] == 403

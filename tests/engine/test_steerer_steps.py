@@ -304,7 +304,7 @@ def test_each_request_is_decoded_once_for_steering_and_observation(steerer, monk
     wires = [encode_wire(ops, ObservePlan(cid, ("s",), 2, False)), encode_wire(ops)]
     decoded = []
     real_decode = RequestPlan.decode
-    monkeypatch.setattr(RequestPlan, "decode", lambda text: decoded.append(text) or real_decode(text))
+    monkeypatch.setattr(RequestPlan, "decode", lambda text, *a: decoded.append(text) or real_decode(text, *a))
     for step in range(5):
         if step == 3:
             steerer.drop_plans()

@@ -238,17 +238,23 @@ def prompt_ids(hf) -> list[int]:
 
 @contextmanager
 def running_server(
-    model_dir, config_path: str, port: int, *flags: str, env: dict | None = None, compiled: bool = False
+    model_dir,
+    config_path: str,
+    port: int,
+    *flags: str,
+    env: dict | None = None,
+    compiled: bool = False,
+    log=None,
 ):
     """`steer-serve` on the demo model (fp32; eager unless `compiled`: vLLM's default compile mode) until it
-    answers /health; stopped with SIGTERM after."""
+    answers /health; stopped with SIGTERM after. `log`: a file the server's output goes to (else inherited)."""
     cmd = [
         sys.executable, "-m", "steer_adapters.vllm.api.launcher", "--steer-config", config_path,
         "--model", str(model_dir), "--served-model-name", "demo", "--dtype", "float32",
         *([] if compiled else ["--enforce-eager"]),
         "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port), *flags,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=log, stderr=log)
     try:
         deadline = time.time() + 600
         while time.time() < deadline:

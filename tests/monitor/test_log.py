@@ -78,3 +78,15 @@ def test_summary_ranks_features_by_their_largest_activation_over_the_request():
 @pytest.mark.parametrize("records", [[], [record(0, [[1, 9.0]], sink=True)], [record(1, [])]])
 def test_summary_of_a_request_with_nothing_to_rank_is_empty(records):
     assert log.summarise(records, "s", {}, 5) == []
+
+
+def test_the_file_sink_is_rotated_before_it_passes_max_bytes(tmp_path):
+    path = tmp_path / "monitor.jsonl"
+    config = MonitoringConfig(sink="file", path=str(path), max_bytes=1000, backup_count=2)
+    for i in range(100):
+        log.write(config, {**RECORD, "n": i})
+    assert path.stat().st_size <= 1000
+    assert (tmp_path / "monitor.jsonl.1").exists() and (tmp_path / "monitor.jsonl.2").exists()
+    assert not (tmp_path / "monitor.jsonl.3").exists()  # the oldest are dropped
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert last["n"] == 99  # the newest line is in the live file

@@ -11,11 +11,16 @@ from steer_plugin import signing
 from steer_plugin.request.resolve import Catalog, SAEInfo, resolve_spec
 from steer_plugin.request.schema import parse_spec
 from steer_plugin.request.wire import (
+    REFUSED,
+    WIRE_KEY,
     WIRE_VERSION,
     AbortSpec,
+    Admissions,
+    Binding,
     ObservePlan,
     RequestPlan,
     WatchSpec,
+    admit_plan,
 )
 from steer_plugin.signing import SignatureError
 
@@ -35,7 +40,7 @@ def message(ops: list, observe: list | None = None, salt: object = "auto", **ext
 
         salt = steering_salt(ops)
     return signing.sign(
-        json.dumps({"v": WIRE_VERSION, "ops": ops, "observe": observe, "salt": salt, **extra})
+        json.dumps({"v": WIRE_VERSION, "ops": ops, "observe": observe, "salt": salt, "bind": None, **extra})
     )
 
 
@@ -196,3 +201,72 @@ def test_signed_but_malformed_ops_are_refused(change):
         RequestPlan.decode(message([op]))
     with pytest.raises(ValueError):
         RequestPlan.decode(message([GOOD_OP[:10]]))
+
+
+# --- binding: a plan belongs to its request, a short window and a number of uses ----------------------------
+
+
+def bound(request_id: str = "chatcmpl-abc", uses: int = 1, ttl: float = 60) -> RequestPlan:
+    ops = resolve_spec(parse_spec({"features": [{"sae": "a", "index": 1, "value": 1}]}), CATALOG)
+    return RequestPlan.build(ops, binding=Binding.new(request_id, uses, ttl))
+
+
+def test_a_bound_plan_is_decoded_only_on_its_own_request():
+    wire = bound("abc").encode()
+    assert RequestPlan.decode(wire, "chatcmpl-abc-1f2e3d4c").binding.request_id == "abc"  # vLLM's id form
+    assert RequestPlan.decode(wire, "0_chatcmpl-abc-1f2e3d4c").ops  # a child of n > 1
+    with pytest.raises(ValueError, match="another request"):
+        RequestPlan.decode(wire, "chatcmpl-xyz-1f2e3d4c")
+    salt = RequestPlan.decode(wire).salt
+    assert salt == bound("other").salt  # the binding is not part of the prefix-cache salt
+
+
+def test_the_engine_core_admits_a_plan_once_per_use_and_only_until_it_expires():
+    now = [1000.0]
+    admissions = Admissions(clock=lambda: now[0])
+    plan = bound(uses=2)._replace(binding=bound(uses=2).binding._replace(expires=1060.0))
+    admissions.admit(plan)
+    admissions.admit(plan)  # n = 2: two engine requests carry it
+    with pytest.raises(ValueError, match="replay"):
+        admissions.admit(plan)
+    late = plan._replace(binding=plan.binding._replace(nonce="f" * 32))
+    now[0] = 1061.0
+    with pytest.raises(ValueError, match="expired"):
+        admissions.admit(late)
+    assert not admissions._left  # expired entries are dropped: memory holds one window
+    admissions.admit(RequestPlan.build([]))  # unbound (steering_args, in-process): nothing to count
+
+
+def test_admit_plan_replaces_what_it_refuses_so_workers_never_see_it():
+    admissions = Admissions()
+    wire = bound("abc").encode()
+    args = {WIRE_KEY: wire, "other": 1}
+    assert admit_plan(args, "cmpl-abc-12345678", admissions) is not None and args[WIRE_KEY] == wire
+    replayed = {WIRE_KEY: wire}  # the same captured plan on another request of the same name
+    assert admit_plan(replayed, "cmpl-abc-87654321", admissions) is None and replayed == {WIRE_KEY: REFUSED}
+    moved = {WIRE_KEY: bound("abc").encode(), "other": 1}
+    assert admit_plan(moved, "cmpl-zzz-12345678", admissions) is None
+    assert moved == {WIRE_KEY: REFUSED, "other": 1}
+    expired = {WIRE_KEY: bound("abc", ttl=-1).encode()}
+    assert admit_plan(expired, "cmpl-abc-1", admissions) is None and expired == {WIRE_KEY: REFUSED}
+    with pytest.raises(SignatureError):  # what a worker then sees never verifies (it counts a rejection)
+        RequestPlan.decode(REFUSED)
+
+
+@pytest.mark.parametrize(
+    "bind",
+    [
+        ["", "a" * 32, 1.0, 1],
+        ["x" * 257, "a" * 32, 1.0, 1],
+        ["id", "A" * 32, 1.0, 1],
+        ["id", "a" * 31, 1.0, 1],
+        ["id", "a" * 32, float("nan"), 1],
+        ["id", "a" * 32, 1.0, 0],
+        ["id", "a" * 32, 1.0, True],
+        ["id", "a" * 32, 1.0],
+        "id",
+    ],
+)
+def test_malformed_bindings_are_refused(bind):
+    with pytest.raises(ValueError):
+        RequestPlan.decode(message([GOOD_OP], bind=bind))

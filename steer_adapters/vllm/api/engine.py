@@ -5,6 +5,7 @@ The middleware holds nothing else of the engine (tests/adapters/test_vllm_bounda
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 
@@ -20,6 +21,13 @@ def model_shape(app_state) -> tuple[int, int] | None:
     if text is None:
         return None
     return int(text.num_hidden_layers), int(text.hidden_size)
+
+
+def max_model_len(app_state) -> int | None:
+    """The served model's context length (None before the engine is up)."""
+    engine = getattr(app_state, "engine_client", None)
+    value = getattr(getattr(engine, "model_config", None), "max_model_len", None)
+    return int(value) if isinstance(value, int) else None
 
 
 MISSING_EXTENSION = (
@@ -74,3 +82,37 @@ class EngineWorkers:
         """One runtime LoadCommand (as a dict) on every worker; their LoadOutcomes (as dicts)."""
         name = extension.SteerWorkerExtension.steer_plugin_load.__name__
         return await self._engine.collective_rpc(name, timeout=timeout, args=(command,))
+
+
+class EngineProbe:
+    """Whether the engine core answers at all: a utility call (`is_sleeping`) that the engine core serves
+    between two steps, so no reply means it is stuck inside one (or in a worker call). However many /health
+    calls come in, one probe is in flight at a time and they all wait on it."""
+
+    _probes: dict[int, EngineProbe] = {}
+
+    def __init__(self, engine_client) -> None:
+        self._engine = engine_client
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    def of(cls, app_state) -> EngineProbe | None:
+        engine = getattr(app_state, "engine_client", None)
+        if engine is None or not hasattr(engine, "is_sleeping"):
+            return None
+        probe = cls._probes.get(id(engine))
+        if probe is None or probe._engine is not engine:
+            probe = cls._probes[id(engine)] = cls(engine)
+        return probe
+
+    async def answers(self, timeout: float) -> bool:
+        """True if the engine core replied within `timeout` seconds."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._engine.is_sleeping())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except asyncio.TimeoutError:
+            return False
+        except Exception:  # a dead engine: vLLM's own /health says so
+            return True
+        return True

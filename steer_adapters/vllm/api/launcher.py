@@ -71,9 +71,31 @@ def worker_extension_args(vllm_args: list[str]) -> list[str]:
     return []
 
 
+SECRET_FLAGS = ("--api-key",)
+
+
+def masked(args: list[str]) -> list[str]:
+    """`args` as they may be printed: the values of secret flags replaced (as vLLM masks them in its logs)."""
+    out, hide = [], False
+    for a in args:
+        if hide:
+            out.append("***")
+            hide = False
+            continue
+        flag, eq, _ = a.partition("=")
+        if flag in SECRET_FLAGS:
+            out.append(f"{flag}=***" if eq else a)
+            hide = not eq
+            continue
+        out.append(a)
+    return out
+
+
 def build_vllm_args(config_path: str, vllm_args: list[str]) -> list[str]:
     """vLLM's args plus the plugin's: merged --additional-config, the middleware and the worker extension."""
     config = load_config_file(config_path)
+    if config.runtime is not None:
+        config.runtime.key()  # refuse a short STEER_ADMIN_KEY before vLLM starts
     from steer_plugin.catalog import load_assets
 
     load_assets(config)  # refuse to start on a broken SAE or vector file, naming it
@@ -112,13 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     count = _flag_value(args, "--api-server-count") or _flag_value(args, "-asc") or "1"
     if count.isdigit() and int(count) > 1:
         # Several API processes: only `vllm serve` starts them (the metrics are summed over them).
-        print("steer-serve: vllm serve", " ".join(args), file=sys.stderr, flush=True)
+        print("steer-serve: vllm serve", " ".join(masked(args)), file=sys.stderr, flush=True)
         from steer_adapters.vllm.api.serve import run_vllm_serve
 
         run_vllm_serve(args)
         return
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
-    print("steer-serve:", " ".join(cmd), file=sys.stderr, flush=True)
+    print("steer-serve:", " ".join(masked(cmd)), file=sys.stderr, flush=True)
     os.execv(sys.executable, cmd)
 
 

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import re
+import uuid
 from urllib.parse import parse_qs, unquote
 
 from steer_adapters.vllm import preflight
@@ -40,6 +41,7 @@ from steer_plugin.metrics import (
     register_worker_collector,
     with_worker_families,
 )
+from steer_plugin.observation import ObservationCost, check_request
 from steer_plugin.request.schema import SpecError, SteeringSpec
 from steer_plugin.request.wire import RESERVED_KEYS
 from steer_plugin.service import STEERING_FIELD, RewrittenRequest, SteeringService, error_body
@@ -50,6 +52,8 @@ COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 STEERABLE_PATHS = ("/v1/responses", "/v1/messages")
 REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest")
 ADMIN_ROUTE = re.compile(r"/v1/steering/(saes|vectors)(?:/([^/]+))?")
+HEALTH_PATHS = ("/health", "/ping")  # vLLM's, and SageMaker's name for it
+MAX_LEN_UNKNOWN = 32768  # an observation's length bound before the engine says its max_model_len
 
 
 async def _read_body(receive) -> bytes:
@@ -120,6 +124,53 @@ async def _rewrite_response(app, scope, receive, send, transform) -> None:
         await send({"type": "http.response.body", "body": body})
 
     await app({**scope, "headers": headers}, receive, buffered)
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+RESPONSES_TURNS = 16  # /v1/responses may run several engine requests (tool turns) under one plan
+
+
+def assign_request_id(scope: dict, body: dict) -> tuple[str, str | None]:
+    """(the id vLLM will build the request's engine id from, a value for X-Request-Id to send it or None) —
+    what a signed plan is bound to (request/wire.py Binding). vLLM takes the X-Request-Id header, else the
+    body's `request_id` (only that on /v1/responses); when the client gave neither, a fresh id is chosen."""
+    header = dict(scope["headers"]).get(REQUEST_ID_HEADER)
+    given = body.get("request_id")
+    if scope["path"] == "/v1/responses":
+        if not isinstance(given, str):
+            given = body["request_id"] = f"resp_{uuid.uuid4().hex}"
+        return _bindable(given, "request_id"), None
+    if header is not None:
+        return _bindable(header.decode("latin-1"), "x-request-id"), None
+    if isinstance(given, str) and scope["path"] in COMPLETION_PATHS:
+        return _bindable(given, "request_id"), None
+    fresh = uuid.uuid4().hex
+    return fresh, fresh
+
+
+def _bindable(request_id: str, field: str) -> str:
+    if not 1 <= len(request_id) <= 256:
+        raise SpecError(field, "a steered request's id must be 1 to 256 characters")
+    return request_id
+
+
+def with_request_id(scope: dict, request: RewrittenRequest | None) -> dict:
+    """`scope` with the X-Request-Id header `request` was bound to, when the middleware chose it."""
+    if request is None or request.request_id_header is None:
+        return scope
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != REQUEST_ID_HEADER]
+    return {**scope, "headers": [*headers, (REQUEST_ID_HEADER, request.request_id_header.encode())]}
+
+
+def json_as_vllm_reads_it(raw: bytes) -> object | None:
+    """The body as vLLM's routes parse it (Starlette's `request.json()`: json.loads on the bytes, which reads
+    UTF-8, UTF-16 and UTF-32), or None when it is not JSON."""
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON (or JSON vLLM cannot read either)
+        return None
 
 
 def add_steering_to_openapi(doc: dict, admin: bool = False) -> dict:
@@ -252,6 +303,8 @@ class ResponseRewriter:
 
     def _rewrite_full(self, raw: bytes) -> bytes:
         data = json.loads(raw)
+        if not isinstance(data, dict):  # vLLM answers `null` when the client went away before the end
+            return raw
         self.response_id, self.model = data.get("id"), data.get("model")
         for choice in data.get("choices", []):
             count = len(choice.get("token_ids") or [])
@@ -268,7 +321,7 @@ class ResponseRewriter:
 
     def _rewrite_event(self, event: bytes) -> bytes:
         data = sse.event_json(event)
-        if data is None:
+        if not isinstance(data, dict):
             return event + sse.SEPARATOR
         self.response_id, self.model = data.get("id", self.response_id), data.get("model", self.model)
         for choice in data.get("choices", []):
@@ -355,6 +408,8 @@ class SteeringMiddleware:
                 return self._inspect
             return self._guard_reserved
         if method == "GET":
+            if path in HEALTH_PATHS and self.service is not None:
+                return self._health
             if path.startswith("/v1/steering/"):
                 return self._discovery
             if path.rstrip("/") == playground.ROUTE:
@@ -365,7 +420,7 @@ class SteeringMiddleware:
                 return self._openapi
         return None
 
-    def _rewrite(self, raw: bytes, observable: bool) -> tuple[bytes, RewrittenRequest | None]:
+    def _rewrite(self, raw: bytes, observable: bool, scope: dict) -> tuple[bytes, RewrittenRequest | None]:
         """(body for vLLM, rewritten request or None when nothing is steered or observed); SpecError on a bad
         body. An unsteered, unobserved body is forwarded as the client sent it."""
         body = parse_json(raw)
@@ -379,24 +434,70 @@ class SteeringMiddleware:
                 )
             return raw, None
         had_steering = STEERING_FIELD in body
-        request = self.service.rewrite_request(body, observable=observable)
+        request_id, header = assign_request_id(scope, body)
+        turns = RESPONSES_TURNS if scope["path"] == "/v1/responses" else 1
+        request = self.service.rewrite_request(
+            body, observable=observable, request_id=request_id, turns=turns
+        )
         if not (had_steering or request.ops or request.observe is not None):
             return raw, None
-        return json.dumps(request.body).encode(), request
+        return json.dumps(request.body).encode(), request._replace(request_id_header=header)
 
     async def _completion(self, scope, receive, send):
         raw = await _read_body(receive)
-        body, request = self._rewrite(raw, observable=True)
+        body, request = self._rewrite(raw, observable=True, scope=scope)
         # From resolution to the response's end, the SAEs and vectors it names count as in use (no await
         # between the two: a runtime unload sees either the request or a catalog without the source).
         with self.service.holding(request) if request is not None else contextlib.nullcontext():
-            if request is not None and request.compare:
-                return await self._compare(scope, receive, send, raw, body, request)
-            await self._serve(scope, body, request, receive, send)
+            cost = await self._observation_cost(scope, request)
+            # An observing request runs only with room under policy.observation (it may wait; plain ones never).
+            async with (
+                self.service.observation_budget.hold(cost) if cost is not None else contextlib.nullcontext()
+            ):
+                if request is not None and request.compare:
+                    return await self._compare(scope, receive, send, raw, body, request)
+                await self._serve(scope, body, request, receive, send)
+
+    async def _observation_cost(self, scope, request: RewrittenRequest | None) -> ObservationCost | None:
+        """The full cost of what the request observes (steer_plugin/observation.py), its prompt tokens counted
+        when it observes them; a 403 naming the field when one request is over the policy's bounds."""
+        if request is None or request.cost is None:
+            return None
+        cost = request.cost
+        max_len = engine.max_model_len(scope["app"].state) or MAX_LEN_UNKNOWN
+        if request.inspect is not None and request.inspect.prompt:
+            cost = cost._replace(prompt_tokens=await self._prompt_tokens(scope, request.body, max_len))
+        if not cost.generated_tokens:  # no max_tokens: what the model may still generate
+            cost = cost._replace(generated_tokens=max(1, max_len - cost.prompt_tokens))
+        if request.compare:  # both variants observe
+            cost = cost._replace(
+                prompt_tokens=2 * cost.prompt_tokens, generated_tokens=2 * cost.generated_tokens
+            )
+        check_request(cost, self.service.config.policy.observation)
+        return cost
+
+    async def _prompt_tokens(self, scope, body: dict, max_len: int) -> int:
+        """How many tokens the request's prompt has (token ids are counted; text and chat messages are
+        tokenized by vLLM's own /tokenize, in-process); `max_len` when vLLM cannot say."""
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        keys = ("model", "add_special_tokens", "add_generation_prompt", "continue_final_message")
+        keys += ("chat_template", "chat_template_kwargs", "tools")
+        payload = {k: body[k] for k in keys if k in body}
+        if "messages" in body:
+            payload["messages"] = body["messages"]
+        elif isinstance(prompt, str):
+            payload["prompt"] = prompt
+        else:
+            return max_len
+        status, answer = await self._call_app(scope, "/tokenize", payload)
+        count = answer.get("count") if status == 200 else None
+        return count if isinstance(count, int) else max_len
 
     async def _serve(self, scope, body: bytes, request: RewrittenRequest | None, receive_client, send):
         """`body` through vLLM; its answer rewritten (per-token features, applied ops) when steered/observed."""
-        scope, replay = _with_body(scope, body, receive_client)
+        scope, replay = _with_body(with_request_id(scope, request), body, receive_client)
         if request is None or (not request.ops and request.observe is None):
             return await self.app(scope, replay, send)
         responder = ResponseRewriter(self.service, request, send, stream=bool(request.body.get("stream")))
@@ -408,7 +509,9 @@ class SteeringMiddleware:
     async def _compare(self, scope, receive, send, raw: bytes, body: bytes, steered: RewrittenRequest):
         """`steering.compare`: the steered and the default variant run as two requests at once, merged into
         one answer (api/compare.py). A client disconnect reaches both."""
-        default = self.service.default_variant(parse_json(raw))
+        default_body = parse_json(raw)
+        request_id, header = assign_request_id(scope, default_body)
+        default = self.service.default_variant(default_body, request_id)._replace(request_id_header=header)
         merger = CompareMerger(send, stream=bool(steered.body.get("stream")), n=lax_int(steered.body, "n", 1))
         disconnected = asyncio.Event()
 
@@ -443,28 +546,32 @@ class SteeringMiddleware:
 
     async def _steerable(self, scope, receive, send):
         """/v1/responses, /v1/messages: steering applies; responses are passed through unchanged."""
-        raw, request = self._rewrite(await _read_body(receive), observable=False)
-        scope, replay = _with_body(scope, raw, receive)
+        raw, request = self._rewrite(await _read_body(receive), observable=False, scope=scope)
+        scope, replay = _with_body(with_request_id(scope, request), raw, receive)
         with self.service.holding(request) if request is not None else contextlib.nullcontext():
             return await self.app(scope, replay, send)
 
     async def _guard_reserved(self, scope, receive, send):
-        """Any other POST: a body that names the plugin's reserved keys is refused (the engine would drop
-        the forged message anyway); everything else reaches vLLM untouched."""
-        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
-        if b"json" not in content_type and b"form" not in content_type:
-            return await self.app(scope, receive, send)
+        """Any other POST (/v1/chat/completions/batch, /invocations, /tokenize, ...): a body that names the
+        plugin's reserved keys is refused (the engine would drop the forged message anyway), and so is a
+        `steering` field, which these endpoints would silently ignore; everything else reaches vLLM untouched.
+        The body is read the way vLLM reads it, whatever its content type: JSON in UTF-8, -16 or -32 (what
+        json.loads detects from the bytes), so no encoding or escape hides a key from the check."""
         raw = await _read_body(receive)
-        if any(key.encode() in raw for key in RESERVED_KEYS):
-            raise SpecError(
-                "vllm_xargs", "keys starting with `steer_plugin` are reserved for the steering plugin"
-            )
-        if b"json" in content_type and b"\\u" in raw:  # an escaped key could hide from the byte test
-            try:
-                data = parse_json(raw)
-            except SpecError:
-                data = None  # vLLM answers malformed JSON itself
+        data = json_as_vllm_reads_it(raw)
+        if data is None:  # not JSON (a multipart upload, a form): the raw bytes are all there is to test
+            if any(key.encode() in raw for key in RESERVED_KEYS):
+                raise SpecError(
+                    "vllm_xargs", "keys starting with `steer_plugin` are reserved for the steering plugin"
+                )
+        else:
             refuse_reserved_keys(data)
+            if isinstance(data, dict) and STEERING_FIELD in data:
+                raise SpecError(
+                    STEERING_FIELD,
+                    f"{scope['path']} does not apply steering; it is served on "
+                    f"{', '.join(COMPLETION_PATHS + STEERABLE_PATHS)}",
+                )
         scope, replay = _with_body(scope, raw, receive)
         return await self.app(scope, replay, send)
 
@@ -532,7 +639,22 @@ class SteeringMiddleware:
             b"text/html; charset=utf-8",
             (b"cache-control", b"no-cache"),
             (b"x-content-type-options", b"nosniff"),
+            (b"content-security-policy", playground.content_security_policy()),
+            (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers without CSP level 2
+            (b"referrer-policy", b"no-referrer"),
         )
+
+    async def _health(self, scope, receive, send):
+        """vLLM's /health answers 200 while its engine core process is alive, even when it is stuck (in a step,
+        or in a worker call that never returns): then no request progresses. The engine core is asked for a
+        reply first (engine.EngineProbe); no reply within `health_timeout_s` is a 503 naming the wait."""
+        probe = engine.EngineProbe.of(scope["app"].state)
+        if probe is not None:
+            timeout = self.service.config.health_timeout_s
+            if not await probe.answers(timeout):
+                message = f"the engine has not answered for {timeout:g} s: it is stalled"
+                return await _send_json(send, 503, error_body(SpecError("engine", message, 503)))
+        return await self.app(scope, receive, send)
 
     async def _metrics(self, scope, receive, send):
         await self._pull_worker_stats(scope)

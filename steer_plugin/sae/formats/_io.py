@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from steer_plugin.files import MAX_JSON_BYTES, FileRefused, open_regular, read_bounded, regular_path
+
 from ..errors import SAELoadError
 
 PICKLE_HINT = (
@@ -40,11 +42,10 @@ def require_file(path: Path) -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`."""
+    """A JSON object from `path` (read through steer_plugin.files: a regular file of bounded size)."""
     require_file(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_bounded(path, MAX_JSON_BYTES).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SAELoadError(f"{path}: cannot read JSON config ({e})", path) from e
     if not isinstance(data, dict):
@@ -113,21 +114,22 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     require_file(path)
     try:
-        if _SHAPES_ONLY.get():
-            return _safetensors_shapes(path)
-        return load_file(str(path), device="cpu")
-    except SAELoadError:
+        with regular_path(path) as opened:
+            if _SHAPES_ONLY.get():
+                return _safetensors_shapes(opened, path)
+            return load_file(opened, device="cpu")
+    except (SAELoadError, FileRefused):
         raise
     except Exception as e:  # safetensors raises SafetensorError / OSError on truncated or corrupt files
         raise SAELoadError(f"{path}: cannot read safetensors file, truncated or corrupt? ({e})", path) from e
 
 
-def _safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
+def _safetensors_shapes(opened: str, path: Path) -> dict[str, torch.Tensor]:
     """The header's tensors as meta tensors (safe_open checks the header covers the whole file)."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with safe_open(opened, framework="pt", device="cpu") as f:
         for name in f.keys():
             view = f.get_slice(name)
             shape, dtype = view.get_shape(), view.get_dtype()
@@ -146,9 +148,12 @@ def load_torch(path: Path, *, allow_pickle: bool) -> Any:
     """A torch.save'd object. weights_only=True unless the operator opted in with allow_pickle."""
     require_file(path)
     try:
-        if _SHAPES_ONLY.get():
-            return _torch_shapes(path, weights_only=True)
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with regular_path(path) as opened:
+            if _SHAPES_ONLY.get():
+                return _torch_shapes(opened, weights_only=True)
+            return torch.load(opened, map_location="cpu", weights_only=True)
+    except FileRefused:
+        raise
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():  # a damaged pickle, not a refused global
             raise SAELoadError(
@@ -163,25 +168,28 @@ def load_torch(path: Path, *, allow_pickle: bool) -> Any:
     except Exception as e:
         raise SAELoadError(f"{path}: cannot read torch checkpoint, truncated or corrupt? ({e})", path) from e
     try:
-        if _SHAPES_ONLY.get():
-            return _torch_shapes(path, weights_only=False)
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        with regular_path(path) as opened:
+            if _SHAPES_ONLY.get():
+                return _torch_shapes(opened, weights_only=False)
+            return torch.load(opened, map_location="cpu", weights_only=False)
+    except FileRefused:
+        raise
     except Exception as e:
         raise SAELoadError(
             f"{path}: cannot read torch checkpoint, truncated or corrupt? (with allow_pickle=True: {e})", path
         ) from e
 
 
-def _torch_shapes(path: Path, *, weights_only: bool) -> Any:
+def _torch_shapes(path: str, *, weights_only: bool) -> Any:
     """torch.load, memory-mapped (no tensor data is read), with the state dict's top-level tensors as meta
     tensors. Files in torch's legacy (pre-1.6, non-zip) format cannot be mapped: those are loaded in full once,
     and their tensors dropped after taking the shapes."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=True)
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
     except RuntimeError as e:
         if "mmap can only be used" not in str(e):
             raise
-        obj = torch.load(str(path), map_location="cpu", weights_only=weights_only)
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     if isinstance(obj, Mapping):
         obj = {
             k: _meta(v.shape, v.dtype) if isinstance(v, torch.Tensor) and v.numel() > 1 else v
@@ -195,6 +203,8 @@ def load_npz(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     require_file(path)
     try:
         return _read_npz(path, allow_pickle=False)
+    except FileRefused:
+        raise
     except ValueError as e:
         if "allow_pickle" not in str(e):
             raise SAELoadError(f"{path}: cannot read npz file, truncated or corrupt? ({e})", path) from e
@@ -207,15 +217,22 @@ def load_npz(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
         raise SAELoadError(f"{path}: cannot read npz file, truncated or corrupt? ({e})", path) from e
     try:
         return _read_npz(path, allow_pickle=True)
+    except FileRefused:
+        raise
     except Exception as e:
         raise SAELoadError(f"{path}: cannot read npz file even with allow_pickle=True ({e})", path) from e
 
 
 def _read_npz(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    if _SHAPES_ONLY.get():
-        return _npz_shapes(path, allow_pickle=allow_pickle)
+    with open_regular(path, None) as f:
+        if _SHAPES_ONLY.get():
+            return _npz_shapes(f, allow_pickle=allow_pickle)
+        return _npz_arrays(f, allow_pickle=allow_pickle)
+
+
+def _npz_arrays(file, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    with np.load(str(path), allow_pickle=allow_pickle) as data:
+    with np.load(file, allow_pickle=allow_pickle) as data:
         for key in data.files:
             array = np.asarray(data[key])
             if array.dtype == object:  # only readable with allow_pickle; never a weight, so leave it out
@@ -224,7 +241,7 @@ def _read_npz(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _npz_shapes(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _npz_shapes(path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """Each member's .npy header (magic, then shape and dtype) as a meta tensor; object arrays left out, as
     _read_npz does. Members of one element are read in full."""
     out: dict[str, torch.Tensor] = {}

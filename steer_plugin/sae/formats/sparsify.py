@@ -99,6 +99,12 @@ def load(path: Path, *, allow_pickle: bool = False, hookpoint: str | None = None
 
 def _resolve(folder: Path, hookpoint: str | None) -> Path:
     if hookpoint is not None:
+        # A hookpoint is one folder name (`layers.6`): never a path that leaves `folder`.
+        if hookpoint in ("", ".", "..") or "/" in hookpoint or "\\" in hookpoint or "\0" in hookpoint:
+            raise SAELoadError(
+                f"{folder}: hookpoint {hookpoint!r} must be the name of a folder inside it (like layers.6)",
+                folder,
+            )
         target = folder / hookpoint
         if not _is_hookpoint(target):
             known = ", ".join(hookpoints(folder)) or "none"
