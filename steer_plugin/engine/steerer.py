@@ -102,7 +102,8 @@ class Steerer:
         # step or a logits processor); per request, keyed by its id and checked against its wire text (a reused
         # id with another message compiles afresh): its compiled layer plans (dropped when bank rows move) and its
         # observation narrowed to the SAEs this worker has.
-        self._decoded: dict[object, RequestPlan | None] = {}
+        self._decoded: dict[object, RequestPlan | Exception] = {}
+        self._refused_askers: dict[object, set[str]] = {}  # bad wires: the requests already counted
         self._plans: dict[str, tuple[object, dict[int, LayerPlan]]] = {}
         self._observes: dict[str, tuple[object, ObservePlan | None]] = {}
         self._observed: list[ObservedRows] = []
@@ -226,9 +227,15 @@ class Steerer:
             try:
                 self._decoded[key] = RequestPlan.decode(wire)  # signature and fields
             except Exception as err:
-                self._reject("steering", req_id or "?", err)
-                self._decoded[key] = None
+                self._decoded[key] = err
         plan = self._decoded[key]
+        if isinstance(plan, Exception):
+            # decoded once, but counted once per request that carried it (many requests can share one bad wire)
+            askers = self._refused_askers.setdefault(key, set())
+            if req_id is None or req_id not in askers:
+                askers.add(req_id or "?")
+                self._reject("steering", req_id or "?", plan)
+            return None
         if (
             plan is not None
             and req_id is not None
@@ -327,6 +334,7 @@ class Steerer:
             self._observes = {k: v for k, v in self._observes.items() if k in keep}
             live_wires = {w if isinstance(w, str) else repr(w) for w in wires if w is not None}
             self._decoded = {k: v for k, v in self._decoded.items() if k in live_wires}
+            self._refused_askers = {k: v for k, v in self._refused_askers.items() if k in live_wires}
 
     def _plan_captures(self, batch: BatchView) -> None:
         """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
