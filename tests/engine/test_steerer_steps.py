@@ -157,7 +157,7 @@ def run_op(hidden, residual, capturing: bool, monkeypatch):
 @pytest.mark.parametrize("block_columns", [1024, 3], ids=["one-gemm", "row-blocks"])
 def test_capture_path_matches_eager_on_random_shrinking_batches(steerer, monkeypatch, block_columns):
     """block_columns=3: the eager op multiplies per block of requests over their own columns (what it does for
-    big working sets) and must give the same rows as the fixed-shape path over the whole working set."""
+    big working sets) and must give the same rows as the fixed-shape path (per lane, each entry's own rows)."""
     monkeypatch.setattr(steer_op, "BLOCK_COLUMNS", block_columns)
     rng = random.Random(0)
     rt = steer_op.LAYERS[LAYER]
