@@ -2,6 +2,7 @@
 
     python benchmarks/op_bench.py --fixed-shape                     # d_model 4096, 256 slots x 8 ops, T=1,16,128,512
     python benchmarks/op_bench.py --fixed-shape --smoke --out /tmp/fixed-smoke
+    python benchmarks/op_bench.py --fixed-shape --device cuda --cuda-graph --out benchmarks/results/op-fixed-shape-cuda
 
 The fixed-shape op is forced as the tests force it (steer_plugin.engine.op._capturing patched to True). Off a
 real capture its gates read the host copies of the flags that the step wrote (engine/gate.py), so it runs
@@ -13,6 +14,9 @@ point, each over the same decoder layer's time: the eager op, the fixed-shape op
 rows) the former fixed-shape op (every row times the whole working set: x @ enc[:capacity]^T and
 C @ dec[:capacity], called directly, without the custom op's dispatch). Every fixed-shape output is checked
 against the eager op's (steered rows within the dtype's tolerance, every other row bit for bit).
+With --cuda-graph (CUDA): the fixed-shape column is the replay of a graph captured once per T with nothing
+steered (every lane branch recorded into conditional nodes), the layer is replayed from its own graph, and GPU
+times come from CUDA events.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import date_and_commit_line
-from op_bench import LlamaLikeLayer, layer_params, machine_info, time_fn
+from op_bench import LlamaLikeLayer, graph_of, layer_params, machine_info, time_cuda_events, time_fn
 
 LAYER = 0
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "op-fixed-shape-cpu"
@@ -106,8 +110,8 @@ def former_fixed_shape(rt, hidden: torch.Tensor, residual: torch.Tensor) -> torc
 def check(fixed: torch.Tensor, eager: torch.Tensor, residual: torch.Tensor, steered_rows: np.ndarray) -> dict:
     """The fixed-shape output against the eager op's: steered rows within the dtype's tolerance (relative to
     the row's size), every other row bit for bit."""
-    mask = torch.zeros(residual.shape[0], dtype=torch.bool)
-    mask[torch.from_numpy(steered_rows)] = True
+    mask = torch.zeros(residual.shape[0], dtype=torch.bool, device=residual.device)
+    mask[torch.from_numpy(steered_rows).to(residual.device)] = True
     diff = (fixed.float() - eager.float()).abs().amax(dim=-1)  # [T]
     scale = eager.float().abs().amax(dim=-1).clamp_min(1e-3)
     tol = 2e-2 if residual.dtype != torch.float32 else 1e-4
@@ -134,6 +138,9 @@ def run(args) -> int:
 
     smoke = args.smoke
     device = torch.device(args.device)
+    if args.cuda_graph and (device.type != "cuda" or not torch.cuda.is_available()):
+        print("op_bench --fixed-shape: --cuda-graph needs --device cuda and a GPU", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype)
     d = args.d_model or (256 if smoke else 4096)
     d_sae = args.d_sae or (1024 if smoke else 65536)
@@ -183,17 +190,28 @@ def run(args) -> int:
             steer_op._capturing = real_capturing
 
     def run_op(capturing: bool) -> torch.Tensor:
+        if capturing and graph is not None:  # the replay reads the tables and lanes written since capture
+            graph[0].replay()
+            torch.cuda.synchronize()
+            return graph[1].clone()
         steer_op._capturing = lambda: capturing
         try:
             return op(hidden, residual, LAYER)  # noqa: B023
         finally:
             steer_op._capturing = real_capturing
 
+    graph = None
+
     with torch.inference_mode():
         for T in token_list:
             hidden = torch.randn(T, d, dtype=dtype, device=device)
             residual = torch.randn(T, d, dtype=dtype, device=device) * 4
-            layer_t = time_fn(lambda: layer_mod(residual), device, min_time)  # noqa: B023
+            if args.cuda_graph:  # the layer replays a graph too; captured ops with nothing steered
+                layer_t = time_cuda_events(graph_of(lambda: layer_mod(residual))[0].replay, min_time)  # noqa: B023
+                planner.clear()
+                graph = graph_of(lambda: op(hidden, residual, LAYER))  # noqa: B023
+            else:
+                layer_t = time_fn(lambda: layer_mod(residual), device, min_time)  # noqa: B023
             per_tokens[T] = {"layer": layer_t, "loadavg": os.getloadavg()}
             print(f"T={T:4d}: layer {layer_t['median_us'] / 1e3:9.2f} ms", flush=True)
             lives = live_counts(T, wanted_live)
@@ -204,7 +222,10 @@ def run(args) -> int:
                     sc.write(planner)
                     prepare_t = time_fn(lambda: sc.write(planner), host, min(min_time, 0.1))  # noqa: B023
                     eager_t = timed(lambda: op(hidden, residual, LAYER), False)  # noqa: B023
-                    fixed_t = timed(lambda: op(hidden, residual, LAYER), True)  # noqa: B023
+                    if graph is not None:
+                        fixed_t = time_cuda_events(graph[0].replay, min_time)
+                    else:
+                        fixed_t = timed(lambda: op(hidden, residual, LAYER), True)  # noqa: B023
                     verdict = check(run_op(True), run_op(False), residual, step.steered_rows_host)
                     former_t = None
                     if live in (0, 1, lives[-1]):
@@ -247,6 +268,7 @@ def run(args) -> int:
         "machine": machine,
         "settings": {
             "device": str(device),
+            "cuda_graph": bool(args.cuda_graph),
             "dtype": args.dtype,
             "d_model": d,
             "d_sae": d_sae,
@@ -310,9 +332,13 @@ def write_markdown(path: Path, result: dict) -> None:
         f"({s['layer_params'] / 1e6:.0f}M parameters).",
         "- A batch of T rows is min(T, max_num_seqs) requests at decode positions; `live` rows belong to steered "
         "requests (spread over the batch), one config each: `add x1` = one feature, `clamp xk` = k features. "
-        "U = working-set columns in use. eager = the op outside a capture (host decisions); fixed-shape = the "
-        "op forced into its captured form (gates read the flags' host copies: the work a replay runs); "
-        "former = the fixed-shape op before lanes (every row x the whole working set, measured at 0, 1 and all "
+        "U = working-set columns in use. eager = the op outside a capture (host decisions); fixed-shape = "
+        + (
+            "the replay of a graph captured once per T with nothing steered; "
+            if s.get("cuda_graph")
+            else "the op forced into its captured form (gates read the flags' host copies: the work a replay runs); "
+        )
+        + "former = the fixed-shape op before lanes (every row x the whole working set, measured at 0, 1 and all "
         "live rows). % = op time / decoder-layer time in the same run. prepare = host "
         "SlotPlanner.write_step (steady decode), lanes included. Check: fixed-shape output = eager output "
         "(steered rows within the dtype's tolerance, other rows bit for bit).",
