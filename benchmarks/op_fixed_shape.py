@@ -36,6 +36,32 @@ LAYER = 0
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "op-fixed-shape-cpu"
 
 
+class OtherCPU:
+    """Share of the machine's CPU time that other processes used since the last reading (Linux /proc): on a
+    shared machine, a timing taken while others ran is not a clean one."""
+
+    def __init__(self):
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        try:
+            fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        return busy, float(own[11]) + float(own[12]), sum(fields)  # own utime + stime (fields 14, 15)
+
+    def share(self) -> float | None:
+        """Others' busy time / all CPU time since the last call (0..1), None without /proc."""
+        now, last = self._read(), self._last
+        self._last = now
+        if now is None or last is None or now[2] <= last[2]:
+            return None
+        return max(0.0, (now[0] - last[0]) - (now[1] - last[1])) / (now[2] - last[2])
+
+
 class LiveRows:
     """A batch of T rows split into min(T, max_seqs) equal requests at decode positions (past the prompt);
     whole requests are steered until `live` rows are (spread evenly over the batch), one config each."""
@@ -181,6 +207,7 @@ def run(args) -> int:
     layer_mod = LlamaLikeLayer(d, inter, heads, kv_heads, context, dtype, device).eval()
     host = torch.device("cpu")
     per_tokens, rows = {}, []
+    others = OtherCPU()
 
     def timed(fn, capturing: bool) -> dict:
         steer_op._capturing = lambda: capturing
@@ -212,11 +239,12 @@ def run(args) -> int:
                 graph = graph_of(lambda: op(hidden, residual, LAYER))  # noqa: B023
             else:
                 layer_t = time_fn(lambda: layer_mod(residual), device, min_time)  # noqa: B023
-            per_tokens[T] = {"layer": layer_t, "loadavg": os.getloadavg()}
+            per_tokens[T] = {"layer": layer_t, "loadavg": os.getloadavg(), "other_cpu": others.share()}
             print(f"T={T:4d}: layer {layer_t['median_us'] / 1e3:9.2f} ms", flush=True)
             lives = live_counts(T, wanted_live)
             for kind, k in [("add", 1)] + [("clamp", k) for k in clamp_list]:
                 for live in lives:
+                    others.share()
                     sc = LiveRows(T, max_seqs, live, kind, k, d_sae, bank)
                     planner.clear()
                     sc.write(planner)
@@ -244,8 +272,10 @@ def run(args) -> int:
                         "prepare_steady_us": prepare_t["median_us"],
                         "eager_us": eager_t["median_us"],
                         "fixed_us": fixed_t["median_us"],
+                        "eager_min_us": eager_t["min_us"],
                         "fixed_min_us": fixed_t["min_us"],
                         "former_us": former_t["median_us"] if former_t else None,
+                        "former_min_us": former_t["min_us"] if former_t else None,
                         "layer_us": layer_us,
                         "eager_over_layer": eager_t["median_us"] / layer_us,
                         "fixed_over_layer": fixed_t["median_us"] / layer_us,
@@ -253,6 +283,7 @@ def run(args) -> int:
                         "fixed_matches_eager": verdict["ok"],
                         "max_abs_diff": verdict["max_abs_diff"],
                         "loadavg": os.getloadavg()[0],
+                        "other_cpu": others.share(),
                     }
                     rows.append(row)
                     former = f"{100 * row['former_over_layer']:7.2f}%" if former_t else "      –"
@@ -341,27 +372,31 @@ def write_markdown(path: Path, result: dict) -> None:
         + "former = the fixed-shape op before lanes (every row x the whole working set, measured at 0, 1 and all "
         "live rows). % = op time / decoder-layer time in the same run. prepare = host "
         "SlotPlanner.write_step (steady decode), lanes included. Check: fixed-shape output = eager output "
-        "(steered rows within the dtype's tolerance, other rows bit for bit).",
+        "(steered rows within the dtype's tolerance, other rows bit for bit). others' CPU = share of the "
+        "machine's CPU time used by other processes while that point was timed (a shared machine: 0% is clean).",
         f"- Load average (1 min) at start/end: {m['loadavg_start'][0]:.2f} / {m['loadavg_end'][0]:.2f}; "
         f"wall {result['wall_s']:.0f}s.",
         "",
-        "| T | decoder layer | load (1 min) |",
-        "|---:|---:|---:|",
+        "| T | decoder layer | load (1 min) | others' CPU |",
+        "|---:|---:|---:|---:|",
     ]
     for T, v in result["per_tokens"].items():
-        lines.append(f"| {T} | {v['layer']['median_us'] / 1e3:.2f} ms | {v['loadavg'][0]:.2f} |")
+        lines.append(
+            f"| {T} | {v['layer']['median_us'] / 1e3:.2f} ms | {v['loadavg'][0]:.2f} | {_pct(v.get('other_cpu'))} |"
+        )
     lines += [
         "",
         "| T | op | live rows | U | prepare | eager | eager / layer | fixed-shape | fixed / layer "
-        "| former | former / layer | check |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| former | former / layer | check | others' CPU |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['tokens']} | {r['op']} x{r['ops_per_token']} | {r['live_rows']} | {r['working_set']} | "
             f"{_us(r['prepare_steady_us'])} | {_us(r['eager_us'])} | {_pct(r['eager_over_layer'])} | "
             f"{_us(r['fixed_us'])} | **{_pct(r['fixed_over_layer'])}** | {_us(r['former_us'])} | "
-            f"{_pct(r['former_over_layer'])} | {'ok' if r['fixed_matches_eager'] else 'MISMATCH'} |"
+            f"{_pct(r['former_over_layer'])} | {'ok' if r['fixed_matches_eager'] else 'MISMATCH'} | "
+            f"{_pct(r.get('other_cpu'))} |"
         )
     lines.append("")
     notes = path.parent / f"{path.stem}-notes.md"  # interpretation written by a person, kept across re-runs
