@@ -26,10 +26,10 @@ class Flag(NamedTuple):
     host: np.ndarray  # [1] bool view of its host copy (the same memory as `device` on the CPU)
 
 
-def flags_of(device: torch.Tensor, host: torch.Tensor) -> list[Flag]:
-    """A Flag per element of a 1-D bool buffer and its host copy."""
+def flags_of(device: torch.Tensor, host: torch.Tensor, start: int = 0) -> list[Flag]:
+    """A Flag per element of a 1-D bool buffer (from `start`) and its host copy."""
     host_np = host.numpy()
-    return [Flag(device[i], host_np[i : i + 1]) for i in range(device.shape[0])]
+    return [Flag(device[i], host_np[i : i + 1]) for i in range(start, device.shape[0])]
 
 
 class ConditionalsUnavailable(RuntimeError):

@@ -42,8 +42,8 @@ class Lanes:
         # What the op reads (a graph reads them at replay): the host tensors themselves on the CPU.
         self.rows = self.rows_host.to(device) if mirrored else self.rows_host  # [M]
         self.flags = self.flags_host.to(device) if mirrored else self.flags_host  # [M + 1 + buckets]
-        flags = flags_of(self.flags, self.flags_host)  # views with fixed addresses, made once
-        self._fits, self._buckets = flags[: max_tokens + 1], flags[max_tokens + 1 :]
+        self._buckets = flags_of(self.flags, self.flags_host, max_tokens + 1)  # views made once
+        self._fits: dict[int, Flag] = {}  # by forward size, made on first use
         self.count = 0  # live lanes this step (host)
         self._state = (0, 0, -1)  # (count > 0, rows needed, bucket) the device flags hold
         self._copied = torch.cuda.Event() if pin else None  # host rows reusable after it
@@ -52,7 +52,11 @@ class Lanes:
 
     def fits(self, num_tokens: int) -> Flag:
         """Some lane is live and the prepared batch fits a forward of num_tokens rows."""
-        return self._fits[min(num_tokens, self.max_tokens)]
+        i = min(num_tokens, self.max_tokens)
+        flag = self._fits.get(i)
+        if flag is None:
+            flag = self._fits[i] = Flag(self.flags[i], self.flags_host.numpy()[i : i + 1])
+        return flag
 
     def bucket(self, i: int) -> Flag:
         """The lane count is in bucket i."""
@@ -112,6 +116,3 @@ class Lanes:
         if self.flags is not self.flags_host:
             self.flags.fill_(False)
         self._state = (0, 0, -1)
-
-    def nbytes(self) -> int:
-        return self.rows.numel() * 8 + self.flags.numel()

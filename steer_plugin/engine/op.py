@@ -63,19 +63,14 @@ class LayerRuntime:
 
     @capture_rows.setter
     def capture_rows(self, rows) -> None:
-        """Set per step: ascending token rows (array-like; a tensor is read back to the host), None for none."""
+        """Set per step: the token rows (array-like; a tensor is read back to the host), None for none."""
         if self.observed is None:
             return
         if rows is None:
             self.observed.clear()
             return
         rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
-        self.observed.write(rows, int(rows[-1]) + 1 if rows.size else 0)
-
-    def nbytes(self) -> int:
-        """Device bytes of the capture buffer, the probe and the observed lanes."""
-        lanes = self.observed.nbytes() if self.observed is not None else 0
-        return (self.capture.numel() + self.probe.numel()) * 4 + lanes
+        self.observed.write(rows, int(rows.max()) + 1 if rows.size else 0)
 
 
 def _log_mismatch(rt: LayerRuntime, num_tokens: int) -> None:
