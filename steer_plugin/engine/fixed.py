@@ -116,7 +116,8 @@ def steer_lanes(
     # op's GEMM.
     delta = F.embedding_bag(cols, t.dec, per_sample_weights=c.to(t.dec.dtype), mode="sum")  # [n, d]
     steered = applied.any(dim=-1)  # [n]
-    new = (res.float() + delta.float()).to(res.dtype)
+    # One rounding to the residual's dtype (its add computes in float32); a bank of another dtype adds in float32.
+    new = res + delta if delta.dtype == res.dtype else (res.float() + delta.float()).to(res.dtype)
     out.index_copy_(0, rows, torch.where(steered[:, None], new, res))  # rows no entry applies to: bit for bit
     if padded:
         real = torch.diff(rows, prepend=rows[:1] - 1) > 0  # [n] live lanes (padding repeats the last row)
