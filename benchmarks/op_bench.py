@@ -4,6 +4,7 @@
     python benchmarks/op_bench.py                               # CPU, d_model 4096, 65536 features, bf16
     python benchmarks/op_bench.py --smoke --out /tmp/op-smoke   # tiny sizes, seconds
     python benchmarks/op_bench.py --device cuda --cuda-graph --out benchmarks/results/op-cuda   # on a GPU
+    python benchmarks/op_bench.py --fixed-shape     # the fixed-shape (CUDA-graph) op beside the eager op, by live rows
 
 One layer's bank is built with steer_plugin.engine.bank.build_layer_bank from a random SparseAutoencoder
 (d_model x d_sae), its slot tables and working set with steer_plugin.engine.tables.LayerTables, the per-step
@@ -19,7 +20,9 @@ token rows is split into min(T, C) requests with C distinct configs; each config
   - layer: one plain-torch Llama-like decoder layer of the same width (RMSNorm, q/k/v/o with GQA, SDPA over a
            short cached context plus the T new tokens, RMSNorm, SwiGLU MLP), same dtype and token count;
   - encode: a full SAE encode + top-k of the same T tokens (the cost an `inspect` of that SAE would add).
-Writes OUT.json and OUT.md.
+Writes OUT.json and OUT.md. --fixed-shape is its own mode (benchmarks/op_fixed_shape.py): the op forced into
+the form a CUDA graph captures, timed beside the eager op for 0, 1 and more live rows at the server's sizes;
+it writes benchmarks/results/op-fixed-shape-cpu.{json,md} unless --out is given.
 """
 
 from __future__ import annotations
@@ -261,6 +264,16 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--fixed-shape",
+        action="store_true",
+        help="time the fixed-shape op (the form a CUDA graph captures; forced as the tests force it) beside the "
+        "eager op and the former fixed-shape op, by live rows (see op_fixed_shape.py)",
+    )
+    p.add_argument("--max-seqs", type=int, help="--fixed-shape: slots (max_num_seqs; default 256)")
+    p.add_argument(
+        "--live", help="--fixed-shape: comma list of live (steered) rows, 'all' = T (default 0,1,4,16,64,all)"
+    )
+    p.add_argument(
         "--from-json", help="no run: rewrite OUT.md from an earlier run's JSON (e.g. after adding notes)"
     )
     return p.parse_args(argv)
@@ -268,12 +281,25 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out_given = args.out != parse_args([]).out
     if args.from_json:
         src = Path(args.from_json)
-        out = Path(args.out) if args.out != parse_args([]).out else src.with_suffix("")
-        write_markdown(out.with_suffix(".md"), json.loads(src.read_text()))
+        out = Path(args.out) if out_given else src.with_suffix("")
+        data = json.loads(src.read_text())
+        if "live" in data["settings"]:  # a --fixed-shape run
+            import op_fixed_shape
+
+            op_fixed_shape.write_markdown(out.with_suffix(".md"), data)
+        else:
+            write_markdown(out.with_suffix(".md"), data)
         print(f"wrote {out.with_suffix('.md')}")
         return 0
+    if args.fixed_shape:
+        import op_fixed_shape
+
+        if not out_given:
+            args.out = None
+        return op_fixed_shape.run(args)
     smoke = args.smoke
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

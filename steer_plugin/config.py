@@ -170,8 +170,8 @@ class EngineLimits(_Strict):
     """Largest |value| or |scale| a request may use (finite values only)."""
     working_set_rows: int | None = Field(default=None, ge=1)
     """Distinct features and vectors one layer can have in use across all running requests (default: max_num_seqs
-    x max_ops_per_layer, which is never exceeded). The op multiplies over the live ones; under CUDA graphs over
-    all of them, so a smaller value makes graph replays cheaper. A request that would exceed it runs unsteered
+    x max_ops_per_layer, which is never exceeded). The eager op multiplies over the live ones; under CUDA graphs
+    the op reads each steered token's own rows, whatever this size. A request that would exceed it runs unsteered
     and is counted in steer_worker_rejected_messages_total{kind="capacity"}."""
 
 

@@ -2,9 +2,10 @@
 
 Compilers (dynamo/inductor) see only the op and its fake implementation, so a model compiled with the op in
 place runs its body on every step; a captured CUDA graph replays its kernels, reading whatever the buffers
-hold at replay time. While a graph is being captured the body takes no per-step host decision: it runs the
-fixed-shape variant over every row and the whole working set. Otherwise (eager, CPU, or a non-captured step)
-it runs the same math on the steered rows only and over the live working-set columns only.
+hold at replay time. While a graph is being captured the body takes no per-step host decision: it records the
+fixed-shape form (fixed.py), whose work follows the step's lanes (the steered rows, gated on device flags).
+Otherwise (eager, CPU, or a non-captured step) it runs the same math on the steered rows only and over the
+live working-set columns only, deciding on the host.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import time
 import numpy as np
 import torch
 
+from steer_plugin.engine import fixed
 from steer_plugin.engine.delta import (
-    ALL_TERMS,
     Conditions,
     DeltaTerms,
     add_delta,
     position_gate,
     working_set_weights,
 )
+from steer_plugin.engine.lanes import Lanes
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import NO_OP, LayerTables
 
@@ -44,11 +46,31 @@ class LayerRuntime:
         self.capture = torch.zeros(
             step.max_tokens if observable else 0, d_model, dtype=torch.float32, device=device
         )
-        self.capture_rows: torch.Tensor | None = None  # eager: token rows to copy this step (set per step)
+        # The observed rows of this step as lanes (set per step through capture_rows; see lanes.py).
+        self.observed = Lanes(step.max_tokens, device) if observable else None
         self.seconds = 0.0  # host time in the op body (eager executions)
         # probe[0] is set to 1 whenever the op runs; probe[1] = the delta it added to row 0 (float32).
         self.probe = torch.zeros(2, d_model, dtype=torch.float32, device=device)  # [2, d_model]
         self.mismatches = 0  # forwards shorter than the prepared batch (left unsteered)
+        fixed.warm_up(self)
+
+    @property
+    def capture_rows(self) -> torch.Tensor | None:
+        """Token rows whose steered residual is copied to `capture` this step ([n] on the device), or None."""
+        if self.observed is None or not self.observed.count:
+            return None
+        return self.observed.live()
+
+    @capture_rows.setter
+    def capture_rows(self, rows) -> None:
+        """Set per step: the token rows (array-like; a tensor is read back to the host), None for none."""
+        if self.observed is None:
+            return
+        if rows is None:
+            self.observed.clear()
+            return
+        rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
+        self.observed.write(rows, int(rows.max()) + 1 if rows.size else 0)
 
 
 def _log_mismatch(rt: LayerRuntime, num_tokens: int) -> None:
@@ -170,27 +192,6 @@ def column_blocks(rt: LayerRuntime, rows: np.ndarray) -> list[tuple[int, int, in
     return blocks
 
 
-def apply_fixed_shape(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """All rows, the whole working set: what a CUDA graph captures. Unsteered rows pass through untouched."""
-    num_tokens = residual.shape[0]
-    x = hidden.float() + residual.float()  # [T, d] residual stream after the layer
-    step = rt.step
-    out, steered, first_delta = steer_rows(
-        rt,
-        x,
-        residual,
-        step.token_slot[:num_tokens],
-        step.token_pos[:num_tokens],
-        rt.tables.capacity,
-        ALL_TERMS,
-        position_rules=True,
-    )
-    rt.probe[1].copy_(first_delta * steered[0])
-    if rt.observable:  # every row: no row index that a replay could find stale
-        rt.capture[:num_tokens].copy_(hidden.float() + out.float())
-    return out
-
-
 def apply_eager(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """Only the steered rows, only the live working-set columns; other rows are copied bit for bit."""
     step, t = rt.step, rt.tables
@@ -233,7 +234,7 @@ def steer_residual(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> 
     if rt is None or residual.shape[0] == 0:
         return residual.clone()
     if _capturing():
-        out = apply_fixed_shape(rt, hidden, residual)
+        out = fixed.apply_fixed_shape(rt, hidden, residual)
     else:
         started = time.perf_counter()
         out = apply_eager(rt, hidden, residual)

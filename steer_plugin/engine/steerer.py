@@ -379,7 +379,7 @@ class Steerer:
                     )
                 )
         for layer, rows in rows_by_layer.items():
-            self.runtimes[layer].capture_rows = torch.tensor(sorted(rows), device=self.device)
+            self.runtimes[layer].capture_rows = np.array(sorted(rows), dtype=np.int64)
 
     def after_forward(self) -> list[int]:
         """Read the features of this step's observed tokens (outside the model forward and any graph); returns

@@ -14,6 +14,8 @@ import heapq
 import numpy as np
 import torch
 
+from steer_plugin.engine.lanes import Lanes
+
 
 def device_mirror(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The tensor the op reads: the host tensor itself on CPU, a copy with a fixed address on a device."""
@@ -45,7 +47,9 @@ class StepMetadata:
         self.prompt_len = device_mirror(self.prompt_len_host, device)  # [S + 1]
         self.num_tokens = 0  # rows written by the last write() (host int; 0 = disarmed)
         self.steered_rows_host = np.zeros(0, dtype=np.int64)  # rows of steered requests this step, ascending
-        self.steered_rows = torch.zeros(0, dtype=torch.int64, device=device)  # its device copy (eager op)
+        # The steered rows as lanes for the fixed-shape op (persistent, padded, gated; see lanes.py).
+        self.lanes = Lanes(max_tokens, device)
+        self.steered_rows = self.lanes.live()  # [n] their device copy (eager op): a view of the lanes
         self._extent = 0  # rows [0, extent) may hold a slot other than NULL on the device
         self._copied = torch.cuda.Event() if device.type == "cuda" else None  # host rows reusable after it
         self._free = list(range(max_slots))  # min-heap: low slots first keeps the tables compact
@@ -83,7 +87,8 @@ class StepMetadata:
         slots_np[:num_tokens] = token_slot
         slots_np[num_tokens : max(self._extent, num_tokens)] = self.null_slot
         self.steered_rows_host = np.flatnonzero(token_slot != self.null_slot)
-        self.steered_rows = torch.from_numpy(self.steered_rows_host).to(self.token_slot.device)
+        self.lanes.write(self.steered_rows_host, num_tokens)
+        self.steered_rows = self.lanes.live()
         # position of row t = num_computed[r] + (t - query_start[r])
         pos_np[:num_tokens] = np.arange(num_tokens) + np.repeat(num_computed - query_start[:-1], counts)
         self._sync(max(self._extent, num_tokens), num_tokens)
@@ -101,7 +106,8 @@ class StepMetadata:
         self._extent = 0
         self.num_tokens = 0
         self.steered_rows_host = np.zeros(0, dtype=np.int64)
-        self.steered_rows = self.steered_rows[:0]
+        self.lanes.clear()
+        self.steered_rows = self.lanes.live()
 
     def _sync(self, extent: int, num_tokens: int) -> None:
         if self.token_slot is not self.token_slot_host:

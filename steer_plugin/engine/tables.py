@@ -18,6 +18,7 @@ import torch
 
 from steer_plugin.engine.bank import CENTER, NORM_KIND, LayerBank
 from steer_plugin.engine.delta import DeltaTerms
+from steer_plugin.engine.gate import Flag, flags_of
 from steer_plugin.engine.step import copy_rows, device_mirror
 from steer_plugin.request.wire import POSITION_CODES
 
@@ -109,6 +110,17 @@ class _Entries(NamedTuple):
         return np.concatenate(parts)
 
 
+class GateFlags(NamedTuple):
+    """Device flags (with host copies) of the terms some live slot needs (see DeltaTerms)."""
+
+    x: Flag  # any of the four below: the op reads the residual stream after the layer
+    read: Flag
+    norm: Flag
+    bn: Flag
+    cond: Flag
+    positions: Flag  # a position rule other than "all"
+
+
 class WorkingSetFull(RuntimeError):
     """More distinct bank rows in use at one layer than its working set holds."""
 
@@ -163,6 +175,11 @@ class LayerTables:
         self._slot_flags = np.zeros((slots, 4), dtype=np.int64)
         self._flag_counts = np.zeros(4, dtype=np.int64)
         self._norm_columns = 0
+        # The same flags (`terms`, `position_rules`) as device flags: the fixed-shape op gates each term of the
+        # formula on them (gate.py). Written when slots change hands, never per step.
+        self.gates_host = host((len(GateFlags._fields),), torch.bool, False)
+        self.gates = device_mirror(self.gates_host, device)
+        self.flags = GateFlags(*flags_of(self.gates, self.gates_host))
 
     def bank_rows_changed(self) -> None:
         """The bank's rows were rewritten (a runtime load): refresh what is derived from them. Rows a
@@ -295,6 +312,7 @@ class LayerTables:
         ).astype(np.int64)  # [n, 4]
         self._flag_counts += flags.sum(0) - self._slot_flags[slots].sum(0)
         self._slot_flags[slots] = flags
+        self._write_gates()
         tables = (
             (self.slot_col, self.slot_col_host, col),
             (self.slot_coef, self.slot_coef_host, coef),
@@ -308,6 +326,14 @@ class LayerTables:
         for dev, host, values in tables:
             host.numpy()[slots] = values
             copy_rows(dev, host, slots)
+
+    def _write_gates(self) -> None:
+        terms = self.terms
+        want = [terms.needs_x, terms.read, terms.norm, terms.bn, terms.cond, self.position_rules]
+        gates = self.gates_host.numpy()
+        if gates.tolist() != want:
+            gates[:] = want
+            copy_rows(self.gates, self.gates_host, list(range(len(want))))
 
     def _unref_many(self, cols: np.ndarray) -> None:
         if not cols.size:

@@ -46,6 +46,28 @@ def test_op_bench_smoke(tmp_path):
     assert len(rows) == len(data["per_tokens"]) + len(data["rows"]) + 2
 
 
+def test_op_bench_fixed_shape_smoke(tmp_path):
+    out = tmp_path / "fixed-smoke"
+    _run([str(BENCH / "op_bench.py"), "--fixed-shape", "--smoke", "--out", str(out)], timeout=300)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["settings"]["max_num_seqs"] == 16 and data["settings"]["lane_buckets"][-1] == 32
+    rows = data["rows"]
+    assert rows and all(r["fixed_matches_eager"] for r in rows)
+    for r in rows:
+        assert r["eager_us"] > 0 and r["fixed_us"] > 0 and r["layer_us"] > 0
+    # 0 and all live rows at every T, for both ops; the former path at 0, 1 and all live rows
+    for T in data["settings"]["tokens"]:
+        lives = {r["live_rows"] for r in rows if r["tokens"] == T}
+        assert {0, T} <= lives
+    for T in data["settings"]["tokens"]:
+        for op in {r["op"] for r in rows}:
+            group = [r for r in rows if r["tokens"] == T and r["op"] == op]
+            measured = [r["former_us"] is not None for r in group]
+            assert measured == [i in (0, 1, len(group) - 1) for i in range(len(group))]
+    md = out.with_suffix(".md").read_text()
+    assert len(_table_rows(md)) == len(data["per_tokens"]) + len(rows) + 2
+
+
 def _demo_assets_ready() -> bool:
     """Built and up to date, so that ensure_assets() returns at once (a build takes many minutes)."""
     try:
