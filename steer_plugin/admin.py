@@ -149,8 +149,7 @@ class Admin:
             return load_vector_source(source, "body", d_model)
 
     def _reserved(self, layer: int) -> bool:
-        layers = self.runtime.layers
-        return layers == "any" or layer in layers
+        return self.runtime.reserves(layer)
 
     # --- load and unload -----------------------------------------------------------------------------------
 

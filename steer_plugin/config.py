@@ -308,6 +308,16 @@ class RuntimeConfig(_Strict):
             return sorted(set(layers))
         return layers
 
+    def reserves(self, layer: int) -> bool:
+        """Whether `layer` has bank rows reserved for runtime loads (the one place `any` is read)."""
+        return self.layers == "any" or layer in self.layers
+
+    def reserved_layers(self, num_layers: int | None) -> tuple[int, ...]:
+        """The reserved layers of a model with `num_layers` decoder layers (with `any`: () while unknown)."""
+        if self.layers != "any":
+            return tuple(self.layers)
+        return tuple(range(num_layers)) if num_layers is not None else ()
+
     def key(self) -> str | None:
         """The admin key in force (STEER_ADMIN_KEY first), or None: no admin routes. ConfigError for a key
         from the environment shorter than the field allows (the same rule as `admin_key`)."""

@@ -3,7 +3,7 @@
     llm = LLM(model, additional_config={"steer_plugin": {"config_path": "steer.json"}})
     params = SamplingParams(max_tokens=64, extra_args=steering_args(llm, {"features": [...]}))
 
-The same parse, resolution and policy as the OpenAI server (steer_plugin.request), signed in this process
+The same parse and planning as the OpenAI server (steer_plugin.request.plan), signed in this process
 (the engine core and the workers inherit its key). Steering operations only: `inspect`, `abort_when` and
 `compare` report through the server's HTTP responses, which an offline run does not have.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from steer_plugin.catalog import LoadedAssets, load_assets
 from steer_plugin.config import SteerConfig, config_from_sources
-from steer_plugin.request.resolve import Catalog, check_policy, resolve_spec
+from steer_plugin.request.plan import Endpoint, plan_request
+from steer_plugin.request.resolve import Catalog
 from steer_plugin.request.schema import SpecError, SteeringSpec, parse_spec
 from steer_plugin.request.wire import WIRE_KEY, RequestPlan
 
@@ -32,9 +33,8 @@ def steering_args(source, steering: dict | SteeringSpec | None) -> dict:
     for field in _SERVER_ONLY:
         if getattr(spec, field) not in (None, [], False):
             raise SpecError(f"steering.{field}", "is served by the OpenAI server only (not offline)")
-    ops = resolve_spec(spec, catalog)
-    check_policy(spec, ops, config.policy)
-    return {WIRE_KEY: RequestPlan.build(ops).encode()} if ops else {}
+    ops = plan_request(spec, catalog, config, Endpoint.offline()).ops
+    return {WIRE_KEY: RequestPlan.build(list(ops)).encode()} if ops else {}
 
 
 def _catalog(source) -> tuple[Catalog, SteerConfig]:
@@ -60,8 +60,4 @@ def _catalog(source) -> tuple[Catalog, SteerConfig]:
 def _runtime_layers(config: SteerConfig, num_layers: int | None) -> tuple[int, ...]:
     """Layers reserved for runtime loads steer too (inline vectors may target them)."""
     runtime = config.runtime
-    if runtime is None:
-        return ()
-    if runtime.layers == "any":
-        return tuple(range(num_layers)) if num_layers is not None else ()
-    return tuple(runtime.layers)
+    return runtime.reserved_layers(num_layers) if runtime is not None else ()

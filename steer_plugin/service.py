@@ -9,62 +9,51 @@ request's `RequestPlan` (ops, observation, salt) signed under one vllm_xargs key
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import random
-import uuid
 from typing import NamedTuple
 
 from steer_plugin import metrics
 from steer_plugin.admin import Admin, InFlight
-from steer_plugin.body import lax_int, prompt_count, refuse_reserved_keys
+from steer_plugin.body import refuse_reserved_keys
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.labels.search import SAETexts, SearchIndex
 from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
 from steer_plugin.observation import ObservationBudget, ObservationCost
-from steer_plugin.request.records import TokenRecord
-from steer_plugin.request.resolve import (
-    check_counts,
-    check_inspectable,
-    check_policy,
-    resolve_feature,
-    resolve_spec,
+from steer_plugin.request.plan import (
+    STEERING_FIELD,
+    Endpoint,
+    PlannedRequest,
+    plan_request,
+    sample_monitored,
 )
+from steer_plugin.request.records import TokenRecord
+from steer_plugin.request.resolve import check_counts
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
 from steer_plugin.request.wire import (
     MAX_USES,
     POSITION_CODES,
-    TRACE_THRESHOLD,
     WIRE_KEY,
     AbortSpec,
     Binding,
     ObservePlan,
     RequestPlan,
     ResolvedOp,
-    WatchSpec,
 )
 
 logger = logging.getLogger("steer_plugin")
-
-STEERING_FIELD = "steering"
 
 
 class RewrittenRequest(NamedTuple):
     body: dict  # what vLLM sees: `steering` removed, the signed plan in vllm_xargs[WIRE_KEY]
     plan: RequestPlan  # what the engine core and the workers decode from it
-    inspect: InspectSpec | None = None
-    monitored: tuple[str, ...] = ()
+    planned: PlannedRequest = PlannedRequest()  # what it runs with and reports (request/plan.py)
+    endpoint: Endpoint | None = None  # the body's facts, read once
     user_wants_token_ids: bool = False
-    traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
-    compare: bool = False  # also serve the default variant (default_variant) beside this one
-    abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
-    inspected: tuple[str, ...] = ()  # the SAEs `inspect` reports (the policy applied), as resolved
     request_id_header: str | None = None  # an X-Request-Id to send with it (the id its plan is bound to)
-    # What the client's observation costs (inspect, traces, abort_when; None: it observes nothing), before the
-    # server counts the prompt tokens (prompt_tokens 0) and, without max_tokens, the generation (0).
-    cost: ObservationCost | None = None
 
     @property
     def ops(self) -> tuple[ResolvedOp, ...]:
@@ -73,6 +62,34 @@ class RewrittenRequest(NamedTuple):
     @property
     def observe(self) -> ObservePlan | None:
         return self.plan.observe
+
+    @property
+    def inspect(self) -> InspectSpec | None:
+        return self.planned.inspect
+
+    @property
+    def inspected(self) -> tuple[str, ...]:
+        return self.planned.inspected
+
+    @property
+    def traced(self) -> tuple[tuple[str, int], ...]:
+        return self.planned.traced
+
+    @property
+    def abort(self) -> tuple[AbortSpec, ...]:
+        return self.planned.abort
+
+    @property
+    def monitored(self) -> tuple[str, ...]:
+        return self.planned.monitored
+
+    @property
+    def compare(self) -> bool:
+        return self.planned.compare
+
+    @property
+    def cost(self) -> ObservationCost | None:
+        return self.planned.cost
 
 
 class TokenRead(NamedTuple):
@@ -103,11 +120,7 @@ class SteeringService:
     def runtime_layers(self) -> tuple[int, ...]:
         """Layers reserved for runtime loads (steered, so inline vectors may go there too)."""
         runtime = self.config.runtime
-        if runtime is None:
-            return ()
-        if runtime.layers == "any":
-            return tuple(range(self.model_layers)) if self.model_layers is not None else ()
-        return tuple(runtime.layers)
+        return runtime.reserved_layers(self.model_layers) if runtime is not None else ()
 
     def set_model_shape(self, num_layers: int, d_model: int) -> None:
         """The served model's depth and width (known once the engine is up)."""
@@ -156,167 +169,47 @@ class SteeringService:
 
     def _rewrite(self, body: dict, observable: bool, request_id: str | None, turns: int) -> RewrittenRequest:
         refuse_reserved_keys(body)
-        xargs = body.get("vllm_xargs")
-        if xargs is not None and not isinstance(xargs, dict):
+        if body.get("vllm_xargs") is not None and not isinstance(body["vllm_xargs"], dict):
             raise SpecError("vllm_xargs", "must be an object")
-        xargs = dict(xargs or {})
         raw = body.pop(STEERING_FIELD, None)
         check_counts(raw, self.catalog, STEERING_FIELD)  # before anything in it is decoded
         spec = parse_spec(raw, STEERING_FIELD) if raw is not None else SteeringSpec()
-        ops = resolve_spec(spec, self.catalog, STEERING_FIELD)
-        check_policy(spec, ops, self.config.policy, STEERING_FIELD)
-        n = lax_int(body, "n", 1)
-        single = n == 1 and prompt_count(body) == 1
-        if (ops or spec.inspect is not None) and body.get("use_beam_search") not in (None, False):
-            # vLLM's beam search rebuilds SamplingParams without extra_args: steering would silently not apply.
-            raise SpecError("use_beam_search", "beam search cannot be combined with `steering`")
-        if spec.compare:
-            if not observable:
-                raise SpecError(
-                    f"{STEERING_FIELD}.compare",
-                    "compare is served on /v1/chat/completions and /v1/completions",
-                )
-            if not ops:
-                raise SpecError(
-                    f"{STEERING_FIELD}.compare", "compare needs steering operations to compare with"
-                )
-        inspect = spec.inspect
-        inspected: list[str] = []
-        if inspect is not None:
-            if not observable:
-                raise SpecError(
-                    f"{STEERING_FIELD}.inspect",
-                    "inspect is served on /v1/chat/completions and /v1/completions",
-                )
-            for i, sae_id in enumerate(inspect.saes or []):
-                if sae_id not in self.catalog.saes:
-                    raise SpecError(
-                        f"{STEERING_FIELD}.inspect.saes[{i}]",
-                        f"unknown SAE {sae_id!r}; loaded: {sorted(self.catalog.readable_saes())}",
-                    )
-            # Without `saes`: every SAE the policy lets requests read (never a denied one).
-            inspected = list(dict.fromkeys(inspect.saes)) if inspect.saes else self.catalog.readable_saes()
-            if not inspected:
-                raise SpecError(f"{STEERING_FIELD}.inspect", "no SAE may be inspected on this server", 403)
-            if n != 1:
-                raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs n = 1")
-            if prompt_count(body) != 1:
-                raise SpecError(f"{STEERING_FIELD}.inspect", "inspect needs a single prompt")
-        abort = self._abort_conditions(spec, body, observable, n, single)
-        traced = []
-        for i, ref in enumerate(inspect.features if inspect else []):
-            path = f"{STEERING_FIELD}.inspect.features[{i}]"
-            sae, index = resolve_feature(ref, self.catalog, path)
-            check_inspectable(self.config.policy, sae.id, path)
-            traced.append((sae.id, index))
-        monitored = (
-            tuple(
-                sae_id
-                for sae_id, m in self.config.monitoring.saes.items()
-                if m.sample_rate > 0 and random.random() < m.sample_rate
-            )
-            if single and observable
-            else ()
-        )
-        if ops:
-            for op_name in sorted({o.op for o in ops}):
-                metrics.STEERED_REQUESTS.labels(op=op_name).inc()
-        observe = None
-        read = list(
-            dict.fromkeys(
-                [
-                    *inspected,
-                    *(sae for sae, _ in traced),
-                    *(a.sae for a in abort),
-                    *monitored,
-                ]
-            )
-        )
-        if read:
-            top_k = max(inspect.top_k if inspect else 1, self.config.monitoring.top_k if monitored else 1)
-            watch = [
-                WatchSpec(w.sae, w.index, w.threshold)
-                for w in self.config.monitoring.watchlist
-                if w.sae in monitored
-            ] + [WatchSpec(sae, index, TRACE_THRESHOLD) for sae, index in dict.fromkeys(traced)]
-            observe = ObservePlan(
-                uuid.uuid4().hex,
-                tuple(read),
-                top_k,
-                bool(inspect and inspect.prompt),
-                tuple(watch),
-                tuple(monitored),
-                tuple(abort),
-            )
-        cost = None
-        asked = list(dict.fromkeys([*inspected, *(sae for sae, _ in traced), *(a.sae for a in abort)]))
-        if asked:  # the client's own observation (monitoring is the operator's): steer_plugin/observation.py
-            generated = lax_int(body, "max_completion_tokens", 0) or lax_int(body, "max_tokens", 0)
-            values = (inspect.top_k * len(inspected) if inspect else 0) + len(traced)
-            cost = ObservationCost(0, max(0, generated) * max(1, n), len(asked), values)
+        endpoint = Endpoint.of(body, observable)
+        monitored = sample_monitored(self.config, endpoint)
+        planned = plan_request(spec, self.catalog, self.config, endpoint, monitored)
+        for op_name in sorted({o.op for o in planned.ops}):
+            metrics.STEERED_REQUESTS.labels(op=op_name).inc()
+        return self._signed(body, planned, endpoint, request_id, turns)
+
+    def _signed(
+        self, body: dict, planned: PlannedRequest, endpoint: Endpoint, request_id: str | None, turns: int
+    ) -> RewrittenRequest:
+        """`body` carrying `planned` signed (bound to `request_id`) in vllm_xargs, and what it reports."""
         binding = None
         if request_id is not None:
             # Every engine request that may carry the plan: n choices x prompts (x turns).
-            uses = min(MAX_USES, max(1, n) * max(1, prompt_count(body)) * turns)
+            uses = min(MAX_USES, max(1, endpoint.choices) * max(1, endpoint.prompts) * turns)
             binding = Binding.new(request_id, uses)
-        plan = RequestPlan.build(ops, observe, binding)
-        if ops or observe is not None:
+        plan = RequestPlan.build(list(planned.ops), planned.observe, binding)
+        xargs = dict(body.get("vllm_xargs") or {})
+        xargs.pop(WIRE_KEY, None)  # a default variant's body held the steered plan
+        if planned.ops or planned.observe is not None:
             xargs[WIRE_KEY] = plan.encode()
-        if xargs:
+        if xargs or "vllm_xargs" in body:
             body["vllm_xargs"] = xargs
         wants_ids = bool(body.get("return_token_ids"))
-        if observe is not None:
+        if planned.observe is not None:
             body["return_token_ids"] = True  # lets the server align features with each (streamed) token
-        return RewrittenRequest(
-            body,
-            plan,
-            inspect,
-            monitored,
-            wants_ids,
-            tuple(traced),
-            spec.compare,
-            tuple(abort),
-            tuple(inspected),
-            cost=cost,
-        )
+        return RewrittenRequest(body, plan, planned, endpoint, wants_ids)
 
-    def _abort_conditions(
-        self, spec: SteeringSpec, body: dict, observable: bool, n: int, single: bool
-    ) -> list[AbortSpec]:
-        """`abort_when`, resolved; a 400 where the engine could not stop the request at the right token."""
-        if not spec.abort_when:
-            return []
-        path = f"{STEERING_FIELD}.abort_when"
-        if not observable:
-            raise SpecError(path, "abort_when is served on /v1/chat/completions and /v1/completions")
-        if not single:
-            raise SpecError(path, "abort_when needs n = 1 and a single prompt")
-        # The stop is an end-of-sequence token forced in the worker: it must be able to end the request.
-        if body.get("ignore_eos") not in (None, False):
-            raise SpecError("ignore_eos", "cannot be combined with `steering.abort_when`")
-        if lax_int(body, "min_tokens", 0) != 0:
-            raise SpecError("min_tokens", "cannot be combined with `steering.abort_when`")
-        for key in ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice"):
-            value = body.get(key)
-            if value not in (None, {}, {"type": "text"}):
-                raise SpecError(key, "structured output cannot be combined with `steering.abort_when`")
-        out = []
-        for i, cond in enumerate(spec.abort_when):
-            sae, index = resolve_feature(cond, self.catalog, f"{path}[{i}]")
-            check_inspectable(self.config.policy, sae.id, f"{path}[{i}]")
-            out.append(AbortSpec(sae.id, index, float(cond.threshold), cond.sign))
-        return out
-
-    def default_variant(self, body: dict, request_id: str | None = None) -> RewrittenRequest:
-        """The default side of a `compare` request (`body` as the client sent it): the same request without
-        steering operations, still inspected as asked (bound to `request_id`)."""
-        steering = body.get(STEERING_FIELD)
-        body = dict(body)
-        if isinstance(steering, dict) and steering.get("inspect") is not None:
-            body[STEERING_FIELD] = {"inspect": steering["inspect"]}
-        else:
-            body.pop(STEERING_FIELD, None)
-        return self.rewrite_request(body, request_id=request_id)
+    def default_variant(self, steered: RewrittenRequest, request_id: str | None = None) -> RewrittenRequest:
+        """The default side of a `compare` request: the same request without steering operations, still
+        inspected as asked (bound to `request_id`); nothing is parsed or resolved again."""
+        body = copy.deepcopy(steered.body)
+        if not steered.user_wants_token_ids:
+            body.pop("return_token_ids", None)
+        request = self._signed(body, steered.planned.default_variant(), steered.endpoint, request_id, 1)
+        return request._replace(user_wants_token_ids=steered.user_wants_token_ids)
 
     def applied(self, ops: list[ResolvedOp]) -> list[dict]:
         """The operations a response reports as applied."""

@@ -181,7 +181,7 @@ class RuntimeLoads:
         """The layer's bank if this worker owns it (None otherwise); ConfigError without reserved rows."""
         bank = self.steerer.banks.get(layer)
         config = self.steerer.config.runtime
-        reserved = config is not None and (config.layers == "any" or layer in config.layers)
+        reserved = config is not None and config.reserves(layer)
         if not reserved:
             raise ConfigError(f"{what}: layer {layer} has no reserved rows (runtime.layers)", field="layer")
         return bank

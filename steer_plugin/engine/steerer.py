@@ -66,13 +66,7 @@ class Steerer:
         )  # explanations serve discovery in the API process only
         self.d_model = d_model
         runtime = config.runtime
-        reserved_layers = (
-            set()
-            if runtime is None
-            else set(owned_layers)
-            if runtime.layers == "any"
-            else set(runtime.layers) & set(owned_layers)
-        )
+        reserved_layers = {layer for layer in owned_layers if runtime is not None and runtime.reserves(layer)}
         self.banks: dict[int, LayerBank] = {}
         for layer in sorted(self.assets.layers() | reserved_layers):
             saes = [(s.id, s.sae) for s in self.assets.saes.values() if s.layer == layer]

@@ -33,7 +33,7 @@ from steer_adapters.vllm.api.auth import AuthGate
 from steer_adapters.vllm.api.compare import DEFAULT, STEERED, CompareMerger
 from steer_plugin import playground
 from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S, START_UP_ONLY_KEYS
-from steer_plugin.body import lax_int, parse_json, refuse_reserved_keys
+from steer_plugin.body import parse_json, refuse_reserved_keys
 from steer_plugin.config import SAESource, VectorSource, config_from_sources
 from steer_plugin.metrics import (
     WORKER_STATS,
@@ -455,7 +455,7 @@ class SteeringMiddleware:
                 self.service.observation_budget.hold(cost) if cost is not None else contextlib.nullcontext()
             ):
                 if request is not None and request.compare:
-                    return await self._compare(scope, receive, send, raw, body, request)
+                    return await self._compare(scope, receive, send, body, request)
                 await self._serve(scope, body, request, receive, send)
 
     async def _observation_cost(self, scope, request: RewrittenRequest | None) -> ObservationCost | None:
@@ -506,13 +506,12 @@ class SteeringMiddleware:
         finally:
             responder.close()
 
-    async def _compare(self, scope, receive, send, raw: bytes, body: bytes, steered: RewrittenRequest):
+    async def _compare(self, scope, receive, send, body: bytes, steered: RewrittenRequest):
         """`steering.compare`: the steered and the default variant run as two requests at once, merged into
         one answer (api/compare.py). A client disconnect reaches both."""
-        default_body = parse_json(raw)
-        request_id, header = assign_request_id(scope, default_body)
-        default = self.service.default_variant(default_body, request_id)._replace(request_id_header=header)
-        merger = CompareMerger(send, stream=bool(steered.body.get("stream")), n=lax_int(steered.body, "n", 1))
+        request_id, header = assign_request_id(scope, steered.body)
+        default = self.service.default_variant(steered, request_id)._replace(request_id_header=header)
+        merger = CompareMerger(send, stream=bool(steered.body.get("stream")), n=steered.endpoint.choices)
         disconnected = asyncio.Event()
 
         async def watch_client():

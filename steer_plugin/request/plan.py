@@ -1,0 +1,216 @@
+"""From a parsed `steering` field to what a request runs with: one pure function, `plan_request`.
+
+The OpenAI server (service.py), its `compare` default variant and the offline `steering_args` all plan through
+it, so the steps (resolve against the catalog, the policy on every read, the endpoint's rules, the observation
+plan and its cost) are written once. The endpoint's facts are read from the body once (`Endpoint.of`); the
+random monitoring sample is an input, so the function itself is deterministic.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from typing import NamedTuple
+
+from steer_plugin.body import lax_int, prompt_count
+from steer_plugin.config import SteerConfig
+from steer_plugin.observation import ObservationCost
+from steer_plugin.request.resolve import (
+    Catalog,
+    check_inspectable,
+    check_policy,
+    resolve_feature,
+    resolve_spec,
+)
+from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec
+from steer_plugin.request.wire import TRACE_THRESHOLD, AbortSpec, ObservePlan, ResolvedOp, WatchSpec
+
+STEERING_FIELD = "steering"
+
+# Body fields asking for structured output: abort_when's forced end-of-sequence token could break it.
+STRUCTURED_OUTPUT_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+)
+
+
+class Endpoint(NamedTuple):
+    """What planning needs to know of the endpoint and of the rest of the body, read once from the body."""
+
+    observable: bool  # responses carry per-token features (chat/completions); elsewhere no inspect/monitoring
+    choices: int  # n
+    prompts: int  # prompts in the body (a batch of completions has several)
+    max_tokens: int  # max_completion_tokens or max_tokens; 0 when not given
+    beam_search: bool
+    ignore_eos: bool
+    min_tokens: int
+    structured_output: str | None  # the first field asking for structured output, if any
+
+    @classmethod
+    def of(cls, body: dict, observable: bool = True) -> Endpoint:
+        """The facts of `body` (SpecError naming a malformed integer field)."""
+        structured = next(
+            (k for k in STRUCTURED_OUTPUT_FIELDS if body.get(k) not in (None, {}, {"type": "text"})), None
+        )
+        return cls(
+            observable=observable,
+            choices=lax_int(body, "n", 1),
+            prompts=prompt_count(body),
+            max_tokens=max(
+                0, _int_or_zero(body, "max_completion_tokens") or _int_or_zero(body, "max_tokens")
+            ),
+            beam_search=body.get("use_beam_search") not in (None, False),
+            ignore_eos=body.get("ignore_eos") not in (None, False),
+            min_tokens=_int_or_zero(body, "min_tokens"),
+            structured_output=structured,
+        )
+
+    @classmethod
+    def offline(cls) -> Endpoint:
+        """vLLM's offline `LLM`: steering only (no HTTP response to report observations in)."""
+        return cls(False, 1, 1, 0, False, False, 0, None)
+
+    @property
+    def single(self) -> bool:
+        """One choice of one prompt: the only shape per-token observations and abort_when can follow."""
+        return self.choices == 1 and self.prompts == 1
+
+
+def _int_or_zero(body: dict, field: str) -> int:
+    """A sampling limit as vLLM reads it; 0 when malformed (vLLM's own validation then refuses the body)."""
+    try:
+        return lax_int(body, field, 0)
+    except SpecError:
+        return 0
+
+
+class PlannedRequest(NamedTuple):
+    """What a request runs with and reports, before it is bound to a request id and signed."""
+
+    ops: tuple[ResolvedOp, ...] = ()
+    observe: ObservePlan | None = None  # what the workers read for it (None: nothing)
+    inspect: InspectSpec | None = None
+    inspected: tuple[str, ...] = ()  # the SAEs `inspect` reports (the policy applied), as resolved
+    traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
+    abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
+    monitored: tuple[str, ...] = ()  # SAEs the operator's monitoring samples this request for
+    compare: bool = False  # also serve the default variant (default_variant) beside this one
+    # What the client's observation costs (inspect, traces, abort_when; None: it observes nothing), before the
+    # server counts the prompt tokens (prompt_tokens 0) and, without max_tokens, the generation (0).
+    cost: ObservationCost | None = None
+
+    def default_variant(self) -> PlannedRequest:
+        """The default side of `compare`: no steering operations, the same observation under its own channel."""
+        observe = self.observe._replace(cid=uuid.uuid4().hex) if self.observe is not None else None
+        return self._replace(ops=(), observe=observe, compare=False)
+
+
+def sample_monitored(config: SteerConfig, endpoint: Endpoint, draw=random.random) -> tuple[str, ...]:
+    """The SAEs the operator's monitoring samples this request for (each at its sample_rate)."""
+    if not (endpoint.single and endpoint.observable):
+        return ()
+    return tuple(
+        sae_id for sae_id, m in config.monitoring.saes.items() if m.sample_rate > 0 and draw() < m.sample_rate
+    )
+
+
+def plan_request(
+    spec: SteeringSpec,
+    catalog: Catalog,
+    config: SteerConfig,
+    endpoint: Endpoint,
+    monitored: tuple[str, ...] = (),
+) -> PlannedRequest:
+    """Resolve `spec` against the catalog and the policy for `endpoint`; SpecError (400/403) naming the field."""
+    ops = tuple(resolve_spec(spec, catalog, STEERING_FIELD))
+    check_policy(spec, list(ops), config.policy, STEERING_FIELD)
+    if (ops or spec.inspect is not None) and endpoint.beam_search:
+        # vLLM's beam search rebuilds SamplingParams without extra_args: steering would silently not apply.
+        raise SpecError("use_beam_search", "beam search cannot be combined with `steering`")
+    if spec.compare:
+        _needs_observable(endpoint, "compare")
+        if not ops:
+            raise SpecError(f"{STEERING_FIELD}.compare", "compare needs steering operations to compare with")
+    inspect = spec.inspect
+    inspected = _inspected(inspect, catalog, endpoint) if inspect is not None else ()
+    abort = _abort_conditions(spec, catalog, config, endpoint)
+    traced = []
+    for i, ref in enumerate(inspect.features if inspect else []):
+        path = f"{STEERING_FIELD}.inspect.features[{i}]"
+        sae, index = resolve_feature(ref, catalog, path)
+        check_inspectable(config.policy, sae.id, path)
+        traced.append((sae.id, index))
+    asked = tuple(dict.fromkeys([*inspected, *(sae for sae, _ in traced), *(a.sae for a in abort)]))
+    read = tuple(dict.fromkeys([*asked, *monitored]))
+    observe = None
+    if read:
+        top_k = max(inspect.top_k if inspect else 1, config.monitoring.top_k if monitored else 1)
+        watch = [
+            WatchSpec(w.sae, w.index, w.threshold) for w in config.monitoring.watchlist if w.sae in monitored
+        ] + [WatchSpec(sae, index, TRACE_THRESHOLD) for sae, index in dict.fromkeys(traced)]
+        observe = ObservePlan(
+            uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt), tuple(watch), monitored, abort
+        )
+    cost = None
+    if asked:  # the client's own observation (monitoring is the operator's): steer_plugin/observation.py
+        values = (inspect.top_k * len(inspected) if inspect else 0) + len(traced)
+        cost = ObservationCost(0, endpoint.max_tokens * max(1, endpoint.choices), len(asked), values)
+    return PlannedRequest(
+        ops, observe, inspect, inspected, tuple(traced), abort, monitored, spec.compare, cost
+    )
+
+
+def _needs_observable(endpoint: Endpoint, field: str) -> None:
+    if not endpoint.observable:
+        raise SpecError(
+            f"{STEERING_FIELD}.{field}", f"{field} is served on /v1/chat/completions and /v1/completions"
+        )
+
+
+def _inspected(inspect: InspectSpec, catalog: Catalog, endpoint: Endpoint) -> tuple[str, ...]:
+    """The SAEs `inspect` reports: those it names, or every SAE the policy lets requests read."""
+    _needs_observable(endpoint, "inspect")
+    path = f"{STEERING_FIELD}.inspect"
+    for i, sae_id in enumerate(inspect.saes or []):
+        if sae_id not in catalog.saes:
+            raise SpecError(
+                f"{path}.saes[{i}]", f"unknown SAE {sae_id!r}; loaded: {sorted(catalog.readable_saes())}"
+            )
+    inspected = tuple(dict.fromkeys(inspect.saes)) if inspect.saes else tuple(catalog.readable_saes())
+    if not inspected:
+        raise SpecError(path, "no SAE may be inspected on this server", 403)
+    if endpoint.choices != 1:
+        raise SpecError(path, "inspect needs n = 1")
+    if endpoint.prompts != 1:
+        raise SpecError(path, "inspect needs a single prompt")
+    return inspected
+
+
+def _abort_conditions(
+    spec: SteeringSpec, catalog: Catalog, config: SteerConfig, endpoint: Endpoint
+) -> tuple[AbortSpec, ...]:
+    """`abort_when`, resolved; a 400 where the engine could not stop the request at the right token."""
+    if not spec.abort_when:
+        return ()
+    path = f"{STEERING_FIELD}.abort_when"
+    _needs_observable(endpoint, "abort_when")
+    if not endpoint.single:
+        raise SpecError(path, "abort_when needs n = 1 and a single prompt")
+    # The stop is an end-of-sequence token forced in the worker: it must be able to end the request.
+    if endpoint.ignore_eos:
+        raise SpecError("ignore_eos", "cannot be combined with `steering.abort_when`")
+    if endpoint.min_tokens != 0:
+        raise SpecError("min_tokens", "cannot be combined with `steering.abort_when`")
+    if endpoint.structured_output is not None:
+        raise SpecError(
+            endpoint.structured_output, "structured output cannot be combined with `steering.abort_when`"
+        )
+    out = []
+    for i, cond in enumerate(spec.abort_when):
+        sae, index = resolve_feature(cond, catalog, f"{path}[{i}]")
+        check_inspectable(config.policy, sae.id, f"{path}[{i}]")
+        out.append(AbortSpec(sae.id, index, float(cond.threshold), cond.sign))
+    return tuple(out)

@@ -1,0 +1,159 @@
+"""plan_request, the one planning step of the server, `compare`'s default variant and offline steering_args:
+the endpoint's rules, the observation plan, the cost, and that each input is parsed and resolved once.
+
+The catalog is test_service's (SAE "a" at layer 3 with feature 7 labelled "bridge", SAE "b" at layer 5, vector
+"v" at layer 5).
+"""
+
+import pytest
+
+import steer_plugin.request.plan as plan_module
+import steer_plugin.service as service_module
+from steer_plugin.config import parse_config
+from steer_plugin.observation import ObservationCost
+from steer_plugin.offline import steering_args
+from steer_plugin.request.plan import Endpoint, PlannedRequest, plan_request, sample_monitored
+from steer_plugin.request.schema import SpecError, parse_spec
+from steer_plugin.request.wire import WIRE_KEY, AbortSpec, RequestPlan
+from tests.test_service import service
+
+CLAMP = {"features": [{"label": "bridge", "op": "clamp", "value": 3}]}
+INSPECT = {"inspect": {"saes": ["b"], "top_k": 4, "features": [{"sae": "a", "index": 2}]}}
+
+
+def planned(steering: dict, body: dict | None = None, observable: bool = True, **config) -> PlannedRequest:
+    svc = service(**config)
+    endpoint = Endpoint.of({"prompt": "hi", **(body or {})}, observable)
+    return plan_request(parse_spec(steering), svc.catalog, svc.config, endpoint)
+
+
+def test_the_endpoint_facts_are_read_from_the_body_as_vllm_reads_them():
+    body = {
+        "n": "2",
+        "prompt": ["a", "b", "c"],
+        "max_tokens": 7.0,
+        "ignore_eos": True,
+        "response_format": {"type": "json_object"},
+    }
+    assert Endpoint.of(body) == Endpoint(True, 2, 3, 7, False, True, 0, "response_format")
+    # max_completion_tokens wins; a malformed limit is left for vLLM's own validation (0 here)
+    assert Endpoint.of({"max_completion_tokens": 5, "max_tokens": 9, "min_tokens": "x"}).max_tokens == 5
+    assert Endpoint.of({"min_tokens": "x"}).min_tokens == 0
+    assert Endpoint.of({"response_format": {"type": "text"}}).structured_output is None
+    with pytest.raises(SpecError) as err:
+        Endpoint.of({"n": "two"})
+    assert err.value.path == "n"
+
+
+def test_a_plan_observes_what_inspect_traces_and_abort_when_ask_and_costs_it():
+    p = planned({**INSPECT, "abort_when": [{"sae": "a", "index": 7, "above": 2.5}]}, {"max_tokens": 10})
+    assert p.inspected == ("b",) and p.traced == (("a", 2),)
+    assert p.abort == (AbortSpec("a", 7, 2.5, 1),)
+    assert p.observe.saes == ("b", "a") and p.observe.top_k == 4 and not p.observe.prompt
+    # written out: 10 generated tokens x 1 choice, 2 SAEs encoded, 4 top-K values x 1 SAE + 1 traced feature
+    assert p.cost == ObservationCost(0, 10, 2, 5)
+    assert p.ops == () and p.monitored == ()
+
+
+@pytest.mark.parametrize(
+    "steering, body, observable, path",
+    [
+        (INSPECT, {}, False, "steering.inspect"),
+        ({**CLAMP, "compare": True}, {}, False, "steering.compare"),
+        ({"compare": True}, {}, True, "steering.compare"),
+        (INSPECT, {"n": 2}, True, "steering.inspect"),
+        ({"abort_when": [{"sae": "a", "index": 7, "above": 1}]}, {"min_tokens": 2}, True, "min_tokens"),
+        (
+            {"abort_when": [{"sae": "a", "index": 7, "above": 1}]},
+            {"guided_json": {"type": "object"}},
+            True,
+            "guided_json",
+        ),
+        (CLAMP, {"use_beam_search": True}, True, "use_beam_search"),
+    ],
+)
+def test_the_endpoints_rules_name_the_field(steering, body, observable, path):
+    with pytest.raises(SpecError) as err:
+        planned(steering, body, observable)
+    assert err.value.path == path
+
+
+def test_monitoring_samples_only_single_observable_requests():
+    svc = service(monitoring={"saes": {"b": {"sample_rate": 1.0}}})
+    assert sample_monitored(svc.config, Endpoint.of({"prompt": "hi"})) == ("b",)
+    assert sample_monitored(svc.config, Endpoint.of({"prompt": "hi", "n": 2})) == ()
+    assert sample_monitored(svc.config, Endpoint.of({"prompt": "hi"}, observable=False)) == ()
+    assert sample_monitored(svc.config, Endpoint.of({"prompt": "hi"}), draw=lambda: 0.999) == ("b",)
+    half = service(monitoring={"saes": {"b": {"sample_rate": 0.5}}}).config
+    assert sample_monitored(half, Endpoint.of({"prompt": "hi"}), draw=lambda: 0.6) == ()
+
+
+def test_compares_default_variant_keeps_the_observation_and_drops_the_operations():
+    svc = service()
+    body = {
+        "model": "m",
+        "prompt": "hi",
+        "vllm_xargs": {"other": 1},
+        "steering": {**CLAMP, **INSPECT, "compare": True},
+    }
+    steered = svc.rewrite_request(body, request_id="req-1")
+    default = svc.default_variant(steered, "req-2")
+    assert steered.ops and default.ops == () and not default.compare
+    assert default.inspected == steered.inspected and default.traced == steered.traced
+    observe, steered_observe = default.observe, steered.observe
+    assert observe._replace(cid="") == steered_observe._replace(cid="") and observe.cid != steered_observe.cid
+    # its own signed plan, bound to its own id; the steered body is untouched
+    wire = default.body["vllm_xargs"][WIRE_KEY]
+    assert RequestPlan.decode(wire) == default.plan and default.plan.binding.matches("req-2")
+    assert default.body["vllm_xargs"]["other"] == 1 and wire != steered.body["vllm_xargs"][WIRE_KEY]
+    assert (
+        steered.plan.binding.matches("req-1") and RequestPlan.decode(steered.body["vllm_xargs"][WIRE_KEY]).ops
+    )
+    assert default.body["return_token_ids"] is True and not default.user_wants_token_ids
+
+
+def test_a_compare_request_is_parsed_and_resolved_once(monkeypatch):
+    calls = {"parse": 0, "resolve": 0}
+    real_parse, real_resolve = service_module.parse_spec, plan_module.resolve_spec
+
+    def counting_parse(*args, **kwargs):
+        calls["parse"] += 1
+        return real_parse(*args, **kwargs)
+
+    def counting_resolve(*args, **kwargs):
+        calls["resolve"] += 1
+        return real_resolve(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "parse_spec", counting_parse)
+    monkeypatch.setattr(plan_module, "resolve_spec", counting_resolve)
+    svc = service()
+    steered = svc.rewrite_request(
+        {"prompt": "hi", "steering": {**CLAMP, **INSPECT, "compare": True}}, request_id="r"
+    )
+    svc.default_variant(steered, "r2")
+    assert calls == {"parse": 1, "resolve": 1}
+
+
+def test_offline_and_server_plan_the_same_operations():
+    svc = service()
+    steering = {
+        "features": [{"sae": "b", "index": 2, "op": "scale", "value": 0.25}],
+        "vectors": [{"name": "v", "scale": 2}],
+    }
+    server = svc.rewrite_request({"prompt": "hi", "steering": steering})
+    offline = RequestPlan.decode(steering_args(svc.assets, steering)[WIRE_KEY])
+    assert offline.ops == server.ops
+
+
+@pytest.mark.parametrize(
+    "layers, num_layers, reserved",
+    [("any", 4, (0, 1, 2, 3)), ("any", None, ()), ([5, 2], 4, (2, 5)), ([1], None, (1,))],
+)
+def test_the_reserved_layer_rule(layers, num_layers, reserved, tmp_path):
+    runtime = parse_config(
+        {"runtime": {"layers": layers, "rows_per_layer": 8, "roots": [str(tmp_path)]}}
+    ).runtime
+    assert runtime.reserved_layers(num_layers) == reserved
+    assert [layer for layer in range(6) if runtime.reserves(layer)] == (
+        list(range(6)) if layers == "any" else sorted(layers)
+    )
