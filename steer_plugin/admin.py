@@ -218,7 +218,7 @@ class Admin:
             loaded.layer,
             source.path,
         )
-        return service.describe(kind, source.id)
+        return service.discovery.describe(kind, source.id)
 
     async def _staged(self, broadcast: Broadcast, command: LoadCommand) -> list[dict]:
         """Every worker's outcome once its background read is done (SpecError for the worst failure)."""

@@ -259,7 +259,7 @@ def test_the_service_holds_headers_and_describes_them(tmp_path):
     folder = write_sae(tmp_path / "sae", labels={"1": "bridge"}, neuronpedia_id="toy/3-res")
     service = SteeringService(parse_config({"saes": [{"id": "s", "path": str(folder)}]}))
     assert isinstance(service.assets.saes["s"].sae, SAEHeader) and not tensors_in(service.assets.saes)
-    assert service.describe("sae", "s") == {
+    assert service.discovery.describe("sae", "s") == {
         "id": "s",
         "layer": LAYER,
         "hook_name": f"blocks.{LAYER}.hook_resid_post",
@@ -272,7 +272,7 @@ def test_the_service_holds_headers_and_describes_them(tmp_path):
         "num_explained": 0,
         "revision": None,
     }
-    hit = service.search_features("s", None, index=1)["data"][0]
+    hit = service.discovery.search_features("s", None, index=1)["data"][0]
     assert (hit["label"], hit["index"]) == ("bridge", 1)
 
 

@@ -276,12 +276,12 @@ def test_every_read_of_a_denied_sae_is_refused(steering, path):
 
 def test_discovery_hides_denied_saes():
     svc = service(policy=DENY_A)
-    assert [s["id"] for s in svc.list_saes()["data"]] == ["b"]
-    assert all(hit["sae"] != "a" for hit in svc.search_features(None, "")["data"])
-    assert svc.search_features(None, "bridge")["total"] == 0
+    assert [s["id"] for s in svc.discovery.list_saes()["data"]] == ["b"]
+    assert all(hit["sae"] != "a" for hit in svc.discovery.search_features(None, "")["data"])
+    assert svc.discovery.search_features(None, "bridge")["total"] == 0
     for sae_id, index in (("a", None), ("a", 7)):
         with pytest.raises(SpecError) as err:
-            svc.search_features(sae_id, None, index=index)
+            svc.discovery.search_features(sae_id, None, index=index)
         assert (err.value.path, err.value.status) == ("sae", 403)
     with pytest.raises(SpecError) as err:  # an unknown SAE's error does not list the denied one
         svc.rewrite_request(

@@ -1,7 +1,7 @@
 """What comes back from the workers for an observed request: one `TokenRecord` per token and SAE.
 
 The worker's observer (steer_plugin.engine.observe) writes them, the observation channel
-(steer_plugin.monitor.channel) carries them as JSON lines, and the API process (steer_plugin.service.Observation)
+(steer_plugin.monitor.channel) carries them as JSON lines, and the API process (steer_plugin.readback.Observation)
 reads them back: this module is the one definition both sides share.
 """
 

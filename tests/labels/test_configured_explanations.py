@@ -92,7 +92,7 @@ def test_explanations_load_beside_labels_and_are_searched(toy):
         7: ["bridges over rivers"],
     }
     service = SteeringService(config)
-    hits = service.search_features("toy", "bridge")["data"]
+    hits = service.discovery.search_features("toy", "bridge")["data"]
     assert [(h["index"], h["match"], h["matched"]["source"]) for h in hits] == [
         (1, "exact", "label"),  # max activation 5 from labels.json
         (2, "exact", "neuronpedia"),  # label `tunnel`, explanation `bridge`; no max known
@@ -107,7 +107,7 @@ def test_explanations_load_beside_labels_and_are_searched(toy):
             "type": "oai_token-act-pair",
         }
     ]
-    one = service.search_features("toy", None, index=7)["data"]
+    one = service.discovery.search_features("toy", None, index=7)["data"]
     assert one == [
         {
             "sae": "toy",
@@ -124,17 +124,17 @@ def test_explanations_load_beside_labels_and_are_searched(toy):
             "max_activation": None,
         }
     ]
-    assert service.list_saes()["data"][0]["num_explained"] == 2
+    assert service.discovery.list_saes()["data"][0]["num_explained"] == 2
     # An explanation is not a steering name: `label` resolves labels only.
     with pytest.raises(SpecError, match="label"):
         service.rewrite_request(
             {"prompt": "x", "steering": {"features": [{"label": "bridges over rivers", "op": "ablate"}]}}
         )
     with pytest.raises(SpecError) as err:
-        service.search_features("toy", None, index=D_SAE)
+        service.discovery.search_features("toy", None, index=D_SAE)
     assert (err.value.path, err.value.status) == ("index", 404)
     with pytest.raises(SpecError, match="give `sae`"):
-        service.search_features(None, None, index=1)
+        service.discovery.search_features(None, None, index=1)
 
 
 def test_broken_explanations_refused_naming_entry_and_file(toy):

@@ -579,7 +579,7 @@ class SteeringMiddleware:
             raise SpecError("steering", "no steering config", status=404)
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
         if scope["path"] == "/v1/steering/saes":
-            result = self.service.list_saes()
+            result = self.service.discovery.list_saes()
         elif scope["path"] == "/v1/steering/features":
             limit = query.get("limit", "20")
             if not re.fullmatch(r"[0-9]{1,7}", limit):
@@ -587,7 +587,7 @@ class SteeringMiddleware:
             index = query.get("index")
             if index is not None and not re.fullmatch(r"[0-9]{1,9}", index):
                 raise SpecError("index", "must be a non-negative integer")
-            result = self.service.search_features(
+            result = self.service.discovery.search_features(
                 query.get("sae"), query.get("q"), int(limit), int(index) if index is not None else None
             )
         else:

@@ -1,0 +1,159 @@
+"""Observation read-back on the API side: the records the workers write for one observed request, per token.
+
+The workers write `TokenRecord`s (request/records.py) to the request's channel (monitor/channel.py);
+`Observation` reads them as the response streams, formats the features of each token, reports an `abort_when`
+stop, and at the end writes the monitoring line and counts (monitor/log.py, metrics.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+from steer_plugin import metrics
+from steer_plugin.config import MonitoringConfig
+from steer_plugin.monitor import channel
+from steer_plugin.monitor import log as monitor_log
+from steer_plugin.request.records import TokenRecord
+
+if TYPE_CHECKING:
+    from steer_plugin.service import RewrittenRequest
+
+LabelsOf = Callable[[str], Mapping[int, str]]  # an SAE's feature labels, from the catalog in force
+
+
+class TokenRead(NamedTuple):
+    """What was read for one token: top-K features per SAE, and the traced features' activations (None where
+    no record arrived)."""
+
+    features: dict[str, list[dict]]
+    traced: list[float | None]
+
+
+class Observation:
+    """One observed request on the API side: reads its workers' records and formats them per token."""
+
+    def __init__(self, request: RewrittenRequest, labels_of: LabelsOf, monitoring: MonitoringConfig):
+        self.request = request
+        self.labels_of = labels_of
+        self.monitoring = monitoring
+        channel.create(request.observe.cid)
+        self.reader = channel.ChannelReader(request.observe.cid)
+        self.by_pos: dict[int, dict[str, TokenRecord]] = {}  # pos -> sae -> its record
+        self.records: list[TokenRecord] = []
+        self.prompt_len: int | None = None
+        self.next_token = 0
+        self.aborted: TokenRecord | None = None  # the record of the first abort_when condition that fired
+        self.sinks: set[int] = set()  # positions the workers flagged as attention sinks
+
+    def _pull(self) -> None:
+        for r in self.reader.read_new():
+            self.records.append(r)
+            self.prompt_len = r.num_prompt
+            if r.sink:
+                self.sinks.add(r.pos)
+            if r.abort is not None and (self.aborted is None or r.pos < self.aborted.pos):
+                self.aborted = r
+            self.by_pos.setdefault(r.pos, {})[r.sae] = r
+
+    def _token(self, pos: int) -> TokenRead:
+        inspect = self.request.inspect
+        found = self.by_pos.get(pos, {})
+        features = {}
+        for sae_id in self.request.inspected:
+            labels = self.labels_of(sae_id)
+            top = found[sae_id].top if sae_id in found else ()
+            features[sae_id] = [
+                {"index": i, "activation": a, "label": labels.get(i)} for i, a in top[: inspect.top_k]
+            ]
+        watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
+        traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
+        metrics.OBSERVATION_VALUES.inc(sum(map(len, features.values())) + len(traced))
+        return TokenRead(features, traced)
+
+    def next_tokens(self, count: int) -> list[TokenRead]:
+        """The next `count` generated tokens (each read from the residual that predicted it)."""
+        self._pull()
+        if self.prompt_len is None:
+            self.next_token += count
+            return [TokenRead({}, [None] * len(self.request.traced)) for _ in range(count)]
+        out = [self._token(self.prompt_len - 1 + k) for k in range(self.next_token, self.next_token + count)]
+        self.next_token += count
+        return out
+
+    def prompt_tokens(self) -> list[TokenRead]:
+        self._pull()
+        if self.prompt_len is None:
+            return []
+        return [self._token(p) for p in range(self.prompt_len)]
+
+    def abort(self) -> dict | None:
+        """Which abort_when condition stopped the request and at which generated token (the token that was not
+        generated: index k = the k-th generated token, read from the residual that would have predicted it)."""
+        self._pull()
+        if self.aborted is None or self.prompt_len is None:
+            return None
+        index, activation = self.aborted.abort
+        sae_id = self.aborted.sae
+        cond = next((a for a in self.request.abort if a.sae == sae_id and a.index == index), None)
+        bound = "above" if cond is None or cond.sign > 0 else "below"
+        return {
+            "sae": sae_id,
+            "index": index,
+            "label": self.labels_of(sae_id).get(index),
+            "activation": activation,
+            bound: None if cond is None else cond.threshold,
+            "token": self.aborted.pos - (self.prompt_len - 1),
+        }
+
+    def traced_features(self) -> list[dict]:
+        """The features `traced` reports, in order."""
+        return [
+            {"sae": sae_id, "index": index, "label": self.labels_of(sae_id).get(index)}
+            for sae_id, index in self.request.traced
+        ]
+
+    def finish(self, response_id: str | None, model: str | None) -> None:
+        """Write the monitoring line and watchlist counts; drop the side-channel file."""
+        abort = self.abort()  # (reads what is left first)
+        self.reader.remove()
+        config = self.monitoring
+        if abort is not None:  # every stopped request is counted and logged, sampled or not
+            metrics.ABORTED_REQUESTS.labels(sae=abort["sae"]).inc()
+            monitor_log.write(
+                config, {"event": "abort", "request_id": response_id, "model": model, "abort": abort}
+            )
+        for sae_id in self.request.monitored:
+            labels = self.labels_of(sae_id)
+            # Attention sinks (config monitoring.sink_positions) carry no meaning: left out of every figure.
+            records = [r for r in self.records if r.sae == sae_id and not r.sink]
+            sinks = sum(1 for r in self.records if r.sae == sae_id and r.sink)
+            watch = []
+            for w in (w for w in config.watchlist if w.sae == sae_id):
+                # The workers test every watched feature on every token (not just the top K).
+                fired = sum(1 for r in records if any(i == w.index and a > w.threshold for i, a in r.watch))
+                if fired:
+                    metrics.WATCHLIST_FIRINGS.labels(sae=sae_id, feature=str(w.index)).inc(fired)
+                    watch.append(
+                        {
+                            "index": w.index,
+                            "label": labels.get(w.index),
+                            "threshold": w.threshold,
+                            "tokens": fired,
+                        }
+                    )
+            metrics.MONITORED_REQUESTS.labels(sae=sae_id).inc()
+            monitor_log.write(
+                config,
+                {
+                    "request_id": response_id,
+                    "model": model,
+                    "sae": sae_id,
+                    "num_tokens": len(records),
+                    "sink_tokens": sinks,
+                    "steered": bool(self.request.ops),
+                    "top_features": monitor_log.summarise(records, sae_id, labels, config.top_k),
+                    "watchlist": watch,
+                    "abort": abort,
+                },
+            )
