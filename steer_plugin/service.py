@@ -186,8 +186,10 @@ class SteeringService:
         xargs.pop(WIRE_KEY, None)  # a default variant's body held the steered plan
         if planned.ops or planned.observe is not None:
             xargs[WIRE_KEY] = plan.encode()
-        if xargs or "vllm_xargs" in body:
+        if xargs:
             body["vllm_xargs"] = xargs
+        else:  # nothing to carry (a default variant without observation): as if the client sent none
+            body.pop("vllm_xargs", None)
         wants_ids = bool(body.get("return_token_ids"))
         if planned.observe is not None:
             body["return_token_ids"] = True  # lets the server align features with each (streamed) token
