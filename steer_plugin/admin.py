@@ -31,8 +31,8 @@ from pydantic import ValidationError
 from steer_plugin import metrics
 from steer_plugin.catalog import LoadedSAE, LoadedVector, load_sae_source, load_vector_source
 from steer_plugin.config import ConfigError, RuntimeConfig, SAESource, VectorSource
-from steer_plugin.engine.runtime_loads import LoadCommand
 from steer_plugin.files import FileRefused, confined, real_path, under
+from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.request.schema import SpecError, json_path
 from steer_plugin.request.wire import ResolvedOp
 
@@ -40,7 +40,9 @@ logger = logging.getLogger("steer_plugin")
 
 ADMIN_KEY_HEADER = b"x-steer-admin-key"
 KINDS = {"saes": "sae", "vectors": "vector"}  # route segment -> kind
-Broadcast = Callable[[dict], Awaitable[list[dict]]]  # a LoadCommand to every worker -> their LoadOutcomes
+Broadcast = Callable[
+    [LoadCommand], Awaitable[list[LoadOutcome]]
+]  # a signed command to every worker -> answers
 LOAD_TIMEOUT_S = 600.0
 POLL_S = 0.2  # between two polls of the workers' background reads (each poll: one quick collective_rpc)
 START_UP_ONLY_KEYS = ("release", "sae_id", "neuronpedia", "hub_revision")
@@ -193,13 +195,13 @@ class Admin:
         done = False
         try:
             outcomes = await self._staged(broadcast, command)
-            if not any(o.get("owned") for o in outcomes):
+            if not any(o.owned for o in outcomes):
                 raise SpecError("layer", f"no worker holds layer {loaded.layer}", 500)
             async with self._lock:  # the commit: quick row copies in every worker
                 if source.id in (service.assets.saes if kind == "sae" else service.assets.vectors):
                     raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
                 outcomes = await self._broadcast(broadcast, command._replace(action="load").signed())
-                failed = [o for o in outcomes if not o.get("ok")]
+                failed = [o for o in outcomes if not o.ok]
                 if failed:
                     unload = LoadCommand("unload", kind, source.id).signed()
                     await self._broadcast(broadcast, unload, quiet=True)
@@ -220,17 +222,17 @@ class Admin:
         )
         return service.discovery.describe(kind, source.id)
 
-    async def _staged(self, broadcast: Broadcast, command: LoadCommand) -> list[dict]:
+    async def _staged(self, broadcast: Broadcast, command: LoadCommand) -> list[LoadOutcome]:
         """Every worker's outcome once its background read is done (SpecError for the worst failure)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOAD_TIMEOUT_S
         outcomes = await self._broadcast(broadcast, command.signed())
         poll = command._replace(action="poll").signed()
         while True:
-            failed = [o for o in outcomes if not o.get("ok")]
+            failed = [o for o in outcomes if not o.ok]
             if failed:
                 raise self._worst(failed)
-            if not any(o.get("pending") for o in outcomes):
+            if not any(o.pending for o in outcomes):
                 return outcomes
             if loop.time() > deadline:
                 raise SpecError(
@@ -240,11 +242,11 @@ class Admin:
             outcomes = await self._broadcast(broadcast, poll)
 
     @staticmethod
-    def _worst(failed: list[dict]) -> SpecError:
-        worst = max(failed, key=lambda o: o.get("status", 500))
-        status = worst.get("status", 500)
-        field = worst.get("field") or ("id" if status == 409 else "path" if status in (400, 403) else "body")
-        return SpecError(field, worst.get("error") or "a worker refused the load", status)
+    def _worst(failed: list[LoadOutcome]) -> SpecError:
+        worst = max(failed, key=lambda o: o.status)
+        status = worst.status
+        field = worst.field or ("id" if status == 409 else "path" if status in (400, 403) else "body")
+        return SpecError(field, worst.error or "a worker refused the load", status)
 
     async def unload(self, kind: str, source_id: str, broadcast: Broadcast) -> dict:
         async with self._lock:
@@ -276,17 +278,17 @@ class Admin:
             )
         service.remove_source(kind, source_id)  # no request resolves against it from here on
         outcomes = await self._broadcast(broadcast, LoadCommand("unload", kind, source_id).signed())
-        failed = [o for o in outcomes if not o.get("ok")]
+        failed = [o for o in outcomes if not o.ok]
         if failed:
-            raise SpecError(
-                "id", f"removed from the catalog, but a worker failed: {failed[0].get('error')}", 500
-            )
+            raise SpecError("id", f"removed from the catalog, but a worker failed: {failed[0].error}", 500)
         if kind == "sae":
             metrics.forget_sae(source_id)
         logger.info("steer_plugin: runtime unload: %s %s (revision %s)", kind, source_id, loaded.revision)
         return {"id": source_id, "object": kind, "deleted": True, "revision": loaded.revision}
 
-    async def _broadcast(self, broadcast: Broadcast, command: dict, quiet: bool = False) -> list[dict]:
+    async def _broadcast(
+        self, broadcast: Broadcast, command: LoadCommand, quiet: bool = False
+    ) -> list[LoadOutcome]:
         try:
             return list(await broadcast(command))
         except Exception as err:

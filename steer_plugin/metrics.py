@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.openmetrics import exposition as openmetrics
 
+from steer_plugin.messages import HistogramCounts, WorkerStats
 from steer_plugin.request.wire import OP_NAMES
 
 STEERED_REQUESTS = Counter("steer_requests", "Requests with steering, by operation they use", ["op"])
@@ -108,35 +109,31 @@ def forget_sae(sae_id: str) -> None:
             pass
 
 
-def _merge(snapshots: list[dict]) -> dict:
+def _merge(snapshots: list[WorkerStats]) -> WorkerStats:
     """Sum worker snapshots (pipeline ranks own different layers; tensor ranks compute the same, rank 0 counts)."""
-    merged: dict = {
-        "steered_tokens": {},
-        "features_applied": {},
-        "op_seconds": 0.0,
-        "sae_bytes": {},
-        "l0": {},
-        "reconstruction_error": {},
-        "rejected_messages": {},
-        "step_errors": 0,
-    }
+    merged = WorkerStats()
     for snap in snapshots:
-        if not snap:
-            continue
-        merged["step_errors"] += snap.get("step_errors", 0)
-        for key in ("steered_tokens", "features_applied", "rejected_messages"):
-            for k, v in snap.get(key, {}).items():
-                merged[key][k] = merged[key].get(k, 0) + v
-        merged["op_seconds"] += snap.get("op_seconds", 0.0)
-        merged["sae_bytes"].update(snap.get("sae_bytes", {}))
-        for key in ("l0", "reconstruction_error"):
-            for sae, h in snap.get(key, {}).items():
-                if sae not in merged[key]:
-                    merged[key][sae] = {"buckets": h["buckets"], "counts": list(h["counts"]), "sum": h["sum"]}
+        merged.step_errors += snap.step_errors
+        merged.bank_bytes += snap.bank_bytes
+        merged.tokens_observed += snap.tokens_observed
+        for into, add in (
+            (merged.steered_tokens, snap.steered_tokens),
+            (merged.features_applied, snap.features_applied),
+            (merged.rejected_messages, snap.rejected_messages),
+        ):
+            for k, v in add.items():
+                into[k] = into.get(k, 0) + v
+        merged.op_seconds += snap.op_seconds
+        merged.sae_bytes.update(snap.sae_bytes)
+        for into, add in ((merged.l0, snap.l0), (merged.reconstruction_error, snap.reconstruction_error)):
+            for sae, h in add.items():
+                m = into.get(sae)
+                if m is None:
+                    into[sae] = HistogramCounts(h.buckets, list(h.counts), h.sum)
                 else:
-                    m = merged[key][sae]
-                    m["counts"] = [a + b for a, b in zip(m["counts"], h["counts"])]
-                    m["sum"] += h["sum"]
+                    into[sae] = m._replace(
+                        counts=[a + b for a, b in zip(m.counts, h.counts)], sum=m.sum + h.sum
+                    )
     return merged
 
 
@@ -144,9 +141,9 @@ class WorkerStatsCollector:
     """Custom collector over the latest worker snapshots."""
 
     def __init__(self):
-        self.snapshot: dict = _merge([])
+        self.snapshot: WorkerStats = _merge([])
 
-    def update(self, snapshots: list[dict]) -> None:
+    def update(self, snapshots: list[WorkerStats]) -> None:
         self.snapshot = _merge(one_per_stage(snapshots))
 
     def collect(self):
@@ -154,13 +151,13 @@ class WorkerStatsCollector:
         steered = CounterMetricFamily(
             "steer_steered_tokens", "Token-operation pairs steered in the workers", labels=["op"]
         )
-        for op, n in sorted(s["steered_tokens"].items()):
+        for op, n in sorted(s.steered_tokens.items()):
             steered.add_metric([op], n)
         yield steered
         applied = CounterMetricFamily(
             "steer_features_applied", "Feature operations applied, by SAE", labels=["sae"]
         )
-        applied_by_sae = {**dict.fromkeys(s["sae_bytes"], 0), **s["features_applied"]}  # every loaded SAE
+        applied_by_sae = {**dict.fromkeys(s.sae_bytes, 0), **s.features_applied}  # every loaded SAE
         for sae, n in sorted(applied_by_sae.items()):
             applied.add_metric([sae], n)
         yield applied
@@ -170,46 +167,46 @@ class WorkerStatsCollector:
             " those requests ran unsteered",
             labels=["kind"],
         )
-        kinds = {**dict.fromkeys(WORKER_REJECT_KINDS, 0), **s["rejected_messages"]}
+        kinds = {**dict.fromkeys(WORKER_REJECT_KINDS, 0), **s.rejected_messages}
         for kind, n in sorted(kinds.items()):
             rejected.add_metric([kind], n)
         yield rejected
         yield CounterMetricFamily(
             "steer_worker_step_errors",
             "Engine steps whose steering or observation failed and ran unsteered",
-            value=s["step_errors"],
+            value=s.step_errors,
         )
         yield CounterMetricFamily(
-            "steer_op_seconds", "Host time in the steering op (eager executions)", value=s["op_seconds"]
+            "steer_op_seconds", "Host time in the steering op (eager executions)", value=s.op_seconds
         )
         memory = GaugeMetricFamily(
             "steer_sae_memory_bytes", "Device memory of each SAE's encoder and decoder", labels=["sae"]
         )
-        for sae, n in sorted(s["sae_bytes"].items()):
+        for sae, n in sorted(s.sae_bytes.items()):
             memory.add_metric([sae], n)
         yield memory
-        for key, name, doc in (
-            ("l0", "steer_active_features", "Active SAE features per observed token (L0)"),
+        for histograms, name, doc in (
+            (s.l0, "steer_active_features", "Active SAE features per observed token (L0)"),
             (
-                "reconstruction_error",
+                s.reconstruction_error,
                 "steer_reconstruction_error",
                 "Relative SAE reconstruction error |x-x̂|²/|x|² on observed tokens",
             ),
         ):
             family = HistogramMetricFamily(name, doc, labels=["sae"])
-            for sae, h in sorted(s[key].items()):
+            for sae, h in sorted(histograms.items()):
                 cumulative, running = [], 0
-                for bound, count in zip([*h["buckets"], float("inf")], h["counts"]):
+                for bound, count in zip([*h.buckets, float("inf")], h.counts):
                     running += count
                     cumulative.append((str(float(bound)) if bound != float("inf") else "+Inf", running))
-                family.add_metric([sae], cumulative, h["sum"])
+                family.add_metric([sae], cumulative, h.sum)
             yield family
 
 
-def one_per_stage(snapshots: list[dict]) -> list[dict]:
+def one_per_stage(snapshots: list[WorkerStats | None]) -> list[WorkerStats]:
     """Pipeline stages own different layers and are summed; the tensor ranks of a stage compute the same
     thing, so only tensor rank 0 of each stage counts (told apart by the ranks each worker reports)."""
-    return [s for s in snapshots if s and s.get("ranks", {}).get("tp", 0) == 0]
+    return [s for s in snapshots if s is not None and s.tp_rank == 0]
 
 
 WORKER_STATS = WorkerStatsCollector()

@@ -1,30 +1,34 @@
 """Worker figures merged for /metrics: pipeline stages summed, tensor ranks of a stage counted once."""
 
+import dataclasses
+
+from steer_plugin.messages import HistogramCounts, WorkerStats
 from steer_plugin.metrics import WorkerStatsCollector
 
 
-def snapshot(pp: int, tp: int, tokens: int, rejected: int = 0) -> dict:
-    return {
-        "ranks": {"pp": pp, "tp": tp},
-        "steered_tokens": {"add": tokens},
-        "features_applied": {},
-        "op_seconds": 1.0,
-        "sae_bytes": {},  # equal on stages that own no SAE: must not be taken for tensor copies
-        "l0": {},
-        "reconstruction_error": {},
-        "rejected_messages": {"steering": rejected},
-        "step_errors": 0,
-    }
+def snapshot(pp: int, tp: int, tokens: int, rejected: int = 0) -> WorkerStats:
+    return WorkerStats(
+        pp_rank=pp,
+        tp_rank=tp,
+        steered_tokens={"add": tokens},
+        features_applied={},
+        op_seconds=1.0,
+        sae_bytes={},  # equal on stages that own no SAE: must not be taken for tensor copies
+        l0={},
+        reconstruction_error={},
+        rejected_messages={"steering": rejected},
+        step_errors=0,
+    )
 
 
 def test_pipeline_stages_are_summed_and_tensor_copies_counted_once():
     collector = WorkerStatsCollector()
     collector.update([snapshot(0, 0, 5, 1), snapshot(0, 1, 5, 1), snapshot(1, 0, 7, 2), snapshot(1, 1, 7, 2)])
-    assert collector.snapshot["steered_tokens"] == {"add": 12}
-    assert collector.snapshot["rejected_messages"] == {"steering": 3}
-    assert collector.snapshot["op_seconds"] == 2.0
+    assert collector.snapshot.steered_tokens == {"add": 12}
+    assert collector.snapshot.rejected_messages == {"steering": 3}
+    assert collector.snapshot.op_seconds == 2.0
     collector.update([snapshot(0, 0, 5), snapshot(1, 0, 7)])  # PP=2 with equal (empty) SAE bytes
-    assert collector.snapshot["steered_tokens"] == {"add": 12}
+    assert collector.snapshot.steered_tokens == {"add": 12}
 
 
 def test_worker_families_as_prometheus_reads_them():
@@ -32,21 +36,21 @@ def test_worker_families_as_prometheus_reads_them():
     parser: counters summed, per-bucket counts made cumulative (le buckets, +Inf, _count, _sum), gauges kept."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    first = snapshot(0, 0, 5, 1)
-    first |= {
-        "features_applied": {"s": 4},
-        "op_seconds": 0.25,
-        "sae_bytes": {"s": 1000},
-        "step_errors": 2,
-        "l0": {"s": {"buckets": [1, 2, 4], "counts": [1, 0, 2, 1], "sum": 14.0}},
-        "reconstruction_error": {"s": {"buckets": [0.1, 0.5], "counts": [2, 1, 0], "sum": 0.4}},
-    }
-    second = snapshot(1, 0, 7)
-    second |= {
-        "steered_tokens": {"add": 7, "clamp": 3},
-        "sae_bytes": {"t": 500},
-        "l0": {"s": {"buckets": [1, 2, 4], "counts": [0, 1, 1, 0], "sum": 5.0}},
-    }
+    first = dataclasses.replace(
+        snapshot(0, 0, 5, 1),
+        features_applied={"s": 4},
+        op_seconds=0.25,
+        sae_bytes={"s": 1000},
+        step_errors=2,
+        l0={"s": HistogramCounts(buckets=[1, 2, 4], counts=[1, 0, 2, 1], sum=14.0)},
+        reconstruction_error={"s": HistogramCounts(buckets=[0.1, 0.5], counts=[2, 1, 0], sum=0.4)},
+    )
+    second = dataclasses.replace(
+        snapshot(1, 0, 7),
+        steered_tokens={"add": 7, "clamp": 3},
+        sae_bytes={"t": 500},
+        l0={"s": HistogramCounts(buckets=[1, 2, 4], counts=[0, 1, 1, 0], sum=5.0)},
+    )
     collector = WorkerStatsCollector()
     collector.update(
         [first, second, snapshot(1, 1, 99, 9)]
@@ -136,9 +140,9 @@ def test_initialize_series_declares_runtime_load_outcomes_when_runtime_loading_i
 def test_worker_collector_emits_known_kinds_and_every_sae_at_zero():
     collector = WorkerStatsCollector()
     snap = snapshot(0, 0, 3)
-    snap["rejected_messages"] = {}
-    snap["sae_bytes"] = {"a": 10, "b": 20}
-    snap["features_applied"] = {"b": 4}
+    snap.rejected_messages = {}
+    snap.sae_bytes = {"a": 10, "b": 20}
+    snap.features_applied = {"b": 4}
     collector.update([snap])
     families = {f.name: f for f in collector.collect()}
     kinds = {s.labels["kind"]: s.value for s in families["steer_worker_rejected_messages"].samples}
@@ -216,10 +220,11 @@ metrics.REJECTED_REQUESTS.labels(reason="policy").inc()
 
 MULTIPROC_SERVER = """
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from steer_plugin.messages import WorkerStats
 from steer_plugin.metrics import WORKER_STATS, register_worker_collector, with_worker_families
 
 register_worker_collector()  # on the global REGISTRY, as the middleware does: not what is served here
-WORKER_STATS.update([{"ranks": {"tp": 0}, "steered_tokens": {"clamp": 11}, "step_errors": 1}])
+WORKER_STATS.update([WorkerStats(tp_rank=0, steered_tokens={"clamp": 11}, step_errors=1)])
 registry = CollectorRegistry()  # what vLLM serves /metrics from in multiprocess mode
 multiprocess.MultiProcessCollector(registry)
 print(with_worker_families(generate_latest(registry), "text/plain").decode())

@@ -12,67 +12,53 @@ in them: a load is `stage`d first (the files are read in a background thread of 
 keeps stepping; the API `poll`s until every worker is ready), then committed by `load` (rows copied into the
 bank). Files are opened under runtime.roots only (steer_plugin.files.confined), from this worker's own
 configuration, and a command must carry the server's signature: only the API process's admin routes, which
-check the admin key, can load anything. Every outcome is a plain dict: a broken file never raises here.
+check the admin key, can load anything. Every outcome is a LoadOutcome (steer_plugin.messages): a broken file never
+raises here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from steer_plugin import signing
-from steer_plugin.catalog import LoadedSAE, LoadedVector, load_sae_source, load_vector_source
-from steer_plugin.config import ConfigError, SAESource, VectorSource
-from steer_plugin.engine.bank import BankEntry, BankFull, sae_params, vector_params
+from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector, load_sae_source, load_vector_source
+from steer_plugin.config import ConfigError, RuntimeConfig, SAESource, VectorSource
+from steer_plugin.engine.bank import BankEntry, BankFull, LayerBank, sae_params, vector_params
 from steer_plugin.files import confined
+from steer_plugin.messages import ACTIONS, LoadCommand, LoadOutcome
 
 if TYPE_CHECKING:
-    from steer_plugin.engine.steerer import Steerer
+    from steer_plugin.engine.observe import Observer
+    from steer_plugin.engine.slots import SlotPlanner
+    from steer_plugin.engine.step import StepMetadata
+    from steer_plugin.engine.tables import LayerTables
+    from steer_plugin.sae.model import SparseAutoencoder
 
 logger = logging.getLogger("steer_plugin")
 
-ACTIONS = ("stage", "poll", "load", "discard", "unload")
 
+@dataclass(frozen=True)
+class LoadTarget:
+    """What runtime loads read and change in a worker, handed in by their owner (engine.steerer.Steerer builds
+    one over its own objects, which it never rebinds): the banks and tables rows go into, the assets and observer
+    that name loaded sources, the slots whose tables name an unloaded source's rows, and two callbacks."""
 
-class LoadCommand(NamedTuple):
-    """What the API process asks every worker to do (sent as a dict: `LoadCommand(**d)`)."""
-
-    action: str  # stage (read the files in the background), poll, load (commit), discard, unload
-    kind: str  # "sae" or "vector"
-    id: str
-    revision: str = ""  # stage/load: the revision requests will name
-    source: dict | None = None  # stage/load: SAESource / VectorSource fields
-    mac: str = ""  # the server's signature over the other fields (signed())
-
-    def _payload(self) -> str:
-        return json.dumps([self.action, self.kind, self.id, self.revision, self.source], sort_keys=True)
-
-    def signed(self) -> dict:
-        """The command as the dict collective_rpc carries, signed with the server's key."""
-        return self._replace(mac=signing.sign(self._payload()))._asdict()
-
-    def verified(self) -> LoadCommand:
-        """Itself, if its signature is the server's (ValueError otherwise)."""
-        if signing.verify(self.mac) != self._payload():
-            raise signing.SignatureError("load command does not match its signature")
-        return self
-
-
-class LoadOutcome(NamedTuple):
-    """One worker's answer (sent as a dict)."""
-
-    ok: bool
-    owned: bool = False  # this worker holds the layer (pipeline ranks own some layers only)
-    status: int = 200  # on failure: the HTTP status the API should answer with
-    error: str = ""
-    layer: int = -1
-    rows: int = 0
-    pending: bool = False  # stage/poll: the files are still being read
-    field: str = "path"  # on failure: the request field at fault
+    runtime: RuntimeConfig | None  # the worker's own runtime section (roots, reserved layers)
+    d_model: int
+    banks: dict[int, LayerBank]  # layer -> bank, the layers this worker owns
+    tables: dict[int, LayerTables]
+    assets: LoadedAssets  # saes / vectors by id, edited in place
+    observer: Observer
+    step: StepMetadata  # its slot_of: request id -> slot
+    slots: SlotPlanner
+    sae_view: Callable[[LoadedSAE], SparseAutoencoder]  # the SAE over its bank rows, for the observer
+    source_gone: Callable[[str], None]  # an unloaded source's id: drop its figures and every cached plan
 
 
 class _Staged(NamedTuple):
@@ -83,16 +69,16 @@ class RuntimeLoads:
     """The worker's runtime loads: which entries are live, which are retired and waiting to be freed, and the
     loads being read in the background."""
 
-    def __init__(self, steerer: Steerer):
-        self.steerer = steerer
+    def __init__(self, target: LoadTarget):
+        self.target = target
         self.retired: list[tuple[int, BankEntry]] = []  # (layer, entry) whose rows may still be in use
         self._staged: dict[tuple[str, str, str], Future] = {}  # (kind, id, revision) -> its read
         self._reader: ThreadPoolExecutor | None = None
 
-    def command(self, raw: dict) -> dict:
-        """Run one LoadCommand; its LoadOutcome as a dict."""
+    def command(self, raw: LoadCommand | dict) -> LoadOutcome:
+        """Run one LoadCommand (or its wire dict, as collective_rpc delivers it); never raises."""
         try:
-            cmd = LoadCommand(**raw).verified()
+            cmd = LoadCommand.from_wire(raw).verified()
             if cmd.action not in ACTIONS or cmd.kind not in ("sae", "vector"):
                 outcome = LoadOutcome(False, status=400, error=f"unknown action {cmd.action!r}")
             elif cmd.action == "stage":
@@ -109,8 +95,9 @@ class RuntimeLoads:
             else:
                 outcome = self._unload(cmd)
         except Exception as err:
-            outcome = self._failure(err, raw.get("action"))
-        return outcome._asdict()
+            action = raw.action if isinstance(raw, LoadCommand) else raw.get("action")
+            outcome = self._failure(err, action)
+        return outcome
 
     @staticmethod
     def _failure(err: Exception, action: object) -> LoadOutcome:
@@ -131,17 +118,17 @@ class RuntimeLoads:
 
     def _read(self, cmd: LoadCommand) -> _Staged:
         """The source's files, read under runtime.roots (this worker's own configuration)."""
-        steerer = self.steerer
-        runtime = steerer.config.runtime
+        target = self.target
+        runtime = target.runtime
         if runtime is None:
             raise ConfigError("this server has no `runtime` section: nothing can be loaded", status=403)
         with confined(runtime.roots):
             if cmd.kind == "sae":
                 loaded = load_sae_source(
-                    SAESource(**cmd.source), "sae", steerer.d_model, explanations=False, labels=False
+                    SAESource(**cmd.source), "sae", target.d_model, explanations=False, labels=False
                 )
             else:
-                loaded = load_vector_source(VectorSource(**cmd.source), "vector", steerer.d_model)
+                loaded = load_vector_source(VectorSource(**cmd.source), "vector", target.d_model)
         return _Staged(loaded)
 
     def _stage(self, cmd: LoadCommand) -> LoadOutcome:
@@ -179,15 +166,15 @@ class RuntimeLoads:
 
     def _bank(self, layer: int, what: str):
         """The layer's bank if this worker owns it (None otherwise); ConfigError without reserved rows."""
-        bank = self.steerer.banks.get(layer)
-        config = self.steerer.config.runtime
+        bank = self.target.banks.get(layer)
+        config = self.target.runtime
         reserved = config is not None and config.reserves(layer)
         if not reserved:
             raise ConfigError(f"{what}: layer {layer} has no reserved rows (runtime.layers)", field="layer")
         return bank
 
     def _place_sae(self, cmd: LoadCommand, loaded: LoadedSAE) -> LoadOutcome:
-        steerer = self.steerer
+        target = self.target
         bank = self._bank(loaded.layer, "sae")
         if bank is None:
             return LoadOutcome(True, owned=False, layer=loaded.layer)
@@ -195,10 +182,10 @@ class RuntimeLoads:
             return LoadOutcome(False, status=409, error=f"SAE {cmd.id!r} is already loaded", field="id")
         sae = loaded.sae
         bank.place("feature", cmd.id, cmd.revision, sae.W_dec.float(), sae.W_enc.t().float(), sae_params(sae))
-        steerer.tables[loaded.layer].bank_rows_changed()
+        target.tables[loaded.layer].bank_rows_changed()
         loaded = loaded._replace(revision=cmd.revision)
-        steerer.assets.saes[cmd.id] = loaded
-        steerer.observer.add(cmd.id, steerer.sae_view(loaded))
+        target.assets.saes[cmd.id] = loaded
+        target.observer.add(cmd.id, target.sae_view(loaded))
         logger.info(
             "steer_plugin: loaded SAE %s (revision %s, %d features) into layer %d",
             cmd.id,
@@ -209,7 +196,7 @@ class RuntimeLoads:
         return LoadOutcome(True, owned=True, layer=loaded.layer, rows=sae.d_sae)
 
     def _place_vector(self, cmd: LoadCommand, loaded: LoadedVector) -> LoadOutcome:
-        steerer = self.steerer
+        target = self.target
         bank = self._bank(loaded.layer, "vector")
         if bank is None:
             return LoadOutcome(True, owned=False, layer=loaded.layer)
@@ -217,17 +204,17 @@ class RuntimeLoads:
             return LoadOutcome(False, status=409, error=f"vector {cmd.id!r} is already loaded", field="id")
         vec = loaded.vector
         bank.place("vector", cmd.id, cmd.revision, vec[None], torch.zeros(1, vec.numel()), vector_params(vec))
-        steerer.tables[loaded.layer].bank_rows_changed()
-        steerer.assets.vectors[cmd.id] = loaded._replace(revision=cmd.revision)
+        target.tables[loaded.layer].bank_rows_changed()
+        target.assets.vectors[cmd.id] = loaded._replace(revision=cmd.revision)
         logger.info(
             "steer_plugin: loaded vector %s (revision %s) into layer %d", cmd.id, cmd.revision, loaded.layer
         )
         return LoadOutcome(True, owned=True, layer=loaded.layer, rows=1)
 
     def _unload(self, cmd: LoadCommand) -> LoadOutcome:
-        steerer = self.steerer
+        target = self.target
         kind = "feature" if cmd.kind == "sae" else "vector"
-        assets = steerer.assets.saes if cmd.kind == "sae" else steerer.assets.vectors
+        assets = target.assets.saes if cmd.kind == "sae" else target.assets.vectors
         loaded = assets.get(cmd.id)
         if loaded is None:
             return LoadOutcome(True, owned=False)  # another pipeline rank holds it (or it never loaded)
@@ -238,14 +225,14 @@ class RuntimeLoads:
                 error=f"{cmd.kind} {cmd.id!r} is configured, not loaded at runtime",
                 field="id",
             )
-        entry = steerer.banks[loaded.layer].retire(kind, cmd.id)
+        entry = target.banks[loaded.layer].retire(kind, cmd.id)
         del assets[cmd.id]
         if cmd.kind == "sae":
-            steerer.observer.remove(cmd.id)
-        steerer.features_applied.pop(cmd.id, None)  # its metric series goes with it
+            target.observer.remove(cmd.id)
         self._release_slots_using(loaded.layer, entry)
-        # Cached plans name bank rows: a request that comes back compiles afresh (and finds no such source).
-        steerer.drop_plans()
+        # Its metric series goes with it; cached plans name bank rows: a request that comes back compiles afresh
+        # (and finds no such source).
+        target.source_gone(cmd.id)
         self.retired.append((loaded.layer, entry))
         self.release_retired()
         if self.retired:  # a column still holds a copy: freed at a later step, never reused before
@@ -259,13 +246,13 @@ class RuntimeLoads:
         """Give back every slot whose tables name the entry's rows: requests that finished since the last step
         (the API refuses unloads while running requests use the source). Read from the tables, not the cached
         plans: an earlier unload drops those, and the rows would then stay taken until the next step."""
-        steerer = self.steerer
-        slot_of = steerer.step.slot_of
-        using = set(steerer.tables[layer].slots_using_rows(list(slot_of.values()), entry.offset, entry.size))
+        target = self.target
+        slot_of = target.step.slot_of
+        using = set(target.tables[layer].slots_using_rows(list(slot_of.values()), entry.offset, entry.size))
         req_ids = [req_id for req_id, slot in slot_of.items() if slot in using]
         if req_ids:
-            steerer.slots.release_many(req_ids)
-            steerer.slots.forget_batch()
+            target.slots.release_many(req_ids)
+            target.slots.forget_batch()
 
     def release_retired(self) -> None:
         """Free the rows of retired entries that no working-set column holds any more (called per step)."""
@@ -273,8 +260,8 @@ class RuntimeLoads:
             return
         still = []
         for layer, entry in self.retired:
-            if self.steerer.tables[layer].uses_rows(entry.offset, entry.size):
+            if self.target.tables[layer].uses_rows(entry.offset, entry.size):
                 still.append((layer, entry))
             else:
-                self.steerer.banks[layer].release(entry)
+                self.target.banks[layer].release(entry)
         self.retired = still

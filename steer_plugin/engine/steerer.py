@@ -19,10 +19,11 @@ from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import LayerBank, ScratchFull, build_layer_bank
 from steer_plugin.engine.observe import ObservedRows, Observer
-from steer_plugin.engine.runtime_loads import RuntimeLoads
+from steer_plugin.engine.runtime_loads import LoadTarget, RuntimeLoads
 from steer_plugin.engine.slots import SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
+from steer_plugin.messages import HistogramCounts, WorkerStats
 from steer_plugin.request.wire import ObservePlan, RequestPlan, ResolvedOp, decode_vector
 
 logger = logging.getLogger("steer_plugin")
@@ -113,7 +114,20 @@ class Steerer:
             write=tp_rank == 0,
             sink_positions=config.monitoring.sink_positions,
         )  # TP ranks compute the same
-        self.runtime_loads = RuntimeLoads(self)
+        self.runtime_loads = RuntimeLoads(
+            LoadTarget(
+                runtime=config.runtime,
+                d_model=d_model,
+                banks=self.banks,
+                tables=self.tables,
+                assets=self.assets,
+                observer=self.observer,
+                step=self.step,
+                slots=self.slots,
+                sae_view=self.sae_view,
+                source_gone=self._source_gone,
+            )
+        )
         self.features_applied: dict[str, int] = {}
         self.rejected_messages: dict[str, int] = {}  # messages dropped in this worker, by kind
         self.step_errors = 0  # steps whose steering or observation failed (run unsteered instead)
@@ -282,6 +296,11 @@ class Steerer:
             self.slots.release_many(using)
             self.slots.forget_batch()
 
+    def _source_gone(self, source_id: str) -> None:
+        """A source was unloaded at runtime: its metric series goes, and every cached plan (they name bank rows)."""
+        self.features_applied.pop(source_id, None)
+        self.drop_plans()
+
     def drop_plans(self) -> None:
         """Forget every cached plan (they name bank rows): requests entering a slot again compile afresh."""
         self._plans = {}
@@ -422,30 +441,36 @@ class Steerer:
             )
             return []
 
-    def stats(self) -> dict:
+    def stats(self) -> WorkerStats:
         """Cumulative worker figures, pulled by the API server for /metrics."""
         steered = {name: 0 for name in OP_NAMES if name != "selftest"}
         for tables in self.tables.values():
             for name, count in tables.counts_by_op().items():
                 if name in steered:
                     steered[name] += count
-        return {
-            "steered_tokens": steered,
-            "features_applied": dict(self.features_applied),
-            "op_seconds": sum(rt.seconds for rt in self.runtimes.values()),
-            "sae_bytes": {
+        observed = self.observer.snapshot()
+        return WorkerStats(
+            steered_tokens=steered,
+            features_applied=dict(self.features_applied),
+            op_seconds=sum(rt.seconds for rt in self.runtimes.values()),
+            sae_bytes={
                 sid: self.banks[s.layer].entries[("feature", sid)].size
                 * 2
                 * self.banks[s.layer].dec.shape[1]
                 * self.banks[s.layer].dec.element_size()
                 for sid, s in self.assets.saes.items()
             },
-            "bank_bytes": self.bank_bytes,
-            "rejected_messages": dict(self.rejected_messages),
-            "step_errors": self.step_errors,
-            "ranks": self.ranks,
-            **self.observer.snapshot(),
-        }
+            bank_bytes=self.bank_bytes,
+            rejected_messages=dict(self.rejected_messages),
+            step_errors=self.step_errors,
+            pp_rank=self.ranks["pp"],
+            tp_rank=self.ranks["tp"],
+            l0={sae: HistogramCounts.from_wire(h) for sae, h in observed["l0"].items()},
+            reconstruction_error={
+                sae: HistogramCounts.from_wire(h) for sae, h in observed["reconstruction_error"].items()
+            },
+            tokens_observed=observed["tokens_observed"],
+        )
 
     # --- per step ------------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from steer_adapters.vllm.api import engine as api_engine
 from steer_adapters.vllm.api import launcher
 from steer_adapters.vllm.worker import extension as worker_extension
 from steer_adapters.vllm.worker.extension import EXTENSION_PATH, SteerWorkerExtension
+from steer_plugin.messages import LoadCommand, LoadOutcome, WorkerStats
 
 pytest.importorskip("vllm")
 
@@ -35,18 +36,18 @@ RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 class FakeSteerer:
-    """What the extension reads from a worker's steerer: stats() and runtime_loads.command(dict)."""
+    """What the extension reads from a worker's steerer: stats() and runtime_loads.command(wire dict)."""
 
     def __init__(self):
         self.commands: list[dict] = []
         self.runtime_loads = SimpleNamespace(command=self._command)
 
-    def stats(self) -> dict:
-        return {"step_errors": 7}
+    def stats(self) -> WorkerStats:
+        return WorkerStats(step_errors=7)
 
-    def _command(self, raw: dict) -> dict:
+    def _command(self, raw: dict) -> LoadOutcome:
         self.commands.append(raw)
-        return {"ok": True, "echo": raw["id"]}
+        return LoadOutcome(ok=True, error=raw["id"])
 
 
 # --- the extension inside vLLM's own worker machinery ---------------------------------------------------------
@@ -94,8 +95,11 @@ def test_vllm_mixes_the_extension_into_the_worker_and_runs_it_by_name(vllm_worke
         run_method(vllm_worker, "steer_plugin_load", ({"id": "x"},), {})
     steerer = FakeSteerer()
     worker_extension.attach(worker, steerer)
-    assert run_method(vllm_worker, "steer_plugin_stats", (), {}) == {"step_errors": 7}
-    assert run_method(vllm_worker, "steer_plugin_load", ({"id": "x"},), {}) == {"ok": True, "echo": "x"}
+    # the messages leave the worker as their wire dicts (what vLLM's msgpack carries back to the API process)
+    stats = run_method(vllm_worker, "steer_plugin_stats", (), {})
+    assert type(stats) is dict and WorkerStats.from_wire(stats).step_errors == 7
+    outcome = run_method(vllm_worker, "steer_plugin_load", ({"id": "x"},), {})
+    assert type(outcome) is dict and LoadOutcome.from_wire(outcome) == LoadOutcome(ok=True, error="x")
     assert steerer.commands == [{"id": "x"}]
     # the steerer is kept by worker, not set on it
     assert not any("steer" in name for name in vars(worker))
@@ -107,7 +111,7 @@ def test_another_worker_does_not_see_this_workers_steerer():
 
     a, b = Worker(), Worker()
     worker_extension.attach(a, FakeSteerer())
-    assert a.steer_plugin_stats() == {"step_errors": 7}
+    assert a.steer_plugin_stats() == WorkerStats(step_errors=7).wire()
     assert b.steer_plugin_stats() is None
 
 
@@ -155,15 +159,15 @@ def test_plain_vllm_loading_the_plugin(tmp_path, with_config):
 class FakeEngineClient:
     """The parts of vLLM's engine client EngineWorkers reads: vllm_config.parallel_config, collective_rpc."""
 
-    def __init__(self, extension: str, replies: list):
+    def __init__(self, extension: str, replies: dict[str, list] | None = None):
         parallel = SimpleNamespace(worker_extension_cls=extension, _api_process_count=1)
         self.vllm_config = SimpleNamespace(parallel_config=parallel)
-        self.replies = replies
+        self.replies = replies or {}  # method -> what every worker answers
         self.calls: list[tuple] = []
 
     async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append((method, timeout, args))
-        return self.replies
+        return self.replies.get(method, [])
 
 
 class Composed(dict, SteerWorkerExtension):  # a user's class composed with ours
@@ -181,17 +185,28 @@ class Composed(dict, SteerWorkerExtension):  # a user's class composed with ours
     ],
 )
 def test_engine_workers_know_whether_the_workers_have_the_extension(extension, expected):
-    workers = api_engine.EngineWorkers.of(SimpleNamespace(engine_client=FakeEngineClient(extension, [])))
+    workers = api_engine.EngineWorkers.of(SimpleNamespace(engine_client=FakeEngineClient(extension)))
     assert workers.have_extension is expected
 
 
 def test_engine_workers_call_the_extension_methods_by_name():
-    engine = FakeEngineClient(EXTENSION_PATH, [{"a": 1}, None, {"a": 2}])
+    stats = [WorkerStats(step_errors=1, tp_rank=0), WorkerStats(step_errors=2, tp_rank=1)]
+    outcomes = [LoadOutcome(ok=True, owned=True, layer=3, rows=16), LoadOutcome(ok=True, owned=False)]
+    replies = {
+        # the workers answer wire dicts; a worker without a steerer answers None for stats: left out
+        "steer_plugin_stats": [stats[0].wire(), None, stats[1].wire()],
+        "steer_plugin_load": [o.wire() for o in outcomes],
+    }
+    engine = FakeEngineClient(EXTENSION_PATH, replies)
     workers = api_engine.EngineWorkers.of(SimpleNamespace(engine_client=engine))
-    # a worker without a steerer answers None: left out
-    assert asyncio.run(workers.stats(timeout=10)) == [{"a": 1}, {"a": 2}]
-    asyncio.run(workers.load({"id": "s"}, timeout=600))
-    assert engine.calls == [("steer_plugin_stats", 10, ()), ("steer_plugin_load", 600, ({"id": "s"},))]
+    assert asyncio.run(workers.stats(timeout=10)) == stats  # rebuilt as typed messages
+    command = LoadCommand("unload", "sae", "s", mac="m")
+    assert asyncio.run(workers.load(command, timeout=600)) == outcomes
+    assert engine.calls == [
+        ("steer_plugin_stats", 10, ()),
+        ("steer_plugin_load", 600, (command.wire(),)),  # sent as its wire dict
+    ]
+    assert type(engine.calls[1][2][0]) is dict
     assert workers.api_process_count == 1
     assert api_engine.EngineWorkers.of(SimpleNamespace()) is None  # before the engine is up
 
@@ -267,7 +282,7 @@ def test_middleware_without_the_extension_refuses_loads_and_skips_the_pull(tmp_p
         await send({"type": "http.response.body", "body": b"{}"})
 
     middleware = SteeringMiddleware(vllm_app)
-    engine = FakeEngineClient("", [])  # plain vLLM without --worker-extension-cls
+    engine = FakeEngineClient("")  # plain vLLM without --worker-extension-cls
     state = SimpleNamespace(engine_client=engine)
     status, reply = _call(
         middleware,

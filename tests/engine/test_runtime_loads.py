@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
-from steer_plugin.engine.runtime_loads import LoadCommand
 from steer_plugin.engine.steerer import BatchView, Steerer
+from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.monitor import channel
 from steer_plugin.request.resolve import resolve_spec
 from steer_plugin.request.schema import SpecError, parse_spec
@@ -100,12 +100,12 @@ def worker(root, tmp_path, monkeypatch):
     steer_op.LAYERS.clear()
 
 
-def load(st: Steerer, kind: str, sid: str, source: dict, revision: str = "r1") -> dict:
+def load(st: Steerer, kind: str, sid: str, source: dict, revision: str = "r1") -> LoadOutcome:
     command = LoadCommand("load", kind, sid, revision, {"id": sid, **source})
     return st.runtime_loads.command(command.signed())  # signed as the admin API signs it
 
 
-def unload(st: Steerer, kind: str, sid: str) -> dict:
+def unload(st: Steerer, kind: str, sid: str) -> LoadOutcome:
     return st.runtime_loads.command(LoadCommand("unload", kind, sid).signed())
 
 
@@ -136,7 +136,7 @@ def test_a_runtime_sae_clamps_and_adds_by_the_formula_from_its_file(worker, root
     """Clamp t/7 to 2.0 and add 1.5 x t/9 at once, with t loaded while serving: x + (2 - f_7(x)) W_dec[7]
     + 1.5 W_dec[9], f_7 written out from t's file (ReLU SAE), on both op paths."""
     outcome = load(worker, "sae", "t", {"path": str(root / "t")})
-    assert outcome["ok"] and outcome["owned"] and outcome["rows"] == D_SAE
+    assert outcome.ok and outcome.owned and outcome.rows == D_SAE
     w = load_file(str(root / "t" / "sae_weights.safetensors"))
     service = service_for(worker.config, worker)
     steering = {
@@ -178,7 +178,7 @@ def test_runtime_and_configured_copies_of_one_sae_steer_identically(worker, root
 def test_a_vector_at_a_layer_with_nothing_configured(worker, root, monkeypatch):
     """OTHER_LAYER has no configured SAE or vector: the op runs there only because it is reserved."""
     outcome = load(worker, "vector", "v", {"path": str(root / "vec.safetensors"), "layer": OTHER_LAYER})
-    assert outcome["ok"] and outcome["layer"] == OTHER_LAYER
+    assert outcome.ok and outcome.layer == OTHER_LAYER
     service = service_for(worker.config, worker)
     one_request(worker, wire_for(service.catalog, {"vectors": [{"name": "v", "scale": -2.0}]}))
     vec = load_file(str(root / "vec.safetensors"))["v"]
@@ -189,16 +189,16 @@ def test_a_vector_at_a_layer_with_nothing_configured(worker, root, monkeypatch):
 
 
 def test_capacity_layers_and_duplicates_are_refused_with_a_status(worker, root):
-    assert load(worker, "sae", "t", {"path": str(root / "t")})["ok"]
+    assert load(worker, "sae", "t", {"path": str(root / "t")}).ok
     full = load(worker, "sae", "u", {"path": str(root / "u")})
-    assert not full["ok"] and full["status"] == 507 and "rows_per_layer" in full["error"]
+    assert not full.ok and full.status == 507 and "rows_per_layer" in full.error
     again = load(worker, "sae", "t", {"path": str(root / "t")}, revision="r2")
-    assert not again["ok"] and again["status"] == 409
+    assert not again.ok and again.status == 409
     elsewhere = load(worker, "vector", "w", {"path": str(root / "vec.safetensors"), "layer": 1})
-    assert not elsewhere["ok"] and elsewhere["status"] == 400 and "reserved" in elsewhere["error"]
+    assert not elsewhere.ok and elsewhere.status == 400 and "reserved" in elsewhere.error
     broken = load(worker, "sae", "x", {"path": str(root / "nothing-here")})
-    assert not broken["ok"] and broken["status"] == 400
-    assert unload(worker, "sae", "s")["status"] == 409  # configured at start-up
+    assert not broken.ok and broken.status == 400
+    assert unload(worker, "sae", "s").status == 409  # configured at start-up
 
 
 def test_unload_frees_the_rows_at_once_and_stale_revisions_run_unsteered(worker, root, monkeypatch):
@@ -213,11 +213,11 @@ def test_unload_frees_the_rows_at_once_and_stale_revisions_run_unsteered(worker,
     bank, tables = worker.banks[LAYER], worker.tables[LAYER]
     old_offset = bank.entries[("feature", "t")].offset
     assert tables.uses_rows(old_offset, D_SAE)
-    assert unload(worker, "sae", "t")["ok"]
+    assert unload(worker, "sae", "t").ok
     assert "a" not in worker.step.slot_of and not tables.uses_rows(old_offset, D_SAE)
     assert bank.free_reserved_rows() == D_SAE + 2
     assert torch.count_nonzero(bank.dec[old_offset : old_offset + D_SAE]) == 0
-    assert load(worker, "sae", "t", {"path": str(root / "u")}, revision="new")["ok"]  # same id, other file
+    assert load(worker, "sae", "t", {"path": str(root / "u")}, revision="new").ok  # same id, other file
     assert bank.entries[("feature", "t")].offset == old_offset
     service = service_for(worker.config, worker)
     new_wire = wire_for(service.catalog, {"features": [{"sae": "t", "index": 7, "value": 3.0}]})
@@ -239,8 +239,10 @@ def admin_setup(root: Path, monkeypatch, tmp_path, workers: int = 2, **runtime):
     steerers = [make_steerer(config) for _ in range(workers)]  # one process, so the op reads the last one
     service = SteeringService(config)
 
-    async def broadcast(command: dict) -> list[dict]:
-        return [st.runtime_loads.command(command) for st in steerers]
+    async def broadcast(
+        command: LoadCommand,
+    ) -> list[LoadOutcome]:  # through the wire, as collective_rpc carries it
+        return [LoadOutcome.from_wire(st.runtime_loads.command(command.wire()).wire()) for st in steerers]
 
     return service, steerers, broadcast
 
@@ -403,15 +405,15 @@ def test_rows_are_free_at_once_after_several_unloads(root, tmp_path, monkeypatch
     from the tables), so two loads right after both find whole free ranges, no 507."""
     monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     st = make_steerer(make_config(root, rows=2 * D_SAE + 2))
-    assert load(st, "sae", "t", {"path": str(root / "t")}, revision="r-t")["ok"]
-    assert load(st, "sae", "u", {"path": str(root / "u")}, revision="r-u")["ok"]
+    assert load(st, "sae", "t", {"path": str(root / "t")}, revision="r-t").ok
+    assert load(st, "sae", "u", {"path": str(root / "u")}, revision="r-u").ok
     service = service_for(st.config, st)
     one_request(st, wire_for(service.catalog, {"features": [{"sae": "u", "index": 3, "value": 1.0}]}), "a")
-    assert unload(st, "sae", "t")["ok"] and unload(st, "sae", "u")["ok"]
+    assert unload(st, "sae", "t").ok and unload(st, "sae", "u").ok
     assert "a" not in st.step.slot_of and not st.runtime_loads.retired
     for sid in ("v1", "v2"):
         outcome = load(st, "sae", sid, {"path": str(root / "t")}, revision=f"r-{sid}")
-        assert outcome["ok"], outcome
+        assert outcome.ok, outcome
     steer_op.LAYERS.clear()
 
 
@@ -419,16 +421,16 @@ def test_loads_are_read_in_the_background_and_committed_between_steps(worker, ro
     """stage returns at once (the files are read in a thread), poll says when every file is read, load copies
     the rows; an unsigned command (what another process reaching the engine could send) is refused."""
     cmd = LoadCommand("stage", "sae", "t", "r1", {"id": "t", "path": str(root / "t")})
-    assert worker.runtime_loads.command(cmd.signed())["pending"]
+    assert worker.runtime_loads.command(cmd.signed()).pending
     deadline = time.monotonic() + 30
-    while (polled := worker.runtime_loads.command(cmd._replace(action="poll").signed()))["pending"]:
+    while (polled := worker.runtime_loads.command(cmd._replace(action="poll").signed())).pending:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert polled["ok"] and polled["owned"] and ("feature", "t") not in worker.banks[LAYER].entries
-    assert worker.runtime_loads.command(cmd._replace(action="load").signed())["rows"] == D_SAE
-    unsigned = LoadCommand("unload", "sae", "t")._asdict()
+    assert polled.ok and polled.owned and ("feature", "t") not in worker.banks[LAYER].entries
+    assert worker.runtime_loads.command(cmd._replace(action="load").signed()).rows == D_SAE
+    unsigned = LoadCommand("unload", "sae", "t").wire()  # as collective_rpc would carry it
     refused = worker.runtime_loads.command(unsigned)
-    assert not refused["ok"] and refused["status"] == 403 and "t" in worker.assets.saes
+    assert not refused.ok and refused.status == 403 and "t" in worker.assets.saes
 
 
 def test_a_worker_opens_files_under_its_own_roots_only(worker, root, tmp_path):
@@ -436,11 +438,11 @@ def test_a_worker_opens_files_under_its_own_roots_only(worker, root, tmp_path):
     outside = tmp_path / "outside"
     shutil.copytree(root / "t", outside)
     refused = load(worker, "sae", "x", {"path": str(outside)})
-    assert not refused["ok"] and refused["status"] == 403
+    assert not refused.ok and refused.status == 403
     linked = root / "linked-weights"
     linked.mkdir(exist_ok=True)
     for name in ("cfg.json", "sae_weights.safetensors"):
         if not (linked / name).is_symlink():
             (linked / name).symlink_to(outside / name)
     refused = load(worker, "sae", "y", {"path": str(linked)})
-    assert not refused["ok"] and refused["status"] == 403
+    assert not refused.ok and refused.status == 403

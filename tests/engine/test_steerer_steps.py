@@ -264,7 +264,7 @@ def test_forged_and_malformed_messages_run_unsteered(steerer, monkeypatch):
     out, _ = run_op(hidden, residual, False, monkeypatch)
     assert torch.equal(out, residual)
     steerer.after_forward()
-    assert steerer.stats()["rejected_messages"] == {"steering": n}
+    assert steerer.stats().rejected_messages == {"steering": n}
 
 
 def test_steady_decode_writes_no_plans_and_leaving_requests_free_their_rows(steerer, monkeypatch):
@@ -340,11 +340,11 @@ def test_a_request_beyond_the_working_set_runs_unsteered_and_is_counted(sae_dir,
         hidden, residual = torch.randn(2, D), torch.randn(2, D)
         out, _ = run_op(hidden, residual, False, monkeypatch)
         assert not torch.equal(out[0], residual[0]) and torch.equal(out[1], residual[1])
-        assert st.stats()["rejected_messages"] == {"capacity": 1}
+        assert st.stats().rejected_messages == {"capacity": 1}
         # "a" leaves: room now, but "b" stays unsteered for the rest of its output (and is counted once).
         view = BatchView(["b"], np.array([0, 1]), np.array([5]), np.array([3]), wires[1:])
         assert st.prepare(view) == 0
-        assert st.stats()["rejected_messages"] == {"capacity": 1}
+        assert st.stats().rejected_messages == {"capacity": 1}
     finally:
         steer_op.LAYERS.clear()
 
@@ -464,7 +464,7 @@ def test_every_running_request_fits_its_most_inline_vectors(steerer, monkeypatch
     torch.testing.assert_close(out, residual + vectors.sum(1), rtol=1e-5, atol=1e-5)
     steerer.after_forward()
     steerer.prepare(BatchView(["x"], np.array([0, 1]), np.array([4]), np.array([3]), [None]))
-    assert len(bank._free_scratch) == 2 * n and steerer.stats()["rejected_messages"] == {}
+    assert len(bank._free_scratch) == 2 * n and steerer.stats().rejected_messages == {}
 
 
 def test_abort_when_reports_the_batch_position_of_that_request_only(steerer, sae_dir, monkeypatch):

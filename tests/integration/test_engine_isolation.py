@@ -9,11 +9,18 @@ import time
 
 import pytest
 
+from steer_plugin.messages import WorkerStats
+
 from .conftest import PROMPTS, engine, sampling, token_prompt
 
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 16
+
+
+def worker_stats(llm) -> WorkerStats:
+    """The first worker's figures, through the plugin's worker extension (they cross as a wire dict)."""
+    return WorkerStats.from_wire(llm.collective_rpc("steer_plugin_stats")[0])
 
 
 def distinct_steerings() -> list[dict]:
@@ -96,7 +103,7 @@ def test_the_offline_one_liner_reads_the_steering_config_from_the_llm(eager_llm,
     steering = distinct_steerings()[0]
     args = steering_args(eager_llm, steering)
     assert args == steering_args(assets, steering)
-    applied = lambda: eager_llm.collective_rpc("steer_plugin_stats")[0]["features_applied"].get("demo", 0)  # noqa: E731
+    applied = lambda: worker_stats(eager_llm).features_applied.get("demo", 0)  # noqa: E731
     before = applied()
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=args)
     eager_llm.generate(PROMPTS[:1], params, use_tqdm=False)
@@ -224,8 +231,8 @@ def test_forged_messages_run_unsteered_and_the_engine_survives(eager_llm, assets
     )
     assert out[: len(forged)] == plain_outputs[: len(forged)]
     assert out[len(forged) :] == plain_outputs
-    stats = eager_llm.collective_rpc("steer_plugin_stats")[0]
-    assert stats["rejected_messages"].get("steering", 0) >= 4
+    stats = worker_stats(eager_llm)
+    assert stats.rejected_messages.get("steering", 0) >= 4
 
 
 # --- start-up self-test ---------------------------------------------------------------------------------------

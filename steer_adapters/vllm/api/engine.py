@@ -10,6 +10,7 @@ import functools
 import importlib
 
 from steer_adapters.vllm.worker import extension
+from steer_plugin.messages import LoadCommand, LoadOutcome, WorkerStats
 
 
 def model_shape(app_state) -> tuple[int, int] | None:
@@ -72,16 +73,18 @@ class EngineWorkers:
         """Whether the workers were started with the extension (--worker-extension-cls, resolved as vLLM does)."""
         return _provides_extension(self._engine.vllm_config.parallel_config.worker_extension_cls)
 
-    async def stats(self, timeout: float) -> list[dict]:
-        """Every worker's Steerer.stats (workers without a steerer left out)."""
+    async def stats(self, timeout: float) -> list[WorkerStats]:
+        """Every worker's Steerer.stats (workers without a steerer left out). The messages cross as their wire
+        dicts (steer_plugin.messages): rebuilt here, so the rest of the API process holds typed messages."""
         name = extension.SteerWorkerExtension.steer_plugin_stats.__name__
         outcomes = await self._engine.collective_rpc(name, timeout=timeout)
-        return [o for o in outcomes if o is not None]
+        return [WorkerStats.from_wire(o) for o in outcomes if o is not None]
 
-    async def load(self, command: dict, timeout: float) -> list[dict]:
-        """One runtime LoadCommand (as a dict) on every worker; their LoadOutcomes (as dicts)."""
+    async def load(self, command: LoadCommand, timeout: float) -> list[LoadOutcome]:
+        """One runtime LoadCommand on every worker (sent as its wire dict); their LoadOutcomes."""
         name = extension.SteerWorkerExtension.steer_plugin_load.__name__
-        return await self._engine.collective_rpc(name, timeout=timeout, args=(command,))
+        outcomes = await self._engine.collective_rpc(name, timeout=timeout, args=(command.wire(),))
+        return [LoadOutcome.from_wire(o) for o in outcomes]
 
 
 class EngineProbe:

@@ -35,6 +35,7 @@ from steer_plugin import playground
 from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S, START_UP_ONLY_KEYS
 from steer_plugin.body import parse_json, refuse_reserved_keys
 from steer_plugin.config import SAESource, VectorSource, config_from_sources
+from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.metrics import (
     WORKER_STATS,
     initialize_series,
@@ -612,7 +613,7 @@ class SteeringMiddleware:
         if not workers.have_extension:
             raise SpecError("path", f"runtime loads are off: {engine.MISSING_EXTENSION}", status=503)
 
-        async def broadcast(command: dict) -> list[dict]:
+        async def broadcast(command: LoadCommand) -> list[LoadOutcome]:
             return await workers.load(command, timeout=LOAD_TIMEOUT_S)
 
         if scope["method"] == "POST":

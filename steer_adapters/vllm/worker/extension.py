@@ -38,16 +38,18 @@ class SteerWorkerExtension:
     """Methods the API server calls on every worker (every TP and PP rank) through collective_rpc."""
 
     def steer_plugin_stats(self) -> dict | None:
-        """Cumulative worker figures for /metrics (Steerer.stats), or None on a worker without a steerer."""
+        """Cumulative worker figures for /metrics (Steerer.stats: a WorkerStats, sent as its wire dict), or None
+        on a worker without a steerer."""
         steerer = steerer_of(self)
-        return steerer.stats() if steerer is not None else None
+        return steerer.stats().wire() if steerer is not None else None
 
     def steer_plugin_load(self, command: dict) -> dict:
-        """One runtime load or unload from the admin API (a LoadCommand as a dict); its LoadOutcome as a dict."""
+        """One runtime load or unload from the admin API (a LoadCommand's wire dict); its LoadOutcome's wire
+        dict. The messages cross vLLM's collective_rpc as plain dicts (steer_plugin.messages)."""
         steerer = steerer_of(self)
         if steerer is None:
             raise NoSteererError("this worker has no steering config, so nothing can be loaded at runtime")
-        return steerer.runtime_loads.command(command)
+        return steerer.runtime_loads.command(command).wire()
 
 
 def is_extension(cls: type | None) -> bool:
