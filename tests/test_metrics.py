@@ -258,13 +258,13 @@ def test_multiprocess_mode_sums_api_processes_and_adds_worker_families(tmp_path)
     assert WORKER_FAMILIES <= set(families)
 
 
-# --- the middleware's /metrics answer (worker families added by _rewrite_response) --------------------------
+# --- the middleware's /metrics answer (worker families added by rewrite_response) --------------------------
 
 
 def _serve(app, headers=()):
     import asyncio
 
-    from steer_adapters.vllm.api.middleware import _rewrite_response
+    from steer_adapters.vllm.api.asgi import rewrite_response
     from steer_plugin.metrics import with_worker_families
 
     sent = []
@@ -276,7 +276,7 @@ def _serve(app, headers=()):
         sent.append(message)
 
     scope = {"type": "http", "method": "GET", "path": "/metrics", "headers": list(headers)}
-    asyncio.run(_rewrite_response(app, scope, receive, send, with_worker_families))
+    asyncio.run(rewrite_response(app, scope, receive, send, with_worker_families))
     return sent
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from steer_adapters.vllm.api.middleware import REQUEST_SCHEMAS, add_steering_to_openapi
+from steer_adapters.vllm.api.openapi import REQUEST_SCHEMAS, add_steering_to_openapi
 
 
 def document() -> dict:

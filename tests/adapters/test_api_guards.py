@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from steer_adapters.vllm.api.asgi import json_as_vllm_reads_it
 from steer_adapters.vllm.api.launcher import masked
-from steer_adapters.vllm.api.middleware import assign_request_id, json_as_vllm_reads_it
+from steer_adapters.vllm.api.request_ids import assign_request_id
 from steer_plugin.config import ConfigError, parse_config
 from steer_plugin.request.schema import SpecError
 

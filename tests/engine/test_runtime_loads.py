@@ -367,7 +367,7 @@ def test_copying_a_root_elsewhere_keeps_paths_inside(root, tmp_path):
 
 def test_the_admin_schema_takes_a_path_and_no_hub_names():
     """Runtime loads refuse SAEs named by release / Neuronpedia (start-up only): /openapi.json says so."""
-    from steer_adapters.vllm.api.middleware import add_steering_to_openapi
+    from steer_adapters.vllm.api.openapi import add_steering_to_openapi
 
     schema = add_steering_to_openapi({}, admin=True)["components"]["schemas"]["SAESource"]
     assert "path" in schema["required"] and schema["properties"]["path"].get("description")

@@ -1,0 +1,109 @@
+"""The completion response of a steered or observed request, rewritten on its way to the client: each choice
+gets `steering` (the applied operations, per-token features like `logprobs`, traced features, an `abort_when`
+stop), chunk by chunk when streaming; the monitoring line is written when the response ends."""
+
+from __future__ import annotations
+
+import json
+
+from steer_adapters.vllm.api import sse
+from steer_plugin.service import RewrittenRequest, SteeringService
+
+
+class ResponseRewriter:
+    """Adds `steering` to each choice of a completion response: the applied ops, and per-token features
+    (like `logprobs`), chunk by chunk when streaming. Writes the monitoring line when the response ends."""
+
+    def __init__(self, service: SteeringService, request: RewrittenRequest, send, stream: bool):
+        self.service = service
+        self.request = request
+        self.downstream = send
+        self.stream = stream
+        self.observation = service.observation(request)
+        self.status = 200
+        self.start: dict | None = None
+        self.buffer = b""
+        self.reported: set[int] = set()  # choice indices whose `applied` went out (first chunk of each)
+        self.response_id = self.model = None
+        self.closed = False
+
+    async def send(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.status != 200 or self.stream:
+                return await self.downstream(message)
+            self.start = message  # sent with the rewritten body
+            return
+        if message["type"] != "http.response.body" or self.status != 200:
+            return await self.downstream(message)
+        if self.stream:
+            events, self.buffer = sse.split_events(self.buffer, message.get("body", b""))
+            out = b"".join(self._rewrite_event(e) for e in events)
+            if message.get("more_body") and not out:
+                return
+            return await self.downstream({**message, "body": out})
+        self.buffer += message.get("body", b"")
+        if message.get("more_body"):
+            return
+        body = self._rewrite_full(self.buffer)
+        headers = [(k, v) for k, v in self.start["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.downstream({**self.start, "headers": headers})
+        await self.downstream({"type": "http.response.body", "body": body})
+
+    def _choice_steering(self, choice: dict, count: int, first: bool) -> dict:
+        info: dict = {}
+        if first:
+            info["applied"] = self.service.applied(self.request.ops)
+            if self.request.traced:
+                info["traced_features"] = self.observation.traced_features()
+        if self.observation is not None and self.request.inspect is not None:
+            reads = self.observation.next_tokens(count)
+            info["tokens"] = [r.features for r in reads]
+            if self.request.traced:
+                info["traced"] = [r.traced for r in reads]
+        if not self.request.user_wants_token_ids and self.request.observe is not None:
+            choice.pop("token_ids", None)
+        if self.request.abort and choice.get("finish_reason") == "stop":
+            abort = self.observation.abort()
+            if abort is not None:  # the end-of-sequence token was forced by the worker (Steerer.force_aborts)
+                choice["finish_reason"] = "abort_when"
+                info["abort"] = abort
+        return info
+
+    def _rewrite_full(self, raw: bytes) -> bytes:
+        data = json.loads(raw)
+        if not isinstance(data, dict):  # vLLM answers `null` when the client went away before the end
+            return raw
+        self.response_id, self.model = data.get("id"), data.get("model")
+        for choice in data.get("choices", []):
+            count = len(choice.get("token_ids") or [])
+            choice["steering"] = self._choice_steering(choice, count, first=True)
+            if self.request.inspect is not None and self.request.inspect.prompt:
+                reads = self.observation.prompt_tokens()
+                choice["steering"]["prompt_tokens"] = [r.features for r in reads]
+                choice["steering"]["prompt_sinks"] = sorted(self.observation.sinks)
+                if self.request.traced:
+                    choice["steering"]["prompt_traced"] = [r.traced for r in reads]
+        if not self.request.user_wants_token_ids and self.request.observe is not None:
+            data.pop("prompt_token_ids", None)
+        return json.dumps(data).encode()
+
+    def _rewrite_event(self, event: bytes) -> bytes:
+        data = sse.event_json(event)
+        if not isinstance(data, dict):
+            return event + sse.SEPARATOR
+        self.response_id, self.model = data.get("id", self.response_id), data.get("model", self.model)
+        for choice in data.get("choices", []):
+            count = len(choice.get("token_ids") or [])
+            index = choice.get("index", 0)
+            choice["steering"] = self._choice_steering(choice, count, first=index not in self.reported)
+            self.reported.add(index)
+        if not self.request.user_wants_token_ids and self.request.observe is not None:
+            data.pop("prompt_token_ids", None)
+        return sse.data_event(data)
+
+    def close(self) -> None:
+        if not self.closed and self.observation is not None:
+            self.closed = True
+            self.observation.finish(self.response_id, self.model)
