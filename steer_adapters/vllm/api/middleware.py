@@ -119,7 +119,7 @@ class SteeringMiddleware:
             if path in STEERABLE_PATHS:
                 return self._steerable
             if path == "/v1/steering/inspect":
-                return self._inspect
+                return functools.partial(routes.inspect_route, self.service, self._call_app)
             return self._guard_reserved
         if method == "GET":
             if path in HEALTH_PATHS and self.service is not None:
@@ -363,59 +363,6 @@ class SteeringMiddleware:
         except SpecError as err:
             return err.status, json.loads(error_body(err))
         return status, json.loads(b"".join(chunks) or b"{}")
-
-    async def _inspect(self, scope, receive, send):
-        """Text or chat messages in, top features of every token out: how a user finds the feature to steer."""
-        try:
-            if self.service is None:
-                raise SpecError("steering", "this server has no steering config", status=404)
-            req = parse_json(await read_body(receive))
-            if not isinstance(req, dict):
-                raise SpecError("body", "must be a JSON object")
-            allowed = ("model", "text", "messages", "saes", "top_k", "features")
-            unknown = set(req) - set(allowed)
-            if unknown:
-                raise SpecError(sorted(unknown)[0], f"unknown field; allowed: {', '.join(allowed)}")
-            if ("text" in req) == ("messages" in req):
-                raise SpecError("text", "give exactly one of `text` or `messages`")
-            tokenize = {"prompt": req["text"]} if "text" in req else {"messages": req["messages"]}
-            if "model" in req:
-                tokenize["model"] = req["model"]
-            status, tokens = await self._call_app(scope, "/tokenize", {**tokenize, "return_token_strs": True})
-            if status != 200:
-                return await send_json(send, status, json.dumps(tokens).encode())
-            inspect = {
-                "top_k": req.get("top_k", 5),
-                "prompt": True,
-                **{key: req[key] for key in ("saes", "features") if key in req},
-            }
-            completion = {
-                "prompt": tokens["tokens"],
-                "max_tokens": 1,
-                "temperature": 0,
-                "steering": {"inspect": inspect},
-            }
-            if "model" in req:
-                completion["model"] = req["model"]
-            status, result = await self._call_app(scope, "/v1/completions", completion)
-            if status != 200:
-                return await send_json(send, status, json.dumps(result).encode())
-        except SpecError as err:
-            return await send_json(send, err.status, error_body(err))
-        steering = result["choices"][0]["steering"]
-        features = steering.get("prompt_tokens", [])
-        strs = tokens.get("token_strs") or [None] * len(tokens["tokens"])
-        sinks = set(steering.get("prompt_sinks", []))
-        data = [
-            {"position": i, "token_id": t, "token": s, "features": f, "sink": i in sinks}
-            for i, (t, s, f) in enumerate(zip(tokens["tokens"], strs, features))
-        ]
-        out = {"object": "list", "model": result.get("model"), "data": data}
-        if "traced_features" in steering:
-            out["traced_features"] = steering["traced_features"]
-            for item, values in zip(data, steering.get("prompt_traced", [])):
-                item["traced"] = values
-        return await send_json(send, 200, json.dumps(out).encode())
 
     async def _openapi(self, scope, receive, send):
         await rewrite_response(

@@ -1,11 +1,13 @@
 """The plugin's own routes that need nothing of the middleware but the service: discovery, runtime loads
-(admin) and the playground page. Each is `handler(service, scope, receive, send)`; errors are SpecErrors, which
-the middleware answers in the OpenAI error shape."""
+(admin), the playground page and POST /v1/steering/inspect (which also calls the app in-process). Each is
+`handler(service, scope, receive, send)`; errors are SpecErrors, which the middleware answers in the OpenAI error
+shape."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, unquote
 
 from steer_adapters.vllm.api import engine
@@ -15,7 +17,10 @@ from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S
 from steer_plugin.body import parse_json
 from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.request.schema import SpecError
-from steer_plugin.service import SteeringService
+from steer_plugin.service import SteeringService, error_body
+
+# The wrapped app called in-process with a JSON POST: (status, JSON answer).
+CallApp = Callable[[dict, str, dict], Awaitable[tuple[int, dict]]]
 
 ADMIN_ROUTE = re.compile(r"/v1/steering/(saes|vectors)(?:/([^/]+))?")
 
@@ -91,3 +96,57 @@ async def playground_page(service: SteeringService | None, scope, receive, send)
         (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers without CSP level 2
         (b"referrer-policy", b"no-referrer"),
     )
+
+
+async def inspect_route(service: SteeringService | None, call_app: CallApp, scope, receive, send):
+    """Text or chat messages in, top features of every token out: how a user finds the feature to steer."""
+    try:
+        if service is None:
+            raise SpecError("steering", "this server has no steering config", status=404)
+        req = parse_json(await read_body(receive))
+        if not isinstance(req, dict):
+            raise SpecError("body", "must be a JSON object")
+        allowed = ("model", "text", "messages", "saes", "top_k", "features")
+        unknown = set(req) - set(allowed)
+        if unknown:
+            raise SpecError(sorted(unknown)[0], f"unknown field; allowed: {', '.join(allowed)}")
+        if ("text" in req) == ("messages" in req):
+            raise SpecError("text", "give exactly one of `text` or `messages`")
+        tokenize = {"prompt": req["text"]} if "text" in req else {"messages": req["messages"]}
+        if "model" in req:
+            tokenize["model"] = req["model"]
+        status, tokens = await call_app(scope, "/tokenize", {**tokenize, "return_token_strs": True})
+        if status != 200:
+            return await send_json(send, status, json.dumps(tokens).encode())
+        inspect = {
+            "top_k": req.get("top_k", 5),
+            "prompt": True,
+            **{key: req[key] for key in ("saes", "features") if key in req},
+        }
+        completion = {
+            "prompt": tokens["tokens"],
+            "max_tokens": 1,
+            "temperature": 0,
+            "steering": {"inspect": inspect},
+        }
+        if "model" in req:
+            completion["model"] = req["model"]
+        status, result = await call_app(scope, "/v1/completions", completion)
+        if status != 200:
+            return await send_json(send, status, json.dumps(result).encode())
+    except SpecError as err:
+        return await send_json(send, err.status, error_body(err))
+    steering = result["choices"][0]["steering"]
+    features = steering.get("prompt_tokens", [])
+    strs = tokens.get("token_strs") or [None] * len(tokens["tokens"])
+    sinks = set(steering.get("prompt_sinks", []))
+    data = [
+        {"position": i, "token_id": t, "token": s, "features": f, "sink": i in sinks}
+        for i, (t, s, f) in enumerate(zip(tokens["tokens"], strs, features))
+    ]
+    out = {"object": "list", "model": result.get("model"), "data": data}
+    if "traced_features" in steering:
+        out["traced_features"] = steering["traced_features"]
+        for item, values in zip(data, steering.get("prompt_traced", [])):
+            item["traced"] = values
+    return await send_json(send, 200, json.dumps(out).encode())
