@@ -35,7 +35,6 @@ from steer_plugin.request.resolve import (
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
 from steer_plugin.request.wire import (
     MAX_USES,
-    POSITION_CODES,
     TRACE_THRESHOLD,
     WIRE_KEY,
     AbortSpec,
@@ -259,7 +258,7 @@ class SteeringService:
             # Every engine request that may carry the plan: n choices x prompts (x turns).
             uses = min(MAX_USES, max(1, n) * max(1, prompt_count(body)) * turns)
             binding = Binding.new(request_id, uses)
-        plan = RequestPlan.build(ops, observe, binding)
+        plan = RequestPlan.build(ops, observe=observe, binding=binding)
         if ops or observe is not None:
             xargs[WIRE_KEY] = plan.encode()
         if xargs:
@@ -322,7 +321,7 @@ class SteeringService:
         """The operations a response reports as applied."""
         out = []
         for op in ops:
-            item = {"op": op.op, "layer": op.layer, "positions": position_name(op)}
+            item = {"op": op.op, "layer": op.layer, "positions": op.positions.describe()}
             if op.kind == "feature":
                 item |= {
                     "sae": op.source,
@@ -333,9 +332,9 @@ class SteeringService:
                 item |= {"vector": None, "inline": True}
             else:
                 item |= {"vector": op.source}
-            if op.cond_sign:
-                bound = "above" if op.cond_sign > 0 else "below"
-                item["when"] = {"sae": op.cond_source, "index": op.cond_index, bound: op.cond_threshold}
+            if op.when is not None:
+                bound = "above" if op.when.sign > 0 else "below"
+                item["when"] = {"sae": op.when.sae, "index": op.when.index, bound: op.when.threshold}
             out.append(item)
         return out
 
@@ -427,12 +426,6 @@ def error_body(err: SpecError) -> bytes:
     return json.dumps(
         {"error": {"message": str(err), "type": kind, "param": err.path, "code": err.status}}
     ).encode()
-
-
-def position_name(op: ResolvedOp) -> str | dict:
-    names = {code: name for name, code in POSITION_CODES.items()}
-    name = names[op.positions]
-    return {"last_prompt_tokens": op.last_n} if name == "last_prompt_tokens" else name
 
 
 class Observation:
