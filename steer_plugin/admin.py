@@ -60,7 +60,7 @@ class InFlight:
     def sources(ops: list[ResolvedOp], observed: list[str]) -> list[tuple[str, str]]:
         """(kind, id) of every SAE and vector a request steers with, conditions on, or reads."""
         used = {("sae" if op.kind == "feature" else "vector", op.source) for op in ops if op.kind != "inline"}
-        used |= {("sae", op.cond_source) for op in ops if op.cond_sign}
+        used |= {("sae", op.when.sae) for op in ops if op.when is not None}
         used |= {("sae", sae) for sae in observed}
         return sorted(used)
 

@@ -34,7 +34,6 @@ from steer_plugin.request.resolve import check_counts
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
 from steer_plugin.request.wire import (
     MAX_USES,
-    POSITION_CODES,
     WIRE_KEY,
     AbortSpec,
     Binding,
@@ -181,7 +180,7 @@ class SteeringService:
             # Every engine request that may carry the plan: n choices x prompts (x turns).
             uses = min(MAX_USES, max(1, endpoint.choices) * max(1, endpoint.prompts) * turns)
             binding = Binding.new(request_id, uses)
-        plan = RequestPlan.build(list(planned.ops), planned.observe, binding)
+        plan = RequestPlan.build(list(planned.ops), observe=planned.observe, binding=binding)
         xargs = dict(body.get("vllm_xargs") or {})
         xargs.pop(WIRE_KEY, None)  # a default variant's body held the steered plan
         if planned.ops or planned.observe is not None:
@@ -208,7 +207,7 @@ class SteeringService:
         """The operations a response reports as applied."""
         out = []
         for op in ops:
-            item = {"op": op.op, "layer": op.layer, "positions": position_name(op)}
+            item = {"op": op.op, "layer": op.layer, "positions": op.positions.describe()}
             if op.kind == "feature":
                 item |= {
                     "sae": op.source,
@@ -219,9 +218,9 @@ class SteeringService:
                 item |= {"vector": None, "inline": True}
             else:
                 item |= {"vector": op.source}
-            if op.cond_sign:
-                bound = "above" if op.cond_sign > 0 else "below"
-                item["when"] = {"sae": op.cond_source, "index": op.cond_index, bound: op.cond_threshold}
+            if op.when is not None:
+                bound = "above" if op.when.sign > 0 else "below"
+                item["when"] = {"sae": op.when.sae, "index": op.when.index, bound: op.when.threshold}
             out.append(item)
         return out
 
@@ -248,9 +247,3 @@ def error_body(err: SpecError) -> bytes:
     return json.dumps(
         {"error": {"message": str(err), "type": kind, "param": err.path, "code": err.status}}
     ).encode()
-
-
-def position_name(op: ResolvedOp) -> str | dict:
-    names = {code: name for name, code in POSITION_CODES.items()}
-    name = names[op.positions]
-    return {"last_prompt_tokens": op.last_n} if name == "last_prompt_tokens" else name

@@ -4,7 +4,7 @@ import pytest
 
 from steer_plugin.offline import steering_args
 from steer_plugin.request.schema import SpecError
-from steer_plugin.request.wire import WIRE_KEY, RequestPlan, ResolvedOp
+from steer_plugin.request.wire import WIRE_KEY, Coefficients, RequestPlan, ResolvedOp
 
 from .test_service import service
 
@@ -18,8 +18,10 @@ def test_steering_args_carry_the_resolved_ops():
     plan = RequestPlan.decode(args[WIRE_KEY])
     # ablate: a = -1, b = 0; a configured vector: a = 0, b = scale (1 by default); positions "all" = 0
     assert plan.ops == (
-        ResolvedOp("feature", "a", 7, 3, -1.0, 0.0, 0.0, 0, 0, "ablate"),
-        ResolvedOp("vector", "v", 0, 5, 0.0, 1.0, 0.0, 0, 0, "vector"),
+        ResolvedOp(
+            kind="feature", op="ablate", layer=3, coef=Coefficients(a=-1.0, b=0.0), source="a", index=7
+        ),
+        ResolvedOp(kind="vector", op="vector", layer=5, coef=Coefficients(a=0.0, b=1.0), source="v"),
     )
     assert plan.observe is None and plan.salt is not None
     # What the server puts in vllm_xargs for the same steering, byte for byte.

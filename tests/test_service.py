@@ -17,6 +17,8 @@ from steer_plugin.request.wire import (
     TRACE_THRESHOLD,
     WIRE_KEY,
     AbortSpec,
+    Coefficients,
+    PositionRule,
     RequestPlan,
     ResolvedOp,
     WatchSpec,
@@ -71,9 +73,25 @@ def test_steering_becomes_one_signed_plan_in_vllm_xargs():
     # Written out from the coefficient table (x += (a·f + b)·d): clamp a=-1, b=v; scale a=v-1, b=0;
     # vector a=0, b=scale. Positions: all 0, prompt 1, generation 2, last_prompt_tokens 3.
     assert request.ops == (
-        ResolvedOp("feature", "a", 7, 3, -1.0, 3.0, 0.0, 2, 0, "clamp"),
-        ResolvedOp("feature", "b", 2, 5, -0.75, 0.0, 0.0, 3, 2, "scale"),
-        ResolvedOp("vector", "v", 0, 5, 0.0, 2.0, 0.0, 0, 0, "vector"),
+        ResolvedOp(
+            kind="feature",
+            op="clamp",
+            layer=3,
+            coef=Coefficients(a=-1.0, b=3.0),
+            source="a",
+            index=7,
+            positions=PositionRule(code=2),
+        ),
+        ResolvedOp(
+            kind="feature",
+            op="scale",
+            layer=5,
+            coef=Coefficients(a=-0.75, b=0.0),
+            source="b",
+            index=2,
+            positions=PositionRule(code=3, last_n=2),
+        ),
+        ResolvedOp(kind="vector", op="vector", layer=5, coef=Coefficients(a=0.0, b=2.0), source="v"),
     )
     body = request.body
     assert "steering" not in body and set(body["vllm_xargs"]) == {"other", WIRE_KEY}

@@ -24,7 +24,7 @@ from steer_plugin.engine.slots import SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
 from steer_plugin.messages import HistogramCounts, WorkerStats
-from steer_plugin.request.wire import ObservePlan, RequestPlan, ResolvedOp, decode_vector
+from steer_plugin.request.wire import ObservePlan, RequestPlan, ResolvedOp
 
 logger = logging.getLogger("steer_plugin")
 
@@ -197,28 +197,24 @@ class Steerer:
             rows = []
             for o in layer_ops:
                 if o.kind == "inline":  # held until the request's slot is released (_released)
-                    row = bank.take_scratch(torch.from_numpy(decode_vector(o.vector)))
+                    row = bank.take_scratch(torch.from_numpy(o.inline.values))
                     self._inline_rows.setdefault(req_id, []).append((layer, row))
                 else:
                     row = bank.row(o.kind, o.source, o.index, o.revision)
                 rows.append(row)
+            whens = [o.when for o in layer_ops]
             plans[layer] = LayerPlan(
                 bank_rows=np.array(rows, dtype=np.int64),
-                coef=np.array([[o.a, o.b, o.bn] for o in layer_ops], dtype=np.float32),
-                positions=np.array([o.positions for o in layer_ops], dtype=np.int8),
-                last_n=np.array([o.last_n for o in layer_ops], dtype=np.int64),
+                coef=np.array([[o.coef.a, o.coef.b, o.coef.bn] for o in layer_ops], dtype=np.float32),
+                positions=np.array([o.positions.code for o in layer_ops], dtype=np.int8),
+                last_n=np.array([o.positions.last_n for o in layer_ops], dtype=np.int64),
                 op_codes=np.array([OP_NAMES.index(o.op) for o in layer_ops], dtype=np.int8),
                 cond_rows=np.array(
-                    [
-                        bank.row("feature", o.cond_source, o.cond_index, o.cond_revision)
-                        if o.cond_sign
-                        else -1
-                        for o in layer_ops
-                    ],
-                    dtype=np.int64,
+                    [-1 if w is None else bank.row("feature", w.sae, w.index, w.revision) for w in whens],
+                    np.int64,
                 ),
-                cond_thr=np.array([o.cond_threshold for o in layer_ops], dtype=np.float32),
-                cond_sign=np.array([o.cond_sign for o in layer_ops], dtype=np.int8),
+                cond_thr=np.array([0.0 if w is None else w.threshold for w in whens], np.float32),
+                cond_sign=np.array([0 if w is None else w.sign for w in whens], np.int8),
             )
         for o in ops:
             if o.kind == "feature":

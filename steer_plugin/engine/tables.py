@@ -20,11 +20,12 @@ from steer_plugin.engine.bank import CENTER, NORM_KIND, LayerBank
 from steer_plugin.engine.delta import DeltaTerms
 from steer_plugin.engine.gate import Flag, flags_of
 from steer_plugin.engine.step import copy_rows, device_mirror
+from steer_plugin.request.wire import OP_NAMES as REQUEST_OP_NAMES
 from steer_plugin.request.wire import POSITION_CODES
 
 logger = logging.getLogger("steer_plugin")
 
-OP_NAMES = ("add", "clamp", "scale", "ablate", "vector", "selftest")
+OP_NAMES = (*REQUEST_OP_NAMES, "selftest")  # the ops requests name, and the start-up self-test's
 NO_OP = -1  # position code of an unused operation entry
 UNUSED_OP_BIN = len(OP_NAMES)  # op-count bin of unused entries (never reported)
 

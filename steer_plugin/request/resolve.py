@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-import numpy as np
-
 from steer_plugin.config import PolicyConfig
 from steer_plugin.request.schema import (
     Condition,
@@ -22,7 +20,14 @@ from steer_plugin.request.schema import (
     SteeringSpec,
     inline_vector,
 )
-from steer_plugin.request.wire import POSITION_CODES, ResolvedOp, encode_vector
+from steer_plugin.request.wire import (
+    POSITION_CODES,
+    Coefficients,
+    InlineVector,
+    PositionRule,
+    ResolvedOp,
+    When,
+)
 
 # A feature index written in text: ASCII digits only (str.isdigit and int() also take "²" and "٣").
 ASCII_INDEX = re.compile(r"[0-9]{1,18}")
@@ -63,26 +68,16 @@ class Catalog(NamedTuple):
         return [sae_id for sae_id in self.saes if self.may_read(sae_id)]
 
 
-def _positions(p: Positions | LastPromptTokens) -> tuple[int, int]:
+def _positions(p: Positions | LastPromptTokens) -> PositionRule:
     if isinstance(p, LastPromptTokens):
-        return POSITION_CODES["last_prompt_tokens"], p.last_prompt_tokens
-    return POSITION_CODES[p], 0
+        return PositionRule(code=POSITION_CODES["last_prompt_tokens"], last_n=p.last_prompt_tokens)
+    return PositionRule(code=POSITION_CODES[p])
 
 
-def _coefficients(op: str, value: float | None, normalize: bool) -> tuple[float, float, float]:
-    if op == "add":
-        return (0.0, 0.0, value) if normalize else (0.0, value, 0.0)
-    if op == "clamp":
-        return -1.0, value, 0.0
-    if op == "scale":
-        return value - 1.0, 0.0, 0.0
-    return -1.0, 0.0, 0.0  # ablate
-
-
-def _condition(cond: Condition | None, layer: int, catalog: Catalog, path: str) -> dict:
-    """ResolvedOp's cond_* fields."""
+def _condition(cond: Condition | None, layer: int, catalog: Catalog, path: str) -> When | None:
+    """ResolvedOp.when of an operation at `layer` (None: always)."""
     if cond is None:
-        return {}
+        return None
     sae, index = resolve_feature(cond, catalog, f"{path}.when")
     if sae.layer != layer:
         raise SpecError(
@@ -94,13 +89,9 @@ def _condition(cond: Condition | None, layer: int, catalog: Catalog, path: str) 
         raise SpecError(
             f"{path}.when.{'above' if cond.sign > 0 else 'below'}", f"must be <= {catalog.max_abs_value:g}"
         )
-    return {
-        "cond_source": sae.id,
-        "cond_index": index,
-        "cond_sign": cond.sign,
-        "cond_threshold": float(cond.threshold),
-        "cond_revision": sae.revision,
-    }
+    return When(
+        sae=sae.id, index=index, sign=cond.sign, threshold=float(cond.threshold), revision=sae.revision
+    )
 
 
 def _find_feature(op: FeatureRef, catalog: Catalog, path: str) -> tuple[SAEInfo, int]:
@@ -160,22 +151,16 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
         sae, index = resolve_feature(op, catalog, path)
         if op.value is not None and abs(op.value) > catalog.max_abs_value:
             raise SpecError(f"{path}.value", f"|value| must be <= {catalog.max_abs_value:g}")
-        pos, last_n = _positions(op.positions)
-        a, b, bn = _coefficients(op.op, op.value, op.normalize)
-        cond = _condition(op.when, sae.layer, catalog, path)
         ops.append(
             ResolvedOp(
-                "feature",
-                sae.id,
-                index,
-                sae.layer,
-                a,
-                b,
-                bn,
-                pos,
-                last_n,
-                op.op,
-                **cond,
+                kind="feature",
+                op=op.op,
+                layer=sae.layer,
+                coef=Coefficients.of_feature_op(op.op, op.value, op.normalize),
+                source=sae.id,
+                index=index,
+                positions=_positions(op.positions),
+                when=_condition(op.when, sae.layer, catalog, path),
                 revision=sae.revision,
             )
         )
@@ -183,57 +168,46 @@ def resolve_spec(spec: SteeringSpec, catalog: Catalog, prefix: str = "steering")
         path = f"{prefix}.vectors[{i}]"
         if abs(op.scale) > catalog.max_abs_value:
             raise SpecError(f"{path}.scale", f"|scale| must be <= {catalog.max_abs_value:g}")
-        pos, last_n = _positions(op.positions)
-        b, bn = (0.0, op.scale) if op.normalize else (op.scale, 0.0)
+        coef = Coefficients.of_vector(op.scale, op.normalize)
         if op.inline:
             if op.layer not in catalog.layers:
                 raise SpecError(
                     f"{path}.layer",
                     f"layer {op.layer} is not steered on this server; steered: {list(catalog.layers)}",
                 )
-            vec = inline_vector(op, path)
-            if vec.size != catalog.d_model:
-                field = "values" if op.values is not None else "base64"
+            field = "values" if op.values is not None else "base64"
+            vector = InlineVector.of(inline_vector(op, path))
+            if vector.values.size != catalog.d_model:
                 raise SpecError(
-                    f"{path}.{field}", f"has {vec.size} values; the model's d_model is {catalog.d_model}"
+                    f"{path}.{field}",
+                    f"has {vector.values.size} values; the model's d_model is {catalog.d_model}",
                 )
-            if not float(np.linalg.norm(vec.astype(np.float64))) > 0:
-                raise SpecError(f"{path}.{'values' if op.values is not None else 'base64'}", "is all zeros")
-            cond = _condition(op.when, op.layer, catalog, path)
+            if not vector.norm > 0:
+                raise SpecError(f"{path}.{field}", "is all zeros")
             ops.append(
                 ResolvedOp(
-                    "inline",
-                    "",
-                    0,
-                    op.layer,
-                    0.0,
-                    b,
-                    bn,
-                    pos,
-                    last_n,
-                    "vector",
-                    **cond,
-                    vector=encode_vector(vec),
+                    kind="inline",
+                    op="vector",
+                    layer=op.layer,
+                    coef=coef,
+                    positions=_positions(op.positions),
+                    when=_condition(op.when, op.layer, catalog, path),
+                    inline=vector,
                 )
             )
             continue
         if op.name not in catalog.vectors:
             raise SpecError(f"{path}.name", f"unknown vector {op.name!r}; loaded: {sorted(catalog.vectors)}")
         info = catalog.vectors[op.name]
-        cond = _condition(op.when, info.layer, catalog, path)
         ops.append(
             ResolvedOp(
-                "vector",
-                op.name,
-                0,
-                info.layer,
-                0.0,
-                b,
-                bn,
-                pos,
-                last_n,
-                "vector",
-                **cond,
+                kind="vector",
+                op="vector",
+                layer=info.layer,
+                coef=coef,
+                source=op.name,
+                positions=_positions(op.positions),
+                when=_condition(op.when, info.layer, catalog, path),
                 revision=info.revision,
             )
         )
@@ -317,14 +291,14 @@ def check_policy(
             f"{prefix}.vectors",
             f"{len(inline)} inline vectors; at most {policy.max_inline_vectors} per request here",
         )
-    for i, vec in inline:
+    inline_ops = [op for op in ops if op.kind == "inline"]  # one per inline vector of the spec, in order
+    for (i, vec), op in zip(inline, inline_ops, strict=True):
         if policy.max_inline_norm is None:
             break
         field = "values" if vec.values is not None else "base64"
         path = f"{prefix}.vectors[{i}]"
-        norm = float(np.linalg.norm(inline_vector(vec, path).astype(np.float64))) * abs(vec.scale)
-        if vec.normalize:
-            norm = abs(vec.scale)  # a fraction of |x|: the vector's own length does not count
+        # normalised: a fraction of |x|, the vector's own length does not count
+        norm = abs(vec.scale) if vec.normalize else op.inline.norm * abs(vec.scale)
         if norm > policy.max_inline_norm:
             raise SpecError(
                 f"{path}.{field}",

@@ -28,7 +28,15 @@ from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.request import Request
 
 from steer_adapters.vllm import engine_core
-from steer_plugin.request.wire import POSITION_CODES, WIRE_KEY, ObservePlan, RequestPlan, ResolvedOp
+from steer_plugin.request.wire import (
+    POSITION_CODES,
+    WIRE_KEY,
+    Coefficients,
+    ObservePlan,
+    PositionRule,
+    RequestPlan,
+    ResolvedOp,
+)
 from tests.adapters.runner_v2 import vllm_env
 
 BLOCK = 16
@@ -42,12 +50,20 @@ def patched():
     kv_cache_utils.init_none_hash(sha256)
 
 
-def op(positions: str) -> ResolvedOp:
-    return ResolvedOp("feature", "s", 1, 0, 0.0, 2.0, 0.0, POSITION_CODES[positions], 0)
+def op(positions: str, b: float = 2.0) -> ResolvedOp:
+    return ResolvedOp(
+        kind="feature",
+        op="add",
+        layer=0,
+        coef=Coefficients(a=0.0, b=b),
+        source="s",
+        index=1,
+        positions=PositionRule(code=POSITION_CODES[positions]),
+    )
 
 
 def wire(*ops: ResolvedOp, observe: ObservePlan | None = None) -> str:
-    return RequestPlan.build(ops, observe).encode()
+    return RequestPlan.build(ops, observe=observe).encode()
 
 
 def core_request(extra: dict | None, block_hashes: list | None = None) -> EngineCoreRequest:
@@ -98,7 +114,7 @@ def test_steering_from_position_zero_shares_nothing():
 
 def test_different_steering_different_salt():
     a = blocks({WIRE_KEY: wire(op("all"))})
-    b = blocks({WIRE_KEY: wire(op("all")._replace(b=3.0))})
+    b = blocks({WIRE_KEY: wire(op("all", b=3.0))})
     assert a[0] != b[0]
 
 

@@ -31,7 +31,7 @@ EOS = {"A": 2, "B": 3, "C": 4}  # each request's own end token
 def plan(aborts: bool) -> str:
     """A signed plan observing SAE `s`, with an abort_when on feature 1 when `aborts`."""
     spec = ObservePlan("a" * 32, ("s",), 1, False, abort=(AbortSpec("s", 1, 0.5, 1),) if aborts else ())
-    return RequestPlan.build([], spec).encode()
+    return RequestPlan.build([], observe=spec).encode()
 
 
 class FiringSteerer:

@@ -96,17 +96,19 @@ def engine_change(request: dict, sae, vec, x, pos, prompt_len, terms=ALL_TERMS) 
         return torch.tensor([values] * n, dtype=dtype)  # [n, K]
 
     cols = per_token([bank.row(o.kind, o.source, o.index) for o in ops], torch.long)
-    coef = torch.tensor([[[o.a, o.b, o.bn] for o in ops]] * n, dtype=torch.float32)  # [n, K, 3]
+    coef_k = [[o.coef.a, o.coef.b, o.coef.bn] for o in ops]  # [K, 3]
+    coef = torch.tensor([coef_k] * n, dtype=torch.float32)  # [n, K, 3]
     applies = position_gate(
-        per_token([o.positions for o in ops], torch.long), per_token([o.last_n for o in ops], torch.long),
+        per_token([o.positions.code for o in ops], torch.long),
+        per_token([o.positions.last_n for o in ops], torch.long),
         pos, prompt_len,
     )  # fmt: skip
+    whens = [o.when for o in ops]
     conditions = Conditions(
-        per_token([bank.row("feature", o.cond_source, o.cond_index) if o.cond_sign else 0 for o in ops],
-                  torch.long),
-        per_token([o.cond_threshold for o in ops], torch.float32),
-        per_token([o.cond_sign for o in ops], torch.long),
-    )  # fmt: skip
+        per_token([0 if w is None else bank.row("feature", w.sae, w.index) for w in whens], torch.long),
+        per_token([0.0 if w is None else w.threshold for w in whens], torch.float32),
+        per_token([0 if w is None else w.sign for w in whens], torch.long),
+    )
     return ws_delta(x, cols, coef, applies, bank, terms, conditions)
 
 

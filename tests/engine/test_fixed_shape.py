@@ -120,7 +120,7 @@ def run_op(hidden, residual, capturing: bool, monkeypatch) -> torch.Tensor:
 
 
 def encode_wire(ops, observe=None) -> str:
-    return RequestPlan.build(ops, observe).encode()
+    return RequestPlan.build(ops, observe=observe).encode()
 
 
 def random_condition(rng: random.Random) -> dict | None:
@@ -438,15 +438,15 @@ def test_fixed_shape_matches_the_definitions_for_every_sae_kind(case, monkeypatc
     bank = build_layer_bank(LAYER, [("s", sae)], [("v", vec)], cpu, torch.float32)
     plan = LayerPlan(
         bank_rows=np.array([bank.row(o.kind, o.source, o.index) for o in ops]),
-        coef=np.array([[o.a, o.b, o.bn] for o in ops], dtype=np.float32),
-        positions=np.array([o.positions for o in ops], dtype=np.int8),
-        last_n=np.array([o.last_n for o in ops]),
+        coef=np.array([[o.coef.a, o.coef.b, o.coef.bn] for o in ops], dtype=np.float32),
+        positions=np.array([o.positions.code for o in ops], dtype=np.int8),
+        last_n=np.array([o.positions.last_n for o in ops]),
         op_codes=np.array([OP_NAMES.index(o.op) for o in ops], dtype=np.int8),
         cond_rows=np.array(
-            [bank.row("feature", o.cond_source, o.cond_index) if o.cond_sign else -1 for o in ops]
+            [-1 if o.when is None else bank.row("feature", o.when.sae, o.when.index) for o in ops]
         ),
-        cond_thr=np.array([o.cond_threshold for o in ops], dtype=np.float32),
-        cond_sign=np.array([o.cond_sign for o in ops], dtype=np.int8),
+        cond_thr=np.array([0.0 if o.when is None else o.when.threshold for o in ops], dtype=np.float32),
+        cond_sign=np.array([0 if o.when is None else o.when.sign for o in ops], dtype=np.int8),
     )
     step = StepMetadata(16, 4, cpu)
     tables = LayerTables(bank, 4, 8, bank.num_rows, cpu)

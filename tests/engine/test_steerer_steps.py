@@ -29,7 +29,7 @@ D, D_SAE, LAYER, MAX_TOKENS, MAX_SEQS = 16, 48, 2, 64, 8
 
 def encode_wire(ops, observe: ObservePlan | None = None) -> str:
     """The signed message the API process would send for these ops and observation."""
-    return RequestPlan.build(ops, observe).encode()
+    return RequestPlan.build(ops, observe=observe).encode()
 
 
 @pytest.fixture(scope="module")

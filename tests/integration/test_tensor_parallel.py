@@ -79,7 +79,7 @@ def batch_params(assets, cids: list[str] | None) -> list:
         observe = (
             ObservePlan(cids[0], ("tiny",), INSPECT_TOP_K, False) if cids is not None and i == 1 else None
         )
-        extra = {WIRE_KEY: RequestPlan.build(ops, observe).encode()} if ops or observe else {}
+        extra = {WIRE_KEY: RequestPlan.build(ops, observe=observe).encode()} if ops or observe else {}
         params.append(
             SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP, extra_args=extra or None)
         )

@@ -8,6 +8,7 @@ import pytest
 from steer_plugin.config import PolicyConfig
 from steer_plugin.request.resolve import Catalog, check_policy, resolve_feature, resolve_spec
 from steer_plugin.request.schema import SpecError, parse_spec
+from steer_plugin.request.wire import PositionRule, When
 
 from .catalog import CATALOG
 
@@ -82,14 +83,14 @@ def test_resolution_coefficients_and_names():
         }
     )
     ops = resolve_spec(spec, Catalog(CATALOG.saes, CATALOG.vectors, 8, 8, 50.0))
-    assert [(o.source, o.index, o.layer, o.a, o.b, o.bn, o.op) for o in ops] == [
+    assert [(o.source, o.index, o.layer, o.coef.a, o.coef.b, o.coef.bn, o.op) for o in ops] == [
         ("a", 4, 3, -1.0, 6.0, 0.0, "clamp"),
         ("a", 7, 3, 2.0, 0.0, 0.0, "scale"),
         ("a", 1, 3, -1.0, 0.0, 0.0, "ablate"),
         ("a", 2, 3, 0.0, 0.0, 0.5, "add"),
         ("v", 0, 5, 0.0, 2.0, 0.0, "vector"),
     ]
-    assert ops[1].positions == 3 and ops[1].last_n == 2
+    assert ops[1].positions == PositionRule(code=3, last_n=2)
 
 
 def test_inline_vectors_decode_from_every_encoding():
@@ -106,8 +107,9 @@ def test_inline_vectors_decode_from_every_encoding():
         for e in encodings
     ]
     for op in ops:
-        assert (op.kind, op.layer, op.b, op.op) == ("inline", 5, 2.0, "vector")
-        assert np.frombuffer(base64.b64decode(op.vector), dtype="<f4").tolist() == values.tolist()
+        assert (op.kind, op.layer, op.coef.b, op.op) == ("inline", 5, 2.0, "vector")
+        assert op.inline.values.tolist() == values.tolist()
+        assert np.frombuffer(base64.b64decode(op.inline.base64), dtype="<f4").tolist() == values.tolist()
 
 
 def test_conditions_resolve_to_the_feature_and_bound():
@@ -118,9 +120,9 @@ def test_conditions_resolve_to_the_feature_and_bound():
         "vectors": [{"name": "v", "when": {"sae": "b", "index": 4, "below": -0.5}}],
     }
     ops = resolve_spec(parse_spec(spec), CATALOG)
-    assert [(o.cond_source, o.cond_index, o.cond_sign, o.cond_threshold) for o in ops] == [
-        ("a", 7, 1, 3.0),
-        ("b", 4, -1, -0.5),
+    assert [o.when for o in ops] == [
+        When(sae="a", index=7, sign=1, threshold=3.0),
+        When(sae="b", index=4, sign=-1, threshold=-0.5),
     ]
 
 

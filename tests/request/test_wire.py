@@ -17,10 +17,16 @@ from steer_plugin.request.wire import (
     AbortSpec,
     Admissions,
     Binding,
+    Coefficients,
+    InlineVector,
     ObservePlan,
+    PositionRule,
     RequestPlan,
+    ResolvedOp,
     WatchSpec,
+    When,
     admit_plan,
+    wire_salt,
 )
 from steer_plugin.signing import SignatureError
 
@@ -30,15 +36,13 @@ OBSERVE = ObservePlan("c" * 32, ("a",), 5, True, (WatchSpec("a", 3, 1.5),), (), 
 
 
 def plan_of(steering: dict, catalog: Catalog = CATALOG, observe: ObservePlan | None = None) -> RequestPlan:
-    return RequestPlan.build(resolve_spec(parse_spec(steering), catalog), observe)
+    return RequestPlan.build(resolve_spec(parse_spec(steering), catalog), observe=observe)
 
 
 def message(ops: list, observe: list | None = None, salt: object = "auto", **extra) -> str:
     """A signed plan written by hand (not by RequestPlan.encode): what a buggy writer could send."""
     if salt == "auto":
-        from steer_plugin.request.wire import steering_salt
-
-        salt = steering_salt(ops)
+        salt = wire_salt(ops)
     return signing.sign(
         json.dumps({"v": WIRE_VERSION, "ops": ops, "observe": observe, "salt": salt, "bind": None, **extra})
     )
@@ -59,11 +63,11 @@ def test_plan_round_trips_ops_observation_and_salt():
     plan = plan_of(steering, observe=OBSERVE)
     assert len(plan.ops) == 4 and plan.salt is not None
     assert RequestPlan.decode(plan.encode()) == plan
-    observed_only = RequestPlan.build([], OBSERVE)
+    observed_only = RequestPlan.build([], observe=OBSERVE)
     assert RequestPlan.decode(observed_only.encode()) == observed_only
     assert (
         observed_only.observes_prompt
-        and not RequestPlan.build([], OBSERVE._replace(prompt=False)).observes_prompt
+        and not RequestPlan.build([], observe=OBSERVE._replace(prompt=False)).observes_prompt
     )
 
 
@@ -74,7 +78,7 @@ def test_salt_is_equal_exactly_when_the_steering_is():
         return plan_of({"features": [feature]}, catalog).salt
 
     # Unsteered (nothing, or observation only) computes plain KV: no salt, blocks shared with everyone.
-    assert RequestPlan.build([]).salt is None and RequestPlan.build([], OBSERVE).salt is None
+    assert RequestPlan.build([]).salt is None and RequestPlan.build([], observe=OBSERVE).salt is None
     # The same steering, however the client spelled it and whether it is observed, in a fresh plan and after
     # a round trip, has one salt: its requests share their steered blocks.
     spelled = {"positions": "all", "op": "add", "value": 1.0, "index": 1, "sae": "a"}
@@ -103,7 +107,7 @@ def test_salt_is_equal_exactly_when_the_steering_is():
 
 
 def test_plan_level_fields_are_checked():
-    ops = [list(op) for op in plan_of({"features": [{"sae": "a", "index": 1, "value": 1}]}).ops]
+    ops = [op.to_wire() for op in plan_of({"features": [{"sae": "a", "index": 1, "value": 1}]}).ops]
     assert RequestPlan.decode(message(ops)).ops[0].index == 1
     for bad in (
         message(ops, salt="steer-" + "0" * 24),  # a salt that is not the ops'
@@ -170,37 +174,130 @@ def test_wire_messages_are_signed(monkeypatch):
         RequestPlan.decode(wire)
 
 
-GOOD_OP = ["feature", "a", 1, 3, 0.0, 1.0, 0.0, 0, 0, "add", "", -1, 0, 0.0, "", "", ""]
-NAN_VECTOR = base64.b64encode(np.array([1.0, np.nan], dtype="<f4").tobytes()).decode()
+GOOD_OP = {
+    "kind": "feature",
+    "op": "add",
+    "layer": 3,
+    "coef": {"a": 0.0, "b": 1.0, "bn": 0.0},
+    "source": "a",
+    "index": 1,
+    "positions": {"code": 0, "last_n": 0},
+    "when": None,
+    "inline": None,
+    "revision": "",
+}
+WHEN = {"sae": "a", "index": 7, "sign": 1, "threshold": 3.0, "revision": ""}
+INLINE = {"kind": "inline", "op": "vector", "source": "", "index": 0}
+
+
+def vector_text(*values: float) -> str:
+    return base64.b64encode(np.array(values, dtype="<f4").tobytes()).decode()
+
+
+def test_ops_travel_by_field_name_and_are_built_by_keyword():
+    op = RequestPlan.decode(message([GOOD_OP])).ops[0]
+    assert op == ResolvedOp(
+        kind="feature", op="add", layer=3, coef=Coefficients(a=0.0, b=1.0), source="a", index=1
+    )
+    assert op.to_wire() == GOOD_OP  # every field by its name: a renamed field fails here and below
+    conditioned = RequestPlan.decode(
+        message([{**GOOD_OP, "when": WHEN, "positions": {"code": 3, "last_n": 2}}])
+    )
+    assert conditioned.ops[0].when == When(sae="a", index=7, sign=1, threshold=3.0)
+    assert conditioned.ops[0].positions == PositionRule(code=3, last_n=2)
+    inline = (
+        RequestPlan.decode(message([{**GOOD_OP, **INLINE, "inline": vector_text(3.0, 4.0)}])).ops[0].inline
+    )
+    assert inline.values.tolist() == [3.0, 4.0] and inline.norm == 5.0
+    assert inline == InlineVector.of(np.array([3.0, 4.0])) and inline.base64 == vector_text(3.0, 4.0)
+    with pytest.raises(TypeError):
+        ResolvedOp("feature", "add", 3, Coefficients(a=0.0, b=1.0))  # no field is positional
+
+
+def test_resolved_ops_round_trip_the_wire():
+    steering = {
+        "features": [
+            {"sae": "a", "index": 1, "op": "scale", "value": 2, "positions": {"last_prompt_tokens": 2}},
+            {
+                "sae": "a",
+                "index": 2,
+                "value": 0.5,
+                "normalize": True,
+                "when": {"sae": "a", "index": 7, "below": 1},
+            },
+        ],
+        "vectors": [{"values": [1.0, 2.0, 3.0, 4.0], "layer": 3, "scale": 2.0}],
+    }
+    ops = plan_of(steering).ops
+    assert [o.to_wire()["kind"] for o in ops] == ["feature", "feature", "inline"]
+    decoded = RequestPlan.decode(message([o.to_wire() for o in ops])).ops
+    assert decoded == ops and decoded[2].inline.values.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+NAN_VECTOR = vector_text(1.0, float("nan"))
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "field"),
     [
-        {2: -1},
-        {5: float("nan")},
-        {7: 9},
-        {9: "selftest"},
-        {2: True},
-        {12: 2},  # condition sign
-        {12: 1},  # a condition without its feature
-        {10: "a", 11: 1, 12: 1, 13: float("inf")},
-        {0: "inline"},  # an inline op without its vector
-        {14: "AAAAAA=="},  # a vector on a configured-vector op
-        {0: "inline", 14: NAN_VECTOR},
-        {15: 7},  # a revision that is not a string
-        {16: "r" * 65},  # a condition revision longer than any we write
+        ({"index": -1}, ".index"),
+        ({"index": True}, ".index"),
+        ({"index": 2**63}, ".index"),  # beyond the workers' int64 tables
+        ({"positions": {"code": 3, "last_n": 10**400}}, ".positions.last_n"),
+        ({"coef": {"a": 0.0, "b": 10**400, "bn": 0.0}}, ".coef.b"),  # not a float at all
+        ({"coef": {"a": 0.0, "b": 1e39, "bn": 0.0}}, ".coef.b"),  # inf in float32
+        ({"layer": "3"}, ".layer"),
+        ({"kind": "other"}, ".kind"),
+        ({"op": "selftest"}, ".op"),
+        ({"op": "vector"}, ".op"),  # a feature op is add, clamp, scale or ablate
+        ({**INLINE, "op": "add", "inline": vector_text(1.0)}, ".op"),
+        ({"source": 5}, ".source"),
+        ({"coef": {"a": 0.0, "b": float("nan"), "bn": 0.0}}, ".coef.b"),
+        ({"coef": {"a": 0.0, "b": 1.0}}, ".coef must be an object of the fields a, b, bn"),
+        ({"positions": {"code": 9, "last_n": 0}}, ".positions.code"),
+        ({"positions": {"code": 3, "last_n": -1}}, ".positions.last_n"),
+        ({"positions": 3}, ".positions must be an object"),
+        ({"when": {**WHEN, "sign": 2}}, ".when.sign"),
+        ({"when": {**WHEN, "sign": 0}}, ".when.sign"),  # no condition is `when: null`
+        ({"when": {**WHEN, "sign": True}}, ".when.sign"),
+        ({"when": {**WHEN, "sae": ""}}, ".when.sae"),  # a condition without its feature
+        ({"when": {**WHEN, "index": -1}}, ".when.index"),
+        ({"when": {**WHEN, "threshold": float("inf")}}, ".when.threshold"),
+        ({"when": {**WHEN, "revision": "r" * 65}}, ".when.revision"),  # longer than any we write
+        ({"when": {k: v for k, v in WHEN.items() if k != "revision"}}, ".when must be an object"),
+        ({**INLINE}, ".inline"),  # an inline op without its vector
+        ({**INLINE, "source": "a", "inline": vector_text(1.0)}, ".source"),
+        ({"inline": vector_text(1.0)}, ".inline"),  # a vector on a feature op
+        ({**INLINE, "inline": NAN_VECTOR}, ".inline"),
+        ({**INLINE, "inline": vector_text(0.0, 0.0)}, ".inline"),
+        ({**INLINE, "inline": "AAE="}, ".inline"),  # two bytes: not a float32
+        ({**INLINE, "inline": "not base64!"}, ".inline"),
+        ({**INLINE, "inline": 1.0}, ".inline"),
+        ({"revision": 7}, ".revision"),
+        ({"revision": "r" * 65}, ".revision"),
+        ({"extra": 1}, " must be an object of the fields"),
     ],
 )
-def test_signed_but_malformed_ops_are_refused(change):
+def test_signed_but_malformed_ops_are_refused_naming_the_field(change, field):
     assert (
         RequestPlan.decode(message([GOOD_OP])).ops[0].index == 1
     )  # the unchanged op is fine: each case fails on its change only
-    op = [change.get(i, v) for i, v in enumerate(GOOD_OP)]
-    with pytest.raises(ValueError):
-        RequestPlan.decode(message([op]))
-    with pytest.raises(ValueError):
-        RequestPlan.decode(message([GOOD_OP[:10]]))
+    with pytest.raises(ValueError, match=re.escape(f"ops[1]{field}")):  # the second op is the bad one
+        RequestPlan.decode(message([GOOD_OP, {**GOOD_OP, **change}]))
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        {k: v for k, v in GOOD_OP.items() if k != "revision"},  # a field missing
+        list(GOOD_OP.values()),  # wire version 5's positional list
+        "op",
+        None,
+    ],
+)
+def test_ops_that_are_not_objects_of_the_fields_are_refused(op):
+    with pytest.raises(ValueError, match=re.escape("ops[0] must be an object of the fields kind, op, layer")):
+        RequestPlan.decode(message([op], salt=None))
 
 
 # --- binding: a plan belongs to its request, a short window and a number of uses ----------------------------
