@@ -33,8 +33,8 @@ from steer_plugin.catalog import LoadedSAE, LoadedVector, load_sae_source, load_
 from steer_plugin.config import ConfigError, RuntimeConfig, SAESource, VectorSource
 from steer_plugin.files import FileRefused, confined, real_path, under
 from steer_plugin.messages import LoadCommand, LoadOutcome
+from steer_plugin.request.ops import ResolvedOp
 from steer_plugin.request.schema import SpecError, json_path
-from steer_plugin.request.wire import ResolvedOp
 
 logger = logging.getLogger("steer_plugin")
 

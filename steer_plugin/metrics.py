@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from steer_plugin.messages import HistogramCounts, WorkerStats
-from steer_plugin.request.wire import OP_NAMES
+from steer_plugin.request.ops import OP_NAMES
 
 STEERED_REQUESTS = Counter("steer_requests", "Requests with steering, by operation they use", ["op"])
 REJECTED_REQUESTS = Counter("steer_rejected_requests", "Requests rejected by the steering plugin", ["reason"])

@@ -23,6 +23,7 @@ from steer_plugin.config import SteerConfig
 from steer_plugin.discovery import Discovery
 from steer_plugin.observation import ObservationBudget, ObservationCost
 from steer_plugin.readback import Observation
+from steer_plugin.request.ops import ResolvedOp
 from steer_plugin.request.plan import (
     STEERING_FIELD,
     Endpoint,
@@ -32,15 +33,7 @@ from steer_plugin.request.plan import (
 )
 from steer_plugin.request.resolve import check_counts
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
-from steer_plugin.request.wire import (
-    MAX_USES,
-    WIRE_KEY,
-    AbortSpec,
-    Binding,
-    ObservePlan,
-    RequestPlan,
-    ResolvedOp,
-)
+from steer_plugin.request.wire import MAX_USES, WIRE_KEY, AbortSpec, Binding, ObservePlan, RequestPlan
 
 logger = logging.getLogger("steer_plugin")
 

@@ -3,8 +3,9 @@
 import pytest
 
 from steer_plugin.offline import steering_args
+from steer_plugin.request.ops import Coefficients, ResolvedOp
 from steer_plugin.request.schema import SpecError
-from steer_plugin.request.wire import WIRE_KEY, Coefficients, RequestPlan, ResolvedOp
+from steer_plugin.request.wire import WIRE_KEY, RequestPlan
 
 from .test_service import service
 

@@ -11,18 +11,10 @@ import torch
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
 from steer_plugin.config import parse_config
 from steer_plugin.monitor import channel
+from steer_plugin.request.ops import Coefficients, PositionRule, ResolvedOp
 from steer_plugin.request.records import TokenRecord
 from steer_plugin.request.schema import SpecError
-from steer_plugin.request.wire import (
-    TRACE_THRESHOLD,
-    WIRE_KEY,
-    AbortSpec,
-    Coefficients,
-    PositionRule,
-    RequestPlan,
-    ResolvedOp,
-    WatchSpec,
-)
+from steer_plugin.request.wire import TRACE_THRESHOLD, WIRE_KEY, AbortSpec, RequestPlan, WatchSpec
 from steer_plugin.sae.model import SparseAutoencoder
 from steer_plugin.service import SteeringService
 

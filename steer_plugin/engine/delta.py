@@ -32,7 +32,7 @@ from steer_plugin.engine.bank import (
     NORM_KIND,
     THRESHOLD,
 )
-from steer_plugin.request.wire import POSITION_CODES
+from steer_plugin.request.ops import POSITION_CODES
 
 COEF_A, COEF_B, COEF_BN = range(3)
 

@@ -24,7 +24,8 @@ from steer_plugin.engine.slots import SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
 from steer_plugin.messages import HistogramCounts, WorkerStats
-from steer_plugin.request.wire import ObservePlan, RequestPlan, ResolvedOp
+from steer_plugin.request.ops import ResolvedOp
+from steer_plugin.request.wire import ObservePlan, RequestPlan
 
 logger = logging.getLogger("steer_plugin")
 

@@ -20,8 +20,8 @@ from steer_plugin.engine.bank import CENTER, NORM_KIND, LayerBank
 from steer_plugin.engine.delta import DeltaTerms
 from steer_plugin.engine.gate import Flag, flags_of
 from steer_plugin.engine.step import copy_rows, device_mirror
-from steer_plugin.request.wire import OP_NAMES as REQUEST_OP_NAMES
-from steer_plugin.request.wire import POSITION_CODES
+from steer_plugin.request.ops import OP_NAMES as REQUEST_OP_NAMES
+from steer_plugin.request.ops import POSITION_CODES
 
 logger = logging.getLogger("steer_plugin")
 

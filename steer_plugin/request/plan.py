@@ -15,6 +15,7 @@ from typing import NamedTuple
 from steer_plugin.body import lax_int, prompt_count
 from steer_plugin.config import SteerConfig
 from steer_plugin.observation import ObservationCost
+from steer_plugin.request.ops import ResolvedOp
 from steer_plugin.request.resolve import (
     Catalog,
     check_inspectable,
@@ -23,7 +24,7 @@ from steer_plugin.request.resolve import (
     resolve_spec,
 )
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec
-from steer_plugin.request.wire import TRACE_THRESHOLD, AbortSpec, ObservePlan, ResolvedOp, WatchSpec
+from steer_plugin.request.wire import TRACE_THRESHOLD, AbortSpec, ObservePlan, WatchSpec
 
 STEERING_FIELD = "steering"
 

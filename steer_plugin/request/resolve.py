@@ -11,6 +11,14 @@ import re
 from typing import NamedTuple
 
 from steer_plugin.config import PolicyConfig
+from steer_plugin.request.ops import (
+    POSITION_CODES,
+    Coefficients,
+    InlineVector,
+    PositionRule,
+    ResolvedOp,
+    When,
+)
 from steer_plugin.request.schema import (
     Condition,
     FeatureRef,
@@ -19,14 +27,6 @@ from steer_plugin.request.schema import (
     SpecError,
     SteeringSpec,
     inline_vector,
-)
-from steer_plugin.request.wire import (
-    POSITION_CODES,
-    Coefficients,
-    InlineVector,
-    PositionRule,
-    ResolvedOp,
-    When,
 )
 
 # A feature index written in text: ASCII digits only (str.isdigit and int() also take "²" and "٣").

@@ -28,15 +28,8 @@ from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.request import Request
 
 from steer_adapters.vllm import engine_core
-from steer_plugin.request.wire import (
-    POSITION_CODES,
-    WIRE_KEY,
-    Coefficients,
-    ObservePlan,
-    PositionRule,
-    RequestPlan,
-    ResolvedOp,
-)
+from steer_plugin.request.ops import POSITION_CODES, Coefficients, PositionRule, ResolvedOp
+from steer_plugin.request.wire import WIRE_KEY, ObservePlan, RequestPlan
 from tests.adapters.runner_v2 import vllm_env
 
 BLOCK = 16

@@ -9,7 +9,7 @@ from steer_plugin.engine.bank import LayerBank
 from steer_plugin.engine.delta import position_gate
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import NO_OP, OP_NAMES, LayerPlan, LayerTables, WorkingSetFull
-from steer_plugin.request.wire import POSITION_CODES
+from steer_plugin.request.ops import POSITION_CODES
 
 D, N = 4, 12
 

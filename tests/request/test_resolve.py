@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from steer_plugin.config import PolicyConfig
+from steer_plugin.request.ops import PositionRule, When
 from steer_plugin.request.resolve import Catalog, check_policy, resolve_feature, resolve_spec
 from steer_plugin.request.schema import SpecError, parse_spec
-from steer_plugin.request.wire import PositionRule, When
 
 from .catalog import CATALOG
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from steer_plugin import signing
+from steer_plugin.request.ops import Coefficients, InlineVector, PositionRule, ResolvedOp, When
 from steer_plugin.request.resolve import Catalog, SAEInfo, resolve_spec
 from steer_plugin.request.schema import parse_spec
 from steer_plugin.request.wire import (
@@ -17,14 +18,9 @@ from steer_plugin.request.wire import (
     AbortSpec,
     Admissions,
     Binding,
-    Coefficients,
-    InlineVector,
     ObservePlan,
-    PositionRule,
     RequestPlan,
-    ResolvedOp,
     WatchSpec,
-    When,
     admit_plan,
     wire_salt,
 )
