@@ -67,6 +67,10 @@ class LayerBank:
             raise IndexError(f"{kind} {source!r} has no index {index}")
         return entry.offset + index
 
+    def feature_bytes(self, sae_id: str) -> int:
+        """Bytes an SAE's features take in this bank (a decoder and an encoder row each)."""
+        return self.entries[("feature", sae_id)].size * 2 * self.dec.shape[1] * self.dec.element_size()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.dec, self.enc, self.params))
 

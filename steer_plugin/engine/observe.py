@@ -36,6 +36,48 @@ class ObservedRows(NamedTuple):
     req_index: int = -1  # the request's index in the step's batch
 
 
+def observed_rows(req_ids, wires, query_start, num_computed, num_prompt, observe_for) -> list[ObservedRows]:
+    """This step's observed token rows, one group per (request, SAE): every prompt row when the request
+    observes its prompt, else the row whose logits give the token this step samples (none while a chunked
+    prefill has not reached the end of the prompt). `observe_for(req_id, wire)` is the request's observation
+    (None: not observed)."""
+    groups = []
+    for i, wire in enumerate(wires):
+        if not wire:
+            continue
+        spec = observe_for(req_ids[i], wire)
+        if spec is None:
+            continue
+        start, end = int(query_start[i]), int(query_start[i + 1])
+        first, prompt_len = int(num_computed[i]), int(num_prompt[i])
+        samples = first + (end - start) >= prompt_len and end > start  # this step samples a token
+        if spec.prompt:
+            rows = list(range(start, end))
+        elif samples:
+            rows = [end - 1]  # the row whose logits give this step's sampled token
+        else:
+            rows = []
+        if not rows:
+            continue
+        for sae_id in spec.saes:
+            groups.append(
+                ObservedRows(
+                    spec.cid,
+                    sae_id,
+                    spec.top_k,
+                    rows,
+                    [first + r - start for r in rows],
+                    prompt_len,
+                    tuple((w.index, w.threshold) for w in spec.watch if w.sae == sae_id),
+                    stats=sae_id in spec.stats,
+                    abort=tuple(a for a in spec.abort if a.sae == sae_id),
+                    predicting=first + end - 1 - start if samples else -1,
+                    req_index=i,
+                )
+            )
+    return groups
+
+
 class AbortHit(NamedTuple):
     """An abort_when condition that fired: the request's sampled token is forced to end the sequence."""
 

@@ -17,9 +17,11 @@ import torch
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
-from steer_plugin.engine.bank import LayerBank, ScratchFull, build_layer_bank
-from steer_plugin.engine.observe import ObservedRows, Observer
+from steer_plugin.engine.bank import LayerBank, build_layer_bank
+from steer_plugin.engine.observe import ObservedRows, Observer, observed_rows
+from steer_plugin.engine.requests import InlineRows, RequestTable
 from steer_plugin.engine.runtime_loads import LoadTarget, RuntimeLoads
+from steer_plugin.engine.selftest import check_probes
 from steer_plugin.engine.slots import SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
@@ -38,10 +40,6 @@ class BatchView(NamedTuple):
     num_computed: np.ndarray  # [R]: position of each request's first token in this step
     num_prompt: np.ndarray  # [R]
     wires: list[str | None]  # [R]: SamplingParams.extra_args[WIRE_KEY] (a signed RequestPlan) or None
-
-
-class SelfTestError(RuntimeError):
-    """The steering op did not fire, or did not change the residual as expected."""
 
 
 class Steerer:
@@ -94,21 +92,13 @@ class Steerer:
             layer: steer_op.LayerRuntime(self.tables[layer], self.step, observable=layer in sae_layers)
             for layer in self.banks
         }
-        # Decoded plans by their wire text (each message decoded once in this process, whoever asks: the runner's
-        # step or a logits processor); per request, keyed by its id and checked against its wire text (a reused
-        # id with another message compiles afresh): its compiled layer plans (dropped when bank rows move) and its
-        # observation narrowed to the SAEs this worker has.
-        self._decoded: dict[object, RequestPlan | Exception] = {}
-        self._refused_askers: dict[object, set[str]] = {}  # bad wires: the requests already counted
-        self._plans: dict[str, tuple[object, dict[int, LayerPlan]]] = {}
-        self._observes: dict[str, tuple[object, ObservePlan | None]] = {}
+        self.requests = RequestTable(self._reject, self._free_rows)  # per-request state, one record each
         self._observed: list[ObservedRows] = []
-        self._inline_rows: dict[str, list[tuple[int, int]]] = {}  # request -> (layer, scratch row) it holds
         self.slots = SlotPlanner(
             self.step,
             self.tables,
             on_capacity=lambda req_id, err: self._reject("capacity", req_id, err),
-            on_release=self._released,
+            on_release=self.requests.released,
         )
         self.observer = Observer(
             {s.id: self.sae_view(s) for s in self.assets.saes.values()},
@@ -187,9 +177,11 @@ class Steerer:
 
     # --- per-request plans ---------------------------------------------------------------------------------
 
-    def _compile_plan(self, req_id: str, ops: list[ResolvedOp]) -> dict[int, LayerPlan]:
+    def _compile_plan(self, req_id: str, plan: RequestPlan, inline_rows: InlineRows) -> dict[int, LayerPlan]:
+        """The request's ops as rows of this worker's banks and coefficients, per layer it owns (the scratch rows
+        its inline vectors take are appended to `inline_rows`: the request table gives them back)."""
         by_layer: dict[int, list[ResolvedOp]] = {}
-        for o in ops:
+        for o in plan.ops:
             if o.layer in self.banks:  # other pipeline ranks own the other layers
                 by_layer.setdefault(o.layer, []).append(o)
         plans = {}
@@ -197,9 +189,9 @@ class Steerer:
             bank = self.banks[layer]
             rows = []
             for o in layer_ops:
-                if o.kind == "inline":  # held until the request's slot is released (_released)
+                if o.kind == "inline":  # held until the request's slot is released
                     row = bank.take_scratch(torch.from_numpy(o.inline.values))
-                    self._inline_rows.setdefault(req_id, []).append((layer, row))
+                    inline_rows.append((layer, row))
                 else:
                     row = bank.row(o.kind, o.source, o.index, o.revision)
                 rows.append(row)
@@ -217,81 +209,31 @@ class Steerer:
                 cond_thr=np.array([0.0 if w is None else w.threshold for w in whens], np.float32),
                 cond_sign=np.array([0 if w is None else w.sign for w in whens], np.int8),
             )
-        for o in ops:
+        for o in plan.ops:
             if o.kind == "feature":
                 self.features_applied[o.source] = self.features_applied.get(o.source, 0) + 1
         return plans
 
     def plan_of(self, wire: object, req_id: str | None = None) -> RequestPlan | None:
-        """The decoded plan of a wire message, decoded once per process whoever asks (the runner's step, a logits
-        processor); None (and counted) for a message we did not sign or that is out of range, and, given the
-        request's id, for a plan bound to another request (the request then runs unsteered and unobserved, never
-        crashing)."""
-        key = wire if isinstance(wire, str) else repr(wire)
-        if key not in self._decoded:
-            try:
-                self._decoded[key] = RequestPlan.decode(wire)  # signature and fields
-            except Exception as err:
-                self._decoded[key] = err
-        plan = self._decoded[key]
-        if isinstance(plan, Exception):
-            # decoded once, but counted once per request that carried it (many requests can share one bad wire)
-            askers = self._refused_askers.setdefault(key, set())
-            if req_id is None or req_id not in askers:
-                askers.add(req_id or "?")
-                self._reject("steering", req_id or "?", plan)
-            return None
-        if (
-            plan is not None
-            and req_id is not None
-            and plan.binding is not None
-            and not plan.binding.matches(req_id)
-        ):
-            self._reject(
-                "steering", req_id, ValueError("steering wire: the plan is bound to another request")
-            )
-            return None  # a bound plan: only on its own request
-        return plan
-
-    def request_plan(self, req_id: str, wire: object) -> RequestPlan | None:
-        """The request's decoded plan (see plan_of)."""
-        return self.plan_of(wire, req_id)
+        """The decoded plan of a wire message, decoded once per process whoever asks (requests.RequestTable)."""
+        return self.requests.plan_of(wire, req_id)
 
     def plan_for(self, req_id: str, wire: object) -> dict[int, LayerPlan]:
         """The request's ops compiled for the layers this worker owns (bank rows, coefficients)."""
-        cached = self._plans.get(req_id)
-        if cached is not None and cached[0] == wire:
-            return cached[1]
-        self._free_inline(req_id)
-        request = self.request_plan(req_id, wire)
-        try:
-            plan = self._compile_plan(req_id, list(request.ops)) if request is not None else {}
-        except ScratchFull as err:  # every inline-vector row is taken: unsteered, like a full working set
-            self._free_inline(req_id)
-            self._reject("capacity", req_id, err)
-            plan = {}
-        except Exception as err:  # a source unloaded since it was resolved: run the request unsteered
-            self._free_inline(req_id)
-            self._reject("steering", req_id, err)
-            plan = {}
-        self._plans[req_id] = (wire, plan)
-        return plan
+        return self.requests.layer_plans(req_id, wire, self._compile_plan)
 
-    def release_requests_using(self, layer: int, offset: int, size: int) -> None:
-        """Give back the slots of requests whose plan at `layer` names bank rows [offset, offset + size)."""
-        using = []
-        for req_id in self.step.slot_of:
-            plan = self._plans.get(req_id, (None, {}))[1].get(layer)
-            if plan is None:
-                continue
-            rows = (
-                plan.bank_rows if plan.cond_rows is None else np.concatenate([plan.bank_rows, plan.cond_rows])
-            )
-            if ((rows >= offset) & (rows < offset + size)).any():
-                using.append(req_id)
-        if using:
-            self.slots.release_many(using)
-            self.slots.forget_batch()
+    def observe_for(self, req_id: str, wire: object) -> ObservePlan | None:
+        """What to read for the request, narrowed to the SAEs this worker has (other stages read the rest)."""
+        return self.requests.observation(req_id, wire, self._narrowed)
+
+    def _narrowed(self, spec: ObservePlan) -> ObservePlan:
+        saes = self.observer.saes
+        return spec._replace(
+            saes=tuple(s for s in spec.saes if s in saes),
+            watch=tuple(w for w in spec.watch if w.sae in saes and w.index < saes[w.sae].d_sae),
+            stats=tuple(s for s in spec.stats if s in saes),
+            abort=tuple(a for a in spec.abort if a.sae in saes and a.index < saes[a.sae].d_sae),
+        )
 
     def _source_gone(self, source_id: str) -> None:
         """A source was unloaded at runtime: its metric series goes, and every cached plan (they name bank rows)."""
@@ -299,95 +241,33 @@ class Steerer:
         self.drop_plans()
 
     def drop_plans(self) -> None:
-        """Forget every cached plan (they name bank rows): requests entering a slot again compile afresh."""
-        self._plans = {}
+        """Forget every compiled plan (they name bank rows): requests entering a slot again compile afresh."""
+        self.requests.drop_compiled()
 
-    def _free_inline(self, req_id: str) -> None:
-        for layer, row in self._inline_rows.pop(req_id, []):
+    def _free_rows(self, rows: InlineRows) -> None:
+        for layer, row in rows:
             self.banks[layer].free_scratch(row)
-
-    def _released(self, req_id: str) -> None:
-        """A request gave its slot back (left the batch, changed steering, or was refused): its inline
-        vectors' rows are free again, so its plan (which names them) is compiled afresh if it comes back."""
-        if req_id in self._inline_rows:
-            self._free_inline(req_id)
-            self._plans.pop(req_id, None)
-
-    def observe_for(self, req_id: str, wire: object) -> ObservePlan | None:
-        """What to read for the request, narrowed to the SAEs this worker has (other stages read the rest)."""
-        cached = self._observes.get(req_id)
-        if cached is not None and cached[0] == wire:
-            return cached[1]
-        request = self.request_plan(req_id, wire)
-        spec = request.observe if request is not None else None
-        if spec is not None:
-            saes = self.observer.saes
-            spec = spec._replace(
-                saes=tuple(s for s in spec.saes if s in saes),
-                watch=tuple(w for w in spec.watch if w.sae in saes and w.index < saes[w.sae].d_sae),
-                stats=tuple(s for s in spec.stats if s in saes),
-                abort=tuple(a for a in spec.abort if a.sae in saes and a.index < saes[a.sae].d_sae),
-            )
-        self._observes[req_id] = (wire, spec)
-        return spec
 
     def _reject(self, what: str, req_id: str, err: Exception) -> None:
         self.rejected_messages[what] = self.rejected_messages.get(what, 0) + 1
         logger.error("steer_plugin: ignoring %s message of request %s: %s", what, req_id, err)
-
-    def _prune_plans(self, live: list[str], wires: list) -> None:
-        if len(self._decoded) > 4 * max(len(live), 64) or len(self._plans) > 4 * max(len(live), 64):
-            keep = set(live)
-            for req_id in [r for r in self._inline_rows if r not in keep and r not in self.step.slot_of]:
-                self._free_inline(req_id)  # a plan made for a request that never took its slot
-            self._plans = {k: v for k, v in self._plans.items() if k in keep}
-            self._observes = {k: v for k, v in self._observes.items() if k in keep}
-            live_wires = {w if isinstance(w, str) else repr(w) for w in wires if w is not None}
-            self._decoded = {k: v for k, v in self._decoded.items() if k in live_wires}
-            self._refused_askers = {k: v for k, v in self._refused_askers.items() if k in live_wires}
 
     def _plan_captures(self, batch: BatchView) -> None:
         """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
         self._observed = []
         if not any(batch.wires):
             return
+        self._observed = observed_rows(
+            batch.req_ids,
+            batch.wires,
+            batch.query_start,
+            batch.num_computed,
+            batch.num_prompt,
+            self.observe_for,
+        )
         rows_by_layer: dict[int, set[int]] = {}
-        qs = batch.query_start
-        for i, wire in enumerate(batch.wires):
-            if not wire:
-                continue
-            spec = self.observe_for(batch.req_ids[i], wire)
-            if spec is None:
-                continue
-            start, end = int(qs[i]), int(qs[i + 1])
-            first, prompt_len = int(batch.num_computed[i]), int(batch.num_prompt[i])
-            samples = first + (end - start) >= prompt_len and end > start  # this step samples a token
-            if spec.prompt:
-                rows = list(range(start, end))
-            elif samples:
-                rows = [end - 1]  # the row whose logits give this step's sampled token
-            else:
-                rows = []
-            if not rows:
-                continue
-            for sae_id in spec.saes:
-                layer = self.assets.saes[sae_id].layer
-                rows_by_layer.setdefault(layer, set()).update(rows)
-                self._observed.append(
-                    ObservedRows(
-                        spec.cid,
-                        sae_id,
-                        spec.top_k,
-                        rows,
-                        [first + r - start for r in rows],
-                        prompt_len,
-                        tuple((w.index, w.threshold) for w in spec.watch if w.sae == sae_id),
-                        stats=sae_id in spec.stats,
-                        abort=tuple(a for a in spec.abort if a.sae == sae_id),
-                        predicting=first + end - 1 - start if samples else -1,
-                        req_index=i,
-                    )
-                )
+        for group in self._observed:
+            rows_by_layer.setdefault(self.assets.saes[group.sae_id].layer, set()).update(group.rows)
         for layer, rows in rows_by_layer.items():
             self.runtimes[layer].capture_rows = np.array(sorted(rows), dtype=np.int64)
 
@@ -450,13 +330,7 @@ class Steerer:
             steered_tokens=steered,
             features_applied=dict(self.features_applied),
             op_seconds=sum(rt.seconds for rt in self.runtimes.values()),
-            sae_bytes={
-                sid: self.banks[s.layer].entries[("feature", sid)].size
-                * 2
-                * self.banks[s.layer].dec.shape[1]
-                * self.banks[s.layer].dec.element_size()
-                for sid, s in self.assets.saes.items()
-            },
+            sae_bytes={sid: self.banks[s.layer].feature_bytes(sid) for sid, s in self.assets.saes.items()},
             bank_bytes=self.bank_bytes,
             rejected_messages=dict(self.rejected_messages),
             step_errors=self.step_errors,
@@ -484,7 +358,7 @@ class Steerer:
         )
         self.runtime_loads.release_retired()
         self._plan_captures(batch)
-        self._prune_plans(batch.req_ids, batch.wires)
+        self.requests.prune(batch.req_ids, batch.wires, self.step.slot_of)
         return steered
 
     def clear(self) -> None:
@@ -498,7 +372,7 @@ class Steerer:
         """Steer row 0 of a one-token decode step along each bank's self-test row; check the op fired.
 
         `run_decode_step()` must run one forward of one token through the model exactly as the server runs
-        decode steps (same compile mode, same graphs). Raises SelfTestError otherwise.
+        decode steps (same compile mode, same graphs). Raises selftest.SelfTestError otherwise.
         """
         value = 2.0
         self.clear()
@@ -520,20 +394,5 @@ class Steerer:
             run_decode_step()
         finally:
             self.clear()
-        for layer, rt in self.runtimes.items():
-            fired, delta = rt.probe.cpu()
-            if not bool((fired == 1).all()):
-                raise SelfTestError(
-                    f"steer_plugin self-test: the steering op never ran at layer {layer} on a decode step. "
-                    "The layer hook was not compiled into the model (a hook added after compilation, or a "
-                    "graph replay that skips it); steering would silently do nothing. Refusing to start."
-                )
-            expected = torch.zeros_like(delta)
-            expected[0] = value
-            if not torch.allclose(delta, expected, atol=1e-3):
-                raise SelfTestError(
-                    f"steer_plugin self-test: at layer {layer} the op ran on a decode step but did not add the "
-                    f"expected delta (got {delta[:4].tolist()}..., expected {expected[:4].tolist()}...). "
-                    "Refusing to start."
-                )
+        check_probes(self.runtimes, value)
         logger.info("steer_plugin: self-test passed on layers %s (op fired on a decode step)", self.layers)

@@ -23,7 +23,8 @@ from steer_plugin.engine import fixed, gate
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import build_layer_bank
 from steer_plugin.engine.lanes import Lanes, bucket_sizes
-from steer_plugin.engine.steerer import BatchView, SelfTestError, Steerer
+from steer_plugin.engine.selftest import SelfTestError
+from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
 from steer_plugin.monitor import channel
