@@ -5,9 +5,13 @@ The catalog is test_service's (SAE "a" at layer 3 with feature 7 labelled "bridg
 "v" at layer 5).
 """
 
+import base64
+
+import numpy as np
 import pytest
 
 import steer_plugin.request.plan as plan_module
+import steer_plugin.request.resolve as resolve_module
 import steer_plugin.service as service_module
 from steer_plugin.config import parse_config
 from steer_plugin.observation import ObservationCost
@@ -112,26 +116,28 @@ def test_compares_default_variant_keeps_the_observation_and_drops_the_operations
     assert default.body["return_token_ids"] is True and not default.user_wants_token_ids
 
 
-def test_a_compare_request_is_parsed_and_resolved_once(monkeypatch):
-    calls = {"parse": 0, "resolve": 0}
-    real_parse, real_resolve = service_module.parse_spec, plan_module.resolve_spec
+def test_a_compare_request_is_parsed_resolved_and_its_inline_vector_decoded_once(monkeypatch):
+    calls = {"parse": 0, "resolve": 0, "inline": 0}
 
-    def counting_parse(*args, **kwargs):
-        calls["parse"] += 1
-        return real_parse(*args, **kwargs)
+    def counting(module, name: str, key: str):
+        real = getattr(module, name)
 
-    def counting_resolve(*args, **kwargs):
-        calls["resolve"] += 1
-        return real_resolve(*args, **kwargs)
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "parse_spec", counting_parse)
-    monkeypatch.setattr(plan_module, "resolve_spec", counting_resolve)
-    svc = service()
-    steered = svc.rewrite_request(
-        {"prompt": "hi", "steering": {**CLAMP, **INSPECT, "compare": True}}, request_id="r"
-    )
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(service_module, "parse_spec", "parse")
+    counting(plan_module, "resolve_spec", "resolve")
+    counting(resolve_module, "inline_vector", "inline")
+    svc = service(policy={"allow_inline_vectors": True})
+    inline = {"base64": base64.b64encode(np.ones(4, "<f4").tobytes()).decode(), "layer": 5}
+    body = {"prompt": "hi", "steering": {**CLAMP, **INSPECT, "vectors": [inline], "compare": True}}
+    steered = svc.rewrite_request(body, request_id="r")
     svc.default_variant(steered, "r2")
-    assert calls == {"parse": 1, "resolve": 1}
+    assert calls == {"parse": 1, "resolve": 1, "inline": 1}
+    assert [op.kind for op in steered.ops] == ["feature", "inline"]
 
 
 def test_offline_and_server_plan_the_same_operations():
