@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -76,11 +77,27 @@ class InFlight:
                     del self.counts[key]
 
 
+class Sources(Protocol):
+    """What the admin API needs of the API process's loaded sources (SteeringService implements it)."""
+
+    in_flight: InFlight  # requests using each source, counted from resolution to the end of the response
+
+    def source(self, kind: str, source_id: str) -> LoadedSAE | LoadedVector | None: ...
+
+    def d_model(self) -> int | None: ...
+
+    def add_source(self, loaded: LoadedSAE | LoadedVector) -> None: ...
+
+    def remove_source(self, kind: str, source_id: str) -> None: ...
+
+    def describe(self, kind: str, source_id: str) -> dict: ...
+
+
 class Admin:
     """Runtime loads for one API process (see the module docstring)."""
 
-    def __init__(self, service, runtime: RuntimeConfig):
-        self.service = service  # steer_plugin.service.SteeringService
+    def __init__(self, sources: Sources, runtime: RuntimeConfig):
+        self.sources = sources
         self.runtime = runtime
         self.key = runtime.key()
         self.roots = [Path(os.path.realpath(root)) for root in runtime.roots]
@@ -170,7 +187,7 @@ class Admin:
     async def _load(self, kind: str, body: object, broadcast: Broadcast) -> dict:
         source = self._parse(kind, body)
         key = (kind, source.id)
-        if source.id in (self.service.assets.saes if kind == "sae" else self.service.assets.vectors):
+        if self.sources.source(kind, source.id) is not None:
             raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
         if key in self._loading:
             raise SpecError("id", f"{kind} {source.id!r} is being loaded", 409)
@@ -181,9 +198,9 @@ class Admin:
             self._loading.discard(key)
 
     async def _load_unlocked(self, kind: str, source: SAESource | VectorSource, broadcast: Broadcast) -> dict:
-        service = self.service
+        sources = self.sources
         try:  # the header only (no weights in the API process); the workers' reads check the weights
-            loaded = await asyncio.to_thread(self._read_source, kind, source, service.d_model())
+            loaded = await asyncio.to_thread(self._read_source, kind, source, sources.d_model())
         except ConfigError as err:
             raise SpecError(err.field, str(err).removeprefix("body ").strip(), err.status) from None
         if not self._reserved(loaded.layer):
@@ -198,7 +215,7 @@ class Admin:
             if not any(o.owned for o in outcomes):
                 raise SpecError("layer", f"no worker holds layer {loaded.layer}", 500)
             async with self._lock:  # the commit: quick row copies in every worker
-                if source.id in (service.assets.saes if kind == "sae" else service.assets.vectors):
+                if sources.source(kind, source.id) is not None:
                     raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
                 outcomes = await self._broadcast(broadcast, command._replace(action="load").signed())
                 failed = [o for o in outcomes if not o.ok]
@@ -206,7 +223,7 @@ class Admin:
                     unload = LoadCommand("unload", kind, source.id).signed()
                     await self._broadcast(broadcast, unload, quiet=True)
                     raise self._worst(failed)
-                service.add_source(loaded._replace(revision=revision))
+                sources.add_source(loaded._replace(revision=revision))
                 done = True
         finally:
             if not done:  # refused, failed or the client left: no worker keeps the files it read
@@ -220,7 +237,7 @@ class Admin:
             loaded.layer,
             source.path,
         )
-        return service.discovery.describe(kind, source.id)
+        return sources.describe(kind, source.id)
 
     async def _staged(self, broadcast: Broadcast, command: LoadCommand) -> list[LoadOutcome]:
         """Every worker's outcome once its background read is done (SpecError for the worst failure)."""
@@ -261,22 +278,20 @@ class Admin:
             return result
 
     async def _unload(self, kind: str, source_id: str, broadcast: Broadcast) -> dict:
-        service = self.service
-        loaded: LoadedSAE | LoadedVector | None = (
-            service.assets.saes if kind == "sae" else service.assets.vectors
-        ).get(source_id)
+        sources = self.sources
+        loaded = sources.source(kind, source_id)
         if loaded is None:
             raise SpecError("id", f"no {kind} {source_id!r} is loaded", 404)
         if not loaded.revision:
             raise SpecError(
                 "id", f"{kind} {source_id!r} is configured at start-up; it cannot be unloaded", 409
             )
-        using = service.in_flight.counts.get((kind, source_id), 0)
+        using = sources.in_flight.counts.get((kind, source_id), 0)
         if using:
             raise SpecError(
                 "id", f"{kind} {source_id!r} is in use by {using} running request(s); retry later", 409
             )
-        service.remove_source(kind, source_id)  # no request resolves against it from here on
+        sources.remove_source(kind, source_id)  # no request resolves against it from here on
         outcomes = await self._broadcast(broadcast, LoadCommand("unload", kind, source_id).signed())
         failed = [o for o in outcomes if not o.ok]
         if failed:

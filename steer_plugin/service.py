@@ -124,6 +124,14 @@ class SteeringService:
         table[loaded.id] = loaded
         self._refresh_catalog()
 
+    def source(self, kind: str, source_id: str) -> LoadedSAE | LoadedVector | None:
+        """The loaded SAE or vector `source_id` of `kind` ("sae" or "vector"), or None."""
+        return (self.assets.saes if kind == "sae" else self.assets.vectors).get(source_id)
+
+    def describe(self, kind: str, source_id: str) -> dict:
+        """One loaded source as the discovery routes list it."""
+        return self.discovery.describe(kind, source_id)
+
     def remove_source(self, kind: str, source_id: str) -> None:
         (self.assets.saes if kind == "sae" else self.assets.vectors).pop(source_id, None)
         self._refresh_catalog()
