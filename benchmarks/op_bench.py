@@ -103,6 +103,20 @@ def time_cuda_events(fn, min_time: float, min_reps: int = 10, max_reps: int = 20
 # --- the model side: one decoder layer and an SAE encode -------------------------------------------------------------
 
 
+def random_topk_sae(d: int, d_sae: int, dtype: torch.dtype):
+    """A TopK SAE (k = 64) with random weights at the benchmark's sizes (the current torch seed)."""
+    from steer_plugin.sae.model import SparseAutoencoder
+
+    return SparseAutoencoder(
+        W_enc=torch.randn(d, d_sae, dtype=dtype) / d**0.5,
+        W_dec=torch.randn(d_sae, d, dtype=dtype) / d**0.5,
+        b_enc=torch.zeros(d_sae, dtype=dtype),
+        b_dec=torch.zeros(d, dtype=dtype),
+        architecture="topk",
+        k=64,
+    )
+
+
 class LlamaLikeLayer(torch.nn.Module):
     """RMSNorm -> q/k/v (GQA) -> SDPA over `context` cached tokens + the new ones -> o -> RMSNorm -> SwiGLU MLP."""
 
@@ -326,7 +340,6 @@ def main(argv=None) -> int:
     from steer_plugin.engine.slots import SlotPlanner
     from steer_plugin.engine.step import StepMetadata
     from steer_plugin.engine.tables import LayerTables
-    from steer_plugin.sae.model import SparseAutoencoder
 
     t_start = time.perf_counter()
     machine = machine_info(device)
@@ -340,14 +353,7 @@ def main(argv=None) -> int:
     )
     torch.manual_seed(args.seed)
     t = time.perf_counter()
-    sae = SparseAutoencoder(
-        W_enc=torch.randn(d, d_sae, dtype=dtype) / d**0.5,
-        W_dec=torch.randn(d_sae, d, dtype=dtype) / d**0.5,
-        b_enc=torch.zeros(d_sae, dtype=dtype),
-        b_dec=torch.zeros(d, dtype=dtype),
-        architecture="topk",
-        k=64,
-    )
+    sae = random_topk_sae(d, d_sae, dtype)
     bank = build_layer_bank(LAYER, [("sae", sae)], [], device, dtype)
     w_enc_dev = sae.W_enc.to(device)  # for the encode reference
     del sae

@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import date_and_commit_line
-from op_bench import LlamaLikeLayer, graph_of, layer_params, machine_info, time_cuda_events, time_fn
+from op_bench import (
+    LlamaLikeLayer,
+    graph_of,
+    layer_params,
+    machine_info,
+    random_topk_sae,
+    time_cuda_events,
+    time_fn,
+)
 
 LAYER = 0
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "op-fixed-shape-cpu"
@@ -160,7 +168,6 @@ def run(args) -> int:
     from steer_plugin.engine.slots import SlotPlanner
     from steer_plugin.engine.step import StepMetadata
     from steer_plugin.engine.tables import LayerTables
-    from steer_plugin.sae.model import SparseAutoencoder
 
     smoke = args.smoke
     device = torch.device(args.device)
@@ -186,14 +193,7 @@ def run(args) -> int:
         f"op_bench --fixed-shape: {machine['cpu_model']}, torch {torch.__version__}, load {os.getloadavg()}"
     )
     torch.manual_seed(args.seed)
-    sae = SparseAutoencoder(
-        W_enc=torch.randn(d, d_sae, dtype=dtype) / d**0.5,
-        W_dec=torch.randn(d_sae, d, dtype=dtype) / d**0.5,
-        b_enc=torch.zeros(d_sae, dtype=dtype),
-        b_dec=torch.zeros(d, dtype=dtype),
-        architecture="topk",
-        k=64,
-    )
+    sae = random_topk_sae(d, d_sae, dtype)
     bank = build_layer_bank(LAYER, [("sae", sae)], [], device, dtype)
     del sae
     step = StepMetadata(max(token_list), max_seqs, device)
