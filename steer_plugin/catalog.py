@@ -1,4 +1,4 @@
-"""Loading what the operator configured (SAEs, labels, vectors) and describing it for request resolution.
+"""Loading what the operator configured (SAEs, labels, vectors, probes) and describing it for request resolution.
 
 Workers load SAEs in full (`weights=True`); the API process only needs their shapes, ids and labels, so it
 reads SAE headers (`weights=False`: configs and tensor-file headers, no weights; steer_plugin.sae
@@ -25,6 +25,7 @@ from steer_plugin.files import (
     regular_path,
 )
 from steer_plugin.labels.neuronpedia import Explanation, load_explanations
+from steer_plugin.probes.format import Probe, ProbeMeta, load_probe, read_meta
 from steer_plugin.request.resolve import ASCII_INDEX, Catalog, SAEInfo, VectorInfo
 from steer_plugin.sae.model import SAEHeader, SparseAutoencoder
 
@@ -52,9 +53,15 @@ class LoadedAssets(NamedTuple):
     vectors: dict[str, LoadedVector]
     config: SteerConfig
     model_d_model: int | None = None  # the model's, when known (set once runtime loads may change the rest)
+    probes: dict[str, Probe | ProbeMeta] = {}  # workers: the probes; the API process: their probe.json
 
     def layers(self) -> set[int]:
-        return {s.layer for s in self.saes.values()} | {v.layer for v in self.vectors.values()}
+        """Layers the op runs after: those steered or read by an SAE, a vector or a probe."""
+        return (
+            {s.layer for s in self.saes.values()}
+            | {v.layer for v in self.vectors.values()}
+            | {probe_meta(p).layer for p in self.probes.values()}
+        )
 
     def d_model(self) -> int | None:
         if self.model_d_model is not None:
@@ -78,6 +85,7 @@ class LoadedAssets(NamedTuple):
             d_model=self.d_model(),
             layers=tuple(sorted(self.layers() | set(runtime_layers))),
             policy=self.config.policy,
+            probes={pid: probe_meta(p) for pid, p in self.probes.items()},
         )
 
 
@@ -241,9 +249,9 @@ def load_assets(
     explanations: bool = True,
     weights: bool = True,
 ) -> LoadedAssets:
-    """Load every configured SAE and vector on the CPU (only those on `layers` when given); the SAEs'
-    explanation files unless `explanations` is False (workers do not serve them); the SAEs' headers only
-    (see load_sae_source) when `weights` is False (the API process)."""
+    """Load every configured SAE, vector and probe on the CPU (only those on `layers` when given); the SAEs'
+    explanation files unless `explanations` is False (workers do not serve them); the SAEs' headers and the
+    probes' probe.json only (see load_sae_source) when `weights` is False (the API process)."""
     saes: dict[str, LoadedSAE] = {}
     for i, source in enumerate(config.saes):
         loaded = load_sae_source(source, f"saes[{i}]", d_model, explanations, weights)
@@ -254,4 +262,14 @@ def load_assets(
         loaded = load_vector_source(source, f"vectors[{i}]", d_model)
         if layers is None or loaded.layer in layers:
             vectors[source.id] = loaded
-    return LoadedAssets(saes, vectors, config)
+    probes: dict[str, Probe | ProbeMeta] = {}
+    for i, source in enumerate(config.probes):
+        key = f"probes[{i}]"
+        probe = load_probe(source.path, key, d_model) if weights else read_meta(source.path, key)
+        if layers is None or probe_meta(probe).layer in layers:
+            probes[source.id] = probe
+    return LoadedAssets(saes, vectors, config, probes=probes)
+
+
+def probe_meta(probe: Probe | ProbeMeta) -> ProbeMeta:
+    return probe.meta if isinstance(probe, Probe) else probe

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from steer_plugin.config_sources import SAESource, StrictModel, VectorSource
+from steer_plugin.config_sources import ProbeSource, SAESource, StrictModel, VectorSource
 
 CONFIG_ENV = "STEER_PLUGIN_CONFIG"
 ADDITIONAL_CONFIG_KEY = "steer_plugin"
@@ -208,6 +208,8 @@ class SteerConfig(StrictModel):
     """SAEs to load."""
     vectors: list[VectorSource] = Field(default_factory=list)
     """Raw steering vectors to load."""
+    probes: list[ProbeSource] = Field(default_factory=list)
+    """Linear probes scored on observed tokens (`steering.inspect.probes`)."""
     limits: EngineLimits = Field(default_factory=EngineLimits)
     """Engine buffer sizes and request limits."""
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
@@ -243,7 +245,7 @@ class SteerConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> SteerConfig:
-        for kind, items in (("saes", self.saes), ("vectors", self.vectors)):
+        for kind, items in (("saes", self.saes), ("vectors", self.vectors), ("probes", self.probes)):
             seen: set[str] = set()
             for i, item in enumerate(items):
                 if item.id in seen:
@@ -272,7 +274,9 @@ class SteerConfig(StrictModel):
             resolved = sae.resolve()  # a named SAE: the repo commit and folder its files come from
             if resolved is not None:
                 digest.update(resolved.describe().encode())
-        for path in [s.local_path for s in self.saes] + [v.path for v in self.vectors]:
+        for path in (
+            [s.local_path for s in self.saes] + [v.path for v in self.vectors] + [p.path for p in self.probes]
+        ):
             root = Path(path)
             files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [root]
             for file in files:
@@ -315,7 +319,7 @@ def parse_config(data: dict, source: str = "<dict>") -> SteerConfig:
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
     base = Path(source).parent if source not in ("<dict>", "<env>") else Path.cwd()
-    for item in [*config.saes, *config.vectors]:
+    for item in [*config.saes, *config.vectors, *config.probes]:
         if item.path is not None and not os.path.isabs(item.path):
             item.path = str((base / item.path).resolve())
     for sae in config.saes:

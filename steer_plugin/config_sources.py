@@ -142,3 +142,12 @@ class VectorSource(StrictModel):
     """Decoder layer after which the vector is added to the residual stream."""
     tensor: str | None = None
     """Tensor name inside a safetensors file that holds several."""
+
+
+class ProbeSource(StrictModel):
+    """A linear probe: a folder with probe.safetensors and probe.json (steer_plugin/probes/format.py)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
+    """Name requests use to refer to this probe (`steering.inspect.probes`)."""
+    path: str
+    """The probe's folder (its probe.json names the layer it reads)."""

@@ -14,29 +14,39 @@ from steer_plugin import metrics
 from steer_plugin.config import MonitoringConfig
 from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
-from steer_plugin.request.records import TokenRecord
+from steer_plugin.probes.aggregate import aggregate
+from steer_plugin.request.records import ProbeRecord, TokenRecord
 
 if TYPE_CHECKING:
+    from steer_plugin.probes.format import ProbeMeta
     from steer_plugin.service import RewrittenRequest
 
 LabelsOf = Callable[[str], Mapping[int, str]]  # an SAE's feature labels, from the catalog in force
 
 
 class TokenRead(NamedTuple):
-    """What was read for one token: top-K features per SAE, and the traced features' activations (None where
-    no record arrived)."""
+    """What was read for one token: top-K features per SAE, the traced features' activations (None where
+    no record arrived) and the probes' scores by label ({} where none arrived)."""
 
     features: dict[str, list[dict]]
     traced: list[float | None]
+    probes: dict[str, dict[str, float]] = {}
 
 
 class Observation:
     """One observed request on the API side: reads its workers' records and formats them per token."""
 
-    def __init__(self, request: RewrittenRequest, labels_of: LabelsOf, monitoring: MonitoringConfig):
+    def __init__(
+        self,
+        request: RewrittenRequest,
+        labels_of: LabelsOf,
+        monitoring: MonitoringConfig,
+        probes: Mapping[str, ProbeMeta] = {},
+    ):
         self.request = request
         self.labels_of = labels_of
         self.monitoring = monitoring
+        self.probes = {pid: probes[pid] for pid in request.probes}  # the probes it asked for
         channel.create(request.observe.cid)
         self.reader = channel.ChannelReader(request.observe.cid)
         self.by_pos: dict[int, dict[str, TokenRecord]] = {}  # pos -> sae -> its record
@@ -45,13 +55,17 @@ class Observation:
         self.next_token = 0
         self.aborted: TokenRecord | None = None  # the record of the first abort_when condition that fired
         self.sinks: set[int] = set()  # positions the workers flagged as attention sinks
+        self.scores: dict[int, dict[str, tuple[float, ...]]] = {}  # pos -> probe -> its scores
 
     def _pull(self) -> None:
         for r in self.reader.read_new():
-            self.records.append(r)
             self.prompt_len = r.num_prompt
             if r.sink:
                 self.sinks.add(r.pos)
+            if isinstance(r, ProbeRecord):
+                self.scores.setdefault(r.pos, {})[r.probe] = r.scores
+                continue
+            self.records.append(r)
             if r.abort is not None and (self.aborted is None or r.pos < self.aborted.pos):
                 self.aborted = r
             self.by_pos.setdefault(r.pos, {})[r.sae] = r
@@ -68,8 +82,12 @@ class Observation:
             ]
         watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
         traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
-        metrics.OBSERVATION_VALUES.inc(sum(map(len, features.values())) + len(traced))
-        return TokenRead(features, traced)
+        scored = self.scores.get(pos, {})
+        probes = {
+            pid: dict(zip(meta.labels, scored[pid])) for pid, meta in self.probes.items() if pid in scored
+        }
+        metrics.OBSERVATION_VALUES.inc(sum(map(len, features.values())) + len(traced) + len(probes))
+        return TokenRead(features, traced, probes)
 
     def next_tokens(self, count: int) -> list[TokenRead]:
         """The next `count` generated tokens (each read from the residual that predicted it)."""
@@ -105,6 +123,26 @@ class Observation:
             bound: None if cond is None else cond.threshold,
             "token": self.aborted.pos - (self.prompt_len - 1),
         }
+
+    def probe_summary(self) -> dict[str, dict[str, dict]]:
+        """Per probe and label, the aggregates (probes/aggregate.py) of its scores over the generated tokens
+        read so far (each read from the residual that predicted it), attention sinks left out."""
+        self._pull()
+        if self.prompt_len is None:
+            return {}
+        first = self.prompt_len - 1
+        out: dict[str, dict[str, dict]] = {}
+        for pid, meta in self.probes.items():
+            rows = [
+                s[pid]
+                for pos, s in sorted(self.scores.items())
+                if pos >= first and pid in s and pos not in self.sinks
+            ]
+            out[pid] = {}
+            for c, label in enumerate(meta.labels):
+                found = aggregate([row[c] for row in rows], meta.window)
+                out[pid][label] = None if found is None else found._asdict()
+        return out
 
     def traced_features(self) -> list[dict]:
         """The features `traced` reports, in order."""

@@ -67,6 +67,10 @@ class RewrittenRequest(NamedTuple):
         return self.planned.traced
 
     @property
+    def probes(self) -> tuple[str, ...]:
+        return self.planned.probes
+
+    @property
     def abort(self) -> tuple[AbortSpec, ...]:
         return self.planned.abort
 
@@ -229,7 +233,10 @@ class SteeringService:
         """The read-back of an observed request (steer_plugin/readback.py); None when it observes nothing."""
         if request.observe is None:
             return None
-        return Observation(request, lambda sae_id: self.catalog.saes[sae_id].labels, self.config.monitoring)
+        catalog = self.catalog
+        return Observation(
+            request, lambda sae_id: catalog.saes[sae_id].labels, self.config.monitoring, catalog.probes
+        )
 
 
 def error_body(err: SpecError) -> bytes:

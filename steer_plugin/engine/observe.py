@@ -13,7 +13,7 @@ import torch
 
 from steer_plugin.monitor import channel
 from steer_plugin.request.records import TokenRecord
-from steer_plugin.request.wire import AbortSpec
+from steer_plugin.request.wire import AbortSpec, ObservePlan
 from steer_plugin.sae.model import SparseAutoencoder
 
 L0_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -36,28 +36,45 @@ class ObservedRows(NamedTuple):
     req_index: int = -1  # the request's index in the step's batch
 
 
+class RequestRows(NamedTuple):
+    """One observed request's token rows in this step."""
+
+    rows: list[int]  # token rows of the batch
+    positions: list[int]  # their positions in the request's sequence
+    num_prompt: int
+    predicting: int  # position whose residual predicts this step's sampled token (-1: none)
+
+
+def request_rows(spec: ObservePlan, i: int, query_start, num_computed, num_prompt) -> RequestRows | None:
+    """Request i's observed token rows: every prompt row when it observes its prompt, else the row whose
+    logits give the token this step samples (None while a chunked prefill has not reached the prompt's end)."""
+    start, end = int(query_start[i]), int(query_start[i + 1])
+    first, prompt_len = int(num_computed[i]), int(num_prompt[i])
+    samples = first + (end - start) >= prompt_len and end > start  # this step samples a token
+    if spec.prompt:
+        rows = list(range(start, end))
+    elif samples:
+        rows = [end - 1]  # the row whose logits give this step's sampled token
+    else:
+        rows = []
+    if not rows:
+        return None
+    positions = [first + r - start for r in rows]
+    return RequestRows(rows, positions, prompt_len, first + end - 1 - start if samples else -1)
+
+
 def observed_rows(req_ids, wires, query_start, num_computed, num_prompt, observe_for) -> list[ObservedRows]:
-    """This step's observed token rows, one group per (request, SAE): every prompt row when the request
-    observes its prompt, else the row whose logits give the token this step samples (none while a chunked
-    prefill has not reached the end of the prompt). `observe_for(req_id, wire)` is the request's observation
-    (None: not observed)."""
+    """This step's observed token rows, one group per (request, SAE) (see request_rows).
+    `observe_for(req_id, wire)` is the request's observation (None: not observed)."""
     groups = []
     for i, wire in enumerate(wires):
         if not wire:
             continue
         spec = observe_for(req_ids[i], wire)
-        if spec is None:
+        if spec is None or not spec.saes:
             continue
-        start, end = int(query_start[i]), int(query_start[i + 1])
-        first, prompt_len = int(num_computed[i]), int(num_prompt[i])
-        samples = first + (end - start) >= prompt_len and end > start  # this step samples a token
-        if spec.prompt:
-            rows = list(range(start, end))
-        elif samples:
-            rows = [end - 1]  # the row whose logits give this step's sampled token
-        else:
-            rows = []
-        if not rows:
+        found = request_rows(spec, i, query_start, num_computed, num_prompt)
+        if found is None:
             continue
         for sae_id in spec.saes:
             groups.append(
@@ -65,13 +82,13 @@ def observed_rows(req_ids, wires, query_start, num_computed, num_prompt, observe
                     spec.cid,
                     sae_id,
                     spec.top_k,
-                    rows,
-                    [first + r - start for r in rows],
-                    prompt_len,
+                    found.rows,
+                    found.positions,
+                    found.num_prompt,
                     tuple((w.index, w.threshold) for w in spec.watch if w.sae == sae_id),
                     stats=sae_id in spec.stats,
                     abort=tuple(a for a in spec.abort if a.sae == sae_id),
-                    predicting=first + end - 1 - start if samples else -1,
+                    predicting=found.predicting,
                     req_index=i,
                 )
             )

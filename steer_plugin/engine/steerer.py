@@ -18,7 +18,9 @@ from steer_plugin.catalog import LoadedAssets, LoadedSAE, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import LayerBank, build_layer_bank
+from steer_plugin.engine.compile import compile_plan
 from steer_plugin.engine.observe import ObservedRows, Observer, observed_rows
+from steer_plugin.engine.probing import ProbedRows, ProbeReader, probed_rows
 from steer_plugin.engine.requests import InlineRows, RequestTable
 from steer_plugin.engine.runtime_loads import LoadTarget, RuntimeLoads
 from steer_plugin.engine.selftest import check_probes
@@ -26,7 +28,6 @@ from steer_plugin.engine.slots import SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
 from steer_plugin.messages import HistogramCounts, WorkerStats
-from steer_plugin.request.ops import ResolvedOp
 from steer_plugin.request.wire import ObservePlan, RequestPlan
 
 logger = logging.getLogger("steer_plugin")
@@ -87,13 +88,15 @@ class Steerer:
             layer: LayerTables(bank, max_seqs, self.max_ops, self._working_set_rows(bank, max_seqs), device)
             for layer, bank in self.banks.items()
         }
-        sae_layers = {s.layer for s in self.assets.saes.values()} | reserved_layers
+        read_layers = {s.layer for s in self.assets.saes.values()} | reserved_layers
+        read_layers |= {p.meta.layer for p in self.assets.probes.values()}
         self.runtimes = {
-            layer: steer_op.LayerRuntime(self.tables[layer], self.step, observable=layer in sae_layers)
+            layer: steer_op.LayerRuntime(self.tables[layer], self.step, observable=layer in read_layers)
             for layer in self.banks
         }
         self.requests = RequestTable(self._reject, self._free_rows)  # per-request state, one record each
         self._observed: list[ObservedRows] = []
+        self._probed: list[ProbedRows] = []
         self.slots = SlotPlanner(
             self.step,
             self.tables,
@@ -105,6 +108,12 @@ class Steerer:
             write=tp_rank == 0,
             sink_positions=config.monitoring.sink_positions,
         )  # TP ranks compute the same
+        self.prober = ProbeReader(
+            dict(self.assets.probes),
+            device,
+            write=tp_rank == 0,
+            sink_positions=config.monitoring.sink_positions,
+        )
         self.runtime_loads = RuntimeLoads(
             LoadTarget(
                 runtime=config.runtime,
@@ -178,37 +187,8 @@ class Steerer:
     # --- per-request plans ---------------------------------------------------------------------------------
 
     def _compile_plan(self, req_id: str, plan: RequestPlan, inline_rows: InlineRows) -> dict[int, LayerPlan]:
-        """The request's ops as rows of this worker's banks and coefficients, per layer it owns (the scratch rows
-        its inline vectors take are appended to `inline_rows`: the request table gives them back)."""
-        by_layer: dict[int, list[ResolvedOp]] = {}
-        for o in plan.ops:
-            if o.layer in self.banks:  # other pipeline ranks own the other layers
-                by_layer.setdefault(o.layer, []).append(o)
-        plans = {}
-        for layer, layer_ops in by_layer.items():
-            bank = self.banks[layer]
-            rows = []
-            for o in layer_ops:
-                if o.kind == "inline":  # held until the request's slot is released
-                    row = bank.take_scratch(torch.from_numpy(o.inline.values))
-                    inline_rows.append((layer, row))
-                else:
-                    row = bank.row(o.kind, o.source, o.index, o.revision)
-                rows.append(row)
-            whens = [o.when for o in layer_ops]
-            plans[layer] = LayerPlan(
-                bank_rows=np.array(rows, dtype=np.int64),
-                coef=np.array([[o.coef.a, o.coef.b, o.coef.bn] for o in layer_ops], dtype=np.float32),
-                positions=np.array([o.positions.code for o in layer_ops], dtype=np.int8),
-                last_n=np.array([o.positions.last_n for o in layer_ops], dtype=np.int64),
-                op_codes=np.array([OP_NAMES.index(o.op) for o in layer_ops], dtype=np.int8),
-                cond_rows=np.array(
-                    [-1 if w is None else bank.row("feature", w.sae, w.index, w.revision) for w in whens],
-                    np.int64,
-                ),
-                cond_thr=np.array([0.0 if w is None else w.threshold for w in whens], np.float32),
-                cond_sign=np.array([0 if w is None else w.sign for w in whens], np.int8),
-            )
+        """The request's ops as rows of this worker's banks (engine/compile.py), counted per SAE."""
+        plans = compile_plan(plan, self.banks, inline_rows)
         for o in plan.ops:
             if o.kind == "feature":
                 self.features_applied[o.source] = self.features_applied.get(o.source, 0) + 1
@@ -233,6 +213,7 @@ class Steerer:
             watch=tuple(w for w in spec.watch if w.sae in saes and w.index < saes[w.sae].d_sae),
             stats=tuple(s for s in spec.stats if s in saes),
             abort=tuple(a for a in spec.abort if a.sae in saes and a.index < saes[a.sae].d_sae),
+            probes=tuple(p for p in spec.probes if p in self.prober.probes),
         )
 
     def _source_gone(self, source_id: str) -> None:
@@ -254,20 +235,17 @@ class Steerer:
 
     def _plan_captures(self, batch: BatchView) -> None:
         """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
-        self._observed = []
+        self._observed, self._probed = [], []
         if not any(batch.wires):
             return
-        self._observed = observed_rows(
-            batch.req_ids,
-            batch.wires,
-            batch.query_start,
-            batch.num_computed,
-            batch.num_prompt,
-            self.observe_for,
-        )
+        layout = (batch.req_ids, batch.wires, batch.query_start, batch.num_computed, batch.num_prompt)
+        self._observed = observed_rows(*layout, self.observe_for)
+        self._probed = probed_rows(*layout, self.observe_for, self.prober.layer_of)
         rows_by_layer: dict[int, set[int]] = {}
         for group in self._observed:
             rows_by_layer.setdefault(self.assets.saes[group.sae_id].layer, set()).update(group.rows)
+        for group in self._probed:
+            rows_by_layer.setdefault(group.layer, set()).update(group.rows)
         for layer, rows in rows_by_layer.items():
             self.runtimes[layer].capture_rows = np.array(sorted(rows), dtype=np.int64)
 
@@ -277,6 +255,10 @@ class Steerer:
         token its end-of-sequence token, so it ends right there, before the token the crossing residual would
         have predicted."""
         try:
+            if self._probed:
+                self.prober.collect(
+                    self._probed, {g.layer: self.runtimes[g.layer].capture for g in self._probed}
+                )
             if not self._observed:
                 return []
             captures = {
@@ -291,7 +273,7 @@ class Steerer:
     def disarm(self) -> None:
         """Until the next prepare(), the op steers and captures nothing: forwards that skip preparation
         (warm-up, profile and dummy runs, idle data-parallel ranks) never read this step's rows."""
-        self._observed = []
+        self._observed, self._probed = [], []
         self.step.disarm()
         for rt in self.runtimes.values():
             rt.capture_rows = None

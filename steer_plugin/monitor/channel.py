@@ -1,4 +1,4 @@
-"""Side channel from the workers to the API server: one JSON-lines file of `TokenRecord`s per observed request.
+"""Side channel from the workers to the API server: one JSON-lines file of records (request/records.py) per observed request.
 
 The workers append a line per observed token right after the forward that computed it, before the token is
 sampled, so by the time the API server streams a token its features are on disk. Files are named by a
@@ -22,7 +22,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from steer_plugin.request.records import TokenRecord
+from steer_plugin.request.records import Record, record_from_json
 
 RUN_DIR_ENV = "STEER_PLUGIN_RUN_DIR"
 _OWNER_ENV = "STEER_PLUGIN_RUN_DIR_OWNER"  # pid of the process that removes the run dir at exit
@@ -84,7 +84,7 @@ def _open_regular(path: Path, flags: int) -> int | None:
     return fd
 
 
-def append(cid: str, records: list[TokenRecord]) -> bool:
+def append(cid: str, records: list[Record]) -> bool:
     """Worker: append records to an open channel; False when the API server has already closed it."""
     fd = _open_regular(_path(cid), _APPEND)
     if fd is None:
@@ -101,7 +101,7 @@ class ChannelReader:
         self.path = _path(cid)
         self.offset = 0
 
-    def read_new(self) -> list[TokenRecord]:
+    def read_new(self) -> list[Record]:
         fd = _open_regular(self.path, _READ)
         if fd is None:
             return []
@@ -110,7 +110,7 @@ class ChannelReader:
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
         self.offset += len(complete)
-        return [TokenRecord.from_json(json.loads(line)) for line in complete.splitlines() if line]
+        return [record_from_json(json.loads(line)) for line in complete.splitlines() if line]
 
     def remove(self) -> None:
         try:

@@ -96,6 +96,7 @@ class PlannedRequest(NamedTuple):
     inspect: InspectSpec | None = None
     inspected: tuple[str, ...] = ()  # the SAEs `inspect` reports (the policy applied), as resolved
     traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
+    probes: tuple[str, ...] = ()  # inspect.probes: the probes scored on every token, in request order
     abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
     monitored: tuple[str, ...] = ()  # SAEs the operator's monitoring samples this request for
     compare: bool = False  # also serve the default variant (default_variant) beside this one
@@ -144,24 +145,36 @@ def plan_request(
         sae, index = resolve_feature(ref, catalog, path)
         check_inspectable(config.policy, sae.id, path)
         traced.append((sae.id, index))
+    probes = _probes(inspect, catalog) if inspect is not None else ()
     asked = tuple(dict.fromkeys([*inspected, *(sae for sae, _ in traced), *(a.sae for a in abort)]))
     read = tuple(dict.fromkeys([*asked, *monitored]))
     observe = None
-    if read:
+    if read or probes:
         top_k = max(inspect.top_k if inspect else 1, config.monitoring.top_k if monitored else 1)
         watch = [
             WatchSpec(w.sae, w.index, w.threshold) for w in config.monitoring.watchlist if w.sae in monitored
         ] + [WatchSpec(sae, index, TRACE_THRESHOLD) for sae, index in dict.fromkeys(traced)]
-        observe = ObservePlan(
-            uuid.uuid4().hex, read, top_k, bool(inspect and inspect.prompt), tuple(watch), monitored, abort
-        )
+        prompt = bool(inspect and inspect.prompt)
+        observe = ObservePlan(uuid.uuid4().hex, read, top_k, prompt, tuple(watch), monitored, abort, probes)
     cost = None
-    if asked:  # the client's own observation (monitoring is the operator's): steer_plugin/observation.py
-        values = (inspect.top_k * len(inspected) if inspect else 0) + len(traced)
-        cost = ObservationCost(0, endpoint.max_tokens * max(1, endpoint.choices), len(asked), values)
+    if asked or probes:  # the client's own observation (monitoring is the operator's): observation.py
+        values = (inspect.top_k * len(inspected) if inspect else 0) + len(traced) + len(probes)
+        reads = len(asked) + len({catalog.probes[p].layer for p in probes})
+        cost = ObservationCost(0, endpoint.max_tokens * max(1, endpoint.choices), reads, values)
     return PlannedRequest(
-        ops, observe, inspect, inspected, tuple(traced), abort, monitored, spec.compare, cost
+        ops, observe, inspect, inspected, tuple(traced), probes, abort, monitored, spec.compare, cost
     )
+
+
+def _probes(inspect: InspectSpec, catalog: Catalog) -> tuple[str, ...]:
+    """inspect.probes, each known to the catalog (400 naming the entry otherwise)."""
+    for i, probe_id in enumerate(inspect.probes):
+        if probe_id not in catalog.probes:
+            raise SpecError(
+                f"{STEERING_FIELD}.inspect.probes[{i}]",
+                f"unknown probe {probe_id!r}; loaded: {sorted(catalog.probes)}",
+            )
+    return tuple(dict.fromkeys(inspect.probes))
 
 
 def _needs_observable(endpoint: Endpoint, field: str) -> None:
@@ -172,7 +185,8 @@ def _needs_observable(endpoint: Endpoint, field: str) -> None:
 
 
 def _inspected(inspect: InspectSpec, catalog: Catalog, endpoint: Endpoint) -> tuple[str, ...]:
-    """The SAEs `inspect` reports: those it names, or every SAE the policy lets requests read."""
+    """The SAEs `inspect` reports: those it names (none: `saes: []`, to score only probes), or every SAE the
+    policy lets requests read."""
     _needs_observable(endpoint, "inspect")
     path = f"{STEERING_FIELD}.inspect"
     for i, sae_id in enumerate(inspect.saes or []):
@@ -180,8 +194,11 @@ def _inspected(inspect: InspectSpec, catalog: Catalog, endpoint: Endpoint) -> tu
             raise SpecError(
                 f"{path}.saes[{i}]", f"unknown SAE {sae_id!r}; loaded: {sorted(catalog.readable_saes())}"
             )
-    inspected = tuple(dict.fromkeys(inspect.saes)) if inspect.saes else tuple(catalog.readable_saes())
-    if not inspected:
+    if inspect.saes == [] and not inspect.probes:
+        raise SpecError(f"{path}.saes", "name at least one SAE (or leave it out), or ask for probes")
+    named = inspect.saes is not None
+    inspected = tuple(dict.fromkeys(inspect.saes)) if named else tuple(catalog.readable_saes())
+    if not inspected and not inspect.probes:
         raise SpecError(path, "no SAE may be inspected on this server", 403)
     if endpoint.choices != 1:
         raise SpecError(path, "inspect needs n = 1")

@@ -1,4 +1,5 @@
-"""What comes back from the workers for an observed request: one `TokenRecord` per token and SAE.
+"""What comes back from the workers for an observed request: one `TokenRecord` per token and SAE, one
+`ProbeRecord` per token and probe.
 
 The worker's observer (steer_plugin.engine.observe) writes them, the observation channel
 (steer_plugin.monitor.channel) carries them as JSON lines, and the API process (steer_plugin.readback.Observation)
@@ -58,3 +59,36 @@ class TokenRecord(NamedTuple):
             tuple((int(i), float(a)) for i, a in data.get("watch", ())),
             None if abort is None else (int(abort[0]), float(abort[1])),
         )
+
+
+class ProbeRecord(NamedTuple):
+    """One probe's scores at one token position of one request."""
+
+    pos: int
+    num_prompt: int
+    probe: str
+    scores: tuple[float, ...]  # one per label of the probe
+    sink: bool = False
+
+    def to_json(self) -> dict:
+        out: dict = {"pos": self.pos, "P": self.num_prompt, "probe": self.probe, "s": list(self.scores)}
+        if self.sink:
+            out["sink"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> ProbeRecord:
+        return cls(
+            int(data["pos"]),
+            int(data["P"]),
+            str(data["probe"]),
+            tuple(float(v) for v in data["s"]),
+            bool(data.get("sink", False)),
+        )
+
+
+Record = TokenRecord | ProbeRecord
+
+
+def record_from_json(data: dict) -> Record:
+    return ProbeRecord.from_json(data) if "probe" in data else TokenRecord.from_json(data)

@@ -8,7 +8,7 @@ coefficients; see `steer_plugin.request.wire`) or raises a `SpecError` naming th
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from steer_plugin.config import PolicyConfig
 from steer_plugin.request.ops import (
@@ -28,6 +28,9 @@ from steer_plugin.request.schema import (
     SteeringSpec,
     inline_vector,
 )
+
+if TYPE_CHECKING:
+    from steer_plugin.probes.format import ProbeMeta
 
 # A feature index written in text: ASCII digits only (str.isdigit and int() also take "²" and "٣").
 ASCII_INDEX = re.compile(r"[0-9]{1,18}")
@@ -59,6 +62,7 @@ class Catalog(NamedTuple):
     d_model: int | None = None  # residual width (inline vectors must have it)
     layers: tuple[int, ...] = ()  # layers the server steers (inline vectors may target these)
     policy: PolicyConfig | None = None  # the operator's policy: which SAEs requests may read at all
+    probes: dict[str, ProbeMeta] = {}  # the probes requests may score (their probe.json)
 
     def may_read(self, sae_id: str) -> bool:
         return self.policy is None or self.policy.may_read(sae_id)

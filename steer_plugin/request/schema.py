@@ -162,6 +162,7 @@ class VectorOp(_Strict):
 
 
 MAX_TRACED = 16
+MAX_PROBES = 16
 
 
 class InspectSpec(_Strict):
@@ -175,6 +176,9 @@ class InspectSpec(_Strict):
     features: list[FeatureRef] = Field(default_factory=list, max_length=MAX_TRACED)
     """Features whose activation is reported on every token (`traced`), whether or not they are in the top K:
     a feature's activation over the whole text."""
+    probes: list[str] = Field(default_factory=list, max_length=MAX_PROBES)
+    """Probe ids (config `probes`) scored on every token (`probes`, one score per label), with per-request
+    aggregates at the end of each choice (`probe_summary`: max, mean, window_max)."""
 
 
 class SteeringSpec(_Strict):

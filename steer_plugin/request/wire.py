@@ -34,12 +34,14 @@ from steer_plugin.request.ops import (
     is_count,
     is_int,
     is_number,
+    require,
 )
 
 logger = logging.getLogger("steer_plugin")
 
 WIRE_KEY = "steer_plugin"
-WIRE_VERSION = 6  # 6: ops by field name, in parts (coefficients, position rule, condition, inline vector)
+WIRE_VERSION = 7  # 7: the observation by field name, with probes; 6: ops by field name, in parts
+# (coefficients, position rule, condition, inline vector)
 # Keys of vllm_xargs a client may not send (the middleware refuses them before anything else).
 RESERVED_KEYS = (WIRE_KEY, f"{WIRE_KEY}_observe")  # and the observation key of wire version 3
 
@@ -87,6 +89,7 @@ class ObservePlan(NamedTuple):
         str, ...
     ] = ()  # monitored SAEs: the worker decodes for the error and L0 histograms only for these
     abort: tuple[AbortSpec, ...] = ()
+    probes: tuple[str, ...] = ()  # probes scored on every observed token
 
 
 PLAN_TTL_S = 120  # a bound plan must reach the engine core within this long after it was signed
@@ -126,17 +129,10 @@ class RequestPlan(NamedTuple):
     def encode(self) -> str:
         """The signed message (SamplingParams.extra_args[WIRE_KEY])."""
         observe = None
-        if self.observe is not None:
-            o = self.observe
-            observe = [
-                o.cid,
-                list(o.saes),
-                o.top_k,
-                o.prompt,
-                [list(w) for w in o.watch],
-                list(o.stats),
-                [list(a) for a in o.abort],
-            ]
+        if self.observe is not None:  # by field name, like the ops
+            observe = self.observe._asdict()
+            observe["watch"] = [w._asdict() for w in self.observe.watch]
+            observe["abort"] = [a._asdict() for a in self.observe.abort]
         payload = {
             "v": WIRE_VERSION,
             "ops": [op.to_wire() for op in self.ops],
@@ -261,45 +257,51 @@ def admit_plan(
         return None
 
 
+def _named(cls, item: object, where: str) -> dict:
+    """A wire object that encodes the NamedTuple `cls`: exactly its fields, by name."""
+    if not isinstance(item, dict) or set(item) != set(cls._fields):
+        raise ValueError(f"steering wire: {where} must be an object of the fields {', '.join(cls._fields)}")
+    return item
+
+
+def _strings(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _checked_feature_bound(cls, item: object, where: str):
+    """A WatchSpec or AbortSpec, by field name."""
+    raw = _named(cls, item, where)
+    require(isinstance(raw["sae"], str), f"{where}.sae", "a string")
+    require(is_count(raw["index"]), f"{where}.index", "a feature index")
+    require(is_number(raw["threshold"]), f"{where}.threshold", "a finite number")
+    if cls is AbortSpec:
+        require(raw["sign"] in (-1, 1), f"{where}.sign", "-1 or 1")
+        require(not isinstance(raw["sign"], bool), f"{where}.sign", "-1 or 1")
+    return cls(**raw)
+
+
 def _checked_observe(data: object) -> ObservePlan:
-    if not isinstance(data, list) or len(data) != 7:
-        raise ValueError("steering wire: malformed observation")
-    cid, saes, top_k, prompt, watch, stats, abort = data
-
-    def feature_bound(w: object, extra: int) -> bool:
-        return (
-            isinstance(w, list)
-            and len(w) == 3 + extra
-            and isinstance(w[0], str)
-            and is_count(w[1])
-            and is_number(w[2])
-            and (not extra or w[3] in (-1, 1))
-        )
-
-    ok = (
-        isinstance(cid, str)
-        and len(cid) == 32
-        and set(cid) <= _CID_CHARS
-        and isinstance(saes, list)
-        and all(isinstance(s, str) for s in saes)
-        and is_int(top_k)
-        and 1 <= top_k <= MAX_TOP_K
-        and isinstance(prompt, bool)
-        and isinstance(watch, list)
-        and all(feature_bound(w, 0) for w in watch)
-        and isinstance(stats, list)
-        and all(isinstance(s, str) for s in stats)
-        and isinstance(abort, list)
-        and all(feature_bound(a, 1) for a in abort)
-    )
-    if not ok:
-        raise ValueError("steering wire: observation field out of range")
+    """The observation, every field checked by name (ValueError naming the first bad one)."""
+    raw = _named(ObservePlan, data, "observe")
+    cid, top_k = raw["cid"], raw["top_k"]
+    require(isinstance(cid, str) and len(cid) == 32 and set(cid) <= _CID_CHARS, "observe.cid", "32 hex chars")
+    require(is_int(top_k) and 1 <= top_k <= MAX_TOP_K, "observe.top_k", f"an integer in [1, {MAX_TOP_K}]")
+    require(isinstance(raw["prompt"], bool), "observe.prompt", "a bool")
+    for name in ("saes", "stats", "probes"):
+        require(_strings(raw[name]), f"observe.{name}", "a list of strings")
+    for name in ("watch", "abort"):
+        require(isinstance(raw[name], list), f"observe.{name}", "a list")
     return ObservePlan(
-        cid,
-        tuple(saes),
-        top_k,
-        prompt,
-        tuple(WatchSpec(*w) for w in watch),
-        tuple(stats),
-        tuple(AbortSpec(*a) for a in abort),
+        cid=cid,
+        saes=tuple(raw["saes"]),
+        top_k=top_k,
+        prompt=raw["prompt"],
+        watch=tuple(
+            _checked_feature_bound(WatchSpec, w, f"observe.watch[{i}]") for i, w in enumerate(raw["watch"])
+        ),
+        stats=tuple(raw["stats"]),
+        abort=tuple(
+            _checked_feature_bound(AbortSpec, a, f"observe.abort[{i}]") for i, a in enumerate(raw["abort"])
+        ),
+        probes=tuple(raw["probes"]),
     )

@@ -248,7 +248,7 @@ def test_forged_and_malformed_messages_run_unsteered(steerer, monkeypatch):
         signing.sign(
             encode_wire([], ObservePlan("f" * 32, ("s",), 3, False))
             .split(".", 1)[1]
-            .replace(",3,false", ",-1,false")
+            .replace('"top_k":3', '"top_k":-1')
         ),
     ]
     n = len(forged)

@@ -118,25 +118,41 @@ def test_plan_level_fields_are_checked():
             RequestPlan.decode(bad)
 
 
-def test_observation_ranges_are_checked():
-    good = ["c" * 32, ["a"], 5, True, [["a", 3, 1.5]], [], [["a", 4, 2.0, -1]]]
-    assert RequestPlan.decode(message([], good)).observe == OBSERVE
-    for index, value in (
-        (2, -1),  # top_k
-        (2, 65),
-        (2, True),
-        (0, "../x" + "c" * 28),  # the correlation id names a file
-        (0, "c" * 31),
-        (3, 1),  # prompt must be a bool
-        (6, [["a", 4, 2.0, 0]]),  # abort sign
-        (6, [["a", -4, 2.0, 1]]),
-        (6, [["a", 4, float("nan"), 1]]),
-        (4, [["a", 3]]),
+def test_observation_fields_are_checked_by_name():
+    good = {
+        "cid": "c" * 32,
+        "saes": ["a"],
+        "top_k": 5,
+        "prompt": True,
+        "watch": [{"sae": "a", "index": 3, "threshold": 1.5}],
+        "stats": [],
+        "abort": [{"sae": "a", "index": 4, "threshold": 2.0, "sign": -1}],
+        "probes": ["p"],
+    }
+    assert RequestPlan.decode(message([], good)).observe == OBSERVE._replace(probes=("p",))
+    assert RequestPlan.build([], observe=OBSERVE).encode()  # encodes what decodes
+    assert RequestPlan.decode(RequestPlan.build([], observe=OBSERVE).encode()).observe == OBSERVE
+    for field, value in (
+        ("top_k", -1),
+        ("top_k", 65),
+        ("top_k", True),
+        ("cid", "../x" + "c" * 28),  # the correlation id names a file
+        ("cid", "c" * 31),
+        ("prompt", 1),  # must be a bool
+        ("abort", [{"sae": "a", "index": 4, "threshold": 2.0, "sign": 0}]),
+        ("abort", [{"sae": "a", "index": 4, "threshold": 2.0, "sign": True}]),
+        ("abort", [{"sae": "a", "index": -4, "threshold": 2.0, "sign": 1}]),
+        ("abort", [{"sae": "a", "index": 4, "threshold": float("nan"), "sign": 1}]),
+        ("watch", [{"sae": "a", "index": 3}]),
+        ("watch", [["a", 3, 1.5]]),  # positional: the wire of version 6
+        ("probes", "p"),
+        ("probes", [1]),
     ):
-        bad = list(good)
-        bad[index] = value
-        with pytest.raises(ValueError):
-            RequestPlan.decode(message([], bad))
+        with pytest.raises(ValueError, match=f"observe.{field}"):
+            RequestPlan.decode(message([], {**good, field: value}))
+    for missing in good:
+        with pytest.raises(ValueError, match="observe must be an object"):
+            RequestPlan.decode(message([], {k: v for k, v in good.items() if k != missing}))
     with pytest.raises(SignatureError):
         RequestPlan.decode(json.dumps({"v": WIRE_VERSION, "ops": [], "observe": good, "salt": None}))
 

@@ -62,6 +62,10 @@ class ResponseRewriter:
             info["tokens"] = [r.features for r in reads]
             if self.request.traced:
                 info["traced"] = [r.traced for r in reads]
+            if self.request.probes:
+                info["probes"] = [r.probes for r in reads]
+                if choice.get("finish_reason") is not None:
+                    info["probe_summary"] = self.observation.probe_summary()
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             choice.pop("token_ids", None)
         if self.request.abort and choice.get("finish_reason") == "stop":
@@ -85,6 +89,8 @@ class ResponseRewriter:
                 choice["steering"]["prompt_sinks"] = sorted(self.observation.sinks)
                 if self.request.traced:
                     choice["steering"]["prompt_traced"] = [r.traced for r in reads]
+                if self.request.probes:
+                    choice["steering"]["prompt_probes"] = [r.probes for r in reads]
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             data.pop("prompt_token_ids", None)
         return json.dumps(data).encode()

@@ -106,7 +106,7 @@ async def inspect_route(service: SteeringService | None, call_app: CallApp, scop
         req = parse_json(await read_body(receive))
         if not isinstance(req, dict):
             raise SpecError("body", "must be a JSON object")
-        allowed = ("model", "text", "messages", "saes", "top_k", "features")
+        allowed = ("model", "text", "messages", "saes", "top_k", "features", "probes")
         unknown = set(req) - set(allowed)
         if unknown:
             raise SpecError(sorted(unknown)[0], f"unknown field; allowed: {', '.join(allowed)}")
@@ -121,7 +121,7 @@ async def inspect_route(service: SteeringService | None, call_app: CallApp, scop
         inspect = {
             "top_k": req.get("top_k", 5),
             "prompt": True,
-            **{key: req[key] for key in ("saes", "features") if key in req},
+            **{key: req[key] for key in ("saes", "features", "probes") if key in req},
         }
         completion = {
             "prompt": tokens["tokens"],
@@ -149,4 +149,6 @@ async def inspect_route(service: SteeringService | None, call_app: CallApp, scop
         out["traced_features"] = steering["traced_features"]
         for item, values in zip(data, steering.get("prompt_traced", [])):
             item["traced"] = values
+    for item, scores in zip(data, steering.get("prompt_probes", [])):
+        item["probes"] = scores
     return await send_json(send, 200, json.dumps(out).encode())

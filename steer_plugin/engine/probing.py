@@ -1,0 +1,117 @@
+"""Scoring probes on observed tokens in the worker.
+
+Probes read the same captured rows the SAE reads use: inside the op the steered residual rows of observed
+tokens are copied to the layer's persistent capture buffer (graph-safe, engine/op.py); after the forward,
+outside any graph, one [rows, d] x [d, sum of classes] product per layer scores every probe asked for there.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from steer_plugin.engine.observe import request_rows
+from steer_plugin.monitor import channel
+from steer_plugin.probes.format import Probe
+from steer_plugin.request.records import ProbeRecord
+
+
+class ProbedRows(NamedTuple):
+    """Tokens of one request to score with the probes it asks for at one layer."""
+
+    cid: str
+    layer: int
+    probes: tuple[str, ...]
+    rows: list[int]
+    positions: list[int]
+    num_prompt: int
+
+
+class LayerProbes(NamedTuple):
+    """A layer's probes stacked for one product."""
+
+    ids: tuple[str, ...]
+    weight: torch.Tensor  # [sum of classes, d]
+    bias: torch.Tensor  # [sum of classes]
+    offsets: tuple[int, ...]  # probe i's classes are columns offsets[i]:offsets[i+1]
+    sigmoid: tuple[bool, ...]
+
+
+def probed_rows(
+    req_ids, wires, query_start, num_computed, num_prompt, observe_for, layer_of
+) -> list[ProbedRows]:
+    """This step's token rows to score, one group per (request, layer); `layer_of(probe_id)` is its layer."""
+    groups = []
+    for i, wire in enumerate(wires):
+        if not wire:
+            continue
+        spec = observe_for(req_ids[i], wire)
+        if spec is None or not spec.probes:
+            continue
+        found = request_rows(spec, i, query_start, num_computed, num_prompt)
+        if found is None:
+            continue
+        by_layer: dict[int, list[str]] = {}
+        for probe_id in spec.probes:
+            by_layer.setdefault(layer_of(probe_id), []).append(probe_id)
+        for layer, ids in by_layer.items():
+            groups.append(
+                ProbedRows(spec.cid, layer, tuple(ids), found.rows, found.positions, found.num_prompt)
+            )
+    return groups
+
+
+class ProbeReader:
+    """Scores probes on captured rows and writes their records to the requests' channels."""
+
+    def __init__(self, probes: dict[str, Probe], device: torch.device, write: bool, sink_positions: int = 1):
+        self.probes = probes
+        self.write = write  # only one tensor-parallel rank writes
+        self.sink_positions = sink_positions
+        self.layers: dict[int, LayerProbes] = {}
+        for layer in sorted({p.meta.layer for p in probes.values()}):
+            ids = tuple(pid for pid, p in probes.items() if p.meta.layer == layer)
+            sizes = [len(probes[pid].meta.labels) for pid in ids]
+            offsets = tuple(int(x) for x in torch.tensor([0, *sizes]).cumsum(0))
+            self.layers[layer] = LayerProbes(
+                ids,
+                torch.cat([probes[pid].weight for pid in ids]).to(device),
+                torch.cat([probes[pid].bias for pid in ids]).to(device),
+                offsets,
+                tuple(probes[pid].meta.activation == "sigmoid" for pid in ids),
+            )
+
+    def layer_of(self, probe_id: str) -> int:
+        return self.probes[probe_id].meta.layer
+
+    def collect(self, groups: list[ProbedRows], captures: dict[int, torch.Tensor]) -> None:
+        """groups' rows index into captures[layer] ([max_tokens, d] steered residual by token row): one product
+        per layer for all of its groups, every probe of the layer scored (a few columns: cheaper than picking)."""
+        records: dict[str, list[ProbeRecord]] = {}
+        for layer in dict.fromkeys(g.layer for g in groups):
+            mine = [g for g in groups if g.layer == layer]
+            stacked = self.layers[layer]
+            x = captures[layer][[r for g in mine for r in g.rows]].float()  # [n, d]
+            logits = x @ stacked.weight.t() + stacked.bias  # [n, sum of classes]
+            columns = {pid: (stacked.offsets[j], stacked.offsets[j + 1]) for j, pid in enumerate(stacked.ids)}
+            for j, (lo, hi) in enumerate(columns.values()):
+                if stacked.sigmoid[j]:
+                    logits[:, lo:hi] = torch.sigmoid(logits[:, lo:hi])
+            scores = logits.cpu().tolist()
+            row = 0
+            for g in mine:
+                lines = records.setdefault(g.cid, [])
+                for pos in g.positions:
+                    sink = pos < self.sink_positions
+                    for pid in g.probes:
+                        lo, hi = columns[pid]
+                        lines.append(
+                            ProbeRecord(
+                                pos, g.num_prompt, pid, tuple(round(v, 6) for v in scores[row][lo:hi]), sink
+                            )
+                        )
+                    row += 1
+        if self.write:
+            for cid, lines in records.items():
+                channel.append(cid, lines)
