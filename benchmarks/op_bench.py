@@ -12,8 +12,9 @@ metadata with engine.step.StepMetadata through engine.slots.SlotPlanner (what St
 op is called as vLLM calls it: torch.ops.steer_plugin.steer_residual(hidden, residual, layer). A batch of T
 token rows is split into min(T, C) requests with C distinct configs; each config is `add` of one feature or
 `clamp` of K features (distinct feature indices per config). Timed separately:
-  - prepare: SlotPlanner.write_step for the step, steady (the same requests again: decode) and all new (every
-           request new: each takes a slot and writes its plan at this layer);
+  - prepare: the SlotPlanner steps of Steerer.prepare (prepare_step below) for the step, steady (the
+           same requests again: decode) and all new (every request new: each takes a slot and writes its plan
+           at this layer);
   - op:    the custom op on those tables (eager; with --cuda-graph: replay of a graph captured once per T with
            nothing steered, with every replayed result checked per token against the eager op);
   - none:  the op when no row is steered (plugin loaded, request unsteered);
@@ -164,6 +165,25 @@ def layer_params(d: int, inter: int, heads: int, kv_heads: int) -> int:
 # --- steering scenarios ---------------------------------------------------------------------------------------------
 
 
+def prepare_step(planner, plans: dict, req_ids, wires, num_prompt, query_start, num_computed) -> int:
+    """What Steerer.prepare runs on its SlotPlanner, with plans looked up by wire instead of compiled: the
+    planner reports what changed, leaving requests give their slots back, entering ones are admitted (one at a
+    time if they do not fit together), then the step is written. Returns the steered token rows."""
+    from steer_plugin.engine.slots import Newcomer
+
+    changes = planner.diff(req_ids, wires)
+    if not changes.steady:
+        planner.release_many(changes.leaving)
+        newcomers = [
+            Newcomer(req_ids[i], wires[i], int(num_prompt[i]), plans[wires[i]]) for i in changes.entering
+        ]
+        for n in planner.admit(newcomers):
+            taken = planner.take(*n)
+            if taken.refused is not None:
+                print(f"{n.req_id}: {taken.refused}", file=sys.stderr)
+    return planner.write(req_ids, wires, query_start, num_computed)
+
+
 class Scenario:
     """A batch of T token rows split into min(T, C) requests, one distinct config each: `add` of one feature or
     `clamp` of K features (distinct feature indices per config), at positions past the prompt (decode-like)."""
@@ -201,13 +221,14 @@ class Scenario:
         return [f"g{self._generation}-r{j}" for j in range(len(self.wires))]
 
     def write(self, planner, fresh: bool = False) -> int:
-        return planner.write_step(
+        return prepare_step(
+            planner,
+            self.plans,
             self.req_ids(fresh),
             self.wires,
             self.num_prompt,
             self.query_start,
             self.num_computed,
-            lambda req_id, wire: self.plans[wire],
         )
 
 
@@ -365,7 +386,7 @@ def main(argv=None) -> int:
     capacity = args.working_set or min(max_slots * max_ops, bank.num_rows)
     step = StepMetadata(max_tokens, max_slots, device)
     tables = LayerTables(bank, max_slots, max_ops, capacity, device)
-    planner = SlotPlanner(step, {LAYER: tables}, on_capacity=lambda req_id, err: print(err, file=sys.stderr))
+    planner = SlotPlanner(step, {LAYER: tables})
     rt = steer_op.LayerRuntime(tables, step, observable=True)
     steer_op.LAYERS.clear()
     steer_op.LAYERS[LAYER] = rt
@@ -581,7 +602,8 @@ def write_markdown(path: Path, result: dict) -> None:
         "MFLOP/token.",
         "- Batch of T token rows split into min(T, C) requests, one distinct config each (C distinct configs); `add` = one "
         "feature per config, `clamp xK` = K features per config. U = working-set columns the op multiplies over. "
-        "prepare = host SlotPlanner.write_step for the step (steady: the same requests as the last step; all new: "
+        "prepare = host SlotPlanner steps of Steerer.prepare for the step "
+        "(steady: the same requests as the last step; all new: "
         "every request new, every slot changes hands at this layer). op = torch.ops.steer_plugin.steer_residual; "
         "% = op time / decoder-layer time; × limit = op time / (the op's FLOPs, d per token for an add and 4·k·d "
         "for a clamp of k, at the decoder layer's measured FLOP rate); memory floor = the larger of that FLOP limit and the "

@@ -35,6 +35,7 @@ from op_bench import (
     graph_of,
     layer_params,
     machine_info,
+    prepare_step,
     random_topk_sae,
     time_cuda_events,
     time_fn,
@@ -107,13 +108,14 @@ class LiveRows:
         self.req_ids = [f"r{j}" for j in range(requests)]
 
     def write(self, planner) -> int:
-        return planner.write_step(
+        return prepare_step(
+            planner,
+            self.plans,
             self.req_ids,
             self.wires,
             self.num_prompt,
             self.query_start,
             self.num_computed,
-            lambda req_id, wire: self.plans[wire],
         )
 
 
@@ -198,7 +200,7 @@ def run(args) -> int:
     del sae
     step = StepMetadata(max(token_list), max_seqs, device)
     tables = LayerTables(bank, max_seqs, max_ops, capacity, device)
-    planner = SlotPlanner(step, {LAYER: tables}, on_capacity=lambda req_id, err: print(err, file=sys.stderr))
+    planner = SlotPlanner(step, {LAYER: tables})
     rt = steer_op.LayerRuntime(tables, step, observable=True)
     steer_op.LAYERS.clear()
     steer_op.LAYERS[LAYER] = rt
@@ -371,7 +373,8 @@ def write_markdown(path: Path, result: dict) -> None:
         )
         + "former = the fixed-shape op before lanes (every row x the whole working set, measured at 0, 1 and all "
         "live rows). % = op time / decoder-layer time in the same run. prepare = host "
-        "SlotPlanner.write_step (steady decode), lanes included. Check: fixed-shape output = eager output "
+        "SlotPlanner steps of Steerer.prepare (steady decode), lanes included. "
+        "Check: fixed-shape output = eager output "
         "(steered rows within the dtype's tolerance, other rows bit for bit). others' CPU = share of the "
         "machine's CPU time used by other processes while that point was timed (a shared machine: 0% is clean).",
         f"- Load average (1 min) at start/end: {m['loadavg_start'][0]:.2f} / {m['loadavg_end'][0]:.2f}; "

@@ -35,7 +35,6 @@ from steer_plugin.messages import ACTIONS, LoadCommand, LoadOutcome
 
 if TYPE_CHECKING:
     from steer_plugin.engine.observe import Observer
-    from steer_plugin.engine.slots import SlotPlanner
     from steer_plugin.engine.step import StepMetadata
     from steer_plugin.engine.tables import LayerTables
     from steer_plugin.sae.model import SparseAutoencoder
@@ -47,7 +46,7 @@ logger = logging.getLogger("steer_plugin")
 class LoadTarget:
     """What runtime loads read and change in a worker, handed in by their owner (engine.steerer.Steerer builds
     one over its own objects, which it never rebinds): the banks and tables rows go into, the assets and observer
-    that name loaded sources, the slots whose tables name an unloaded source's rows, and two callbacks."""
+    that name loaded sources, the slots whose tables name an unloaded source's rows, and three callbacks."""
 
     runtime: RuntimeConfig | None  # the worker's own runtime section (roots, reserved layers)
     d_model: int
@@ -55,8 +54,9 @@ class LoadTarget:
     tables: dict[int, LayerTables]
     assets: LoadedAssets  # saes / vectors by id, edited in place
     observer: Observer
-    step: StepMetadata  # its slot_of: request id -> slot
-    slots: SlotPlanner
+    step: StepMetadata  # its slot_of: request id -> slot (read only)
+    # Give these requests' slots back: their rows emptied, the request table told (inline rows free again).
+    release_slots: Callable[[list[str]], None]
     sae_view: Callable[[LoadedSAE], SparseAutoencoder]  # the SAE over its bank rows, for the observer
     source_gone: Callable[[str], None]  # an unloaded source's id: drop its figures and every cached plan
 
@@ -251,8 +251,7 @@ class RuntimeLoads:
         using = set(target.tables[layer].slots_using_rows(list(slot_of.values()), entry.offset, entry.size))
         req_ids = [req_id for req_id, slot in slot_of.items() if slot in using]
         if req_ids:
-            target.slots.release_many(req_ids)
-            target.slots.forget_batch()
+            target.release_slots(req_ids)  # the next step is not steady: it assigns slots afresh
 
     def release_retired(self) -> None:
         """Free the rows of retired entries that no working-set column holds any more (called per step)."""

@@ -1,13 +1,30 @@
-"""The start-up self-test's verdict: after one decode step steered along each bank's self-test row, did the op
-run at every steered layer and add exactly the expected delta? (Steerer.self_test runs the step.)"""
+"""The start-up self-test's plans and verdict: after one decode step steered along each bank's self-test row, did
+the op run at every steered layer and add exactly the expected delta? (Steerer.self_test runs the step.)"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from steer_plugin.engine.tables import OP_NAMES, LayerPlan
 
 
 class SelfTestError(RuntimeError):
     """The steering op did not fire, or did not change the residual as expected."""
+
+
+def probe_plans(banks: dict, value: float) -> dict[int, LayerPlan]:
+    """At every layer, one op: add `value` along the bank's self-test row, at every position."""
+    return {
+        layer: LayerPlan(
+            bank_rows=np.array([bank.row("selftest", "selftest", 0)]),
+            coef=np.array([[0.0, value, 0.0]], dtype=np.float32),
+            positions=np.array([0], dtype=np.int8),
+            last_n=np.array([0]),
+            op_codes=np.array([OP_NAMES.index("selftest")], dtype=np.int8),
+        )
+        for layer, bank in banks.items()
+    }
 
 
 def check_probes(runtimes: dict, value: float) -> None:

@@ -18,13 +18,13 @@ from steer_plugin.catalog import LoadedAssets, LoadedSAE, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import LayerBank, build_layer_bank
-from steer_plugin.engine.compile import compile_plan
 from steer_plugin.engine.observe import ObservedRows, Observer, observed_rows
+from steer_plugin.engine.plans import compile_ops
 from steer_plugin.engine.probing import ProbedRows, ProbeReader, probed_rows
 from steer_plugin.engine.requests import InlineRows, RequestTable
 from steer_plugin.engine.runtime_loads import LoadTarget, RuntimeLoads
-from steer_plugin.engine.selftest import check_probes
-from steer_plugin.engine.slots import SlotPlanner
+from steer_plugin.engine.selftest import check_probes, probe_plans
+from steer_plugin.engine.slots import Newcomer, SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
 from steer_plugin.messages import HistogramCounts, WorkerStats
@@ -97,12 +97,7 @@ class Steerer:
         self.requests = RequestTable(self._reject, self._free_rows)  # per-request state, one record each
         self._observed: list[ObservedRows] = []
         self._probed: list[ProbedRows] = []
-        self.slots = SlotPlanner(
-            self.step,
-            self.tables,
-            on_capacity=lambda req_id, err: self._reject("capacity", req_id, err),
-            on_release=self.requests.released,
-        )
+        self.slots = SlotPlanner(self.step, self.tables)  # reports to prepare(), never calls back
         self.observer = Observer(
             {s.id: self.sae_view(s) for s in self.assets.saes.values()},
             write=tp_rank == 0,
@@ -123,7 +118,7 @@ class Steerer:
                 assets=self.assets,
                 observer=self.observer,
                 step=self.step,
-                slots=self.slots,
+                release_slots=self.release_slots,
                 sae_view=self.sae_view,
                 source_gone=self._source_gone,
             )
@@ -187,8 +182,9 @@ class Steerer:
     # --- per-request plans ---------------------------------------------------------------------------------
 
     def _compile_plan(self, req_id: str, plan: RequestPlan, inline_rows: InlineRows) -> dict[int, LayerPlan]:
-        """The request's ops as rows of this worker's banks (engine/compile.py), counted per SAE."""
-        plans = compile_plan(plan, self.banks, inline_rows)
+        """The request's ops as rows of this worker's banks and coefficients, per layer it owns (the scratch rows
+        its inline vectors take are appended to `inline_rows`: the request table gives them back)."""
+        plans = compile_ops(self.banks, plan.ops, inline_rows)
         for o in plan.ops:
             if o.kind == "feature":
                 self.features_applied[o.source] = self.features_applied.get(o.source, 0) + 1
@@ -328,24 +324,48 @@ class Steerer:
     # --- per step ------------------------------------------------------------------------------------------
 
     def prepare(self, batch: BatchView) -> int:
-        """Write this step's token metadata (and the plans of requests that took a slot); returns the number of
-        token rows that belong to steered requests."""
-        steered = self.slots.write_step(
-            batch.req_ids,
-            batch.wires,
-            batch.num_prompt,
-            batch.query_start,
-            batch.num_computed,
-            self.plan_for,
-        )
+        """Write this step's token metadata; returns the number of token rows that belong to steered requests.
+
+        One way, as vLLM's punica wrapper updates its metadata: the slot planner reports which requests leave
+        and enter, this compiles the plans of those entering, the planner writes them and the step."""
+        changes = self.slots.diff(batch.req_ids, batch.wires)
+        if not changes.steady:
+            self.release_slots(changes.leaving)  # before any plan is made: a plan may reuse what these free
+            self._admit(batch, changes.entering)
+        steered = self.slots.write(batch.req_ids, batch.wires, batch.query_start, batch.num_computed)
         self.runtime_loads.release_retired()
         self._plan_captures(batch)
         self.requests.prune(batch.req_ids, batch.wires, self.step.slot_of)
         return steered
 
+    def _admit(self, batch: BatchView, entering: list[int]) -> None:
+        """Slots for the requests entering the batch that steer a layer of this worker: all at once, or, if they
+        do not fit together, one at a time, each compiled afresh (backing out freed the inline rows its plan
+        named). One that does not fit alone is counted and runs unsteered."""
+        newcomers = []
+        for i in entering:
+            plans = self.plan_for(batch.req_ids[i], batch.wires[i])
+            if plans:
+                newcomers.append(Newcomer(batch.req_ids[i], batch.wires[i], int(batch.num_prompt[i]), plans))
+        backed_out = self.slots.admit(newcomers)
+        for n in backed_out:
+            self.requests.released(n.req_id)
+        for n in backed_out:
+            taken = self.slots.take(n.req_id, n.wire, n.prompt_len, self.plan_for(n.req_id, n.wire))
+            if taken.refused is not None:
+                self.requests.released(n.req_id)
+                self._reject("capacity", n.req_id, taken.refused)
+
+    def release_slots(self, req_ids: list[str]) -> None:
+        """Give these requests' slots back (their rows emptied): their inline rows are free again and their plans
+        compiled afresh if they come back (also between steps: a runtime unload)."""
+        for req_id in self.slots.release_many(req_ids):
+            self.requests.released(req_id)
+
     def clear(self) -> None:
         """Back to "no steering" on every row and slot, on the host and the device."""
-        self.slots.clear()
+        for req_id in self.slots.clear():
+            self.requests.released(req_id)
         self.disarm()
 
     # --- start-up self-test ------------------------------------------------------------------------------
@@ -358,18 +378,10 @@ class Steerer:
         """
         value = 2.0
         self.clear()
-        plans = {
-            layer: LayerPlan(
-                bank_rows=np.array([self.banks[layer].row("selftest", "selftest", 0)]),
-                coef=np.array([[0.0, value, 0.0]], dtype=np.float32),
-                positions=np.array([0], dtype=np.int8),
-                last_n=np.array([0]),
-                op_codes=np.array([OP_NAMES.index("selftest")], dtype=np.int8),
-            )
-            for layer in self.tables
-        }
-        slot = self.slots.take("steer_plugin-self-test", "self-test", 1, plans)
-        self.step.write(np.array([slot]), np.array([0, 1]), np.array([1]))
+        taken = self.slots.take("steer_plugin-self-test", "self-test", 1, probe_plans(self.banks, value))
+        if taken.refused is not None:  # the op will not fire: check_probes says so
+            self._reject("capacity", "steer_plugin-self-test", taken.refused)
+        self.step.write(np.array([taken.slot]), np.array([0, 1]), np.array([1]))
         for rt in self.runtimes.values():
             rt.probe.fill_(float("nan"))
         try:

@@ -71,10 +71,11 @@ def root(tmp_path_factory) -> Path:
     return folder
 
 
-def make_config(root: Path, rows: int = D_SAE + 2, **runtime):
+def make_config(root: Path, rows: int = D_SAE + 2, policy: dict | None = None, **runtime):
     return parse_config(
         {
             "saes": [{"id": "s", "path": str(root / "s")}],
+            "policy": policy or {},
             "runtime": {
                 "layers": [LAYER, OTHER_LAYER],
                 "rows_per_layer": rows,
@@ -231,6 +232,27 @@ def test_unload_frees_the_rows_at_once_and_stale_revisions_run_unsteered(worker,
     one_request(worker, old_wire, "c")  # resolved against revision "old"
     assert worker.rejected_messages["steering"] == rejected + 1
     assert torch.equal(run_op(hidden, residual, False, monkeypatch), residual)
+
+
+def test_an_unload_gives_back_the_inline_rows_of_the_requests_it_releases(root, tmp_path, monkeypatch):
+    """The slots an unload gives back are released through the steerer, which tells the request table: the
+    inline-vector rows those requests held are free at once (not only when their records are pruned)."""
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    st = make_steerer(make_config(root, policy={"allow_inline_vectors": True, "max_inline_vectors": 1}))
+    try:
+        load(st, "sae", "t", {"path": str(root / "t")})
+        bank = st.banks[LAYER]
+        free_before = len(bank._free_scratch)
+        steering = {
+            "features": [{"sae": "t", "index": 7, "value": 3.0}],
+            "vectors": [{"values": [0.5] * D, "layer": LAYER}],
+        }
+        one_request(st, wire_for(service_for(st.config, st).catalog, steering), "a")
+        assert "a" in st.step.slot_of and len(bank._free_scratch) == free_before - 1
+        assert unload(st, "sae", "t").ok  # "a" finished since the last step: its slot goes with t
+        assert "a" not in st.step.slot_of and len(bank._free_scratch) == free_before
+    finally:
+        steer_op.LAYERS.clear()
 
 
 def admin_setup(root: Path, monkeypatch, tmp_path, workers: int = 2, **runtime):

@@ -349,6 +349,46 @@ def test_a_request_beyond_the_working_set_runs_unsteered_and_is_counted(sae_dir,
         steer_op.LAYERS.clear()
 
 
+def test_newcomers_that_do_not_fit_together_enter_one_at_a_time_with_plans_made_afresh(
+    sae_dir, tmp_path, monkeypatch
+):
+    """Backing out gives back the inline rows of the requests' plans: the steerer compiles each again before it
+    takes a slot, so the plan it writes names rows the request holds (and every row is free once they leave)."""
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    config = parse_config(
+        {
+            "saes": [{"id": "s", "path": str(sae_dir)}],
+            "policy": {"allow_inline_vectors": True, "max_inline_vectors": 2},
+            "limits": {"working_set_rows": 2},
+        }
+    )
+    st = Steerer(config, range(4), torch.device("cpu"), torch.float32, MAX_TOKENS, D, max_seqs=MAX_SEQS)
+    st.activate()
+    try:
+        catalog, bank = st.assets.catalog(), st.banks[LAYER]
+        free_before = len(bank._free_scratch)
+        u = torch.randn(D, generator=torch.Generator().manual_seed(6))
+        a = {
+            "features": [{"sae": "s", "index": 1, "value": 1.0}],
+            "vectors": [{"values": u.tolist(), "layer": LAYER}],
+        }
+        b = {"features": [{"sae": "s", "index": 3, "value": 1.0}]}  # a third row: they do not fit together
+        wires = [encode_wire(resolve_spec(parse_spec(spec), catalog)) for spec in (a, b)]
+        view = BatchView(["a", "b"], np.array([0, 1, 2]), np.array([4, 4]), np.array([3, 3]), wires)
+        assert st.prepare(view) == 1
+        assert len(bank._free_scratch) == free_before - 1  # a's inline row, taken again and held
+        hidden, residual = torch.zeros(2, D), torch.randn(2, D)
+        out, _ = run_op(hidden, residual, False, monkeypatch)
+        torch.testing.assert_close(out[0], residual[0] + st.observer.saes["s"].W_dec[1].float() + u)
+        assert torch.equal(out[1], residual[1])
+        assert st.stats().rejected_messages == {"capacity": 1}
+        st.after_forward()
+        st.prepare(BatchView(["x"], np.array([0, 1]), np.array([4]), np.array([3]), [None]))
+        assert len(bank._free_scratch) == free_before and not st.step.slot_of
+    finally:
+        steer_op.LAYERS.clear()
+
+
 def _relu_feature(sae_dir: Path, x: torch.Tensor, index: int) -> torch.Tensor:
     """f_i(x) of the test's standard (ReLU) SAE, written out from its file: relu(x · W_enc[:, i] + b_enc[i])."""
     from safetensors.torch import load_file

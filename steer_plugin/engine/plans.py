@@ -1,6 +1,9 @@
-"""A request's resolved ops compiled for one worker: rows of its layer banks and the coefficients, per layer."""
+"""A request's ops compiled for one worker: per layer it owns, the bank rows they read, their coefficients,
+position rules and conditions (the `LayerPlan` a slot's tables are written from)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -9,16 +12,15 @@ from steer_plugin.engine.bank import LayerBank
 from steer_plugin.engine.requests import InlineRows
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan
 from steer_plugin.request.ops import ResolvedOp
-from steer_plugin.request.wire import RequestPlan
 
 
-def compile_plan(
-    plan: RequestPlan, banks: dict[int, LayerBank], inline_rows: InlineRows
+def compile_ops(
+    banks: dict[int, LayerBank], ops: Iterable[ResolvedOp], inline_rows: InlineRows
 ) -> dict[int, LayerPlan]:
-    """The plan's ops at the layers `banks` cover (other pipeline ranks own the others); the scratch rows its
-    inline vectors take are appended to `inline_rows` (the request table gives them back)."""
+    """The ops on layers in `banks` (other pipeline ranks own the others), as rows of those banks; the scratch
+    rows inline vectors take are appended to `inline_rows` (their owner gives them back)."""
     by_layer: dict[int, list[ResolvedOp]] = {}
-    for o in plan.ops:
+    for o in ops:
         if o.layer in banks:
             by_layer.setdefault(o.layer, []).append(o)
     plans = {}
