@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from .conftest import running_server
+from .probe_checks import check_chat_probe_scores, config_entries, make_probes
 
 pytestmark = pytest.mark.server
 
@@ -55,7 +56,9 @@ def server(demo_assets, steer_config_path, assets, sae_layer, root, tmp_path_fac
         "rows_per_layer": d_sae + 4,  # one SAE (plus a few vectors) per layer
         "roots": [str(root)],
     }
-    path = tmp_path_factory.mktemp("runtime-config") / "steer.json"
+    folder = tmp_path_factory.mktemp("runtime-config")
+    config["probes"] = config_entries(make_probes(folder, sae_layer))
+    path = folder / "steer.json"
     path.write_text(json.dumps(config))
     env = {**os.environ, "STEER_ADMIN_KEY": KEY}
     with running_server(
@@ -314,3 +317,8 @@ def test_bounded_admin_fuzz_never_breaks_the_server(server, root):
         if i % 20 == 19:
             assert chat(max_tokens=4)["message"]["content"] == reference
     assert sum(v for k, v in statuses.items() if 400 <= k < 500) >= 30, statuses
+
+
+def test_probe_scores_match_the_formula_under_the_compiled_model(server, hf, sae_layer, tmp_path):
+    """vLLM's default compile mode: the same check as the eager server's (test_server_api)."""
+    check_chat_probe_scores(BASE, hf, make_probes(tmp_path, sae_layer), MESSAGES, headers=BEARER)

@@ -7,12 +7,14 @@ import os
 import re
 import time
 
+import numpy as np
 import openai
 import pytest
 import requests
 import torch
 
 from .conftest import VECTOR_LAYER, add_explanations, running_server, write_monitored_config
+from .probe_checks import check_chat_probe_scores, config_entries, make_probes
 
 pytestmark = pytest.mark.server
 
@@ -23,7 +25,7 @@ DENIED = 666  # policy-denied feature
 
 
 @pytest.fixture(scope="module")
-def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
+def server_config(demo_assets, steer_config_path, sae_layer, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("server")
     path = write_monitored_config(
         steer_config_path,
@@ -37,7 +39,11 @@ def server_config(demo_assets, steer_config_path, tmp_path_factory) -> dict:
     )
     explained = explained_features(demo_assets.labels_path)
     add_explanations(path, folder, explanations(explained))
-    return {"path": path, "monitor": folder / "monitor.jsonl", "explained": explained}
+    probes = make_probes(folder, sae_layer)
+    config = json.loads(open(path).read())
+    config["probes"] = config_entries(probes)
+    open(path, "w").write(json.dumps(config))
+    return {"path": path, "monitor": folder / "monitor.jsonl", "explained": explained, "probes": probes}
 
 
 def _np_explanation(index: int, description: str, layer: str = "15-res-topk") -> dict:
@@ -876,3 +882,54 @@ def test_abort_when_refuses_what_would_keep_it_from_stopping(server, extra, para
     reply = requests.post(f"{BASE}/v1/chat/completions", json=body, timeout=60)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+# --- probes -------------------------------------------------------------------------------------------------
+
+
+def test_probe_scores_match_the_formula_on_the_reference_residuals(server, hf, server_config):
+    """Eager server: per generated token and aggregated, a probe at the SAE's layer and one at a layer that
+    only the probe reads."""
+    check_chat_probe_scores(BASE, hf, server_config["probes"], MESSAGES)
+
+
+def test_inspect_endpoint_scores_probes_on_every_prompt_token(server, hf, server_config):
+    probes = server_config["probes"]
+    text = "The Golden Gate Bridge spans the strait at the entrance of San Francisco Bay."
+    reply = requests.post(
+        f"{BASE}/v1/steering/inspect",
+        json={"text": text, "saes": [], "probes": [p.id for p in probes]},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    ids = [d["token_id"] for d in data]
+    for p in probes:
+        want = p.formula(hf.residual_after(p.layer, ids))  # [T, C]
+        for pos in range(1, len(ids)):  # position 0: the attention sink (fp32 rounding of a huge norm)
+            got = np.array([data[pos]["probes"][p.id][label] for label in p.labels])
+            assert abs(got - want[pos]).max() <= 1e-3 * max(1.0, abs(want[pos]).max()), (
+                p.id,
+                pos,
+                got,
+                want[pos],
+            )
+
+
+@pytest.mark.parametrize(
+    ("inspect", "param"),
+    [
+        ({"probes": ["nope"]}, "steering.inspect.probes[0]"),
+        ({"probes": "concept"}, "steering.inspect.probes"),
+        ({"probes": [{"id": "concept"}]}, "steering.inspect.probes[0]"),
+        ({"saes": []}, "steering.inspect.saes"),
+    ],
+)
+def test_bad_probe_requests_name_the_field(server, inspect, param):
+    reply = requests.post(
+        f"{BASE}/v1/chat/completions",
+        json={"model": "demo", "messages": MESSAGES, "max_tokens": 2, "steering": {"inspect": inspect}},
+        timeout=60,
+    )
+    assert (reply.status_code, reply.json()["error"]["param"]) == (400, param), reply.text
+    assert requests.get(f"{BASE}/health", timeout=10).status_code == 200

@@ -163,3 +163,29 @@ def test_the_reserved_layer_rule(layers, num_layers, reserved, tmp_path):
     assert [layer for layer in range(6) if runtime.reserves(layer)] == (
         list(range(6)) if layers == "any" else sorted(layers)
     )
+
+
+def test_inspect_probes_are_observed_by_name_and_unknown_ones_refused():
+    from steer_plugin.probes.format import ProbeMeta
+
+    svc = service()
+    catalog = svc.catalog._replace(probes={"mood": ProbeMeta(3, ("happy",)), "topic": ProbeMeta(7, ("a", "b"))})
+    endpoint = Endpoint.of({"prompt": "hi", "max_tokens": 10}, True)
+
+    def plan(inspect: dict) -> PlannedRequest:
+        return plan_request(parse_spec({"inspect": inspect}), catalog, svc.config, endpoint)
+
+    p = plan({"saes": [], "probes": ["topic", "mood", "topic"]})
+    assert p.probes == ("topic", "mood") and p.observe.probes == ("topic", "mood") and p.observe.saes == ()
+    # written out: 10 generated tokens, 2 layers read (7 and 3), 2 probe values per token
+    assert p.cost == ObservationCost(0, 10, 2, 2)
+    assert plan({"probes": ["mood"]}).observe.saes == ("a", "b")  # saes unset: every readable SAE, as before
+    for inspect, param in (
+        ({"probes": ["mood", "nope"]}, "steering.inspect.probes[1]"),
+        ({"saes": []}, "steering.inspect.saes"),
+        ({"probes": "mood"}, "steering.inspect.probes"),
+        ({"probes": ["p"] * 17}, "steering.inspect.probes"),
+    ):
+        with pytest.raises(SpecError) as err:
+            plan(inspect)
+        assert (err.value.path, err.value.status) == (param, 400), inspect

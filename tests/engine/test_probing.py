@@ -1,0 +1,110 @@
+"""Probes scored in the worker: a real Steerer and the op, eager and fixed-shape (CUDA-graph capture forced on
+the CPU); the records equal act(W x + b) written out on the residual the op leaves, at a layer with an SAE and
+at a layer with nothing but the probe; requests that did not ask get nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from steer_plugin.config import parse_config
+from steer_plugin.engine import op as steer_op
+from steer_plugin.engine.steerer import BatchView, Steerer
+from steer_plugin.monitor import channel
+from steer_plugin.probes.format import ProbeMeta, save_probe
+from steer_plugin.request.records import ProbeRecord
+from steer_plugin.request.resolve import resolve_spec
+from steer_plugin.request.schema import parse_spec
+from steer_plugin.request.wire import ObservePlan, RequestPlan
+
+from .test_steerer_steps import LAYER, MAX_SEQS, MAX_TOKENS, D, sae_dir  # noqa: F401 (a fixture)
+
+PROBE_LAYER = 0  # nothing else there: the probe alone puts the op after this layer
+CID_A, CID_B = "a" * 32, "b" * 32
+
+
+@pytest.fixture
+def probes(tmp_path) -> dict:
+    g = torch.Generator().manual_seed(3)
+    made = {}
+    for pid, layer, labels, activation in (
+        ("mood", LAYER, ("happy", "sad"), "sigmoid"),
+        ("raw", LAYER, ("x",), "identity"),
+        ("early", PROBE_LAYER, ("y",), "sigmoid"),
+    ):
+        weight, bias = torch.randn(len(labels), D, generator=g), torch.randn(len(labels), generator=g)
+        folder = save_probe(tmp_path / pid, ProbeMeta(layer, labels, activation), weight, bias)
+        made[pid] = (folder, layer, weight, bias, activation)
+    return made
+
+
+@pytest.fixture
+def steerer(sae_dir, probes, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+    config = parse_config(
+        {
+            "saes": [{"id": "s", "path": str(sae_dir)}],
+            "probes": [{"id": pid, "path": str(p[0])} for pid, p in probes.items()],
+        }
+    )
+    st = Steerer(config, range(4), torch.device("cpu"), torch.float32, MAX_TOKENS, D, max_seqs=MAX_SEQS)
+    st.activate()
+    yield st
+    steer_op.LAYERS.clear()
+
+
+def written_out(x: torch.Tensor, weight, bias, activation) -> torch.Tensor:
+    logits = torch.stack([torch.stack([weight[c] @ row + bias[c] for c in range(len(bias))]) for row in x])
+    return torch.sigmoid(logits) if activation == "sigmoid" else logits
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_scores_equal_the_formula_on_the_steered_residual(steerer, probes, capturing, monkeypatch):
+    catalog = steerer.assets.catalog()
+    add = resolve_spec(parse_spec({"features": [{"sae": "s", "index": 3, "value": 4.0}]}), catalog)
+    wires = [
+        # A: steered, its prompt and generation scored by all three probes
+        RequestPlan.build(
+            add, observe=ObservePlan(CID_A, (), 1, True, probes=("mood", "raw", "early"))
+        ).encode(),
+        # B: steered the same, scored by one probe on its sampled token only
+        RequestPlan.build(add, observe=ObservePlan(CID_B, (), 1, False, probes=("early",))).encode(),
+        None,  # C: plain
+    ]
+    for cid in (CID_A, CID_B):
+        channel.create(cid)
+    query_start = np.array([0, 3, 5, 7])
+    view = BatchView(["A", "B", "C"], query_start, np.array([0, 4, 6]), np.array([3, 5, 7]), wires)
+    steerer.prepare(view)
+    monkeypatch.setattr(steer_op, "_capturing", lambda: capturing)
+    g = torch.Generator().manual_seed(5)
+    after = {}
+    for layer in (PROBE_LAYER, LAYER):
+        hidden, residual = torch.randn(7, D, generator=g), torch.randn(7, D, generator=g)
+        out = torch.ops.steer_plugin.steer_residual(hidden, residual, layer)
+        after[layer] = hidden + out  # [7, D]: the residual stream the next layer reads
+    steerer.after_forward()
+    assert not torch.equal(after[LAYER][:5], (hidden + residual)[:5])  # the add did steer A and B
+
+    a = [r for r in channel.ChannelReader(CID_A).read_new() if isinstance(r, ProbeRecord)]
+    b = channel.ChannelReader(CID_B).read_new()
+    # A: prompt rows 0..2 at positions 0..2 (position 0 is the attention sink), every probe.
+    assert sorted((r.probe, r.pos) for r in a) == sorted((p, pos) for p in probes for pos in range(3))
+    for r in a:
+        _, layer, weight, bias, activation = probes[r.probe]
+        want = written_out(after[layer][[r.pos]], weight, bias, activation)[0]
+        assert torch.allclose(torch.tensor(r.scores), want, atol=1e-5), (r, want)
+        assert r.sink == (r.pos == 0) and r.num_prompt == 3
+    # B: only the row whose logits give its sampled token (row 4, position 5), only "early".
+    assert [(r.probe, r.pos) for r in b] == [("early", 5)]
+    _, _, weight, bias, _ = probes["early"]
+    assert torch.allclose(
+        torch.tensor(b[0].scores), written_out(after[PROBE_LAYER][[4]], weight, bias, "sigmoid")[0], atol=1e-5
+    )
+
+
+def test_a_probe_only_layer_carries_the_op_and_narrowing_drops_unknown_probes(steerer):
+    assert PROBE_LAYER in steerer.layers and steerer.runtimes[PROBE_LAYER].observable
+    spec = ObservePlan(CID_A, (), 1, False, probes=("early", "not-here"))
+    assert steerer._narrowed(spec).probes == ("early",)
