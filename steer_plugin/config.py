@@ -20,7 +20,19 @@ from pydantic import (
     model_validator,
 )
 
+from steer_plugin.config_monitoring import (
+    FeatureKey,
+    MonitoringConfig,
+    ProbeMonitoring,
+    SAEMonitoring,
+    WatchItem,
+)
 from steer_plugin.config_sources import ProbeSource, SAESource, StrictModel, VectorSource
+
+__all__ = [  # the monitoring and source models are defined beside, and named here too
+    "FeatureKey", "MonitoringConfig", "ProbeMonitoring", "SAEMonitoring", "WatchItem",
+    "ProbeSource", "SAESource", "VectorSource",
+]  # fmt: skip
 
 CONFIG_ENV = "STEER_PLUGIN_CONFIG"
 ADDITIONAL_CONFIG_KEY = "steer_plugin"
@@ -41,55 +53,6 @@ class EngineLimits(StrictModel):
     x max_ops_per_layer, which is never exceeded). The eager op multiplies over the live ones; under CUDA graphs
     the op reads each steered token's own rows, whatever this size. A request that would exceed it runs unsteered
     and is counted in steer_worker_rejected_messages_total{kind="capacity"}."""
-
-
-class FeatureKey(StrictModel):
-    sae: str
-    """SAE id."""
-    index: int = Field(ge=0)
-    """Feature index."""
-
-
-class WatchItem(FeatureKey):
-    """A feature to flag in monitoring logs and count in metrics when it fires above `threshold`."""
-
-    threshold: float = 0.0
-    """Activation above which a firing is counted."""
-
-
-class SAEMonitoring(StrictModel):
-    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
-    """Fraction of requests whose tokens are read with this SAE and logged."""
-
-
-class MonitoringConfig(StrictModel):
-    """Structured logging of the active features of served traffic."""
-
-    saes: dict[str, SAEMonitoring] = Field(default_factory=dict)
-    """SAE id -> sampling. SAEs not listed are not monitored."""
-    top_k: int = Field(default=5, ge=1, le=64)
-    """Features per token kept in the log."""
-    sink: Literal["stdout", "file"] = "stdout"
-    """`stdout`: the `steer_plugin.monitor` logger; `file`: JSON lines appended to `path`."""
-    path: str | None = None
-    """File for the `file` sink."""
-    max_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
-    """`file` sink: the file is rotated (renamed to `path.1`, `path.2`, ...) before it grows past this many
-    bytes; 0: never rotated (then rotate it outside the server, e.g. logrotate's copytruncate)."""
-    backup_count: int = Field(default=5, ge=1, le=1000)
-    """`file` sink: rotated files kept (`path.1` .. `path.N`); older ones are deleted."""
-    watchlist: list[WatchItem] = Field(default_factory=list)
-    """Features flagged (and counted in steer_watchlist_firings_total) when they fire above their threshold."""
-    sink_positions: int = Field(default=1, ge=0, le=64)
-    """Token positions 0..N-1 are attention sinks: their residual is huge (about 100x the others' norm on the demo
-    model) and their features mean nothing. They are flagged in inspect (`sink`), and left out of monitoring's top
-    features, watchlist counts, the L0 / reconstruction-error histograms and abort_when."""
-
-    @model_validator(mode="after")
-    def _path_for_file(self) -> MonitoringConfig:
-        if self.sink == "file" and not self.path:
-            raise ValueError("monitoring.path is required when monitoring.sink is `file`")
-        return self
 
 
 class ObservationLimits(StrictModel):
@@ -241,6 +204,12 @@ class SteerConfig(StrictModel):
             for sae_id in ids:
                 if sae_id not in known:
                     raise ValueError(f"{key} names unknown SAE {sae_id!r}; configured: {sorted(known)}")
+        probes = {p.id for p in self.probes}
+        for probe_id in self.monitoring.probes:
+            if probe_id not in probes:
+                raise ValueError(
+                    f"monitoring.probes names unknown probe {probe_id!r}; configured: {sorted(probes)}"
+                )
         return self
 
     @model_validator(mode="after")

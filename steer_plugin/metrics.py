@@ -34,6 +34,21 @@ MONITORED_REQUESTS = Counter("steer_monitored_requests", "Requests logged by ste
 ABORTED_REQUESTS = Counter(
     "steer_aborted_requests", "Requests stopped by one of their abort_when conditions, by SAE", ["sae"]
 )
+PROBE_REQUEST_SCORE = Histogram(
+    "steer_probe_request_score",
+    "Per-request aggregate of a monitored probe's scores over the generated tokens (config monitoring.probes)",
+    ["probe", "label", "aggregate"],
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0, 2.0, 5.0, 10.0, float("inf")),
+)
+PROBE_ALERTS = Counter(
+    "steer_probe_alerts",
+    "Monitored requests whose probe aggregate passed the rule's `above` (config monitoring.probes)",
+    ["probe", "label"],
+)
+PROBE_ABORTED_REQUESTS = Counter(
+    "steer_probe_aborted_requests", "Requests stopped by an abort_when condition on a probe", ["probe"]
+)
+PROBE_AGGREGATES = ("max", "window_max")  # the aggregates steer_probe_request_score records
 RUNTIME_LOADS = Counter(
     "steer_runtime_loads",
     "SAE and vector loads and unloads through the admin API, by outcome",
@@ -84,6 +99,8 @@ def initialize_series(config) -> None:
             MONITORED_REQUESTS.labels(sae=sae_id)
     for sae in config.saes:
         ABORTED_REQUESTS.labels(sae=sae.id)
+    for probe in config.probes:
+        PROBE_ABORTED_REQUESTS.labels(probe=probe.id)
     for kind in OBSERVATION_COST_KINDS:
         OBSERVATION_COST.labels(kind=kind)
     for reason in OBSERVATION_REFUSALS:

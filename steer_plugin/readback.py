@@ -14,6 +14,7 @@ from steer_plugin import metrics
 from steer_plugin.config import MonitoringConfig
 from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
+from steer_plugin.monitor import probes as probe_monitor
 from steer_plugin.probes.aggregate import aggregate
 from steer_plugin.request.records import ProbeRecord, TokenRecord
 
@@ -46,7 +47,11 @@ class Observation:
         self.request = request
         self.labels_of = labels_of
         self.monitoring = monitoring
-        self.probes = {pid: probes[pid] for pid in request.probes}  # the probes it asked for
+        planned = request.planned
+        scored = dict.fromkeys(
+            [*request.probes, *(a.probe for a in planned.probe_abort), *planned.monitored_probes]
+        )
+        self.probes = {pid: probes[pid] for pid in scored if pid in probes}  # what the workers score for it
         channel.create(request.observe.cid)
         self.reader = channel.ChannelReader(request.observe.cid)
         self.by_pos: dict[int, dict[str, TokenRecord]] = {}  # pos -> sae -> its record
@@ -56,6 +61,7 @@ class Observation:
         self.aborted: TokenRecord | None = None  # the record of the first abort_when condition that fired
         self.sinks: set[int] = set()  # positions the workers flagged as attention sinks
         self.scores: dict[int, dict[str, tuple[float, ...]]] = {}  # pos -> probe -> its scores
+        self.probe_aborted: ProbeRecord | None = None  # the first abort_when condition on a probe that fired
 
     def _pull(self) -> None:
         for r in self.reader.read_new():
@@ -64,6 +70,8 @@ class Observation:
                 self.sinks.add(r.pos)
             if isinstance(r, ProbeRecord):
                 self.scores.setdefault(r.pos, {})[r.probe] = r.scores
+                if r.abort is not None and (self.probe_aborted is None or r.pos < self.probe_aborted.pos):
+                    self.probe_aborted = r
                 continue
             self.records.append(r)
             if r.abort is not None and (self.aborted is None or r.pos < self.aborted.pos):
@@ -84,7 +92,9 @@ class Observation:
         traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
         scored = self.scores.get(pos, {})
         probes = {
-            pid: dict(zip(meta.labels, scored[pid])) for pid, meta in self.probes.items() if pid in scored
+            pid: dict(zip(self.probes[pid].labels, scored[pid]))
+            for pid in self.request.probes
+            if pid in scored and pid in self.probes
         }
         metrics.OBSERVATION_VALUES.inc(sum(map(len, features.values())) + len(traced) + len(probes))
         return TokenRead(features, traced, probes)
@@ -109,7 +119,12 @@ class Observation:
         """Which abort_when condition stopped the request and at which generated token (the token that was not
         generated: index k = the k-th generated token, read from the residual that would have predicted it)."""
         self._pull()
-        if self.aborted is None or self.prompt_len is None:
+        if self.prompt_len is None:
+            return None
+        on_probe = self.probe_aborted
+        if on_probe is not None and (self.aborted is None or on_probe.pos < self.aborted.pos):
+            return self._probe_abort(on_probe)
+        if self.aborted is None:
             return None
         index, activation = self.aborted.abort
         sae_id = self.aborted.sae
@@ -124,15 +139,30 @@ class Observation:
             "token": self.aborted.pos - (self.prompt_len - 1),
         }
 
-    def probe_summary(self) -> dict[str, dict[str, dict]]:
-        """Per probe and label, the aggregates (probes/aggregate.py) of its scores over the generated tokens
-        read so far (each read from the residual that predicted it), attention sinks left out."""
+    def _probe_abort(self, record: ProbeRecord) -> dict:
+        column, score = record.abort
+        cond = next(
+            a for a in self.request.planned.probe_abort if a.probe == record.probe and a.column == column
+        )
+        return {
+            "probe": record.probe,
+            "label": self.probes[record.probe].labels[column],
+            "score": score,
+            "above" if cond.sign > 0 else "below": cond.threshold,
+            "token": record.pos - (self.prompt_len - 1),
+        }
+
+    def probe_summary(self, probe_ids=None) -> dict[str, dict[str, dict]]:
+        """Per probe (those the request asked for, unless `probe_ids`) and label, the aggregates
+        (probes/aggregate.py) of its scores over the generated tokens read so far (each read from the residual
+        that predicted it), attention sinks left out."""
         self._pull()
         if self.prompt_len is None:
             return {}
         first = self.prompt_len - 1
         out: dict[str, dict[str, dict]] = {}
-        for pid, meta in self.probes.items():
+        for pid in self.request.probes if probe_ids is None else probe_ids:
+            meta = self.probes[pid]
             rows = [
                 s[pid]
                 for pos, s in sorted(self.scores.items())
@@ -157,10 +187,22 @@ class Observation:
         self.reader.remove()
         config = self.monitoring
         if abort is not None:  # every stopped request is counted and logged, sampled or not
-            metrics.ABORTED_REQUESTS.labels(sae=abort["sae"]).inc()
+            if "probe" in abort:
+                metrics.PROBE_ABORTED_REQUESTS.labels(probe=abort["probe"]).inc()
+            else:
+                metrics.ABORTED_REQUESTS.labels(sae=abort["sae"]).inc()
             monitor_log.write(
                 config, {"event": "abort", "request_id": response_id, "model": model, "abort": abort}
             )
+        monitored_probes = [p for p in self.request.planned.monitored_probes if p in self.probes]
+        if monitored_probes:
+            record = {
+                "request_id": response_id,
+                "model": model,
+                "steered": bool(self.request.ops),
+                "abort": abort,
+            }
+            probe_monitor.report(self.probe_summary(monitored_probes), config, record)
         for sae_id in self.request.monitored:
             labels = self.labels_of(sae_id)
             # Attention sinks (config monitoring.sink_positions) carry no meaning: left out of every figure.

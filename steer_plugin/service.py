@@ -30,6 +30,7 @@ from steer_plugin.request.plan import (
     PlannedRequest,
     plan_request,
     sample_monitored,
+    sample_monitored_probes,
 )
 from steer_plugin.request.resolve import check_counts
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec, parse_spec
@@ -171,7 +172,8 @@ class SteeringService:
         spec = parse_spec(raw, STEERING_FIELD) if raw is not None else SteeringSpec()
         endpoint = Endpoint.of(body, observable)
         monitored = sample_monitored(self.config, endpoint)
-        planned = plan_request(spec, self.catalog, self.config, endpoint, monitored)
+        monitored_probes = sample_monitored_probes(self.config, endpoint)
+        planned = plan_request(spec, self.catalog, self.config, endpoint, monitored, monitored_probes)
         for op_name in sorted({o.op for o in planned.ops}):
             metrics.STEERED_REQUESTS.labels(op=op_name).inc()
         return self._signed(body, planned, endpoint, request_id, turns)

@@ -15,6 +15,7 @@ from steer_plugin.engine.observe import request_rows
 from steer_plugin.monitor import channel
 from steer_plugin.probes.format import Probe
 from steer_plugin.request.records import ProbeRecord
+from steer_plugin.request.wire import ProbeAbortSpec
 
 
 class ProbedRows(NamedTuple):
@@ -26,6 +27,9 @@ class ProbedRows(NamedTuple):
     rows: list[int]
     positions: list[int]
     num_prompt: int
+    abort: tuple[ProbeAbortSpec, ...] = ()  # abort_when on these probes, tested at position `predicting`
+    predicting: int = -1  # position whose residual predicts the request's next sampled token (-1: none)
+    req_index: int = -1  # the request's index in the step's batch
 
 
 class LayerProbes(NamedTuple):
@@ -57,7 +61,17 @@ def probed_rows(
             by_layer.setdefault(layer_of(probe_id), []).append(probe_id)
         for layer, ids in by_layer.items():
             groups.append(
-                ProbedRows(spec.cid, layer, tuple(ids), found.rows, found.positions, found.num_prompt)
+                ProbedRows(
+                    spec.cid,
+                    layer,
+                    tuple(ids),
+                    found.rows,
+                    found.positions,
+                    found.num_prompt,
+                    abort=tuple(a for a in spec.probe_abort if a.probe in ids),
+                    predicting=found.predicting,
+                    req_index=i,
+                )
             )
     return groups
 
@@ -85,10 +99,12 @@ class ProbeReader:
     def layer_of(self, probe_id: str) -> int:
         return self.probes[probe_id].meta.layer
 
-    def collect(self, groups: list[ProbedRows], captures: dict[int, torch.Tensor]) -> None:
+    def collect(self, groups: list[ProbedRows], captures: dict[int, torch.Tensor]) -> list[int]:
         """groups' rows index into captures[layer] ([max_tokens, d] steered residual by token row): one product
-        per layer for all of its groups, every probe of the layer scored (a few columns: cheaper than picking)."""
+        per layer for all of its groups, every probe of the layer scored (a few columns: cheaper than picking).
+        Returns the batch indices of the requests whose abort_when on a probe fired."""
         records: dict[str, list[ProbeRecord]] = {}
+        fired: set[int] = set()
         for layer in dict.fromkeys(g.layer for g in groups):
             mine = [g for g in groups if g.layer == layer]
             stacked = self.layers[layer]
@@ -106,12 +122,17 @@ class ProbeReader:
                     sink = pos < self.sink_positions
                     for pid in g.probes:
                         lo, hi = columns[pid]
-                        lines.append(
-                            ProbeRecord(
-                                pos, g.num_prompt, pid, tuple(round(v, 6) for v in scores[row][lo:hi]), sink
-                            )
-                        )
+                        values = tuple(round(v, 6) for v in scores[row][lo:hi])
+                        aborted = None
+                        if pos == g.predicting and not sink and g.req_index not in fired:
+                            mine = (a for a in g.abort if a.probe == pid and a.column < len(values))
+                            hit = next((a for a in mine if a.fires(values[a.column])), None)
+                            if hit is not None:
+                                aborted = (hit.column, values[hit.column])
+                                fired.add(g.req_index)
+                        lines.append(ProbeRecord(pos, g.num_prompt, pid, values, sink, aborted))
                     row += 1
         if self.write:
             for cid, lines in records.items():
                 channel.append(cid, lines)
+        return sorted(fired)

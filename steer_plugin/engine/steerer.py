@@ -210,6 +210,7 @@ class Steerer:
             stats=tuple(s for s in spec.stats if s in saes),
             abort=tuple(a for a in spec.abort if a.sae in saes and a.index < saes[a.sae].d_sae),
             probes=tuple(p for p in spec.probes if p in self.prober.probes),
+            probe_abort=tuple(a for a in spec.probe_abort if a.probe in self.prober.probes),
         )
 
     def _source_gone(self, source_id: str) -> None:
@@ -251,18 +252,18 @@ class Steerer:
         token its end-of-sequence token, so it ends right there, before the token the crossing residual would
         have predicted."""
         try:
+            fired = []
             if self._probed:
-                self.prober.collect(
-                    self._probed, {g.layer: self.runtimes[g.layer].capture for g in self._probed}
-                )
+                captures = {g.layer: self.runtimes[g.layer].capture for g in self._probed}
+                fired = self.prober.collect(self._probed, captures)
             if not self._observed:
-                return []
+                return fired
             captures = {
                 s: self.runtimes[self.assets.saes[s].layer].capture
                 for s in {g.sae_id for g in self._observed}
             }
             hits = self.observer.collect(self._observed, captures)
-            return sorted({h.req_index for h in hits})
+            return sorted({h.req_index for h in hits} | set(fired))
         finally:
             self.disarm()
 

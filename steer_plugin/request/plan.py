@@ -24,7 +24,7 @@ from steer_plugin.request.resolve import (
     resolve_spec,
 )
 from steer_plugin.request.schema import InspectSpec, SpecError, SteeringSpec
-from steer_plugin.request.wire import TRACE_THRESHOLD, AbortSpec, ObservePlan, WatchSpec
+from steer_plugin.request.wire import TRACE_THRESHOLD, AbortSpec, ObservePlan, ProbeAbortSpec, WatchSpec
 
 STEERING_FIELD = "steering"
 
@@ -97,7 +97,9 @@ class PlannedRequest(NamedTuple):
     inspected: tuple[str, ...] = ()  # the SAEs `inspect` reports (the policy applied), as resolved
     traced: tuple[tuple[str, int], ...] = ()  # (sae, index) of inspect.features, in request order
     probes: tuple[str, ...] = ()  # inspect.probes: the probes scored on every token, in request order
-    abort: tuple[AbortSpec, ...] = ()  # abort_when conditions, in request order
+    abort: tuple[AbortSpec, ...] = ()  # abort_when conditions on features, in request order
+    probe_abort: tuple[ProbeAbortSpec, ...] = ()  # abort_when conditions on probes, in request order
+    monitored_probes: tuple[str, ...] = ()  # probes the operator's monitoring samples this request for
     monitored: tuple[str, ...] = ()  # SAEs the operator's monitoring samples this request for
     compare: bool = False  # also serve the default variant (default_variant) beside this one
     # What the client's observation costs (inspect, traces, abort_when; None: it observes nothing), before the
@@ -112,11 +114,18 @@ class PlannedRequest(NamedTuple):
 
 def sample_monitored(config: SteerConfig, endpoint: Endpoint, draw=random.random) -> tuple[str, ...]:
     """The SAEs the operator's monitoring samples this request for (each at its sample_rate)."""
+    return _sampled(config.monitoring.saes, endpoint, draw)
+
+
+def sample_monitored_probes(config: SteerConfig, endpoint: Endpoint, draw=random.random) -> tuple[str, ...]:
+    """The probes the operator's monitoring samples this request for (each at its sample_rate)."""
+    return _sampled(config.monitoring.probes, endpoint, draw)
+
+
+def _sampled(rates: dict, endpoint: Endpoint, draw) -> tuple[str, ...]:
     if not (endpoint.single and endpoint.observable):
         return ()
-    return tuple(
-        sae_id for sae_id, m in config.monitoring.saes.items() if m.sample_rate > 0 and draw() < m.sample_rate
-    )
+    return tuple(key for key, m in rates.items() if m.sample_rate > 0 and draw() < m.sample_rate)
 
 
 def plan_request(
@@ -125,6 +134,7 @@ def plan_request(
     config: SteerConfig,
     endpoint: Endpoint,
     monitored: tuple[str, ...] = (),
+    monitored_probes: tuple[str, ...] = (),
 ) -> PlannedRequest:
     """Resolve `spec` against the catalog and the policy for `endpoint`; SpecError (400/403) naming the field."""
     ops = tuple(resolve_spec(spec, catalog, STEERING_FIELD))
@@ -138,7 +148,7 @@ def plan_request(
             raise SpecError(f"{STEERING_FIELD}.compare", "compare needs steering operations to compare with")
     inspect = spec.inspect
     inspected = _inspected(inspect, catalog, endpoint) if inspect is not None else ()
-    abort = _abort_conditions(spec, catalog, config, endpoint)
+    abort, probe_abort = _abort_conditions(spec, catalog, config, endpoint)
     traced = []
     for i, ref in enumerate(inspect.features if inspect else []):
         path = f"{STEERING_FIELD}.inspect.features[{i}]"
@@ -148,21 +158,36 @@ def plan_request(
     probes = _probes(inspect, catalog) if inspect is not None else ()
     asked = tuple(dict.fromkeys([*inspected, *(sae for sae, _ in traced), *(a.sae for a in abort)]))
     read = tuple(dict.fromkeys([*asked, *monitored]))
+    asked_probes = tuple(dict.fromkeys([*probes, *(a.probe for a in probe_abort)]))
+    scored = tuple(dict.fromkeys([*asked_probes, *monitored_probes]))
     observe = None
-    if read or probes:
+    if read or scored:
         top_k = max(inspect.top_k if inspect else 1, config.monitoring.top_k if monitored else 1)
         watch = [
             WatchSpec(w.sae, w.index, w.threshold) for w in config.monitoring.watchlist if w.sae in monitored
         ] + [WatchSpec(sae, index, TRACE_THRESHOLD) for sae, index in dict.fromkeys(traced)]
         prompt = bool(inspect and inspect.prompt)
-        observe = ObservePlan(uuid.uuid4().hex, read, top_k, prompt, tuple(watch), monitored, abort, probes)
+        observe = ObservePlan(
+            uuid.uuid4().hex, read, top_k, prompt, tuple(watch), monitored, abort, scored, probe_abort
+        )
     cost = None
-    if asked or probes:  # the client's own observation (monitoring is the operator's): observation.py
+    if asked or asked_probes:  # the client's own observation (monitoring is the operator's): observation.py
         values = (inspect.top_k * len(inspected) if inspect else 0) + len(traced) + len(probes)
-        reads = len(asked) + len({catalog.probes[p].layer for p in probes})
+        reads = len(asked) + len({catalog.probes[p].layer for p in asked_probes})
         cost = ObservationCost(0, endpoint.max_tokens * max(1, endpoint.choices), reads, values)
     return PlannedRequest(
-        ops, observe, inspect, inspected, tuple(traced), probes, abort, monitored, spec.compare, cost
+        ops=ops,
+        observe=observe,
+        inspect=inspect,
+        inspected=inspected,
+        traced=tuple(traced),
+        probes=probes,
+        abort=abort,
+        probe_abort=probe_abort,
+        monitored_probes=monitored_probes,
+        monitored=monitored,
+        compare=spec.compare,
+        cost=cost,
     )
 
 
@@ -209,10 +234,11 @@ def _inspected(inspect: InspectSpec, catalog: Catalog, endpoint: Endpoint) -> tu
 
 def _abort_conditions(
     spec: SteeringSpec, catalog: Catalog, config: SteerConfig, endpoint: Endpoint
-) -> tuple[AbortSpec, ...]:
-    """`abort_when`, resolved; a 400 where the engine could not stop the request at the right token."""
+) -> tuple[tuple[AbortSpec, ...], tuple[ProbeAbortSpec, ...]]:
+    """`abort_when`, resolved (on features, on probes); a 400 where the engine could not stop the request at
+    the right token."""
     if not spec.abort_when:
-        return ()
+        return (), ()
     path = f"{STEERING_FIELD}.abort_when"
     _needs_observable(endpoint, "abort_when")
     if not endpoint.single:
@@ -226,9 +252,22 @@ def _abort_conditions(
         raise SpecError(
             endpoint.structured_output, "structured output cannot be combined with `steering.abort_when`"
         )
-    out = []
+    out, on_probes = [], []
     for i, cond in enumerate(spec.abort_when):
+        if cond.probe is not None:
+            on_probes.append(_probe_condition(cond, catalog, f"{path}[{i}]"))
+            continue
         sae, index = resolve_feature(cond, catalog, f"{path}[{i}]")
         check_inspectable(config.policy, sae.id, f"{path}[{i}]")
         out.append(AbortSpec(sae.id, index, float(cond.threshold), cond.sign))
-    return tuple(out)
+    return tuple(out), tuple(on_probes)
+
+
+def _probe_condition(cond, catalog: Catalog, path: str) -> ProbeAbortSpec:
+    meta = catalog.probes.get(cond.probe)
+    if meta is None:
+        raise SpecError(f"{path}.probe", f"unknown probe {cond.probe!r}; loaded: {sorted(catalog.probes)}")
+    label = cond.label if cond.label is not None else meta.labels[0]
+    if label not in meta.labels:
+        raise SpecError(f"{path}.label", f"probe {cond.probe!r} has the labels {list(meta.labels)}")
+    return ProbeAbortSpec(cond.probe, meta.labels.index(label), float(cond.threshold), cond.sign)

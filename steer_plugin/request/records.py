@@ -69,11 +69,14 @@ class ProbeRecord(NamedTuple):
     probe: str
     scores: tuple[float, ...]  # one per label of the probe
     sink: bool = False
+    abort: Activation | None = None  # (label index, score) of the abort_when condition that fired here
 
     def to_json(self) -> dict:
         out: dict = {"pos": self.pos, "P": self.num_prompt, "probe": self.probe, "s": list(self.scores)}
         if self.sink:
             out["sink"] = True
+        if self.abort is not None:
+            out["abort"] = list(self.abort)
         return out
 
     @classmethod
@@ -84,6 +87,7 @@ class ProbeRecord(NamedTuple):
             str(data["probe"]),
             tuple(float(v) for v in data["s"]),
             bool(data.get("sink", False)),
+            None if data.get("abort") is None else (int(data["abort"][0]), float(data["abort"][1])),
         )
 
 

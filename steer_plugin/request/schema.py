@@ -40,6 +40,8 @@ class FeatureRef(_Strict):
 
     @model_validator(mode="after")
     def _named_once(self) -> FeatureRef:
+        if getattr(self, "probe", None) is not None:
+            return self  # a Condition on a probe (checked there)
         if self.id is None and self.label is None and (self.sae is None or self.index is None):
             raise ValueError(
                 "name the feature by `sae` + `index`, by `id` (model/source/index) or by `label`"
@@ -59,8 +61,11 @@ def _finite_number(v: float | None) -> float | None:
 
 
 class Condition(FeatureRef):
-    """A feature's activation compared with a threshold: `above` or `below` (exactly one)."""
+    """A feature's activation, or a probe's score, compared with a threshold: `above` or `below` (exactly one).
+    On a probe: `probe` names it and `label` one of its labels (its first when unset)."""
 
+    probe: str | None = None
+    """A probe id (config `probes`): the condition reads its score instead of a feature's activation."""
     above: float | None = None
     """Holds where the feature's activation is > this value."""
     below: float | None = None
@@ -72,6 +77,8 @@ class Condition(FeatureRef):
     def _one_bound(self) -> Condition:
         if (self.above is None) == (self.below is None):
             raise ValueError("give exactly one of `above` or `below`")
+        if self.probe is not None and (self.sae is not None or self.index is not None or self.id is not None):
+            raise ValueError("a condition on a `probe` names one of its labels with `label`, no feature")
         return self
 
     @property

@@ -75,6 +75,19 @@ class AbortSpec(NamedTuple):
         return activation > self.threshold if self.sign > 0 else activation < self.threshold
 
 
+class ProbeAbortSpec(NamedTuple):
+    """`abort_when` on a probe: stop when the score of its class `column` is above (sign 1) / below (-1)
+    threshold on the residual that predicts the request's next token."""
+
+    probe: str
+    column: int
+    threshold: float
+    sign: int
+
+    def fires(self, score: float) -> bool:
+        return score > self.threshold if self.sign > 0 else score < self.threshold
+
+
 class ObservePlan(NamedTuple):
     """What the workers should read for one request: SAEs, top-K, whether prompt tokens count too, the
     watchlist features of the monitored SAEs, the SAEs whose L0 / reconstruction error feed monitoring, and the
@@ -90,6 +103,7 @@ class ObservePlan(NamedTuple):
     ] = ()  # monitored SAEs: the worker decodes for the error and L0 histograms only for these
     abort: tuple[AbortSpec, ...] = ()
     probes: tuple[str, ...] = ()  # probes scored on every observed token
+    probe_abort: tuple[ProbeAbortSpec, ...] = ()  # abort_when conditions on probes (scored: in `probes`)
 
 
 PLAN_TTL_S = 120  # a bound plan must reach the engine core within this long after it was signed
@@ -133,6 +147,7 @@ class RequestPlan(NamedTuple):
             observe = self.observe._asdict()
             observe["watch"] = [w._asdict() for w in self.observe.watch]
             observe["abort"] = [a._asdict() for a in self.observe.abort]
+            observe["probe_abort"] = [a._asdict() for a in self.observe.probe_abort]
         payload = {
             "v": WIRE_VERSION,
             "ops": [op.to_wire() for op in self.ops],
@@ -289,7 +304,7 @@ def _checked_observe(data: object) -> ObservePlan:
     require(isinstance(raw["prompt"], bool), "observe.prompt", "a bool")
     for name in ("saes", "stats", "probes"):
         require(_strings(raw[name]), f"observe.{name}", "a list of strings")
-    for name in ("watch", "abort"):
+    for name in ("watch", "abort", "probe_abort"):
         require(isinstance(raw[name], list), f"observe.{name}", "a list")
     return ObservePlan(
         cid=cid,
@@ -304,4 +319,16 @@ def _checked_observe(data: object) -> ObservePlan:
             _checked_feature_bound(AbortSpec, a, f"observe.abort[{i}]") for i, a in enumerate(raw["abort"])
         ),
         probes=tuple(raw["probes"]),
+        probe_abort=tuple(
+            _checked_probe_abort(a, f"observe.probe_abort[{i}]") for i, a in enumerate(raw["probe_abort"])
+        ),
     )
+
+
+def _checked_probe_abort(item: object, where: str) -> ProbeAbortSpec:
+    raw = _named(ProbeAbortSpec, item, where)
+    require(isinstance(raw["probe"], str), f"{where}.probe", "a string")
+    require(is_count(raw["column"]), f"{where}.column", "a class index")
+    require(is_number(raw["threshold"]), f"{where}.threshold", "a finite number")
+    require(raw["sign"] in (-1, 1) and not isinstance(raw["sign"], bool), f"{where}.sign", "-1 or 1")
+    return ProbeAbortSpec(**raw)

@@ -16,7 +16,7 @@ from steer_plugin.probes.format import ProbeMeta, save_probe
 from steer_plugin.request.records import ProbeRecord
 from steer_plugin.request.resolve import resolve_spec
 from steer_plugin.request.schema import parse_spec
-from steer_plugin.request.wire import ObservePlan, RequestPlan
+from steer_plugin.request.wire import ObservePlan, ProbeAbortSpec, RequestPlan
 
 from .test_steerer_steps import LAYER, MAX_SEQS, MAX_TOKENS, D, sae_dir  # noqa: F401 (a fixture)
 
@@ -108,3 +108,29 @@ def test_a_probe_only_layer_carries_the_op_and_narrowing_drops_unknown_probes(st
     assert PROBE_LAYER in steerer.layers and steerer.runtimes[PROBE_LAYER].observable
     spec = ObservePlan(CID_A, (), 1, False, probes=("early", "not-here"))
     assert steerer._narrowed(spec).probes == ("early",)
+
+
+def test_abort_when_on_a_probe_fires_on_the_predicting_row_only(steerer, probes, monkeypatch):
+    """The condition is tested on the residual whose logits give the sampled token; the batch index of the
+    request comes back (the runner forces its end token); a record carries the crossing."""
+    _, _, weight, bias, _ = probes["early"]
+    g = torch.Generator().manual_seed(8)
+    hidden, residual = torch.randn(5, D, generator=g), torch.randn(5, D, generator=g)
+    monkeypatch.setattr(steer_op, "_capturing", lambda: False)
+    plain = torch.ops.steer_plugin.steer_residual(hidden, residual, PROBE_LAYER)  # nothing steered: as is
+    score = written_out(hidden + plain, weight, bias, "sigmoid")[:, 0]  # [5]
+    threshold = float(score[4]) - 1e-3  # row 4 (A's sampled row) crosses; test the other rows too
+    abort = (ProbeAbortSpec("early", 0, threshold, 1),)
+    wire = RequestPlan.build(
+        [], observe=ObservePlan(CID_A, (), 1, True, probes=("early",), probe_abort=abort)
+    )
+    channel.create(CID_A)
+    view = BatchView(
+        ["B", "A"], np.array([0, 2, 5]), np.array([0, 0]), np.array([9, 3]), [None, wire.encode()]
+    )
+    steerer.prepare(view)
+    torch.ops.steer_plugin.steer_residual(hidden, residual, PROBE_LAYER)
+    assert steerer.after_forward() == [1]  # A, the second request of the batch
+    records = channel.ChannelReader(CID_A).read_new()
+    assert [(r.pos, r.abort is not None) for r in records] == [(0, False), (1, False), (2, True)]
+    assert records[2].abort == (0, pytest.approx(float(score[4]), abs=1e-5))

@@ -42,6 +42,8 @@ def server_config(demo_assets, steer_config_path, sae_layer, tmp_path_factory) -
     probes = make_probes(folder, sae_layer)
     config = json.loads(open(path).read())
     config["probes"] = config_entries(probes)
+    # Every request's answer scored by "concept"; flagged whenever its max passes 0 (a sigmoid always does).
+    config["monitoring"]["probes"] = {"concept": {"sample_rate": 1.0, "aggregate": "max", "above": 0.0}}
     open(path, "w").write(json.dumps(config))
     return {"path": path, "monitor": folder / "monitor.jsonl", "explained": explained, "probes": probes}
 
@@ -621,7 +623,7 @@ def test_monitoring_log_lines(server, client, server_config):
             if server_config["monitor"].exists()
             else []
         )
-        mine = [r for r in lines if r["request_id"] == reply.id]
+        mine = [r for r in lines if r["request_id"] == reply.id and "sae" in r]
         if mine:
             break
         time.sleep(0.2)
@@ -650,7 +652,7 @@ def _monitor_line(server_config, request_id: str) -> dict:
     deadline = time.time() + 10
     while time.time() < deadline:
         lines = server_config["monitor"].read_text().splitlines() if server_config["monitor"].exists() else []
-        mine = [json.loads(line) for line in lines if request_id in line]
+        mine = [r for r in map(json.loads, lines) if r["request_id"] == request_id and "sae" in r]
         if mine:
             return mine[0]
         time.sleep(0.2)
@@ -933,3 +935,73 @@ def test_bad_probe_requests_name_the_field(server, inspect, param):
     )
     assert (reply.status_code, reply.json()["error"]["param"]) == (400, param), reply.text
     assert requests.get(f"{BASE}/health", timeout=10).status_code == 200
+
+
+def test_monitored_probe_is_logged_counted_and_flagged(server, hf, server_config):
+    """monitoring.probes: a plain request's answer is scored; its aggregates (equal to the formula on the
+    reference's residuals) go to the monitoring log and the histograms, and the rule flags it."""
+    concept = next(p for p in server_config["probes"] if p.id == "concept")
+    count = metric("steer_probe_request_score_count", probe="concept", label="on", aggregate="max")
+    alerts = metric("steer_probe_alerts_total", probe="concept", label="on")
+    reply = _chat(
+        {"model": "demo", "messages": MESSAGES, "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    )
+    assert "steering" not in reply["choices"][0] or "probes" not in reply["choices"][0]["steering"]
+    deadline, line = time.time() + 10, None
+    while time.time() < deadline and line is None:
+        lines = server_config["monitor"].read_text().splitlines()
+        found = [
+            r for r in map(json.loads, lines) if r.get("event") == "probes" and r["request_id"] == reply["id"]
+        ]
+        line = found[0] if found else None
+        time.sleep(0.2)
+    assert line is not None and set(line["probes"]) == {"concept"} and line["steered"] is False
+    ids = reply["prompt_token_ids"] + reply["choices"][0]["token_ids"]
+    first, generated = len(reply["prompt_token_ids"]) - 1, len(reply["choices"][0]["token_ids"])
+    want = concept.formula(hf.residual_after(concept.layer, ids)[first : first + generated])[:, 0]
+    summary = line["probes"]["concept"]["on"]
+    assert summary["max"] == pytest.approx(float(want.max()), abs=1e-3)
+    assert summary["mean"] == pytest.approx(float(want.mean()), abs=1e-3) and summary["tokens"] == generated
+    assert line["alerts"] == [{"probe": "concept", "label": "on", "max": summary["max"], "above": 0.0}]
+    assert (
+        metric("steer_probe_request_score_count", probe="concept", label="on", aggregate="max") == count + 1
+    )
+    assert metric("steer_probe_alerts_total", probe="concept", label="on") == alerts + 1
+
+
+def test_abort_when_on_a_probe_stops_at_the_first_crossing(server):
+    """The same greedy request with abort_when on a probe ends exactly before the first token whose
+    predicting residual scores above the threshold (found from the unaborted answer's scores)."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Tell me about the Golden Gate Bridge."}],
+            "max_tokens": 30, "temperature": 0, "logprobs": True}  # fmt: skip
+    full = _chat({**body, "steering": {"inspect": {"saes": [], "probes": ["concept"]}}})
+    scores = [t["concept"]["on"] for t in full["choices"][0]["steering"]["probes"]]
+    tokens = [t["token"] for t in full["choices"][0]["logprobs"]["content"]]
+    threshold = max(scores[:2]) + 1e-4
+    crossing = next(
+        k for k, v in enumerate(scores) if v > threshold
+    )  # token k: predicted by a crossing residual
+    before = metric("steer_probe_aborted_requests_total", probe="concept")
+    stopped = _chat(
+        {**body, "steering": {"abort_when": [{"probe": "concept", "label": "on", "above": threshold}]}}
+    )
+    choice = stopped["choices"][0]
+    assert choice["finish_reason"] == "abort_when"
+    kept = [t["token"] for t in choice["logprobs"]["content"]]
+    assert kept[:crossing] == tokens[:crossing] and len(kept) <= crossing + 1  # + the forced end token
+    info = choice["steering"]["abort"]
+    assert (info["probe"], info["label"], info["above"], info["token"]) == (
+        "concept",
+        "on",
+        threshold,
+        crossing,
+    )
+    assert info["score"] == pytest.approx(scores[crossing], abs=1e-4)
+    deadline = time.time() + 10
+    while (
+        time.time() < deadline and metric("steer_probe_aborted_requests_total", probe="concept") < before + 1
+    ):
+        time.sleep(0.2)
+    assert metric("steer_probe_aborted_requests_total", probe="concept") == before + 1
+    calm = _chat({**body, "max_tokens": 6, "steering": {"abort_when": [{"probe": "concept", "above": 2.0}]}})
+    assert calm["choices"][0]["finish_reason"] == "length"  # a sigmoid never passes 2

@@ -169,7 +169,9 @@ def test_inspect_probes_are_observed_by_name_and_unknown_ones_refused():
     from steer_plugin.probes.format import ProbeMeta
 
     svc = service()
-    catalog = svc.catalog._replace(probes={"mood": ProbeMeta(3, ("happy",)), "topic": ProbeMeta(7, ("a", "b"))})
+    catalog = svc.catalog._replace(
+        probes={"mood": ProbeMeta(3, ("happy",)), "topic": ProbeMeta(7, ("a", "b"))}
+    )
     endpoint = Endpoint.of({"prompt": "hi", "max_tokens": 10}, True)
 
     def plan(inspect: dict) -> PlannedRequest:
@@ -189,3 +191,43 @@ def test_inspect_probes_are_observed_by_name_and_unknown_ones_refused():
         with pytest.raises(SpecError) as err:
             plan(inspect)
         assert (err.value.path, err.value.status) == (param, 400), inspect
+
+
+def test_abort_when_on_a_probe_and_monitored_probes():
+    from steer_plugin.probes.format import ProbeMeta
+    from steer_plugin.request.plan import sample_monitored_probes
+    from steer_plugin.request.wire import ProbeAbortSpec
+
+    svc = service(
+        probes=[{"id": "mood", "path": "/unused/mood"}, {"id": "topic", "path": "/unused/topic"}],
+        monitoring={"probes": {"topic": {"sample_rate": 0.5, "above": 0.8}}},
+    )
+    catalog = svc.catalog._replace(
+        probes={"mood": ProbeMeta(3, ("happy", "sad")), "topic": ProbeMeta(7, ("a",))}
+    )
+    endpoint = Endpoint.of({"prompt": "hi", "max_tokens": 10}, True)
+    assert sample_monitored_probes(svc.config, endpoint, draw=lambda: 0.4) == ("topic",)
+    assert sample_monitored_probes(svc.config, endpoint, draw=lambda: 0.6) == ()
+    assert sample_monitored_probes(svc.config, Endpoint.of({"prompt": "hi", "n": 2}, True), lambda: 0.0) == ()
+
+    def plan(steering: dict, monitored_probes=()) -> PlannedRequest:
+        return plan_request(parse_spec(steering), catalog, svc.config, endpoint, (), monitored_probes)
+
+    p = plan({"abort_when": [{"probe": "mood", "label": "sad", "above": 0.9}]}, ("topic",))
+    assert p.probe_abort == (ProbeAbortSpec("mood", 1, 0.9, 1),) and p.abort == ()
+    # scored: the abort's probe (the client's, costed) and the monitored one (the operator's, not costed)
+    assert p.observe.probes == ("mood", "topic") and p.observe.probe_abort == p.probe_abort
+    assert p.probes == () and p.monitored_probes == ("topic",)
+    assert p.cost == ObservationCost(0, 10, 1, 0)
+    assert plan({"abort_when": [{"probe": "mood", "below": 0.1}]}).probe_abort == (
+        ProbeAbortSpec("mood", 0, 0.1, -1),
+    )
+    for condition, param in (
+        ({"probe": "nope", "above": 1}, "steering.abort_when[0].probe"),
+        ({"probe": "mood", "label": "angry", "above": 1}, "steering.abort_when[0].label"),
+        ({"probe": "mood", "sae": "a", "above": 1}, "steering.abort_when[0]"),
+        ({"probe": "mood"}, "steering.abort_when[0]"),
+    ):
+        with pytest.raises(SpecError) as err:
+            plan({"abort_when": [condition]})
+        assert err.value.path == param, condition

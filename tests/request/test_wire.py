@@ -19,6 +19,7 @@ from steer_plugin.request.wire import (
     Admissions,
     Binding,
     ObservePlan,
+    ProbeAbortSpec,
     RequestPlan,
     WatchSpec,
     admit_plan,
@@ -128,8 +129,11 @@ def test_observation_fields_are_checked_by_name():
         "stats": [],
         "abort": [{"sae": "a", "index": 4, "threshold": 2.0, "sign": -1}],
         "probes": ["p"],
+        "probe_abort": [{"probe": "p", "column": 1, "threshold": 0.5, "sign": 1}],
     }
-    assert RequestPlan.decode(message([], good)).observe == OBSERVE._replace(probes=("p",))
+    assert RequestPlan.decode(message([], good)).observe == OBSERVE._replace(
+        probes=("p",), probe_abort=(ProbeAbortSpec("p", 1, 0.5, 1),)
+    )
     assert RequestPlan.build([], observe=OBSERVE).encode()  # encodes what decodes
     assert RequestPlan.decode(RequestPlan.build([], observe=OBSERVE).encode()).observe == OBSERVE
     for field, value in (
@@ -147,6 +151,10 @@ def test_observation_fields_are_checked_by_name():
         ("watch", [["a", 3, 1.5]]),  # positional: the wire of version 6
         ("probes", "p"),
         ("probes", [1]),
+        ("probe_abort", [{"probe": "p", "column": -1, "threshold": 0.5, "sign": 1}]),
+        ("probe_abort", [{"probe": "p", "column": 0, "threshold": float("inf"), "sign": 1}]),
+        ("probe_abort", [{"probe": "p", "column": 0, "threshold": 0.5, "sign": 2}]),
+        ("probe_abort", [{"probe": 3, "column": 0, "threshold": 0.5, "sign": 1}]),
     ):
         with pytest.raises(ValueError, match=f"observe.{field}"):
             RequestPlan.decode(message([], {**good, field: value}))

@@ -68,7 +68,7 @@ class ResponseRewriter:
                     info["probe_summary"] = self.observation.probe_summary()
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             choice.pop("token_ids", None)
-        if self.request.abort and choice.get("finish_reason") == "stop":
+        if (self.request.abort or self.request.planned.probe_abort) and choice.get("finish_reason") == "stop":
             abort = self.observation.abort()
             if abort is not None:  # the end-of-sequence token was forced by the worker (Steerer.force_aborts)
                 choice["finish_reason"] = "abort_when"

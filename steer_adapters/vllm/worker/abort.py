@@ -62,7 +62,8 @@ class AbortWhen(LogitsProcessor):
         wire = (sampling_params.extra_args or {}).get(WIRE_KEY)
         plan = None if wire is None else self.plan_of(wire)
         # Only requests that may abort need their logits processed (vLLM skips the stage for a batch of others).
-        self.aborts[req_idx] = plan is not None and plan.observe is not None and bool(plan.observe.abort)
+        observe = plan.observe if plan is not None else None
+        self.aborts[req_idx] = observe is not None and bool(observe.abort or observe.probe_abort)
         self.armed[req_idx] = False  # the slot's previous occupant's state goes
         return bool(self.aborts[req_idx])
 
