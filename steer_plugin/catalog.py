@@ -266,6 +266,12 @@ def load_assets(
     for i, source in enumerate(config.probes):
         key = f"probes[{i}]"
         probe = load_probe(source.path, key, d_model) if weights else read_meta(source.path, key)
+        rule = config.monitoring.probes.get(source.id)
+        if rule is not None and rule.label is not None and rule.label not in probe_meta(probe).labels:
+            raise ConfigError(
+                f"monitoring.probes.{source.id}.label: {rule.label!r} is not a label of the probe "
+                f"{list(probe_meta(probe).labels)} ({source.path})"
+            )
         if layers is None or probe_meta(probe).layer in layers:
             probes[source.id] = probe
     return LoadedAssets(saes, vectors, config, probes=probes)

@@ -85,9 +85,17 @@ RUNTIME_LOAD_OUTCOMES = ("ok", "refused", "failed")  # refused: a 4xx/507 answer
 WORKER_REJECT_KINDS = ("steering", "capacity")  # see Steerer._reject and config.working_set_rows
 
 
-def initialize_series(config) -> None:
+def initialize_series(config, probe_labels: dict[str, tuple[str, ...]] | None = None) -> None:
     """Zero-valued series for every label value known from the config (a `SteerConfig`): ops, rejection
-    reasons, watchlist features and monitored SAEs. Idempotent."""
+    reasons, watchlist features, monitored SAEs and, given their labels (probe.json), monitored probes.
+    Idempotent."""
+    for probe_id, rule in config.monitoring.probes.items():
+        labels = (probe_labels or {}).get(probe_id, ())
+        for label in labels:
+            for aggregate in PROBE_AGGREGATES:
+                PROBE_REQUEST_SCORE.labels(probe=probe_id, label=label, aggregate=aggregate)
+        if rule.above is not None and labels:
+            PROBE_ALERTS.labels(probe=probe_id, label=rule.label or labels[0])
     for op in OP_NAMES:
         STEERED_REQUESTS.labels(op=op)
     for reason in REJECT_REASONS:

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..test_prometheus_rules import RULES, referenced_metrics
 from ..tools import require_tool
 from .conftest import running_server, write_monitored_config
+from .probe_checks import config_entries, make_probes
 
 pytestmark = pytest.mark.server
 
@@ -61,6 +62,11 @@ DOCUMENTED = {
     "steer_aborted_requests_total",
     "steer_worker_rejected_messages_total",
     "steer_worker_step_errors_total",
+    "steer_probe_request_score_bucket",
+    "steer_probe_request_score_sum",
+    "steer_probe_request_score_count",
+    "steer_probe_alerts_total",
+    "steer_probe_aborted_requests_total",
 }
 
 
@@ -74,11 +80,16 @@ class Server(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def server_config(demo_assets, steer_config_path, tmp_path_factory) -> str:
-    """The demo SAE monitored on all traffic with a watchlist, and a denied feature."""
-    return write_monitored_config(
-        steer_config_path, tmp_path_factory.mktemp("prometheus-server"), WATCHED, DENIED
-    )
+def server_config(demo_assets, steer_config_path, sae_layer, tmp_path_factory) -> str:
+    """The demo SAE monitored on all traffic with a watchlist, and a denied feature; a probe monitored on all
+    traffic whose rule flags every request (a sigmoid's max is always above 0)."""
+    folder = tmp_path_factory.mktemp("prometheus-server")
+    path = write_monitored_config(steer_config_path, folder, WATCHED, DENIED)
+    config = json.loads(open(path).read())
+    config["probes"] = config_entries(make_probes(folder, sae_layer))
+    config["monitoring"]["probes"] = {"concept": {"aggregate": "max", "above": 0.0}}
+    open(path, "w").write(json.dumps(config))
+    return path
 
 
 @pytest.fixture(scope="module", params=["one-api-server", "two-api-servers"])

@@ -80,7 +80,7 @@ class SteeringMiddleware:
             )
         else:
             register_worker_collector()
-            initialize_series(config)
+            initialize_series(config, {pid: p.labels for pid, p in self.service.catalog.probes.items()})
             logger.info("steer_plugin middleware: serving SAEs %s", sorted(self.service.catalog.saes))
 
     async def __call__(self, scope, receive, send):
