@@ -49,6 +49,19 @@ PROBE_ABORTED_REQUESTS = Counter(
     "steer_probe_aborted_requests", "Requests stopped by an abort_when condition on a probe", ["probe"]
 )
 PROBE_AGGREGATES = ("max", "window_max")  # the aggregates steer_probe_request_score records
+JUDGE_VERDICTS = Counter(
+    "steer_judge_verdicts",
+    "Judge calls of the probe cascade (monitoring.judge), by verdict: positive, negative, timeout, error, "
+    "rate_limited (a crossing not judged: over judge_per_minute)",
+    ["probe", "verdict"],
+)
+JUDGE_SECONDS = Histogram(
+    "steer_judge_seconds",
+    "Time a judge call of the probe cascade took (answered ones)",
+    ["probe"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf")),
+)
+JUDGE_OUTCOMES = ("positive", "negative", "timeout", "error", "rate_limited")
 RUNTIME_LOADS = Counter(
     "steer_runtime_loads",
     "SAE and vector loads and unloads through the admin API, by outcome",
@@ -96,6 +109,9 @@ def initialize_series(config, probe_labels: dict[str, tuple[str, ...]] | None = 
                 PROBE_REQUEST_SCORE.labels(probe=probe_id, label=label, aggregate=aggregate)
         if rule.above is not None and labels:
             PROBE_ALERTS.labels(probe=probe_id, label=rule.label or labels[0])
+        if rule.judge_above is not None:
+            for verdict in JUDGE_OUTCOMES:
+                JUDGE_VERDICTS.labels(probe=probe_id, verdict=verdict)
     for op in OP_NAMES:
         STEERED_REQUESTS.labels(op=op)
     for reason in REJECT_REASONS:

@@ -78,6 +78,11 @@ class Observation:
                 self.aborted = r
             self.by_pos.setdefault(r.pos, {})[r.sae] = r
 
+    def probe_scores(self) -> dict[int, dict[str, tuple[float, ...]]]:
+        """Every probe score read so far: position -> probe -> its scores (the judge cascade reads them)."""
+        self._pull()
+        return self.scores
+
     def _token(self, pos: int) -> TokenRead:
         inspect = self.request.inspect
         found = self.by_pos.get(pos, {})

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import secrets
+from collections.abc import Callable
 from typing import NamedTuple
 
 from steer_plugin import metrics
@@ -21,6 +23,7 @@ from steer_plugin.body import refuse_reserved_keys
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.discovery import Discovery
+from steer_plugin.monitor.judge import JudgeCascade, RateLimit, Rule
 from steer_plugin.observation import ObservationBudget, ObservationCost
 from steer_plugin.readback import Observation
 from steer_plugin.request.ops import ResolvedOp
@@ -100,6 +103,13 @@ class SteeringService:
         self.in_flight = InFlight()  # sources running requests use (runtime unloads wait for them)
         limits = config.policy.observation
         self.observation_budget = ObservationBudget(limits.max_cost_in_flight, limits.max_wait_s)
+        monitoring = config.monitoring
+        self.judge_limits = {  # per probe, per API process (monitor/judge.py)
+            pid: RateLimit(rule.judge_per_minute)
+            for pid, rule in monitoring.probes.items()
+            if rule.judge_above is not None
+        }
+        self.judge_token = secrets.token_hex(16)  # marks this process's own judge calls (never judged again)
         runtime = config.runtime
         self.admin = Admin(self, runtime) if runtime is not None and runtime.key() else None
 
@@ -230,6 +240,24 @@ class SteeringService:
                 item["when"] = {"sae": op.when.sae, "index": op.when.index, bound: op.when.threshold}
             out.append(item)
         return out
+
+    def judge_cascade(
+        self, request: RewrittenRequest, response_id: Callable[[], str | None], judge_token: str | None
+    ) -> JudgeCascade | None:
+        """The probe → judge cascade of a monitored request (monitor/judge.py); None when none of its monitored
+        probes is judged, or the request is this process's own judge call (`judge_token`)."""
+        if judge_token == self.judge_token:
+            return None
+        monitoring, probes = self.config.monitoring, self.catalog.probes
+        rules = []
+        for pid in request.planned.monitored_probes:
+            rule = monitoring.probes.get(pid)
+            if rule is not None and rule.judge_above is not None and pid in probes:
+                label = rule.label or probes[pid].labels[0]
+                rules.append(Rule(pid, label, probes[pid].labels.index(label), rule))
+        if not rules:
+            return None
+        return JudgeCascade(rules, monitoring, self.judge_limits, request.body, self.judge_token, response_id)
 
     def observation(self, request: RewrittenRequest) -> Observation | None:
         """The read-back of an observed request (steer_plugin/readback.py); None when it observes nothing."""

@@ -7,6 +7,7 @@ real client).
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 
@@ -47,6 +48,23 @@ def with_body(scope: dict, body: bytes, receive_client):
         return await receive_client()
 
     return {**scope, "headers": headers}, receive
+
+
+def until_stopped(receive, stop: asyncio.Event):
+    """receive() that also reports a disconnect once `stop` is set (the app then cancels its request)."""
+
+    async def watched():
+        waiter = asyncio.ensure_future(receive())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiter, stopper):
+                if not task.done():
+                    task.cancel()
+        return waiter.result() if waiter in done else {"type": "http.disconnect"}
+
+    return watched
 
 
 async def rewrite_response(app, scope, receive, send, transform) -> None:

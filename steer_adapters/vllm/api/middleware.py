@@ -33,6 +33,7 @@ from steer_adapters.vllm.api.asgi import (
     read_body,
     rewrite_response,
     send_json,
+    until_stopped,
     with_body,
 )
 from steer_adapters.vllm.api.auth import AuthGate
@@ -54,6 +55,7 @@ from steer_plugin.metrics import (
     register_worker_collector,
     with_worker_families,
 )
+from steer_plugin.monitor.judge import JUDGE_HEADER
 from steer_plugin.observation import ObservationCost, check_request
 from steer_plugin.request.schema import SpecError
 from steer_plugin.request.wire import RESERVED_KEYS
@@ -214,9 +216,15 @@ class SteeringMiddleware:
         scope, replay = with_body(with_request_id(scope, request), body, receive_client)
         if request is None or (not request.ops and request.observe is None):
             return await self.app(scope, replay, send)
-        responder = ResponseRewriter(self.service, request, send, stream=bool(request.body.get("stream")))
+        judge_token = dict(scope["headers"]).get(JUDGE_HEADER.encode(), b"").decode("latin-1") or None
+        responder = ResponseRewriter(
+            self.service, request, send, stream=bool(request.body.get("stream")), judge_token=judge_token
+        )
+        if responder.cascade is not None:  # a positive verdict ends the answer as a client disconnect would
+            replay = until_stopped(replay, responder.cascade.stop)
         try:
             await self.app(scope, replay, responder.send)
+            await responder.finish_judged()
         finally:
             responder.close()
 

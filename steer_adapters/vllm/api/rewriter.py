@@ -5,21 +5,30 @@ stop), chunk by chunk when streaming; the monitoring line is written when the re
 from __future__ import annotations
 
 import json
+import logging
 
 from steer_adapters.vllm.api import sse
 from steer_plugin.service import RewrittenRequest, SteeringService
+
+logger = logging.getLogger("steer_plugin")
 
 
 class ResponseRewriter:
     """Adds `steering` to each choice of a completion response: the applied ops, and per-token features
     (like `logprobs`), chunk by chunk when streaming. Writes the monitoring line when the response ends."""
 
-    def __init__(self, service: SteeringService, request: RewrittenRequest, send, stream: bool):
+    def __init__(
+        self, service: SteeringService, request: RewrittenRequest, send, stream: bool, judge_token=None
+    ):
         self.service = service
         self.request = request
         self.downstream = send
         self.stream = stream
         self.observation = service.observation(request)
+        # The probe -> judge cascade of a monitored request (monitor/judge.py), fed as tokens arrive.
+        self.cascade = service.judge_cascade(request, lambda: self.response_id, judge_token)
+        self.answer = ""  # the answer so far (choice 0: monitoring needs n = 1)
+        self.done = False  # the stream's end went out
         self.status = 200
         self.start: dict | None = None
         self.buffer = b""
@@ -75,6 +84,41 @@ class ResponseRewriter:
                 info["abort"] = abort
         return info
 
+    def _feed_cascade(self, choice: dict) -> None:
+        delta = choice.get("delta") or choice.get("message") or {}
+        self.answer += delta.get("content") or choice.get("text") or ""
+        try:
+            scores = self.observation.probe_scores()
+            if self.observation.prompt_len is not None:
+                self.cascade.feed(scores, self.observation.prompt_len - 1, self.answer)
+        except Exception:  # monitoring never breaks the answer
+            logger.exception("steer_plugin: the judge cascade failed; this answer is not judged")
+            self.cascade = None
+
+    async def finish_judged(self) -> None:
+        """After a positive verdict stopped the stream (the engine request is cancelled): its last event, the
+        choice finished with finish_reason "judge" and the verdict, then the stream's end."""
+        if (
+            not (self.stream and self.cascade and self.cascade.stopped_by and not self.done)
+            or self.status != 200
+        ):
+            return
+        self.done = True
+        choice = {"index": 0, "delta": {}, "finish_reason": "judge"}
+        choice["steering"] = {"judge": self.cascade.stopped_by._asdict()}
+        event = {
+            "id": self.response_id,
+            "object": "chat.completion.chunk",
+            "model": self.model,
+            "choices": [choice],
+        }
+        if "messages" not in self.request.body:
+            event["object"] = "text_completion"
+            choice.pop("delta")
+            choice["text"] = ""
+        body = sse.data_event(event) + sse.DONE + sse.SEPARATOR
+        await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
+
     def _rewrite_full(self, raw: bytes) -> bytes:
         data = json.loads(raw)
         if not isinstance(data, dict):  # vLLM answers `null` when the client went away before the end
@@ -83,6 +127,8 @@ class ResponseRewriter:
         for choice in data.get("choices", []):
             count = len(choice.get("token_ids") or [])
             choice["steering"] = self._choice_steering(choice, count, first=True)
+            if self.cascade is not None and choice.get("index", 0) == 0:
+                self._feed_cascade(choice)
             if self.request.inspect is not None and self.request.inspect.prompt:
                 reads = self.observation.prompt_tokens()
                 choice["steering"]["prompt_tokens"] = [r.features for r in reads]
@@ -98,6 +144,7 @@ class ResponseRewriter:
     def _rewrite_event(self, event: bytes) -> bytes:
         data = sse.event_json(event)
         if not isinstance(data, dict):
+            self.done = self.done or event.strip() == sse.DONE
             return event + sse.SEPARATOR
         self.response_id, self.model = data.get("id", self.response_id), data.get("model", self.model)
         for choice in data.get("choices", []):
@@ -105,6 +152,8 @@ class ResponseRewriter:
             index = choice.get("index", 0)
             choice["steering"] = self._choice_steering(choice, count, first=index not in self.reported)
             self.reported.add(index)
+            if self.cascade is not None and index == 0:
+                self._feed_cascade(choice)
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             data.pop("prompt_token_ids", None)
         return sse.data_event(data)
