@@ -1,6 +1,6 @@
 """The API reference page: the OpenAPI additions the middleware publishes on vLLM's own /openapi.json (the
-`steering` field of both completion requests, the admin routes), generated from the same code
-(api/middleware.add_steering_to_openapi) at every documentation build.
+`steering` field of both completion requests, the plugin's routes), generated from the same code
+(api/openapi.add_steering_to_openapi, from the routes' pydantic models) at every documentation build.
 
     python -m tools.openapi_reference       # print the page
 """

@@ -6,11 +6,11 @@
   `steering` operations apply; `inspect` is refused (their responses have no per-token slots).
 - Every other POST: the plugin's reserved `vllm_xargs` keys are refused with a 400 (the engine drops any
   message not signed by this middleware anyway, see steer_plugin/signing.py).
-- GET /v1/steering/saes, GET /v1/steering/features?sae=&q=[&index=], POST /v1/steering/inspect: discovery.
-- GET /openapi.json: publishes the `steering` schema on both completion requests.
-- GET /playground: the playground page (steer_plugin/playground).
-- POST /v1/steering/saes|vectors, DELETE /v1/steering/saes|vectors/{id}: runtime loads (steer_plugin/admin.py),
-  only when the config has `runtime` and an admin key is set; they need the X-Steer-Admin-Key header.
+- The plugin's own routes (api/routes.py, on Starlette routing): GET /v1/steering/saes,
+  GET /v1/steering/features?sae=&q=[&index=], POST /v1/steering/inspect, GET /playground and the runtime loads
+  POST /v1/steering/saes|vectors, DELETE /v1/steering/saes|vectors/{id} (steer_plugin/admin.py), these only when
+  the config has `runtime` and an admin key is set; they need the X-Steer-Admin-Key header.
+- GET /openapi.json: publishes the `steering` schema on both completion requests and the plugin's routes.
 
 Every route obeys vLLM's own authentication (`--api-key`) exactly as vLLM's routes do, checked before
 anything else; malformed bodies get a 400 in the OpenAI error shape, never a Python exception.
@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 
 from steer_adapters.vllm import preflight
-from steer_adapters.vllm.api import engine, routes
+from steer_adapters.vllm.api import engine
 from steer_adapters.vllm.api.asgi import (
     ResponseState,
     json_as_vllm_reads_it,
@@ -46,7 +45,7 @@ from steer_adapters.vllm.api.request_ids import (
     with_request_id,
 )
 from steer_adapters.vllm.api.rewriter import ResponseRewriter
-from steer_plugin import playground
+from steer_adapters.vllm.api.routes import PluginRoutes
 from steer_plugin.body import parse_json, refuse_reserved_keys
 from steer_plugin.config import config_from_sources
 from steer_plugin.metrics import (
@@ -75,6 +74,7 @@ class SteeringMiddleware:
         config = config_from_sources(None)
         self.service = SteeringService(config) if config is not None else None
         self._auth = AuthGate()
+        self.routes = PluginRoutes(self.service, self._call_app)
         self._warned_extension = False
         if self.service is None:
             logger.warning(
@@ -111,25 +111,19 @@ class SteeringMiddleware:
 
     def _handler(self, scope):
         """The handler of a request the plugin must see, or None to pass it straight to vLLM."""
+        route = self.routes.match(scope)
+        if route is not None:
+            return route
         path, method = scope["path"], scope["method"]
-        admin = self.service.admin if self.service is not None else None
-        if admin is not None and routes.ADMIN_ROUTE.fullmatch(path) and method in ("POST", "DELETE"):
-            return functools.partial(routes.admin_route, self.service)
         if method == "POST":
             if path in COMPLETION_PATHS:
                 return self._completion
             if path in STEERABLE_PATHS:
                 return self._steerable
-            if path == "/v1/steering/inspect":
-                return functools.partial(routes.inspect_route, self.service, self._call_app)
             return self._guard_reserved
         if method == "GET":
             if path in HEALTH_PATHS and self.service is not None:
                 return self._health
-            if path.startswith("/v1/steering/"):
-                return functools.partial(routes.discovery, self.service)
-            if path.rstrip("/") == playground.ROUTE:
-                return functools.partial(routes.playground_page, self.service)
             if path.rstrip("/") == "/metrics" and self.service is not None:
                 return self._metrics
             if path == "/openapi.json":
@@ -380,7 +374,9 @@ class SteeringMiddleware:
             send,
             lambda body, _: json.dumps(
                 add_steering_to_openapi(
-                    json.loads(body), admin=self.service is not None and self.service.admin is not None
+                    json.loads(body),
+                    admin=self.service is not None and self.service.admin is not None,
+                    routes=self.service is not None,
                 )
             ).encode(),
         )

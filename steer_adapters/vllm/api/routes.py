@@ -1,141 +1,168 @@
-"""The plugin's own routes that need nothing of the middleware but the service: discovery, runtime loads
-(admin), the playground page and POST /v1/steering/inspect (which also calls the app in-process). Each is
-`handler(service, scope, receive, send)`; errors are SpecErrors, which the middleware answers in the OpenAI error
-shape."""
+"""The plugin's own routes, on Starlette routing: discovery (GET /v1/steering/saes, /v1/steering/features),
+POST /v1/steering/inspect, the playground page and, when the config allows runtime loads, the admin routes
+(POST /v1/steering/saes|vectors, DELETE /v1/steering/saes|vectors/{id}).
+
+`PluginRoutes.match` gives the middleware the route of a request it must answer itself, or None (the request goes
+to vLLM untouched); the middleware applies vLLM's authentication around it and answers a SpecError in the OpenAI
+error shape. Each documented route carries a `Doc` from which api/openapi.py writes its /openapi.json entry.
+"""
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Router
 
 from steer_adapters.vllm.api import engine
-from steer_adapters.vllm.api.asgi import read_body, send_body, send_json
+from steer_adapters.vllm.api.asgi import read_body
+from steer_adapters.vllm.api.route_models import (
+    FeatureList,
+    FeatureSearchQuery,
+    InspectRequest,
+    InspectResponse,
+    SAEInfo,
+    SAEList,
+    Unloaded,
+    VectorInfo,
+    validated,
+)
+from steer_adapters.vllm.api.routing import KIND, Doc, JSONAnswer, PluginRoute, matching_route
 from steer_plugin import playground
 from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S
 from steer_plugin.body import parse_json
+from steer_plugin.config import SAESource, VectorSource
 from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.request.schema import SpecError
-from steer_plugin.service import SteeringService, error_body
+from steer_plugin.service import SteeringService
 
 # The wrapped app called in-process with a JSON POST: (status, JSON answer).
 CallApp = Callable[[dict, str, dict], Awaitable[tuple[int, dict]]]
 
-ADMIN_ROUTE = re.compile(r"/v1/steering/(saes|vectors)(?:/([^/]+))?")
+
+def _no_config(message: str = "this server has no steering config") -> SpecError:
+    return SpecError("steering", message, status=404)
 
 
-async def discovery(service: SteeringService | None, scope, receive, send):
-    """GET /v1/steering/saes and /v1/steering/features (steer_plugin/discovery.py)."""
-    if service is None:
-        raise SpecError("steering", "no steering config", status=404)
-    query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
-    if scope["path"] == "/v1/steering/saes":
-        result = service.discovery.list_saes()
-    elif scope["path"] == "/v1/steering/features":
-        limit = query.get("limit", "20")
-        if not re.fullmatch(r"[0-9]{1,7}", limit):
-            raise SpecError("limit", "must be an integer")
-        index = query.get("index")
-        if index is not None and not re.fullmatch(r"[0-9]{1,9}", index):
-            raise SpecError("index", "must be a non-negative integer")
-        result = service.discovery.search_features(
-            query.get("sae"), query.get("q"), int(limit), int(index) if index is not None else None
+class Endpoints:
+    """The routes' handlers for one API process: `request` in, Starlette response out, SpecError on refusal."""
+
+    def __init__(self, service: SteeringService | None, call_app: CallApp | None):
+        self.service = service
+        self.call_app = call_app
+
+    # --- discovery (steer_plugin/discovery.py) ------------------------------------------------------------
+
+    def _discovery(self):
+        if self.service is None:
+            raise _no_config("no steering config")
+        return self.service.discovery
+
+    async def saes(self, request: Request) -> Response:
+        return JSONAnswer(self._discovery().list_saes())
+
+    async def features(self, request: Request) -> Response:
+        discovery = self._discovery()
+        given = {k: v for k, v in request.query_params.multi_items() if v}  # a blank value is no value
+        query = validated(FeatureSearchQuery, given)
+        return JSONAnswer(discovery.search_features(query.sae, query.q, query.limit, query.index))
+
+    async def unknown(self, request: Request) -> Response:
+        self._discovery()
+        raise SpecError("path", f"unknown steering endpoint {request.scope['path']}", status=404)
+
+    # --- inspect ------------------------------------------------------------------------------------------
+
+    async def inspect(self, request: Request) -> Response:
+        """Text or chat messages in, top features of every token out: how a user finds the feature to steer.
+        The text goes through vLLM's /tokenize, its tokens through /v1/completions with `steering.inspect`."""
+        if self.service is None:
+            raise _no_config()
+        body = parse_json(await read_body(request.receive))
+        given = validated(InspectRequest, body, InspectRequest.param_prefix).model_dump(
+            mode="json", exclude_unset=True
         )
-    else:
-        raise SpecError("path", f"unknown steering endpoint {scope['path']}", status=404)
-    return await send_json(send, 200, json.dumps(result).encode())
-
-
-async def admin_route(service: SteeringService, scope, receive, send):
-    """Runtime load (POST /v1/steering/saes|vectors, the source in the body) and unload (DELETE
-    /v1/steering/saes|vectors/{id}); see steer_plugin/admin.py."""
-    admin = service.admin
-    admin.check_key(dict(scope["headers"]).get(ADMIN_KEY_HEADER))
-    match = ADMIN_ROUTE.fullmatch(scope["path"])
-    kind, source_id = KINDS[match.group(1)], match.group(2)
-    workers = engine.EngineWorkers.of(scope["app"].state)
-    if workers is None:
-        raise SpecError("path", "the engine is not ready", status=503)
-    count = workers.api_process_count
-    if count != 1:
-        raise SpecError(
-            "path", f"runtime loads need --api-server-count 1 (this server runs {count})", status=409
+        tokenize = {"prompt": given["text"]} if "text" in given else {"messages": given["messages"]}
+        model = {"model": given["model"]} if "model" in given else {}
+        scope = request.scope
+        status, tokens = await self.call_app(
+            scope, "/tokenize", {**tokenize, **model, "return_token_strs": True}
         )
-    if not workers.have_extension:
-        raise SpecError("path", f"runtime loads are off: {engine.MISSING_EXTENSION}", status=503)
+        if status != 200:
+            return JSONAnswer(tokens, status)
+        inspect = {"top_k": given.get("top_k", 5), "prompt": True}
+        inspect |= {key: given[key] for key in ("saes", "features", "probes") if key in given}
+        completion = {"prompt": tokens["tokens"], "max_tokens": 1, "temperature": 0, **model}
+        status, result = await self.call_app(
+            scope, "/v1/completions", {**completion, "steering": {"inspect": inspect}}
+        )
+        if status != 200:
+            return JSONAnswer(result, status)
+        return JSONAnswer(_per_token(tokens, result))
 
-    async def broadcast(command: LoadCommand) -> list[LoadOutcome]:
-        return await workers.load(command, timeout=LOAD_TIMEOUT_S)
+    # --- the playground -----------------------------------------------------------------------------------
 
-    if scope["method"] == "POST":
-        if source_id is not None:
+    async def playground(self, request: Request) -> Response:
+        """The static playground page. It holds no data: every call it makes goes through the API (and its
+        key), so it is served like /health, outside vLLM's /v1 authentication."""
+        if self.service is None:
+            raise _no_config()
+        headers = {
+            "cache-control": "no-cache",
+            "x-content-type-options": "nosniff",
+            "content-security-policy": playground.content_security_policy().decode("latin-1"),
+            "x-frame-options": "DENY",  # frame-ancestors for browsers without CSP level 2
+            "referrer-policy": "no-referrer",
+        }
+        return Response(playground.page(), 200, headers, media_type="text/html; charset=utf-8")
+
+    # --- runtime loads (steer_plugin/admin.py) ------------------------------------------------------------
+
+    def _workers(self, request: Request) -> engine.EngineWorkers:
+        """The engine's workers, once the admin key is checked and runtime loads can run here."""
+        self.service.admin.check_key(dict(request.scope["headers"]).get(ADMIN_KEY_HEADER))
+        workers = engine.EngineWorkers.of(request.scope["app"].state)
+        if workers is None:
+            raise SpecError("path", "the engine is not ready", status=503)
+        count = workers.api_process_count
+        if count != 1:
+            raise SpecError(
+                "path", f"runtime loads need --api-server-count 1 (this server runs {count})", status=409
+            )
+        if not workers.have_extension:
+            raise SpecError("path", f"runtime loads are off: {engine.MISSING_EXTENSION}", status=503)
+        return workers
+
+    @staticmethod
+    def _broadcast(workers: engine.EngineWorkers):
+        async def broadcast(command: LoadCommand) -> list[LoadOutcome]:
+            return await workers.load(command, timeout=LOAD_TIMEOUT_S)
+
+        return broadcast
+
+    async def load(self, request: Request) -> Response:
+        workers = self._workers(request)
+        body = parse_json(await read_body(request.receive))
+        kind = KINDS[request.path_params["kind"]]
+        return JSONAnswer(await self.service.admin.load(kind, body, self._broadcast(workers)), 201)
+
+    async def unload(self, request: Request) -> Response:
+        workers = self._workers(request)
+        kind, source_id = KINDS[request.path_params["kind"]], unquote(request.path_params["id"])
+        return JSONAnswer(await self.service.admin.unload(kind, source_id, self._broadcast(workers)))
+
+    async def misrouted(self, request: Request) -> Response:
+        """POST to an id, DELETE without one: refused after the same checks as the routes themselves."""
+        self._workers(request)
+        if request.method == "POST":
             raise SpecError("path", "POST to /v1/steering/saes or /v1/steering/vectors", status=404)
-        body = parse_json(await read_body(receive))
-        result = await admin.load(kind, body, broadcast)
-        return await send_json(send, 201, json.dumps(result).encode())
-    if source_id is None:
         raise SpecError("path", "DELETE /v1/steering/saes/{id} or /v1/steering/vectors/{id}", status=404)
-    result = await admin.unload(kind, unquote(source_id), broadcast)
-    return await send_json(send, 200, json.dumps(result).encode())
 
 
-async def playground_page(service: SteeringService | None, scope, receive, send):
-    """The static playground page. It holds no data: every call it makes goes through the API (and its
-    key), so it is served like /health, outside vLLM's /v1 authentication."""
-    if service is None:
-        raise SpecError("steering", "this server has no steering config", status=404)
-    await send_body(
-        send,
-        200,
-        playground.page(),
-        b"text/html; charset=utf-8",
-        (b"cache-control", b"no-cache"),
-        (b"x-content-type-options", b"nosniff"),
-        (b"content-security-policy", playground.content_security_policy()),
-        (b"x-frame-options", b"DENY"),  # frame-ancestors for browsers without CSP level 2
-        (b"referrer-policy", b"no-referrer"),
-    )
-
-
-async def inspect_route(service: SteeringService | None, call_app: CallApp, scope, receive, send):
-    """Text or chat messages in, top features of every token out: how a user finds the feature to steer."""
-    try:
-        if service is None:
-            raise SpecError("steering", "this server has no steering config", status=404)
-        req = parse_json(await read_body(receive))
-        if not isinstance(req, dict):
-            raise SpecError("body", "must be a JSON object")
-        allowed = ("model", "text", "messages", "saes", "top_k", "features", "probes")
-        unknown = set(req) - set(allowed)
-        if unknown:
-            raise SpecError(sorted(unknown)[0], f"unknown field; allowed: {', '.join(allowed)}")
-        if ("text" in req) == ("messages" in req):
-            raise SpecError("text", "give exactly one of `text` or `messages`")
-        tokenize = {"prompt": req["text"]} if "text" in req else {"messages": req["messages"]}
-        if "model" in req:
-            tokenize["model"] = req["model"]
-        status, tokens = await call_app(scope, "/tokenize", {**tokenize, "return_token_strs": True})
-        if status != 200:
-            return await send_json(send, status, json.dumps(tokens).encode())
-        inspect = {
-            "top_k": req.get("top_k", 5),
-            "prompt": True,
-            **{key: req[key] for key in ("saes", "features", "probes") if key in req},
-        }
-        completion = {
-            "prompt": tokens["tokens"],
-            "max_tokens": 1,
-            "temperature": 0,
-            "steering": {"inspect": inspect},
-        }
-        if "model" in req:
-            completion["model"] = req["model"]
-        status, result = await call_app(scope, "/v1/completions", completion)
-        if status != 200:
-            return await send_json(send, status, json.dumps(result).encode())
-    except SpecError as err:
-        return await send_json(send, err.status, error_body(err))
+def _per_token(tokens: dict, result: dict) -> dict:
+    """The inspect answer: one item per prompt token, from /tokenize's tokens and the completion's steering."""
     steering = result["choices"][0]["steering"]
     features = steering.get("prompt_tokens", [])
     strs = tokens.get("token_strs") or [None] * len(tokens["tokens"])
@@ -151,4 +178,92 @@ async def inspect_route(service: SteeringService | None, call_app: CallApp, scop
             item["traced"] = values
     for item, scores in zip(data, steering.get("prompt_probes", [])):
         item["probes"] = scores
-    return await send_json(send, 200, json.dumps(out).encode())
+    return out
+
+
+LOAD = Doc(
+    "Load one of {kind} into every worker (steer_plugin runtime loading)",
+    {
+        201: "Loaded: its description, with `revision`",
+        400: "A bad field or file (`param` names it)",
+        401: "Missing or wrong admin key",
+        403: "A path outside runtime.roots, or a pickle not allowed",
+        409: "The id is already loaded",
+        507: "No room in the layer's reserved rows",
+    },
+    body={"saes": SAESource, "vectors": VectorSource},
+    answer={"saes": SAEInfo, "vectors": VectorInfo},
+    admin_key=True,
+)
+UNLOAD = Doc(
+    "Unload one of {kind} loaded at runtime",
+    {
+        200: "Unloaded",
+        401: "Missing or wrong admin key",
+        404: "No such id",
+        409: "In use by running requests, or configured at start-up",
+    },
+    answer=Unloaded,
+    admin_key=True,
+)
+SAES = Doc("The loaded SAEs requests may read, and the vectors", {200: "The list"}, answer=SAEList)
+FEATURES = Doc(
+    "Search features by label and explanation, or one feature by index",
+    {
+        200: "The best matches first",
+        400: "A bad parameter (`param` names it)",
+        403: "An SAE requests may not read",
+        404: "No such SAE or feature",
+    },
+    query=FeatureSearchQuery,
+    answer=FeatureList,
+)
+INSPECT = Doc(
+    "The top features of every token of a text or chat messages",
+    {
+        200: "One item per token",
+        400: "A bad field (`param` names it, as the completion's `steering.inspect` would)",
+        403: "An SAE requests may not read",
+    },
+    body=InspectRequest,
+    answer=InspectResponse,
+)
+
+
+def plugin_router(endpoints: Endpoints, admin: bool) -> Router:
+    """The routes, first match wins; the admin routes only when runtime loads are configured."""
+    e = endpoints
+    routes = []
+    if admin:
+        routes += [
+            PluginRoute(f"/v1/steering/{KIND}", e.load, "POST", LOAD),
+            PluginRoute(f"/v1/steering/{KIND}/{{id}}", e.unload, "DELETE", UNLOAD),
+            PluginRoute(f"/v1/steering/{KIND}", e.misrouted, "DELETE"),
+            PluginRoute(f"/v1/steering/{KIND}/{{id}}", e.misrouted, "POST"),
+        ]
+    routes += [
+        PluginRoute("/v1/steering/saes", e.saes, "GET", SAES),
+        PluginRoute("/v1/steering/features", e.features, "GET", FEATURES),
+        PluginRoute("/v1/steering/{rest:path}", e.unknown, "GET"),
+        PluginRoute("/v1/steering/inspect", e.inspect, "POST", INSPECT),
+        PluginRoute(f"{playground.ROUTE}{{slashes:steer_slashes}}", e.playground, "GET"),
+    ]
+    return Router(routes=routes)
+
+
+def documented_routes(admin: bool) -> list[PluginRoute]:
+    """The routes /openapi.json documents (the handlers are not called)."""
+    return [r for r in plugin_router(Endpoints(None, None), admin).routes if r.include_in_schema]
+
+
+class PluginRoutes:
+    """The plugin's routes in one API process."""
+
+    def __init__(self, service: SteeringService | None, call_app: CallApp):
+        admin = service is not None and service.admin is not None
+        self.endpoints = Endpoints(service, call_app)
+        self.router = plugin_router(self.endpoints, admin)
+
+    def match(self, scope: dict):
+        """The ASGI handler of the route that answers `scope` (its exact path and method), or None."""
+        return matching_route(self.router, scope)
