@@ -2,7 +2,8 @@
 
 A person's path through the page: it loads and connects, a label search finds the demo's concept feature, a steered
 chat renders the steered and the default answer side by side, a hovered token shows its features, the traced
-feature paints a heat map, and the request shown as code is the one the page sent. Every figure the page shows is
+feature paints a heat map, a chosen probe paints its scores under both answers with the answers' aggregates, and the
+request shown as code is the one the page sent. Every figure the page shows is
 checked against the server's own API answer to the same request, made separately with `requests`.
 
 Screenshots go to $STEER_PLAYGROUND_SCREENSHOTS when set (README's images were made so), else to a temp folder.
@@ -22,6 +23,7 @@ import requests
 
 from ..tools import require_tool
 from .conftest import add_explanations, running_server
+from .probe_checks import config_entries, make_probes
 
 pytestmark = pytest.mark.server
 
@@ -35,11 +37,20 @@ EXPLANATION = {"description": "the Golden Gate Bridge and its towers", "explanat
 
 
 @pytest.fixture(scope="module")
-def server(demo_assets, steer_config_path, concept, tmp_path_factory):
-    """The demo config, plus one Neuronpedia explanation (bulk-export layout) of the concept feature."""
+def probes(sae_layer, tmp_path_factory):
+    """The test probes: `concept` (sigmoid, one label) at the SAE's layer, `early` (raw, two labels)."""
+    return make_probes(tmp_path_factory.mktemp("probes"), sae_layer)
+
+
+@pytest.fixture(scope="module")
+def server(demo_assets, steer_config_path, concept, probes, tmp_path_factory):
+    """The demo config, plus one Neuronpedia explanation (bulk-export layout) of the concept feature, plus the
+    test probes."""
     folder = tmp_path_factory.mktemp("playground")
     path = folder / "steer.json"
-    path.write_text(Path(steer_config_path).read_text())
+    config = json.loads(Path(steer_config_path).read_text())
+    config["probes"] = config_entries(probes)
+    path.write_text(json.dumps(config))
     line = {"modelId": "smollm2-135m", "layer": "15-res-topk", "index": str(concept["index"]), **EXPLANATION}
     add_explanations(str(path), folder, {"batch-0.jsonl": json.dumps(line)})
     with running_server(demo_assets.model_dir, str(path), PORT) as proc:
@@ -162,6 +173,12 @@ def test_page_connects(browser):
         o.get_attribute("value") for o in browser.find_elements("css selector", "#vector-select option")
     ]
     assert options == ["unit"]
+    # The configured probes are offered, one choice per probe and label, none chosen.
+    choices = [
+        o.get_attribute("value") for o in browser.find_elements("css selector", "#probe-select option")
+    ]
+    assert choices == ["", "concept/on", "early/left", "early/right"]
+    assert browser.find_element("id", "probe-select").get_attribute("value") == ""
 
 
 def test_search_finds_the_concept_feature(browser, concept, shots):
@@ -285,6 +302,100 @@ def test_code_is_the_request_the_page_sent(browser, tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout == steered_text
+
+
+def probe_map(driver, column: str) -> dict:
+    """The probe heat map under the column's last answer: its cells (text, shown score, painted alpha) and the
+    summary figures shown beside it."""
+    return driver.execute_script(
+        """
+        const turns = document.querySelectorAll('#' + arguments[0] + ' .turn');
+        const map = turns[turns.length - 1].querySelector('.probe-map');
+        if (!map) return null;
+        const alpha = (c) => { const m = /([0-9.]+)\\)$/.exec(c.style.backgroundColor); return m ? Number(m[1]) : null; };
+        return {
+            shown: map.style.display !== 'none',
+            name: map.querySelector('.probe-name').textContent,
+            cells: [...map.querySelectorAll('.pcell')].map((c) => ({
+                text: c.textContent, score: c.dataset.score === '' ? null : Number(c.dataset.score),
+                alpha: alpha(c)})),
+            summary: Object.fromEntries([...map.querySelectorAll('.probe-stat')].map((s) => [
+                s.dataset.stat, {value: Number(s.dataset.value), text: s.textContent}])),
+        };
+        """,
+        column,
+    )
+
+
+def test_probe_heat_map(browser, probes, shots):
+    """A chosen probe is scored on both answers: one heat-map cell per token, each showing and painted by the
+    API's score for that token, and the answer's max, mean and window max beside it."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    browser.find_element("id", "clear").click()
+    Select(browser.find_element("id", "probe-select")).select_by_value("concept/on")
+    browser.find_element("id", "send").click()
+    wait(
+        browser,
+        lambda d: (
+            d.find_element("id", "status").text == "done"
+            or "error" in d.find_element("id", "status").get_attribute("class")
+        ),
+        timeout=300,
+    )
+    assert browser.find_element("id", "status").text == "done"
+    sent = browser.execute_script("return state.lastRequest")
+    assert sent["steering"]["inspect"]["probes"] == [p.id for p in probes]  # all scored, one painted
+    bodies = {"steered": sent, "default": {**sent, "steering": {"inspect": sent["steering"]["inspect"]}}}
+    answers = {column: api_chat(body) for column, body in bodies.items()}
+
+    def check(column: str, probe_id: str, label: str, sigmoid: bool) -> list[dict]:
+        shown, api = probe_map(browser, column), answers[column]["steering"]
+        assert shown["shown"] and shown["name"].startswith(f"probe {probe_id}/{label}")
+        tokens = column_tokens(browser, column)
+        # One cell per token of the answer, the same tokens, each showing the API's score for that token.
+        assert len(shown["cells"]) == len(tokens) == len(api["probes"]) > 1
+        assert [c["text"] for c in shown["cells"]] == [t["text"] for t in tokens]
+        want = [scores[probe_id][label] for scores in api["probes"]]
+        assert [c["score"] for c in shown["cells"]] == pytest.approx(want, rel=1e-3, abs=1e-3)
+        # Painted by the score: a sigmoid's as is, a raw score scaled by the answer's range.
+        got = [c["score"] for c in shown["cells"]]
+        lo, hi = min(got), max(got)
+        level = [v if sigmoid else (v - lo) / (hi - lo) for v in got]
+        assert [c["alpha"] for c in shown["cells"]] == pytest.approx([0.85 * a for a in level], abs=2e-3)
+        # The answer's aggregates, as the API reports them.
+        summary = api["probe_summary"][probe_id][label]
+        assert set(shown["summary"]) == {"max", "mean", "window_max"}
+        for key, stat in shown["summary"].items():
+            assert stat["value"] == pytest.approx(summary[key], rel=1e-3, abs=1e-3)
+            assert f"{stat['value']:.3f}" in stat["text"]
+        return shown["cells"]
+
+    for column in ("steered", "default"):
+        check(column, "concept", "on", sigmoid=True)
+    # Switching the probe repaints the answers without asking again.
+    Select(browser.find_element("id", "probe-select")).select_by_value("early/right")
+    for column in ("steered", "default"):
+        cells = check(column, "early", "right", sigmoid=False)
+    assert browser.execute_script("return state.lastRequest") == sent
+
+    # Hovering a cell shows the token's scores of every probe, the painted one marked.
+    k = min(2, len(cells) - 1)
+    cell = browser.find_elements("css selector", "#default .turn:last-child .pcell")[k]
+    ActionChains(browser).move_to_element(cell).perform()
+    tip = wait(
+        browser,
+        lambda d: d.find_element("id", "tooltip") if d.find_element("id", "tooltip").is_displayed() else None,
+    )
+    lines = tip.find_elements("css selector", ".probe-score")
+    assert [(x.get_attribute("data-probe"), x.get_attribute("data-label")) for x in lines] == [
+        ("concept", "on"), ("early", "left"), ("early", "right")
+    ]  # fmt: skip
+    chosen = tip.find_elements("css selector", ".probe-score.chosen")
+    assert len(chosen) == 1 and chosen[0].text.endswith(f"{cells[k]['score']:.3f}")
+    browser.save_screenshot(str(shots / "playground-probes.png"))
+    ActionChains(browser).move_by_offset(0, 300).perform()
 
 
 def test_bad_value_shows_the_servers_error(browser):
