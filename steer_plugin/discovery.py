@@ -13,13 +13,24 @@ from steer_plugin.request.schema import SpecError
 
 
 class Discovery:
-    def __init__(self, assets: LoadedAssets, catalog: Catalog):
+    def __init__(self, assets: LoadedAssets, catalog: Catalog, probe_revisions: dict[str, str] | None = None):
         self.assets = assets
         self.catalog = catalog  # for the policy: denied SAEs are neither listed nor searched
+        self.probe_revisions = probe_revisions or {}  # probes loaded at runtime: their revision
         self._search: SearchIndex | None = None  # built on the first feature search
 
     def describe(self, kind: str, source_id: str) -> dict:
-        """One loaded SAE or vector, as GET /v1/steering/saes lists it."""
+        """One loaded SAE, vector or probe, as GET /v1/steering/saes lists it."""
+        if kind == "probe":
+            meta = self.catalog.probes[source_id]
+            return {
+                "id": source_id,
+                "layer": meta.layer,
+                "labels": list(meta.labels),
+                "activation": meta.activation,
+                "window": meta.window,
+                "revision": self.probe_revisions.get(source_id) or None,
+            }
         if kind == "vector":
             v = self.assets.vectors[source_id]
             return {"id": v.id, "layer": v.layer, "d_model": v.vector.numel(), "revision": v.revision or None}
@@ -45,6 +56,7 @@ class Discovery:
             "object": "list",
             "data": [self.describe("sae", sid) for sid in self.assets.saes if self.catalog.may_read(sid)],
             "vectors": [self.describe("vector", vid) for vid in self.assets.vectors],
+            "probes": [self.describe("probe", pid) for pid in self.catalog.probes],
         }
 
     def search_features(

@@ -104,7 +104,7 @@ class Steerer:
             sink_positions=config.monitoring.sink_positions,
         )  # TP ranks compute the same
         self.prober = ProbeReader(
-            dict(self.assets.probes),
+            self.assets.probes,
             device,
             write=tp_rank == 0,
             sink_positions=config.monitoring.sink_positions,
@@ -121,6 +121,8 @@ class Steerer:
                 release_slots=self.release_slots,
                 sae_view=self.sae_view,
                 source_gone=self._source_gone,
+                prober=self.prober,
+                read_layers=frozenset(layer for layer, rt in self.runtimes.items() if rt.observable),
             )
         )
         self.features_applied: dict[str, int] = {}

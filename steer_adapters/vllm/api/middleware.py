@@ -9,8 +9,10 @@
 - GET /v1/steering/saes, GET /v1/steering/features?sae=&q=[&index=], POST /v1/steering/inspect: discovery.
 - GET /openapi.json: publishes the `steering` schema on both completion requests.
 - GET /playground: the playground page (steer_plugin/playground).
-- POST /v1/steering/saes|vectors, DELETE /v1/steering/saes|vectors/{id}: runtime loads (steer_plugin/admin.py),
-  only when the config has `runtime` and an admin key is set; they need the X-Steer-Admin-Key header.
+- POST /v1/steering/saes|vectors|probes, DELETE /v1/steering/saes|vectors|probes/{id}: runtime loads
+  (steer_plugin/admin.py), POST /v1/steering/probes:fit and /v1/steering/vectors:fit: fits from examples
+  (steer_plugin/fitting.py), only when the config has `runtime` and an admin key is set; they need the
+  X-Steer-Admin-Key header.
 
 Every route obeys vLLM's own authentication (`--api-key`) exactly as vLLM's routes do, checked before
 anything else; malformed bodies get a 400 in the OpenAI error shape, never a Python exception.

@@ -22,7 +22,7 @@ from steer_plugin.service import SteeringService, error_body
 # The wrapped app called in-process with a JSON POST: (status, JSON answer).
 CallApp = Callable[[dict, str, dict], Awaitable[tuple[int, dict]]]
 
-ADMIN_ROUTE = re.compile(r"/v1/steering/(saes|vectors)(?:/([^/]+))?")
+ADMIN_ROUTE = re.compile(r"/v1/steering/(saes|vectors|probes)(?:/([^/]+))?")
 
 
 async def discovery(service: SteeringService | None, scope, receive, send):
@@ -48,8 +48,8 @@ async def discovery(service: SteeringService | None, scope, receive, send):
 
 
 async def admin_route(service: SteeringService, scope, receive, send):
-    """Runtime load (POST /v1/steering/saes|vectors, the source in the body) and unload (DELETE
-    /v1/steering/saes|vectors/{id}); see steer_plugin/admin.py."""
+    """Runtime load (POST /v1/steering/saes|vectors|probes, the source in the body) and unload (DELETE
+    /v1/steering/saes|vectors|probes/{id}); see steer_plugin/admin.py."""
     admin = service.admin
     admin.check_key(dict(scope["headers"]).get(ADMIN_KEY_HEADER))
     match = ADMIN_ROUTE.fullmatch(scope["path"])
@@ -70,12 +70,12 @@ async def admin_route(service: SteeringService, scope, receive, send):
 
     if scope["method"] == "POST":
         if source_id is not None:
-            raise SpecError("path", "POST to /v1/steering/saes or /v1/steering/vectors", status=404)
+            raise SpecError("path", "POST to /v1/steering/saes, /vectors or /probes", status=404)
         body = parse_json(await read_body(receive))
         result = await admin.load(kind, body, broadcast)
         return await send_json(send, 201, json.dumps(result).encode())
     if source_id is None:
-        raise SpecError("path", "DELETE /v1/steering/saes/{id} or /v1/steering/vectors/{id}", status=404)
+        raise SpecError("path", "DELETE /v1/steering/saes|vectors|probes/{id}", status=404)
     result = await admin.unload(kind, unquote(source_id), broadcast)
     return await send_json(send, 200, json.dumps(result).encode())
 
