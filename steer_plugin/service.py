@@ -21,6 +21,7 @@ from steer_plugin.body import refuse_reserved_keys
 from steer_plugin.catalog import LoadedAssets, LoadedProbe, LoadedSAE, LoadedVector, load_assets, probe_meta
 from steer_plugin.config import SteerConfig
 from steer_plugin.discovery import Discovery
+from steer_plugin.fitting.run import Fitter
 from steer_plugin.observation import ObservationBudget, ObservationCost
 from steer_plugin.readback import Observation
 from steer_plugin.request.ops import ResolvedOp
@@ -104,6 +105,8 @@ class SteeringService:
         self.observation_budget = ObservationBudget(limits.max_cost_in_flight, limits.max_wait_s)
         runtime = config.runtime
         self.admin = Admin(self, runtime) if runtime is not None and runtime.key() else None
+        sinks = config.monitoring.sink_positions
+        self.fitter = Fitter(self.admin, sinks, lambda: self.model_layers) if self.admin is not None else None
 
     # --- what is loaded ------------------------------------------------------------------------------------
 

@@ -128,8 +128,9 @@ def test_observation_fields_are_checked_by_name():
         "stats": [],
         "abort": [{"sae": "a", "index": 4, "threshold": 2.0, "sign": -1}],
         "probes": ["p"],
+        "residuals": [3],
     }
-    assert RequestPlan.decode(message([], good)).observe == OBSERVE._replace(probes=("p",))
+    assert RequestPlan.decode(message([], good)).observe == OBSERVE._replace(probes=("p",), residuals=(3,))
     assert RequestPlan.build([], observe=OBSERVE).encode()  # encodes what decodes
     assert RequestPlan.decode(RequestPlan.build([], observe=OBSERVE).encode()).observe == OBSERVE
     for field, value in (
@@ -147,6 +148,10 @@ def test_observation_fields_are_checked_by_name():
         ("watch", [["a", 3, 1.5]]),  # positional: the wire of version 6
         ("probes", "p"),
         ("probes", [1]),
+        ("residuals", [-1]),
+        ("residuals", ["3"]),
+        ("residuals", [True]),
+        ("residuals", list(range(17))),
     ):
         with pytest.raises(ValueError, match=f"observe.{field}"):
             RequestPlan.decode(message([], {**good, field: value}))

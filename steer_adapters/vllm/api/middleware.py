@@ -28,7 +28,7 @@ import json
 import logging
 
 from steer_adapters.vllm import preflight
-from steer_adapters.vllm.api import engine, routes
+from steer_adapters.vllm.api import engine, fit_routes, routes
 from steer_adapters.vllm.api.asgi import (
     ResponseState,
     json_as_vllm_reads_it,
@@ -42,6 +42,7 @@ from steer_adapters.vllm.api.compare import DEFAULT, STEERED, CompareMerger
 from steer_adapters.vllm.api.openapi import add_steering_to_openapi
 from steer_adapters.vllm.api.request_ids import (
     COMPLETION_PATHS,
+    REQUEST_ID_HEADER,
     RESPONSES_TURNS,
     assign_request_id,
     with_request_id,
@@ -113,6 +114,8 @@ class SteeringMiddleware:
         """The handler of a request the plugin must see, or None to pass it straight to vLLM."""
         path, method = scope["path"], scope["method"]
         admin = self.service.admin if self.service is not None else None
+        if admin is not None and path in fit_routes.FIT_PATHS and method == "POST":
+            return functools.partial(fit_routes.fit_route, self.service, self._call_app)
         if admin is not None and routes.ADMIN_ROUTE.fullmatch(path) and method in ("POST", "DELETE"):
             return functools.partial(routes.admin_route, self.service)
         if method == "POST":
@@ -322,8 +325,12 @@ class SteeringMiddleware:
         except Exception as err:  # metrics must never break serving
             logger.warning("steer_plugin: could not pull worker stats: %s", err)
 
-    async def _call_app(self, scope, path: str, payload: dict) -> tuple[int, dict]:
-        """Call the wrapped app in-process (no network) with a JSON POST."""
+    async def _call_app(
+        self, scope, path: str, payload: dict, request_id: str | None = None
+    ) -> tuple[int, dict]:
+        """Call the wrapped app in-process (no network) with a JSON POST. With `request_id` (a fit's residual
+        read: its body carries a plan the plugin signed, bound to that id) it goes to vLLM as is, under that
+        X-Request-Id."""
         body = json.dumps(payload).encode()
         sub = {
             **scope,
@@ -335,6 +342,7 @@ class SteeringMiddleware:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 *((k, v) for k, v in scope["headers"] if k.lower() == b"authorization"),
+                *([(REQUEST_ID_HEADER, request_id.encode())] if request_id is not None else []),
             ],
         }
         sent, status, chunks = False, 500, []
@@ -358,7 +366,7 @@ class SteeringMiddleware:
                     done.set()
 
         try:
-            if path in COMPLETION_PATHS:
+            if path in COMPLETION_PATHS and request_id is None:
                 await self._completion(sub, receive, send)
             else:
                 await self.app(sub, receive, send)

@@ -4,7 +4,8 @@ routes when they exist (their schemas generated from the pydantic models)."""
 from __future__ import annotations
 
 from steer_plugin.admin import START_UP_ONLY_KEYS
-from steer_plugin.config import SAESource, VectorSource
+from steer_plugin.config import ProbeSource, SAESource, VectorSource
+from steer_plugin.fitting.bodies import FitProbeBody, FitVectorBody
 from steer_plugin.request.schema import SteeringSpec
 
 REQUEST_SCHEMAS = ("ChatCompletionRequest", "CompletionRequest")
@@ -31,7 +32,7 @@ def add_steering_to_openapi(doc: dict, admin: bool = False) -> dict:
 def _add_admin_paths(doc: dict, schemas: dict) -> None:
     key = {"name": "X-Steer-Admin-Key", "in": "header", "required": True, "schema": {"type": "string"}}
     paths = doc.setdefault("paths", {})
-    for segment, model in (("saes", SAESource), ("vectors", VectorSource)):
+    for segment, model in (("saes", SAESource), ("vectors", VectorSource), ("probes", ProbeSource)):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         if model is SAESource:  # a runtime load takes a path; SAEs named by release are start-up only
             for name in START_UP_ONLY_KEYS:
@@ -71,6 +72,27 @@ def _add_admin_paths(doc: dict, schemas: dict) -> None:
                         ("401", "Missing or wrong admin key"),
                         ("404", "No such id"),
                         ("409", "In use by running requests, or configured at start-up"),
+                    )
+                },
+            }
+        }
+    for segment, model in (("probes", FitProbeBody), ("vectors", FitVectorBody)):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))  # Example, Pair
+        schemas[model.__name__] = schema
+        body = {"$ref": f"#/components/schemas/{model.__name__}"}
+        paths[f"/v1/steering/{segment}:fit"] = {
+            "post": {
+                "summary": f"Fit one of {segment} from examples on the running server and load it",
+                "parameters": [key],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                "responses": {
+                    code: {"description": text}
+                    for code, text in (
+                        ("201", "Fitted, saved under the first runtime root and loaded: its figures"),
+                        ("400", "A bad field (`param` names it)"),
+                        ("401", "Missing or wrong admin key"),
+                        ("409", "The id or the save_to name is taken, or another fit is running"),
                     )
                 },
             }
