@@ -1,4 +1,4 @@
-"""The admin API's API-process side: load and unload SAEs and vectors while the server runs.
+"""The admin API's API-process side: load and unload SAEs, vectors and probes while the server runs.
 
 A load is checked here first (operator key, allowed roots, pickle policy, the file itself, the layer's
 reservation), then sent to every worker (`broadcast`: vLLM's collective_rpc, so every TP and PP rank): staged
@@ -12,6 +12,8 @@ the files in the SAE's folder, loader options, links), must resolve under runtim
 the source (`InFlight`), leaves the catalog first, then the workers (which free the rows once no working-set
 column holds them). Each load gets a new revision that requests carry (ResolvedOp.revision), so a request
 never reads the rows of an unloaded or reloaded source, and prefix-cache salts of different loads differ.
+A probe takes no bank rows: it may be loaded at any layer whose residual the workers capture (a layer with an
+SAE or a probe, or a reserved one: Sources.read_layers), where each worker adds it to its ProbeReader.
 """
 
 from __future__ import annotations
@@ -30,8 +32,15 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from steer_plugin import metrics
-from steer_plugin.catalog import LoadedSAE, LoadedVector, load_sae_source, load_vector_source
-from steer_plugin.config import ConfigError, RuntimeConfig, SAESource, VectorSource
+from steer_plugin.catalog import (
+    LoadedProbe,
+    LoadedSAE,
+    LoadedVector,
+    load_probe_source,
+    load_sae_source,
+    load_vector_source,
+)
+from steer_plugin.config import ConfigError, ProbeSource, RuntimeConfig, SAESource, VectorSource
 from steer_plugin.files import FileRefused, confined, real_path, under
 from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.request.ops import ResolvedOp
@@ -40,7 +49,10 @@ from steer_plugin.request.schema import SpecError, json_path
 logger = logging.getLogger("steer_plugin")
 
 ADMIN_KEY_HEADER = b"x-steer-admin-key"
-KINDS = {"saes": "sae", "vectors": "vector"}  # route segment -> kind
+KINDS = {"saes": "sae", "vectors": "vector", "probes": "probe"}  # route segment -> kind
+Loaded = LoadedSAE | LoadedVector | LoadedProbe
+Source = SAESource | VectorSource | ProbeSource
+MODELS = {"sae": SAESource, "vector": VectorSource, "probe": ProbeSource}
 Broadcast = Callable[
     [LoadCommand], Awaitable[list[LoadOutcome]]
 ]  # a signed command to every worker -> answers
@@ -58,11 +70,12 @@ class InFlight:
         self.counts: Counter[tuple[str, str]] = Counter()
 
     @staticmethod
-    def sources(ops: list[ResolvedOp], observed: list[str]) -> list[tuple[str, str]]:
-        """(kind, id) of every SAE and vector a request steers with, conditions on, or reads."""
+    def sources(ops: list[ResolvedOp], observed: list[str], probes: list[str] = ()) -> list[tuple[str, str]]:
+        """(kind, id) of every SAE, vector and probe a request steers with, conditions on, or reads."""
         used = {("sae" if op.kind == "feature" else "vector", op.source) for op in ops if op.kind != "inline"}
         used |= {("sae", op.when.sae) for op in ops if op.when is not None}
         used |= {("sae", sae) for sae in observed}
+        used |= {("probe", probe) for probe in probes}
         return sorted(used)
 
     @contextmanager
@@ -82,11 +95,13 @@ class Sources(Protocol):
 
     in_flight: InFlight  # requests using each source, counted from resolution to the end of the response
 
-    def source(self, kind: str, source_id: str) -> LoadedSAE | LoadedVector | None: ...
+    def source(self, kind: str, source_id: str) -> Loaded | None: ...
 
     def d_model(self) -> int | None: ...
 
-    def add_source(self, loaded: LoadedSAE | LoadedVector) -> None: ...
+    def read_layers(self) -> set[int]: ...  # layers with an SAE or a probe (the workers capture there too)
+
+    def add_source(self, loaded: Loaded) -> None: ...
 
     def remove_source(self, kind: str, source_id: str) -> None: ...
 
@@ -112,10 +127,10 @@ class Admin:
         if not hmac.compare_digest(given, self.key.encode()):
             raise SpecError("x-steer-admin-key", "wrong admin key", 401)
 
-    def _parse(self, kind: str, body: object) -> SAESource | VectorSource:
+    def _parse(self, kind: str, body: object) -> Source:
         if not isinstance(body, dict):
             raise SpecError("body", "must be a JSON object")
-        model = SAESource if kind == "sae" else VectorSource
+        model = MODELS[kind]
         if kind == "sae":  # naming by release resolves (and may download) from the Hub: at start-up only
             for key in START_UP_ONLY_KEYS:
                 if key in body:
@@ -159,21 +174,37 @@ class Admin:
             raise SpecError(field, "is not under an allowed root (runtime.roots)", 403)
         return real
 
-    def _read_source(self, kind: str, source: SAESource | VectorSource, d_model: int | None):
-        """The source as the API process holds it (an SAE's header, no weights), every file it opens under the
-        roots (a thread: a big or slow file must not stall the event loop)."""
+    def _read_source(self, kind: str, source: Source, d_model: int | None) -> Loaded:
+        """The source as the API process holds it (an SAE's header, a probe's probe.json: no weights), every
+        file it opens under the roots (a thread: a big or slow file must not stall the event loop)."""
         with confined([str(root) for root in self.roots]):
             if kind == "sae":
                 return load_sae_source(source, "body", d_model, weights=False)
+            if kind == "probe":
+                return load_probe_source(source, "body", d_model, weights=False)
             return load_vector_source(source, "body", d_model)
 
-    def _reserved(self, layer: int) -> bool:
-        return self.runtime.reserves(layer)
+    def reads(self, layer: int) -> bool:
+        """Whether the workers capture the residual after `layer` (a probe or a residual read may go there)."""
+        return self.runtime.reserves(layer) or layer in self.sources.read_layers()
+
+    def _check_layer(self, kind: str, layer: int) -> None:
+        if kind == "probe":
+            if not self.reads(layer):
+                raise SpecError(
+                    "layer",
+                    f"the probe reads layer {layer}, where the workers capture nothing: load it at a layer with "
+                    f"an SAE or a probe, or reserved (runtime.layers = {self.runtime.layers})",
+                )
+        elif not self.runtime.reserves(layer):
+            raise SpecError(
+                "layer", f"layer {layer} has no reserved rows; runtime.layers = {self.runtime.layers}"
+            )
 
     # --- load and unload -----------------------------------------------------------------------------------
 
     async def load(self, kind: str, body: object, broadcast: Broadcast) -> dict:
-        """Load one SAE or vector everywhere; its description (as GET /v1/steering/saes lists it)."""
+        """Load one SAE, vector or probe everywhere; its description (as GET /v1/steering/saes lists it)."""
         try:
             described = await self._load(kind, body, broadcast)
         except SpecError as err:
@@ -197,16 +228,13 @@ class Admin:
         finally:
             self._loading.discard(key)
 
-    async def _load_unlocked(self, kind: str, source: SAESource | VectorSource, broadcast: Broadcast) -> dict:
+    async def _load_unlocked(self, kind: str, source: Source, broadcast: Broadcast) -> dict:
         sources = self.sources
         try:  # the header only (no weights in the API process); the workers' reads check the weights
             loaded = await asyncio.to_thread(self._read_source, kind, source, sources.d_model())
         except ConfigError as err:
             raise SpecError(err.field, str(err).removeprefix("body ").strip(), err.status) from None
-        if not self._reserved(loaded.layer):
-            raise SpecError(
-                "layer", f"layer {loaded.layer} has no reserved rows; runtime.layers = {self.runtime.layers}"
-            )
+        self._check_layer(kind, loaded.layer)
         revision = uuid.uuid4().hex[:12]
         command = LoadCommand("stage", kind, source.id, revision, source.model_dump())
         done = False

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from steer_plugin.config import ConfigError, SAESource, SteerConfig, VectorSource
+from steer_plugin.config import ConfigError, ProbeSource, SAESource, SteerConfig, VectorSource
 from steer_plugin.files import (
     MAX_JSON_BYTES,
     MAX_LABELS_BYTES,
@@ -46,6 +46,25 @@ class LoadedVector(NamedTuple):
     vector: torch.Tensor  # [d_model] float32
     layer: int
     revision: str = ""  # loaded at runtime (admin API): that load's revision
+
+
+class LoadedProbe(NamedTuple):
+    """A probe as the admin API handles it: its file (workers: the weights; the API process: its probe.json) and
+    the revision of the runtime load that brought it ("" when configured)."""
+
+    id: str
+    probe: Probe | ProbeMeta
+    revision: str = ""
+
+    @property
+    def layer(self) -> int:
+        return probe_meta(self.probe).layer
+
+
+def load_probe_source(source: ProbeSource, key: str, d_model: int | None = None, weights: bool = True):
+    """One probe folder (its probe.json only when `weights` is False), checked; ConfigError naming `key`."""
+    probe = load_probe(source.path, key, d_model) if weights else read_meta(source.path, key)
+    return LoadedProbe(source.id, probe)
 
 
 class LoadedAssets(NamedTuple):
@@ -265,15 +284,16 @@ def load_assets(
     probes: dict[str, Probe | ProbeMeta] = {}
     for i, source in enumerate(config.probes):
         key = f"probes[{i}]"
-        probe = load_probe(source.path, key, d_model) if weights else read_meta(source.path, key)
+        loaded = load_probe_source(source, key, d_model, weights)
         rule = config.monitoring.probes.get(source.id)
-        if rule is not None and rule.label is not None and rule.label not in probe_meta(probe).labels:
+        labels = probe_meta(loaded.probe).labels
+        if rule is not None and rule.label is not None and rule.label not in labels:
             raise ConfigError(
                 f"monitoring.probes.{source.id}.label: {rule.label!r} is not a label of the probe "
-                f"{list(probe_meta(probe).labels)} ({source.path})"
+                f"{list(labels)} ({source.path})"
             )
-        if layers is None or probe_meta(probe).layer in layers:
-            probes[source.id] = probe
+        if layers is None or loaded.layer in layers:
+            probes[source.id] = loaded.probe
     return LoadedAssets(saes, vectors, config, probes=probes)
 
 

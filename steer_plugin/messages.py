@@ -32,10 +32,10 @@ class LoadCommand(NamedTuple):
     """What the API process asks every worker to do (crosses as `wire()`; `from_wire` rebuilds it)."""
 
     action: str  # stage (read the files in the background), poll, load (commit), discard, unload
-    kind: str  # "sae" or "vector"
+    kind: str  # "sae", "vector" or "probe"
     id: str
     revision: str = ""  # stage/load: the revision requests will name
-    source: dict | None = None  # stage/load: SAESource / VectorSource fields
+    source: dict | None = None  # stage/load: SAESource / VectorSource / ProbeSource fields
     mac: str = ""  # the server's signature over the other fields (signed())
 
     def _payload(self) -> str:
@@ -68,7 +68,7 @@ class LoadOutcome(NamedTuple):
     status: int = 200  # on failure: the HTTP status the API should answer with
     error: str = ""
     layer: int = -1
-    rows: int = 0
+    rows: int = 0  # bank rows written (a probe: its classes)
     pending: bool = False  # stage/poll: the files are still being read
     field: str = "path"  # on failure: the request field at fault
 

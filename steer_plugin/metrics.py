@@ -64,7 +64,7 @@ JUDGE_SECONDS = Histogram(
 JUDGE_OUTCOMES = ("positive", "negative", "timeout", "error", "rate_limited")
 RUNTIME_LOADS = Counter(
     "steer_runtime_loads",
-    "SAE and vector loads and unloads through the admin API, by outcome",
+    "SAE, vector and probe loads and unloads through the admin API, by outcome",
     ["kind", "action", "outcome"],
 )
 
@@ -130,7 +130,7 @@ def initialize_series(config, probe_labels: dict[str, tuple[str, ...]] | None = 
     for reason in OBSERVATION_REFUSALS:
         OBSERVATION_REFUSED.labels(reason=reason)
     if config.runtime is not None:
-        for kind in ("sae", "vector"):
+        for kind in ("sae", "vector", "probe"):
             for action in ("load", "unload"):
                 for outcome in RUNTIME_LOAD_OUTCOMES:
                     RUNTIME_LOADS.labels(kind=kind, action=action, outcome=outcome)

@@ -16,7 +16,7 @@ from steer_plugin.monitor import channel
 from steer_plugin.monitor import log as monitor_log
 from steer_plugin.monitor import probes as probe_monitor
 from steer_plugin.probes.aggregate import aggregate
-from steer_plugin.request.records import ProbeRecord, TokenRecord
+from steer_plugin.request.records import ProbeRecord, ResidualRecord, TokenRecord
 
 if TYPE_CHECKING:
     from steer_plugin.probes.format import ProbeMeta
@@ -65,6 +65,8 @@ class Observation:
 
     def _pull(self) -> None:
         for r in self.reader.read_new():
+            if isinstance(r, ResidualRecord):  # only the fit endpoints ask for these (they read them there)
+                continue
             self.prompt_len = r.num_prompt
             if r.sink:
                 self.sinks.add(r.pos)

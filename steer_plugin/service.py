@@ -20,9 +20,10 @@ from typing import NamedTuple
 from steer_plugin import metrics
 from steer_plugin.admin import Admin, InFlight
 from steer_plugin.body import refuse_reserved_keys
-from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector, load_assets
+from steer_plugin.catalog import LoadedAssets, LoadedProbe, LoadedSAE, LoadedVector, load_assets, probe_meta
 from steer_plugin.config import SteerConfig
 from steer_plugin.discovery import Discovery
+from steer_plugin.fitting.run import Fitter
 from steer_plugin.monitor.judge import JudgeCascade, RateLimit, Rule
 from steer_plugin.observation import ObservationBudget, ObservationCost
 from steer_plugin.readback import Observation
@@ -98,8 +99,11 @@ class SteeringService:
         self.model_layers: int | None = (
             None  # the model's decoder layers, once the server says (set_model_shape)
         )
+        self.probe_revisions: dict[str, str] = {}  # probes loaded at runtime: their load's revision
         self.catalog = self.assets.catalog(self.runtime_layers())
-        self.discovery = Discovery(self.assets, self.catalog)  # swapped with the catalog
+        self.discovery = Discovery(
+            self.assets, self.catalog, self.probe_revisions
+        )  # swapped with the catalog
         self.in_flight = InFlight()  # sources running requests use (runtime unloads wait for them)
         limits = config.policy.observation
         self.observation_budget = ObservationBudget(limits.max_cost_in_flight, limits.max_wait_s)
@@ -112,6 +116,8 @@ class SteeringService:
         self.judge_token = secrets.token_hex(16)  # marks this process's own judge calls (never judged again)
         runtime = config.runtime
         self.admin = Admin(self, runtime) if runtime is not None and runtime.key() else None
+        sinks = config.monitoring.sink_positions
+        self.fitter = Fitter(self.admin, sinks, lambda: self.model_layers) if self.admin is not None else None
 
     # --- what is loaded ------------------------------------------------------------------------------------
 
@@ -132,30 +138,50 @@ class SteeringService:
 
     def _refresh_catalog(self) -> None:
         self.catalog = self.assets.catalog(self.runtime_layers())  # one swap: resolution sees old or new
-        self.discovery = Discovery(self.assets, self.catalog)
+        self.discovery = Discovery(self.assets, self.catalog, dict(self.probe_revisions))
 
-    def add_source(self, loaded: LoadedSAE | LoadedVector) -> None:
-        table = self.assets.saes if isinstance(loaded, LoadedSAE) else self.assets.vectors
-        table[loaded.id] = loaded
+    def add_source(self, loaded: LoadedSAE | LoadedVector | LoadedProbe) -> None:
+        if isinstance(loaded, LoadedProbe):
+            self.assets.probes[loaded.id] = loaded.probe
+            self.probe_revisions[loaded.id] = loaded.revision
+        else:
+            table = self.assets.saes if isinstance(loaded, LoadedSAE) else self.assets.vectors
+            table[loaded.id] = loaded
         self._refresh_catalog()
 
-    def source(self, kind: str, source_id: str) -> LoadedSAE | LoadedVector | None:
-        """The loaded SAE or vector `source_id` of `kind` ("sae" or "vector"), or None."""
+    def source(self, kind: str, source_id: str) -> LoadedSAE | LoadedVector | LoadedProbe | None:
+        """The loaded SAE, vector or probe `source_id` of `kind` ("sae", "vector", "probe"), or None."""
+        if kind == "probe":
+            probe = self.assets.probes.get(source_id)
+            revision = self.probe_revisions.get(source_id, "")
+            return None if probe is None else LoadedProbe(source_id, probe, revision)
         return (self.assets.saes if kind == "sae" else self.assets.vectors).get(source_id)
+
+    def read_layers(self) -> set[int]:
+        """Layers whose residual every worker captures besides the reserved ones: an SAE's or a probe's."""
+        return {s.layer for s in self.assets.saes.values()} | {
+            probe_meta(p).layer for p in self.assets.probes.values()
+        }
 
     def describe(self, kind: str, source_id: str) -> dict:
         """One loaded source as the discovery routes list it."""
         return self.discovery.describe(kind, source_id)
 
     def remove_source(self, kind: str, source_id: str) -> None:
-        (self.assets.saes if kind == "sae" else self.assets.vectors).pop(source_id, None)
+        if kind == "probe":
+            self.assets.probes.pop(source_id, None)
+            self.probe_revisions.pop(source_id, None)
+        else:
+            (self.assets.saes if kind == "sae" else self.assets.vectors).pop(source_id, None)
         self._refresh_catalog()
 
     def holding(self, request: RewrittenRequest | None):
         """Context in which `request` runs: its sources count as in use (see steer_plugin.admin)."""
-        observed = list(request.observe.saes) if request is not None and request.observe is not None else []
+        observe = request.observe if request is not None else None
+        observed = list(observe.saes) if observe is not None else []
+        probes = list(observe.probes) if observe is not None else []
         ops = request.ops if request is not None else []
-        return self.in_flight.holding(InFlight.sources(ops, observed))
+        return self.in_flight.holding(InFlight.sources(ops, observed, probes))
 
     def rewrite_request(
         self, body: dict, observable: bool = True, request_id: str | None = None, turns: int = 1

@@ -58,7 +58,8 @@ def test_openapi_reference_has_the_steering_schema_and_admin_routes():
 
     doc = openapi_reference.document()
     assert "SteeringSpec" in doc["components"]["schemas"]
-    assert {"/v1/steering/saes", "/v1/steering/vectors"} <= set(doc["paths"])
+    assert {"/v1/steering/saes", "/v1/steering/vectors", "/v1/steering/probes"} <= set(doc["paths"])
+    assert {"/v1/steering/probes:fit", "/v1/steering/vectors:fit"} <= set(doc["paths"])
 
 
 def test_readme_is_an_entrance():

@@ -131,7 +131,7 @@ def test_initialize_series_declares_runtime_load_outcomes_when_runtime_loading_i
     }
     assert declared == {
         (kind, action, outcome)
-        for kind in ("sae", "vector")
+        for kind in ("sae", "vector", "probe")
         for action in ("load", "unload")
         for outcome in ("ok", "refused", "failed")
     }

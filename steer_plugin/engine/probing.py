@@ -45,7 +45,8 @@ class LayerProbes(NamedTuple):
 def probed_rows(
     req_ids, wires, query_start, num_computed, num_prompt, observe_for, layer_of
 ) -> list[ProbedRows]:
-    """This step's token rows to score, one group per (request, layer); `layer_of(probe_id)` is its layer."""
+    """This step's token rows to score, one group per (request, layer); `layer_of(probe_id)` is its layer
+    (None for a probe this worker no longer has)."""
     groups = []
     for i, wire in enumerate(wires):
         if not wire:
@@ -58,7 +59,9 @@ def probed_rows(
             continue
         by_layer: dict[int, list[str]] = {}
         for probe_id in spec.probes:
-            by_layer.setdefault(layer_of(probe_id), []).append(probe_id)
+            layer = layer_of(probe_id)
+            if layer is not None:  # None: unloaded since the request was planned (no longer scored)
+                by_layer.setdefault(layer, []).append(probe_id)
         for layer, ids in by_layer.items():
             groups.append(
                 ProbedRows(
@@ -80,24 +83,45 @@ class ProbeReader:
     """Scores probes on captured rows and writes their records to the requests' channels."""
 
     def __init__(self, probes: dict[str, Probe], device: torch.device, write: bool, sink_positions: int = 1):
-        self.probes = probes
+        self.probes = dict(probes)
+        self.device = device
         self.write = write  # only one tensor-parallel rank writes
         self.sink_positions = sink_positions
         self.layers: dict[int, LayerProbes] = {}
-        for layer in sorted({p.meta.layer for p in probes.values()}):
-            ids = tuple(pid for pid, p in probes.items() if p.meta.layer == layer)
-            sizes = [len(probes[pid].meta.labels) for pid in ids]
-            offsets = tuple(int(x) for x in torch.tensor([0, *sizes]).cumsum(0))
-            self.layers[layer] = LayerProbes(
-                ids,
-                torch.cat([probes[pid].weight for pid in ids]).to(device),
-                torch.cat([probes[pid].bias for pid in ids]).to(device),
-                offsets,
-                tuple(probes[pid].meta.activation == "sigmoid" for pid in ids),
-            )
+        for layer in sorted({p.meta.layer for p in self.probes.values()}):
+            self._stack(layer)
 
-    def layer_of(self, probe_id: str) -> int:
-        return self.probes[probe_id].meta.layer
+    def _stack(self, layer: int) -> None:
+        """(Re)build the layer's stacked weights from the probes it has now (none: the layer is dropped)."""
+        probes = self.probes
+        ids = tuple(pid for pid, p in probes.items() if p.meta.layer == layer)
+        if not ids:
+            self.layers.pop(layer, None)
+            return
+        sizes = [len(probes[pid].meta.labels) for pid in ids]
+        offsets = tuple(int(x) for x in torch.tensor([0, *sizes]).cumsum(0))
+        self.layers[layer] = LayerProbes(
+            ids,
+            torch.cat([probes[pid].weight for pid in ids]).to(self.device),
+            torch.cat([probes[pid].bias for pid in ids]).to(self.device),
+            offsets,
+            tuple(probes[pid].meta.activation == "sigmoid" for pid in ids),
+        )
+
+    def add(self, probe_id: str, probe: Probe) -> None:
+        """A probe loaded at runtime: scored from the next step on (its layer's weights stacked again)."""
+        self.probes[probe_id] = probe
+        self._stack(probe.meta.layer)
+
+    def remove(self, probe_id: str) -> None:
+        """A probe unloaded at runtime: requests that asked for it just stop getting its scores."""
+        probe = self.probes.pop(probe_id, None)
+        if probe is not None:
+            self._stack(probe.meta.layer)
+
+    def layer_of(self, probe_id: str) -> int | None:
+        probe = self.probes.get(probe_id)
+        return None if probe is None else probe.meta.layer
 
     def collect(self, groups: list[ProbedRows], captures: dict[int, torch.Tensor]) -> list[int]:
         """groups' rows index into captures[layer] ([max_tokens, d] steered residual by token row): one product
@@ -107,7 +131,9 @@ class ProbeReader:
         fired: set[int] = set()
         for layer in dict.fromkeys(g.layer for g in groups):
             mine = [g for g in groups if g.layer == layer]
-            stacked = self.layers[layer]
+            stacked = self.layers.get(layer)
+            if stacked is None:  # its probes were unloaded since this step was planned
+                continue
             x = captures[layer][[r for g in mine for r in g.rows]].float()  # [n, d]
             logits = x @ stacked.weight.t() + stacked.bias  # [n, sum of classes]
             columns = {pid: (stacked.offsets[j], stacked.offsets[j + 1]) for j, pid in enumerate(stacked.ids)}
@@ -121,6 +147,8 @@ class ProbeReader:
                 for pos in g.positions:
                     sink = pos < self.sink_positions
                     for pid in g.probes:
+                        if pid not in columns:
+                            continue
                         lo, hi = columns[pid]
                         values = tuple(round(v, 6) for v in scores[row][lo:hi])
                         aborted = None

@@ -1,11 +1,13 @@
-"""Loading and unloading SAEs and vectors in a running worker (the admin API's worker side).
+"""Loading and unloading SAEs, vectors and probes in a running worker (the admin API's worker side).
 
 Each load writes into rows the bank reserved at start-up (runtime.rows_per_layer), so no buffer a compiled
 or captured graph reads ever moves; the op reads the working set, which copies bank rows when a request takes
 them. An unload retires the entry (no new plan can name it) and gives back the slots that still hold its rows:
 the API refuses unloads while running requests use a source, so those are requests that finished since the
 last step (the worker learns of that only at the next step). Their working-set columns go with them, so the
-rows are free at once and a later load into them can never be confused with the old one.
+rows are free at once and a later load into them can never be confused with the old one. A probe takes no
+bank rows: it goes to the ProbeReader (its layer's weights stacked again) at a layer whose residual this
+worker captures; unloaded, requests that asked for it just stop getting its scores.
 
 Commands arrive through vLLM's collective_rpc between steps (never during a forward), so nothing slow may run
 in them: a load is `stage`d first (the files are read in a background thread of this worker while the engine
@@ -27,14 +29,23 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from steer_plugin import signing
-from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector, load_sae_source, load_vector_source
-from steer_plugin.config import ConfigError, RuntimeConfig, SAESource, VectorSource
+from steer_plugin.catalog import (
+    LoadedAssets,
+    LoadedProbe,
+    LoadedSAE,
+    LoadedVector,
+    load_probe_source,
+    load_sae_source,
+    load_vector_source,
+)
+from steer_plugin.config import ConfigError, ProbeSource, RuntimeConfig, SAESource, VectorSource
 from steer_plugin.engine.bank import BankEntry, BankFull, LayerBank, sae_params, vector_params
 from steer_plugin.files import confined
 from steer_plugin.messages import ACTIONS, LoadCommand, LoadOutcome
 
 if TYPE_CHECKING:
     from steer_plugin.engine.observe import Observer
+    from steer_plugin.engine.probing import ProbeReader
     from steer_plugin.engine.step import StepMetadata
     from steer_plugin.engine.tables import LayerTables
     from steer_plugin.sae.model import SparseAutoencoder
@@ -59,10 +70,15 @@ class LoadTarget:
     release_slots: Callable[[list[str]], None]
     sae_view: Callable[[LoadedSAE], SparseAutoencoder]  # the SAE over its bank rows, for the observer
     source_gone: Callable[[str], None]  # an unloaded source's id: drop its figures and every cached plan
+    prober: ProbeReader  # probes loaded at runtime go here
+    read_layers: frozenset[int]  # layers whose residual this worker captures (a probe may read them)
+
+
+KINDS = ("sae", "vector", "probe")
 
 
 class _Staged(NamedTuple):
-    loaded: LoadedSAE | LoadedVector
+    loaded: LoadedSAE | LoadedVector | LoadedProbe
 
 
 class RuntimeLoads:
@@ -74,12 +90,13 @@ class RuntimeLoads:
         self.retired: list[tuple[int, BankEntry]] = []  # (layer, entry) whose rows may still be in use
         self._staged: dict[tuple[str, str, str], Future] = {}  # (kind, id, revision) -> its read
         self._reader: ThreadPoolExecutor | None = None
+        self.probe_revisions: dict[str, str] = {}  # probes loaded at runtime (configured ones are not here)
 
     def command(self, raw: LoadCommand | dict) -> LoadOutcome:
         """Run one LoadCommand (or its wire dict, as collective_rpc delivers it); never raises."""
         try:
             cmd = LoadCommand.from_wire(raw).verified()
-            if cmd.action not in ACTIONS or cmd.kind not in ("sae", "vector"):
+            if cmd.action not in ACTIONS or cmd.kind not in KINDS:
                 outcome = LoadOutcome(False, status=400, error=f"unknown action {cmd.action!r}")
             elif cmd.action == "stage":
                 outcome = self._stage(cmd)
@@ -127,6 +144,8 @@ class RuntimeLoads:
                 loaded = load_sae_source(
                     SAESource(**cmd.source), "sae", target.d_model, explanations=False, labels=False
                 )
+            elif cmd.kind == "probe":
+                loaded = load_probe_source(ProbeSource(**cmd.source), "probe", target.d_model)
             else:
                 loaded = load_vector_source(VectorSource(**cmd.source), "vector", target.d_model)
         return _Staged(loaded)
@@ -152,6 +171,8 @@ class RuntimeLoads:
             del self._staged[self._key(cmd)]
             return self._failure(err, "load")
         loaded = future.result().loaded
+        if cmd.kind == "probe":
+            return LoadOutcome(True, owned=loaded.layer in self.target.read_layers, layer=loaded.layer)
         return LoadOutcome(True, owned=self._bank(loaded.layer, cmd.kind) is not None, layer=loaded.layer)
 
     # --- committing (between steps: only row copies) ---------------------------------------------------------
@@ -162,6 +183,8 @@ class RuntimeLoads:
         staged = future.result() if future is not None else self._read(cmd)
         if cmd.kind == "sae":
             return self._place_sae(cmd, staged.loaded)
+        if cmd.kind == "probe":
+            return self._place_probe(cmd, staged.loaded)
         return self._place_vector(cmd, staged.loaded)
 
     def _bank(self, layer: int, what: str):
@@ -211,7 +234,38 @@ class RuntimeLoads:
         )
         return LoadOutcome(True, owned=True, layer=loaded.layer, rows=1)
 
+    def _place_probe(self, cmd: LoadCommand, loaded: LoadedProbe) -> LoadOutcome:
+        target = self.target
+        if loaded.layer not in target.read_layers:  # another pipeline rank's layer (the API checked the rest)
+            return LoadOutcome(True, owned=False, layer=loaded.layer)
+        if cmd.id in target.prober.probes:
+            return LoadOutcome(False, status=409, error=f"probe {cmd.id!r} is already loaded", field="id")
+        target.prober.add(cmd.id, loaded.probe)
+        target.assets.probes[cmd.id] = loaded.probe
+        self.probe_revisions[cmd.id] = cmd.revision
+        logger.info(
+            "steer_plugin: loaded probe %s (revision %s) reading layer %d", cmd.id, cmd.revision, loaded.layer
+        )
+        return LoadOutcome(True, owned=True, layer=loaded.layer, rows=len(loaded.probe.meta.labels))
+
+    def _unload_probe(self, cmd: LoadCommand) -> LoadOutcome:
+        target = self.target
+        probe = target.prober.probes.get(cmd.id)
+        if probe is None:
+            return LoadOutcome(True, owned=False)  # another pipeline rank holds it (or it never loaded)
+        revision = self.probe_revisions.pop(cmd.id, None)
+        if revision is None:
+            return LoadOutcome(
+                False, status=409, error=f"probe {cmd.id!r} is configured, not loaded at runtime", field="id"
+            )
+        target.prober.remove(cmd.id)
+        target.assets.probes.pop(cmd.id, None)
+        logger.info("steer_plugin: unloaded probe %s (revision %s)", cmd.id, revision)
+        return LoadOutcome(True, owned=True, layer=probe.meta.layer)
+
     def _unload(self, cmd: LoadCommand) -> LoadOutcome:
+        if cmd.kind == "probe":
+            return self._unload_probe(cmd)
         target = self.target
         kind = "feature" if cmd.kind == "sae" else "vector"
         assets = target.assets.saes if cmd.kind == "sae" else target.assets.vectors

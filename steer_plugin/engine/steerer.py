@@ -18,10 +18,12 @@ from steer_plugin.catalog import LoadedAssets, LoadedSAE, load_assets
 from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import LayerBank, build_layer_bank
-from steer_plugin.engine.observe import ObservedRows, Observer, observed_rows
+from steer_plugin.engine.captures import StepReads, plan_reads
+from steer_plugin.engine.observe import Observer
 from steer_plugin.engine.plans import compile_ops
-from steer_plugin.engine.probing import ProbedRows, ProbeReader, probed_rows
+from steer_plugin.engine.probing import ProbeReader
 from steer_plugin.engine.requests import InlineRows, RequestTable
+from steer_plugin.engine.residuals import write_residuals
 from steer_plugin.engine.runtime_loads import LoadTarget, RuntimeLoads
 from steer_plugin.engine.selftest import check_probes, probe_plans
 from steer_plugin.engine.slots import Newcomer, SlotPlanner
@@ -95,8 +97,7 @@ class Steerer:
             for layer in self.banks
         }
         self.requests = RequestTable(self._reject, self._free_rows)  # per-request state, one record each
-        self._observed: list[ObservedRows] = []
-        self._probed: list[ProbedRows] = []
+        self._reads = StepReads()  # this step's observed rows, by what reads them
         self.slots = SlotPlanner(self.step, self.tables)  # reports to prepare(), never calls back
         self.observer = Observer(
             {s.id: self.sae_view(s) for s in self.assets.saes.values()},
@@ -104,7 +105,7 @@ class Steerer:
             sink_positions=config.monitoring.sink_positions,
         )  # TP ranks compute the same
         self.prober = ProbeReader(
-            dict(self.assets.probes),
+            self.assets.probes,
             device,
             write=tp_rank == 0,
             sink_positions=config.monitoring.sink_positions,
@@ -121,6 +122,8 @@ class Steerer:
                 release_slots=self.release_slots,
                 sae_view=self.sae_view,
                 source_gone=self._source_gone,
+                prober=self.prober,
+                read_layers=frozenset(layer for layer, rt in self.runtimes.items() if rt.observable),
             )
         )
         self.features_applied: dict[str, int] = {}
@@ -211,6 +214,7 @@ class Steerer:
             abort=tuple(a for a in spec.abort if a.sae in saes and a.index < saes[a.sae].d_sae),
             probes=tuple(p for p in spec.probes if p in self.prober.probes),
             probe_abort=tuple(a for a in spec.probe_abort if a.probe in self.prober.probes),
+            residuals=tuple(x for x in spec.residuals if x in self.runtimes and self.runtimes[x].observable),
         )
 
     def _source_gone(self, source_id: str) -> None:
@@ -232,37 +236,32 @@ class Steerer:
 
     def _plan_captures(self, batch: BatchView) -> None:
         """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
-        self._observed, self._probed = [], []
-        if not any(batch.wires):
-            return
         layout = (batch.req_ids, batch.wires, batch.query_start, batch.num_computed, batch.num_prompt)
-        self._observed = observed_rows(*layout, self.observe_for)
-        self._probed = probed_rows(*layout, self.observe_for, self.prober.layer_of)
-        rows_by_layer: dict[int, set[int]] = {}
-        for group in self._observed:
-            rows_by_layer.setdefault(self.assets.saes[group.sae_id].layer, set()).update(group.rows)
-        for group in self._probed:
-            rows_by_layer.setdefault(group.layer, set()).update(group.rows)
-        for layer, rows in rows_by_layer.items():
-            self.runtimes[layer].capture_rows = np.array(sorted(rows), dtype=np.int64)
+        self._reads = plan_reads(layout, self.observe_for, self.prober.layer_of)
+        for layer, rows in self._reads.rows_by_layer(lambda sae_id: self.assets.saes[sae_id].layer).items():
+            self.runtimes[layer].capture_rows = rows
 
     def after_forward(self) -> list[int]:
         """Read the features of this step's observed tokens (outside the model forward and any graph); returns
         the batch positions of the requests whose abort_when fired: the runner's adapter makes each one's sampled
         token its end-of-sequence token, so it ends right there, before the token the crossing residual would
         have predicted."""
+        reads = self._reads
         try:
             fired = []
-            if self._probed:
-                captures = {g.layer: self.runtimes[g.layer].capture for g in self._probed}
-                fired = self.prober.collect(self._probed, captures)
-            if not self._observed:
+            if reads.probed:
+                captures = {g.layer: self.runtimes[g.layer].capture for g in reads.probed}
+                fired = self.prober.collect(reads.probed, captures)
+            if reads.residuals:
+                captures = {g.layer: self.runtimes[g.layer].capture for g in reads.residuals}
+                write_residuals(reads.residuals, captures, self.prober.write)
+            if not reads.observed:
                 return fired
             captures = {
                 s: self.runtimes[self.assets.saes[s].layer].capture
-                for s in {g.sae_id for g in self._observed}
+                for s in {g.sae_id for g in reads.observed}
             }
-            hits = self.observer.collect(self._observed, captures)
+            hits = self.observer.collect(reads.observed, captures)
             return sorted({h.req_index for h in hits} | set(fired))
         finally:
             self.disarm()
@@ -270,7 +269,7 @@ class Steerer:
     def disarm(self) -> None:
         """Until the next prepare(), the op steers and captures nothing: forwards that skip preparation
         (warm-up, profile and dummy runs, idle data-parallel ranks) never read this step's rows."""
-        self._observed, self._probed = [], []
+        self._reads = StepReads()
         self.step.disarm()
         for rt in self.runtimes.values():
             rt.capture_rows = None

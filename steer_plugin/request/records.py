@@ -1,5 +1,5 @@
 """What comes back from the workers for an observed request: one `TokenRecord` per token and SAE, one
-`ProbeRecord` per token and probe.
+`ProbeRecord` per token and probe, one `ResidualRecord` per token and layer read raw (the fit endpoints).
 
 The worker's observer (steer_plugin.engine.observe) writes them, the observation channel
 (steer_plugin.monitor.channel) carries them as JSON lines, and the API process (steer_plugin.readback.Observation)
@@ -8,7 +8,10 @@ reads them back: this module is the one definition both sides share.
 
 from __future__ import annotations
 
+import base64
 from typing import NamedTuple
+
+import numpy as np
 
 Activation = tuple[int, float]  # (feature index, activation)
 
@@ -91,8 +94,37 @@ class ProbeRecord(NamedTuple):
         )
 
 
-Record = TokenRecord | ProbeRecord
+class ResidualRecord(NamedTuple):
+    """The residual after one layer at one token position, as the workers captured it (float32, exact)."""
+
+    pos: int
+    num_prompt: int
+    layer: int
+    x: str  # base64 of the little-endian float32 values [d_model]
+
+    @classmethod
+    def of(cls, pos: int, num_prompt: int, layer: int, row: np.ndarray) -> ResidualRecord:
+        data = np.ascontiguousarray(row, dtype="<f4").tobytes()
+        return cls(pos, num_prompt, layer, base64.b64encode(data).decode("ascii"))
+
+    def values(self) -> np.ndarray:
+        """[d_model] float32."""
+        return np.frombuffer(base64.b64decode(self.x, validate=True), dtype="<f4").astype(np.float32)
+
+    def to_json(self) -> dict:
+        return {"pos": self.pos, "P": self.num_prompt, "layer": self.layer, "x": self.x}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ResidualRecord:
+        return cls(int(data["pos"]), int(data["P"]), int(data["layer"]), str(data["x"]))
+
+
+Record = TokenRecord | ProbeRecord | ResidualRecord
 
 
 def record_from_json(data: dict) -> Record:
-    return ProbeRecord.from_json(data) if "probe" in data else TokenRecord.from_json(data)
+    if "probe" in data:
+        return ProbeRecord.from_json(data)
+    if "x" in data:
+        return ResidualRecord.from_json(data)
+    return TokenRecord.from_json(data)

@@ -40,8 +40,9 @@ from steer_plugin.request.ops import (
 logger = logging.getLogger("steer_plugin")
 
 WIRE_KEY = "steer_plugin"
-WIRE_VERSION = 7  # 7: the observation by field name, with probes; 6: ops by field name, in parts
-# (coefficients, position rule, condition, inline vector)
+WIRE_VERSION = 8  # 8: residual reads (the fit endpoints), abort_when on probes; 7: the observation by field
+# name, with probes; 6: ops by field name, in parts (coefficients, position rule, condition, inline vector)
+MAX_RESIDUAL_LAYERS = 16
 # Keys of vllm_xargs a client may not send (the middleware refuses them before anything else).
 RESERVED_KEYS = (WIRE_KEY, f"{WIRE_KEY}_observe")  # and the observation key of wire version 3
 
@@ -104,6 +105,9 @@ class ObservePlan(NamedTuple):
     abort: tuple[AbortSpec, ...] = ()
     probes: tuple[str, ...] = ()  # probes scored on every observed token
     probe_abort: tuple[ProbeAbortSpec, ...] = ()  # abort_when conditions on probes (scored: in `probes`)
+    # Layers whose residual rows the workers write back raw (ResidualRecord): only the admin's fit endpoints
+    # plan this (steer_plugin/fitting); the public `steering` field cannot ask for it.
+    residuals: tuple[int, ...] = ()
 
 
 PLAN_TTL_S = 120  # a bound plan must reach the engine core within this long after it was signed
@@ -306,6 +310,14 @@ def _checked_observe(data: object) -> ObservePlan:
         require(_strings(raw[name]), f"observe.{name}", "a list of strings")
     for name in ("watch", "abort", "probe_abort"):
         require(isinstance(raw[name], list), f"observe.{name}", "a list")
+    residuals = raw["residuals"]
+    require(
+        isinstance(residuals, list)
+        and len(residuals) <= MAX_RESIDUAL_LAYERS
+        and all(is_count(layer) for layer in residuals),
+        "observe.residuals",
+        f"a list of at most {MAX_RESIDUAL_LAYERS} layer indices",
+    )
     return ObservePlan(
         cid=cid,
         saes=tuple(raw["saes"]),
@@ -322,6 +334,7 @@ def _checked_observe(data: object) -> ObservePlan:
         probe_abort=tuple(
             _checked_probe_abort(a, f"observe.probe_abort[{i}]") for i, a in enumerate(raw["probe_abort"])
         ),
+        residuals=tuple(residuals),
     )
 
 

@@ -130,9 +130,10 @@ def test_observation_fields_are_checked_by_name():
         "abort": [{"sae": "a", "index": 4, "threshold": 2.0, "sign": -1}],
         "probes": ["p"],
         "probe_abort": [{"probe": "p", "column": 1, "threshold": 0.5, "sign": 1}],
+        "residuals": [3],
     }
     assert RequestPlan.decode(message([], good)).observe == OBSERVE._replace(
-        probes=("p",), probe_abort=(ProbeAbortSpec("p", 1, 0.5, 1),)
+        probes=("p",), probe_abort=(ProbeAbortSpec("p", 1, 0.5, 1),), residuals=(3,)
     )
     assert RequestPlan.build([], observe=OBSERVE).encode()  # encodes what decodes
     assert RequestPlan.decode(RequestPlan.build([], observe=OBSERVE).encode()).observe == OBSERVE
@@ -155,6 +156,10 @@ def test_observation_fields_are_checked_by_name():
         ("probe_abort", [{"probe": "p", "column": 0, "threshold": float("inf"), "sign": 1}]),
         ("probe_abort", [{"probe": "p", "column": 0, "threshold": 0.5, "sign": 2}]),
         ("probe_abort", [{"probe": 3, "column": 0, "threshold": 0.5, "sign": 1}]),
+        ("residuals", [-1]),
+        ("residuals", ["3"]),
+        ("residuals", [True]),
+        ("residuals", list(range(17))),
     ):
         with pytest.raises(ValueError, match=f"observe.{field}"):
             RequestPlan.decode(message([], {**good, field: value}))

@@ -119,3 +119,20 @@ class EngineProbe:
         except Exception:  # a dead engine: vLLM's own /health says so
             return True
         return True
+
+
+def ready_workers(app_state) -> EngineWorkers:
+    """The engine's workers, when runtime loads (and fits) can reach them all; SpecError otherwise."""
+    from steer_plugin.request.schema import SpecError
+
+    workers = EngineWorkers.of(app_state)
+    if workers is None:
+        raise SpecError("path", "the engine is not ready", status=503)
+    count = workers.api_process_count
+    if count != 1:
+        raise SpecError(
+            "path", f"runtime loads need --api-server-count 1 (this server runs {count})", status=409
+        )
+    if not workers.have_extension:
+        raise SpecError("path", f"runtime loads are off: {MISSING_EXTENSION}", status=503)
+    return workers

@@ -7,8 +7,9 @@
 - Every other POST: the plugin's reserved `vllm_xargs` keys are refused with a 400 (the engine drops any
   message not signed by this middleware anyway, see steer_plugin/signing.py).
 - The plugin's own routes (api/routes.py, on Starlette routing): GET /v1/steering/saes,
-  GET /v1/steering/features?sae=&q=[&index=], POST /v1/steering/inspect, GET /playground and the runtime loads
-  POST /v1/steering/saes|vectors, DELETE /v1/steering/saes|vectors/{id} (steer_plugin/admin.py), these only when
+  GET /v1/steering/features?sae=&q=[&index=], POST /v1/steering/inspect, GET /playground, the runtime loads
+  POST /v1/steering/saes|vectors|probes, DELETE /v1/steering/saes|vectors|probes/{id} (steer_plugin/admin.py) and
+  the fits POST /v1/steering/probes:fit and /v1/steering/vectors:fit (steer_plugin/fitting), these only when
   the config has `runtime` and an admin key is set; they need the X-Steer-Admin-Key header.
 - GET /openapi.json: publishes the `steering` schema on both completion requests and the plugin's routes.
 
@@ -40,6 +41,7 @@ from steer_adapters.vllm.api.compare import DEFAULT, STEERED, CompareMerger
 from steer_adapters.vllm.api.openapi import add_steering_to_openapi
 from steer_adapters.vllm.api.request_ids import (
     COMPLETION_PATHS,
+    REQUEST_ID_HEADER,
     RESPONSES_TURNS,
     assign_request_id,
     with_request_id,
@@ -322,8 +324,12 @@ class SteeringMiddleware:
         except Exception as err:  # metrics must never break serving
             logger.warning("steer_plugin: could not pull worker stats: %s", err)
 
-    async def _call_app(self, scope, path: str, payload: dict) -> tuple[int, dict]:
-        """Call the wrapped app in-process (no network) with a JSON POST."""
+    async def _call_app(
+        self, scope, path: str, payload: dict, request_id: str | None = None
+    ) -> tuple[int, dict]:
+        """Call the wrapped app in-process (no network) with a JSON POST. With `request_id` (a fit's residual
+        read: its body carries a plan the plugin signed, bound to that id) it goes to vLLM as is, under that
+        X-Request-Id."""
         body = json.dumps(payload).encode()
         sub = {
             **scope,
@@ -335,6 +341,7 @@ class SteeringMiddleware:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 *((k, v) for k, v in scope["headers"] if k.lower() == b"authorization"),
+                *([(REQUEST_ID_HEADER, request_id.encode())] if request_id is not None else []),
             ],
         }
         sent, status, chunks = False, 500, []
@@ -358,7 +365,7 @@ class SteeringMiddleware:
                     done.set()
 
         try:
-            if path in COMPLETION_PATHS:
+            if path in COMPLETION_PATHS and request_id is None:
                 await self._completion(sub, receive, send)
             else:
                 await self.app(sub, receive, send)

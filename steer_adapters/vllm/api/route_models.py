@@ -144,12 +144,24 @@ class VectorInfo(_Model):
     revision: str | None = None
 
 
+class ProbeInfo(_Model):
+    """A loaded probe (steer_plugin/probes/format.py)."""
+
+    id: str
+    layer: int
+    labels: list[str]
+    activation: Literal["sigmoid", "identity"]
+    window: int
+    revision: str | None = None
+
+
 class SAEList(_Model):
-    """GET /v1/steering/saes: the SAEs requests may read, and the vectors."""
+    """GET /v1/steering/saes: the SAEs requests may read, the vectors and the probes."""
 
     object: Literal["list"] = "list"
     data: list[SAEInfo]
     vectors: list[VectorInfo]
+    probes: list[ProbeInfo] = []
 
 
 class FeatureExplanation(_Model):
@@ -221,6 +233,6 @@ class InspectResponse(_Model):
 
 class Unloaded(_Model):
     id: str
-    object: Literal["sae", "vector"]
+    object: Literal["sae", "vector", "probe"]
     deleted: bool
     revision: str

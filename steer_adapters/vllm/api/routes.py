@@ -16,13 +16,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Router
 
-from steer_adapters.vllm.api import engine
+from steer_adapters.vllm.api import engine, fit_routes
 from steer_adapters.vllm.api.asgi import read_body
 from steer_adapters.vllm.api.route_models import (
     FeatureList,
     FeatureSearchQuery,
     InspectRequest,
     InspectResponse,
+    ProbeInfo,
     SAEInfo,
     SAEList,
     Unloaded,
@@ -33,7 +34,8 @@ from steer_adapters.vllm.api.routing import KIND, Doc, JSONAnswer, PluginRoute, 
 from steer_plugin import playground
 from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S
 from steer_plugin.body import parse_json
-from steer_plugin.config import SAESource, VectorSource
+from steer_plugin.config import ProbeSource, SAESource, VectorSource
+from steer_plugin.fitting.bodies import FitProbeBody, FitVectorBody
 from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.request.schema import SpecError
 from steer_plugin.service import SteeringService
@@ -123,17 +125,7 @@ class Endpoints:
     def _workers(self, request: Request) -> engine.EngineWorkers:
         """The engine's workers, once the admin key is checked and runtime loads can run here."""
         self.service.admin.check_key(dict(request.scope["headers"]).get(ADMIN_KEY_HEADER))
-        workers = engine.EngineWorkers.of(request.scope["app"].state)
-        if workers is None:
-            raise SpecError("path", "the engine is not ready", status=503)
-        count = workers.api_process_count
-        if count != 1:
-            raise SpecError(
-                "path", f"runtime loads need --api-server-count 1 (this server runs {count})", status=409
-            )
-        if not workers.have_extension:
-            raise SpecError("path", f"runtime loads are off: {engine.MISSING_EXTENSION}", status=503)
-        return workers
+        return engine.ready_workers(request.scope["app"].state)
 
     @staticmethod
     def _broadcast(workers: engine.EngineWorkers):
@@ -157,8 +149,14 @@ class Endpoints:
         """POST to an id, DELETE without one: refused after the same checks as the routes themselves."""
         self._workers(request)
         if request.method == "POST":
-            raise SpecError("path", "POST to /v1/steering/saes or /v1/steering/vectors", status=404)
-        raise SpecError("path", "DELETE /v1/steering/saes/{id} or /v1/steering/vectors/{id}", status=404)
+            raise SpecError("path", "POST to /v1/steering/saes, /vectors or /probes", status=404)
+        raise SpecError("path", "DELETE /v1/steering/saes|vectors|probes/{id}", status=404)
+
+    async def fit(self, request: Request) -> Response:
+        """POST /v1/steering/probes:fit and /v1/steering/vectors:fit (api/fit_routes.py)."""
+        return JSONAnswer(
+            await fit_routes.fit(self.service, self.call_app, self._workers(request), request), 201
+        )
 
 
 def _per_token(tokens: dict, result: dict) -> dict:
@@ -191,8 +189,8 @@ LOAD = Doc(
         409: "The id is already loaded",
         507: "No room in the layer's reserved rows",
     },
-    body={"saes": SAESource, "vectors": VectorSource},
-    answer={"saes": SAEInfo, "vectors": VectorInfo},
+    body={"saes": SAESource, "vectors": VectorSource, "probes": ProbeSource},
+    answer={"saes": SAEInfo, "vectors": VectorInfo, "probes": ProbeInfo},
     admin_key=True,
 )
 UNLOAD = Doc(
@@ -204,6 +202,24 @@ UNLOAD = Doc(
         409: "In use by running requests, or configured at start-up",
     },
     answer=Unloaded,
+    admin_key=True,
+)
+FIT_ERRORS = {
+    400: "A bad field or example (`param` names it)",
+    401: "Missing or wrong admin key",
+    409: "The id is already loaded, or `save_to` exists",
+    507: "No room in the layer's reserved rows",
+}
+FIT_PROBE = Doc(
+    "Fit a probe from labelled texts (logistic regression on pooled residuals) and load it",
+    {201: "The probe loaded: held-out AUROC and accuracy, where it was saved", **FIT_ERRORS},
+    body=FitProbeBody,
+    admin_key=True,
+)
+FIT_VECTOR = Doc(
+    "Fit a steering vector from contrastive pairs (difference of means, unit norm) and load it",
+    {201: "The vector loaded, where it was saved", **FIT_ERRORS},
+    body=FitVectorBody,
     admin_key=True,
 )
 SAES = Doc("The loaded SAEs requests may read, and the vectors", {200: "The list"}, answer=SAEList)
@@ -236,6 +252,8 @@ def plugin_router(endpoints: Endpoints, admin: bool) -> Router:
     routes = []
     if admin:
         routes += [
+            PluginRoute("/v1/steering/probes:fit", e.fit, "POST", FIT_PROBE),
+            PluginRoute("/v1/steering/vectors:fit", e.fit, "POST", FIT_VECTOR),
             PluginRoute(f"/v1/steering/{KIND}", e.load, "POST", LOAD),
             PluginRoute(f"/v1/steering/{KIND}/{{id}}", e.unload, "DELETE", UNLOAD),
             PluginRoute(f"/v1/steering/{KIND}", e.misrouted, "DELETE"),

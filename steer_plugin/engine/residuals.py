@@ -1,0 +1,61 @@
+"""Writing raw residual rows of observed tokens back to the API process (the admin's fit endpoints).
+
+The same captured rows the SAE reads and the probes use (engine/op.py copies the steered residual rows of
+observed tokens to the layer's persistent capture buffer, graph-safe); after the forward, outside any graph,
+each asked-for row goes to the request's channel as a ResidualRecord (float32, exact). Only plans the API
+process builds for a fit ask for this (ObservePlan.residuals); the public `steering` field cannot.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from steer_plugin.engine.observe import request_rows
+from steer_plugin.monitor import channel
+from steer_plugin.request.records import ResidualRecord
+
+
+class ResidualRows(NamedTuple):
+    """Tokens of one request whose residual after `layer` goes back raw."""
+
+    cid: str
+    layer: int
+    rows: list[int]
+    positions: list[int]
+    num_prompt: int
+
+
+def residual_rows(req_ids, wires, query_start, num_computed, num_prompt, observe_for) -> list[ResidualRows]:
+    """This step's rows to write back, one group per (request, layer) (observe_for: the narrowed observation,
+    whose `residuals` are layers this worker captures)."""
+    groups = []
+    for i, wire in enumerate(wires):
+        if not wire:
+            continue
+        spec = observe_for(req_ids[i], wire)
+        if spec is None or not spec.residuals:
+            continue
+        found = request_rows(spec, i, query_start, num_computed, num_prompt)
+        if found is None:
+            continue
+        for layer in spec.residuals:
+            groups.append(ResidualRows(spec.cid, layer, found.rows, found.positions, found.num_prompt))
+    return groups
+
+
+def write_residuals(groups: list[ResidualRows], captures: dict[int, torch.Tensor], write: bool) -> None:
+    """groups' rows index into captures[layer] ([max_tokens, d], by token row); `write`: this rank writes
+    (only one tensor-parallel rank does)."""
+    if not write:
+        return
+    records: dict[str, list[ResidualRecord]] = {}
+    for g in groups:
+        rows = captures[g.layer][g.rows].float().cpu().numpy()  # [n, d]
+        lines = records.setdefault(g.cid, [])
+        lines.extend(
+            ResidualRecord.of(pos, g.num_prompt, g.layer, rows[k]) for k, pos in enumerate(g.positions)
+        )
+    for cid, lines in records.items():
+        channel.append(cid, lines)
