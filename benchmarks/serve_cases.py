@@ -79,6 +79,12 @@ CASES = [
     Case("g0_4layers_loaded", "plugin4", "(g0) 4-layer config loaded, no steering (reference for g)"),
     Case("h_inspect", "plugin", '(h) `"inspect": {"top_k": 5}` on every request'),
     Case(
+        "i_probes16",
+        "plugin",
+        '(i) 16 probes scored on every token (`"inspect": {"saes": [], "probes": [16]}`)',
+        0.02,
+    ),
+    Case(
         "l0_lens_plain",
         "lens_plain",
         "(l0) plain vLLM 0.30 from vllm-lens' venv (vllm-lens disabled)",
@@ -119,6 +125,7 @@ class BenchSetup:
     add_vector_per_token_norm: str = "none"  # the SAE's per-token norm ("none": (c) adds exactly that vector)
 
 
+PROBES = 16  # (i): random probes at the SAE's layer, on the `plugin` server (scored only when asked)
 ADD_INDEX, ADD_VALUE = 7, 4.0  # (c)'s `add`: feature 7 of the demo SAE, value 4.0 (also (l)'s vector)
 
 
@@ -153,6 +160,8 @@ def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> di
         return {"vectors": [{"name": v, "scale": 4.0} for v in setup.vector_ids]}
     if case == "h_inspect":
         return {"inspect": {"top_k": 5}}
+    if case == "i_probes16":
+        return {"inspect": {"saes": [], "probes": [f"p{k}" for k in range(PROBES)]}}
     raise KeyError(case)
 
 
@@ -216,7 +225,18 @@ def write_configs(
         save_file({"vector": (v / v.norm()).contiguous()}, str(path))
         vectors.append({"id": f"v{L}", "path": str(path), "layer": L})
     configs = {"plugin": workdir / "steer-1layer.json", "plugin4": workdir / "steer-4layers.json"}
-    configs["plugin"].write_text(json.dumps({"saes": [sae_entry]}, indent=2))
+    from steer_plugin.probes.format import ProbeMeta, save_probe
+
+    probes = []
+    for k in range(PROBES):
+        folder = save_probe(
+            workdir / f"probe-{k}",
+            ProbeMeta(layer, ("on",)),
+            torch.randn(1, d_model, generator=g) / d_model**0.5,
+            torch.zeros(1),
+        )
+        probes.append({"id": f"p{k}", "path": str(folder)})
+    configs["plugin"].write_text(json.dumps({"saes": [sae_entry], "probes": probes}, indent=2))
     configs["plugin4"].write_text(json.dumps({"saes": [sae_entry], "vectors": vectors}, indent=2))
     # The vector (c)'s `add` puts on the residual (x += value·W_dec[i], times the SAE's output scale): (l) adds
     # the very same vector through vllm-lens, so both servers add one vector of the same size at the same layer.

@@ -39,7 +39,8 @@ class LayerProbes(NamedTuple):
     weight: torch.Tensor  # [sum of classes, d]
     bias: torch.Tensor  # [sum of classes]
     offsets: tuple[int, ...]  # probe i's classes are columns offsets[i]:offsets[i+1]
-    sigmoid: tuple[bool, ...]
+    sigmoid: torch.Tensor  # [sum of classes] bool: the columns of sigmoid probes
+    columns: dict[str, tuple[int, int]]  # probe id -> its (first, end) column
 
 
 def probed_rows(
@@ -105,7 +106,11 @@ class ProbeReader:
             torch.cat([probes[pid].weight for pid in ids]).to(self.device),
             torch.cat([probes[pid].bias for pid in ids]).to(self.device),
             offsets,
-            tuple(probes[pid].meta.activation == "sigmoid" for pid in ids),
+            torch.tensor(
+                [probes[pid].meta.activation == "sigmoid" for pid in ids for _ in probes[pid].meta.labels],
+                device=self.device,
+            ),
+            {pid: (offsets[j], offsets[j + 1]) for j, pid in enumerate(ids)},
         )
 
     def add(self, probe_id: str, probe: Probe) -> None:
@@ -135,12 +140,9 @@ class ProbeReader:
             if stacked is None:  # its probes were unloaded since this step was planned
                 continue
             x = captures[layer][[r for g in mine for r in g.rows]].float()  # [n, d]
-            logits = x @ stacked.weight.t() + stacked.bias  # [n, sum of classes]
-            columns = {pid: (stacked.offsets[j], stacked.offsets[j + 1]) for j, pid in enumerate(stacked.ids)}
-            for j, (lo, hi) in enumerate(columns.values()):
-                if stacked.sigmoid[j]:
-                    logits[:, lo:hi] = torch.sigmoid(logits[:, lo:hi])
-            scores = logits.cpu().tolist()
+            logits = torch.addmm(stacked.bias, x, stacked.weight.t())  # [n, sum of classes]
+            scores = torch.where(stacked.sigmoid, logits.sigmoid(), logits).cpu().tolist()
+            columns = stacked.columns
             row = 0
             for g in mine:
                 lines = records.setdefault(g.cid, [])
