@@ -44,7 +44,7 @@ from steer_plugin.config import ConfigError, ProbeSource, RuntimeConfig, SAESour
 from steer_plugin.files import FileRefused, confined, real_path, under
 from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.request.ops import ResolvedOp
-from steer_plugin.request.schema import SpecError, json_path
+from steer_plugin.request.schema import SpecError, first_error
 
 logger = logging.getLogger("steer_plugin")
 
@@ -144,11 +144,7 @@ class Admin:
         try:
             source = model.model_validate(body)
         except ValidationError as err:
-            first = err.errors()[0]
-            msg = first["msg"].removeprefix("Value error, ")
-            if first["type"] == "extra_forbidden":
-                msg = "unknown field"
-            raise SpecError(json_path("", first["loc"]).lstrip(".") or "body", msg) from None
+            raise first_error(err) from None
         for field in ("path", "labels", "explanations"):
             value = getattr(source, field, None)
             if value is not None:

@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from steer_plugin.request.schema import SpecError, json_path
+from steer_plugin.request.schema import SpecError, first_error
 
 MAX_EXAMPLES = 512  # texts of a probe fit; pairs of a vector fit
 MAX_TEXT_CHARS = 8192
@@ -93,11 +93,7 @@ def _validated(model: type[_Body], data: object):
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown field"
-        raise SpecError(json_path("", first["loc"]).lstrip(".") or "body", msg) from None
+        raise first_error(err) from None
 
 
 def save_name(given: str | None, default: str, suffix: str = "") -> str:

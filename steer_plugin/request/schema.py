@@ -225,6 +225,17 @@ def json_path(prefix: str, loc: tuple) -> str:
     return path
 
 
+def first_error(err: ValidationError, prefix: str = "") -> SpecError:
+    """The SpecError of pydantic's first error: its JSON path after `prefix` (or the `param` a validator put in
+    its context), its message. The one conversion of every body the plugin validates with pydantic."""
+    first = err.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    param = (first.get("ctx") or {}).get("param")
+    return SpecError(param or json_path(prefix, first["loc"]).lstrip(".") or "body", message)
+
+
 def parse_spec(data: object, prefix: str = "steering") -> SteeringSpec:
     """Validate the raw `steering` JSON; raises SpecError naming the JSON path of the first bad field."""
     if isinstance(data, SteeringSpec):
@@ -232,11 +243,7 @@ def parse_spec(data: object, prefix: str = "steering") -> SteeringSpec:
     try:
         return SteeringSpec.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown field"
-        raise SpecError(json_path(prefix, first["loc"]), msg) from None
+        raise first_error(err, prefix) from None
 
 
 def inline_vector(op: VectorOp, path: str) -> np.ndarray:

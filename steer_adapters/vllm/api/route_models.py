@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from steer_plugin.request.schema import MAX_PROBES, MAX_TRACED, FeatureRef, SpecError, json_path
+from steer_plugin.request.schema import MAX_PROBES, MAX_TRACED, FeatureRef, first_error
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,14 +25,7 @@ def validated(model: type[M], data: object, prefix: Callable[[tuple], str] = lam
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown field"
-        param = (first.get("ctx") or {}).get("param")
-        if param is None:
-            param = json_path(prefix(first["loc"]), first["loc"]).lstrip(".") or "body"
-        raise SpecError(param, message) from None
+        raise first_error(err, prefix(err.errors()[0]["loc"])) from None
 
 
 class _Model(BaseModel):
