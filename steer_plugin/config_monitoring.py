@@ -76,6 +76,10 @@ class ProbeMonitoring(StrictModel):
     above: float | None = None
     """A request whose aggregate passes this is flagged: logged as an alert and counted in
     steer_probe_alerts_total (unset: nothing is flagged)."""
+    abort_above: float | None = None
+    """The operator's stop: a monitored request ends at the first generated token whose score (of `label`) passes
+    this, as `abort_when` would (finish_reason "abort_when"); not applied to requests that cannot be stopped at a
+    token (ignore_eos, min_tokens, structured output)."""
     judge_above: float | None = None
     """Cascade to the judge (monitoring.judge): the first generated token whose score (of `label`) passes this
     sends the conversation so far to the judge; its verdict is logged and counted (unset: never judged)."""

@@ -148,7 +148,8 @@ def plan_request(
             raise SpecError(f"{STEERING_FIELD}.compare", "compare needs steering operations to compare with")
     inspect = spec.inspect
     inspected = _inspected(inspect, catalog, endpoint) if inspect is not None else ()
-    abort, probe_abort = _abort_conditions(spec, catalog, config, endpoint)
+    abort, asked_abort = _abort_conditions(spec, catalog, config, endpoint)
+    probe_abort = asked_abort + _operator_aborts(monitored_probes, catalog, config, endpoint)
     traced = []
     for i, ref in enumerate(inspect.features if inspect else []):
         path = f"{STEERING_FIELD}.inspect.features[{i}]"
@@ -158,7 +159,7 @@ def plan_request(
     probes = _probes(inspect, catalog) if inspect is not None else ()
     asked = tuple(dict.fromkeys([*inspected, *(sae for sae, _ in traced), *(a.sae for a in abort)]))
     read = tuple(dict.fromkeys([*asked, *monitored]))
-    asked_probes = tuple(dict.fromkeys([*probes, *(a.probe for a in probe_abort)]))
+    asked_probes = tuple(dict.fromkeys([*probes, *(a.probe for a in asked_abort)]))
     scored = tuple(dict.fromkeys([*asked_probes, *monitored_probes]))
     observe = None
     if read or scored:
@@ -261,6 +262,22 @@ def _abort_conditions(
         check_inspectable(config.policy, sae.id, f"{path}[{i}]")
         out.append(AbortSpec(sae.id, index, float(cond.threshold), cond.sign))
     return tuple(out), tuple(on_probes)
+
+
+def _operator_aborts(
+    monitored_probes: tuple[str, ...], catalog: Catalog, config: SteerConfig, endpoint: Endpoint
+) -> tuple[ProbeAbortSpec, ...]:
+    """The operator's stops (monitoring.probes[...].abort_above) on the probes this request is monitored with,
+    where the engine can stop it at a token."""
+    if endpoint.ignore_eos or endpoint.min_tokens != 0 or endpoint.structured_output is not None:
+        return ()
+    out = []
+    for pid in monitored_probes:
+        rule, meta = config.monitoring.probes.get(pid), catalog.probes.get(pid)
+        if rule is not None and rule.abort_above is not None and meta is not None:
+            column = meta.labels.index(rule.label) if rule.label in meta.labels else 0
+            out.append(ProbeAbortSpec(pid, column, rule.abort_above, 1))
+    return tuple(out)
 
 
 def _probe_condition(cond, catalog: Catalog, path: str) -> ProbeAbortSpec:

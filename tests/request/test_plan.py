@@ -231,3 +231,30 @@ def test_abort_when_on_a_probe_and_monitored_probes():
         with pytest.raises(SpecError) as err:
             plan({"abort_when": [condition]})
         assert err.value.path == param, condition
+
+
+def test_the_operators_abort_rule_joins_the_plan_where_the_request_can_stop():
+    from steer_plugin.probes.format import ProbeMeta
+    from steer_plugin.request.wire import ProbeAbortSpec
+
+    svc = service(
+        probes=[{"id": "mood", "path": "/unused/mood"}],
+        monitoring={"probes": {"mood": {"label": "sad", "abort_above": 0.95}}},
+    )
+    catalog = svc.catalog._replace(probes={"mood": ProbeMeta(3, ("happy", "sad"))})
+
+    def plan(body: dict, steering: dict | None = None) -> PlannedRequest:
+        endpoint = Endpoint.of({"prompt": "hi", "max_tokens": 5, **body}, True)
+        return plan_request(parse_spec(steering or {}), catalog, svc.config, endpoint, (), ("mood",))
+
+    p = plan({})
+    assert p.probe_abort == (ProbeAbortSpec("mood", 1, 0.95, 1),) and p.observe.probe_abort == p.probe_abort
+    assert p.cost is None  # the operator's, not the client's
+    both = plan({}, {"abort_when": [{"probe": "mood", "label": "happy", "below": 0.1}]}).probe_abort
+    assert both == (ProbeAbortSpec("mood", 0, 0.1, -1), ProbeAbortSpec("mood", 1, 0.95, 1))
+    for unstoppable in (
+        {"ignore_eos": True},
+        {"min_tokens": 2},
+        {"response_format": {"type": "json_object"}},
+    ):
+        assert plan(unstoppable).probe_abort == (), unstoppable  # served, monitored, never cut
