@@ -7,9 +7,9 @@ every token <= 0.2% of a decoder layer at every T).
 
 Per T (token rows of one step, every one observed):
   - capture: what the op adds for observed rows at a probe's layer, the copy of their steered residual into the
-             persistent capture buffer (`capture[rows] = hidden[rows] + out[rows]`, engine/op.py);
+             persistent capture buffer (engine/op.py's in-place copy of rows 0..T-1, every token observed);
   - score:   steer_plugin.engine.probing.ProbeReader.collect for the step: one [T, d] x [d, 16] product for the
-             layer's 16 probes, the sigmoid, and the per-token records (channel writes off: the record channel is
+             layer's 16 probes, the sigmoid, and the records (one per request: T decoding requests of one row) (channel writes off: the record channel is
              measured in benchmarks/observe_channel_bench.py and is replaced by issue 25's transport);
   - layer:   op_bench's plain-torch Llama-like decoder layer (same width, dtype, T).
 Writes OUT.json and OUT.md (default benchmarks/results/probe-cpu).
@@ -60,12 +60,11 @@ def main(argv=None) -> int:
     print(f"probe_bench: d_model {d}, {args.probes} probes, bf16, CPU; T = {tokens}", flush=True)
     for t in tokens:
         hidden, out = torch.randn(t, d, dtype=dtype), torch.randn(t, d, dtype=dtype)
-        rows = torch.arange(t)
         # one group per request: decode steps have one row per request, so T requests of one row each
         groups = [ProbedRows(f"{i:032x}", 0, ids, [i], [10 + i], 10) for i in range(t)]
 
-        def copy(rows=rows, hidden=hidden, out=out):
-            capture[rows] = hidden[rows].float() + out[rows].float()
+        def copy(t=t, hidden=hidden, out=out):  # engine/op.py's copy of rows 0..T-1 (every token observed)
+            capture[:t].copy_(hidden).add_(out)
 
         with torch.inference_mode():
             cap = time_fn(copy, device, min_time)

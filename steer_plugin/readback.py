@@ -61,20 +61,23 @@ class Observation:
         self.aborted: TokenRecord | None = None  # the record of the first abort_when condition that fired
         self.sinks: set[int] = set()  # positions the workers flagged as attention sinks
         self.scores: dict[int, dict[str, tuple[float, ...]]] = {}  # pos -> probe -> its scores
-        self.probe_aborted: ProbeRecord | None = None  # the first abort_when condition on a probe that fired
+        # (position, probe, label index, score) of the first abort_when condition on a probe that fired
+        self.probe_aborted: tuple[int, str, int, float] | None = None
 
     def _pull(self) -> None:
         for r in self.reader.read_new():
             if isinstance(r, ResidualRecord):  # only the fit endpoints ask for these (they read them there)
                 continue
             self.prompt_len = r.num_prompt
+            if isinstance(r, ProbeRecord):
+                self.sinks.update(r.sinks)
+                for pos, scores in r.tokens():
+                    self.scores.setdefault(pos, {}).update(scores)
+                if r.abort is not None and (self.probe_aborted is None or r.abort[0] < self.probe_aborted[0]):
+                    self.probe_aborted = r.abort
+                continue
             if r.sink:
                 self.sinks.add(r.pos)
-            if isinstance(r, ProbeRecord):
-                self.scores.setdefault(r.pos, {})[r.probe] = r.scores
-                if r.abort is not None and (self.probe_aborted is None or r.pos < self.probe_aborted.pos):
-                    self.probe_aborted = r
-                continue
             self.records.append(r)
             if r.abort is not None and (self.aborted is None or r.pos < self.aborted.pos):
                 self.aborted = r
@@ -129,8 +132,8 @@ class Observation:
         if self.prompt_len is None:
             return None
         on_probe = self.probe_aborted
-        if on_probe is not None and (self.aborted is None or on_probe.pos < self.aborted.pos):
-            return self._probe_abort(on_probe)
+        if on_probe is not None and (self.aborted is None or on_probe[0] < self.aborted.pos):
+            return self._probe_abort(*on_probe)
         if self.aborted is None:
             return None
         index, activation = self.aborted.abort
@@ -146,17 +149,14 @@ class Observation:
             "token": self.aborted.pos - (self.prompt_len - 1),
         }
 
-    def _probe_abort(self, record: ProbeRecord) -> dict:
-        column, score = record.abort
-        cond = next(
-            a for a in self.request.planned.probe_abort if a.probe == record.probe and a.column == column
-        )
+    def _probe_abort(self, pos: int, probe: str, column: int, score: float) -> dict:
+        cond = next(a for a in self.request.planned.probe_abort if a.probe == probe and a.column == column)
         return {
-            "probe": record.probe,
-            "label": self.probes[record.probe].labels[column],
+            "probe": probe,
+            "label": self.probes[probe].labels[column],
             "score": score,
             "above" if cond.sign > 0 else "below": cond.threshold,
-            "token": record.pos - (self.prompt_len - 1),
+            "token": pos - (self.prompt_len - 1),
         }
 
     def probe_summary(self, probe_ids=None) -> dict[str, dict[str, dict]]:

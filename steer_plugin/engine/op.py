@@ -48,6 +48,7 @@ class LayerRuntime:
         )
         # The observed rows of this step as lanes (set per step through capture_rows; see lanes.py).
         self.observed = Lanes(step.max_tokens, device) if observable else None
+        self.capture_prefix = 0  # n when this step's observed rows are exactly 0..n-1 (see capture_rows)
         self.seconds = 0.0  # host time in the op body (eager executions)
         # probe[0] is set to 1 whenever the op runs; probe[1] = the delta it added to row 0 (float32).
         self.probe = torch.zeros(2, d_model, dtype=torch.float32, device=device)  # [2, d_model]
@@ -68,9 +69,12 @@ class LayerRuntime:
             return
         if rows is None:
             self.observed.clear()
+            self.capture_prefix = 0
             return
         rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
         self.observed.write(rows, int(rows.max()) + 1 if rows.size else 0)
+        # Sorted, unique rows that are exactly 0..n-1: the eager op copies them without a gather.
+        self.capture_prefix = rows.size if rows.size and rows[0] == 0 and rows[-1] == rows.size - 1 else 0
 
 
 def _log_mismatch(rt: LayerRuntime, num_tokens: int) -> None:
@@ -223,7 +227,13 @@ def apply_eager(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) 
         out = residual.clone()
     rows = rt.capture_rows
     if rows is not None and rows.numel():
-        rt.capture[rows] = hidden[rows].float() + out[rows].float()
+        n = rt.capture_prefix
+        if n:  # rows 0..n-1 (every token of the step observed): in place, no gather
+            rt.capture[:n].copy_(hidden[:n]).add_(out[:n])
+        else:  # the same sum in float32, gathered
+            rt.capture.index_copy_(
+                0, rows, hidden.index_select(0, rows).float().add_(out.index_select(0, rows))
+            )
     return out
 
 

@@ -139,30 +139,43 @@ class ProbeReader:
             stacked = self.layers.get(layer)
             if stacked is None:  # its probes were unloaded since this step was planned
                 continue
-            x = captures[layer][[r for g in mine for r in g.rows]].float()  # [n, d]
+            rows = torch.tensor([r for g in mine for r in g.rows], device=stacked.weight.device)
+            x = captures[layer].index_select(0, rows)  # [n, d] float32
             logits = torch.addmm(stacked.bias, x, stacked.weight.t())  # [n, sum of classes]
-            scores = torch.where(stacked.sigmoid, logits.sigmoid(), logits).cpu().tolist()
-            columns = stacked.columns
+            values = torch.where(stacked.sigmoid, logits.sigmoid(), logits).cpu().tolist()
             row = 0
+            layouts: dict[tuple[str, ...], tuple[tuple[str, ...], tuple]] = {}  # requests share probe lists
             for g in mine:
-                lines = records.setdefault(g.cid, [])
-                for pos in g.positions:
-                    sink = pos < self.sink_positions
-                    for pid in g.probes:
-                        if pid not in columns:
-                            continue
-                        lo, hi = columns[pid]
-                        values = tuple(round(v, 6) for v in scores[row][lo:hi])
-                        aborted = None
-                        if pos == g.predicting and not sink and g.req_index not in fired:
-                            mine = (a for a in g.abort if a.probe == pid and a.column < len(values))
-                            hit = next((a for a in mine if a.fires(values[a.column])), None)
-                            if hit is not None:
-                                aborted = (hit.column, values[hit.column])
-                                fired.add(g.req_index)
-                        lines.append(ProbeRecord(pos, g.num_prompt, pid, values, sink, aborted))
-                    row += 1
+                layout = layouts.get(g.probes)
+                if layout is None:
+                    present = tuple(
+                        pid for pid in g.probes if pid in stacked.columns
+                    )  # (unloads since planned)
+                    layout = layouts[g.probes] = (present, tuple(stacked.columns[pid] for pid in present))
+                present, spans = layout
+                count = len(g.positions)
+                rows = values[row : row + count]
+                row += count
+                aborted = None
+                if g.abort and g.predicting in g.positions and g.predicting >= self.sink_positions:
+                    at = g.positions.index(g.predicting)
+                    aborted = _fired(g.abort, present, stacked.columns, g.predicting, rows[at])
+                    if aborted is not None:
+                        fired.add(g.req_index)
+                sinks = tuple(p for p in g.positions if p < self.sink_positions)
+                record = ProbeRecord(tuple(g.positions), g.num_prompt, present, spans, rows, sinks, aborted)
+                records.setdefault(g.cid, []).append(record)
         if self.write:
             for cid, lines in records.items():
                 channel.append(cid, lines)
         return sorted(fired)
+
+
+def _fired(conditions, probes, columns, pos: int, row: list[float]) -> tuple[int, str, int, float] | None:
+    """The first abort_when condition that holds on this row of scores: (position, probe, label index, score)."""
+    for cond in conditions:
+        if cond.probe in probes:
+            lo, hi = columns[cond.probe]
+            if cond.column < hi - lo and cond.fires(row[lo + cond.column]):
+                return pos, cond.probe, cond.column, row[lo + cond.column]
+    return None

@@ -65,32 +65,46 @@ class TokenRecord(NamedTuple):
 
 
 class ProbeRecord(NamedTuple):
-    """One probe's scores at one token position of one request."""
+    """One request's probe scores at one layer for the tokens of one step: one record per request, layer and step
+    (not per token and probe: decoding writes one record per request per step)."""
 
-    pos: int
+    positions: tuple[int, ...]
     num_prompt: int
-    probe: str
-    scores: tuple[float, ...]  # one per label of the probe
-    sink: bool = False
-    abort: Activation | None = None  # (label index, score) of the abort_when condition that fired here
+    probes: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]  # probe i's labels are the columns spans[i] of each row
+    rows: list[list[float]]  # [len(positions), columns] the layer's scores at each position
+    sinks: tuple[int, ...] = ()  # positions that are attention sinks (config monitoring.sink_positions)
+    abort: tuple[int, str, int, float] | None = (
+        None  # (position, probe, label index, score): an abort_when fired
+    )
+
+    def tokens(self) -> list[tuple[int, dict[str, tuple[float, ...]]]]:
+        """(position, probe -> its scores) per token."""
+        return [
+            (pos, {pid: tuple(row[lo:hi]) for pid, (lo, hi) in zip(self.probes, self.spans)})
+            for pos, row in zip(self.positions, self.rows)
+        ]
 
     def to_json(self) -> dict:
-        out: dict = {"pos": self.pos, "P": self.num_prompt, "probe": self.probe, "s": list(self.scores)}
-        if self.sink:
-            out["sink"] = True
+        out: dict = {"pos": self.positions, "P": self.num_prompt, "probes": self.probes, "spans": self.spans}
+        out["s"] = self.rows
+        if self.sinks:
+            out["sinks"] = self.sinks
         if self.abort is not None:
-            out["abort"] = list(self.abort)
+            out["abort"] = self.abort
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> ProbeRecord:
+        abort = data.get("abort")
         return cls(
-            int(data["pos"]),
+            tuple(int(p) for p in data["pos"]),
             int(data["P"]),
-            str(data["probe"]),
-            tuple(float(v) for v in data["s"]),
-            bool(data.get("sink", False)),
-            None if data.get("abort") is None else (int(data["abort"][0]), float(data["abort"][1])),
+            tuple(str(p) for p in data["probes"]),
+            tuple((int(lo), int(hi)) for lo, hi in data["spans"]),
+            [[float(v) for v in row] for row in data["s"]],
+            tuple(int(p) for p in data.get("sinks", ())),
+            None if abort is None else (int(abort[0]), str(abort[1]), int(abort[2]), float(abort[3])),
         )
 
 
@@ -123,7 +137,7 @@ Record = TokenRecord | ProbeRecord | ResidualRecord
 
 
 def record_from_json(data: dict) -> Record:
-    if "probe" in data:
+    if "probes" in data:
         return ProbeRecord.from_json(data)
     if "x" in data:
         return ResidualRecord.from_json(data)

@@ -87,20 +87,24 @@ def test_scores_equal_the_formula_on_the_steered_residual(steerer, probes, captu
     steerer.after_forward()
     assert not torch.equal(after[LAYER][:5], (hidden + residual)[:5])  # the add did steer A and B
 
-    a = [r for r in channel.ChannelReader(CID_A).read_new() if isinstance(r, ProbeRecord)]
-    b = channel.ChannelReader(CID_B).read_new()
+    def by_probe(cid: str) -> list[tuple[str, int, tuple[float, ...], ProbeRecord]]:
+        """(probe, position, scores, record) per token and probe: a record holds a layer's probes for a step."""
+        records = [r for r in channel.ChannelReader(cid).read_new() if isinstance(r, ProbeRecord)]
+        return [(pid, pos, s, r) for r in records for pos, found in r.tokens() for pid, s in found.items()]
+
+    a, b = by_probe(CID_A), by_probe(CID_B)
     # A: prompt rows 0..2 at positions 0..2 (position 0 is the attention sink), every probe.
-    assert sorted((r.probe, r.pos) for r in a) == sorted((p, pos) for p in probes for pos in range(3))
-    for r in a:
-        _, layer, weight, bias, activation = probes[r.probe]
-        want = written_out(after[layer][[r.pos]], weight, bias, activation)[0]
-        assert torch.allclose(torch.tensor(r.scores), want, atol=1e-5), (r, want)
-        assert r.sink == (r.pos == 0) and r.num_prompt == 3
+    assert sorted((pid, pos) for pid, pos, _, _ in a) == sorted((p, pos) for p in probes for pos in range(3))
+    for pid, pos, scores, r in a:
+        _, layer, weight, bias, activation = probes[pid]
+        want = written_out(after[layer][[pos]], weight, bias, activation)[0]
+        assert torch.allclose(torch.tensor(scores), want, atol=1e-5), (pid, pos, want)
+        assert r.sinks == (0,) and r.num_prompt == 3
     # B: only the row whose logits give its sampled token (row 4, position 5), only "early".
-    assert [(r.probe, r.pos) for r in b] == [("early", 5)]
+    assert [(pid, pos) for pid, pos, _, _ in b] == [("early", 5)] and b[0][3].sinks == ()
     _, _, weight, bias, _ = probes["early"]
     assert torch.allclose(
-        torch.tensor(b[0].scores), written_out(after[PROBE_LAYER][[4]], weight, bias, "sigmoid")[0], atol=1e-5
+        torch.tensor(b[0][2]), written_out(after[PROBE_LAYER][[4]], weight, bias, "sigmoid")[0], atol=1e-5
     )
 
 
@@ -131,6 +135,30 @@ def test_abort_when_on_a_probe_fires_on_the_predicting_row_only(steerer, probes,
     steerer.prepare(view)
     torch.ops.steer_plugin.steer_residual(hidden, residual, PROBE_LAYER)
     assert steerer.after_forward() == [1]  # A, the second request of the batch
-    records = channel.ChannelReader(CID_A).read_new()
-    assert [(r.pos, r.abort is not None) for r in records] == [(0, False), (1, False), (2, True)]
-    assert records[2].abort == (0, pytest.approx(float(score[4]), abs=1e-5))
+    (record,) = channel.ChannelReader(CID_A).read_new()  # one record: the step's three rows
+    assert record.positions == (0, 1, 2)
+    assert record.abort == (
+        2,
+        "early",
+        0,
+        pytest.approx(float(score[4]), abs=1e-5),
+    )  # the predicting row only
+
+
+def test_a_step_observed_on_every_row_is_captured_without_a_gather(steerer, probes, monkeypatch):
+    """Rows 0..n-1 observed (the eager op's in-place copy) score as the formula says, like gathered rows."""
+    wire = RequestPlan.build([], observe=ObservePlan(CID_A, (), 1, True, probes=("early",))).encode()
+    channel.create(CID_A)
+    steerer.prepare(BatchView(["A"], np.array([0, 4]), np.array([0]), np.array([4]), [wire]))
+    assert steerer.runtimes[PROBE_LAYER].capture_prefix == 4
+    monkeypatch.setattr(steer_op, "_capturing", lambda: False)
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(4, D, generator=g).bfloat16()
+    residual = torch.randn(4, D, generator=g).bfloat16()
+    out = torch.ops.steer_plugin.steer_residual(hidden, residual, PROBE_LAYER)
+    steerer.after_forward()
+    _, _, weight, bias, _ = probes["early"]
+    want = written_out(hidden.float() + out.float(), weight, bias, "sigmoid")  # [4, 1]
+    (record,) = channel.ChannelReader(CID_A).read_new()
+    assert [pos for pos, _ in record.tokens()] == [0, 1, 2, 3]
+    assert torch.allclose(torch.tensor([found["early"] for _, found in record.tokens()]), want, atol=1e-5)

@@ -70,11 +70,12 @@ def test_a_runtime_probe_scores_by_its_file_and_stops_when_unloaded(root, probe_
         after = step(st, wire)
         records = [r for r in channel.ChannelReader(CID).read_new() if isinstance(r, ProbeRecord)]
         _, weight, bias = probe_root["q"]
-        assert [r.pos for r in records] == [0, 1, 2]
-        for r in records:
-            x = after[OTHER_LAYER][r.pos]
+        tokens = [token for r in records for token in r.tokens()]
+        assert [pos for pos, _ in tokens] == [0, 1, 2]
+        for pos, found in tokens:
+            x = after[OTHER_LAYER][pos]
             want = [torch.sigmoid(weight[c] @ x + bias[c]) for c in range(2)]  # written out per class
-            assert np.allclose(r.scores, [float(w) for w in want], atol=1e-5)
+            assert list(found) == ["q"] and np.allclose(found["q"], [float(w) for w in want], atol=1e-5)
         # Unloaded while the request (its observation cached by the worker) still runs: no scores, no error.
         assert command(st, "unload", "q").ok and "q" not in st.prober.probes
         assert OTHER_LAYER not in st.prober.layers
