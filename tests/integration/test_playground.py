@@ -414,13 +414,18 @@ def submit_fit(driver) -> None:
     driver.find_element("id", "fit-submit").click()
     wait(
         driver,
+        lambda d: d.execute_script("return window.sawSpinner"),
+        timeout=30,
+        message="no progress shown",
+    )
+    wait(
+        driver,
         lambda d: (
-            d.execute_script("return window.sawSpinner")
-            and not d.find_elements("css selector", "#fit-status .spinner")
+            not d.find_elements("css selector", "#fit-status .spinner")
             and d.find_element("id", "fit-submit").is_enabled()
         ),
         timeout=600,
-        message="the fit did not show its progress and end",
+        message="the fit did not end",
     )
 
 
