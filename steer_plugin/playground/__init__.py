@@ -3,7 +3,8 @@
 Chat with the model, search features by label, steer them (op, value slider, positions) and raw vectors, see the
 steered and the default answer side by side while they stream, hover a token for its top features, trace one
 feature's activation over the text as a heat map, paint a configured probe's per-token scores under each answer
-with its per-answer summary, and copy the exact request as curl or OpenAI-SDK code.
+with its per-answer summary, fit a probe or a vector from examples (the admin fit routes; the admin key held in the
+page only) and copy the exact request as curl or OpenAI-SDK code.
 """
 
 from __future__ import annotations

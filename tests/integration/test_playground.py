@@ -31,6 +31,7 @@ PORT = 18791 + int(os.environ.get("STEER_TEST_PORT_OFFSET", "0"))  # offset: par
 BASE = f"http://127.0.0.1:{PORT}"
 QUESTION = "Tell me about a place you would like to visit."  # the page's own example
 MAX_TOKENS = 40
+ADMIN_KEY = "playground-admin-key-0123456789"
 
 
 EXPLANATION = {"description": "the Golden Gate Bridge and its towers", "explanationModelName": "gpt-4o-mini"}
@@ -43,17 +44,20 @@ def probes(sae_layer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(demo_assets, steer_config_path, concept, probes, tmp_path_factory):
+def server(demo_assets, steer_config_path, sae_layer, concept, probes, tmp_path_factory):
     """The demo config, plus one Neuronpedia explanation (bulk-export layout) of the concept feature, plus the
-    test probes."""
+    test probes, plus runtime loads (the admin routes, for the fit form) at the SAE's layer."""
     folder = tmp_path_factory.mktemp("playground")
     path = folder / "steer.json"
     config = json.loads(Path(steer_config_path).read_text())
     config["probes"] = config_entries(probes)
+    root = tmp_path_factory.mktemp("fitted")
+    config["runtime"] = {"layers": [sae_layer], "rows_per_layer": 4, "roots": [str(root)]}
     path.write_text(json.dumps(config))
     line = {"modelId": "smollm2-135m", "layer": "15-res-topk", "index": str(concept["index"]), **EXPLANATION}
     add_explanations(str(path), folder, {"batch-0.jsonl": json.dumps(line)})
-    with running_server(demo_assets.model_dir, str(path), PORT) as proc:
+    env = {**os.environ, "STEER_ADMIN_KEY": ADMIN_KEY}
+    with running_server(demo_assets.model_dir, str(path), PORT, env=env) as proc:
         yield proc
 
 
@@ -396,6 +400,184 @@ def test_probe_heat_map(browser, probes, shots):
     assert len(chosen) == 1 and chosen[0].text.endswith(f"{cells[k]['score']:.3f}")
     browser.save_screenshot(str(shots / "playground-probes.png"))
     ActionChains(browser).move_by_offset(0, 300).perform()
+
+
+def submit_fit(driver) -> None:
+    """Click Fit and wait until the form has shown that it is fitting (a spinner) and then the answer."""
+    driver.execute_script(
+        """
+        window.sawSpinner = false;
+        new MutationObserver(() => { if (document.querySelector('#fit-status .spinner')) window.sawSpinner = true; })
+            .observe(document.getElementById('fit-status'), {childList: true, subtree: true});
+        """
+    )
+    driver.find_element("id", "fit-submit").click()
+    wait(
+        driver,
+        lambda d: d.execute_script("return window.sawSpinner"),
+        timeout=30,
+        message="no progress shown",
+    )
+    wait(
+        driver,
+        lambda d: (
+            not d.find_elements("css selector", "#fit-status .spinner")
+            and d.find_element("id", "fit-submit").is_enabled()
+        ),
+        timeout=600,
+        message="the fit did not end",
+    )
+
+
+def fit_form(driver, kind: str, fid: str, layer: int, positive: list[str], negative: list[str], names=None):
+    """Fill the fit form as a person would (the panel opened, the admin key typed) and submit it; wait for the
+    answer: the status line (its text, whether an error) and the shown result's figures."""
+    from selenium.webdriver.support.ui import Select
+
+    panel = driver.find_element("id", "fit-panel")
+    if panel.get_attribute("open") is None:
+        panel.find_element("css selector", "summary").click()
+    key = driver.find_element("id", "fit-admin-key")
+    key.clear()
+    key.send_keys(ADMIN_KEY)
+    Select(driver.find_element("id", "fit-kind")).select_by_value(kind)
+    fields = {"fit-id": fid, "fit-layer": str(layer), "fit-positive": "\n".join(positive)}
+    fields["fit-negative"] = "\n".join(negative)
+    if names:
+        fields["fit-pos-name"], fields["fit-neg-name"] = names
+    for field, value in fields.items():
+        box = driver.find_element("id", field)
+        box.clear()
+        if value:
+            box.send_keys(value)
+    submit_fit(driver)
+    status = driver.find_element("id", "fit-status")
+    shown = {
+        s.get_attribute("data-stat"): (float(s.get_attribute("data-value")), s.text)
+        for s in driver.find_elements("css selector", "#fit-result .fit-stat")
+    }
+    return status.text, "error" in status.get_attribute("class"), shown
+
+
+def admin_post(path: str, body: dict) -> requests.Response:
+    return requests.post(f"{BASE}{path}", json=body, headers={"X-Steer-Admin-Key": ADMIN_KEY}, timeout=900)
+
+
+def test_fit_a_probe_in_the_page_and_paint_it(browser, sae_layer, shots):
+    """The fit form fits a probe from labelled demo-corpus texts (the bridge prompts against other topics): the
+    page shows the AUROC and accuracy the API answers to the same body, the probe is registered and offered in
+    the picker at once, and painted under the next answers with the API's scores."""
+    from selenium.webdriver.support.ui import Select
+
+    from steer_demo.prompts import BRIDGE_PROMPTS, OTHER_PROMPTS
+
+    bridge, others = BRIDGE_PROMPTS[:16], [p for _, p in OTHER_PROMPTS][::6][:16]
+    text, error, shown = fit_form(
+        browser, "probe", "bridge_fit", sae_layer, bridge, others, ("bridge", "other")
+    )
+    assert not error, text
+    sent = browser.execute_script("return state.lastFitRequest")
+    assert sent["kind"] == "probe"
+    examples = [{"text": t, "label": "bridge"} for t in bridge] + [
+        {"text": t, "label": "other"} for t in others
+    ]
+    assert sent["body"] == {
+        "id": "bridge_fit", "layer": sae_layer, "pooling": "mean", "examples": examples,
+        "labels": ["other", "bridge"], "held_out": 0.25,
+    }  # fmt: skip
+    # The API's answer to the same body (under another id: the split is seeded, so the same fit).
+    api = admin_post("/v1/steering/probes:fit", {**sent["body"], "id": "bridge_api"})
+    assert api.status_code == 201, api.text
+    fit = api.json()
+    assert set(shown) == {"auroc", "accuracy"}
+    assert shown["auroc"][0] == pytest.approx(fit["auroc"], abs=1e-9) and fit["auroc"] >= 0.9
+    assert shown["accuracy"][0] == pytest.approx(fit["accuracy"], abs=1e-9)
+    assert f"AUROC {fit['auroc']:.3f}" in shown["auroc"][1]
+    assert f"accuracy {fit['accuracy']:.3f}" in shown["accuracy"][1]
+    assert "bridge_fit" in browser.find_element("id", "fit-result").text  # where it was saved
+    # Registered at the layer, and offered in the picker at once.
+    listed = {p["id"]: p for p in requests.get(f"{BASE}/v1/steering/saes", timeout=30).json()["probes"]}
+    assert listed["bridge_fit"]["layer"] == sae_layer and listed["bridge_fit"]["labels"] == ["bridge"]
+    choices = [
+        o.get_attribute("value") for o in browser.find_elements("css selector", "#probe-select option")
+    ]
+    assert "bridge_fit/bridge" in choices
+    browser.save_screenshot(str(shots / "playground-fit.png"))
+
+    # Chosen, it paints the next answers with the API's scores.
+    Select(browser.find_element("id", "probe-select")).select_by_value("bridge_fit/bridge")
+    browser.find_element("id", "clear").click()
+    browser.find_element("id", "send").click()
+    wait(
+        browser,
+        lambda d: (
+            d.find_element("id", "status").text == "done"
+            or "error" in d.find_element("id", "status").get_attribute("class")
+        ),
+        timeout=300,
+    )
+    assert browser.find_element("id", "status").text == "done"
+    request = browser.execute_script("return state.lastRequest")
+    assert "bridge_fit" in request["steering"]["inspect"]["probes"]
+    answer = api_chat(request)["steering"]
+    painted = probe_map(browser, "steered")
+    assert painted["shown"] and painted["name"].startswith("probe bridge_fit/bridge")
+    want = [scores["bridge_fit"]["bridge"] for scores in answer["probes"]]
+    assert [c["score"] for c in painted["cells"]] == pytest.approx(want, rel=1e-3, abs=1e-3)
+
+
+def test_fit_a_vector_in_the_page(browser, sae_layer):
+    """A vector fitted from pairs in the form: the norm the API answers to the same body, offered at once."""
+    from steer_demo.prompts import BRIDGE_PROMPTS, OTHER_PROMPTS
+
+    bridge, others = BRIDGE_PROMPTS[:4], [p for _, p in OTHER_PROMPTS][1::7][:4]
+    text, error, shown = fit_form(browser, "vector", "bridge_dir", sae_layer, bridge, others)
+    assert not error, text
+    sent = browser.execute_script("return state.lastFitRequest")
+    pairs = [{"positive": p, "negative": n} for p, n in zip(bridge, others)]
+    assert sent == {
+        "kind": "vector", "body": {"id": "bridge_dir", "layer": sae_layer, "pooling": "mean", "pairs": pairs}
+    }  # fmt: skip
+    api = admin_post("/v1/steering/vectors:fit", {**sent["body"], "id": "bridge_dir_api"})
+    assert api.status_code == 201, api.text
+    assert shown["norm"][0] == pytest.approx(api.json()["norm"], rel=1e-6)
+    options = [
+        o.get_attribute("value") for o in browser.find_elements("css selector", "#vector-select option")
+    ]
+    assert "bridge_dir" in options
+
+
+def test_a_bad_fit_shows_the_servers_error(browser, sae_layer):
+    """One class only: the page shows the server's error, naming the field; nothing is registered."""
+    from steer_demo.prompts import BRIDGE_PROMPTS
+
+    text, error, shown = fit_form(
+        browser, "probe", "one_class", sae_layer, BRIDGE_PROMPTS[:4], [], ("a", "b")
+    )
+    assert error and not shown
+    body = browser.execute_script("return state.lastFitRequest")["body"]
+    api = admin_post("/v1/steering/probes:fit", body)
+    assert api.status_code == 400, api.text
+    # The server's message names the field (`param: message`); the page shows it once.
+    assert api.json()["error"]["param"] == "examples"
+    assert text == api.json()["error"]["message"] and text.startswith("examples: all examples have one label")
+    listed = requests.get(f"{BASE}/v1/steering/saes", timeout=30).json()["probes"]
+    assert "one_class" not in [p["id"] for p in listed]
+    # Without the admin key, the server's refusal is shown.
+    browser.find_element("id", "fit-admin-key").clear()
+    submit_fit(browser)
+    status = browser.find_element("id", "fit-status")
+    assert "error" in status.get_attribute("class")
+    refused = requests.post(f"{BASE}/v1/steering/probes:fit", json=body, timeout=60)
+    assert refused.status_code == 401
+    error = refused.json()["error"]
+    assert error["param"] == "x-steer-admin-key" and status.text == error["message"]
+    assert status.text.startswith("x-steer-admin-key: ")
+    # The admin key is kept nowhere but the input.
+    stored = browser.execute_script(
+        "return JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])"
+    )
+    assert ADMIN_KEY not in stored
 
 
 def test_bad_value_shows_the_servers_error(browser):
