@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from steer_plugin.engine.observe import ObservedRows, observed_rows
+from steer_plugin.engine.observe import ObservedRows, observed_requests, observed_rows
 from steer_plugin.engine.probing import ProbedRows, probed_rows
 from steer_plugin.engine.residuals import ResidualRows, residual_rows
 
@@ -33,8 +33,9 @@ def plan_reads(layout: tuple, observe_for, probe_layer: Callable[[str], int | No
     `observe_for(req_id, wire)`: the request's narrowed observation (None: not observed)."""
     if not any(layout[1]):
         return StepReads()
+    requests = observed_requests(*layout, observe_for)  # each request's observation and rows, once
     return StepReads(
-        observed_rows(*layout, observe_for),
-        probed_rows(*layout, observe_for, probe_layer),
-        residual_rows(*layout, observe_for),
+        observed_rows(requests),
+        probed_rows(requests, probe_layer),
+        residual_rows(requests),
     )

@@ -63,19 +63,37 @@ def request_rows(spec: ObservePlan, i: int, query_start, num_computed, num_promp
     return RequestRows(rows, positions, prompt_len, first + end - 1 - start if samples else -1)
 
 
-def observed_rows(req_ids, wires, query_start, num_computed, num_prompt, observe_for) -> list[ObservedRows]:
-    """This step's observed token rows, one group per (request, SAE) (see request_rows).
-    `observe_for(req_id, wire)` is the request's observation (None: not observed)."""
-    groups = []
+class ObservedRequest(NamedTuple):
+    """One observed request of the step: its batch index, its (narrowed) observation and its rows."""
+
+    index: int
+    spec: ObservePlan
+    found: RequestRows
+
+
+def observed_requests(
+    req_ids, wires, query_start, num_computed, num_prompt, observe_for
+) -> list[ObservedRequest]:
+    """The step's observed requests with rows this step (see request_rows), each worked out once for the SAE
+    reads, the probes and the residual reads. `observe_for(req_id, wire)`: the request's observation (None: not
+    observed)."""
+    out = []
     for i, wire in enumerate(wires):
         if not wire:
             continue
         spec = observe_for(req_ids[i], wire)
-        if spec is None or not spec.saes:
+        if spec is None:
             continue
         found = request_rows(spec, i, query_start, num_computed, num_prompt)
-        if found is None:
-            continue
+        if found is not None:
+            out.append(ObservedRequest(i, spec, found))
+    return out
+
+
+def observed_rows(requests: list[ObservedRequest]) -> list[ObservedRows]:
+    """This step's SAE reads, one group per (request, SAE)."""
+    groups = []
+    for i, spec, found in requests:
         for sae_id in spec.saes:
             groups.append(
                 ObservedRows(

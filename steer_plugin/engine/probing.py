@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from steer_plugin.engine.observe import request_rows
+from steer_plugin.engine.observe import ObservedRequest
 from steer_plugin.monitor import channel
 from steer_plugin.probes.format import Probe
 from steer_plugin.request.records import ProbeRecord
@@ -43,21 +43,11 @@ class LayerProbes(NamedTuple):
     columns: dict[str, tuple[int, int]]  # probe id -> its (first, end) column
 
 
-def probed_rows(
-    req_ids, wires, query_start, num_computed, num_prompt, observe_for, layer_of
-) -> list[ProbedRows]:
+def probed_rows(requests: list[ObservedRequest], layer_of) -> list[ProbedRows]:
     """This step's token rows to score, one group per (request, layer); `layer_of(probe_id)` is its layer
     (None for a probe this worker no longer has)."""
     groups = []
-    for i, wire in enumerate(wires):
-        if not wire:
-            continue
-        spec = observe_for(req_ids[i], wire)
-        if spec is None or not spec.probes:
-            continue
-        found = request_rows(spec, i, query_start, num_computed, num_prompt)
-        if found is None:
-            continue
+    for i, spec, found in requests:
         by_layer: dict[int, list[str]] = {}
         for probe_id in spec.probes:
             layer = layer_of(probe_id)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from steer_plugin.engine.observe import request_rows
+from steer_plugin.engine.observe import ObservedRequest
 from steer_plugin.monitor import channel
 from steer_plugin.request.records import ResidualRecord
 
@@ -27,19 +27,11 @@ class ResidualRows(NamedTuple):
     num_prompt: int
 
 
-def residual_rows(req_ids, wires, query_start, num_computed, num_prompt, observe_for) -> list[ResidualRows]:
-    """This step's rows to write back, one group per (request, layer) (observe_for: the narrowed observation,
-    whose `residuals` are layers this worker captures)."""
+def residual_rows(requests: list[ObservedRequest]) -> list[ResidualRows]:
+    """This step's rows to write back, one group per (request, layer) (the narrowed observation's `residuals`
+    are layers this worker captures)."""
     groups = []
-    for i, wire in enumerate(wires):
-        if not wire:
-            continue
-        spec = observe_for(req_ids[i], wire)
-        if spec is None or not spec.residuals:
-            continue
-        found = request_rows(spec, i, query_start, num_computed, num_prompt)
-        if found is None:
-            continue
+    for _, spec, found in requests:
         for layer in spec.residuals:
             groups.append(ResidualRows(spec.cid, layer, found.rows, found.positions, found.num_prompt))
     return groups
