@@ -112,6 +112,20 @@ def wait(driver, condition, timeout: float = 30, message: str = ""):
     return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
 
 
+def send_and_wait(driver) -> None:
+    """Press Send and wait for the answer: the status says "done" (an error status fails the test)."""
+    driver.find_element("id", "send").click()
+    wait(
+        driver,
+        lambda d: (
+            d.find_element("id", "status").text == "done"
+            or "error" in d.find_element("id", "status").get_attribute("class")
+        ),
+        timeout=300,
+    )
+    assert driver.find_element("id", "status").text == "done"
+
+
 def column_tokens(driver, column: str) -> list[dict]:
     """The tokens of the column's last answer, as the page holds them: text, features, traced value, painted."""
     return driver.execute_script(
@@ -227,16 +241,7 @@ def test_steered_chat_renders_both_columns(browser, concept, shots):
     prompt = browser.find_element("id", "prompt")
     prompt.clear()
     prompt.send_keys(QUESTION)
-    browser.find_element("id", "send").click()
-    wait(
-        browser,
-        lambda d: (
-            d.find_element("id", "status").text in ("done",)
-            or "error" in d.find_element("id", "status").get_attribute("class")
-        ),
-        timeout=300,
-    )
-    assert browser.find_element("id", "status").text == "done"
+    send_and_wait(browser)
 
     steered, default = column_tokens(browser, "steered"), column_tokens(browser, "default")
     steered_text, default_text = text_of(steered), text_of(default)
@@ -339,16 +344,7 @@ def test_probe_heat_map(browser, probes, shots):
 
     browser.find_element("id", "clear").click()
     Select(browser.find_element("id", "probe-select")).select_by_value("concept/on")
-    browser.find_element("id", "send").click()
-    wait(
-        browser,
-        lambda d: (
-            d.find_element("id", "status").text == "done"
-            or "error" in d.find_element("id", "status").get_attribute("class")
-        ),
-        timeout=300,
-    )
-    assert browser.find_element("id", "status").text == "done"
+    send_and_wait(browser)
     sent = browser.execute_script("return state.lastRequest")
     assert sent["steering"]["inspect"]["probes"] == [p.id for p in probes]  # all scored, one painted
     bodies = {"steered": sent, "default": {**sent, "steering": {"inspect": sent["steering"]["inspect"]}}}
@@ -507,16 +503,7 @@ def test_fit_a_probe_in_the_page_and_paint_it(browser, sae_layer, shots):
     # Chosen, it paints the next answers with the API's scores.
     Select(browser.find_element("id", "probe-select")).select_by_value("bridge_fit/bridge")
     browser.find_element("id", "clear").click()
-    browser.find_element("id", "send").click()
-    wait(
-        browser,
-        lambda d: (
-            d.find_element("id", "status").text == "done"
-            or "error" in d.find_element("id", "status").get_attribute("class")
-        ),
-        timeout=300,
-    )
-    assert browser.find_element("id", "status").text == "done"
+    send_and_wait(browser)
     request = browser.execute_script("return state.lastRequest")
     assert "bridge_fit" in request["steering"]["inspect"]["probes"]
     answer = api_chat(request)["steering"]
