@@ -1,7 +1,7 @@
 """Soak a running steer-serve server with mixed traffic, including clients that disconnect mid-stream.
 
     python scripts/soak.py --base http://127.0.0.1:8000 --server-pid PID [--duration 300] [--api-key KEY]
-        [--run-dir DIR] [--concurrency 4] [--json OUT]
+        [--concurrency 4] [--json OUT]
 
 Traffic (loopback only, bounded by --duration): plain, steered, inspected and monitored completions and
 chats, streaming and not, a third of the streams dropped by the client after a few chunks. Every 10 s it
@@ -47,6 +47,14 @@ def running_requests(session: requests.Session, base: str) -> float:
     text = session.get(f"{base}/metrics", timeout=30).text
     values = [float(m) for m in re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+]+)$", text, re.M)]
     return sum(values)
+
+
+def open_mailboxes(session: requests.Session, base: str) -> float:
+    """Observed requests whose mailbox is still open in the API processes (0 once every response ended)."""
+    text = session.get(f"{base}/metrics", timeout=30).text
+    return sum(
+        float(m) for m in re.findall(r"^steer_observation_open_requests(?:\{[^}]*\})? (\S+)$", text, re.M)
+    )
 
 
 class Traffic:
@@ -107,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--api-key")
-    ap.add_argument("--run-dir")
     ap.add_argument("--json")
     ap.add_argument("--check", action="store_true", help="exit 1 when a figure is off")
     ap.add_argument("--max-rss-growth", type=float, default=0.15, help="allowed relative RSS growth")
@@ -139,13 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     while running > 0 and time.time() < drain_deadline:
         time.sleep(1)
         running = running_requests(session, args.base)
-    left: list[str] = []
-    if args.run_dir:
-        for _ in range(30):
-            left = sorted(p.name for p in Path(args.run_dir).iterdir())
-            if not left:
-                break
-            time.sleep(1)
+    left = open_mailboxes(session, args.base)
+    for _ in range(30):
+        if not left:
+            break
+        time.sleep(1)
+        left = open_mailboxes(session, args.base)
     rss_end = rss_by_process(args.server_pid)
     growth = {
         name: (rss_end[name] - rss_start[name]) / rss_start[name] for name in rss_start if name in rss_end
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_start_mib": {k: round(v / 2**20, 1) for k, v in rss_start.items()},
         "rss_end_mib": {k: round(v / 2**20, 1) for k, v in rss_end.items()},
         "rss_growth": {k: round(v, 4) for k, v in growth.items()},
-        "run_dir_files_left": left,
+        "open_mailboxes_left": left,
     }
     print(json.dumps(report, indent=2))
     if args.json:

@@ -115,6 +115,7 @@ class WorkerStats:
     l0: dict[str, HistogramCounts] = field(default_factory=dict)  # SAE -> active features per observed token
     reconstruction_error: dict[str, HistogramCounts] = field(default_factory=dict)  # SAE -> |x-x̂|²/|x|²
     tokens_observed: int = 0
+    observation_dropped: int = 0  # records whose message could not be queued (monitor/transport.py)
 
     def wire(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -90,8 +90,21 @@ OBSERVATION_REFUSED = Counter(
     "Observing requests refused: over a per-request bound (request, 403) or no room in time (busy, 429)",
     ["reason"],
 )
+OBSERVATION_DROPPED = Counter(
+    "steer_observation_dropped",
+    "Observation messages this API process refused (monitor/inbox.py): MAC does not verify (unauthenticated),"
+    " undecodable (malformed), for a request it never opened (unowned) or has finished (late), or over a"
+    " request's mailbox bound (overflow)",
+    ["reason"],
+)
+OBSERVATION_OPEN = Gauge(
+    "steer_observation_open_requests",
+    "Observed requests whose mailbox is open (from before the engine sees them to the end of the response)",
+    multiprocess_mode="livesum",
+)
 
 REJECT_REASONS = ("invalid", "policy")  # 400 / 403
+OBSERVATION_DROP_REASONS = ("unauthenticated", "malformed", "unowned", "late", "overflow")
 OBSERVATION_COST_KINDS = ("prompt", "generation")
 OBSERVATION_REFUSALS = ("request", "busy")
 RUNTIME_LOAD_OUTCOMES = ("ok", "refused", "failed")  # refused: a 4xx/507 answer; failed: a worker error
@@ -129,6 +142,8 @@ def initialize_series(config, probe_labels: dict[str, tuple[str, ...]] | None = 
         OBSERVATION_COST.labels(kind=kind)
     for reason in OBSERVATION_REFUSALS:
         OBSERVATION_REFUSED.labels(reason=reason)
+    for reason in OBSERVATION_DROP_REASONS:
+        OBSERVATION_DROPPED.labels(reason=reason)
     if config.runtime is not None:
         for kind in ("sae", "vector", "probe"):
             for action in ("load", "unload"):
@@ -157,6 +172,7 @@ def _merge(snapshots: list[WorkerStats]) -> WorkerStats:
         merged.step_errors += snap.step_errors
         merged.bank_bytes += snap.bank_bytes
         merged.tokens_observed += snap.tokens_observed
+        merged.observation_dropped += snap.observation_dropped
         for into, add in (
             (merged.steered_tokens, snap.steered_tokens),
             (merged.features_applied, snap.features_applied),
@@ -212,6 +228,12 @@ class WorkerStatsCollector:
         for kind, n in sorted(kinds.items()):
             rejected.add_metric([kind], n)
         yield rejected
+        yield CounterMetricFamily(
+            "steer_worker_observation_dropped",
+            "Observation records a worker could not queue for its API process (a slow or gone process): those"
+            " tokens are reported as missing",
+            value=s.observation_dropped,
+        )
         yield CounterMetricFamily(
             "steer_worker_step_errors",
             "Engine steps whose steering or observation failed and ran unsteered",

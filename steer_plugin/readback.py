@@ -1,18 +1,20 @@
 """Observation read-back on the API side: the records the workers write for one observed request, per token.
 
-The workers write `TokenRecord`s (request/records.py) to the request's channel (monitor/channel.py);
-`Observation` reads them as the response streams, formats the features of each token, reports an `abort_when`
-stop, and at the end writes the monitoring line and counts (monitor/log.py, metrics.py).
+The workers send `TokenRecord`s and `ProbeRecord`s (request/records.py) to this process's inbox
+(monitor/inbox.py); `Observation` reads them as the response streams, formats the features of each token, reports
+an `abort_when` stop, and at the end writes the monitoring line and counts (monitor/log.py, metrics.py). A read
+whose record never arrived (dropped on the way, counted) is reported as null, never as an empty read.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from steer_plugin import metrics
 from steer_plugin.config import MonitoringConfig
-from steer_plugin.monitor import channel
+from steer_plugin.monitor import inbox as observe_inbox
 from steer_plugin.monitor import log as monitor_log
 from steer_plugin.monitor import probes as probe_monitor
 from steer_plugin.probes.aggregate import aggregate
@@ -23,15 +25,18 @@ if TYPE_CHECKING:
     from steer_plugin.service import RewrittenRequest
 
 LabelsOf = Callable[[str], Mapping[int, str]]  # an SAE's feature labels, from the catalog in force
+# How long one response may wait, in all, for records still on their way (the workers send a token's records
+# before it is sampled, so they are normally here first; past this, missing reads are reported as null).
+WAIT_BUDGET_S = 0.05
 
 
 class TokenRead(NamedTuple):
-    """What was read for one token: top-K features per SAE, the traced features' activations (None where
-    no record arrived) and the probes' scores by label ({} where none arrived)."""
+    """What was read for one token: top-K features per SAE, the traced features' activations and the probes'
+    scores by label; None wherever the record did not arrive."""
 
-    features: dict[str, list[dict]]
+    features: dict[str, list[dict] | None]
     traced: list[float | None]
-    probes: dict[str, dict[str, float]] = {}
+    probes: dict[str, dict[str, float] | None] = {}
 
 
 class Observation:
@@ -52,8 +57,13 @@ class Observation:
             [*request.probes, *(a.probe for a in planned.probe_abort), *planned.monitored_probes]
         )
         self.probes = {pid: probes[pid] for pid in scored if pid in probes}  # what the workers score for it
-        channel.create(request.observe.cid)
-        self.reader = channel.ChannelReader(request.observe.cid)
+        self.inbox = observe_inbox.inbox()
+        self.cid = request.observe.cid
+        self.inbox.open(self.cid)  # before the request reaches the engine
+        self.wait_left = WAIT_BUDGET_S
+        # Reads every token should have: one record per SAE, scores per probe.
+        self.expected_saes = set(request.inspected) | {sae for sae, _ in request.traced}
+        self.expected_probes = {pid for pid in request.probes if pid in self.probes}
         self.by_pos: dict[int, dict[str, TokenRecord]] = {}  # pos -> sae -> its record
         self.records: list[TokenRecord] = []
         self.prompt_len: int | None = None
@@ -65,7 +75,7 @@ class Observation:
         self.probe_aborted: tuple[int, str, int, float] | None = None
 
     def _pull(self) -> None:
-        for r in self.reader.read_new():
+        for r in self.inbox.take(self.cid):
             if isinstance(r, ResidualRecord):  # only the fit endpoints ask for these (they read them there)
                 continue
             self.prompt_len = r.num_prompt
@@ -83,6 +93,23 @@ class Observation:
                 self.aborted = r
             self.by_pos.setdefault(r.pos, {})[r.sae] = r
 
+    def _complete(self, positions: range) -> bool:
+        """Whether every read of `positions` has arrived."""
+        return all(
+            self.expected_saes <= self.by_pos.get(pos, {}).keys()
+            and self.expected_probes <= self.scores.get(pos, {}).keys()
+            for pos in positions
+        )
+
+    def _settle(self, positions: Callable[[], range]) -> None:
+        """Read what arrived; wait (within the response's budget) while reads of `positions()` are missing."""
+        self._pull()
+        while self.wait_left > 0 and (self.prompt_len is None or not self._complete(positions())):
+            start = time.monotonic()
+            self.inbox.wait(min(self.wait_left, 0.005))
+            self.wait_left -= max(time.monotonic() - start, 0.0005)
+            self._pull()
+
     def probe_scores(self) -> dict[int, dict[str, tuple[float, ...]]]:
         """Every probe score read so far: position -> probe -> its scores (the judge cascade reads them)."""
         self._pull()
@@ -94,33 +121,48 @@ class Observation:
         features = {}
         for sae_id in self.request.inspected:
             labels = self.labels_of(sae_id)
-            top = found[sae_id].top if sae_id in found else ()
-            features[sae_id] = [
-                {"index": i, "activation": a, "label": labels.get(i)} for i, a in top[: inspect.top_k]
-            ]
+            features[sae_id] = (
+                [
+                    {"index": i, "activation": a, "label": labels.get(i)}
+                    for i, a in found[sae_id].top[: inspect.top_k]
+                ]
+                if sae_id in found
+                else None
+            )
         watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
         traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
         scored = self.scores.get(pos, {})
         probes = {
-            pid: dict(zip(self.probes[pid].labels, scored[pid]))
+            pid: dict(zip(self.probes[pid].labels, scored[pid])) if pid in scored else None
             for pid in self.request.probes
-            if pid in scored and pid in self.probes
+            if pid in self.probes
         }
-        metrics.OBSERVATION_VALUES.inc(sum(map(len, features.values())) + len(traced) + len(probes))
+        metrics.OBSERVATION_VALUES.inc(
+            sum(len(f or ()) for f in features.values()) + len(traced) + len(probes)
+        )
         return TokenRead(features, traced, probes)
 
     def next_tokens(self, count: int) -> list[TokenRead]:
         """The next `count` generated tokens (each read from the residual that predicted it)."""
-        self._pull()
-        if self.prompt_len is None:
+        if count:
+            first = self.next_token
+            self._settle(lambda: range(self.prompt_len - 1 + first, self.prompt_len - 1 + first + count))
+        if self.prompt_len is None:  # not one record arrived
             self.next_token += count
-            return [TokenRead({}, [None] * len(self.request.traced)) for _ in range(count)]
+            return [self._nothing() for _ in range(count)]
         out = [self._token(self.prompt_len - 1 + k) for k in range(self.next_token, self.next_token + count)]
         self.next_token += count
         return out
 
+    def _nothing(self) -> TokenRead:
+        return TokenRead(
+            dict.fromkeys(self.request.inspected),
+            [None] * len(self.request.traced),
+            {pid: None for pid in self.request.probes if pid in self.probes},
+        )
+
     def prompt_tokens(self) -> list[TokenRead]:
-        self._pull()
+        self._settle(lambda: range(self.prompt_len))
         if self.prompt_len is None:
             return []
         return [self._token(p) for p in range(self.prompt_len)]
@@ -189,9 +231,14 @@ class Observation:
         ]
 
     def finish(self, response_id: str | None, model: str | None) -> None:
-        """Write the monitoring line and watchlist counts; drop the side-channel file."""
+        """Write the monitoring line and watchlist counts; close the request's mailbox, however that goes."""
+        try:
+            self._report(response_id, model)
+        finally:
+            self.inbox.close(self.cid)
+
+    def _report(self, response_id: str | None, model: str | None) -> None:
         abort = self.abort()  # (reads what is left first)
-        self.reader.remove()
         config = self.monitoring
         if abort is not None:  # every stopped request is counted and logged, sampled or not
             if "probe" in abort:

@@ -24,6 +24,7 @@ from steer_plugin.catalog import LoadedAssets, LoadedProbe, LoadedSAE, LoadedVec
 from steer_plugin.config import SteerConfig
 from steer_plugin.discovery import Discovery
 from steer_plugin.fitting.run import Fitter
+from steer_plugin.monitor import inbox as observe_inbox
 from steer_plugin.monitor.judge import JudgeCascade, RateLimit, Rule
 from steer_plugin.observation import ObservationBudget, ObservationCost
 from steer_plugin.readback import Observation
@@ -223,7 +224,10 @@ class SteeringService:
             # Every engine request that may carry the plan: n choices x prompts (x turns).
             uses = min(MAX_USES, max(1, endpoint.choices) * max(1, endpoint.prompts) * turns)
             binding = Binding.new(request_id, uses)
-        plan = RequestPlan.build(list(planned.ops), observe=planned.observe, binding=binding)
+        observe = planned.observe
+        if observe is not None:  # its records come back to this process's inbox
+            observe = observe._replace(reply_to=observe_inbox.inbox().address)
+        plan = RequestPlan.build(list(planned.ops), observe=observe, binding=binding)
         xargs = dict(body.get("vllm_xargs") or {})
         xargs.pop(WIRE_KEY, None)  # a default variant's body held the steered plan
         if planned.ops or planned.observe is not None:

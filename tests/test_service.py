@@ -5,12 +5,14 @@ The catalog is small and in memory: SAE "a" (layer 3, 10 features, feature 7 lab
 (layer 5, 6 features) and vector "v" (layer 5), d_model 4.
 """
 
+import time
+
 import pytest
 import torch
 
 from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
 from steer_plugin.config import parse_config
-from steer_plugin.monitor import channel
+from steer_plugin.monitor import transport
 from steer_plugin.request.ops import Coefficients, PositionRule, ResolvedOp
 from steer_plugin.request.records import TokenRecord
 from steer_plugin.request.schema import SpecError
@@ -203,9 +205,9 @@ def test_monitoring_and_abort_when_build_the_observation():
     assert rewrite({"n": 2}, monitoring=monitoring).observe is None
 
 
-def test_observation_reads_the_workers_records(monkeypatch, tmp_path):
-    """What the worker writes (TokenRecords) comes back per token: position P-1+k predicts generated token k."""
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+def test_observation_reads_the_workers_records():
+    """What the worker sends (TokenRecords) comes back per token: position P-1+k predicts generated token k; a
+    read whose record never came is None, not an empty read; the mailbox closes with the response."""
     svc = service()
     inspect = {"top_k": 2, "saes": ["a"], "prompt": True, "features": [{"sae": "b", "index": 2}]}
     abort = [{"sae": "a", "index": 7, "above": 5}]
@@ -213,8 +215,9 @@ def test_observation_reads_the_workers_records(monkeypatch, tmp_path):
     observation = svc.observation(request)
     cid = request.observe.cid
     prompt_len = 3
-    channel.append(
-        cid,
+    assert request.observe.reply_to == observation.inbox.address  # the records come to this process
+    transport.send(
+        request.observe.to,
         [
             TokenRecord(0, prompt_len, "a", ((1, 9.0),), sink=True),
             TokenRecord(1, prompt_len, "a", ((4, 2.0),)),
@@ -223,7 +226,11 @@ def test_observation_reads_the_workers_records(monkeypatch, tmp_path):
             TokenRecord(3, prompt_len, "a", ((7, 6.0),), abort=(7, 6.0)),  # would have predicted token 1
         ],
     )
-    first, second = observation.next_tokens(2)
+    box = observation.inbox.boxes[cid]
+    deadline = time.monotonic() + 30
+    while not box.payloads and time.monotonic() < deadline:  # (sent through a real socket)
+        observation.inbox.wait(0.01)
+    first, second, third = observation.next_tokens(3)
     assert first.features == {
         "a": [
             {"index": 7, "activation": 3.0, "label": "bridge"},
@@ -231,6 +238,7 @@ def test_observation_reads_the_workers_records(monkeypatch, tmp_path):
         ]
     }
     assert first.traced == [0.0] and second.traced == [None]  # no record of b at position 3
+    assert second.features["a"][0]["index"] == 7 and third.features == {"a": None}  # nothing at position 4
     assert [t.features["a"][0]["index"] for t in observation.prompt_tokens()] == [1, 4, 7]
     assert observation.sinks == {0}
     assert observation.abort() == {
@@ -242,7 +250,7 @@ def test_observation_reads_the_workers_records(monkeypatch, tmp_path):
         "token": 1,
     }
     observation.finish("resp-1", "m")
-    assert not (tmp_path / f"{cid}.jsonl").exists()  # the channel is gone with the response
+    assert cid not in observation.inbox.boxes  # the mailbox is gone with the response
 
 
 DENY_A = {"denied_saes": ["a"]}

@@ -26,12 +26,8 @@ def register() -> None:
     from steer_adapters.vllm import engine_core
     from steer_adapters.vllm.worker import install
     from steer_plugin import signing
-    from steer_plugin.monitor import channel
 
-    # In the first process of a server (API server, or an `LLM` user's process), before any engine process
-    # starts: the children inherit both through the environment.
     signing.wire_key()
-    channel.ensure_private_run_dir()
     carry_to_ray_workers()
     engine_core.patch_prefix_cache()  # checks the engine core's internals first (preflight.py)
     install.patch_workers()
@@ -45,14 +41,12 @@ def carry_to_ray_workers() -> None:
     process: they do not share its signing key (steer_plugin/signing.py), and vLLM copies to them only the
     variables it is told about (vllm/ray/ray_env.py). So with Ray the key must be set (STEER_PLUGIN_WIRE_KEY) and
     is copied to the Ray workers; a Ray worker without it refuses to start instead of dropping every steering
-    message. The run dir goes with it (observation files)."""
+    message (and could not authenticate its observation messages, monitor/transport.py)."""
     from steer_plugin import signing
-    from steer_plugin.monitor import channel
 
     names = [n.strip() for n in os.environ.get(RAY_COPY_ENV, "").split(",") if n.strip()]
-    for name in (signing.KEY_ENV, channel.RUN_DIR_ENV):
-        if name not in names:
-            names.append(name)
+    if signing.KEY_ENV not in names:
+        names.append(signing.KEY_ENV)
     os.environ[RAY_COPY_ENV] = ",".join(names)
     if _in_ray_worker() and not os.environ.get(signing.KEY_ENV):
         raise RuntimeError(

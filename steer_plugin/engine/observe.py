@@ -11,9 +11,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from steer_plugin.monitor import channel
+from steer_plugin.monitor import transport
 from steer_plugin.request.records import TokenRecord
-from steer_plugin.request.wire import AbortSpec, ObservePlan
+from steer_plugin.request.wire import AbortSpec, Addressee, ObservePlan
 from steer_plugin.sae.model import SparseAutoencoder
 
 L0_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -23,7 +23,7 @@ ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
 class ObservedRows(NamedTuple):
     """Tokens of one request to read with one SAE: their token rows in this step and their positions."""
 
-    cid: str
+    to: Addressee  # where its records go
     sae_id: str
     top_k: int
     rows: list[int]
@@ -97,7 +97,7 @@ def observed_rows(requests: list[ObservedRequest]) -> list[ObservedRows]:
         for sae_id in spec.saes:
             groups.append(
                 ObservedRows(
-                    spec.cid,
+                    spec.to,
                     sae_id,
                     spec.top_k,
                     found.rows,
@@ -175,7 +175,7 @@ def read_features(
 
 
 class Observer:
-    """Turns captured rows into per-token records on the side channel, and keeps L0 / error histograms."""
+    """Turns captured rows into per-token records sent to the requests' API processes, and keeps L0 / error histograms."""
 
     def __init__(self, saes: dict[str, SparseAutoencoder], write: bool, sink_positions: int = 1):
         self.saes = saes
@@ -198,7 +198,7 @@ class Observer:
     def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> list[AbortHit]:
         """groups' rows index into captures[sae_id] ([max_tokens, d] steered residual, by token row). One encode
         per SAE. Returns the abort_when conditions that fired (the first per request)."""
-        records: dict[str, list[TokenRecord]] = {}
+        records: dict[Addressee, list[TokenRecord]] = {}
         hits: dict[int, AbortHit] = {}
         for sae_id in dict.fromkeys(g.sae_id for g in groups):
             mine = [g for g in groups if g.sae_id == sae_id]
@@ -229,7 +229,7 @@ class Observer:
             l0, err, watch_values = read.l0.tolist(), read.error.tolist(), read.watched.tolist()
             row = 0
             for g in mine:
-                lines = records.setdefault(g.cid, [])
+                lines = records.setdefault(g.to, [])
                 for pos in g.positions:
                     top = tuple(
                         (i, round(v, 4))
@@ -248,7 +248,9 @@ class Observer:
                             value = watch_values[row][column[a.index]]
                             if a.fires(value):
                                 aborted = (a.index, round(value, 4))
-                                hits[g.req_index] = AbortHit(g.req_index, g.cid, pos, sae_id, a.index, value)
+                                hits[g.req_index] = AbortHit(
+                                    g.req_index, g.to.cid, pos, sae_id, a.index, value
+                                )
                                 break
                     record = TokenRecord(
                         pos,
@@ -264,8 +266,8 @@ class Observer:
                     lines.append(record)
                     row += 1
         if self.write:
-            for cid, lines in records.items():
-                channel.append(cid, lines)
+            for to, lines in records.items():
+                transport.send(to, lines)
         return list(hits.values())
 
     def snapshot(self) -> dict:

@@ -12,16 +12,16 @@ from typing import NamedTuple
 import torch
 
 from steer_plugin.engine.observe import ObservedRequest
-from steer_plugin.monitor import channel
+from steer_plugin.monitor import transport
 from steer_plugin.probes.format import Probe
 from steer_plugin.request.records import ProbeRecord
-from steer_plugin.request.wire import ProbeAbortSpec
+from steer_plugin.request.wire import Addressee, ProbeAbortSpec
 
 
 class ProbedRows(NamedTuple):
     """Tokens of one request to score with the probes it asks for at one layer."""
 
-    cid: str
+    to: Addressee  # where its records go
     layer: int
     probes: tuple[str, ...]
     rows: list[int]
@@ -56,7 +56,7 @@ def probed_rows(requests: list[ObservedRequest], layer_of) -> list[ProbedRows]:
         for layer, ids in by_layer.items():
             groups.append(
                 ProbedRows(
-                    spec.cid,
+                    spec.to,
                     layer,
                     tuple(ids),
                     found.rows,
@@ -71,7 +71,7 @@ def probed_rows(requests: list[ObservedRequest], layer_of) -> list[ProbedRows]:
 
 
 class ProbeReader:
-    """Scores probes on captured rows and writes their records to the requests' channels."""
+    """Scores probes on captured rows and sends their records to the requests' API processes."""
 
     def __init__(self, probes: dict[str, Probe], device: torch.device, write: bool, sink_positions: int = 1):
         self.probes = dict(probes)
@@ -122,7 +122,7 @@ class ProbeReader:
         """groups' rows index into captures[layer] ([max_tokens, d] steered residual by token row): one product
         per layer for all of its groups, every probe of the layer scored (a few columns: cheaper than picking).
         Returns the batch indices of the requests whose abort_when on a probe fired."""
-        records: dict[str, list[ProbeRecord]] = {}
+        records: dict[Addressee, list[ProbeRecord]] = {}
         fired: set[int] = set()
         for layer in dict.fromkeys(g.layer for g in groups):
             mine = [g for g in groups if g.layer == layer]
@@ -154,10 +154,10 @@ class ProbeReader:
                         fired.add(g.req_index)
                 sinks = tuple(p for p in g.positions if p < self.sink_positions)
                 record = ProbeRecord(tuple(g.positions), g.num_prompt, present, spans, rows, sinks, aborted)
-                records.setdefault(g.cid, []).append(record)
+                records.setdefault(g.to, []).append(record)
         if self.write:
-            for cid, lines in records.items():
-                channel.append(cid, lines)
+            for to, lines in records.items():
+                transport.send(to, lines)
         return sorted(fired)
 
 

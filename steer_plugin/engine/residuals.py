@@ -2,7 +2,7 @@
 
 The same captured rows the SAE reads and the probes use (engine/op.py copies the steered residual rows of
 observed tokens to the layer's persistent capture buffer, graph-safe); after the forward, outside any graph,
-each asked-for row goes to the request's channel as a ResidualRecord (float32, exact). Only plans the API
+each asked-for row goes to the request's API process as a ResidualRecord (float32, exact). Only plans the API
 process builds for a fit ask for this (ObservePlan.residuals); the public `steering` field cannot.
 """
 
@@ -13,14 +13,15 @@ from typing import NamedTuple
 import torch
 
 from steer_plugin.engine.observe import ObservedRequest
-from steer_plugin.monitor import channel
+from steer_plugin.monitor import transport
 from steer_plugin.request.records import ResidualRecord
+from steer_plugin.request.wire import Addressee
 
 
 class ResidualRows(NamedTuple):
     """Tokens of one request whose residual after `layer` goes back raw."""
 
-    cid: str
+    to: Addressee  # where its records go
     layer: int
     rows: list[int]
     positions: list[int]
@@ -33,7 +34,7 @@ def residual_rows(requests: list[ObservedRequest]) -> list[ResidualRows]:
     groups = []
     for _, spec, found in requests:
         for layer in spec.residuals:
-            groups.append(ResidualRows(spec.cid, layer, found.rows, found.positions, found.num_prompt))
+            groups.append(ResidualRows(spec.to, layer, found.rows, found.positions, found.num_prompt))
     return groups
 
 
@@ -42,12 +43,12 @@ def write_residuals(groups: list[ResidualRows], captures: dict[int, torch.Tensor
     (only one tensor-parallel rank does)."""
     if not write:
         return
-    records: dict[str, list[ResidualRecord]] = {}
+    records: dict[Addressee, list[ResidualRecord]] = {}
     for g in groups:
         rows = captures[g.layer][g.rows].float().cpu().numpy()  # [n, d]
-        lines = records.setdefault(g.cid, [])
+        lines = records.setdefault(g.to, [])
         lines.extend(
             ResidualRecord.of(pos, g.num_prompt, g.layer, rows[k]) for k, pos in enumerate(g.positions)
         )
-    for cid, lines in records.items():
-        channel.append(cid, lines)
+    for to, lines in records.items():
+        transport.send(to, lines)

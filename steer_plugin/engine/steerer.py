@@ -30,6 +30,7 @@ from steer_plugin.engine.slots import Newcomer, SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
 from steer_plugin.messages import HistogramCounts, WorkerStats
+from steer_plugin.monitor import transport
 from steer_plugin.request.wire import ObservePlan, RequestPlan
 
 logger = logging.getLogger("steer_plugin")
@@ -319,6 +320,7 @@ class Steerer:
                 sae: HistogramCounts.from_wire(h) for sae, h in observed["reconstruction_error"].items()
             },
             tokens_observed=observed["tokens_observed"],
+            observation_dropped=transport.dropped(),
         )
 
     # --- per step ------------------------------------------------------------------------------------------

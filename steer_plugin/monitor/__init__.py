@@ -1,1 +1,1 @@
-"""Observing steered traffic: the worker-to-server side channel, monitoring logs and metrics."""
+"""Observing steered traffic: the worker-to-API-process transport (ZeroMQ), monitoring logs and metrics."""

@@ -107,7 +107,7 @@ class PlannedRequest(NamedTuple):
     cost: ObservationCost | None = None
 
     def default_variant(self) -> PlannedRequest:
-        """The default side of `compare`: no steering operations, the same observation under its own channel."""
+        """The default side of `compare`: no steering operations, the same observation under its own correlation id."""
         observe = self.observe._replace(cid=uuid.uuid4().hex) if self.observe is not None else None
         return self._replace(ops=(), observe=observe, compare=False)
 

@@ -1,16 +1,16 @@
 """What comes back from the workers for an observed request: one `TokenRecord` per token and SAE, one
 `ProbeRecord` per token and probe, one `ResidualRecord` per token and layer read raw (the fit endpoints).
 
-The worker's observer (steer_plugin.engine.observe) writes them, the observation channel
-(steer_plugin.monitor.channel) carries them as JSON lines, and the API process (steer_plugin.readback.Observation)
-reads them back: this module is the one definition both sides share.
+The worker's observer (steer_plugin.engine.observe) writes them, the observation transport
+(steer_plugin.monitor.transport) carries them as msgpack (`encode_records`), and the API process
+(steer_plugin.readback.Observation) reads them back: this module is the one definition both sides share.
 """
 
 from __future__ import annotations
 
-import base64
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 
 Activation = tuple[int, float]  # (feature index, activation)
@@ -28,40 +28,6 @@ class TokenRecord(NamedTuple):
     error: float | None = None  # monitored SAEs: relative reconstruction error
     watch: tuple[Activation, ...] = ()  # watched / traced features whose activation passed their threshold
     abort: Activation | None = None  # the abort_when condition that fired at this token
-
-    def to_json(self) -> dict:
-        out: dict = {
-            "pos": self.pos,
-            "P": self.num_prompt,
-            "sae": self.sae,
-            "top": [list(t) for t in self.top],
-        }
-        if self.sink:
-            out["sink"] = True
-        if self.l0 is not None:
-            out["l0"] = self.l0
-        if self.error is not None:
-            out["err"] = self.error
-        if self.watch:
-            out["watch"] = [list(w) for w in self.watch]
-        if self.abort is not None:
-            out["abort"] = list(self.abort)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict) -> TokenRecord:
-        abort = data.get("abort")
-        return cls(
-            int(data["pos"]),
-            int(data["P"]),
-            str(data["sae"]),
-            tuple((int(i), float(a)) for i, a in data["top"]),
-            bool(data.get("sink", False)),
-            None if data.get("l0") is None else int(data["l0"]),
-            None if data.get("err") is None else float(data["err"]),
-            tuple((int(i), float(a)) for i, a in data.get("watch", ())),
-            None if abort is None else (int(abort[0]), float(abort[1])),
-        )
 
 
 class ProbeRecord(NamedTuple):
@@ -85,28 +51,6 @@ class ProbeRecord(NamedTuple):
             for pos, row in zip(self.positions, self.rows)
         ]
 
-    def to_json(self) -> dict:
-        out: dict = {"pos": self.positions, "P": self.num_prompt, "probes": self.probes, "spans": self.spans}
-        out["s"] = self.rows
-        if self.sinks:
-            out["sinks"] = self.sinks
-        if self.abort is not None:
-            out["abort"] = self.abort
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict) -> ProbeRecord:
-        abort = data.get("abort")
-        return cls(
-            tuple(int(p) for p in data["pos"]),
-            int(data["P"]),
-            tuple(str(p) for p in data["probes"]),
-            tuple((int(lo), int(hi)) for lo, hi in data["spans"]),
-            [[float(v) for v in row] for row in data["s"]],
-            tuple(int(p) for p in data.get("sinks", ())),
-            None if abort is None else (int(abort[0]), str(abort[1]), int(abort[2]), float(abort[3])),
-        )
-
 
 class ResidualRecord(NamedTuple):
     """The residual after one layer at one token position, as the workers captured it (float32, exact)."""
@@ -114,31 +58,36 @@ class ResidualRecord(NamedTuple):
     pos: int
     num_prompt: int
     layer: int
-    x: str  # base64 of the little-endian float32 values [d_model]
+    x: bytes  # the little-endian float32 values [d_model]
 
     @classmethod
     def of(cls, pos: int, num_prompt: int, layer: int, row: np.ndarray) -> ResidualRecord:
-        data = np.ascontiguousarray(row, dtype="<f4").tobytes()
-        return cls(pos, num_prompt, layer, base64.b64encode(data).decode("ascii"))
+        return cls(pos, num_prompt, layer, np.ascontiguousarray(row, dtype="<f4").tobytes())
 
     def values(self) -> np.ndarray:
         """[d_model] float32."""
-        return np.frombuffer(base64.b64decode(self.x, validate=True), dtype="<f4").astype(np.float32)
-
-    def to_json(self) -> dict:
-        return {"pos": self.pos, "P": self.num_prompt, "layer": self.layer, "x": self.x}
-
-    @classmethod
-    def from_json(cls, data: dict) -> ResidualRecord:
-        return cls(int(data["pos"]), int(data["P"]), int(data["layer"]), str(data["x"]))
+        return np.frombuffer(self.x, dtype="<f4").astype(np.float32)
 
 
 Record = TokenRecord | ProbeRecord | ResidualRecord
 
 
-def record_from_json(data: dict) -> Record:
-    if "probes" in data:
-        return ProbeRecord.from_json(data)
-    if "x" in data:
-        return ResidualRecord.from_json(data)
-    return TokenRecord.from_json(data)
+_KINDS = (TokenRecord, ProbeRecord, ResidualRecord)  # a record's kind: its index here
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(list[tuple[int, msgspec.Raw]])
+
+
+def encode_records(records: list[Record]) -> bytes:
+    """msgpack: [[kind, record as an array], ...] (NamedTuples encode as arrays)."""
+    return _ENCODER.encode([(_KINDS.index(type(r)), r) for r in records])
+
+
+def decode_records(data: bytes) -> list[Record]:
+    """The records of one message, every field's type checked (msgspec.ValidationError / DecodeError, or
+    ValueError for an unknown kind)."""
+    out = []
+    for kind, raw in _DECODER.decode(data):
+        if not 0 <= kind < len(_KINDS):
+            raise ValueError(f"unknown record kind {kind}")
+        out.append(msgspec.msgpack.decode(raw, type=_KINDS[kind]))
+    return out

@@ -40,9 +40,10 @@ from steer_plugin.request.ops import (
 logger = logging.getLogger("steer_plugin")
 
 WIRE_KEY = "steer_plugin"
-WIRE_VERSION = 8  # 8: residual reads (the fit endpoints), abort_when on probes; 7: the observation by field
+WIRE_VERSION = 9  # 9: the observation's reply_to (records over ZeroMQ); 8: residual reads (the fit endpoints), abort_when on probes; 7: the observation by field
 # name, with probes; 6: ops by field name, in parts (coefficients, position rule, condition, inline vector)
 MAX_RESIDUAL_LAYERS = 16
+MAX_ADDRESS_CHARS = 256
 # Keys of vllm_xargs a client may not send (the middleware refuses them before anything else).
 RESERVED_KEYS = (WIRE_KEY, f"{WIRE_KEY}_observe")  # and the observation key of wire version 3
 
@@ -89,12 +90,19 @@ class ProbeAbortSpec(NamedTuple):
         return score > self.threshold if self.sign > 0 else score < self.threshold
 
 
+class Addressee(NamedTuple):
+    """Where a request's records go: the API process's inbox address and the request's correlation id."""
+
+    address: str  # ipc://@... on one host, tcp://host:port across hosts ("" : nowhere)
+    cid: str
+
+
 class ObservePlan(NamedTuple):
     """What the workers should read for one request: SAEs, top-K, whether prompt tokens count too, the
     watchlist features of the monitored SAEs, the SAEs whose L0 / reconstruction error feed monitoring, and the
     `abort_when` conditions."""
 
-    cid: str  # correlation id: names the request's observation channel (32 hex characters)
+    cid: str  # correlation id: names the request's mailbox in the API process (32 hex characters)
     saes: tuple[str, ...]
     top_k: int
     prompt: bool
@@ -108,6 +116,12 @@ class ObservePlan(NamedTuple):
     # Layers whose residual rows the workers write back raw (ResidualRecord): only the admin's fit endpoints
     # plan this (steer_plugin/fitting); the public `steering` field cannot ask for it.
     residuals: tuple[int, ...] = ()
+    # The inbox of the API process that owns the request (monitor/inbox.py): where its records go.
+    reply_to: str = ""
+
+    @property
+    def to(self) -> Addressee:
+        return Addressee(self.reply_to, self.cid)
 
 
 PLAN_TTL_S = 120  # a bound plan must reach the engine core within this long after it was signed
@@ -318,7 +332,16 @@ def _checked_observe(data: object) -> ObservePlan:
         "observe.residuals",
         f"a list of at most {MAX_RESIDUAL_LAYERS} layer indices",
     )
+    reply_to = raw["reply_to"]
+    require(
+        isinstance(reply_to, str)
+        and len(reply_to) <= MAX_ADDRESS_CHARS
+        and (reply_to == "" or reply_to.startswith(("ipc://@", "tcp://"))),
+        "observe.reply_to",
+        f"an ipc://@ or tcp:// address of at most {MAX_ADDRESS_CHARS} characters",
+    )
     return ObservePlan(
+        reply_to=reply_to,
         cid=cid,
         saes=tuple(raw["saes"]),
         top_k=top_k,

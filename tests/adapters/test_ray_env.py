@@ -1,18 +1,16 @@
-"""Ray workers get the signing key and the run dir: vLLM's own list of variables it copies to Ray actors."""
+"""Ray workers get the signing key (to verify plans and sign their observation messages): vLLM's own list of variables it copies to Ray actors."""
 
 from steer_adapters.vllm import plugin
 from steer_plugin import signing
-from steer_plugin.monitor import channel
 
 
-def test_the_key_and_run_dir_reach_ray_workers(monkeypatch):
+def test_the_key_reaches_ray_workers(monkeypatch):
     from vllm.ray.ray_env import get_env_vars_to_copy
 
     monkeypatch.setenv(signing.KEY_ENV, "k" * 64)
-    monkeypatch.setenv(channel.RUN_DIR_ENV, "/tmp/x")
     monkeypatch.setenv(plugin.RAY_COPY_ENV, "SOMETHING_ELSE")
-    ours = {signing.KEY_ENV, channel.RUN_DIR_ENV}
-    assert not ours & get_env_vars_to_copy()  # vLLM copies neither by itself
+    ours = {signing.KEY_ENV}
+    assert not ours & get_env_vars_to_copy()  # vLLM does not copy it by itself
     plugin.carry_to_ray_workers()
     plugin.carry_to_ray_workers()  # idempotent: every process of a server runs the entry point
     copied = get_env_vars_to_copy()

@@ -42,10 +42,20 @@ class _Busy(threading.Thread):
         self.release.wait()
 
 
+def _blocked(tid: int) -> None:
+    """Wait (bounded) until thread `tid` sleeps."""
+    stat = f"/proc/self/task/{tid}/stat"
+    for _ in range(1000):
+        if open(stat).read().rsplit(")", 1)[1].split()[0] == "S":
+            return
+        time.sleep(0.001)
+
+
 def test_a_busy_thread_shows_its_cpu_time_and_an_idle_one_is_left_out(probe):
     idle, busy = _Busy(0.0), _Busy(0.3)
     idle.start()
     idle.done.wait()
+    _blocked(idle.tid)  # (done is set just before it blocks: a snapshot in between would see it run)
     try:
         before = probe.snapshot()
         busy.start()

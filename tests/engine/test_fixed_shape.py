@@ -27,7 +27,6 @@ from steer_plugin.engine.selftest import SelfTestError
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
-from steer_plugin.monitor import channel
 from steer_plugin.request.resolve import resolve_spec
 from steer_plugin.request.schema import parse_spec
 from steer_plugin.request.wire import ObservePlan, RequestPlan
@@ -78,7 +77,6 @@ def sae_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def steerer(sae_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     config = parse_config(
         {
             "saes": [{"id": sid, "path": str(sae_dir / sid)} for sid in SAES],
@@ -178,8 +176,7 @@ def batch_with_steered_rows(steerer: Steerer, rng: random.Random, steered_rows: 
         observe = None
         if rng.random() < 0.4:
             cid = f"{step:08x}{i:024x}"
-            channel.create(cid)
-            observe = ObservePlan(cid, (rng.choice(list(SAES)),), 3, rng.random() < 0.5)
+            observe = ObservePlan(cid, (rng.choice(list(SAES)),), 3, rng.random() < 0.5)  # (sent nowhere)
         wires.append(encode_wire(ops, observe) if ops or observe else None)
     query_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     view = BatchView(
@@ -257,7 +254,7 @@ def test_every_bucket_boundary_matches_the_formula_and_leaves_other_rows_bit_for
         steerer.after_forward()
 
 
-def test_nothing_live_runs_no_branch(steerer, monkeypatch):
+def test_nothing_live_runs_no_branch(steerer, monkeypatch, mailroom):
     """No steered row: no lane branch runs and the output is the input bit for bit; observed rows alone still
     run the observation branch."""
     calls = {"steer": 0, "observe": 0}
@@ -273,13 +270,12 @@ def test_nothing_live_runs_no_branch(steerer, monkeypatch):
         lambda *a, **k: calls.__setitem__("observe", calls["observe"] + 1) or real_copy(*a, **k),
     )
     cid = "a" * 32
-    channel.create(cid)
     view = BatchView(
         ["a", "b"],
         np.array([0, 3, 4]),
         np.array([0, 5]),
         np.array([3, 4]),
-        [None, encode_wire([], ObservePlan(cid, ("s",), 2, False))],
+        [None, encode_wire([], mailroom.plan(cid, ("s",), 2, False))],
     )
     steerer.prepare(view)
     hidden, residual = torch.randn(6, D), torch.randn(6, D)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from steer_plugin.engine.observe import ObservedRows, Observer
-from steer_plugin.monitor import channel
 from steer_plugin.request.records import TokenRecord
 from steer_plugin.sae.model import SparseAutoencoder
 
@@ -23,21 +22,29 @@ def topk_sae() -> SparseAutoencoder:
     )
 
 
-def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+def as_dict(r: TokenRecord) -> dict:
+    out = {"pos": r.pos, "P": r.num_prompt, "sae": r.sae, "top": [list(t) for t in r.top]}
+    if r.l0 is not None:
+        out["l0"] = r.l0
+    if r.error is not None:
+        out["err"] = r.error
+    return out
+
+
+def test_records_match_a_direct_topk_encode(mailroom):
     sae = topk_sae()
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))  # capture slots
     observer = Observer({"s": sae}, write=True)
-    channel.create(CID_A)
-    channel.create(CID_B)
     observer.collect(
         [
-            ObservedRows(CID_A, "s", 2, [0, 1], [5, 6], 5, stats=True),
-            ObservedRows(CID_B, "s", 3, [3], [9], 9),  # inspect only: no L0 / error, not in the histograms
+            ObservedRows(mailroom.to(CID_A), "s", 2, [0, 1], [5, 6], 5, stats=True),
+            ObservedRows(
+                mailroom.to(CID_B), "s", 3, [3], [9], 9
+            ),  # inspect only: no L0 / error, not in the histograms
         ],
         {"s": x},
     )
-    a, b = channel.ChannelReader(CID_A).read_new(), channel.ChannelReader(CID_B).read_new()
+    a, b = mailroom.read(CID_A), mailroom.read(CID_B)
     # Written out: the top 3 of the pre-activations kept where positive, everything else 0.
     pre = x @ sae.W_enc  # [4, 20]
     top3 = pre.topk(3)
@@ -52,11 +59,11 @@ def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
         x_hat = f[row] @ sae.W_dec  # b_dec = 0
         return pytest.approx(float(((x[row] - x_hat) ** 2).sum() / (x[row] ** 2).sum()), rel=1e-4, abs=1e-5)
 
-    assert [r.to_json() for r in a] == [
+    assert [as_dict(r) for r in a] == [
         {"pos": 5, "P": 5, "sae": "s", "top": top(0, 2), "l0": int((f[0] > 0).sum()), "err": error(0)},
         {"pos": 6, "P": 5, "sae": "s", "top": top(1, 2), "l0": int((f[1] > 0).sum()), "err": error(1)},
     ]
-    assert [r.to_json() for r in b] == [
+    assert [as_dict(r) for r in b] == [
         {"pos": 9, "P": 9, "sae": "s", "top": top(3, 3)}
     ]  # inspect only: no l0 / err
     assert all(len(r.top) == 2 for r in a) and len(b[0].top) == 3  # the rows have positive top-3s
@@ -66,8 +73,7 @@ def test_records_match_a_direct_topk_encode(tmp_path, monkeypatch):
     )
 
 
-def test_watched_feature_outside_top_k_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+def test_watched_feature_outside_top_k_is_reported(mailroom):
     sae = topk_sae()
     sae.architecture, sae.k = "relu", None  # every positive pre-activation is active
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
@@ -77,58 +83,74 @@ def test_watched_feature_outside_top_k_is_reported(tmp_path, monkeypatch):
     candidates = [i for i in range(20) if (pre[:, i] > 0).any() and not (top1 == i).any()]
     watched = candidates[0]
     threshold = float(pre[:, watched][pre[:, watched] > 0].min()) / 2
-    channel.create(CID_A)
     Observer({"s": sae}, write=True).collect(
-        [ObservedRows(CID_A, "s", 1, list(range(6)), list(range(6)), 0, ((watched, threshold),))], {"s": x}
+        [
+            ObservedRows(
+                mailroom.to(CID_A), "s", 1, list(range(6)), list(range(6)), 0, ((watched, threshold),)
+            )
+        ],
+        {"s": x},
     )
-    records = channel.ChannelReader(CID_A).read_new()
+    records = mailroom.read(CID_A)
     assert [r.pos for r in records] == list(range(6))
     fired = [r.pos for r in records if any(i == watched for i, _ in r.watch)]
     assert fired == [p for p in range(6) if pre[p, watched] > threshold]
     assert fired and all(r.top[0][0] != watched for r in records)
 
 
-def test_a_closed_channel_is_never_recreated(tmp_path, monkeypatch):
-    """A worker step that lands after the API server finished the request leaves no file behind."""
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
-    channel.create(CID_A)
-    assert channel.append(CID_A, [TokenRecord(0, 1, "s", ())])
-    channel.ChannelReader(CID_A).remove()
-    assert not channel.append(CID_A, [TokenRecord(1, 1, "s", ())])
-    assert list(tmp_path.iterdir()) == []
+def test_records_of_a_finished_request_are_dropped_as_late(mailroom):
+    """A worker step that lands after the API process finished the request adds nothing anywhere: counted late."""
+    from prometheus_client import REGISTRY
+
+    def late() -> float:
+        return REGISTRY.get_sample_value("steer_observation_dropped_total", {"reason": "late"}) or 0.0
+
+    Observer({"s": topk_sae()}, write=True).collect(
+        [ObservedRows(mailroom.to(CID_A), "s", 1, [0], [0], 1)], {"s": torch.randn(1, 8)}
+    )
+    assert len(mailroom.read(CID_A)) == 1
+    before = late()
+    mailroom.inbox.close(CID_A)
+    Observer({"s": topk_sae()}, write=True).collect(
+        [ObservedRows(mailroom.to(CID_B)._replace(cid=CID_A), "s", 1, [0], [1], 1)], {"s": torch.randn(1, 8)}
+    )
+    assert mailroom.read(CID_B) == []  # (the marker after it arrived: so had the late message)
+    assert late() == before + 1
+    assert CID_A not in mailroom.inbox.boxes
 
 
-def test_traced_feature_is_reported_on_every_token(tmp_path, monkeypatch):
+def test_traced_feature_is_reported_on_every_token(mailroom):
     """inspect.features: a watch at TRACE_THRESHOLD reports the feature's activation on every token, zeros too."""
     from steer_plugin.request.wire import TRACE_THRESHOLD
 
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     sae = topk_sae()
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
     pre = x @ sae.W_enc  # written out: top 3 of the pre-activations, kept where positive
     f = torch.zeros(6, 20).scatter(1, pre.topk(3).indices, torch.relu(pre.topk(3).values))
     traced = int((f > 0).sum(0).argmin())  # the feature active on the fewest rows (zero on some)
     assert (f[:, traced] == 0).any()
-    channel.create(CID_A)
     Observer({"s": sae}, write=True).collect(
-        [ObservedRows(CID_A, "s", 1, list(range(6)), list(range(6)), 0, ((traced, TRACE_THRESHOLD),))],
+        [
+            ObservedRows(
+                mailroom.to(CID_A), "s", 1, list(range(6)), list(range(6)), 0, ((traced, TRACE_THRESHOLD),)
+            )
+        ],
         {"s": x},
     )
-    records = channel.ChannelReader(CID_A).read_new()
+    records = mailroom.read(CID_A)
     assert [dict(r.watch)[traced] for r in records] == [round(float(v), 4) for v in f[:, traced]]
 
 
-def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_aborts(tmp_path, monkeypatch):
+def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_aborts(mailroom):
     """sink_positions=1: position 0 is flagged `sink`, counted in no histogram, and never fires abort_when,
     whatever its activations; position 1 is an ordinary token."""
     from steer_plugin.request.wire import AbortSpec
 
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     sae = topk_sae()
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
     top = int((x[0] @ sae.W_enc).argmax())  # fires at position 0 (largest pre-activation, so in the top 3)
     group = ObservedRows(
-        CID_A,
+        mailroom.to(CID_A),
         "s",
         3,
         [0, 1],
@@ -140,9 +162,8 @@ def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_abo
         req_index=0,
     )
     observer = Observer({"s": sae}, write=True, sink_positions=1)
-    channel.create(CID_A)
     hits = observer.collect([group], {"s": x})
-    records = channel.ChannelReader(CID_A).read_new()
+    records = mailroom.read(CID_A)
     assert [r.sink for r in records] == [True, False]
     assert hits == []  # the condition holds at position 0 (any activation > -1e9), but it is a sink
     snapshot = observer.snapshot()
@@ -150,9 +171,8 @@ def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_abo
         sum(snapshot["l0"]["s"]["counts"]) == 1 and sum(snapshot["reconstruction_error"]["s"]["counts"]) == 1
     )
     # The same read without a sink rule fires and counts both tokens.
-    channel.create(CID_B)
     plain = Observer({"s": sae}, write=True, sink_positions=0)
-    assert plain.collect([group._replace(cid=CID_B)], {"s": x})
+    assert plain.collect([group._replace(to=mailroom.to(CID_B))], {"s": x})
     assert sum(plain.snapshot()["l0"]["s"]["counts"]) == 2
 
 

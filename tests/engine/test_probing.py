@@ -11,7 +11,6 @@ import torch
 from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.steerer import BatchView, Steerer
-from steer_plugin.monitor import channel
 from steer_plugin.probes.format import ProbeMeta, save_probe
 from steer_plugin.request.records import ProbeRecord
 from steer_plugin.request.resolve import resolve_spec
@@ -41,7 +40,6 @@ def probes(tmp_path) -> dict:
 
 @pytest.fixture
 def steerer(sae_dir, probes, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     config = parse_config(
         {
             "saes": [{"id": "s", "path": str(sae_dir)}],
@@ -60,20 +58,18 @@ def written_out(x: torch.Tensor, weight, bias, activation) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("capturing", [False, True])
-def test_scores_equal_the_formula_on_the_steered_residual(steerer, probes, capturing, monkeypatch):
+def test_scores_equal_the_formula_on_the_steered_residual(steerer, probes, capturing, monkeypatch, mailroom):
     catalog = steerer.assets.catalog()
     add = resolve_spec(parse_spec({"features": [{"sae": "s", "index": 3, "value": 4.0}]}), catalog)
     wires = [
         # A: steered, its prompt and generation scored by all three probes
         RequestPlan.build(
-            add, observe=ObservePlan(CID_A, (), 1, True, probes=("mood", "raw", "early"))
+            add, observe=mailroom.plan(CID_A, (), 1, True, probes=("mood", "raw", "early"))
         ).encode(),
         # B: steered the same, scored by one probe on its sampled token only
-        RequestPlan.build(add, observe=ObservePlan(CID_B, (), 1, False, probes=("early",))).encode(),
+        RequestPlan.build(add, observe=mailroom.plan(CID_B, (), 1, False, probes=("early",))).encode(),
         None,  # C: plain
     ]
-    for cid in (CID_A, CID_B):
-        channel.create(cid)
     query_start = np.array([0, 3, 5, 7])
     view = BatchView(["A", "B", "C"], query_start, np.array([0, 4, 6]), np.array([3, 5, 7]), wires)
     steerer.prepare(view)
@@ -89,7 +85,7 @@ def test_scores_equal_the_formula_on_the_steered_residual(steerer, probes, captu
 
     def by_probe(cid: str) -> list[tuple[str, int, tuple[float, ...], ProbeRecord]]:
         """(probe, position, scores, record) per token and probe: a record holds a layer's probes for a step."""
-        records = [r for r in channel.ChannelReader(cid).read_new() if isinstance(r, ProbeRecord)]
+        records = [r for r in mailroom.read(cid) if isinstance(r, ProbeRecord)]
         return [(pid, pos, s, r) for r in records for pos, found in r.tokens() for pid, s in found.items()]
 
     a, b = by_probe(CID_A), by_probe(CID_B)
@@ -114,7 +110,7 @@ def test_a_probe_only_layer_carries_the_op_and_narrowing_drops_unknown_probes(st
     assert steerer._narrowed(spec).probes == ("early",)
 
 
-def test_abort_when_on_a_probe_fires_on_the_predicting_row_only(steerer, probes, monkeypatch):
+def test_abort_when_on_a_probe_fires_on_the_predicting_row_only(steerer, probes, monkeypatch, mailroom):
     """The condition is tested on the residual whose logits give the sampled token; the batch index of the
     request comes back (the runner forces its end token); a record carries the crossing."""
     _, _, weight, bias, _ = probes["early"]
@@ -126,16 +122,15 @@ def test_abort_when_on_a_probe_fires_on_the_predicting_row_only(steerer, probes,
     threshold = float(score[4]) - 1e-3  # row 4 (A's sampled row) crosses; test the other rows too
     abort = (ProbeAbortSpec("early", 0, threshold, 1),)
     wire = RequestPlan.build(
-        [], observe=ObservePlan(CID_A, (), 1, True, probes=("early",), probe_abort=abort)
+        [], observe=mailroom.plan(CID_A, (), 1, True, probes=("early",), probe_abort=abort)
     )
-    channel.create(CID_A)
     view = BatchView(
         ["B", "A"], np.array([0, 2, 5]), np.array([0, 0]), np.array([9, 3]), [None, wire.encode()]
     )
     steerer.prepare(view)
     torch.ops.steer_plugin.steer_residual(hidden, residual, PROBE_LAYER)
     assert steerer.after_forward() == [1]  # A, the second request of the batch
-    (record,) = channel.ChannelReader(CID_A).read_new()  # one record: the step's three rows
+    (record,) = mailroom.read(CID_A)  # one record: the step's three rows
     assert record.positions == (0, 1, 2)
     assert record.abort == (
         2,
@@ -145,10 +140,9 @@ def test_abort_when_on_a_probe_fires_on_the_predicting_row_only(steerer, probes,
     )  # the predicting row only
 
 
-def test_a_step_observed_on_every_row_is_captured_without_a_gather(steerer, probes, monkeypatch):
+def test_a_step_observed_on_every_row_is_captured_without_a_gather(steerer, probes, monkeypatch, mailroom):
     """Rows 0..n-1 observed (the eager op's in-place copy) score as the formula says, like gathered rows."""
-    wire = RequestPlan.build([], observe=ObservePlan(CID_A, (), 1, True, probes=("early",))).encode()
-    channel.create(CID_A)
+    wire = RequestPlan.build([], observe=mailroom.plan(CID_A, (), 1, True, probes=("early",))).encode()
     steerer.prepare(BatchView(["A"], np.array([0, 4]), np.array([0]), np.array([4]), [wire]))
     assert steerer.runtimes[PROBE_LAYER].capture_prefix == 4
     monkeypatch.setattr(steer_op, "_capturing", lambda: False)
@@ -159,6 +153,6 @@ def test_a_step_observed_on_every_row_is_captured_without_a_gather(steerer, prob
     steerer.after_forward()
     _, _, weight, bias, _ = probes["early"]
     want = written_out(hidden.float() + out.float(), weight, bias, "sigmoid")  # [4, 1]
-    (record,) = channel.ChannelReader(CID_A).read_new()
+    (record,) = mailroom.read(CID_A)
     assert [pos for pos, _ in record.tokens()] == [0, 1, 2, 3]
     assert torch.allclose(torch.tensor([found["early"] for _, found in record.tokens()]), want, atol=1e-5)

@@ -1,6 +1,6 @@
 """Raw residual reads for the fit endpoints, in a real Steerer and the op (eager and fixed-shape): the records
 equal the residual the op leaves after the layer; layers the worker does not capture are dropped; and one fit
-end to end through the API-side Fitter (reading.py's plan, the worker, the channel, pooling, the fit, the save
+end to end through the API-side Fitter (reading.py's plan, the worker, the transport, pooling, the fit, the save
 under the runtime root and the admin's load into the worker), the engine's forward replaced by the op alone
 on residuals made from the token ids."""
 
@@ -18,10 +18,9 @@ from steer_plugin.engine.steerer import BatchView
 from steer_plugin.fitting.estimate import pool
 from steer_plugin.fitting.reading import residual_plan, rows_by_layer
 from steer_plugin.fitting.run import Engine
-from steer_plugin.monitor import channel
 from steer_plugin.probes.format import load_probe
 from steer_plugin.request.records import ResidualRecord
-from steer_plugin.request.wire import WIRE_KEY, ObservePlan, RequestPlan
+from steer_plugin.request.wire import WIRE_KEY, RequestPlan
 
 from .test_runtime_loads import LAYER, OTHER_LAYER, D, admin_setup, make_config, make_steerer, root  # noqa: F401
 
@@ -29,13 +28,17 @@ CID = "d" * 32
 
 
 @pytest.mark.parametrize("capturing", [False, True])
-def test_the_worker_writes_the_residual_rows_after_the_layer(root, tmp_path, monkeypatch, capturing):  # noqa: F811
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+def test_the_worker_writes_the_residual_rows_after_the_layer(
+    root,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capturing,
+    mailroom,
+):
     st = make_steerer(make_config(root))
     try:
-        channel.create(CID)
         wire = RequestPlan.build(
-            [], observe=ObservePlan(CID, (), 1, True, residuals=(OTHER_LAYER, 1))
+            [], observe=mailroom.plan(CID, (), 1, True, residuals=(OTHER_LAYER, 1))
         ).encode()
         assert st.observe_for("a", wire).residuals == (OTHER_LAYER,)  # layer 1: nothing captured there
         st.prepare(
@@ -46,7 +49,7 @@ def test_the_worker_writes_the_residual_rows_after_the_layer(root, tmp_path, mon
         hidden, residual = torch.randn(6, D, generator=g), torch.randn(6, D, generator=g)
         after = hidden + torch.ops.steer_plugin.steer_residual(hidden, residual, OTHER_LAYER)
         st.after_forward()
-        records = channel.ChannelReader(CID).read_new()
+        records = mailroom.read(CID)
         assert all(isinstance(r, ResidualRecord) for r in records)
         assert [(r.pos, r.layer, r.num_prompt) for r in records] == [(p, OTHER_LAYER, 4) for p in range(4)]
         rows = rows_by_layer(records, (OTHER_LAYER,), 4)[OTHER_LAYER]
@@ -58,11 +61,12 @@ def test_the_worker_writes_the_residual_rows_after_the_layer(root, tmp_path, mon
 
 
 def test_a_residual_plan_observes_the_prompt_steers_nothing_and_is_bound():
-    plan = RequestPlan.decode(residual_plan((3, 5), "steer-fit-x").encode(), "cmpl-steer-fit-x-0")
+    plan = RequestPlan.decode(residual_plan((3, 5), "steer-fit-x", "ipc://@x").encode(), "cmpl-steer-fit-x-0")
     assert plan.ops == () and plan.observes_prompt and plan.observe.residuals == (3, 5)
     assert plan.observe.saes == () and plan.observe.probes == () and plan.binding.uses == 1
+    assert plan.observe.reply_to == "ipc://@x"
     with pytest.raises(ValueError):
-        RequestPlan.decode(residual_plan((3,), "steer-fit-x").encode(), "cmpl-other")
+        RequestPlan.decode(residual_plan((3,), "steer-fit-x", "ipc://@x").encode(), "cmpl-other")
 
 
 EMBED = torch.randn(64, D, generator=torch.Generator().manual_seed(4))

@@ -21,7 +21,6 @@ from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.steerer import BatchView, Steerer
 from steer_plugin.messages import LoadCommand, LoadOutcome
-from steer_plugin.monitor import channel
 from steer_plugin.request.resolve import resolve_spec
 from steer_plugin.request.schema import SpecError, parse_spec
 from steer_plugin.request.wire import RequestPlan
@@ -95,7 +94,6 @@ def make_steerer(config) -> Steerer:
 
 @pytest.fixture
 def worker(root, tmp_path, monkeypatch):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     st = make_steerer(make_config(root))
     yield st
     steer_op.LAYERS.clear()
@@ -237,7 +235,6 @@ def test_unload_frees_the_rows_at_once_and_stale_revisions_run_unsteered(worker,
 def test_an_unload_gives_back_the_inline_rows_of_the_requests_it_releases(root, tmp_path, monkeypatch):
     """The slots an unload gives back are released through the steerer, which tells the request table: the
     inline-vector rows those requests held are free at once (not only when their records are pruned)."""
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     st = make_steerer(make_config(root, policy={"allow_inline_vectors": True, "max_inline_vectors": 1}))
     try:
         load(st, "sae", "t", {"path": str(root / "t")})
@@ -256,7 +253,6 @@ def test_an_unload_gives_back_the_inline_rows_of_the_requests_it_releases(root, 
 
 
 def admin_setup(root: Path, monkeypatch, tmp_path, workers: int = 2, **runtime):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     config = make_config(root, **runtime)
     steerers = [make_steerer(config) for _ in range(workers)]  # one process, so the op reads the last one
     service = SteeringService(config)
@@ -425,7 +421,6 @@ def test_rows_are_free_at_once_after_several_unloads(root, tmp_path, monkeypatch
     """Two SAEs loaded; a request that steered with the second finished (it still holds its slot until the next
     step). Unloading the first drops every cached plan; unloading the second must still give that slot back (read
     from the tables), so two loads right after both find whole free ranges, no 507."""
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     st = make_steerer(make_config(root, rows=2 * D_SAE + 2))
     assert load(st, "sae", "t", {"path": str(root / "t")}, revision="r-t").ok
     assert load(st, "sae", "u", {"path": str(root / "u")}, revision="r-u").ok

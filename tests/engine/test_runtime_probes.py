@@ -16,11 +16,10 @@ from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.steerer import BatchView
 from steer_plugin.messages import LoadCommand
-from steer_plugin.monitor import channel
 from steer_plugin.probes.format import ProbeMeta, save_probe
 from steer_plugin.request.records import ProbeRecord
 from steer_plugin.request.schema import SpecError
-from steer_plugin.request.wire import ObservePlan, RequestPlan
+from steer_plugin.request.wire import RequestPlan
 
 from .test_runtime_loads import LAYER, OTHER_LAYER, D, admin_setup, make_config, make_steerer, root  # noqa: F401
 
@@ -57,18 +56,22 @@ def step(st, wire: str, tokens: int = 3, req_id: str = "a") -> dict[int, torch.T
     return after
 
 
-def test_a_runtime_probe_scores_by_its_file_and_stops_when_unloaded(root, probe_root, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
+def test_a_runtime_probe_scores_by_its_file_and_stops_when_unloaded(
+    root,  # noqa: F811
+    probe_root,
+    tmp_path,
+    monkeypatch,
+    mailroom,
+):
     monkeypatch.setattr(steer_op, "_capturing", lambda: False)
     st = make_steerer(make_config(root))
     try:
         outcome = command(st, "load", "q", probe_root["q"][0])
         assert outcome.ok and outcome.owned and outcome.layer == OTHER_LAYER and outcome.rows == 2
         assert command(st, "load", "q", probe_root["q"][0], "r2").status == 409  # already loaded
-        channel.create(CID)
-        wire = RequestPlan.build([], observe=ObservePlan(CID, (), 1, True, probes=("q",))).encode()
+        wire = RequestPlan.build([], observe=mailroom.plan(CID, (), 1, True, probes=("q",))).encode()
         after = step(st, wire)
-        records = [r for r in channel.ChannelReader(CID).read_new() if isinstance(r, ProbeRecord)]
+        records = [r for r in mailroom.read(CID) if isinstance(r, ProbeRecord)]
         _, weight, bias = probe_root["q"]
         tokens = [token for r in records for token in r.tokens()]
         assert [pos for pos, _ in tokens] == [0, 1, 2]
@@ -82,7 +85,7 @@ def test_a_runtime_probe_scores_by_its_file_and_stops_when_unloaded(root, probe_
         errors = st.step_errors
         step(st, wire)
         assert st.step_errors == errors
-        assert not channel.ChannelReader(CID).read_new()[len(records) :]
+        assert not mailroom.read(CID)[len(records) :]
         assert command(st, "unload", "q").owned is False  # gone: nothing to do
     finally:
         steer_op.LAYERS.clear()
@@ -94,7 +97,6 @@ def test_a_worker_refuses_a_configured_probe_unload_and_skips_layers_it_does_not
     tmp_path,
     monkeypatch,
 ):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     config = make_config(root)
     config = parse_config(
         {**config.model_dump(exclude_defaults=True), "probes": [{"id": "p", "path": str(probe_root["p"][0])}]}

@@ -17,7 +17,6 @@ from steer_plugin import signing
 from steer_plugin.config import parse_config
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.steerer import BatchView, Steerer
-from steer_plugin.monitor import channel
 from steer_plugin.request.resolve import resolve_spec
 from steer_plugin.request.schema import parse_spec
 from steer_plugin.request.wire import ObservePlan, RequestPlan
@@ -61,7 +60,6 @@ def sae_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def steerer(sae_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     config = parse_config(
         {
             "saes": [{"id": "s", "path": str(sae_dir)}],
@@ -119,9 +117,8 @@ def random_batch(steerer: Steerer, rng: random.Random, num_reqs: int, step: int)
         observe = None
         if rng.random() < 0.5:
             cid = f"{step:08x}{i:024x}"
-            channel.create(cid)
             cids.append(cid)
-            observe = ObservePlan(cid, ("s",), 3, rng.random() < 0.5)
+            observe = ObservePlan(cid, ("s",), 3, rng.random() < 0.5)  # (records sent nowhere)
         wires.append(encode_wire(ops, observe) if ops or observe else None)
     query_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     view = BatchView(
@@ -297,14 +294,13 @@ def test_steady_decode_writes_no_plans_and_leaving_requests_free_their_rows(stee
     assert len(writes) == 2 and tables.width == 0 and not steerer.step.slot_of
 
 
-def test_each_request_is_decoded_once_for_steering_and_observation(steerer, monkeypatch):
+def test_each_request_is_decoded_once_for_steering_and_observation(steerer, monkeypatch, mailroom):
     """One message per request, decoded on its first step only: not per step, not once per purpose (ops and
     observation), not again when compiled plans are dropped (a runtime load moved bank rows)."""
     catalog = steerer.assets.catalog()
     ops = resolve_spec(parse_spec({"features": [{"sae": "s", "index": 5, "value": 2.5}]}), catalog)
     cid = "e" * 32
-    channel.create(cid)
-    wires = [encode_wire(ops, ObservePlan(cid, ("s",), 2, False)), encode_wire(ops)]
+    wires = [encode_wire(ops, mailroom.plan(cid, ("s",), 2, False)), encode_wire(ops)]
     decoded = []
     real_decode = RequestPlan.decode
     monkeypatch.setattr(RequestPlan, "decode", lambda text, *a: decoded.append(text) or real_decode(text, *a))
@@ -318,11 +314,10 @@ def test_each_request_is_decoded_once_for_steering_and_observation(steerer, monk
         run_op(torch.randn(2, D), torch.randn(2, D), False, monkeypatch)
         steerer.after_forward()
     assert sorted(decoded) == sorted(wires)
-    assert [r.pos for r in channel.ChannelReader(cid).read_new()] == [6, 7, 8, 9, 10]  # observed every step
+    assert [r.pos for r in mailroom.read(cid)] == [6, 7, 8, 9, 10]  # observed every step
 
 
 def test_a_request_beyond_the_working_set_runs_unsteered_and_is_counted(sae_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     config = parse_config({"saes": [{"id": "s", "path": str(sae_dir)}], "limits": {"working_set_rows": 2}})
     st = Steerer(config, range(4), torch.device("cpu"), torch.float32, MAX_TOKENS, D, max_seqs=MAX_SEQS)
     st.activate()
@@ -354,7 +349,6 @@ def test_newcomers_that_do_not_fit_together_enter_one_at_a_time_with_plans_made_
 ):
     """Backing out gives back the inline rows of the requests' plans: the steerer compiles each again before it
     takes a slot, so the plan it writes names rows the request holds (and every row is free once they leave)."""
-    monkeypatch.setenv(channel.RUN_DIR_ENV, str(tmp_path))
     config = parse_config(
         {
             "saes": [{"id": "s", "path": str(sae_dir)}],
@@ -507,7 +501,7 @@ def test_every_running_request_fits_its_most_inline_vectors(steerer, monkeypatch
     assert len(bank._free_scratch) == 2 * n and steerer.stats().rejected_messages == {}
 
 
-def test_abort_when_reports_the_batch_position_of_that_request_only(steerer, sae_dir, monkeypatch):
+def test_abort_when_reports_the_batch_position_of_that_request_only(steerer, sae_dir, monkeypatch, mailroom):
     """The worker reads the abort feature on the residual that predicts the next token (the observed, steered
     residual) and reports that request's batch position (the runner's adapter then forces its end-of-sequence
     token: tests/adapters); other requests are not reported, and a step reports only its own crossings."""
@@ -520,9 +514,8 @@ def test_abort_when_reports_the_batch_position_of_that_request_only(steerer, sae
     cids = []
     for bound in (value - 0.01, value + 0.01):  # fires / does not fire
         cid = f"{len(cids):032x}"
-        channel.create(cid)
         cids.append(cid)
-        spec = ObservePlan(cid, ("s",), 1, False, abort=(AbortSpec("s", index, bound, 1),))
+        spec = mailroom.plan(cid, ("s",), 1, False, abort=(AbortSpec("s", index, bound, 1),))
         view = BatchView(
             ["a", "b"], np.array([0, 1, 3]), np.array([5, 0]), np.array([4, 2]), [encode_wire([], spec), None]
         )
@@ -531,7 +524,7 @@ def test_abort_when_reports_the_batch_position_of_that_request_only(steerer, sae
         hits = steerer.after_forward()
         if bound < value:
             assert hits == [0]
-            record = [r for r in channel.ChannelReader(cid).read_new() if r.abort is not None]
+            record = [r for r in mailroom.read(cid) if r.abort is not None]
             assert record and record[0].abort[0] == index and record[0].pos == 5
         else:
             assert hits == []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 import time
@@ -34,12 +33,11 @@ def tmpdir_of_server(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(demo_assets, steer_config_path, tmpdir_of_server):
     env = {**os.environ, "TMPDIR": str(tmpdir_of_server)}
-    env.pop("STEER_PLUGIN_RUN_DIR", None)
     env.pop("STEER_PLUGIN_WIRE_KEY", None)
     with running_server(demo_assets.model_dir, steer_config_path, PORT, "--api-key", KEY, env=env) as proc:
         yield proc
-    leftovers = list(tmpdir_of_server.glob("steer-plugin-run-*"))
-    assert leftovers == [], f"run dir not removed at exit: {leftovers}"
+    leftovers = list(tmpdir_of_server.glob("steer*"))
+    assert leftovers == [], f"the plugin left files behind: {leftovers}"
 
 
 @pytest.fixture(scope="module")
@@ -258,12 +256,23 @@ def test_inspect_reports_prompt_features_when_the_prompt_is_cached(session):
         assert [f["index"] for f in a["features"]["demo"]] == [f["index"] for f in b["features"]["demo"]]
 
 
-# --- side channel -------------------------------------------------------------------------------------------
+# --- observation transport ----------------------------------------------------------------------------------
 
 
-def test_private_run_dir_is_left_empty_after_aborted_streams(session, tmpdir_of_server):
-    (run_dir,) = tmpdir_of_server.glob("steer-plugin-run-*")
-    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+def metric(session, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of a family's samples on /metrics whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = session.get(f"{BASE}/metrics", timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and (labels or {}).items() <= sample.labels.items()
+    )
+
+
+def test_aborted_streams_leave_no_open_mailbox_and_nothing_on_disk(session, tmpdir_of_server):
     for _ in range(6):  # clients that disconnect mid-stream while their tokens are being observed
         r = session.post(
             f"{BASE}/v1/completions",
@@ -284,9 +293,76 @@ def test_private_run_dir_is_left_empty_after_aborted_streams(session, tmpdir_of_
         r.close()
     completion(session, {"inspect": {"top_k": 2}})  # and a finished one
     deadline = time.time() + 60
-    while list(run_dir.iterdir()) and time.time() < deadline:
+    while metric(session, "steer_observation_open_requests") and time.time() < deadline:
         time.sleep(1)
-    assert list(run_dir.iterdir()) == []
+    assert metric(session, "steer_observation_open_requests") == 0
+    assert list(tmpdir_of_server.glob("steer*")) == []  # abstract IPC: nothing on disk
+    assert_usable(session)
+
+
+def inbox_addresses(server_pid: int) -> list[str]:
+    """The observation inboxes of this server's processes: abstract Unix sockets (listed in /proc/net/unix) whose
+    inode one of its processes holds."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat_file.parent.name), int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = set(), [server_pid]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += children.get(pid, [])
+    inodes = set()
+    for pid in tree:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith("@steer-observe-") and fields[6] in inodes:
+            found.add(f"ipc://{fields[7]}")
+    return sorted(found)
+
+
+def test_forged_and_stray_messages_to_the_inbox_are_dropped_and_counted(server, session):
+    """Any local process can reach the abstract socket: what it sends is refused by reason, and observed
+    requests are served right meanwhile."""
+    import zmq
+
+    addresses = inbox_addresses(server.pid)
+    assert addresses, "no observation inbox found"
+    reference = completion(session, {"inspect": {"top_k": 2}})["choices"][0]["steering"]["tokens"]
+    before = {
+        r: metric(session, "steer_observation_dropped_total", {"reason": r})
+        for r in ("malformed", "unauthenticated")
+    }
+    context = zmq.Context()
+    try:
+        for address in addresses:
+            sock = context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(address)
+            sock.send_multipart([b"junk"])
+            sock.send_multipart([b"\x00" * 16, b"\x91\x00", b"\x00" * 16])  # a MAC under no key
+            sock.close()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            completion(session, {"inspect": {"top_k": 2}})  # a read drains the inbox
+            after = {r: metric(session, "steer_observation_dropped_total", {"reason": r}) for r in before}
+            if all(after[r] > before[r] for r in before):
+                break
+    finally:
+        context.term()
+    assert all(after[r] >= before[r] + 1 for r in before), (before, after)
+    assert completion(session, {"inspect": {"top_k": 2}})["choices"][0]["steering"]["tokens"] == reference
     assert_usable(session)
 
 
@@ -419,13 +495,12 @@ def test_bounded_fuzz_never_breaks_the_server(session):
     assert_usable(session)
 
 
-def test_short_soak_with_disconnects(server, session, tmpdir_of_server, tmp_path):
-    (run_dir,) = tmpdir_of_server.glob("steer-plugin-run-*")
+def test_short_soak_with_disconnects(server, session, tmp_path):
     report = tmp_path / "soak.json"
     cmd = [
         sys.executable,
         str(Path(__file__).parents[2] / "scripts" / "soak.py"),
-        "--base", BASE, "--server-pid", str(server.pid), "--api-key", KEY, "--run-dir", str(run_dir),
+        "--base", BASE, "--server-pid", str(server.pid), "--api-key", KEY,
         "--warmup", "15", "--duration", "45", "--concurrency", "4", "--json", str(report), "--check",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -131,9 +131,13 @@ def test_observation_fields_are_checked_by_name():
         "probes": ["p"],
         "probe_abort": [{"probe": "p", "column": 1, "threshold": 0.5, "sign": 1}],
         "residuals": [3],
+        "reply_to": "tcp://10.0.0.1:5555",
     }
     assert RequestPlan.decode(message([], good)).observe == OBSERVE._replace(
-        probes=("p",), probe_abort=(ProbeAbortSpec("p", 1, 0.5, 1),), residuals=(3,)
+        probes=("p",),
+        probe_abort=(ProbeAbortSpec("p", 1, 0.5, 1),),
+        residuals=(3,),
+        reply_to="tcp://10.0.0.1:5555",
     )
     assert RequestPlan.build([], observe=OBSERVE).encode()  # encodes what decodes
     assert RequestPlan.decode(RequestPlan.build([], observe=OBSERVE).encode()).observe == OBSERVE
@@ -160,6 +164,10 @@ def test_observation_fields_are_checked_by_name():
         ("residuals", ["3"]),
         ("residuals", [True]),
         ("residuals", list(range(17))),
+        ("reply_to", "/tmp/somewhere"),  # only the transport's own schemes
+        ("reply_to", "ipc:///tmp/a-file"),  # never a path on disk
+        ("reply_to", "tcp://" + "h" * 300),
+        ("reply_to", None),
     ):
         with pytest.raises(ValueError, match=f"observe.{field}"):
             RequestPlan.decode(message([], {**good, field: value}))

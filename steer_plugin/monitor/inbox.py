@@ -1,0 +1,142 @@
+"""The API process's side of the observation transport (monitor/transport.py): one PULL socket, the `Inbox`,
+that every worker sends this process's records to, and the open requests' pending messages.
+
+Bound on first use in each API process: an abstract-namespace IPC address by default (one host, nothing on
+disk), TCP on STEER_PLUGIN_OBSERVE_HOST where workers run on other hosts. A message is accepted only when its MAC
+verifies with the server's wire key and its cid names a request this process has open; everything else is dropped
+and counted by reason (steer_observation_dropped_total), so a restarted process, a stray sender or a late step
+never adds records to a response. Nothing is left behind: a mailbox is closed when its response ends, however it
+ends (steer_observation_open_requests counts the open ones).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
+
+import msgspec
+import zmq
+
+from steer_plugin import metrics, signing
+from steer_plugin.monitor import transport
+from steer_plugin.request.records import Record, decode_records
+
+HOST_ENV = transport.HOST_ENV
+RECV_HWM = 16384  # messages queued in the API process before the senders' queues fill
+MAX_PENDING = 1 << 16  # messages one request's mailbox holds before new ones are dropped
+RECENT = 4096  # closed requests remembered, so late records count as "late", not "unowned"
+
+
+class Pending(NamedTuple):
+    """One open request's messages: authenticated, not yet decoded."""
+
+    payloads: list[bytes]
+
+
+class Inbox:
+    """API side: the PULL socket every worker sends this process's records to, and the open requests' pending
+    messages. Drained by whoever reads (`take`), on the thread that serves the responses: no thread of its own."""
+
+    def __init__(self, key: bytes, host: str | None = None):
+        self.key = key
+        self.lock = threading.Lock()
+        self.socket = transport.context().socket(zmq.PULL)
+        self.socket.setsockopt(zmq.RCVHWM, RECV_HWM)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if host:
+            if ":" in host:  # IPv6
+                self.socket.setsockopt(zmq.IPV6, 1)
+                host = f"[{host.strip('[]')}]"
+            self.socket.bind(f"tcp://{host}:*")
+        else:
+            self.socket.bind(f"ipc://@steer-observe-{secrets.token_hex(12)}")  # abstract: nothing on disk
+        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.boxes: dict[str, Pending] = {}  # open requests by cid
+        self.recent: OrderedDict[str, None] = OrderedDict()  # closed cids (bounded)
+
+    def open(self, cid: str) -> None:
+        """Start accepting records for request `cid` (before it reaches the engine)."""
+        with self.lock:
+            if cid not in self.boxes:
+                self.boxes[cid] = Pending([])
+                metrics.OBSERVATION_OPEN.inc()
+
+    def take(self, cid: str) -> list[Record]:
+        """Every record that has arrived for request `cid` since the last call (drains the socket first)."""
+        self.drain()
+        with self.lock:
+            box = self.boxes.get(cid)
+            if box is None:
+                return []
+            payloads = box.payloads[:]
+            box.payloads.clear()
+        out: list[Record] = []
+        for payload in payloads:
+            try:
+                out.extend(decode_records(payload))
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                _drop("malformed")
+        return out
+
+    def close(self, cid: str) -> None:
+        """Stop accepting records for request `cid`; what is still pending is dropped."""
+        with self.lock:
+            if self.boxes.pop(cid, None) is not None:
+                metrics.OBSERVATION_OPEN.dec()
+                self.recent[cid] = None
+                while len(self.recent) > RECENT:
+                    self.recent.popitem(last=False)
+
+    def drain(self) -> None:
+        """Route every message that has arrived to its mailbox (or drop it, counted), without blocking."""
+        with self.lock:
+            while True:
+                try:
+                    frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                self._route(frames)
+
+    def wait(self, timeout_s: float) -> None:
+        """Block up to `timeout_s` for more messages (for any request), then route them."""
+        if self.socket.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+            self.drain()
+
+    def _route(self, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[0]) != transport.CID_BYTES or len(frames[2]) != transport.MAC_BYTES:
+            return _drop("malformed")
+        cid, payload, mac = frames
+        if not hmac.compare_digest(mac, transport.mac(self.key, cid, payload)):
+            return _drop("unauthenticated")
+        name = cid.hex()
+        box = self.boxes.get(name)
+        if box is None:
+            return _drop("late" if name in self.recent else "unowned")
+        if len(box.payloads) >= MAX_PENDING:
+            return _drop("overflow")
+        box.payloads.append(payload)
+
+    def close_socket(self) -> None:
+        self.socket.close(0)
+
+
+def _drop(reason: str) -> None:
+    metrics.OBSERVATION_DROPPED.labels(reason=reason).inc()
+
+
+_INBOX: Inbox | None = None
+_INBOX_PID = 0
+_LOCK = threading.Lock()
+
+
+def inbox() -> Inbox:
+    """This API process's inbox, bound on first use (after any fork: each API process has its own)."""
+    global _INBOX, _INBOX_PID
+    with _LOCK:
+        if _INBOX is None or _INBOX_PID != os.getpid():
+            _INBOX, _INBOX_PID = Inbox(signing.wire_key(), os.environ.get(HOST_ENV) or None), os.getpid()
+        return _INBOX

@@ -1,0 +1,117 @@
+"""Observation transport: the per-token records (request/records.py) go from the worker that owns the layer to
+the API process that owns the request, as ZeroMQ messages (pyzmq, which vLLM uses between its own processes).
+
+The API process's side is monitor/inbox.py: one PULL socket per API process, whose address travels in every
+observed request's signed plan (ObservePlan.reply_to): IPC on one host, TCP across hosts. This module is the
+worker's side and the framing both share. A worker's `Outbox` sends one message per request and step:
+[cid (16 bytes), msgpack records (request/records.py), MAC (16 bytes)], the MAC an HMAC under the server's wire
+key (steer_plugin/signing.py). A step never blocks on it: each peer's queue is bounded (SEND_HWM messages) and a
+message that does not fit is dropped and counted (WorkerStats.observation_dropped); the API process reports the
+tokens whose records never came as missing (null), never as wrong ones.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import threading
+from collections import OrderedDict
+
+import zmq
+
+from steer_plugin import signing
+from steer_plugin.request.records import Record, encode_records
+from steer_plugin.request.wire import Addressee
+
+HOST_ENV = "STEER_PLUGIN_OBSERVE_HOST"  # bind TCP on this address (reachable from every node) instead of IPC
+SEND_HWM = 1024  # messages queued per peer in a worker before new ones are dropped
+MAX_PEERS = 64  # API-process addresses a worker keeps a socket to (least recently used closed first)
+MAC_BYTES = 16
+CID_BYTES = 16
+
+
+def mac(key: bytes, cid: bytes, payload: bytes) -> bytes:
+    """The message's authentication code: HMAC-SHA256 of cid and payload under the wire key, truncated."""
+    return hmac.digest(key, cid + payload, "sha256")[:MAC_BYTES]
+
+
+def context() -> zmq.Context:
+    """A ZeroMQ context of this process (a forked child makes its own: contexts do not survive fork)."""
+    global _CONTEXT, _CONTEXT_PID
+    if _CONTEXT is None or _CONTEXT_PID != os.getpid():
+        _CONTEXT, _CONTEXT_PID = zmq.Context(io_threads=1), os.getpid()
+    return _CONTEXT
+
+
+_CONTEXT: zmq.Context | None = None
+_CONTEXT_PID = 0
+
+
+class Outbox:
+    """Worker side: one PUSH socket per API-process address; `send` never blocks a step."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+        self.sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
+        self.sent = 0  # messages queued
+        self.dropped = 0  # records whose message could not be queued
+
+    def _socket(self, address: str) -> zmq.Socket:
+        sock = self.sockets.get(address)
+        if sock is not None:
+            self.sockets.move_to_end(address)
+            return sock
+        sock = context().socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.LINGER, 0)  # a closed socket drops what it still holds
+        sock.connect(address)  # asynchronous: messages queue (bounded) until the connection is up
+        self.sockets[address] = sock
+        if len(self.sockets) > MAX_PEERS:
+            _, oldest = self.sockets.popitem(last=False)
+            oldest.close(0)
+        return sock
+
+    def send(self, to: Addressee, records: list[Record]) -> bool:
+        """Queue one message of `records` for the request `to`; False (counted) when it could not be."""
+        if not to.address or not records:
+            return False
+        cid = bytes.fromhex(to.cid)
+        payload = encode_records(records)
+        try:
+            self._socket(to.address).send_multipart(
+                [cid, payload, mac(self.key, cid, payload)], flags=zmq.NOBLOCK
+            )
+        except zmq.ZMQError:  # Again: the peer's queue is full (a slow or gone API process)
+            self.dropped += len(records)
+            return False
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(0)
+        self.sockets.clear()
+
+
+_OUTBOX: Outbox | None = None
+_OUTBOX_PID = 0
+_LOCK = threading.Lock()
+
+
+def outbox() -> Outbox:
+    """This worker's outbox (made on first use, in the worker process)."""
+    global _OUTBOX, _OUTBOX_PID
+    with _LOCK:
+        if _OUTBOX is None or _OUTBOX_PID != os.getpid():
+            _OUTBOX, _OUTBOX_PID = Outbox(signing.wire_key()), os.getpid()
+        return _OUTBOX
+
+
+def dropped() -> int:
+    """Records this worker could not queue (for /metrics: WorkerStats.observation_dropped)."""
+    return 0 if _OUTBOX is None or _OUTBOX_PID != os.getpid() else _OUTBOX.dropped
+
+
+def send(to: Addressee, records: list[Record]) -> bool:
+    """Worker: send a step's records for one request (see Outbox.send)."""
+    return outbox().send(to, records)

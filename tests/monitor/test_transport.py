@@ -1,0 +1,161 @@
+"""The observation transport over real ZeroMQ sockets: the worker's Outbox (monitor/transport.py) to an API
+process's Inbox (monitor/inbox.py). What it accepts, what it drops (and counts), and that a step never blocks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+from prometheus_client import REGISTRY
+
+from steer_plugin import signing
+from steer_plugin.monitor import inbox as inbox_module
+from steer_plugin.monitor import transport
+from steer_plugin.monitor.inbox import Inbox
+from steer_plugin.request.records import TokenRecord, encode_records
+from steer_plugin.request.wire import Addressee
+
+CID, OTHER = "a" * 32, "b" * 32
+RECORD = TokenRecord(4, 3, "s", ((1, 2.0),))
+
+
+def dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("steer_observation_dropped_total", {"reason": reason}) or 0.0
+
+
+def arrived(inbox: Inbox, cid: str, count: int, timeout_s: float = 30.0) -> list:
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < count and time.monotonic() < deadline:
+        out += inbox.take(cid)
+        inbox.wait(0.01)
+    return out
+
+
+def settled(inbox: Inbox, mailroom_cid: str) -> None:
+    """Everything sent before now through this process's outbox has been routed (a marker to an open
+    mailbox goes after it on the same socket)."""
+    inbox.open(mailroom_cid)
+    transport.send(Addressee(inbox.address, mailroom_cid), [RECORD])
+    assert arrived(inbox, mailroom_cid, 1) == [RECORD]
+
+
+@pytest.fixture
+def inbox():
+    box = Inbox(signing.wire_key())
+    yield box
+    box.close_socket()
+
+
+def test_records_reach_the_request_they_name_in_order(inbox):
+    assert inbox.address.startswith("ipc://@")  # abstract namespace: nothing on disk
+    inbox.open(CID)
+    inbox.open(OTHER)
+    steps = [[TokenRecord(p, 3, "s", ((p, float(p)),))] for p in range(5)]
+    for records in steps:
+        assert transport.send(Addressee(inbox.address, CID), records)
+    assert transport.send(Addressee(inbox.address, OTHER), [RECORD])
+    assert arrived(inbox, CID, 5) == [r for step in steps for r in step]
+    assert arrived(inbox, OTHER, 1) == [RECORD]
+
+
+def test_tcp_when_a_host_is_given():
+    box = Inbox(signing.wire_key(), host="127.0.0.1")
+    try:
+        assert box.address.startswith("tcp://127.0.0.1:")
+        box.open(CID)
+        assert transport.send(Addressee(box.address, CID), [RECORD])
+        assert arrived(box, CID, 1) == [RECORD]
+    finally:
+        box.close_socket()
+
+
+def test_a_message_under_another_key_is_dropped_and_counted(inbox):
+    inbox.open(CID)
+    before = dropped("unauthenticated")
+    forger = transport.Outbox(b"not the server's key")
+    try:
+        assert forger.send(Addressee(inbox.address, CID), [RECORD])
+        deadline = time.monotonic() + 30
+        while dropped("unauthenticated") == before and time.monotonic() < deadline:
+            inbox.wait(0.01)
+            inbox.drain()
+    finally:
+        forger.close()
+    assert dropped("unauthenticated") == before + 1
+    assert inbox.take(CID) == []
+
+
+def test_records_for_requests_not_open_here_are_dropped_by_reason(inbox):
+    unowned, late = dropped("unowned"), dropped("late")
+    inbox.open(CID)
+    inbox.close(CID)  # finished: what comes now is late
+    transport.send(Addressee(inbox.address, CID), [RECORD])
+    transport.send(Addressee(inbox.address, OTHER), [RECORD])  # never opened here (another API process's)
+    settled(inbox, "c" * 32)
+    assert (dropped("late"), dropped("unowned")) == (late + 1, unowned + 1)
+    assert CID not in inbox.boxes and OTHER not in inbox.boxes  # nothing kept for them
+
+
+def test_malformed_frames_and_payloads_are_dropped(inbox):
+    inbox.open(CID)
+    before = dropped("malformed")
+    raw = transport.context().socket(zmq.PUSH)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(inbox.address)
+    key = signing.wire_key()
+    cid = bytes.fromhex(CID)
+    bad_payload = b"\x93not msgpack records"
+    try:
+        raw.send_multipart([b"one frame only"])
+        raw.send_multipart([cid, bad_payload, transport.mac(key, cid, bad_payload)])  # authentic, undecodable
+        good = encode_records([RECORD])
+        raw.send_multipart([cid, good, transport.mac(key, cid, good)])
+        assert arrived(inbox, CID, 1) == [RECORD]  # (in order: the two bad ones were handled before it)
+    finally:
+        raw.close(0)
+    assert dropped("malformed") == before + 2
+
+
+def test_a_mailbox_is_bounded(inbox, monkeypatch):
+    monkeypatch.setattr(inbox_module, "MAX_PENDING", 3)
+    inbox.open(CID)
+    before = dropped("overflow")
+    for _ in range(5):
+        transport.send(Addressee(inbox.address, CID), [RECORD])
+    settled(inbox, "c" * 32)
+    assert len(inbox.take(CID)) == 3
+    assert dropped("overflow") == before + 2
+
+
+def test_a_send_to_a_gone_process_never_blocks_and_counts_what_it_drops(monkeypatch):
+    """Nobody listens at the address: the peer's queue fills to its bound, then every send returns at once."""
+    monkeypatch.setattr(transport, "SEND_HWM", 8)
+    box = transport.Outbox(signing.wire_key())
+    to = Addressee("ipc://@steer-observe-nobody-" + "0" * 8, CID)
+    try:
+        results = [box.send(to, [RECORD, RECORD]) for _ in range(40)]
+    finally:
+        box.close()
+    assert results[0] is True and results[-1] is False
+    assert box.dropped == 2 * results.count(False) and results.count(False) >= 40 - 16
+
+
+def test_an_empty_address_sends_nothing():
+    box = transport.Outbox(signing.wire_key())
+    assert box.send(Addressee("", CID), [RECORD]) is False
+    assert box.sockets == {} and box.dropped == 0
+
+
+def test_two_api_processes_have_their_own_addresses(inbox):
+    other = Inbox(signing.wire_key())
+    try:
+        assert other.address != inbox.address
+        inbox.open(CID)
+        other.open(CID)
+        transport.send(Addressee(other.address, CID), [RECORD])
+        assert arrived(other, CID, 1) == [RECORD]
+        assert inbox.take(CID) == []
+    finally:
+        other.close_socket()
