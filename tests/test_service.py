@@ -216,7 +216,7 @@ def test_observation_reads_the_workers_records():
     cid = request.observe.cid
     prompt_len = 3
     assert request.observe.reply_to == observation.inbox.address  # the records come to this process
-    transport.send(
+    transport.post(
         request.observe.to,
         [
             TokenRecord(0, prompt_len, "a", ((1, 9.0),), sink=True),
@@ -226,6 +226,7 @@ def test_observation_reads_the_workers_records():
             TokenRecord(3, prompt_len, "a", ((7, 6.0),), abort=(7, 6.0)),  # would have predicted token 1
         ],
     )
+    transport.flush()
     box = observation.inbox.boxes[cid]
     deadline = time.monotonic() + 30
     while not box.payloads and time.monotonic() < deadline:  # (sent through a real socket)

@@ -267,7 +267,7 @@ class Observer:
                     row += 1
         if self.write:
             for to, lines in records.items():
-                transport.send(to, lines)
+                transport.post(to, lines)
         return list(hits.values())
 
     def snapshot(self) -> dict:

@@ -157,7 +157,7 @@ class ProbeReader:
                 records.setdefault(g.to, []).append(record)
         if self.write:
             for to, lines in records.items():
-                transport.send(to, lines)
+                transport.post(to, lines)
         return sorted(fired)
 
 

@@ -51,4 +51,4 @@ def write_residuals(groups: list[ResidualRows], captures: dict[int, torch.Tensor
             ResidualRecord.of(pos, g.num_prompt, g.layer, rows[k]) for k, pos in enumerate(g.positions)
         )
     for to, lines in records.items():
-        transport.send(to, lines)
+        transport.post(to, lines)

@@ -265,6 +265,7 @@ class Steerer:
             hits = self.observer.collect(reads.observed, captures)
             return sorted({h.req_index for h in hits} | set(fired))
         finally:
+            transport.flush()  # the step's records: one message per API process
             self.disarm()
 
     def disarm(self) -> None:

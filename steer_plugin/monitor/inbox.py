@@ -3,7 +3,7 @@ that every worker sends this process's records to, and the open requests' pendin
 
 Bound on first use in each API process: an abstract-namespace IPC address by default (one host, nothing on
 disk), TCP on STEER_PLUGIN_OBSERVE_HOST where workers run on other hosts. A message is accepted only when its MAC
-verifies with the server's wire key and its cid names a request this process has open; everything else is dropped
+verifies with the server's wire key, and each part of it only for a request this process has open; everything else is dropped
 and counted by reason (steer_observation_dropped_total), so a restarted process, a stray sender or a late step
 never adds records to a response. Nothing is left behind: a mailbox is closed when its response ends, however it
 ends (steer_observation_open_requests counts the open ones).
@@ -23,7 +23,7 @@ import zmq
 
 from steer_plugin import metrics, signing
 from steer_plugin.monitor import transport
-from steer_plugin.request.records import Record, decode_records
+from steer_plugin.request.records import Record, decode_records, split_step
 
 HOST_ENV = transport.HOST_ENV
 RECV_HWM = 16384  # messages queued in the API process before the senders' queues fill
@@ -34,7 +34,7 @@ RECENT = 4096  # closed requests remembered, so late records count as "late", no
 class Pending(NamedTuple):
     """One open request's messages: authenticated, not yet decoded."""
 
-    payloads: list[bytes]
+    payloads: list[msgspec.Raw]  # each: one step's records of the request, still encoded
 
 
 class Inbox:
@@ -107,18 +107,25 @@ class Inbox:
             self.drain()
 
     def _route(self, frames: list[bytes]) -> None:
-        if len(frames) != 3 or len(frames[0]) != transport.CID_BYTES or len(frames[2]) != transport.MAC_BYTES:
+        """One worker's message of a step: [records by cid, MAC]."""
+        if len(frames) != 2 or len(frames[1]) != transport.MAC_BYTES:
             return _drop("malformed")
-        cid, payload, mac = frames
-        if not hmac.compare_digest(mac, transport.mac(self.key, cid, payload)):
+        body, code = frames
+        if not hmac.compare_digest(code, transport.mac(self.key, body)):
             return _drop("unauthenticated")
-        name = cid.hex()
-        box = self.boxes.get(name)
-        if box is None:
-            return _drop("late" if name in self.recent else "unowned")
-        if len(box.payloads) >= MAX_PENDING:
-            return _drop("overflow")
-        box.payloads.append(payload)
+        try:
+            parts = split_step(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return _drop("malformed")
+        for cid, payload in parts:
+            name = cid.hex()
+            box = self.boxes.get(name) if len(cid) == transport.CID_BYTES else None
+            if box is None:
+                _drop("late" if name in self.recent else "unowned")
+            elif len(box.payloads) >= MAX_PENDING:
+                _drop("overflow")
+            else:
+                box.payloads.append(payload)
 
     def close_socket(self) -> None:
         self.socket.close(0)

@@ -3,9 +3,9 @@ the API process that owns the request, as ZeroMQ messages (pyzmq, which vLLM use
 
 The API process's side is monitor/inbox.py: one PULL socket per API process, whose address travels in every
 observed request's signed plan (ObservePlan.reply_to): IPC on one host, TCP across hosts. This module is the
-worker's side and the framing both share. A worker's `Outbox` sends one message per request and step:
-[cid (16 bytes), msgpack records (request/records.py), MAC (16 bytes)], the MAC an HMAC under the server's wire
-key (steer_plugin/signing.py). A step never blocks on it: each peer's queue is bounded (SEND_HWM messages) and a
+worker's side and the framing both share. A worker's `Outbox` sends one message per API process and step, two
+frames: the records of each of its requests by cid, in msgpack (request/records.py: `encode_step`), and a MAC
+(16 bytes), an HMAC of the first frame under the server's wire key (steer_plugin/signing.py). A step never blocks on it: each peer's queue is bounded (SEND_HWM messages) and a
 message that does not fit is dropped and counted (WorkerStats.observation_dropped); the API process reports the
 tokens whose records never came as missing (null), never as wrong ones.
 """
@@ -20,7 +20,7 @@ from collections import OrderedDict
 import zmq
 
 from steer_plugin import signing
-from steer_plugin.request.records import Record, encode_records
+from steer_plugin.request.records import Record, encode_step
 from steer_plugin.request.wire import Addressee
 
 HOST_ENV = "STEER_PLUGIN_OBSERVE_HOST"  # bind TCP on this address (reachable from every node) instead of IPC
@@ -30,9 +30,9 @@ MAC_BYTES = 16
 CID_BYTES = 16
 
 
-def mac(key: bytes, cid: bytes, payload: bytes) -> bytes:
-    """The message's authentication code: HMAC-SHA256 of cid and payload under the wire key, truncated."""
-    return hmac.digest(key, cid + payload, "sha256")[:MAC_BYTES]
+def mac(key: bytes, body: bytes) -> bytes:
+    """A message's authentication code: HMAC-SHA256 of its body under the wire key, truncated."""
+    return hmac.digest(key, body, "sha256")[:MAC_BYTES]
 
 
 def context() -> zmq.Context:
@@ -48,11 +48,13 @@ _CONTEXT_PID = 0
 
 
 class Outbox:
-    """Worker side: one PUSH socket per API-process address; `send` never blocks a step."""
+    """Worker side: a step's records are posted per request, then flushed as one message per API process (one
+    PUSH socket per address); `flush` never blocks a step."""
 
     def __init__(self, key: bytes):
         self.key = key
         self.sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
+        self.pending: dict[str, dict[str, list[Record]]] = {}  # this step's: address -> cid -> records
         self.sent = 0  # messages queued
         self.dropped = 0  # records whose message could not be queued
 
@@ -71,21 +73,27 @@ class Outbox:
             oldest.close(0)
         return sock
 
-    def send(self, to: Addressee, records: list[Record]) -> bool:
-        """Queue one message of `records` for the request `to`; False (counted) when it could not be."""
-        if not to.address or not records:
-            return False
-        cid = bytes.fromhex(to.cid)
-        payload = encode_records(records)
-        try:
-            self._socket(to.address).send_multipart(
-                [cid, payload, mac(self.key, cid, payload)], flags=zmq.NOBLOCK
-            )
-        except zmq.ZMQError:  # Again: the peer's queue is full (a slow or gone API process)
-            self.dropped += len(records)
-            return False
-        self.sent += 1
-        return True
+    def post(self, to: Addressee, records: list[Record]) -> None:
+        """Add `records` of request `to` to this step's messages (an empty address: nowhere)."""
+        if to.address and records:
+            self.pending.setdefault(to.address, {}).setdefault(to.cid, []).extend(records)
+
+    def flush(self) -> int:
+        """Queue this step's messages, one per API process: two frames, the step's records of each of its
+        requests (records.encode_step) and their MAC. Returns how many could be queued; a message that cannot
+        (its peer's queue is full: a slow or gone API process) is dropped and its records counted."""
+        pending, self.pending = self.pending, {}
+        queued = 0
+        for address, by_cid in pending.items():
+            body = encode_step({bytes.fromhex(cid): records for cid, records in by_cid.items()})
+            try:
+                self._socket(address).send_multipart([body, mac(self.key, body)], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.dropped += sum(map(len, by_cid.values()))
+                continue
+            queued += 1
+        self.sent += queued
+        return queued
 
     def close(self) -> None:
         for sock in self.sockets.values():
@@ -112,6 +120,11 @@ def dropped() -> int:
     return 0 if _OUTBOX is None or _OUTBOX_PID != os.getpid() else _OUTBOX.dropped
 
 
-def send(to: Addressee, records: list[Record]) -> bool:
-    """Worker: send a step's records for one request (see Outbox.send)."""
-    return outbox().send(to, records)
+def post(to: Addressee, records: list[Record]) -> None:
+    """Worker: add a step's records for one request to the step's messages (sent by `flush`)."""
+    outbox().post(to, records)
+
+
+def flush() -> int:
+    """Worker: send the step's messages (Outbox.flush); after the step's reads, once."""
+    return outbox().flush() if _OUTBOX is not None and _OUTBOX_PID == os.getpid() else 0

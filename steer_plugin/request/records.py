@@ -82,7 +82,23 @@ def encode_records(records: list[Record]) -> bytes:
     return _ENCODER.encode([(_KINDS.index(type(r)), r) for r in records])
 
 
-def decode_records(data: bytes) -> list[Record]:
+_STEP_DECODER = msgspec.msgpack.Decoder(list[tuple[bytes, msgspec.Raw]])
+
+
+def encode_step(parts: dict[bytes, list[Record]]) -> bytes:
+    """One worker's step for one API process: msgpack [[cid, [[kind, record], ...]], ...], in one buffer."""
+    return _ENCODER.encode(
+        [(cid, [(_KINDS.index(type(r)), r) for r in records]) for cid, records in parts.items()]
+    )
+
+
+def split_step(data: bytes) -> list[tuple[bytes, msgspec.Raw]]:
+    """(cid, its records still encoded: `decode_records` reads them) per request of a step
+    (msgspec.DecodeError / ValidationError when it is not one)."""
+    return _STEP_DECODER.decode(data)
+
+
+def decode_records(data: bytes | msgspec.Raw) -> list[Record]:
     """The records of one message, every field's type checked (msgspec.ValidationError / DecodeError, or
     ValueError for an unknown kind)."""
     out = []

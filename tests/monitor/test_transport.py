@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import pytest
 import zmq
 from prometheus_client import REGISTRY
@@ -13,11 +14,17 @@ from steer_plugin import signing
 from steer_plugin.monitor import inbox as inbox_module
 from steer_plugin.monitor import transport
 from steer_plugin.monitor.inbox import Inbox
-from steer_plugin.request.records import TokenRecord, encode_records
+from steer_plugin.request.records import TokenRecord, encode_step
 from steer_plugin.request.wire import Addressee
 
 CID, OTHER = "a" * 32, "b" * 32
 RECORD = TokenRecord(4, 3, "s", ((1, 2.0),))
+
+
+def send(to: Addressee, records: list) -> bool:
+    """One step of one request through this process's outbox: True when its message was queued."""
+    transport.post(to, records)
+    return transport.flush() == 1
 
 
 def dropped(reason: str) -> float:
@@ -37,7 +44,7 @@ def settled(inbox: Inbox, mailroom_cid: str) -> None:
     """Everything sent before now through this process's outbox has been routed (a marker to an open
     mailbox goes after it on the same socket)."""
     inbox.open(mailroom_cid)
-    transport.send(Addressee(inbox.address, mailroom_cid), [RECORD])
+    send(Addressee(inbox.address, mailroom_cid), [RECORD])
     assert arrived(inbox, mailroom_cid, 1) == [RECORD]
 
 
@@ -54,8 +61,8 @@ def test_records_reach_the_request_they_name_in_order(inbox):
     inbox.open(OTHER)
     steps = [[TokenRecord(p, 3, "s", ((p, float(p)),))] for p in range(5)]
     for records in steps:
-        assert transport.send(Addressee(inbox.address, CID), records)
-    assert transport.send(Addressee(inbox.address, OTHER), [RECORD])
+        assert send(Addressee(inbox.address, CID), records)
+    assert send(Addressee(inbox.address, OTHER), [RECORD])
     assert arrived(inbox, CID, 5) == [r for step in steps for r in step]
     assert arrived(inbox, OTHER, 1) == [RECORD]
 
@@ -65,7 +72,7 @@ def test_tcp_when_a_host_is_given():
     try:
         assert box.address.startswith("tcp://127.0.0.1:")
         box.open(CID)
-        assert transport.send(Addressee(box.address, CID), [RECORD])
+        assert send(Addressee(box.address, CID), [RECORD])
         assert arrived(box, CID, 1) == [RECORD]
     finally:
         box.close_socket()
@@ -76,7 +83,8 @@ def test_a_message_under_another_key_is_dropped_and_counted(inbox):
     before = dropped("unauthenticated")
     forger = transport.Outbox(b"not the server's key")
     try:
-        assert forger.send(Addressee(inbox.address, CID), [RECORD])
+        forger.post(Addressee(inbox.address, CID), [RECORD])
+        assert forger.flush() == 1
         deadline = time.monotonic() + 30
         while dropped("unauthenticated") == before and time.monotonic() < deadline:
             inbox.wait(0.01)
@@ -91,8 +99,8 @@ def test_records_for_requests_not_open_here_are_dropped_by_reason(inbox):
     unowned, late = dropped("unowned"), dropped("late")
     inbox.open(CID)
     inbox.close(CID)  # finished: what comes now is late
-    transport.send(Addressee(inbox.address, CID), [RECORD])
-    transport.send(Addressee(inbox.address, OTHER), [RECORD])  # never opened here (another API process's)
+    send(Addressee(inbox.address, CID), [RECORD])
+    send(Addressee(inbox.address, OTHER), [RECORD])  # never opened here (another API process's)
     settled(inbox, "c" * 32)
     assert (dropped("late"), dropped("unowned")) == (late + 1, unowned + 1)
     assert CID not in inbox.boxes and OTHER not in inbox.boxes  # nothing kept for them
@@ -106,16 +114,19 @@ def test_malformed_frames_and_payloads_are_dropped(inbox):
     raw.connect(inbox.address)
     key = signing.wire_key()
     cid = bytes.fromhex(CID)
-    bad_payload = b"\x93not msgpack records"
+    bad_records = msgspec.msgpack.encode([[cid, [[0, ["not", "a record"]]]]])  # a step, its records broken
     try:
         raw.send_multipart([b"one frame only"])
-        raw.send_multipart([cid, bad_payload, transport.mac(key, cid, bad_payload)])  # authentic, undecodable
-        good = encode_records([RECORD])
-        raw.send_multipart([cid, good, transport.mac(key, cid, good)])
-        assert arrived(inbox, CID, 1) == [RECORD]  # (in order: the two bad ones were handled before it)
+        raw.send_multipart(
+            [b"\x93not a step", transport.mac(key, b"\x93not a step")]
+        )  # authentic, undecodable
+        raw.send_multipart([bad_records, transport.mac(key, bad_records)])
+        good = encode_step({cid: [RECORD]})
+        raw.send_multipart([good, transport.mac(key, good)])
+        assert arrived(inbox, CID, 1) == [RECORD]  # (in order: the bad ones were handled before it)
     finally:
         raw.close(0)
-    assert dropped("malformed") == before + 2
+    assert dropped("malformed") == before + 3
 
 
 def test_a_mailbox_is_bounded(inbox, monkeypatch):
@@ -123,7 +134,7 @@ def test_a_mailbox_is_bounded(inbox, monkeypatch):
     inbox.open(CID)
     before = dropped("overflow")
     for _ in range(5):
-        transport.send(Addressee(inbox.address, CID), [RECORD])
+        send(Addressee(inbox.address, CID), [RECORD])
     settled(inbox, "c" * 32)
     assert len(inbox.take(CID)) == 3
     assert dropped("overflow") == before + 2
@@ -134,17 +145,42 @@ def test_a_send_to_a_gone_process_never_blocks_and_counts_what_it_drops(monkeypa
     monkeypatch.setattr(transport, "SEND_HWM", 8)
     box = transport.Outbox(signing.wire_key())
     to = Addressee("ipc://@steer-observe-nobody-" + "0" * 8, CID)
+    results = []
     try:
-        results = [box.send(to, [RECORD, RECORD]) for _ in range(40)]
+        for _ in range(40):
+            box.post(to, [RECORD, RECORD])
+            results.append(box.flush() == 1)
     finally:
         box.close()
     assert results[0] is True and results[-1] is False
     assert box.dropped == 2 * results.count(False) and results.count(False) >= 40 - 16
 
 
+def test_a_step_is_one_message_per_api_process(inbox):
+    """Every request of a step that reports to one API process goes in one message, routed per request; a part
+    for a request not open here is dropped alone."""
+    other = Inbox(signing.wire_key())
+    try:
+        inbox.open(CID)
+        inbox.open(OTHER)
+        other.open(CID)
+        unowned = dropped("unowned")
+        transport.post(Addressee(inbox.address, CID), [RECORD])
+        transport.post(Addressee(inbox.address, OTHER), [RECORD, RECORD])
+        transport.post(Addressee(inbox.address, "d" * 32), [RECORD])  # not open here
+        transport.post(Addressee(other.address, CID), [RECORD])
+        assert transport.flush() == 2
+        assert arrived(inbox, CID, 1) == [RECORD] and arrived(inbox, OTHER, 2) == [RECORD, RECORD]
+        assert arrived(other, CID, 1) == [RECORD]
+        assert dropped("unowned") == unowned + 1
+    finally:
+        other.close_socket()
+
+
 def test_an_empty_address_sends_nothing():
     box = transport.Outbox(signing.wire_key())
-    assert box.send(Addressee("", CID), [RECORD]) is False
+    box.post(Addressee("", CID), [RECORD])
+    assert box.flush() == 0
     assert box.sockets == {} and box.dropped == 0
 
 
@@ -154,7 +190,7 @@ def test_two_api_processes_have_their_own_addresses(inbox):
         assert other.address != inbox.address
         inbox.open(CID)
         other.open(CID)
-        transport.send(Addressee(other.address, CID), [RECORD])
+        send(Addressee(other.address, CID), [RECORD])
         assert arrived(other, CID, 1) == [RECORD]
         assert inbox.take(CID) == []
     finally:
