@@ -6,7 +6,9 @@
 - the plugin loaded as plain vLLM loads it (vllm.plugins.load_general_plugins, in a fresh process) leaves vLLM's
   choice of model runner alone, with or without a steering config;
 - api_engine.EngineWorkers: the API side's calls, against a stand-in engine client;
-- steer-serve adds `--worker-extension-cls`, keeps a user's class composed with ours, refuses any other.
+- steer-serve adds `--worker-extension-cls`, keeps a user's class composed with ours, refuses any other; a
+  multi-node server's other nodes (`--headless`) run through `vllm serve`, and no node of one starts without
+  STEER_PLUGIN_WIRE_KEY.
 """
 
 from __future__ import annotations
@@ -240,6 +242,59 @@ def test_steer_serve_refuses_another_extension(name, message, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"steer-serve: refusing to start: --worker-extension-cls {name}" in err and message in err
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """What main() would run: ("vllm serve", args) or ("api_server", argv); neither is started."""
+    from steer_adapters.vllm.api import serve
+
+    calls: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(serve, "run_vllm_serve", lambda args: calls.append(("vllm serve", args)))
+    monkeypatch.setattr(launcher.os, "execv", lambda exe, argv: calls.append(("api_server", argv[1:])))
+    for name in ("STEER_PLUGIN_CONFIG", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.delenv(name, raising=False)  # main() sets them: put back as they were after the test
+    return calls
+
+
+def test_steer_serve_runs_a_headless_node_through_vllm_serve(tmp_path, monkeypatch, launched):
+    """`python -m vllm.entrypoints.openai.api_server` ignores --headless (it would start a second API server on a
+    multi-node server's other nodes): only `vllm serve` runs a node's workers alone."""
+    monkeypatch.setenv("STEER_PLUGIN_WIRE_KEY", "k" * 32)
+    multi = ["--nnodes", "2", "--master-addr", "leader.example"]
+    launcher.main(
+        ["--steer-config", _config(tmp_path), "--model", "m", *multi, "--node-rank", "1", "--headless"]
+    )
+    launcher.main(["--steer-config", _config(tmp_path), "--model", "m", *multi, "--node-rank", "0"])
+    (how, args), (leader_how, leader_argv) = launched
+    assert how == "vllm serve" and args[:9] == ["--model", "m", *multi, "--node-rank", "1", "--headless"]
+    assert launcher._flag_value(args, "--worker-extension-cls") == EXTENSION_PATH  # the workers get ours
+    # both nodes' workers load the same config (and key their compile caches on it)
+    additional = launcher._flag_value(args, "--additional-config")
+    assert json.loads(additional)["steer_plugin"]["fingerprint"]
+    assert launcher._flag_value(leader_argv, "--additional-config") == additional
+    assert leader_how == "api_server" and leader_argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--nnodes", "2", "--node-rank", "0"], ["--nnodes=2", "--node-rank=1", "--headless"], ["--headless"]],
+)
+def test_steer_serve_refuses_a_multi_node_server_without_the_wire_key(
+    flags, tmp_path, monkeypatch, capsys, launched
+):
+    monkeypatch.delenv("STEER_PLUGIN_WIRE_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        launcher.main(["--steer-config", _config(tmp_path), "--model", "m", *flags])
+    assert exit_.value.code == 2 and not launched
+    err = capsys.readouterr().err
+    assert (
+        "steer-serve: refusing to start: a server spanning several nodes" in err
+        and "STEER_PLUGIN_WIRE_KEY" in err
+    )
+    # one node: no key needed
+    launcher.main(["--steer-config", _config(tmp_path), "--model", "m", "--nnodes", "1"])
+    assert len(launched) == 1
 
 
 # --- the middleware without the extension -------------------------------------------------------------------------

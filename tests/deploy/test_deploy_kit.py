@@ -4,7 +4,7 @@
   check-jsonschema vendors); the Kubernetes manifests validate against the Kubernetes OpenAPI schemas
   (kubernetes-validate, strict: unknown fields fail) after a kustomize render (ours, and `kubectl kustomize`
   when kubectl is installed); the Prometheus Operator objects get structural checks (no schema ships in a
-  Python package);
+  Python package); deploy/k8s/multinode (a LeaderWorkerSet) has its own checks, test_multinode.py;
 - the files compose and the manifests refer to exist (rules, dashboard, provisioning, Dockerfile); ports,
   probe paths, labels and volume paths agree between the Dockerfile, compose, Prometheus and Kubernetes;
 - the steering configs validate with the plugin's own config schema, and their SAE paths lie on the mounted
@@ -76,12 +76,36 @@ def _compose() -> dict:
     return _yaml(COMPOSE)
 
 
-# --- Kubernetes: a small kustomize (resources + configMapGenerator), enough for this kit ---------------------
+# --- Kubernetes: a small kustomize (resources, configMapGenerator, inline patches), enough for this kit --------
+
+
+def _merge(target: dict, patch: dict, where: str) -> None:
+    """A strategic-merge patch made of maps only (lists merge by key in kustomize; none is patched here)."""
+    for key, value in patch.items():
+        assert not isinstance(value, list), f"{where}: this test does not render list patches ({key})"
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value, where)
+        else:
+            target[key] = value
+
+
+def _patch(resources: list[dict], patch: dict, where: str) -> None:
+    assert set(patch) == {"patch"}, f"{where}: only inline patches are rendered here: {patch}"
+    doc = yaml.safe_load(patch["patch"])
+    key = (doc["apiVersion"], doc["kind"], doc["metadata"]["name"])
+    targets = [r for r in resources if (r["apiVersion"], r["kind"], r["metadata"]["name"]) == key]
+    assert len(targets) == 1, f"{where}: the patch of {key} has {len(targets)} targets"
+    if doc.get("$patch") == "delete":
+        resources.remove(targets[0])
+    else:
+        _merge(targets[0], doc, where)
 
 
 def _kustomize(folder: Path) -> list[dict]:
+    """The objects of a kustomization, without the hash kustomize appends to generated names (and so without the
+    name references that follow it: `configurations`; test_k8s_kustomize_build checks those with kubectl)."""
     kustomization = _yaml(folder / "kustomization.yaml")
-    known = {"apiVersion", "kind", "resources", "configMapGenerator"}
+    known = {"apiVersion", "kind", "resources", "configMapGenerator", "patches", "configurations"}
     assert set(kustomization) <= known, (
         f"{folder}: kustomization fields this test does not render: {kustomization}"
     )
@@ -100,6 +124,12 @@ def _kustomize(folder: Path) -> list[dict]:
             data[key or Path(name).name] = (folder / name).read_text()
         resources.append(
             {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data}
+        )
+    for patch in kustomization.get("patches", []):
+        _patch(resources, patch, str(folder / "kustomization.yaml"))
+    for entry in kustomization.get("configurations", []):
+        assert (folder / entry).is_file(), (
+            f"{folder / 'kustomization.yaml'}: configuration {entry} does not exist"
         )
     return resources
 

