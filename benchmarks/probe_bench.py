@@ -9,8 +9,8 @@ Per T (token rows of one step, every one observed):
   - capture: what the op adds for observed rows at a probe's layer, the copy of their steered residual into the
              persistent capture buffer (engine/op.py's in-place copy of rows 0..T-1, every token observed);
   - score:   steer_plugin.engine.probing.ProbeReader.collect for the step: one [T, d] x [d, 16] product for the
-             layer's 16 probes, the sigmoid, and the records (one per request: T decoding requests of one row) (channel writes off: the record channel is
-             measured in benchmarks/observe_channel_bench.py and is replaced by issue 25's transport);
+             layer's 16 probes, the sigmoid, and the records (one per request: T decoding requests of one row)
+             (sending off: the transport's cost per token is benchmarks/observe_transport_bench.py's);
   - layer:   op_bench's plain-torch Llama-like decoder layer (same width, dtype, T).
 Writes OUT.json and OUT.md (default benchmarks/results/probe-cpu).
 """

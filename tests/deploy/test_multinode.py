@@ -269,7 +269,7 @@ def test_the_group_is_the_single_node_server_split_across_pods(rendered):
 
 def test_every_pod_gets_the_signing_key_and_the_leader_its_observation_address(rendered):
     """Processes on other nodes do not inherit the leader's signing key: every pod reads the same one from a
-    Secret (never a literal). The API process binds the observation channel on the pod's IP, so that workers on
+    Secret (never a literal). The API process binds its observation inbox on the pod's IP, so that workers on
     other pods can reach it; vLLM's own address for the other nodes is the pod IP too."""
     pod_ip = {"fieldRef": {"fieldPath": "status.podIP"}}
     refs = []

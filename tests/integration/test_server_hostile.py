@@ -339,7 +339,7 @@ def test_forged_and_stray_messages_to_the_inbox_are_dropped_and_counted(server, 
 
     addresses = inbox_addresses(server.pid)
     assert addresses, "no observation inbox found"
-    reference = completion(session, {"inspect": {"top_k": 2}})["choices"][0]["steering"]["tokens"]
+    reference = completion(session, {"inspect": {"top_k": 2}}).json()["choices"][0]["steering"]["tokens"]
     before = {
         r: metric(session, "steer_observation_dropped_total", {"reason": r})
         for r in ("malformed", "unauthenticated")
@@ -351,7 +351,9 @@ def test_forged_and_stray_messages_to_the_inbox_are_dropped_and_counted(server, 
             sock.setsockopt(zmq.LINGER, 1000)
             sock.connect(address)
             sock.send_multipart([b"junk"])
-            sock.send_multipart([b"\x00" * 16, b"\x91\x00", b"\x00" * 16])  # a MAC under no key
+            sock.send_multipart(
+                [b"\x91\x92\xc4\x10" + b"\x00" * 16 + b"\x90", b"\x00" * 16]
+            )  # a MAC under no key
             sock.close()
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -362,7 +364,9 @@ def test_forged_and_stray_messages_to_the_inbox_are_dropped_and_counted(server, 
     finally:
         context.term()
     assert all(after[r] >= before[r] + 1 for r in before), (before, after)
-    assert completion(session, {"inspect": {"top_k": 2}})["choices"][0]["steering"]["tokens"] == reference
+    assert (
+        completion(session, {"inspect": {"top_k": 2}}).json()["choices"][0]["steering"]["tokens"] == reference
+    )
     assert_usable(session)
 
 

@@ -67,8 +67,9 @@ def steerings() -> list[dict | None]:
     ]
 
 
-def batch_params(assets, cids: list[str] | None) -> list:
-    """SamplingParams of the batch; with `cids`, the steered add request also inspects (top-K, generated tokens)."""
+def batch_params(assets, observe_to: tuple[str, str] | None) -> list:
+    """SamplingParams of the batch; with `observe_to` (inbox address, cid), the steered add request also inspects
+    (top-K, generated tokens), its records sent to that inbox."""
     from vllm import SamplingParams
 
     from steer_plugin.request.wire import WIRE_KEY, ObservePlan, RequestPlan
@@ -76,9 +77,10 @@ def batch_params(assets, cids: list[str] | None) -> list:
     params = []
     for i, steering in enumerate(steerings()):
         ops = resolve(assets, steering) if steering else []
-        observe = (
-            ObservePlan(cids[0], ("tiny",), INSPECT_TOP_K, False) if cids is not None and i == 1 else None
-        )
+        observe = None
+        if observe_to is not None and i == 1:
+            address, cid = observe_to
+            observe = ObservePlan(cid, ("tiny",), INSPECT_TOP_K, False, reply_to=address)
         extra = {WIRE_KEY: RequestPlan.build(ops, observe=observe).encode()} if ops or observe else {}
         params.append(
             SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=TOP, extra_args=extra or None)
@@ -86,24 +88,41 @@ def batch_params(assets, cids: list[str] | None) -> list:
     return params
 
 
+def received(inbox, cid: str, count: int) -> list:
+    """The records of `cid` once `count` have come (bounded), then whatever else comes within a second: a
+    second writer (a TP rank that should not write) would show as extra records."""
+    records = []
+    deadline = time.monotonic() + 60
+    while len(records) < count and time.monotonic() < deadline:
+        records += inbox.take(cid)
+        inbox.wait(0.05)
+    settle = time.monotonic() + 1.0
+    while time.monotonic() < settle:
+        inbox.wait(0.05)
+        records += inbox.take(cid)
+    return records
+
+
 def run_batch(
     llm, assets, prompts, inspect: bool
 ) -> tuple[list[list[int]], list[dict[int, float]], list[dict]]:
-    """(greedy tokens, first-token log-probs per request, the inspected request's observation records)."""
-    from steer_plugin.monitor import channel
+    """(greedy tokens, first-token log-probs per request, the inspected request's observation records, which the
+    workers send to this process's observation inbox)."""
+    from steer_plugin.monitor.inbox import inbox as observe_inbox
 
+    inbox = observe_inbox()
     cid = uuid.uuid4().hex
     if inspect:
-        channel.create(cid)
+        inbox.open(cid)
     try:
         outputs = llm.generate(
             [token_prompt(p) for p in prompts],
-            batch_params(assets, [cid] if inspect else None),
+            batch_params(assets, (inbox.address, cid) if inspect else None),
             use_tqdm=False,
         )
-        records = channel.ChannelReader(cid).read_new() if inspect else []
+        records = received(inbox, cid, len(outputs[1].outputs[0].token_ids)) if inspect else []
     finally:
-        channel.ChannelReader(cid).remove()
+        inbox.close(cid)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     logprobs = [{t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in outputs]
     return tokens, logprobs, records
