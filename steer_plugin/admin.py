@@ -3,17 +3,23 @@
 A load is checked here first (operator key, allowed roots, pickle policy, the file itself, the layer's
 reservation), then sent to every worker (`broadcast`: vLLM's collective_rpc, so every TP and PP rank): staged
 (each worker reads the files in a background thread while the engine keeps serving; polled until ready), then
-committed (rows copied into the bank, between two steps). Only when every worker has written it does the catalog
-name it, so no request can resolve against a source some worker lacks. A failed load is rolled back on every
-worker. Nothing slow runs under the admin lock: the files are read (here and in the workers) before it is
-taken, and an unrelated unload never waits for them. Every file a load opens, by any route (the body's paths,
-the files in the SAE's folder, loader options, links), must resolve under runtime.roots
-(steer_plugin.files.confined), here and again in each worker. An unload is refused while running requests use
-the source (`InFlight`), leaves the catalog first, then the workers (which free the rows once no working-set
-column holds them). Each load gets a new revision that requests carry (ResolvedOp.revision), so a request
-never reads the rows of an unloaded or reloaded source, and prefix-cache salts of different loads differ.
-A probe takes no bank rows: it may be loaded at any layer whose residual the workers capture (a layer with an
-SAE or a probe, or a reserved one: Sources.read_layers), where each worker adds it to its ProbeReader.
+committed (rows copied into the bank, between two steps). Which ids may load or unload is the workers'
+registry's rule (engine/load_registry.py: an id configured, loaded or being loaded is refused with a 409,
+whichever API process asks), and the catalog is this process's copy of that registry (catalog_sync.py),
+brought up to date before every admin call and from what every commit or unload answers: only when every
+worker has written a source does the catalog name it, so no request can resolve against a source some worker
+lacks. A failed load is rolled back on every worker (its own revision only). Nothing slow runs under the
+sync's lock: the files are read (here and in the workers) before it is taken, and an unrelated unload never
+waits for them. Every file a load opens, by any route (the body's paths, the files in the SAE's folder, loader
+options, links), must resolve under runtime.roots (steer_plugin.files.confined), here and again in each
+worker. An unload is refused while running requests of this API process use the source (`InFlight`), leaves
+the catalog first, then the workers (which free the rows once no working-set column holds them). Another API
+process's requests are not counted here; one resolved against the source before the unload never reads rows of
+anything else (its revision no longer matches: the workers run it unsteered from the next step and count it).
+Each load gets a new revision that requests carry (ResolvedOp.revision), so a request never reads the rows of
+an unloaded or reloaded source, and prefix-cache salts of different loads differ. A probe takes no bank rows:
+it may be loaded at any layer whose residual the workers capture (a layer with an SAE or a probe, or a
+reserved one: Sources.read_layers), where each worker adds it to its ProbeReader.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import logging
 import os
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -32,14 +38,8 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from steer_plugin import metrics
-from steer_plugin.catalog import (
-    LoadedProbe,
-    LoadedSAE,
-    LoadedVector,
-    load_probe_source,
-    load_sae_source,
-    load_vector_source,
-)
+from steer_plugin.catalog import load_probe_source, load_sae_source, load_vector_source
+from steer_plugin.catalog_sync import Broadcast, CatalogSync, Link, Loaded, RuntimeSources
 from steer_plugin.config import ConfigError, ProbeSource, RuntimeConfig, SAESource, VectorSource
 from steer_plugin.files import FileRefused, confined, real_path, under
 from steer_plugin.messages import LoadCommand, LoadOutcome
@@ -50,12 +50,8 @@ logger = logging.getLogger("steer_plugin")
 
 ADMIN_KEY_HEADER = b"x-steer-admin-key"
 KINDS = {"saes": "sae", "vectors": "vector", "probes": "probe"}  # route segment -> kind
-Loaded = LoadedSAE | LoadedVector | LoadedProbe
 Source = SAESource | VectorSource | ProbeSource
 MODELS = {"sae": SAESource, "vector": VectorSource, "probe": ProbeSource}
-Broadcast = Callable[
-    [LoadCommand], Awaitable[list[LoadOutcome]]
-]  # a signed command to every worker -> answers
 LOAD_TIMEOUT_S = 600.0
 POLL_S = 0.2  # between two polls of the workers' background reads (each poll: one quick collective_rpc)
 START_UP_ONLY_KEYS = ("release", "sae_id", "neuronpedia", "hub_revision")
@@ -78,6 +74,13 @@ class InFlight:
         used |= {("probe", probe) for probe in probes}
         return sorted(used)
 
+    @staticmethod
+    def used_by(planned) -> list[tuple[str, str]]:
+        """`sources` of a planned request (request/plan.PlannedRequest)."""
+        observe = planned.observe
+        observed, probes = (list(observe.saes), list(observe.probes)) if observe is not None else ([], [])
+        return InFlight.sources(list(planned.ops), observed, probes)
+
     @contextmanager
     def holding(self, sources: list[tuple[str, str]]) -> Iterator[None]:
         self.counts.update(sources)
@@ -90,7 +93,7 @@ class InFlight:
                     del self.counts[key]
 
 
-class Sources(Protocol):
+class Sources(RuntimeSources, Protocol):
     """What the admin API needs of the API process's loaded sources (SteeringService implements it)."""
 
     in_flight: InFlight  # requests using each source, counted from resolution to the end of the response
@@ -100,8 +103,6 @@ class Sources(Protocol):
     def d_model(self) -> int | None: ...
 
     def read_layers(self) -> set[int]: ...  # layers with an SAE or a probe (the workers capture there too)
-
-    def add_source(self, loaded: Loaded) -> None: ...
 
     def remove_source(self, kind: str, source_id: str) -> None: ...
 
@@ -116,8 +117,7 @@ class Admin:
         self.runtime = runtime
         self.key = runtime.key()
         self.roots = [Path(os.path.realpath(root)) for root in runtime.roots]
-        self._lock = asyncio.Lock()  # one commit or unload at a time (each a few quick worker calls)
-        self._loading: set[tuple[str, str]] = set()  # (kind, id) of loads being read
+        self.sync = CatalogSync(sources, self._read_entry)  # its lock: one commit or unload at a time
 
     # --- checks --------------------------------------------------------------------------------------------
 
@@ -180,6 +180,10 @@ class Admin:
                 return load_probe_source(source, "body", d_model, weights=False)
             return load_vector_source(source, "body", d_model)
 
+    def _read_entry(self, kind: str, fields: dict) -> Loaded:
+        """A source another API process loaded (its fields as the registry holds them), read as loads read."""
+        return self._read_source(kind, MODELS[kind].model_validate(fields), self.sources.d_model())
+
     def reads(self, layer: int) -> bool:
         """Whether the workers capture the residual after `layer` (a probe or a residual read may go there)."""
         return self.runtime.reserves(layer) or layer in self.sources.read_layers()
@@ -211,20 +215,13 @@ class Admin:
         metrics.RUNTIME_LOADS.labels(kind=kind, action="load", outcome="ok").inc()
         return described
 
+    async def current(self, broadcast: Broadcast) -> None:
+        """This process's catalog brought to the workers' registry (every admin call reads it first)."""
+        await self.sync.current(Link(lambda command: self._broadcast(broadcast, command), shared=True))
+
     async def _load(self, kind: str, body: object, broadcast: Broadcast) -> dict:
         source = self._parse(kind, body)
-        key = (kind, source.id)
-        if self.sources.source(kind, source.id) is not None:
-            raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
-        if key in self._loading:
-            raise SpecError("id", f"{kind} {source.id!r} is being loaded", 409)
-        self._loading.add(key)
-        try:
-            return await self._load_unlocked(kind, source, broadcast)
-        finally:
-            self._loading.discard(key)
-
-    async def _load_unlocked(self, kind: str, source: Source, broadcast: Broadcast) -> dict:
+        await self.current(broadcast)  # the layers probes may read, as every process's loads left them
         sources = self.sources
         try:  # the header only (no weights in the API process); the workers' reads check the weights
             loaded = await asyncio.to_thread(self._read_source, kind, source, sources.d_model())
@@ -235,19 +232,17 @@ class Admin:
         command = LoadCommand("stage", kind, source.id, revision, source.model_dump())
         done = False
         try:
-            outcomes = await self._staged(broadcast, command)
+            outcomes = await self._staged(broadcast, command)  # the registry refuses a taken id (409)
             if not any(o.owned for o in outcomes):
                 raise SpecError("layer", f"no worker holds layer {loaded.layer}", 500)
-            async with self._lock:  # the commit: quick row copies in every worker
-                if sources.source(kind, source.id) is not None:
-                    raise SpecError("id", f"{kind} {source.id!r} is already loaded", 409)
+            async with self.sync.changing():  # the commit: quick row copies in every worker
                 outcomes = await self._broadcast(broadcast, command._replace(action="load").signed())
                 failed = [o for o in outcomes if not o.ok]
-                if failed:
-                    unload = LoadCommand("unload", kind, source.id).signed()
-                    await self._broadcast(broadcast, unload, quiet=True)
+                if failed:  # undone where it was written (this revision only: never another process's load)
+                    unload = LoadCommand("unload", kind, source.id, revision).signed()
+                    await self.sync.apply(await self._broadcast(broadcast, unload, quiet=True))
                     raise self._worst(failed)
-                sources.add_source(loaded._replace(revision=revision))
+                await self.sync.apply(outcomes, loaded._replace(revision=revision))
                 done = True
         finally:
             if not done:  # refused, failed or the client left: no worker keeps the files it read
@@ -290,16 +285,17 @@ class Admin:
         return SpecError(field, worst.error or "a worker refused the load", status)
 
     async def unload(self, kind: str, source_id: str, broadcast: Broadcast) -> dict:
-        async with self._lock:
-            try:
+        try:
+            await self.current(broadcast)
+            async with self.sync.changing():
                 result = await self._unload(kind, source_id, broadcast)
-            except SpecError as err:
-                outcome = "failed" if err.status >= 500 else "refused"
-                metrics.RUNTIME_LOADS.labels(kind=kind, action="unload", outcome=outcome).inc()
-                logger.warning("steer_plugin: runtime unload of %s %r refused: %s", kind, source_id, err)
-                raise
-            metrics.RUNTIME_LOADS.labels(kind=kind, action="unload", outcome="ok").inc()
-            return result
+        except SpecError as err:
+            outcome = "failed" if err.status >= 500 else "refused"
+            metrics.RUNTIME_LOADS.labels(kind=kind, action="unload", outcome=outcome).inc()
+            logger.warning("steer_plugin: runtime unload of %s %r refused: %s", kind, source_id, err)
+            raise
+        metrics.RUNTIME_LOADS.labels(kind=kind, action="unload", outcome="ok").inc()
+        return result
 
     async def _unload(self, kind: str, source_id: str, broadcast: Broadcast) -> dict:
         sources = self.sources
@@ -315,13 +311,13 @@ class Admin:
             raise SpecError(
                 "id", f"{kind} {source_id!r} is in use by {using} running request(s); retry later", 409
             )
-        sources.remove_source(kind, source_id)  # no request resolves against it from here on
-        outcomes = await self._broadcast(broadcast, LoadCommand("unload", kind, source_id).signed())
+        sources.remove_source(kind, source_id)  # no request of this process resolves against it from here on
+        command = LoadCommand("unload", kind, source_id, loaded.revision).signed()
+        outcomes = await self._broadcast(broadcast, command)
+        await self.sync.apply(outcomes)  # the registry: back in the catalog if it was loaded again since
         failed = [o for o in outcomes if not o.ok]
         if failed:
-            raise SpecError("id", f"removed from the catalog, but a worker failed: {failed[0].error}", 500)
-        if kind == "sae":
-            metrics.forget_sae(source_id)
+            raise self._worst(failed)
         logger.info("steer_plugin: runtime unload: %s %s (revision %s)", kind, source_id, loaded.revision)
         return {"id": source_id, "object": kind, "deleted": True, "revision": loaded.revision}
 
@@ -331,6 +327,7 @@ class Admin:
         try:
             return list(await broadcast(command))
         except Exception as err:
+            self.sync.invalidate()  # what the workers hold now is read again before the catalog is trusted
             if quiet:
                 logger.error("steer_plugin: rollback of a runtime load failed: %s", err)
                 return []

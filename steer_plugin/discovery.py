@@ -13,10 +13,17 @@ from steer_plugin.request.schema import SpecError
 
 
 class Discovery:
-    def __init__(self, assets: LoadedAssets, catalog: Catalog, probe_revisions: dict[str, str] | None = None):
+    def __init__(
+        self,
+        assets: LoadedAssets,
+        catalog: Catalog,
+        probe_revisions: dict[str, str] | None = None,
+        generation: int = 0,
+    ):
         self.assets = assets
         self.catalog = catalog  # for the policy: denied SAEs are neither listed nor searched
         self.probe_revisions = probe_revisions or {}  # probes loaded at runtime: their revision
+        self.generation = generation  # of the workers' registry of runtime loads (catalog_sync.py)
         self._search: SearchIndex | None = None  # built on the first feature search
 
     def describe(self, kind: str, source_id: str) -> dict:
@@ -57,6 +64,7 @@ class Discovery:
             "data": [self.describe("sae", sid) for sid in self.assets.saes if self.catalog.may_read(sid)],
             "vectors": [self.describe("vector", vid) for vid in self.assets.vectors],
             "probes": [self.describe("probe", pid) for pid in self.catalog.probes],
+            "generation": self.generation,
         }
 
     def search_features(

@@ -11,8 +11,10 @@ bool, int, float, str, lists, dicts of those) and is rebuilt with `from_wire` at
 extension sends wires, api/engine.EngineWorkers rebuilds them, and everything on either side of that seam holds
 the typed message.
 
-- LoadCommand: API -> every worker, a runtime load or unload (signed by the server).
-- LoadOutcome: every worker -> API, its answer to one LoadCommand.
+- LoadCommand: API -> every worker, a runtime load or unload, or a read of what is loaded (signed).
+- LoadOutcome: every worker -> API, its answer to one LoadCommand; after a load, an unload or a read, with the
+  worker's registry of runtime loads (RuntimeEntry, one per source) and its generation: what every API process
+  builds its catalog from (steer_plugin/catalog_sync.py).
 - WorkerStats: every worker -> API, its cumulative figures for /metrics (Steerer.stats()); the API merges them
   (metrics._merge) into one WorkerStats.
 """
@@ -25,16 +27,18 @@ from typing import NamedTuple
 
 from steer_plugin import signing
 
-ACTIONS = ("stage", "poll", "load", "discard", "unload")
+ACTIONS = ("stage", "poll", "load", "discard", "unload", "catalog")
 
 
 class LoadCommand(NamedTuple):
     """What the API process asks every worker to do (crosses as `wire()`; `from_wire` rebuilds it)."""
 
-    action: str  # stage (read the files in the background), poll, load (commit), discard, unload
-    kind: str  # "sae", "vector" or "probe"
+    action: (
+        str  # stage (read the files in the background), poll, load (commit), discard, unload, catalog (read)
+    )
+    kind: str  # "sae", "vector" or "probe" ("" for catalog)
     id: str
-    revision: str = ""  # stage/load: the revision requests will name
+    revision: str = ""  # stage/load: the revision requests will name; unload: the one to unload ("": any)
     source: dict | None = None  # stage/load: SAESource / VectorSource / ProbeSource fields
     mac: str = ""  # the server's signature over the other fields (signed())
 
@@ -60,6 +64,24 @@ class LoadCommand(NamedTuple):
         return raw if isinstance(raw, cls) else cls(**raw)
 
 
+class RuntimeEntry(NamedTuple):
+    """One source loaded at runtime, as the workers' registry holds it: enough for an API process to read its
+    header and name it (the load's `revision`)."""
+
+    kind: str  # "sae", "vector" or "probe"
+    id: str
+    revision: str
+    source: dict  # the SAESource / VectorSource / ProbeSource fields the load was given (real paths)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.kind, self.id, self.revision
+
+    @classmethod
+    def from_wire(cls, raw: RuntimeEntry | dict) -> RuntimeEntry:
+        return raw if isinstance(raw, cls) else cls(**raw)
+
+
 class LoadOutcome(NamedTuple):
     """One worker's answer to a LoadCommand (crosses as `wire()`; `from_wire` rebuilds it)."""
 
@@ -71,13 +93,21 @@ class LoadOutcome(NamedTuple):
     rows: int = 0  # bank rows written (a probe: its classes)
     pending: bool = False  # stage/poll: the files are still being read
     field: str = "path"  # on failure: the request field at fault
+    # load, unload, catalog: the worker's registry after the command (every runtime load, in load order) and
+    # its generation (load and unload commands run so far: the same on every worker); -1: not sent.
+    generation: int = -1
+    entries: tuple[RuntimeEntry, ...] = ()
 
     def wire(self) -> dict:
-        return self._asdict()
+        return {**self._asdict(), "entries": [e._asdict() for e in self.entries]}
 
     @classmethod
     def from_wire(cls, raw: LoadOutcome | dict) -> LoadOutcome:
-        return raw if isinstance(raw, cls) else cls(**raw)
+        if isinstance(raw, cls):
+            return raw
+        values = dict(raw)
+        values["entries"] = tuple(RuntimeEntry.from_wire(e) for e in values.get("entries", ()))
+        return cls(**values)
 
 
 class HistogramCounts(NamedTuple):

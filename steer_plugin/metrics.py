@@ -67,6 +67,12 @@ RUNTIME_LOADS = Counter(
     "SAE, vector and probe loads and unloads through the admin API, by outcome",
     ["kind", "action", "outcome"],
 )
+CATALOG_GENERATION = Gauge(
+    "steer_runtime_catalog_generation",
+    "Generation of the runtime-load catalog this API process serves (the workers' registry's when it last "
+    "read it; one series per API process, labelled pid, with --api-server-count > 1)",
+    multiprocess_mode="all",
+)
 
 OBSERVATION_COST = Counter(
     "steer_observation_cost",

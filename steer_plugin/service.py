@@ -4,8 +4,11 @@
 loaded sources, the policy and the endpoint (request.plan), and returns the body the inference server should
 see: the request's `RequestPlan` (ops, observation, salt) signed under one vllm_xargs key (request.wire). Errors
 are `SpecError`s carrying the HTTP status and the JSON path of the bad field. The service also holds what is
-loaded (the catalog, swapped whole on a runtime load), its discovery snapshot (discovery.py) and the read-back
-of observed requests (readback.py).
+loaded (the catalog, swapped whole when the runtime loads change: catalog_sync.py keeps that part a copy of
+the workers' registry), its discovery snapshot (discovery.py) and the read-back of observed requests
+(readback.py).
+`rewrite_current` is `rewrite_request` for a server with several API processes: a request naming a source
+loaded at runtime, or an id this process does not know, is planned against a freshly read catalog.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import copy
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 from steer_plugin import metrics
 from steer_plugin.admin import Admin, InFlight
 from steer_plugin.body import refuse_reserved_keys
 from steer_plugin.catalog import LoadedAssets, LoadedProbe, LoadedSAE, LoadedVector, load_assets, probe_meta
+from steer_plugin.catalog_sync import Link, Loaded, kind_of
 from steer_plugin.config import SteerConfig
 from steer_plugin.discovery import Discovery
 from steer_plugin.fitting.run import Fitter
@@ -101,6 +106,7 @@ class SteeringService:
             None  # the model's decoder layers, once the server says (set_model_shape)
         )
         self.probe_revisions: dict[str, str] = {}  # probes loaded at runtime: their load's revision
+        self.generation = 0  # of the workers' registry of runtime loads this catalog copies (catalog_sync.py)
         self.catalog = self.assets.catalog(self.runtime_layers())
         self.discovery = Discovery(
             self.assets, self.catalog, self.probe_revisions
@@ -139,15 +145,31 @@ class SteeringService:
 
     def _refresh_catalog(self) -> None:
         self.catalog = self.assets.catalog(self.runtime_layers())  # one swap: resolution sees old or new
-        self.discovery = Discovery(self.assets, self.catalog, dict(self.probe_revisions))
+        self.discovery = Discovery(self.assets, self.catalog, dict(self.probe_revisions), self.generation)
 
-    def add_source(self, loaded: LoadedSAE | LoadedVector | LoadedProbe) -> None:
-        if isinstance(loaded, LoadedProbe):
-            self.assets.probes[loaded.id] = loaded.probe
-            self.probe_revisions[loaded.id] = loaded.revision
-        else:
-            table = self.assets.saes if isinstance(loaded, LoadedSAE) else self.assets.vectors
-            table[loaded.id] = loaded
+    def runtime_sources(self) -> dict[tuple[str, str], Loaded]:
+        """(kind, id) -> every source loaded at runtime, in load order."""
+        saes, vectors = self.assets.saes.values(), self.assets.vectors.values()
+        loaded = [("sae", s) for s in saes if s.revision] + [("vector", v) for v in vectors if v.revision]
+        loaded += [("probe", self.source("probe", pid)) for pid in self.probe_revisions]
+        return {(kind, source.id): source for kind, source in loaded}
+
+    def set_runtime_sources(self, loaded: list[Loaded], generation: int) -> None:
+        """The sources loaded at runtime are now `loaded` (in load order; configured ones stay): one swap."""
+        assets = self.assets
+        saes = {k: s for k, s in assets.saes.items() if not s.revision}
+        vectors = {k: v for k, v in assets.vectors.items() if not v.revision}
+        probes = {k: p for k, p in assets.probes.items() if k not in self.probe_revisions}
+        self.probe_revisions = {}
+        for source in loaded:
+            kind = kind_of(source)
+            if kind == "probe":
+                probes[source.id] = source.probe
+                self.probe_revisions[source.id] = source.revision
+            else:
+                (saes if kind == "sae" else vectors)[source.id] = source
+        self.assets = assets._replace(saes=saes, vectors=vectors, probes=probes)
+        self.generation = generation
         self._refresh_catalog()
 
     def source(self, kind: str, source_id: str) -> LoadedSAE | LoadedVector | LoadedProbe | None:
@@ -178,11 +200,19 @@ class SteeringService:
 
     def holding(self, request: RewrittenRequest | None):
         """Context in which `request` runs: its sources count as in use (see steer_plugin.admin)."""
-        observe = request.observe if request is not None else None
-        observed = list(observe.saes) if observe is not None else []
-        probes = list(observe.probes) if observe is not None else []
-        ops = request.ops if request is not None else []
-        return self.in_flight.holding(InFlight.sources(ops, observed, probes))
+        return self.in_flight.holding(InFlight.used_by(request.planned) if request is not None else [])
+
+    async def current(self, link: Link | None) -> bool:
+        """The catalog brought to the workers' registry when another API process may have changed it
+        (catalog_sync.py); whether it changed. A failed read is logged: this process answers from its copy."""
+        if self.admin is None:
+            return False
+        before = self.catalog
+        try:
+            await self.admin.sync.current(link)
+        except Exception as err:
+            logger.warning("steer_plugin: could not read the runtime loads from the workers: %s", err)
+        return self.catalog is not before
 
     def rewrite_request(
         self, body: dict, observable: bool = True, request_id: str | None = None, turns: int = 1
@@ -194,13 +224,34 @@ class SteeringService:
         `request_id`: the id vLLM will build the request's engine id from; the signed plan is bound to it (and
         to `turns` engine requests per choice and prompt; request/wire.py Binding). None: an unbound plan.
         """
-        try:
-            return self._rewrite(body, observable, request_id, turns)
-        except SpecError as err:
-            metrics.REJECTED_REQUESTS.labels(reason="policy" if err.status == 403 else "invalid").inc()
-            raise
+        with _counting_rejections():
+            parsed = self._parsed(body, observable)
+            return self._finished(body, parsed, self._planned(parsed), request_id, turns)
 
-    def _rewrite(self, body: dict, observable: bool, request_id: str | None, turns: int) -> RewrittenRequest:
+    async def rewrite_current(
+        self, body: dict, link: Link | None, observable=True, request_id: str | None = None, turns: int = 1
+    ) -> RewrittenRequest:
+        """rewrite_request, where another API process may have loaded or unloaded sources (`link.shared`): a
+        request that names a source loaded at runtime, or that the catalog refuses (an id it may not know
+        yet), is planned again if a fresh read of the workers' registry changed the catalog
+        (catalog_sync.py)."""
+        if self.admin is None or link is None or not link.shared:
+            return self.rewrite_request(body, observable, request_id, turns)
+        with _counting_rejections():
+            parsed = self._parsed(body, observable)
+            try:
+                planned = self._planned(parsed)
+                fresh = not self._names_runtime(planned)
+            except SpecError:  # maybe an id this copy does not know yet
+                planned, fresh = None, False
+            if not fresh and (await self.current(link) or planned is None):
+                planned = self._planned(parsed)  # on the copy as read (its SpecError, if it still refuses)
+            return self._finished(body, parsed, planned, request_id, turns)
+
+    def _names_runtime(self, planned: PlannedRequest) -> bool:
+        return any(getattr(self.source(kind, sid), "revision", "") for kind, sid in InFlight.used_by(planned))
+
+    def _parsed(self, body: dict, observable: bool) -> _Parsed:
         refuse_reserved_keys(body)
         if body.get("vllm_xargs") is not None and not isinstance(body["vllm_xargs"], dict):
             raise SpecError("vllm_xargs", "must be an object")
@@ -209,11 +260,19 @@ class SteeringService:
         spec = parse_spec(raw, STEERING_FIELD) if raw is not None else SteeringSpec()
         endpoint = Endpoint.of(body, observable)
         monitored = sample_monitored(self.config, endpoint)
-        monitored_probes = sample_monitored_probes(self.config, endpoint)
-        planned = plan_request(spec, self.catalog, self.config, endpoint, monitored, monitored_probes)
+        return _Parsed(spec, endpoint, monitored, sample_monitored_probes(self.config, endpoint))
+
+    def _planned(self, parsed: _Parsed) -> PlannedRequest:
+        return plan_request(
+            parsed.spec, self.catalog, self.config, parsed.endpoint, parsed.monitored, parsed.monitored_probes
+        )
+
+    def _finished(
+        self, body: dict, parsed: _Parsed, planned: PlannedRequest, request_id: str | None, turns: int
+    ) -> RewrittenRequest:
         for op_name in sorted({o.op for o in planned.ops}):
             metrics.STEERED_REQUESTS.labels(op=op_name).inc()
-        return self._signed(body, planned, endpoint, request_id, turns)
+        return self._signed(body, planned, parsed.endpoint, request_id, turns)
 
     def _signed(
         self, body: dict, planned: PlannedRequest, endpoint: Endpoint, request_id: str | None, turns: int
@@ -297,6 +356,24 @@ class SteeringService:
         return Observation(
             request, lambda sae_id: catalog.saes[sae_id].labels, self.config.monitoring, catalog.probes
         )
+
+
+class _Parsed(NamedTuple):
+    """A request's `steering` field and facts, read once (planned again if the catalog changes meanwhile)."""
+
+    spec: SteeringSpec
+    endpoint: Endpoint
+    monitored: tuple[str, ...]
+    monitored_probes: tuple[str, ...]
+
+
+@contextmanager
+def _counting_rejections() -> Iterator[None]:
+    try:
+        yield
+    except SpecError as err:
+        metrics.REJECTED_REQUESTS.labels(reason="policy" if err.status == 403 else "invalid").inc()
+        raise
 
 
 def error_body(err: SpecError) -> bytes:

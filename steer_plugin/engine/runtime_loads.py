@@ -15,7 +15,9 @@ keeps stepping; the API `poll`s until every worker is ready), then committed by 
 bank). Files are opened under runtime.roots only (steer_plugin.files.confined), from this worker's own
 configuration, and a command must carry the server's signature: only the API process's admin routes, which
 check the admin key, can load anything. Every outcome is a LoadOutcome (steer_plugin.messages): a broken file never
-raises here.
+raises here. Which ids may be staged, committed or unloaded is the registry's rule (load_registry.py: the same
+on every worker, the record every API process builds its catalog from); it goes back with every load, unload
+and `catalog` read.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from steer_plugin.catalog import (
 )
 from steer_plugin.config import ConfigError, ProbeSource, RuntimeConfig, SAESource, VectorSource
 from steer_plugin.engine.bank import BankEntry, BankFull, LayerBank, sae_params, vector_params
+from steer_plugin.engine.load_registry import LoadRegistry
 from steer_plugin.files import confined
 from steer_plugin.messages import ACTIONS, LoadCommand, LoadOutcome
 
@@ -72,6 +75,7 @@ class LoadTarget:
     source_gone: Callable[[str], None]  # an unloaded source's id: drop its figures and every cached plan
     prober: ProbeReader  # probes loaded at runtime go here
     read_layers: frozenset[int]  # layers whose residual this worker captures (a probe may read them)
+    configured: frozenset[tuple[str, str]] = frozenset()  # (kind, id) configured at start-up, every layer
 
 
 KINDS = ("sae", "vector", "probe")
@@ -90,31 +94,45 @@ class RuntimeLoads:
         self.retired: list[tuple[int, BankEntry]] = []  # (layer, entry) whose rows may still be in use
         self._staged: dict[tuple[str, str, str], Future] = {}  # (kind, id, revision) -> its read
         self._reader: ThreadPoolExecutor | None = None
-        self.probe_revisions: dict[str, str] = {}  # probes loaded at runtime (configured ones are not here)
+        self.probe_revisions: dict[str, str] = {}  # probes loaded at runtime that this worker holds
+        self.registry = LoadRegistry(
+            target.configured
+        )  # every runtime load, whichever layers this worker owns
 
     def command(self, raw: LoadCommand | dict) -> LoadOutcome:
         """Run one LoadCommand (or its wire dict, as collective_rpc delivers it); never raises."""
         try:
             cmd = LoadCommand.from_wire(raw).verified()
-            if cmd.action not in ACTIONS or cmd.kind not in KINDS:
-                outcome = LoadOutcome(False, status=400, error=f"unknown action {cmd.action!r}")
-            elif cmd.action == "stage":
-                outcome = self._stage(cmd)
-            elif cmd.action == "poll":
-                outcome = self._poll(cmd)
-            elif cmd.action == "discard":
-                future = self._staged.pop(self._key(cmd), None)
-                if future is not None:
-                    future.cancel()
-                outcome = LoadOutcome(True)
-            elif cmd.action == "load":
-                outcome = self._commit(cmd)
-            else:
-                outcome = self._unload(cmd)
         except Exception as err:
-            action = raw.action if isinstance(raw, LoadCommand) else raw.get("action")
-            outcome = self._failure(err, action)
-        return outcome
+            return self._failure(err, raw.action if isinstance(raw, LoadCommand) else raw.get("action"))
+        try:
+            outcome = self._run(cmd)
+        except Exception as err:
+            outcome = self._failure(err, cmd.action)
+        registry = self.registry
+        if cmd.action in ("load", "unload"):  # counted whatever the outcome: the same on every worker
+            registry.generation += 1
+            if outcome.ok:
+                (registry.committed if cmd.action == "load" else registry.unloaded)(cmd)
+        return registry.stamped(outcome) if cmd.action in ("load", "unload", "catalog") else outcome
+
+    def _run(self, cmd: LoadCommand) -> LoadOutcome:
+        if cmd.action not in ACTIONS or (cmd.kind not in KINDS and cmd.action != "catalog"):
+            return LoadOutcome(False, status=400, error=f"unknown action {cmd.action!r}")
+        if cmd.action == "stage":
+            return self.registry.load_refusal(cmd, self._staged) or self._stage(cmd)
+        if cmd.action == "poll":
+            return self._poll(cmd)
+        if cmd.action == "discard":
+            future = self._staged.pop(self._key(cmd), None)
+            if future is not None:
+                future.cancel()
+            return LoadOutcome(True)
+        if cmd.action == "catalog":
+            return LoadOutcome(True)
+        if cmd.action == "load":
+            return self.registry.load_refusal(cmd, ()) or self._commit(cmd)
+        return self.registry.unload_refusal(cmd) or self._unload(cmd)
 
     @staticmethod
     def _failure(err: Exception, action: object) -> LoadOutcome:
@@ -201,8 +219,6 @@ class RuntimeLoads:
         bank = self._bank(loaded.layer, "sae")
         if bank is None:
             return LoadOutcome(True, owned=False, layer=loaded.layer)
-        if ("feature", cmd.id) in bank.entries:
-            return LoadOutcome(False, status=409, error=f"SAE {cmd.id!r} is already loaded", field="id")
         sae = loaded.sae
         bank.place("feature", cmd.id, cmd.revision, sae.W_dec.float(), sae.W_enc.t().float(), sae_params(sae))
         target.tables[loaded.layer].bank_rows_changed()
@@ -223,8 +239,6 @@ class RuntimeLoads:
         bank = self._bank(loaded.layer, "vector")
         if bank is None:
             return LoadOutcome(True, owned=False, layer=loaded.layer)
-        if ("vector", cmd.id) in bank.entries:
-            return LoadOutcome(False, status=409, error=f"vector {cmd.id!r} is already loaded", field="id")
         vec = loaded.vector
         bank.place("vector", cmd.id, cmd.revision, vec[None], torch.zeros(1, vec.numel()), vector_params(vec))
         target.tables[loaded.layer].bank_rows_changed()
@@ -238,8 +252,6 @@ class RuntimeLoads:
         target = self.target
         if loaded.layer not in target.read_layers:  # another pipeline rank's layer (the API checked the rest)
             return LoadOutcome(True, owned=False, layer=loaded.layer)
-        if cmd.id in target.prober.probes:
-            return LoadOutcome(False, status=409, error=f"probe {cmd.id!r} is already loaded", field="id")
         target.prober.add(cmd.id, loaded.probe)
         target.assets.probes[cmd.id] = loaded.probe
         self.probe_revisions[cmd.id] = cmd.revision
@@ -252,12 +264,8 @@ class RuntimeLoads:
         target = self.target
         probe = target.prober.probes.get(cmd.id)
         if probe is None:
-            return LoadOutcome(True, owned=False)  # another pipeline rank holds it (or it never loaded)
-        revision = self.probe_revisions.pop(cmd.id, None)
-        if revision is None:
-            return LoadOutcome(
-                False, status=409, error=f"probe {cmd.id!r} is configured, not loaded at runtime", field="id"
-            )
+            return LoadOutcome(True, owned=False)  # another pipeline rank holds it
+        revision = self.probe_revisions.pop(cmd.id, "")
         target.prober.remove(cmd.id)
         target.assets.probes.pop(cmd.id, None)
         logger.info("steer_plugin: unloaded probe %s (revision %s)", cmd.id, revision)
@@ -271,14 +279,7 @@ class RuntimeLoads:
         assets = target.assets.saes if cmd.kind == "sae" else target.assets.vectors
         loaded = assets.get(cmd.id)
         if loaded is None:
-            return LoadOutcome(True, owned=False)  # another pipeline rank holds it (or it never loaded)
-        if not loaded.revision:
-            return LoadOutcome(
-                False,
-                status=409,
-                error=f"{cmd.kind} {cmd.id!r} is configured, not loaded at runtime",
-                field="id",
-            )
+            return LoadOutcome(True, owned=False)  # another pipeline rank holds it
         entry = target.banks[loaded.layer].retire(kind, cmd.id)
         del assets[cmd.id]
         if cmd.kind == "sae":

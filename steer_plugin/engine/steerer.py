@@ -19,6 +19,7 @@ from steer_plugin.config import SteerConfig
 from steer_plugin.engine import op as steer_op
 from steer_plugin.engine.bank import LayerBank, build_layer_bank
 from steer_plugin.engine.captures import StepReads, plan_reads
+from steer_plugin.engine.load_registry import configured_ids
 from steer_plugin.engine.observe import Observer
 from steer_plugin.engine.plans import compile_ops
 from steer_plugin.engine.probing import ProbeReader
@@ -125,6 +126,7 @@ class Steerer:
                 source_gone=self._source_gone,
                 prober=self.prober,
                 read_layers=frozenset(layer for layer, rt in self.runtimes.items() if rt.observable),
+                configured=configured_ids(config),
             )
         )
         self.features_applied: dict[str, int] = {}

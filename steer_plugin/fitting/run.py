@@ -130,6 +130,7 @@ class Fitter:
         """POST /v1/steering/probes:fit: the fitted probe's figures, where it was saved, and its description."""
         task = parse_probe_fit(data)
         body = task.body
+        await self.admin.current(engine.broadcast)  # what other API processes loaded counts too
         self._check_layer(body.layer, vector=False)
         target = self._target("probe", body.id, save_name(body.save_to, body.id))
         return await self._one_at_a_time(self._fit_probe(task, target, engine))
@@ -173,6 +174,7 @@ class Fitter:
     async def fit_vector(self, data: object, engine: Engine) -> dict:
         """POST /v1/steering/vectors:fit: the difference of means of the pairs, unit norm, loaded as a vector."""
         body = parse_vector_fit(data)
+        await self.admin.current(engine.broadcast)
         self._check_layer(body.layer, vector=True)
         target = self._target("vector", body.id, save_name(body.save_to, body.id, ".safetensors"))
         return await self._one_at_a_time(self._fit_vector(body, target, engine))

@@ -20,6 +20,7 @@ from steer_adapters.vllm.api import middleware as middleware_module
 from steer_adapters.vllm.api import route_models
 from steer_adapters.vllm.api.openapi import add_steering_to_openapi
 from steer_adapters.vllm.api.route_models import FeatureList, InspectRequest, InspectResponse, SAEList
+from steer_plugin.messages import LoadOutcome
 from steer_plugin.request.schema import MAX_TRACED, SpecError, parse_spec
 from tests.test_service import service as make_service
 
@@ -335,7 +336,11 @@ def admin_mw(tmp_path, monkeypatch):
     runtime = {"layers": [3], "rows_per_layer": 4, "roots": [str(tmp_path)], "admin_key": ADMIN_KEY}
     monkeypatch.delenv("STEER_ADMIN_KEY", raising=False)
     mw, app = build(tmp_path, monkeypatch, service=make_service(runtime=runtime))
-    workers = SimpleNamespace(api_process_count=1, have_extension=True)
+
+    async def broadcast(command):  # the workers' registry: nothing loaded at runtime
+        return [LoadOutcome(True, generation=0)]
+
+    workers = SimpleNamespace(api_process_count=1, have_extension=True, broadcast=broadcast)
     monkeypatch.setattr(api_engine.EngineWorkers, "of", staticmethod(lambda state: workers))
     return mw, app
 

@@ -125,9 +125,8 @@ def one_request(st: Steerer, wire: str | None, req_id: str = "a", tokens: int = 
 def service_for(config, st: Steerer) -> SteeringService:
     """The API side over the same config, its catalog told about what the worker loaded."""
     service = SteeringService(config)
-    for loaded in [*st.assets.saes.values(), *st.assets.vectors.values()]:
-        if loaded.revision:
-            service.add_source(loaded)
+    loaded = [s for s in [*st.assets.saes.values(), *st.assets.vectors.values()] if s.revision]
+    service.set_runtime_sources(loaded, st.runtime_loads.registry.generation)
     return service
 
 

@@ -10,6 +10,8 @@ import functools
 import importlib
 
 from steer_adapters.vllm.worker import extension
+from steer_plugin.admin import LOAD_TIMEOUT_S
+from steer_plugin.catalog_sync import Link
 from steer_plugin.messages import LoadCommand, LoadOutcome, WorkerStats
 
 
@@ -64,7 +66,9 @@ class EngineWorkers:
 
     @property
     def api_process_count(self) -> int:
-        """How many API server processes this server runs (--api-server-count): each holds its own catalog."""
+        """How many API server processes this server runs (--api-server-count): each holds its own copy of the
+        catalog, and reaches these same workers through its own engine client (a collective_rpc is a utility
+        call the engine core answers to the process that sent it)."""
         parallel = self._engine.vllm_config.parallel_config
         return int(getattr(parallel, "_api_process_count", 1))
 
@@ -85,6 +89,13 @@ class EngineWorkers:
         name = extension.SteerWorkerExtension.steer_plugin_load.__name__
         outcomes = await self._engine.collective_rpc(name, timeout=timeout, args=(command.wire(),))
         return [LoadOutcome.from_wire(o) for o in outcomes]
+
+    async def broadcast(self, command: LoadCommand) -> list[LoadOutcome]:
+        """`load` with the admin API's timeout (steer_plugin.admin.Broadcast)."""
+        return await self.load(command, timeout=LOAD_TIMEOUT_S)
+
+    def link(self) -> Link:
+        return Link(self.broadcast, shared=self.api_process_count > 1)
 
 
 class EngineProbe:
@@ -121,18 +132,21 @@ class EngineProbe:
         return True
 
 
+def load_link(app_state) -> Link | None:
+    """How this API process reads the workers' runtime loads (steer_plugin/catalog_sync.py); None before the
+    engine is up or without the worker extension (then nothing is ever loaded at runtime)."""
+    workers = EngineWorkers.of(app_state)
+    return workers.link() if workers is not None and workers.have_extension else None
+
+
 def ready_workers(app_state) -> EngineWorkers:
-    """The engine's workers, when runtime loads (and fits) can reach them all; SpecError otherwise."""
+    """The engine's workers, when runtime loads (and fits) can reach them all; SpecError otherwise. With
+    several API processes, each loads through the same workers: their registry keeps the catalogs one."""
     from steer_plugin.request.schema import SpecError
 
     workers = EngineWorkers.of(app_state)
     if workers is None:
         raise SpecError("path", "the engine is not ready", status=503)
-    count = workers.api_process_count
-    if count != 1:
-        raise SpecError(
-            "path", f"runtime loads need --api-server-count 1 (this server runs {count})", status=409
-        )
     if not workers.have_extension:
         raise SpecError("path", f"runtime loads are off: {MISSING_EXTENSION}", status=503)
     return workers

@@ -9,10 +9,8 @@ from collections.abc import Awaitable, Callable
 
 from steer_adapters.vllm.api import engine
 from steer_adapters.vllm.api.asgi import read_body
-from steer_plugin.admin import LOAD_TIMEOUT_S
 from steer_plugin.body import parse_json
 from steer_plugin.fitting.run import Engine
-from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.request.schema import SpecError
 from steer_plugin.service import SteeringService
 
@@ -43,9 +41,6 @@ async def fit(service: SteeringService, call_app: CallApp, workers: engine.Engin
     async def call(body: dict, request_id: str) -> tuple[int, dict]:
         return await call_app(scope, "/v1/completions", body, request_id=request_id)
 
-    async def broadcast(command: LoadCommand) -> list[LoadOutcome]:
-        return await workers.load(command, timeout=LOAD_TIMEOUT_S)
-
-    fits = Engine(tokenize, call, broadcast, engine.max_model_len(scope["app"].state))
+    fits = Engine(tokenize, call, workers.broadcast, engine.max_model_len(scope["app"].state))
     fitter = service.fitter
     return await (fitter.fit_probe(data, fits) if kind == "probe" else fitter.fit_vector(data, fits))

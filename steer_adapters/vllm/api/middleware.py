@@ -132,9 +132,12 @@ class SteeringMiddleware:
                 return self._openapi
         return None
 
-    def _rewrite(self, raw: bytes, observable: bool, scope: dict) -> tuple[bytes, RewrittenRequest | None]:
+    async def _rewrite(
+        self, raw: bytes, observable: bool, scope: dict
+    ) -> tuple[bytes, RewrittenRequest | None]:
         """(body for vLLM, rewritten request or None when nothing is steered or observed); SpecError on a bad
-        body. An unsteered, unobserved body is forwarded as the client sent it."""
+        body. An unsteered, unobserved body is forwarded as the client sent it. With several API processes the
+        catalog is read again first when the request needs it (service.rewrite_current)."""
         body = parse_json(raw)
         if not isinstance(body, dict):
             return raw, None  # vLLM answers that itself
@@ -148,8 +151,9 @@ class SteeringMiddleware:
         had_steering = STEERING_FIELD in body
         request_id, header = assign_request_id(scope, body)
         turns = RESPONSES_TURNS if scope["path"] == "/v1/responses" else 1
-        request = self.service.rewrite_request(
-            body, observable=observable, request_id=request_id, turns=turns
+        link = engine.load_link(getattr(scope.get("app"), "state", None))
+        request = await self.service.rewrite_current(
+            body, link, observable=observable, request_id=request_id, turns=turns
         )
         if not (had_steering or request.ops or request.observe is not None):
             return raw, None
@@ -157,7 +161,7 @@ class SteeringMiddleware:
 
     async def _completion(self, scope, receive, send):
         raw = await read_body(receive)
-        body, request = self._rewrite(raw, observable=True, scope=scope)
+        body, request = await self._rewrite(raw, observable=True, scope=scope)
         # From resolution to the response's end, the SAEs and vectors it names count as in use (no await
         # between the two: a runtime unload sees either the request or a catalog without the source).
         with self.service.holding(request) if request is not None else contextlib.nullcontext():
@@ -263,7 +267,7 @@ class SteeringMiddleware:
 
     async def _steerable(self, scope, receive, send):
         """/v1/responses, /v1/messages: steering applies; responses are passed through unchanged."""
-        raw, request = self._rewrite(await read_body(receive), observable=False, scope=scope)
+        raw, request = await self._rewrite(await read_body(receive), observable=False, scope=scope)
         scope, replay = with_body(with_request_id(scope, request), raw, receive)
         with self.service.holding(request) if request is not None else contextlib.nullcontext():
             return await self.app(scope, replay, send)

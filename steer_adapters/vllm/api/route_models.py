@@ -155,6 +155,9 @@ class SAEList(_Model):
     data: list[SAEInfo]
     vectors: list[VectorInfo]
     probes: list[ProbeInfo] = []
+    generation: int = 0
+    """The runtime loads' generation this list reflects (the workers' count of loads and unloads): every API
+    process of the server lists the same sources at the same generation."""
 
 
 class FeatureExplanation(_Model):

@@ -32,11 +32,10 @@ from steer_adapters.vllm.api.route_models import (
 )
 from steer_adapters.vllm.api.routing import KIND, Doc, JSONAnswer, PluginRoute, matching_route
 from steer_plugin import playground
-from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS, LOAD_TIMEOUT_S
+from steer_plugin.admin import ADMIN_KEY_HEADER, KINDS
 from steer_plugin.body import parse_json
 from steer_plugin.config import ProbeSource, SAESource, VectorSource
 from steer_plugin.fitting.bodies import FitProbeBody, FitVectorBody
-from steer_plugin.messages import LoadCommand, LoadOutcome
 from steer_plugin.request.schema import SpecError
 from steer_plugin.service import SteeringService
 
@@ -62,11 +61,17 @@ class Endpoints:
             raise _no_config("no steering config")
         return self.service.discovery
 
+    async def _current_discovery(self, request: Request):
+        """The discovery snapshot, after the catalog caught up with other API processes' loads and unloads."""
+        self._discovery()
+        await self.service.current(engine.load_link(getattr(request.scope.get("app"), "state", None)))
+        return self._discovery()
+
     async def saes(self, request: Request) -> Response:
-        return JSONAnswer(self._discovery().list_saes())
+        return JSONAnswer((await self._current_discovery(request)).list_saes())
 
     async def features(self, request: Request) -> Response:
-        discovery = self._discovery()
+        discovery = await self._current_discovery(request)
         given = {k: v for k, v in request.query_params.multi_items() if v}  # a blank value is no value
         query = validated(FeatureSearchQuery, given)
         return JSONAnswer(discovery.search_features(query.sae, query.q, query.limit, query.index))
@@ -127,23 +132,16 @@ class Endpoints:
         self.service.admin.check_key(dict(request.scope["headers"]).get(ADMIN_KEY_HEADER))
         return engine.ready_workers(request.scope["app"].state)
 
-    @staticmethod
-    def _broadcast(workers: engine.EngineWorkers):
-        async def broadcast(command: LoadCommand) -> list[LoadOutcome]:
-            return await workers.load(command, timeout=LOAD_TIMEOUT_S)
-
-        return broadcast
-
     async def load(self, request: Request) -> Response:
         workers = self._workers(request)
         body = parse_json(await read_body(request.receive))
         kind = KINDS[request.path_params["kind"]]
-        return JSONAnswer(await self.service.admin.load(kind, body, self._broadcast(workers)), 201)
+        return JSONAnswer(await self.service.admin.load(kind, body, workers.broadcast), 201)
 
     async def unload(self, request: Request) -> Response:
         workers = self._workers(request)
         kind, source_id = KINDS[request.path_params["kind"]], unquote(request.path_params["id"])
-        return JSONAnswer(await self.service.admin.unload(kind, source_id, self._broadcast(workers)))
+        return JSONAnswer(await self.service.admin.unload(kind, source_id, workers.broadcast))
 
     async def misrouted(self, request: Request) -> Response:
         """POST to an id, DELETE without one: refused after the same checks as the routes themselves."""
