@@ -211,6 +211,43 @@ def test_engine_workers_call_the_extension_methods_by_name():
     assert api_engine.EngineWorkers.of(SimpleNamespace()) is None  # before the engine is up
 
 
+class FakeDataParallelCore:
+    """vLLM's multiprocess engine-core client under --data-parallel-size 2: `call_utility_all_async` asks every
+    engine core, each answering for its own workers."""
+
+    def __init__(self, per_engine: list[dict[str, list]]):
+        self.per_engine = per_engine  # one {method: every worker's answer} per engine core
+        self.calls: list[tuple] = []
+
+    async def call_utility_all_async(self, utility, method, timeout, args, kwargs):
+        self.calls.append((utility, method, timeout, args, kwargs))
+        return [replies.get(method, []) for replies in self.per_engine]
+
+
+def test_engine_workers_reach_the_workers_of_every_data_parallel_rank():
+    """vLLM's collective_rpc answers with the first DP rank's workers only; EngineWorkers asks every engine core
+    (so /metrics counts every DP rank, and a load one rank refuses is seen and rolled back)."""
+    stats = [WorkerStats(step_errors=1), WorkerStats(step_errors=2)]
+    refused = LoadOutcome(ok=False, status=507, error="full")
+    core = FakeDataParallelCore(
+        [
+            {"steer_plugin_stats": [stats[0].wire()], "steer_plugin_load": [LoadOutcome(ok=True).wire()]},
+            {"steer_plugin_stats": [stats[1].wire()], "steer_plugin_load": [refused.wire()]},
+        ]
+    )
+    engine = FakeEngineClient(EXTENSION_PATH, {"steer_plugin_stats": [stats[0].wire()]})
+    engine.engine_core = core
+    workers = api_engine.EngineWorkers.of(SimpleNamespace(engine_client=engine))
+    assert asyncio.run(workers.stats(timeout=10)) == stats
+    command = LoadCommand("unload", "sae", "s", mac="m")
+    assert asyncio.run(workers.load(command, timeout=600)) == [LoadOutcome(ok=True), refused]
+    assert engine.calls == []  # never the first-engine-only path
+    assert core.calls == [
+        ("collective_rpc", "steer_plugin_stats", 10, (), None),
+        ("collective_rpc", "steer_plugin_load", 600, (command.wire(),), None),
+    ]
+
+
 # --- steer-serve's flag -------------------------------------------------------------------------------------------
 
 
