@@ -336,3 +336,33 @@ def test_middleware_without_the_extension_refuses_loads_and_skips_the_pull(tmp_p
         assert _call(middleware, state, "GET", "/metrics")[0] == 200
     assert engine.calls == []  # nothing was sent to the workers
     assert caplog.text.count("/metrics has no worker figures") == 1  # said once, not per scrape
+
+
+@pytest.mark.parametrize(
+    ("extra", "via_cli"),
+    [
+        ([], False),
+        (["--headless", "--nnodes", "2", "--node-rank", "1"], True),
+        (["--api-server-count", "2"], True),
+    ],
+)
+def test_steer_serve_runs_vllm_serve_for_headless_nodes_and_several_api_servers(
+    tmp_path, monkeypatch, extra, via_cli
+):
+    """`--headless` (a multi-node server's other nodes) and `--api-server-count > 1` exist in `vllm serve` only;
+    anything else runs the OpenAI server module."""
+    from steer_adapters.vllm.api import serve
+
+    config = tmp_path / "steer.json"
+    config.write_text("{}")
+    calls: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(serve, "run_vllm_serve", lambda args: calls.append(("serve", args)))
+    monkeypatch.setattr(launcher.os, "execv", lambda exe, cmd: calls.append(("execv", cmd)))
+    monkeypatch.setattr(
+        launcher.os, "environ", dict(launcher.os.environ)
+    )  # main sets the config's path there
+    launcher.main(["--steer-config", str(config), "--model", "m", *extra])
+    ((how, args),) = calls
+    assert how == ("serve" if via_cli else "execv")
+    assert all(flag in args for flag in extra)
+    assert "--worker-extension-cls" in args and "--additional-config" in args

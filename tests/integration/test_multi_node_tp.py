@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from . import netns
@@ -62,6 +63,20 @@ def with_nan(sae_dir: Path) -> None:
     save_file(tensors, str(weights))
 
 
+def grown(sae_dir: Path, extra: int) -> None:
+    """The SAE with `extra` more features (valid files, a larger d_sae): more rows than a layer reserves."""
+    weights = sae_dir / "sae_weights.safetensors"
+    t = load_file(str(weights))
+    g = torch.Generator().manual_seed(3)
+    t["W_enc"] = torch.cat([t["W_enc"], torch.randn(t["W_enc"].shape[0], extra, generator=g) * 0.3], dim=1)
+    t["W_dec"] = torch.cat([t["W_dec"], torch.randn(extra, t["W_dec"].shape[1], generator=g) * 0.3])
+    t["b_enc"] = torch.cat([t["b_enc"], torch.zeros(extra)])
+    save_file(t, str(weights))
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    cfg["d_sae"] += extra
+    (sae_dir / "cfg.json").write_text(json.dumps(cfg))
+
+
 def test_tp2_across_hosts_equals_one_rank_and_runtime_loads_roll_back(
     hosts, tiny, tiny_assets, prompts, tmp_path_factory
 ):
@@ -81,9 +96,11 @@ def test_tp2_across_hosts_equals_one_rank_and_runtime_loads_roll_back(
         "model": tiny.model_dir,
         "runtime/good": tiny.sae_dir,
         "runtime/bad": tiny.sae_dir,  # host 1's copy gets a NaN below
+        "runtime/big": tiny.sae_dir,  # host 1's copy gets more features than the layer reserves
     }
     dirs = node_dirs(tmp_path_factory, "tp", config, files)
     with_nan(dirs[1] / "runtime" / "bad")
+    grown(dirs[1] / "runtime" / "big", extra=8)
     log_dir = tmp_path_factory.mktemp("tp-logs")
     with multi_node_server(hosts, dirs, "/tmp/model", ["--tensor-parallel-size", "2"], log_dir) as pool:
         bodies = [
@@ -111,15 +128,20 @@ def test_tp2_across_hosts_equals_one_rank_and_runtime_loads_roll_back(
         print(f"two-node TP=2 vs TP=1 max |Δ logprob| per request: {[f'{e:.1e}' for e in errors]}")
         assert max(errors) < LOGPROB_TOL
 
-        # Host 1's rank refuses the NaN copy: the load fails and host 0's rank gives its rows back.
-        refused = post(pool, hosts, "/v1/steering/saes", {"id": "bad", "path": "/tmp/runtime/bad"}, ADMIN)
-        assert refused.status_code == 400 and "non-finite" in refused.text, refused.text
-        unknown = post(
-            pool, hosts, "/v1/completions",
-            {"model": "demo", "prompt": prompts[1], "max_tokens": 1,
-             "steering": {"features": [{"sae": "bad", "index": 5, "op": "add", "value": 8.0}]}},
-        )  # fmt: skip
-        assert unknown.status_code == 400, unknown.text
+        # Host 1's rank refuses its copies; the API (which read host 0's headers) answers with its refusal, and no
+        # rank keeps anything: the NaN copy fails while the files are read (staged) everywhere, the grown copy
+        # only when its rows are placed, after host 0's rank placed its own: that one is unloaded again.
+        for sae_id, status, message in (("bad", 400, "non-finite"), ("big", 507, "rows_per_layer")):
+            refused = post(
+                pool, hosts, "/v1/steering/saes", {"id": sae_id, "path": f"/tmp/runtime/{sae_id}"}, ADMIN
+            )
+            assert refused.status_code == status and message in refused.text, refused.text
+            unknown = post(
+                pool, hosts, "/v1/completions",
+                {"model": "demo", "prompt": prompts[1], "max_tokens": 1,
+                 "steering": {"features": [{"sae": sae_id, "index": 5, "op": "add", "value": 8.0}]}},
+            )  # fmt: skip
+            assert unknown.status_code == 400, unknown.text
         # Only one runtime SAE fits a layer's reserved rows: this load finds them free on both ranks.
         loaded = post(pool, hosts, "/v1/steering/saes", {"id": "good", "path": "/tmp/runtime/good"}, ADMIN)
         assert loaded.status_code == 201, loaded.text
