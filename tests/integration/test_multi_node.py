@@ -35,7 +35,7 @@ from . import netns
 from .conftest import MAX_MODEL_LEN, PROMPTS, chat_ids
 from .test_engine_fidelity import LOGPROB_TOL, TOP, cases
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.netns]
 
 OFFSET = int(os.environ.get("STEER_TEST_PORT_OFFSET", "0"))
 PORT, MASTER_PORT = 18861 + OFFSET, 29561 + OFFSET

@@ -20,7 +20,7 @@ from .test_multi_node import ADMIN, completions, multi_node_server, node_dirs, p
 from .test_tensor_parallel import LOGPROB_TOL, MAX_TOKENS, PROMPT_TEXTS, run_batch, steerings
 from .tiny_models import SAE_LAYER, TinyModel, build_all
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.netns]
 
 ARCH = "LlamaForCausalLM"
 
