@@ -108,6 +108,12 @@ _WHY_SALT = (
 _WHY_API = (
     "the middleware reaches the engine's workers only through the engine client vLLM keeps on app.state"
 )
+_WHY_DP = (
+    "under data parallelism the engine client's collective_rpc answers with the first engine core's workers only: "
+    "the /metrics figures and runtime-load outcomes of every DP rank need the engine core's own collective_rpc "
+    "utility called on each engine core (AsyncLLM.engine_core.call_utility_all_async('collective_rpc', ...); "
+    "where either is missing the adapter falls back to collective_rpc)"
+)
 
 
 def _layer(a: Architecture) -> Internal:
@@ -255,6 +261,7 @@ INTERNALS: tuple[Internal, ...] = (
         keywords=("timeout", "args"),
     ),
     *_attrs("vllm.v1.engine.async_llm", "AsyncLLM", ("model_config", "vllm_config"), "engine.model_shape, engine.max_model_len, engine.EngineWorkers.api_process_count", why=_WHY_API),
+    Internal("vllm.v1.engine.core_client", "AsyncMPClient.call_utility_all_async", "method", "engine.EngineWorkers._every_worker", why=_WHY_DP, leading=("method",)),
     Internal(
         "vllm.v1.engine.async_llm",
         "AsyncLLM.is_sleeping",

@@ -213,6 +213,43 @@ def test_engine_workers_call_the_extension_methods_by_name():
     assert api_engine.EngineWorkers.of(SimpleNamespace()) is None  # before the engine is up
 
 
+class FakeDataParallelCore:
+    """vLLM's multiprocess engine-core client under --data-parallel-size 2: `call_utility_all_async` asks every
+    engine core, each answering for its own workers."""
+
+    def __init__(self, per_engine: list[dict[str, list]]):
+        self.per_engine = per_engine  # one {method: every worker's answer} per engine core
+        self.calls: list[tuple] = []
+
+    async def call_utility_all_async(self, utility, method, timeout, args, kwargs):
+        self.calls.append((utility, method, timeout, args, kwargs))
+        return [replies.get(method, []) for replies in self.per_engine]
+
+
+def test_engine_workers_reach_the_workers_of_every_data_parallel_rank():
+    """vLLM's collective_rpc answers with the first DP rank's workers only; EngineWorkers asks every engine core
+    (so /metrics counts every DP rank, and a load one rank refuses is seen and rolled back)."""
+    stats = [WorkerStats(step_errors=1), WorkerStats(step_errors=2)]
+    refused = LoadOutcome(ok=False, status=507, error="full")
+    core = FakeDataParallelCore(
+        [
+            {"steer_plugin_stats": [stats[0].wire()], "steer_plugin_load": [LoadOutcome(ok=True).wire()]},
+            {"steer_plugin_stats": [stats[1].wire()], "steer_plugin_load": [refused.wire()]},
+        ]
+    )
+    engine = FakeEngineClient(EXTENSION_PATH, {"steer_plugin_stats": [stats[0].wire()]})
+    engine.engine_core = core
+    workers = api_engine.EngineWorkers.of(SimpleNamespace(engine_client=engine))
+    assert asyncio.run(workers.stats(timeout=10)) == stats
+    command = LoadCommand("unload", "sae", "s", mac="m")
+    assert asyncio.run(workers.load(command, timeout=600)) == [LoadOutcome(ok=True), refused]
+    assert engine.calls == []  # never the first-engine-only path
+    assert core.calls == [
+        ("collective_rpc", "steer_plugin_stats", 10, (), None),
+        ("collective_rpc", "steer_plugin_load", 600, (command.wire(),), None),
+    ]
+
+
 # --- steer-serve's flag -------------------------------------------------------------------------------------------
 
 
@@ -354,3 +391,33 @@ def test_middleware_without_the_extension_refuses_loads_and_skips_the_pull(tmp_p
         assert _call(middleware, state, "GET", "/metrics")[0] == 200
     assert engine.calls == []  # nothing was sent to the workers
     assert caplog.text.count("/metrics has no worker figures") == 1  # said once, not per scrape
+
+
+@pytest.mark.parametrize(
+    ("extra", "via_cli"),
+    [
+        ([], False),
+        (["--headless", "--nnodes", "2", "--node-rank", "1"], True),
+        (["--api-server-count", "2"], True),
+    ],
+)
+def test_steer_serve_runs_vllm_serve_for_headless_nodes_and_several_api_servers(
+    tmp_path, monkeypatch, extra, via_cli
+):
+    """`--headless` (a multi-node server's other nodes) and `--api-server-count > 1` exist in `vllm serve` only;
+    anything else runs the OpenAI server module."""
+    from steer_adapters.vllm.api import serve
+
+    config = tmp_path / "steer.json"
+    config.write_text("{}")
+    calls: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(serve, "run_vllm_serve", lambda args: calls.append(("serve", args)))
+    monkeypatch.setattr(launcher.os, "execv", lambda exe, cmd: calls.append(("execv", cmd)))
+    monkeypatch.setattr(
+        launcher.os, "environ", dict(launcher.os.environ)
+    )  # main sets the config's path there
+    launcher.main(["--steer-config", str(config), "--model", "m", *extra])
+    ((how, args),) = calls
+    assert how == ("serve" if via_cli else "execv")
+    assert all(flag in args for flag in extra)
+    assert "--worker-extension-cls" in args and "--additional-config" in args

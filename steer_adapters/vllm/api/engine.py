@@ -77,17 +77,31 @@ class EngineWorkers:
         """Whether the workers were started with the extension (--worker-extension-cls, resolved as vLLM does)."""
         return _provides_extension(self._engine.vllm_config.parallel_config.worker_extension_cls)
 
+    async def _every_worker(self, method: str, timeout: float, args: tuple = ()) -> list[object]:
+        """`method` on every worker of every engine core, one answer per worker. Under data parallelism
+        (--data-parallel-size > 1) vLLM's collective_rpc reaches every engine core but answers with the first
+        one's workers only (DPLBAsyncMPClient.call_utility_async): the figures and load outcomes of the other
+        DP ranks would be lost. So the engine core's own `collective_rpc` utility is called on each engine core
+        this API process manages, and the answers joined in engine order."""
+        call_all = getattr(getattr(self._engine, "engine_core", None), "call_utility_all_async", None)
+        if call_all is None:  # not vLLM's multiprocess client (one engine core): collective_rpc is all of it
+            return list(await self._engine.collective_rpc(method, timeout=timeout, args=args))
+        per_engine = await call_all("collective_rpc", method, timeout, args, None)
+        return [answer for answers in per_engine for answer in answers]
+
     async def stats(self, timeout: float) -> list[WorkerStats]:
-        """Every worker's Steerer.stats (workers without a steerer left out). The messages cross as their wire
-        dicts (steer_plugin.messages): rebuilt here, so the rest of the API process holds typed messages."""
+        """Every worker's Steerer.stats, on every DP rank (workers without a steerer left out). The messages
+        cross as their wire dicts (steer_plugin.messages): rebuilt here, so the rest of the API process holds
+        typed messages."""
         name = extension.SteerWorkerExtension.steer_plugin_stats.__name__
-        outcomes = await self._engine.collective_rpc(name, timeout=timeout)
+        outcomes = await self._every_worker(name, timeout)
         return [WorkerStats.from_wire(o) for o in outcomes if o is not None]
 
     async def load(self, command: LoadCommand, timeout: float) -> list[LoadOutcome]:
-        """One runtime LoadCommand on every worker (sent as its wire dict); their LoadOutcomes."""
+        """One runtime LoadCommand on every worker of every DP rank (sent as its wire dict); their
+        LoadOutcomes, so that one failing rank fails (and rolls back) the load."""
         name = extension.SteerWorkerExtension.steer_plugin_load.__name__
-        outcomes = await self._engine.collective_rpc(name, timeout=timeout, args=(command.wire(),))
+        outcomes = await self._every_worker(name, timeout, args=(command.wire(),))
         return [LoadOutcome.from_wire(o) for o in outcomes]
 
     async def broadcast(self, command: LoadCommand) -> list[LoadOutcome]:
