@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Debian packages the browser and Prometheus tests need, installed only when missing: Chromium and its driver
 # (tests/integration/test_playground.py), Prometheus with promtool (tests/integration/test_prometheus.py and
-# the rules check). Needs root (or sudo) and apt; elsewhere it says what is missing and leaves the rest alone:
+# the rules check), iproute2 (tests/integration/netns.py: `ip netns`). Needs root (or sudo) and apt; elsewhere it says what is missing and leaves the rest alone:
 # those tests then skip, except under CI=true, where they fail and name the package.
 set -euo pipefail
-declare -A WANT=([chromium]=chromium [chromedriver]=chromium-driver [prometheus]=prometheus [promtool]=prometheus)
+declare -A WANT=([chromium]=chromium [chromedriver]=chromium-driver [prometheus]=prometheus [promtool]=prometheus
+  [ip]=iproute2 [unshare]=util-linux)  # ip, unshare: the multi-node tests' namespaced hosts
 missing=()
 for cmd in "${!WANT[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${WANT[$cmd]}")
