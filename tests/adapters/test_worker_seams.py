@@ -413,9 +413,8 @@ def test_steer_serve_runs_vllm_serve_for_headless_nodes_and_several_api_servers(
     calls: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(serve, "run_vllm_serve", lambda args: calls.append(("serve", args)))
     monkeypatch.setattr(launcher.os, "execv", lambda exe, cmd: calls.append(("execv", cmd)))
-    monkeypatch.setattr(
-        launcher.os, "environ", dict(launcher.os.environ)
-    )  # main sets the config's path there
+    # main sets the config's path there; a node of a multi-node server needs the shared signing key
+    monkeypatch.setattr(launcher.os, "environ", {**launcher.os.environ, "STEER_PLUGIN_WIRE_KEY": "k" * 64})
     launcher.main(["--steer-config", str(config), "--model", "m", *extra])
     ((how, args),) = calls
     assert how == ("serve" if via_cli else "execv")
