@@ -48,10 +48,18 @@ class Inbox:
         self.socket.setsockopt(zmq.RCVHWM, RECV_HWM)
         self.socket.setsockopt(zmq.LINGER, 0)
         if host:
+            bracketed = host
             if ":" in host:  # IPv6
                 self.socket.setsockopt(zmq.IPV6, 1)
-                host = f"[{host.strip('[]')}]"
-            self.socket.bind(f"tcp://{host}:*")
+                bracketed = "[" + host.strip("[]") + "]"
+            try:
+                self.socket.bind(f"tcp://{bracketed}:*")
+            except zmq.ZMQError as err:
+                self.socket.close(0)
+                raise RuntimeError(
+                    f"steer_plugin: cannot bind the observation inbox on {HOST_ENV}={host!r} (an address of this "
+                    f"host that every node reaches): {err}"
+                ) from None
         else:
             self.socket.bind(f"ipc://@steer-observe-{secrets.token_hex(12)}")  # abstract: nothing on disk
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)

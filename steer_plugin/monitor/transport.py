@@ -66,6 +66,7 @@ class Outbox:
         sock = context().socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.LINGER, 0)  # a closed socket drops what it still holds
+        sock.setsockopt(zmq.IPV6, 1)  # an inbox may be on an IPv6 address (IPv4 ones still work)
         sock.connect(address)  # asynchronous: messages queue (bounded) until the connection is up
         self.sockets[address] = sock
         if len(self.sockets) > MAX_PEERS:

@@ -67,15 +67,26 @@ def test_records_reach_the_request_they_name_in_order(inbox):
     assert arrived(inbox, OTHER, 1) == [RECORD]
 
 
-def test_tcp_when_a_host_is_given():
-    box = Inbox(signing.wire_key(), host="127.0.0.1")
+@pytest.mark.parametrize(("host", "bound"), [("127.0.0.1", "tcp://127.0.0.1:"), ("::1", "tcp://[::1]:")])
+def test_tcp_when_a_host_is_given(host, bound):
     try:
-        assert box.address.startswith("tcp://127.0.0.1:")
+        box = Inbox(signing.wire_key(), host=host)
+    except RuntimeError as err:
+        if host == "::1":
+            pytest.skip(f"no IPv6 loopback here: {err}")
+        raise
+    try:
+        assert box.address.startswith(bound)
         box.open(CID)
         assert send(Addressee(box.address, CID), [RECORD])
         assert arrived(box, CID, 1) == [RECORD]
     finally:
         box.close_socket()
+
+
+def test_an_address_this_host_does_not_have_is_refused_naming_the_variable():
+    with pytest.raises(RuntimeError, match="STEER_PLUGIN_OBSERVE_HOST='203.0.113.7'"):
+        Inbox(signing.wire_key(), host="203.0.113.7")  # TEST-NET-3: never an address of this host
 
 
 def test_a_message_under_another_key_is_dropped_and_counted(inbox):

@@ -56,6 +56,7 @@ from steer_plugin.metrics import (
     register_worker_collector,
     with_worker_families,
 )
+from steer_plugin.monitor import inbox as observe_inbox
 from steer_plugin.monitor.judge import JUDGE_HEADER
 from steer_plugin.observation import ObservationCost, check_request
 from steer_plugin.request.schema import SpecError
@@ -86,6 +87,7 @@ class SteeringMiddleware:
             register_worker_collector()
             initialize_series(config, {pid: p.labels for pid, p in self.service.catalog.probes.items()})
             logger.info("steer_plugin middleware: serving SAEs %s", sorted(self.service.catalog.saes))
+            logger.info("steer_plugin middleware: observation inbox %s", observe_inbox.inbox().address)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
