@@ -27,6 +27,8 @@ from steer_plugin.request.records import Record, decode_records, split_step
 
 HOST_ENV = transport.HOST_ENV
 RECV_HWM = 16384  # messages queued in the API process before the senders' queues fill
+# One worker's step for this process: a fit's residual rows are the largest (a text's tokens x d_model float32).
+MAX_MESSAGE_BYTES = 256 << 20
 MAX_PENDING = 1 << 16  # messages one request's mailbox holds before new ones are dropped
 RECENT = 4096  # closed requests remembered, so late records count as "late", not "unowned"
 
@@ -46,6 +48,9 @@ class Inbox:
         self.lock = threading.Lock()
         self.socket = transport.context().socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, RECV_HWM)
+        self.socket.setsockopt(
+            zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES
+        )  # a bigger one closes its sender's connection
         self.socket.setsockopt(zmq.LINGER, 0)
         if host:
             bracketed = host

@@ -140,6 +140,21 @@ def test_malformed_frames_and_payloads_are_dropped(inbox):
     assert dropped("malformed") == before + 3
 
 
+def test_a_message_over_the_size_bound_never_reaches_a_mailbox(monkeypatch):
+    monkeypatch.setattr(inbox_module, "MAX_MESSAGE_BYTES", 1024)
+    box = Inbox(signing.wire_key())
+    try:
+        box.open(CID)
+        big = TokenRecord(4, 3, "s" * 4096, ())
+        send(Addressee(box.address, CID), [big])  # dropped by ZeroMQ on arrival (the connection is closed)
+        box.open(OTHER)
+        assert send(Addressee(box.address, OTHER), [RECORD])  # sent after it (the outbox reconnects)
+        assert arrived(box, OTHER, 1) == [RECORD]
+        assert box.take(CID) == []  # had the big one been accepted, it would have been routed first
+    finally:
+        box.close_socket()
+
+
 def test_a_mailbox_is_bounded(inbox, monkeypatch):
     monkeypatch.setattr(inbox_module, "MAX_PENDING", 3)
     inbox.open(CID)
