@@ -193,12 +193,14 @@ class Observation:
 
     def _probe_abort(self, pos: int, probe: str, column: int, score: float) -> dict:
         cond = next(a for a in self.request.planned.probe_abort if a.probe == probe and a.column == column)
+        window = {"window": cond.window} if cond.window > 1 else {}  # `score`: that window's mean
         return {
             "probe": probe,
             "label": self.probes[probe].labels[column],
             "score": score,
             "above" if cond.sign > 0 else "below": cond.threshold,
             "token": pos - (self.prompt_len - 1),
+            **window,
         }
 
     def probe_summary(self, probe_ids=None) -> dict[str, dict[str, dict]]:

@@ -7,6 +7,7 @@ outside any graph, one [rows, d] x [d, sum of classes] product per layer scores 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -79,6 +80,7 @@ class ProbeReader:
         self.write = write  # only one tensor-parallel rank writes
         self.sink_positions = sink_positions
         self.layers: dict[int, LayerProbes] = {}
+        self.windows = Windows()  # windowed abort_when conditions' recent scores
         for layer in sorted({p.meta.layer for p in self.probes.values()}):
             self._stack(layer)
 
@@ -113,6 +115,21 @@ class ProbeReader:
         probe = self.probes.pop(probe_id, None)
         if probe is not None:
             self._stack(probe.meta.layer)
+
+    def _fired(self, cid: str, conditions, probes, columns, pos: int, row: list[float]):
+        """The first abort_when condition that holds on this row of scores (position `pos`, the one that predicts
+        the request's next token): (position, probe, label index, score, or the window's mean), or None."""
+        for cond in conditions:
+            if cond.probe in probes:
+                lo, hi = columns[cond.probe]
+                if cond.column >= hi - lo:
+                    continue
+                score = row[lo + cond.column]
+                if cond.window > 1:
+                    score = self.windows.mean(cid, cond, pos, score)
+                if score is not None and cond.fires(score):
+                    return pos, cond.probe, cond.column, score
+        return None
 
     def layer_of(self, probe_id: str) -> int | None:
         probe = self.probes.get(probe_id)
@@ -149,7 +166,7 @@ class ProbeReader:
                 aborted = None
                 if g.abort and g.predicting in g.positions and g.predicting >= self.sink_positions:
                     at = g.positions.index(g.predicting)
-                    aborted = _fired(g.abort, present, stacked.columns, g.predicting, rows[at])
+                    aborted = self._fired(g.to.cid, g.abort, present, stacked.columns, g.predicting, rows[at])
                     if aborted is not None:
                         fired.add(g.req_index)
                 sinks = tuple(p for p in g.positions if p < self.sink_positions)
@@ -161,11 +178,25 @@ class ProbeReader:
         return sorted(fired)
 
 
-def _fired(conditions, probes, columns, pos: int, row: list[float]) -> tuple[int, str, int, float] | None:
-    """The first abort_when condition that holds on this row of scores: (position, probe, label index, score)."""
-    for cond in conditions:
-        if cond.probe in probes:
-            lo, hi = columns[cond.probe]
-            if cond.column < hi - lo and cond.fires(row[lo + cond.column]):
-                return pos, cond.probe, cond.column, row[lo + cond.column]
-    return None
+class Windows:
+    """The recent scores of windowed abort_when conditions (ProbeAbortSpec.window > 1), per request, condition
+    and predicting position: a recomputed position (preemption) replaces its score. Bounded: the least recently
+    scored requests are dropped first (a finished request is never scored again)."""
+
+    def __init__(self, max_keys: int = 4096):
+        self.max_keys = max_keys
+        self.scores: OrderedDict[tuple[str, str, int], dict[int, float]] = OrderedDict()
+
+    def mean(self, cid: str, cond: ProbeAbortSpec, pos: int, score: float) -> float | None:
+        """The mean score over positions pos - window + 1 .. pos once all of them were scored, else None."""
+        key = (cid, cond.probe, cond.column)
+        recent = self.scores.pop(key, {})  # (re-inserted last: the most recently used)
+        recent[pos] = score
+        first = pos - cond.window + 1
+        recent = {p: s for p, s in recent.items() if first <= p <= pos}
+        self.scores[key] = recent
+        while len(self.scores) > self.max_keys:
+            self.scores.popitem(last=False)
+        if len(recent) < cond.window:
+            return None
+        return sum(recent.values()) / cond.window

@@ -287,4 +287,6 @@ def _probe_condition(cond, catalog: Catalog, path: str) -> ProbeAbortSpec:
     label = cond.label if cond.label is not None else meta.labels[0]
     if label not in meta.labels:
         raise SpecError(f"{path}.label", f"probe {cond.probe!r} has the labels {list(meta.labels)}")
-    return ProbeAbortSpec(cond.probe, meta.labels.index(label), float(cond.threshold), cond.sign)
+    return ProbeAbortSpec(
+        cond.probe, meta.labels.index(label), float(cond.threshold), cond.sign, cond.window or 1
+    )

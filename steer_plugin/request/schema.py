@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from steer_plugin.request.wire import MAX_ABORT_WINDOW
+
 Positions = Literal["all", "prompt", "generation"]
 
 
@@ -70,6 +72,10 @@ class Condition(FeatureRef):
     """Holds where the feature's activation is > this value."""
     below: float | None = None
     """Holds where the feature's activation is < this value."""
+    window: int | None = Field(None, ge=1, le=MAX_ABORT_WINDOW)
+    """On a probe only: the condition reads the mean score over the last `window` generated tokens (a full window;
+    attention sinks left out) instead of each token's own score: a sustained passage stops the answer, a single
+    spiking token does not. Unset or 1: per token."""
 
     _finite = field_validator("above", "below")(_finite_number)
 
@@ -79,6 +85,8 @@ class Condition(FeatureRef):
             raise ValueError("give exactly one of `above` or `below`")
         if self.probe is not None and (self.sae is not None or self.index is not None or self.id is not None):
             raise ValueError("a condition on a `probe` names one of its labels with `label`, no feature")
+        if self.window is not None and self.probe is None:
+            raise ValueError("`window` is for conditions on a `probe`")
         return self
 
     @property

@@ -40,10 +40,11 @@ from steer_plugin.request.ops import (
 logger = logging.getLogger("steer_plugin")
 
 WIRE_KEY = "steer_plugin"
-WIRE_VERSION = 9  # 9: the observation's reply_to (records over ZeroMQ); 8: residual reads (the fit endpoints), abort_when on probes; 7: the observation by field
+WIRE_VERSION = 10  # 10: a window on probe abort_when; 9: the observation's reply_to (records over ZeroMQ); 8: residual reads (the fit endpoints), abort_when on probes; 7: the observation by field
 # name, with probes; 6: ops by field name, in parts (coefficients, position rule, condition, inline vector)
 MAX_RESIDUAL_LAYERS = 16
 MAX_ADDRESS_CHARS = 256
+MAX_ABORT_WINDOW = 256  # tokens a windowed abort_when on a probe averages over (request/schema.py)
 # Keys of vllm_xargs a client may not send (the middleware refuses them before anything else).
 RESERVED_KEYS = (WIRE_KEY, f"{WIRE_KEY}_observe")  # and the observation key of wire version 3
 
@@ -85,6 +86,9 @@ class ProbeAbortSpec(NamedTuple):
     column: int
     threshold: float
     sign: int
+    window: int = (
+        1  # > 1: the mean over the last `window` generated tokens' scores is compared, not each score
+    )
 
     def fires(self, score: float) -> bool:
         return score > self.threshold if self.sign > 0 else score < self.threshold
@@ -367,4 +371,10 @@ def _checked_probe_abort(item: object, where: str) -> ProbeAbortSpec:
     require(is_count(raw["column"]), f"{where}.column", "a class index")
     require(is_number(raw["threshold"]), f"{where}.threshold", "a finite number")
     require(raw["sign"] in (-1, 1) and not isinstance(raw["sign"], bool), f"{where}.sign", "-1 or 1")
+    window = raw["window"]
+    require(
+        is_int(window) and 1 <= window <= MAX_ABORT_WINDOW,
+        f"{where}.window",
+        f"an integer in [1, {MAX_ABORT_WINDOW}]",
+    )
     return ProbeAbortSpec(**raw)

@@ -156,3 +156,51 @@ def test_a_step_observed_on_every_row_is_captured_without_a_gather(steerer, prob
     (record,) = mailroom.read(CID_A)
     assert [pos for pos, _ in record.tokens()] == [0, 1, 2, 3]
     assert torch.allclose(torch.tensor([found["early"] for _, found in record.tokens()]), want, atol=1e-5)
+
+
+def test_a_windowed_abort_fires_on_the_first_full_window_whose_mean_crosses(
+    steerer, probes, monkeypatch, mailroom
+):
+    """abort_when with `window` 3: one spiking token does not stop the request (a per-token condition with the
+    same threshold does); sustained ones do, at the first position whose last-3 mean (written out here)
+    crosses."""
+    _, _, weight, bias, _ = probes["early"]
+    w = weight[0] / weight[0].norm() ** 2  # hidden = c * w: the probe's logit is c + bias
+    # The probe's logit at predicting positions 2 (the prompt's last), 3, 4, ...: a spike, then a sustained run.
+    logits = [-8.0, 8.0, -8.0, -8.0, 4.0, 4.0, 4.0, 4.0]
+    monkeypatch.setattr(steer_op, "_capturing", lambda: False)
+    scores = [torch.sigmoid(torch.tensor(c + float(bias[0]))).item() for c in logits]
+    means = {2 + k: sum(scores[k - 2 : k + 1]) / 3 for k in range(2, len(scores))}  # position -> last-3 mean
+    threshold = max(means[p] for p in (4, 5)) + 1e-3  # the windows holding the spike stay below it
+    assert scores[1] > threshold  # ... though the spike alone is above it
+    windowed = mailroom.plan(
+        CID_A, (), 1, False, probes=("early",), probe_abort=(ProbeAbortSpec("early", 0, threshold, 1, 3),)
+    )
+    per_token = mailroom.plan(
+        CID_B, (), 1, False, probes=("early",), probe_abort=(ProbeAbortSpec("early", 0, threshold, 1),)
+    )
+    wires = [RequestPlan.build([], observe=o).encode() for o in (windowed, per_token)]
+    fired_at: dict[str, int] = {}
+    for step, c in enumerate(logits):
+        live = [name for name in ("A", "B") if name not in fired_at]
+        rows = 3 if step == 0 else 1  # the prompt's prefill, then one token a step
+        one = torch.cat([torch.zeros(rows - 1, D), (c * w).unsqueeze(0)])  # [rows, D]: its last row predicts
+        hidden = one.repeat(len(live), 1)  # [rows * requests, D]
+        view = BatchView(
+            live,
+            np.arange(len(live) + 1) * rows,
+            np.full(len(live), 0 if step == 0 else 2 + step),
+            np.full(len(live), 3),
+            [wires[0 if name == "A" else 1] for name in live],
+        )
+        steerer.prepare(view)
+        torch.ops.steer_plugin.steer_residual(hidden, torch.zeros_like(hidden), PROBE_LAYER)
+        for i in steerer.after_forward():
+            fired_at[live[i]] = 2 + step
+    first_crossing = next(p for p, m in sorted(means.items()) if m > threshold)
+    assert (
+        fired_at == {"B": 3, "A": first_crossing} and first_crossing == 7
+    )  # two sustained tokens in the window
+    (abort,) = [r.abort for r in mailroom.read(CID_A) if r.abort is not None]
+    assert abort[:3] == (first_crossing, "early", 0)
+    assert abort[3] == pytest.approx(means[first_crossing], abs=1e-5)  # the window's mean, not a token's

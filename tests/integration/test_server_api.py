@@ -1005,3 +1005,38 @@ def test_abort_when_on_a_probe_stops_at_the_first_crossing(server):
     assert metric("steer_probe_aborted_requests_total", probe="concept") == before + 1
     calm = _chat({**body, "max_tokens": 6, "steering": {"abort_when": [{"probe": "concept", "above": 2.0}]}})
     assert calm["choices"][0]["finish_reason"] == "length"  # a sigmoid never passes 2
+
+
+def test_a_windowed_abort_when_on_a_probe_stops_where_the_window_mean_first_crosses(server):
+    """`window` W: the stop lands at the first generated token whose last-W scores' mean (written out here from
+    the unaborted answer's per-token scores) crosses, later than a per-token condition with the same threshold."""
+    import numpy as np
+
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Tell me about the Golden Gate Bridge."}],
+            "max_tokens": 30, "temperature": 0, "logprobs": True}  # fmt: skip
+    full = _chat({**body, "steering": {"inspect": {"saes": [], "probes": ["concept"]}}})
+    scores = np.array([t["concept"]["on"] for t in full["choices"][0]["steering"]["probes"]])
+    tokens = [t["token"] for t in full["choices"][0]["logprobs"]["content"]]
+    window = 4
+    means = np.convolve(scores, np.ones(window) / window, mode="valid")  # means[j]: tokens j .. j + 3
+
+    def crossings(threshold: float) -> tuple[int | None, int | None]:
+        """(first token over it, first token ending a window whose mean is over it)."""
+        token = next((k for k, v in enumerate(scores) if v > threshold), None)
+        windowed = next((j + window - 1 for j, m in enumerate(means) if m > threshold), None)
+        return token, windowed
+
+    # A threshold a single token passes earlier than any full window does (the test's point), from the data.
+    candidates = [float(m) - 1e-4 for m in sorted(set(np.round(means, 6)))]
+    threshold = next(t for t in candidates if None not in crossings(t) and crossings(t)[0] < crossings(t)[1])
+    _, stop = crossings(threshold)
+    stopped = _chat(
+        {**body, "steering": {"abort_when": [{"probe": "concept", "above": threshold, "window": window}]}}
+    )
+    choice = stopped["choices"][0]
+    assert choice["finish_reason"] == "abort_when"
+    kept = [t["token"] for t in choice["logprobs"]["content"]]
+    assert kept[:stop] == tokens[:stop] and len(kept) <= stop + 1  # + the forced end token
+    info = choice["steering"]["abort"]
+    assert (info["probe"], info["token"], info["window"]) == ("concept", stop, window)
+    assert info["score"] == pytest.approx(means[stop - window + 1], abs=1e-4)  # the window's mean

@@ -222,7 +222,13 @@ def test_abort_when_on_a_probe_and_monitored_probes():
     assert plan({"abort_when": [{"probe": "mood", "below": 0.1}]}).probe_abort == (
         ProbeAbortSpec("mood", 0, 0.1, -1),
     )
+    windowed = plan({"abort_when": [{"probe": "mood", "label": "sad", "above": 0.5, "window": 8}]})
+    assert windowed.probe_abort == (ProbeAbortSpec("mood", 1, 0.5, 1, 8),)
     for condition, param in (
+        ({"sae": "a", "index": 1, "above": 1, "window": 4}, "steering.abort_when[0]"),  # probes only
+        ({"probe": "mood", "above": 1, "window": 0}, "steering.abort_when[0].window"),
+        ({"probe": "mood", "above": 1, "window": 257}, "steering.abort_when[0].window"),
+        ({"probe": "mood", "above": 1, "window": 2.5}, "steering.abort_when[0].window"),
         ({"probe": "nope", "above": 1}, "steering.abort_when[0].probe"),
         ({"probe": "mood", "label": "angry", "above": 1}, "steering.abort_when[0].label"),
         ({"probe": "mood", "sae": "a", "above": 1}, "steering.abort_when[0]"),

@@ -129,13 +129,13 @@ def test_observation_fields_are_checked_by_name():
         "stats": [],
         "abort": [{"sae": "a", "index": 4, "threshold": 2.0, "sign": -1}],
         "probes": ["p"],
-        "probe_abort": [{"probe": "p", "column": 1, "threshold": 0.5, "sign": 1}],
+        "probe_abort": [{"probe": "p", "column": 1, "threshold": 0.5, "sign": 1, "window": 4}],
         "residuals": [3],
         "reply_to": "tcp://10.0.0.1:5555",
     }
     assert RequestPlan.decode(message([], good)).observe == OBSERVE._replace(
         probes=("p",),
-        probe_abort=(ProbeAbortSpec("p", 1, 0.5, 1),),
+        probe_abort=(ProbeAbortSpec("p", 1, 0.5, 1, 4),),
         residuals=(3,),
         reply_to="tcp://10.0.0.1:5555",
     )
@@ -156,10 +156,13 @@ def test_observation_fields_are_checked_by_name():
         ("watch", [["a", 3, 1.5]]),  # positional: the wire of version 6
         ("probes", "p"),
         ("probes", [1]),
-        ("probe_abort", [{"probe": "p", "column": -1, "threshold": 0.5, "sign": 1}]),
-        ("probe_abort", [{"probe": "p", "column": 0, "threshold": float("inf"), "sign": 1}]),
-        ("probe_abort", [{"probe": "p", "column": 0, "threshold": 0.5, "sign": 2}]),
-        ("probe_abort", [{"probe": 3, "column": 0, "threshold": 0.5, "sign": 1}]),
+        ("probe_abort", [{"probe": "p", "column": -1, "threshold": 0.5, "sign": 1, "window": 1}]),
+        ("probe_abort", [{"probe": "p", "column": 0, "threshold": float("inf"), "sign": 1, "window": 1}]),
+        ("probe_abort", [{"probe": "p", "column": 0, "threshold": 0.5, "sign": 2, "window": 1}]),
+        ("probe_abort", [{"probe": 3, "column": 0, "threshold": 0.5, "sign": 1, "window": 1}]),
+        ("probe_abort", [{"probe": "p", "column": 0, "threshold": 0.5, "sign": 1, "window": 0}]),
+        ("probe_abort", [{"probe": "p", "column": 0, "threshold": 0.5, "sign": 1, "window": 257}]),
+        ("probe_abort", [{"probe": "p", "column": 0, "threshold": 0.5, "sign": 1, "window": True}]),
         ("residuals", [-1]),
         ("residuals", ["3"]),
         ("residuals", [True]),
