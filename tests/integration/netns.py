@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -31,12 +32,22 @@ from typing import IO
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/var/run/netns")
 # A node's mount namespace: fresh tmpfs over /tmp (holding a copy of the node's folder) and /dev/shm, then the
-# command. /mnt is the staging point the tmpfs is filled at before it is moved over /tmp.
+# command. /mnt is the staging point the tmpfs is filled at before it is moved over /tmp. The read-only shared paths
+# that lie under /tmp (a checkout or venv there, as on a CI runner) are bound into it read-only at the same path,
+# so the move keeps them where they were.
 _NODE_SHELL = (
     "set -e; mount --make-rprivate /; mount -t tmpfs -o size=4g,mode=1777 steer-node /mnt; "
-    'cp -a "$STEER_NODE_DIR"/. /mnt/; mount --move /mnt /tmp; '
+    'cp -a "$STEER_NODE_DIR"/. /mnt/; '
+    'for keep in $STEER_NODE_KEEP; do case "$keep" in /tmp/*) at="/mnt/${keep#/tmp/}"; mkdir -p "$at"; '
+    'mount --bind "$keep" "$at"; mount -o remount,bind,ro "$at";; esac; done; '
+    "mount --move /mnt /tmp; "
     "mount -t tmpfs -o size=2g,mode=1777 steer-node-shm /dev/shm; "
-    'cd /tmp; unset STEER_NODE_DIR; exec "$@"'
+    'cd /tmp; unset STEER_NODE_DIR STEER_NODE_KEEP; exec "$@"'
+)
+# What every host shares read-only (the software installed on each host): this checkout (its venv and assets) and
+# the Python it runs on.
+SHARED = tuple(
+    dict.fromkeys(str(Path(p).resolve()) for p in (Path(__file__).parents[2], sys.prefix, sys.base_prefix))
 )
 
 
@@ -73,7 +84,7 @@ class Host:
     ) -> subprocess.Popen:
         """`cmd` in this host (its network namespace, a private mount namespace whose /tmp is a copy of
         `node_dir`), in its own process group."""
-        env = {**env, "STEER_NODE_DIR": str(node_dir)}
+        env = {**env, "STEER_NODE_DIR": str(node_dir), "STEER_NODE_KEEP": " ".join(SHARED)}
         wrapped = ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private",
                    "sh", "-c", _NODE_SHELL, "steer-node", *cmd]  # fmt: skip
         proc = subprocess.Popen(wrapped, env=env, stdout=log, stderr=log, start_new_session=True)
