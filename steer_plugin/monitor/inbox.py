@@ -1,11 +1,11 @@
 """The API process's side of the observation transport (monitor/transport.py): one PULL socket, the `Inbox`,
 that every worker sends this process's records to, and the open requests' pending messages.
 
-Bound on first use in each API process: an abstract-namespace IPC address by default (one host, nothing on
-disk), TCP on STEER_PLUGIN_OBSERVE_HOST where workers run on other hosts. A message is accepted only when its MAC
-verifies with the server's wire key, and each part of it only for a request this process has open; everything else is dropped
-and counted by reason (steer_observation_dropped_total), so a restarted process, a stray sender or a late step
-never adds records to a response. Nothing is left behind: a mailbox is closed when its response ends, however it
+Bound when each API process starts: an abstract-namespace IPC address by default (one host, nothing on disk),
+TCP on STEER_PLUGIN_OBSERVE_HOST where workers run on other hosts. A message is accepted only when its MAC
+verifies with the server's wire key, and each part of it only for a request this process has open; everything
+else is dropped and counted by reason (steer_observation_dropped_total), so a restarted process, a stray sender or
+a late step never adds records to a response. Nothing is left behind: a mailbox is closed when its response ends, however it
 ends (steer_observation_open_requests counts the open ones).
 """
 
@@ -16,7 +16,6 @@ import os
 import secrets
 import threading
 from collections import OrderedDict
-from typing import NamedTuple
 
 import msgspec
 import zmq
@@ -31,12 +30,6 @@ RECV_HWM = 16384  # messages queued in the API process before the senders' queue
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_PENDING = 1 << 16  # messages one request's mailbox holds before new ones are dropped
 RECENT = 4096  # closed requests remembered, so late records count as "late", not "unowned"
-
-
-class Pending(NamedTuple):
-    """One open request's messages: authenticated, not yet decoded."""
-
-    payloads: list[msgspec.Raw]  # each: one step's records of the request, still encoded
 
 
 class Inbox:
@@ -68,14 +61,15 @@ class Inbox:
         else:
             self.socket.bind(f"ipc://@steer-observe-{secrets.token_hex(12)}")  # abstract: nothing on disk
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.boxes: dict[str, Pending] = {}  # open requests by cid
+        # Open requests by cid: their authenticated messages not yet taken, each one step's records still encoded.
+        self.boxes: dict[str, list[msgspec.Raw]] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # closed cids (bounded)
 
     def open(self, cid: str) -> None:
         """Start accepting records for request `cid` (before it reaches the engine)."""
         with self.lock:
             if cid not in self.boxes:
-                self.boxes[cid] = Pending([])
+                self.boxes[cid] = []
                 metrics.OBSERVATION_OPEN.inc()
 
     def take(self, cid: str) -> list[Record]:
@@ -85,8 +79,8 @@ class Inbox:
             box = self.boxes.get(cid)
             if box is None:
                 return []
-            payloads = box.payloads[:]
-            box.payloads.clear()
+            payloads = box[:]
+            box.clear()
         out: list[Record] = []
         for payload in payloads:
             try:
@@ -135,10 +129,10 @@ class Inbox:
             box = self.boxes.get(name) if len(cid) == transport.CID_BYTES else None
             if box is None:
                 _drop("late" if name in self.recent else "unowned")
-            elif len(box.payloads) >= MAX_PENDING:
+            elif len(box) >= MAX_PENDING:
                 _drop("overflow")
             else:
-                box.payloads.append(payload)
+                box.append(payload)
 
     def close_socket(self) -> None:
         self.socket.close(0)
@@ -148,15 +142,9 @@ def _drop(reason: str) -> None:
     metrics.OBSERVATION_DROPPED.labels(reason=reason).inc()
 
 
-_INBOX: Inbox | None = None
-_INBOX_PID = 0
-_LOCK = threading.Lock()
+_INBOX = transport.PerProcess(lambda: Inbox(signing.wire_key(), os.environ.get(HOST_ENV) or None))
 
 
 def inbox() -> Inbox:
-    """This API process's inbox, bound on first use (after any fork: each API process has its own)."""
-    global _INBOX, _INBOX_PID
-    with _LOCK:
-        if _INBOX is None or _INBOX_PID != os.getpid():
-            _INBOX, _INBOX_PID = Inbox(signing.wire_key(), os.environ.get(HOST_ENV) or None), os.getpid()
-        return _INBOX
+    """This API process's inbox, bound on first use (the middleware's start; each API process has its own)."""
+    return _INBOX.get()

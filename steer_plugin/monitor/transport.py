@@ -16,6 +16,8 @@ import hmac
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import zmq
 
@@ -28,6 +30,7 @@ SEND_HWM = 1024  # messages queued per peer in a worker before new ones are drop
 MAX_PEERS = 64  # API-process addresses a worker keeps a socket to (least recently used closed first)
 MAC_BYTES = 16
 CID_BYTES = 16
+T = TypeVar("T")
 
 
 def mac(key: bytes, body: bytes) -> bytes:
@@ -35,16 +38,33 @@ def mac(key: bytes, body: bytes) -> bytes:
     return hmac.digest(key, body, "sha256")[:MAC_BYTES]
 
 
+class PerProcess(Generic[T]):
+    """One object per process, made on first use: a forked child makes its own (ZeroMQ contexts and sockets do
+    not survive fork)."""
+
+    def __init__(self, make: Callable[[], T]):
+        self.make = make
+        self.value: T | None = None
+        self.pid = 0
+        self.lock = threading.Lock()
+
+    def get(self) -> T:
+        with self.lock:
+            if self.value is None or self.pid != os.getpid():
+                self.value, self.pid = self.make(), os.getpid()
+            return self.value
+
+    def made(self) -> T | None:
+        """This process's object if it was made, without making it."""
+        return self.value if self.pid == os.getpid() else None
+
+
+_CONTEXT = PerProcess(lambda: zmq.Context(io_threads=1))
+
+
 def context() -> zmq.Context:
-    """A ZeroMQ context of this process (a forked child makes its own: contexts do not survive fork)."""
-    global _CONTEXT, _CONTEXT_PID
-    if _CONTEXT is None or _CONTEXT_PID != os.getpid():
-        _CONTEXT, _CONTEXT_PID = zmq.Context(io_threads=1), os.getpid()
-    return _CONTEXT
-
-
-_CONTEXT: zmq.Context | None = None
-_CONTEXT_PID = 0
+    """This process's ZeroMQ context."""
+    return _CONTEXT.get()
 
 
 class Outbox:
@@ -55,7 +75,6 @@ class Outbox:
         self.key = key
         self.sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
         self.pending: dict[str, dict[str, list[Record]]] = {}  # this step's: address -> cid -> records
-        self.sent = 0  # messages queued
         self.dropped = 0  # records whose message could not be queued
 
     def _socket(self, address: str) -> zmq.Socket:
@@ -93,7 +112,6 @@ class Outbox:
                 self.dropped += sum(map(len, by_cid.values()))
                 continue
             queued += 1
-        self.sent += queued
         return queued
 
     def close(self) -> None:
@@ -102,23 +120,18 @@ class Outbox:
         self.sockets.clear()
 
 
-_OUTBOX: Outbox | None = None
-_OUTBOX_PID = 0
-_LOCK = threading.Lock()
+_OUTBOX = PerProcess(lambda: Outbox(signing.wire_key()))
 
 
 def outbox() -> Outbox:
     """This worker's outbox (made on first use, in the worker process)."""
-    global _OUTBOX, _OUTBOX_PID
-    with _LOCK:
-        if _OUTBOX is None or _OUTBOX_PID != os.getpid():
-            _OUTBOX, _OUTBOX_PID = Outbox(signing.wire_key()), os.getpid()
-        return _OUTBOX
+    return _OUTBOX.get()
 
 
 def dropped() -> int:
     """Records this worker could not queue (for /metrics: WorkerStats.observation_dropped)."""
-    return 0 if _OUTBOX is None or _OUTBOX_PID != os.getpid() else _OUTBOX.dropped
+    made = _OUTBOX.made()
+    return 0 if made is None else made.dropped
 
 
 def post(to: Addressee, records: list[Record]) -> None:
@@ -128,4 +141,5 @@ def post(to: Addressee, records: list[Record]) -> None:
 
 def flush() -> int:
     """Worker: send the step's messages (Outbox.flush); after the step's reads, once."""
-    return outbox().flush() if _OUTBOX is not None and _OUTBOX_PID == os.getpid() else 0
+    made = _OUTBOX.made()  # (none made: nothing was posted in this process)
+    return 0 if made is None else made.flush()
