@@ -67,6 +67,30 @@ def write_monitored_config(base_config: str, folder, watched: int, denied: int, 
     return str(path)
 
 
+def write_runtime_config(base_config: str, folder, layers: list[int], rows_per_layer: int, root) -> str:
+    """The base config with runtime loads on: `layers` reserved with `rows_per_layer` rows each, files allowed
+    under `root`; written in `folder`, its path."""
+    config = json.loads(open(base_config).read())
+    config["runtime"] = {"layers": layers, "rows_per_layer": rows_per_layer, "roots": [str(root)]}
+    path = folder / "steer.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """Two namespaced hosts (tests/integration/netns.py) for the multi-node tests."""
+    from tests.tools import skip_or_fail
+
+    from . import netns
+
+    reason = netns.unavailable()
+    if reason:
+        skip_or_fail(f"multi-node tests need two namespaced hosts: {reason}")  # CI runs as root: fails there
+    with netns.two_hosts() as pair:
+        yield pair
+
+
 def add_explanations(config_path: str, folder, files: dict[str, str]) -> None:
     """Writes `files` (name -> text) into `folder`/explanations and points the demo SAE's `explanations` at it."""
     target = folder / "explanations"

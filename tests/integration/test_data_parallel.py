@@ -7,7 +7,6 @@ both ranks, and the plugin's worker figures on /metrics count the workers of bot
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ import pytest
 import requests
 import torch
 
-from .conftest import PROMPTS, chat_ids, running_server
+from .conftest import PROMPTS, chat_ids, running_server, write_runtime_config
 from .test_engine_fidelity import LOGPROB_TOL, TOP, cases, generation_steering
 
 pytestmark = pytest.mark.server
@@ -41,19 +40,12 @@ def root(demo_assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(demo_assets, steer_config_path, assets, sae_layer, root, tmp_path_factory):
-    config = json.loads(open(steer_config_path).read())
-    config["runtime"] = {
-        "layers": [sae_layer, RUNTIME_LAYER],
-        "rows_per_layer": assets.saes["demo"].sae.d_sae + 4,
-        "roots": [str(root)],
-    }
-    path = tmp_path_factory.mktemp("dp-config") / "steer.json"
-    path.write_text(json.dumps(config))
+    rows = assets.saes["demo"].sae.d_sae + 4
+    folder = tmp_path_factory.mktemp("dp-config")
+    path = write_runtime_config(steer_config_path, folder, [sae_layer, RUNTIME_LAYER], rows, root)
     env = {**os.environ, "STEER_ADMIN_KEY": KEY}
     started = time.time()
-    with running_server(
-        demo_assets.model_dir, str(path), PORT, "--data-parallel-size", str(DP), env=env
-    ) as proc:
+    with running_server(demo_assets.model_dir, path, PORT, "--data-parallel-size", str(DP), env=env) as proc:
         print(f"DP={DP} server healthy after {time.time() - started:.1f} s")
         yield proc
 

@@ -29,8 +29,6 @@ import pytest
 import requests
 import torch
 
-from ..tools import skip_or_fail
-from . import netns
 from .conftest import MAX_MODEL_LEN, PROMPTS, chat_ids
 from .test_engine_fidelity import LOGPROB_TOL, TOP, cases
 
@@ -41,15 +39,6 @@ PORT, MASTER_PORT = 18861 + OFFSET, 29561 + OFFSET
 KEY = "multi-node-admin-key-0123456789abcdef"
 ADMIN = {"X-Steer-Admin-Key": KEY}
 START_TIMEOUT_S = 600
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    reason = netns.unavailable()
-    if reason:
-        skip_or_fail(f"multi-node tests need two namespaced hosts: {reason}")  # CI runs as root: fails there
-    with netns.two_hosts() as pair:
-        yield pair
 
 
 @contextmanager

@@ -13,8 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..tools import skip_or_fail
-from . import netns
 from .conftest import inprocess_engine
 from .plain_engines import TOP
 from .test_multi_node import ADMIN, completions, multi_node_server, node_dirs, post
@@ -24,15 +22,6 @@ from .tiny_models import SAE_LAYER, TinyModel, build_all
 pytestmark = [pytest.mark.server, pytest.mark.netns]
 
 ARCH = "LlamaForCausalLM"
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    reason = netns.unavailable()
-    if reason:
-        skip_or_fail(f"multi-node tests need two namespaced hosts: {reason}")  # CI runs as root: fails there
-    with netns.two_hosts() as pair:
-        yield pair
 
 
 @pytest.fixture(scope="module")

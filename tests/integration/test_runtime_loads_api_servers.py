@@ -9,7 +9,6 @@ same catalog at the same generation."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from .conftest import running_server
+from .conftest import running_server, write_runtime_config
 
 pytestmark = pytest.mark.server
 
@@ -52,17 +51,12 @@ def root(demo_assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(demo_assets, steer_config_path, assets, sae_layer, root, tmp_path_factory):
-    config = json.loads(open(steer_config_path).read())
-    config["runtime"] = {
-        "layers": [sae_layer, RUNTIME_LAYER],
-        "rows_per_layer": assets.saes["demo"].sae.d_sae + 4,
-        "roots": [str(root)],
-    }
-    path = tmp_path_factory.mktemp("api-servers-config") / "steer.json"
-    path.write_text(json.dumps(config))
+    rows = assets.saes["demo"].sae.d_sae + 4
+    folder = tmp_path_factory.mktemp("api-servers-config")
+    path = write_runtime_config(steer_config_path, folder, [sae_layer, RUNTIME_LAYER], rows, root)
     # steer-serve runs `vllm serve` for this (api/serve.py), which makes its own multiprocess metrics dir.
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"STEER_ADMIN_KEY": KEY}
-    with running_server(demo_assets.model_dir, str(path), PORT, "--api-server-count", "2", env=env) as proc:
+    with running_server(demo_assets.model_dir, path, PORT, "--api-server-count", "2", env=env) as proc:
         yield proc
 
 
