@@ -68,6 +68,7 @@ class Observation:
         self.records: list[TokenRecord] = []
         self.prompt_len: int | None = None
         self.next_token = 0
+        self.values_read = 0  # values reported (counted once, at the end: a counter update per token costs)
         self.aborted: TokenRecord | None = None  # the record of the first abort_when condition that fired
         self.sinks: set[int] = set()  # positions the workers flagged as attention sinks
         self.scores: dict[int, dict[str, tuple[float, ...]]] = {}  # pos -> probe -> its scores
@@ -129,18 +130,26 @@ class Observation:
                 if sae_id in found
                 else None
             )
-        watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
-        traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
-        scored = self.scores.get(pos, {})
-        probes = {
-            pid: dict(zip(self.probes[pid].labels, scored[pid])) if pid in scored else None
-            for pid in self.request.probes
-            if pid in self.probes
-        }
-        metrics.OBSERVATION_VALUES.inc(
-            sum(len(f or ()) for f in features.values()) + len(traced) + len(probes)
-        )
+        traced = []
+        if self.request.traced:
+            watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
+            traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
+        probes = {}
+        if self.expected_probes:
+            scored = self.scores.get(pos, {})
+            probes = {
+                pid: dict(zip(self.probes[pid].labels, scored[pid])) if pid in scored else None
+                for pid in self.request.probes
+                if pid in self.probes
+            }
         return TokenRead(features, traced, probes)
+
+    def _counted(self, reads: list[TokenRead]) -> list[TokenRead]:
+        """`reads`, their values counted (steer_observation_values_total gets the sum when the response ends)."""
+        self.values_read += sum(
+            sum(len(f or ()) for f in r.features.values()) + len(r.traced) + len(r.probes) for r in reads
+        )
+        return reads
 
     def next_tokens(self, count: int) -> list[TokenRead]:
         """The next `count` generated tokens (each read from the residual that predicted it)."""
@@ -152,7 +161,7 @@ class Observation:
             return [self._nothing() for _ in range(count)]
         out = [self._token(self.prompt_len - 1 + k) for k in range(self.next_token, self.next_token + count)]
         self.next_token += count
-        return out
+        return self._counted(out)
 
     def _nothing(self) -> TokenRead:
         return TokenRead(
@@ -165,7 +174,7 @@ class Observation:
         self._settle(lambda: range(self.prompt_len))
         if self.prompt_len is None:
             return []
-        return [self._token(p) for p in range(self.prompt_len)]
+        return self._counted([self._token(p) for p in range(self.prompt_len)])
 
     def abort(self) -> dict | None:
         """Which abort_when condition stopped the request and at which generated token (the token that was not
@@ -235,6 +244,7 @@ class Observation:
     def finish(self, response_id: str | None, model: str | None) -> None:
         """Write the monitoring line and watchlist counts; close the request's mailbox, however that goes."""
         try:
+            metrics.OBSERVATION_VALUES.inc(self.values_read)
             self._report(response_id, model)
         finally:
             self.inbox.close(self.cid)

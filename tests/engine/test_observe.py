@@ -73,6 +73,30 @@ def test_records_match_a_direct_topk_encode(mailroom):
     )
 
 
+def test_inspect_only_reads_of_a_topk_sae_match_the_dense_encode(mailroom):
+    """Top-K alone (no stats, nothing watched) takes a shorter path for TopK SAEs (one top-K of the
+    pre-activations): same records as the top features of the dense encode, for top_k below, at and above k."""
+    sae = topk_sae()
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+    x[5] = -x[4]  # (a row with few positive pre-activations: fewer than k features active)
+    pre = x @ sae.W_enc  # [6, 20], b_enc = b_dec = 0
+    top3 = pre.topk(3)
+    f = torch.zeros_like(pre).scatter(1, top3.indices, torch.relu(top3.values))  # the SAE's features
+    cids = ["c" * 31 + str(k) for k in (1, 3, 5)]
+    Observer({"s": sae}, write=True).collect(
+        [ObservedRows(mailroom.to(cid), "s", k, [0, 1, 2, 3, 4, 5], list(range(10, 16)), 10) for cid, k in
+         zip(cids, (1, 3, 5))],
+        {"s": x},
+    )  # fmt: skip
+    for cid, k in zip(cids, (1, 3, 5)):
+        records = mailroom.read(cid)
+        for row, r in enumerate(records):
+            values, indices = f[row].topk(k)
+            expected = [(int(i), round(float(v), 4)) for i, v in zip(indices, values) if v > 0]
+            assert list(r.top) == expected and r.l0 is None and r.error is None
+    assert (pre[5] > 0).sum() < 20  # (the mirrored row has its own, different, active set)
+
+
 def test_watched_feature_outside_top_k_is_reported(mailroom):
     sae = topk_sae()
     sae.architecture, sae.k = "relu", None  # every positive pre-activation is active

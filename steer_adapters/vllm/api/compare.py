@@ -10,7 +10,6 @@ one `[DONE]` at the end. An error answer of either variant is sent instead of th
 from __future__ import annotations
 
 import asyncio
-import json
 
 from steer_adapters.vllm.api import sse
 
@@ -119,14 +118,14 @@ class CompareMerger:
                 tail += sse.data_event({**self.usage_chunk, "usage": _sum_usage(self.usage)})
             await self.downstream({"type": "http.response.body", "body": tail + sse.DONE + sse.SEPARATOR})
             return
-        merged = json.loads(self.bodies[STEERED])
-        default = json.loads(self.bodies[DEFAULT])
+        merged = sse.loads(self.bodies[STEERED])
+        default = sse.loads(self.bodies[DEFAULT])
         self._label(STEERED, merged.get("choices", []))
         self._label(DEFAULT, default.get("choices", []))
         merged["choices"] = merged.get("choices", []) + default.get("choices", [])
         if merged.get("usage") and default.get("usage"):
             merged["usage"] = _sum_usage([merged["usage"], default["usage"]])
-        body = json.dumps(merged).encode()
+        body = sse.dumps(merged)
         start = self.starts[STEERED]
         headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))

@@ -4,7 +4,6 @@ stop), chunk by chunk when streaming; the monitoring line is written when the re
 
 from __future__ import annotations
 
-import json
 import logging
 
 from steer_adapters.vllm.api import sse
@@ -120,7 +119,7 @@ class ResponseRewriter:
         await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
 
     def _rewrite_full(self, raw: bytes) -> bytes:
-        data = json.loads(raw)
+        data = sse.loads(raw)
         if not isinstance(data, dict):  # vLLM answers `null` when the client went away before the end
             return raw
         self.response_id, self.model = data.get("id"), data.get("model")
@@ -139,7 +138,7 @@ class ResponseRewriter:
                     choice["steering"]["prompt_probes"] = [r.probes for r in reads]
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             data.pop("prompt_token_ids", None)
-        return json.dumps(data).encode()
+        return sse.dumps(data)
 
     def _rewrite_event(self, event: bytes) -> bytes:
         data = sse.event_json(event)
