@@ -30,7 +30,7 @@ import logging
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -38,7 +38,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from steer_plugin import metrics
-from steer_plugin.catalog import load_probe_source, load_sae_source, load_vector_source
+from steer_plugin.catalog import LoadedSAE, load_probe_source, load_sae_source, load_vector_source
 from steer_plugin.catalog_sync import Broadcast, CatalogSync, Link, Loaded, RuntimeSources
 from steer_plugin.config import ConfigError, ProbeSource, RuntimeConfig, SAESource, VectorSource
 from steer_plugin.files import FileRefused, confined, real_path, under
@@ -103,6 +103,11 @@ class Sources(RuntimeSources, Protocol):
     def d_model(self) -> int | None: ...
 
     def read_layers(self) -> set[int]: ...  # layers with an SAE or a probe (the workers capture there too)
+
+    # (a probe of SAE features is checked against its SAE)
+    def loaded_saes(self) -> Mapping[str, LoadedSAE]: ...
+
+    def probes_reading(self, sae_id: str) -> list[str]: ...  # the loaded probes that read this SAE's features
 
     def remove_source(self, kind: str, source_id: str) -> None: ...
 
@@ -177,7 +182,9 @@ class Admin:
             if kind == "sae":
                 return load_sae_source(source, "body", d_model, weights=False)
             if kind == "probe":
-                return load_probe_source(source, "body", d_model, weights=False)
+                return load_probe_source(
+                    source, "body", d_model, weights=False, saes=self.sources.loaded_saes()
+                )
             return load_vector_source(source, "body", d_model)
 
     def _read_entry(self, kind: str, fields: dict) -> Loaded:
@@ -306,6 +313,9 @@ class Admin:
             raise SpecError(
                 "id", f"{kind} {source_id!r} is configured at start-up; it cannot be unloaded", 409
             )
+        readers = sources.probes_reading(source_id) if kind == "sae" else []
+        if readers:
+            raise SpecError("id", f"probe(s) {readers} read SAE {source_id!r}: unload them first", 409)
         using = sources.in_flight.counts.get((kind, source_id), 0)
         if using:
             raise SpecError(

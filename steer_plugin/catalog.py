@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ from steer_plugin.files import (
     regular_path,
 )
 from steer_plugin.labels.neuronpedia import Explanation, load_explanations
-from steer_plugin.probes.format import Probe, ProbeMeta, load_probe, read_meta
+from steer_plugin.probes.format import Probe, ProbeInput, ProbeMeta, check_input, load_probe, read_meta
 from steer_plugin.request.resolve import ASCII_INDEX, Catalog, SAEInfo, VectorInfo
 from steer_plugin.sae.model import SAEHeader, SparseAutoencoder
 
@@ -61,9 +62,20 @@ class LoadedProbe(NamedTuple):
         return probe_meta(self.probe).layer
 
 
-def load_probe_source(source: ProbeSource, key: str, d_model: int | None = None, weights: bool = True):
-    """One probe folder (its probe.json only when `weights` is False), checked; ConfigError naming `key`."""
+def load_probe_source(
+    source: ProbeSource,
+    key: str,
+    d_model: int | None = None,
+    weights: bool = True,
+    saes: Mapping[str, LoadedSAE] = {},
+):
+    """One probe folder (its probe.json only when `weights` is False), checked, a probe of SAE features against
+    its SAE among `saes`; ConfigError naming `key`."""
     probe = load_probe(source.path, key, d_model) if weights else read_meta(source.path, key)
+    meta = probe_meta(probe)
+    width = probe.weight.shape[1] if isinstance(probe, Probe) else None
+    inputs = {sid: ProbeInput(s.layer, s.sae.d_sae) for sid, s in saes.items()}
+    check_input(meta, width, inputs, key, source.path)
     return LoadedProbe(source.id, probe)
 
 
@@ -272,8 +284,9 @@ def load_assets(
     explanation files unless `explanations` is False (workers do not serve them); the SAEs' headers and the
     probes' probe.json only (see load_sae_source) when `weights` is False (the API process)."""
     saes: dict[str, LoadedSAE] = {}
+    every_sae: dict[str, LoadedSAE] = {}  # (a probe may read an SAE of a layer this rank does not run)
     for i, source in enumerate(config.saes):
-        loaded = load_sae_source(source, f"saes[{i}]", d_model, explanations, weights)
+        loaded = every_sae[source.id] = load_sae_source(source, f"saes[{i}]", d_model, explanations, weights)
         if layers is None or loaded.layer in layers:
             saes[source.id] = loaded
     vectors: dict[str, LoadedVector] = {}
@@ -284,7 +297,7 @@ def load_assets(
     probes: dict[str, Probe | ProbeMeta] = {}
     for i, source in enumerate(config.probes):
         key = f"probes[{i}]"
-        loaded = load_probe_source(source, key, d_model, weights)
+        loaded = load_probe_source(source, key, d_model, weights, every_sae)
         rule = config.monitoring.probes.get(source.id)
         labels = probe_meta(loaded.probe).labels
         if rule is not None and rule.label is not None and rule.label not in labels:

@@ -36,6 +36,7 @@ class Discovery:
                 "labels": list(meta.labels),
                 "activation": meta.activation,
                 "window": meta.window,
+                "sae": meta.sae,
                 "revision": self.probe_revisions.get(source_id) or None,
             }
         if kind == "vector":

@@ -186,6 +186,12 @@ class SteeringService:
             probe_meta(p).layer for p in self.assets.probes.values()
         }
 
+    def loaded_saes(self) -> dict[str, LoadedSAE]:
+        return self.assets.saes
+
+    def probes_reading(self, sae_id: str) -> list[str]:
+        return sorted(pid for pid, p in self.assets.probes.items() if probe_meta(p).sae == sae_id)
+
     def describe(self, kind: str, source_id: str) -> dict:
         """One loaded source as the discovery routes list it."""
         return self.discovery.describe(kind, source_id)

@@ -2,12 +2,14 @@
 
 Probes read the same captured rows the SAE reads use: inside the op the steered residual rows of observed
 tokens are copied to the layer's persistent capture buffer (graph-safe, engine/op.py); after the forward,
-outside any graph, one [rows, d] x [d, sum of classes] product per layer scores every probe asked for there.
+outside any graph, one [rows, d] x [d, sum of classes] product per layer scores every probe of the residual
+asked for there, and one encode and product per SAE the probes of that SAE's features.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -17,6 +19,7 @@ from steer_plugin.monitor import transport
 from steer_plugin.probes.format import Probe
 from steer_plugin.request.records import ProbeRecord
 from steer_plugin.request.wire import Addressee, ProbeAbortSpec
+from steer_plugin.sae.model import SparseAutoencoder as SAE
 
 
 class ProbedRows(NamedTuple):
@@ -33,14 +36,22 @@ class ProbedRows(NamedTuple):
     req_index: int = -1  # the request's index in the step's batch
 
 
+class InputProbes(NamedTuple):
+    """A layer's probes of one input (the residual, or one SAE's features) stacked for one product."""
+
+    sae: str | None  # whose features they read; None: the residual
+    ids: tuple[str, ...]
+    weight: torch.Tensor  # [sum of classes, width]
+    bias: torch.Tensor  # [sum of classes]
+    sigmoid: torch.Tensor  # [sum of classes] bool: the columns of sigmoid probes
+
+
 class LayerProbes(NamedTuple):
-    """A layer's probes stacked for one product."""
+    """A layer's probes: one stack per input, their scores side by side in this order."""
 
     ids: tuple[str, ...]
-    weight: torch.Tensor  # [sum of classes, d]
-    bias: torch.Tensor  # [sum of classes]
+    parts: tuple[InputProbes, ...]
     offsets: tuple[int, ...]  # probe i's classes are columns offsets[i]:offsets[i+1]
-    sigmoid: torch.Tensor  # [sum of classes] bool: the columns of sigmoid probes
     columns: dict[str, tuple[int, int]]  # probe id -> its (first, end) column
 
 
@@ -87,22 +98,30 @@ class ProbeReader:
     def _stack(self, layer: int) -> None:
         """(Re)build the layer's stacked weights from the probes it has now (none: the layer is dropped)."""
         probes = self.probes
-        ids = tuple(pid for pid, p in probes.items() if p.meta.layer == layer)
-        if not ids:
+        mine = [pid for pid, p in probes.items() if p.meta.layer == layer]
+        if not mine:
             self.layers.pop(layer, None)
             return
+        parts = []
+        for sae in dict.fromkeys(probes[pid].meta.sae for pid in mine):  # the residual, SAEs: one part each
+            ids = tuple(pid for pid in mine if probes[pid].meta.sae == sae)
+            sigmoid = [
+                probes[pid].meta.activation == "sigmoid" for pid in ids for _ in probes[pid].meta.labels
+            ]
+            parts.append(
+                InputProbes(
+                    sae,
+                    ids,
+                    torch.cat([probes[pid].weight for pid in ids]).to(self.device),
+                    torch.cat([probes[pid].bias for pid in ids]).to(self.device),
+                    torch.tensor(sigmoid, device=self.device),
+                )
+            )
+        ids = tuple(pid for part in parts for pid in part.ids)
         sizes = [len(probes[pid].meta.labels) for pid in ids]
         offsets = tuple(int(x) for x in torch.tensor([0, *sizes]).cumsum(0))
         self.layers[layer] = LayerProbes(
-            ids,
-            torch.cat([probes[pid].weight for pid in ids]).to(self.device),
-            torch.cat([probes[pid].bias for pid in ids]).to(self.device),
-            offsets,
-            torch.tensor(
-                [probes[pid].meta.activation == "sigmoid" for pid in ids for _ in probes[pid].meta.labels],
-                device=self.device,
-            ),
-            {pid: (offsets[j], offsets[j + 1]) for j, pid in enumerate(ids)},
+            ids, tuple(parts), offsets, {pid: (offsets[j], offsets[j + 1]) for j, pid in enumerate(ids)}
         )
 
     def add(self, probe_id: str, probe: Probe) -> None:
@@ -135,9 +154,12 @@ class ProbeReader:
         probe = self.probes.get(probe_id)
         return None if probe is None else probe.meta.layer
 
-    def collect(self, groups: list[ProbedRows], captures: dict[int, torch.Tensor]) -> list[int]:
+    def collect(
+        self, groups: list[ProbedRows], captures: dict[int, torch.Tensor], saes: Mapping[str, SAE] = {}
+    ) -> list[int]:
         """groups' rows index into captures[layer] ([max_tokens, d] steered residual by token row): one product
-        per layer for all of its groups, every probe of the layer scored (a few columns: cheaper than picking).
+        per layer and input for all of its groups, every probe of the layer scored (a few columns: cheaper than
+        picking); `saes`: the SAEs whose features probes read (a probe whose SAE is gone is not scored).
         Returns the batch indices of the requests whose abort_when on a probe fired."""
         records: dict[Addressee, list[ProbeRecord]] = {}
         fired: set[int] = set()
@@ -146,17 +168,16 @@ class ProbeReader:
             stacked = self.layers.get(layer)
             if stacked is None:  # its probes were unloaded since this step was planned
                 continue
-            rows = torch.tensor([r for g in mine for r in g.rows], device=stacked.weight.device)
+            rows = torch.tensor([r for g in mine for r in g.rows], device=captures[layer].device)
             x = captures[layer].index_select(0, rows)  # [n, d] float32
-            logits = torch.addmm(stacked.bias, x, stacked.weight.t())  # [n, sum of classes]
-            values = torch.where(stacked.sigmoid, logits.sigmoid(), logits).cpu().tolist()
+            values = self._score(stacked, x, saes).cpu().tolist()  # [n, sum of classes]
             row = 0
             layouts: dict[tuple[str, ...], tuple[tuple[str, ...], tuple]] = {}  # requests share probe lists
             for g in mine:
                 layout = layouts.get(g.probes)
                 if layout is None:
                     present = tuple(
-                        pid for pid in g.probes if pid in stacked.columns
+                        pid for pid in g.probes if pid in stacked.columns and self._readable(pid, saes)
                     )  # (unloads since planned)
                     layout = layouts[g.probes] = (present, tuple(stacked.columns[pid] for pid in present))
                 present, spans = layout
@@ -176,6 +197,25 @@ class ProbeReader:
             for to, lines in records.items():
                 transport.post(to, lines)
         return sorted(fired)
+
+    def _readable(self, probe_id: str, saes: Mapping[str, SAE]) -> bool:
+        sae = self.probes[probe_id].meta.sae
+        return sae is None or sae in saes
+
+    @staticmethod
+    def _score(stacked: LayerProbes, x: torch.Tensor, saes: Mapping[str, SAE]) -> torch.Tensor:
+        """x [n, d] -> [n, sum of classes]: act(input·Wᵀ + b) per part, the input the residual or the SAE's
+        features (NaN where the SAE is gone: those probes are left out of the records)."""
+        scores = []
+        for part in stacked.parts:
+            sae = saes.get(part.sae) if part.sae is not None else None
+            if part.sae is not None and sae is None:
+                scores.append(torch.full((x.shape[0], part.bias.shape[0]), float("nan"), device=x.device))
+                continue
+            features = x if sae is None else sae.encode(x.to(sae.dtype)).float()  # [n, width]
+            logits = torch.addmm(part.bias, features, part.weight.t())  # [n, classes of the part]
+            scores.append(torch.where(part.sigmoid, logits.sigmoid(), logits))
+        return torch.cat(scores, dim=1)
 
 
 class Windows:

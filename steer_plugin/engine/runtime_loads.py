@@ -163,7 +163,9 @@ class RuntimeLoads:
                     SAESource(**cmd.source), "sae", target.d_model, explanations=False, labels=False
                 )
             elif cmd.kind == "probe":
-                loaded = load_probe_source(ProbeSource(**cmd.source), "probe", target.d_model)
+                loaded = load_probe_source(
+                    ProbeSource(**cmd.source), "probe", target.d_model, saes=target.assets.saes
+                )
             else:
                 loaded = load_vector_source(VectorSource(**cmd.source), "vector", target.d_model)
         return _Staged(loaded)

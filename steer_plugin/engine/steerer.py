@@ -254,7 +254,7 @@ class Steerer:
             fired = []
             if reads.probed:
                 captures = {g.layer: self.runtimes[g.layer].capture for g in reads.probed}
-                fired = self.prober.collect(reads.probed, captures)
+                fired = self.prober.collect(reads.probed, captures, self.observer.saes)
             if reads.residuals:
                 captures = {g.layer: self.runtimes[g.layer].capture for g in reads.residuals}
                 write_residuals(reads.residuals, captures, self.prober.write)

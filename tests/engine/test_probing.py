@@ -204,3 +204,48 @@ def test_a_windowed_abort_fires_on_the_first_full_window_whose_mean_crosses(
     (abort,) = [r.abort for r in mailroom.read(CID_A) if r.abort is not None]
     assert abort[:3] == (first_crossing, "early", 0)
     assert abort[3] == pytest.approx(means[first_crossing], abs=1e-5)  # the window's mean, not a token's
+
+
+def test_a_probe_of_sae_features_scores_the_written_out_encode(sae_dir, tmp_path, monkeypatch, mailroom):  # noqa: F811
+    """probe.json `sae`: the probe reads the SAE's features of the steered residual, act(W·f + b) with
+    f = relu(x·W_enc + b_enc) written out from the SAE's own file, next to a probe of the residual at the same
+    layer (both in one record)."""
+    from safetensors.torch import load_file
+
+    from .test_steerer_steps import D_SAE
+
+    sae_file = load_file(str(sae_dir / "sae_weights.safetensors"))
+    g = torch.Generator().manual_seed(11)
+    on_features = (torch.randn(2, D_SAE, generator=g), torch.randn(2, generator=g))
+    on_residual = (torch.randn(1, D, generator=g), torch.randn(1, generator=g))
+    folders = {
+        "feat": save_probe(tmp_path / "feat", ProbeMeta(LAYER, ("on", "off"), sae="s"), *on_features),
+        "resid": save_probe(tmp_path / "resid", ProbeMeta(LAYER, ("r",), "identity"), *on_residual),
+    }
+    config = parse_config(
+        {
+            "saes": [{"id": "s", "path": str(sae_dir)}],
+            "probes": [{"id": pid, "path": str(folder)} for pid, folder in folders.items()],
+        }
+    )
+    st = Steerer(config, range(4), torch.device("cpu"), torch.float32, MAX_TOKENS, D, max_seqs=MAX_SEQS)
+    st.activate()
+    try:
+        wire = RequestPlan.build([], observe=mailroom.plan(CID_A, (), 1, True, probes=("feat", "resid")))
+        st.prepare(BatchView(["A"], np.array([0, 3]), np.array([0]), np.array([3]), [wire.encode()]))
+        monkeypatch.setattr(steer_op, "_capturing", lambda: False)
+        hidden, residual = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
+        x = hidden + torch.ops.steer_plugin.steer_residual(hidden, residual, LAYER)  # [3, D]
+        st.after_forward()
+    finally:
+        steer_op.LAYERS.clear()
+    records = [r for r in mailroom.read(CID_A) if isinstance(r, ProbeRecord)]
+    got = {(pos, pid): s for r in records for pos, found in r.tokens() for pid, s in found.items()}
+    assert sorted(got) == sorted((pos, pid) for pos in range(3) for pid in folders)
+    features = torch.relu(x @ sae_file["W_enc"] + sae_file["b_enc"])  # [3, D_SAE] ("standard" SAE)
+    assert (features > 0).any(dim=1).all()  # (the features are not all zero: the probe reads something)
+    for pos in range(3):
+        want = written_out(features[[pos]], *on_features, "sigmoid")[0]
+        assert torch.allclose(torch.tensor(got[(pos, "feat")]), want, atol=1e-5)
+        want = written_out(x[[pos]], *on_residual, "identity")[0]
+        assert torch.allclose(torch.tensor(got[(pos, "resid")]), want, atol=1e-5)

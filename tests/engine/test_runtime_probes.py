@@ -177,3 +177,46 @@ def test_admin_probe_ids_are_unique_and_unknown_unloads_are_404(root, probe_root
         assert err.value.status == 404
     finally:
         steer_op.LAYERS.clear()
+
+
+def test_a_runtime_probe_of_a_runtime_sae_scores_its_features_and_holds_its_unload(
+    root,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    mailroom,
+):
+    """Loaded at runtime through the Admin: an SAE, then a probe of its features (scored in the workers by
+    act(W·relu(x·W_enc + b_enc) + b) from the SAE's own file); a probe naming an SAE that is not loaded is a 400;
+    the SAE cannot be unloaded while the probe reads it (409 naming the probe), and can once the probe is gone."""
+    from safetensors.torch import load_file
+
+    from .test_runtime_loads import D_SAE
+
+    service, steerers, broadcast = admin_setup(root, monkeypatch, tmp_path, workers=1)
+    admin = service.admin
+    g = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(1, D_SAE, generator=g), torch.randn(1, generator=g)
+    save_probe(root / "probes" / "feat_t", ProbeMeta(LAYER, ("on",), sae="t"), weight, bias)
+    save_probe(root / "probes" / "feat_x", ProbeMeta(LAYER, ("on",), sae="x"), weight, bias)
+    try:
+        asyncio.run(admin.load("sae", {"id": "t", "path": str(root / "t")}, broadcast))
+        with pytest.raises(SpecError, match="`sae` 'x' is not a loaded SAE") as err:
+            asyncio.run(admin.load("probe", {"id": "fx", "path": str(root / "probes" / "feat_x")}, broadcast))
+        assert err.value.status == 400
+        asyncio.run(admin.load("probe", {"id": "ft", "path": str(root / "probes" / "feat_t")}, broadcast))
+        monkeypatch.setattr(steer_op, "_capturing", lambda: False)
+        wire = RequestPlan.build([], observe=mailroom.plan(CID, (), 1, True, probes=("ft",))).encode()
+        after = step(steerers[0], wire)
+        sae = load_file(str(root / "t" / "sae_weights.safetensors"))
+        features = torch.relu(after[LAYER] @ sae["W_enc"] + sae["b_enc"])  # [3, D_SAE]
+        records = [r for r in mailroom.read(CID) if isinstance(r, ProbeRecord)]
+        scores = [s["ft"] for r in records for _, s in r.tokens()]
+        want = torch.sigmoid(features @ weight.T + bias)  # [3, 1]
+        assert torch.allclose(torch.tensor(scores), want, atol=1e-5)
+        with pytest.raises(SpecError, match=r"probe\(s\) \['ft'\] read SAE 't'") as err:
+            asyncio.run(admin.unload("sae", "t", broadcast))
+        assert err.value.status == 409
+        asyncio.run(admin.unload("probe", "ft", broadcast))
+        assert asyncio.run(admin.unload("sae", "t", broadcast))["deleted"]
+    finally:
+        steer_op.LAYERS.clear()

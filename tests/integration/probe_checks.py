@@ -3,6 +3,8 @@ the HF reference's residuals (per token, and the per-request aggregates)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,17 +26,43 @@ class ServerProbe(NamedTuple):
     bias: torch.Tensor  # [C]
     activation: str
     window: int
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None  # a probe of SAE features: their encode
 
     def formula(self, x: torch.Tensor) -> np.ndarray:
-        """x [T, d] -> [T, C]: act(w_c . x_t + b_c), written out per class."""
+        """x [T, d] -> [T, C]: act(w_c . x_t + b_c) (x_t the SAE's features of the residual for a probe of
+        SAE features), written out per class."""
+        if self.features is not None:
+            x = self.features(x)
         logits = torch.stack(
             [x.double() @ self.weight[c].double() + float(self.bias[c]) for c in range(len(self.labels))], 1
         )
         return (torch.sigmoid(logits) if self.activation == "sigmoid" else logits).numpy()
 
 
-def make_probes(folder: Path, sae_layer: int) -> list[ServerProbe]:
-    """One sigmoid probe at the SAE's layer, one raw two-class probe at a layer nothing else reads."""
+def topk_sae_encode(sae_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A SAELens TopK SAE's encode written out from its files: the k largest of (x - b_dec)·W_enc + b_enc,
+    kept where positive, every other feature 0 (cfg.json: apply_b_dec_to_input, no normalisation)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    assert (
+        cfg["architecture"] == "topk"
+        and cfg["apply_b_dec_to_input"]
+        and cfg["normalize_activations"] == "none"
+    )
+    w = {k: v.double() for k, v in load_file(str(sae_dir / "sae_weights.safetensors")).items()}
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        pre = (x.double() - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # [T, d_sae]
+        top = pre.topk(cfg["k"], dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    return encode
+
+
+def make_probes(folder: Path, sae_layer: int, sae: tuple[str, Path] | None = None) -> list[ServerProbe]:
+    """One sigmoid probe at the SAE's layer, one raw two-class probe at a layer nothing else reads; with `sae`
+    (its id and folder), a third of that SAE's features."""
     g = torch.Generator().manual_seed(11)
     made = []
     for pid, layer, labels, activation, window in (
@@ -46,6 +74,16 @@ def make_probes(folder: Path, sae_layer: int) -> list[ServerProbe]:
         bias = torch.randn(len(labels), generator=g) * 0.1
         path = save_probe(folder / pid, ProbeMeta(layer, labels, activation, window), weight, bias)
         made.append(ServerProbe(pid, str(path), layer, labels, weight, bias, activation, window))
+    if sae is not None:
+        sae_id, sae_dir = sae
+        encode = topk_sae_encode(Path(sae_dir))
+        d_sae = json.loads((Path(sae_dir) / "cfg.json").read_text())["d_sae"]
+        weight, bias = torch.randn(1, d_sae, generator=g) * 0.05, torch.zeros(1)  # (activations ~1-30)
+        meta = ProbeMeta(sae_layer, ("on",), "sigmoid", 3, sae=sae_id)
+        path = save_probe(folder / "features", meta, weight, bias)
+        made.append(
+            ServerProbe("features", str(path), sae_layer, ("on",), weight, bias, "sigmoid", 3, encode)
+        )
     return made
 
 

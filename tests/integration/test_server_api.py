@@ -39,7 +39,7 @@ def server_config(demo_assets, steer_config_path, sae_layer, tmp_path_factory) -
     )
     explained = explained_features(demo_assets.labels_path)
     add_explanations(path, folder, explanations(explained))
-    probes = make_probes(folder, sae_layer)
+    probes = make_probes(folder, sae_layer, sae=("demo", demo_assets.sae_dir))
     config = json.loads(open(path).read())
     config["probes"] = config_entries(probes)
     # Every request's answer scored by "concept"; flagged whenever its max passes 0 (a sigmoid always does).
@@ -890,8 +890,8 @@ def test_abort_when_refuses_what_would_keep_it_from_stopping(server, extra, para
 
 
 def test_probe_scores_match_the_formula_on_the_reference_residuals(server, hf, server_config):
-    """Eager server: per generated token and aggregated, a probe at the SAE's layer and one at a layer that
-    only the probe reads."""
+    """Eager server: per generated token and aggregated, a probe at the SAE's layer, one at a layer that
+    only the probe reads, and one of the SAE's features (its encode written out from the SAE's files)."""
     check_chat_probe_scores(BASE, hf, server_config["probes"], MESSAGES)
 
 

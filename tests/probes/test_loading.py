@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from steer_plugin.catalog import load_assets
 from steer_plugin.config import ConfigError, parse_config
@@ -43,3 +44,33 @@ def test_bad_probes_and_rules_refuse_the_config(tmp_path):
         load_assets(config_with(tmp_path / "d")[0], d_model=16)
     with pytest.raises(ConfigError, match=r"probes\[1\]\.id 'p' is used twice"):
         parse_config({"probes": [{"id": "p", "path": "x"}, {"id": "p", "path": "y"}]})
+
+
+def test_a_probe_of_sae_features_is_checked_against_its_sae(tmp_path):
+    """`sae` in probe.json: the SAE must be loaded, at the probe's layer, and as wide as the weights; the
+    API process (probe.json only) checks all but the width; the config is refused naming the probe's key."""
+    D, D_SAE, LAYER = 8, 24, 3
+    sae_folder = tmp_path / "sae"
+    sae_folder.mkdir()
+    cfg = {"d_in": D, "d_sae": D_SAE, "dtype": "float32", "architecture": "standard",
+           "metadata": {"hook_name": f"blocks.{LAYER}.hook_resid_post", "sae_lens_version": "6.5.0"}}  # fmt: skip
+    (sae_folder / "cfg.json").write_text(json.dumps(cfg))
+    tensors = {"W_enc": torch.ones(D, D_SAE), "W_dec": torch.ones(D_SAE, D), "b_enc": torch.zeros(D_SAE),
+               "b_dec": torch.zeros(D)}  # fmt: skip
+    save_file(tensors, str(sae_folder / "sae_weights.safetensors"))
+
+    def config(meta: ProbeMeta, width: int, name: str):
+        classes = len(meta.labels)
+        folder = save_probe(tmp_path / name, meta, torch.ones(classes, width), torch.zeros(classes))
+        saes = [{"id": "s", "path": str(sae_folder)}]
+        return parse_config({"saes": saes, "probes": [{"id": name, "path": str(folder)}]})
+
+    good = config(ProbeMeta(LAYER, ("on",), sae="s"), D_SAE, "good")
+    assert load_assets(good, d_model=D).probes["good"].weight.shape == (1, D_SAE)
+    assert load_assets(good, weights=False).probes["good"].sae == "s"
+    with pytest.raises(ConfigError, match=r"probes\[0\]\.path: .*`sae` 'nope' is not a loaded SAE"):
+        load_assets(config(ProbeMeta(LAYER, ("on",), sae="nope"), D_SAE, "unknown"), weights=False)
+    with pytest.raises(ConfigError, match=rf"`layer` {LAYER + 1} is not the layer of SAE 's' \({LAYER}\)"):
+        load_assets(config(ProbeMeta(LAYER + 1, ("on",), sae="s"), D_SAE, "elsewhere"), weights=False)
+    with pytest.raises(ConfigError, match=rf"`weight` width {D} != SAE 's'.s d_sae {D_SAE}"):
+        load_assets(config(ProbeMeta(LAYER, ("on",), sae="s"), D, "narrow"), d_model=D)

@@ -145,6 +145,7 @@ class ProbeInfo(_Model):
     labels: list[str]
     activation: Literal["sigmoid", "identity"]
     window: int
+    sae: str | None = None  # the SAE whose features it reads; null: the residual
     revision: str | None = None
 
 
