@@ -30,10 +30,8 @@ RECV_HWM = 16384  # messages queued in the API process before the senders' queue
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_PENDING = 1 << 16  # messages one request's mailbox holds before new ones are dropped
 RECENT = 4096  # closed requests remembered, so late records count as "late", not "unowned"
-_EVENTS, _POLLIN = (
-    int(zmq.EVENTS),
-    int(zmq.POLLIN),
-)  # (plain ints: the enums cost more than the read, per token)
+# (plain ints: converting the enums costs more than the flag read itself, once per streamed token)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Inbox:

@@ -3,7 +3,7 @@ separated by a blank line, ended by `data: [DONE]`. ASGI body chunks need not en
 
 `loads`/`dumps` are the JSON codec of the responses the adapter rewrites (every streamed event of an observed
 request passes through them): msgspec, several times the standard library's speed, compact like vLLM's own
-output; the standard library where msgspec cannot (NaN/Infinity tokens, integers past 64 bits)."""
+output; the standard library where msgspec cannot (NaN/Infinity tokens in, objects it cannot write out)."""
 
 from __future__ import annotations
 
