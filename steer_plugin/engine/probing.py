@@ -170,14 +170,15 @@ class ProbeReader:
                 continue
             rows = torch.tensor([r for g in mine for r in g.rows], device=captures[layer].device)
             x = captures[layer].index_select(0, rows)  # [n, d] float32
-            values = self._score(stacked, x, saes).cpu().tolist()  # [n, sum of classes]
+            scores, unread = self._score(stacked, x, saes)
+            values = scores.cpu().tolist()  # [n, sum of classes]
             row = 0
             layouts: dict[tuple[str, ...], tuple[tuple[str, ...], tuple]] = {}  # requests share probe lists
             for g in mine:
                 layout = layouts.get(g.probes)
                 if layout is None:
                     present = tuple(
-                        pid for pid in g.probes if pid in stacked.columns and self._readable(pid, saes)
+                        pid for pid in g.probes if pid in stacked.columns and pid not in unread
                     )  # (unloads since planned)
                     layout = layouts[g.probes] = (present, tuple(stacked.columns[pid] for pid in present))
                 present, spans = layout
@@ -198,24 +199,23 @@ class ProbeReader:
                 transport.post(to, lines)
         return sorted(fired)
 
-    def _readable(self, probe_id: str, saes: Mapping[str, SAE]) -> bool:
-        sae = self.probes[probe_id].meta.sae
-        return sae is None or sae in saes
-
     @staticmethod
-    def _score(stacked: LayerProbes, x: torch.Tensor, saes: Mapping[str, SAE]) -> torch.Tensor:
-        """x [n, d] -> [n, sum of classes]: act(input·Wᵀ + b) per part, the input the residual or the SAE's
-        features (NaN where the SAE is gone: those probes are left out of the records)."""
-        scores = []
+    def _score(
+        stacked: LayerProbes, x: torch.Tensor, saes: Mapping[str, SAE]
+    ) -> tuple[torch.Tensor, set[str]]:
+        """x [n, d] -> ([n, sum of classes] act(input·Wᵀ + b) per part, the input the residual or the SAE's
+        features; the probes whose SAE is gone: NaN columns, left out of the records)."""
+        scores, unread = [], set()
         for part in stacked.parts:
             sae = saes.get(part.sae) if part.sae is not None else None
             if part.sae is not None and sae is None:
+                unread.update(part.ids)
                 scores.append(torch.full((x.shape[0], part.bias.shape[0]), float("nan"), device=x.device))
                 continue
             features = x if sae is None else sae.encode(x.to(sae.dtype)).float()  # [n, width]
             logits = torch.addmm(part.bias, features, part.weight.t())  # [n, classes of the part]
             scores.append(torch.where(part.sigmoid, logits.sigmoid(), logits))
-        return torch.cat(scores, dim=1)
+        return torch.cat(scores, dim=1), unread
 
 
 class Windows:

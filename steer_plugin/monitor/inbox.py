@@ -5,8 +5,8 @@ Bound when each API process starts: an abstract-namespace IPC address by default
 TCP on STEER_PLUGIN_OBSERVE_HOST where workers run on other hosts. A message is accepted only when its MAC
 verifies with the server's wire key, and each part of it only for a request this process has open; everything
 else is dropped and counted by reason (steer_observation_dropped_total), so a restarted process, a stray sender or
-a late step never adds records to a response. Nothing is left behind: a mailbox is closed when its response ends, however it
-ends (steer_observation_open_requests counts the open ones).
+a late step never adds records to a response. Nothing is left behind: a mailbox is closed when its response
+ends, however it ends (steer_observation_open_requests counts the open ones).
 """
 
 from __future__ import annotations

@@ -55,7 +55,9 @@ class ProbeInput(NamedTuple):
     d_sae: int
 
 
-def check_input(meta: ProbeMeta, width: int | None, saes: Mapping[str, ProbeInput], key: str, where) -> None:
+def check_input(
+    meta: ProbeMeta, width: int | None, saes: Mapping[str, ProbeInput], key: str, where: str | Path
+) -> None:
     """A probe on SAE features must name a loaded SAE at its own layer, and (with `width`, the weights' width)
     be as wide as that SAE's dictionary; ConfigError naming `key` and the file otherwise."""
     if meta.sae is None:

@@ -249,3 +249,25 @@ def test_a_probe_of_sae_features_scores_the_written_out_encode(sae_dir, tmp_path
         assert torch.allclose(torch.tensor(got[(pos, "feat")]), want, atol=1e-5)
         want = written_out(x[[pos]], *on_residual, "identity")[0]
         assert torch.allclose(torch.tensor(got[(pos, "resid")]), want, atol=1e-5)
+
+
+def test_a_probe_whose_sae_is_gone_is_left_out_of_the_record(mailroom):
+    """A worker that no longer has a probe's SAE (unloaded there) scores the layer's other probes and leaves that
+    one out of the record: no column of NaN, no error."""
+    from steer_plugin.engine.probing import ProbedRows, ProbeReader
+    from steer_plugin.probes.format import Probe
+
+    g = torch.Generator().manual_seed(12)
+    residual = Probe(ProbeMeta(LAYER, ("r",), "identity"), torch.randn(1, D, generator=g), torch.zeros(1))
+    features = Probe(ProbeMeta(LAYER, ("on",), sae="gone"), torch.randn(1, 5, generator=g), torch.zeros(1))
+    reader = ProbeReader({"feat": features, "resid": residual}, torch.device("cpu"), write=True)
+    x = torch.randn(2, D, generator=g)
+    reader.collect(
+        [ProbedRows(mailroom.to(CID_A), LAYER, ("feat", "resid"), [0, 1], [4, 5], 4)], {LAYER: x}, {}
+    )
+    (record,) = [r for r in mailroom.read(CID_A) if isinstance(r, ProbeRecord)]
+    assert record.probes == ("resid",)
+    got = [found for _, found in record.tokens()]
+    want = (x @ residual.weight.T)[:, 0]
+    assert [list(f) for f in got] == [["resid"], ["resid"]]
+    assert torch.allclose(torch.tensor([f["resid"][0] for f in got]), want, atol=1e-5)
