@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "probe-cpu"))
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    from steer_plugin.engine.op import capture_sum
     from steer_plugin.engine.probing import ProbedRows, ProbeReader
     from steer_plugin.probes.format import Probe, ProbeMeta
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         groups = [ProbedRows(f"{i:032x}", 0, ids, [i], [10 + i], 10) for i in range(t)]
 
         def copy(t=t, hidden=hidden, out=out):  # engine/op.py's copy of rows 0..T-1 (every token observed)
-            capture[:t].copy_(hidden).add_(out)
+            capture_sum(capture, hidden, out, t)
 
         with torch.inference_mode():
             cap = time_fn(copy, device, min_time)

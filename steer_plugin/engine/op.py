@@ -229,12 +229,24 @@ def apply_eager(rt: LayerRuntime, hidden: torch.Tensor, residual: torch.Tensor) 
     if rows is not None and rows.numel():
         n = rt.capture_prefix
         if n:  # rows 0..n-1 (every token of the step observed): in place, no gather
-            rt.capture[:n].copy_(hidden[:n]).add_(out[:n])
+            capture_sum(rt.capture, hidden, out, n)
         else:  # the same sum in float32, gathered
             rt.capture.index_copy_(
                 0, rows, hidden.index_select(0, rows).float().add_(out.index_select(0, rows))
             )
     return out
+
+
+CPU_CAPTURE_CHUNK = 1 << 18  # elements: a float32 MiB, which stays in a CPU core's cache
+
+
+def capture_sum(capture: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor, n: int) -> None:
+    """capture[:n] = hidden[:n] + out[:n] in float32. On the CPU in chunks of rows: a mixed-dtype in-place add
+    over a large block runs ~4x slower than the same add a cache-sized block at a time (T = 2048, d 4096)."""
+    rows = max(1, CPU_CAPTURE_CHUNK // capture.shape[1]) if capture.device.type == "cpu" else n
+    for first in range(0, n, rows):
+        last = min(first + rows, n)
+        capture[first:last].copy_(hidden[first:last]).add_(out[first:last])
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::steer_residual", mutates_args=())

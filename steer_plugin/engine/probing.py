@@ -43,7 +43,9 @@ class InputProbes(NamedTuple):
     ids: tuple[str, ...]
     weight: torch.Tensor  # [sum of classes, width]
     bias: torch.Tensor  # [sum of classes]
-    sigmoid: torch.Tensor  # [sum of classes] bool: the columns of sigmoid probes
+    sigmoid: (
+        bool | torch.Tensor
+    )  # every column sigmoid (True), none (False), else a [sum of classes] bool mask
 
 
 class LayerProbes(NamedTuple):
@@ -114,7 +116,7 @@ class ProbeReader:
                     ids,
                     torch.cat([probes[pid].weight for pid in ids]).to(self.device),
                     torch.cat([probes[pid].bias for pid in ids]).to(self.device),
-                    torch.tensor(sigmoid, device=self.device),
+                    all(sigmoid) or (any(sigmoid) and torch.tensor(sigmoid, device=self.device)),
                 )
             )
         ids = tuple(pid for part in parts for pid in part.ids)
@@ -163,13 +165,13 @@ class ProbeReader:
         Returns the batch indices of the requests whose abort_when on a probe fired."""
         records: dict[Addressee, list[ProbeRecord]] = {}
         fired: set[int] = set()
+        sink = self.sink_positions
         for layer in dict.fromkeys(g.layer for g in groups):
             mine = [g for g in groups if g.layer == layer]
             stacked = self.layers.get(layer)
             if stacked is None:  # its probes were unloaded since this step was planned
                 continue
-            rows = torch.tensor([r for g in mine for r in g.rows], device=captures[layer].device)
-            x = captures[layer].index_select(0, rows)  # [n, d] float32
+            x = captured_rows(captures[layer], [r for g in mine for r in g.rows])  # [n, d] float32
             scores, unread = self._score(stacked, x, saes)
             values = scores.cpu().tolist()  # [n, sum of classes]
             row = 0
@@ -191,7 +193,8 @@ class ProbeReader:
                     aborted = self._fired(g.to.cid, g.abort, present, stacked.columns, g.predicting, rows[at])
                     if aborted is not None:
                         fired.add(g.req_index)
-                sinks = tuple(p for p in g.positions if p < self.sink_positions)
+                first_is_sink = g.positions and g.positions[0] < sink  # (positions ascend)
+                sinks = tuple(p for p in g.positions if p < sink) if first_is_sink else ()
                 record = ProbeRecord(tuple(g.positions), g.num_prompt, present, spans, rows, sinks, aborted)
                 records.setdefault(g.to, []).append(record)
         if self.write:
@@ -214,8 +217,20 @@ class ProbeReader:
                 continue
             features = x if sae is None else sae.encode(x.to(sae.dtype)).float()  # [n, width]
             logits = torch.addmm(part.bias, features, part.weight.t())  # [n, classes of the part]
-            scores.append(torch.where(part.sigmoid, logits.sigmoid(), logits))
-        return torch.cat(scores, dim=1), unread
+            if part.sigmoid is True:  # (one op less than the mask: the product is a few microseconds)
+                logits.sigmoid_()
+            elif part.sigmoid is not False:
+                logits = torch.where(part.sigmoid, logits.sigmoid(), logits)
+            scores.append(logits)
+        return (scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)), unread
+
+
+def captured_rows(capture: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """capture's `rows` ([n, d]): a view when they are rows 0..n-1 (every token of the step observed, in batch
+    order: no gather, which costs more than the probes' product at large n), else a gather."""
+    if rows == list(range(len(rows))):
+        return capture[: len(rows)]
+    return capture.index_select(0, torch.tensor(rows, device=capture.device))
 
 
 class Windows:

@@ -158,6 +158,19 @@ def test_a_step_observed_on_every_row_is_captured_without_a_gather(steerer, prob
     assert torch.allclose(torch.tensor([found["early"] for _, found in record.tokens()]), want, atol=1e-5)
 
 
+def test_the_in_place_capture_sums_every_row_in_float32_whatever_the_chunking(monkeypatch):
+    """The CPU copy goes a cache-sized block of rows at a time: chunks of 3 rows over 8 (a short last chunk)
+    give hidden + out in float32 on every row, and leave the rows past n alone."""
+    monkeypatch.setattr(steer_op, "CPU_CAPTURE_CHUNK", 3 * D)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(10, D, generator=g).bfloat16()
+    out = torch.randn(10, D, generator=g).bfloat16()
+    capture = torch.full((12, D), -7.0)
+    steer_op.capture_sum(capture, hidden, out, 8)
+    assert torch.equal(capture[:8], hidden[:8].float() + out[:8].float())
+    assert torch.equal(capture[8:], torch.full((4, D), -7.0))
+
+
 def test_a_windowed_abort_fires_on_the_first_full_window_whose_mean_crosses(
     steerer, probes, monkeypatch, mailroom
 ):
