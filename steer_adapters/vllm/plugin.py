@@ -17,12 +17,7 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    # Our core logs under "steer_plugin"; print it through vLLM's handlers and format.
-    vllm_logger = logging.getLogger("vllm")
-    if not logger.handlers and vllm_logger.handlers:
-        logger.handlers = list(vllm_logger.handlers)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    log_through_vllm(logger)
     from steer_adapters.vllm import engine_core
     from steer_adapters.vllm.worker import install
     from steer_plugin import signing
@@ -31,6 +26,26 @@ def register() -> None:
     carry_to_ray_workers()
     engine_core.patch_prefix_cache()  # checks the engine core's internals first (preflight.py)
     install.patch_workers()
+
+
+class ToVllmLogger(logging.Handler):
+    """Hands a record to the "vllm" logger as it is when the record is made: its level, handlers and format
+    (VLLM_LOGGING_LEVEL, VLLM_LOGGING_CONFIG_PATH, or the operator's own when VLLM_CONFIGURE_LOGGING=0)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        vllm_logger = logging.getLogger("vllm")
+        if vllm_logger.isEnabledFor(record.levelno):
+            vllm_logger.handle(record)
+
+
+def log_through_vllm(ours: logging.Logger) -> None:
+    """Our core logs under "steer_plugin"; print it as vLLM prints its own. Forwarded when logged, not copied
+    now: the API server sets vLLM's logging up after plugins load (copying its handlers here found none there,
+    so that process's info lines were lost)."""
+    if not any(isinstance(h, ToVllmLogger) for h in ours.handlers):
+        ours.addHandler(ToVllmLogger())
+        ours.setLevel(logging.DEBUG)  # vLLM's level decides, in the handler
+        ours.propagate = False
 
 
 RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"

@@ -354,6 +354,13 @@ def test_a_client_leaving_an_observed_request_leaves_no_internal_error(server, s
     assert "internal error" not in text, text[text.find("internal error") - 2000 :][:4000]
 
 
+def test_the_api_process_logs_its_info_lines_through_vllm(server, server_log):
+    """vLLM sets its logging up in the API server after plugins load: the plugin's lines there still show."""
+    text = server_log.read_text(errors="replace")
+    line = next((x for x in text.splitlines() if "steer_plugin middleware: serving SAEs" in x), None)
+    assert line is not None and "APIServer" in line and "INFO" in line, text[:3000]
+
+
 def test_the_launcher_masks_the_api_key_and_refuses_a_short_admin_key(
     server, server_log, steer_config_path, places
 ):
