@@ -162,13 +162,15 @@ class SparseAutoencoder:
 
     # --- encode / decode -----------------------------------------------------------------------------------
 
-    def pre_activations(self, x_normalised: torch.Tensor) -> torch.Tensor:
-        """[..., d_in] in SAE input space -> [..., d_sae] pre-activations (gated: the gate pre-activation)."""
+    def project(self, x_normalised: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] in SAE input space -> [..., d_sae] its encoder product, before any bias."""
         if self.apply_b_dec_to_input:
             x_normalised = x_normalised - self.b_dec
-        if self.architecture == "gated":
-            return x_normalised @ self.W_enc + self.b_gate
-        return x_normalised @ self.W_enc + self.b_enc
+        return x_normalised @ self.W_enc
+
+    def pre_activations(self, x_normalised: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] in SAE input space -> [..., d_sae] pre-activations (gated: the gate pre-activation)."""
+        return self.project(x_normalised) + (self.b_gate if self.architecture == "gated" else self.b_enc)
 
     def activate(self, pre: torch.Tensor, x_normalised: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-activations [..., d_sae] -> feature activations [..., d_sae]."""
@@ -179,11 +181,10 @@ class SparseAutoencoder:
         if self.architecture == "topk":
             values, indices = torch.topk(pre, self.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
-        # gated: magnitude path shares W_enc, rescaled per feature by exp(r_mag)
+        # gated: the magnitude path shares W_enc, rescaled per feature by exp(r_mag): x·(W_enc·diag(e)) is
+        # (x·W_enc)·e, so the rescale goes on the [..., d_sae] product, not on the [d_in, d_sae] matrix per call
         assert x_normalised is not None, "gated activation needs the normalised input"
-        if self.apply_b_dec_to_input:
-            x_normalised = x_normalised - self.b_dec
-        magnitude = x_normalised @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag
+        magnitude = self.project(x_normalised) * torch.exp(self.r_mag) + self.b_mag
         return (pre > 0).to(pre.dtype) * torch.relu(magnitude)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
