@@ -11,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from steer_plugin.messages import HistogramCounts
 from steer_plugin.monitor import transport
 from steer_plugin.request.records import TokenRecord
 from steer_plugin.request.wire import AbortSpec, Addressee, ObservePlan
@@ -124,6 +125,14 @@ class AbortHit(NamedTuple):
     activation: float
 
 
+class ObserverStats(NamedTuple):
+    """The observer's cumulative figures (WorkerStats carries them to the API process)."""
+
+    l0: dict[str, HistogramCounts]  # SAE -> its L0 per observed token
+    reconstruction_error: dict[str, HistogramCounts]  # SAE -> its relative reconstruction error per token
+    tokens_observed: int
+
+
 class Histogram:
     """Cumulative histogram state (Prometheus style) kept in the worker and pulled by the API server."""
 
@@ -138,8 +147,8 @@ class Histogram:
         )
         self.total += float(values.sum())
 
-    def snapshot(self) -> dict:
-        return {"buckets": list(self.buckets), "counts": self.counts.tolist(), "sum": self.total}
+    def snapshot(self) -> HistogramCounts:
+        return HistogramCounts(list(self.buckets), self.counts.tolist(), self.total)
 
 
 class FeatureRead(NamedTuple):
@@ -279,9 +288,9 @@ class Observer:
                 transport.post(to, lines)
         return list(hits.values())
 
-    def snapshot(self) -> dict:
-        return {
-            "l0": {k: h.snapshot() for k, h in self.l0.items()},
-            "reconstruction_error": {k: h.snapshot() for k, h in self.error.items()},
-            "tokens_observed": self.tokens_observed,
-        }
+    def snapshot(self) -> ObserverStats:
+        return ObserverStats(
+            {k: h.snapshot() for k, h in self.l0.items()},
+            {k: h.snapshot() for k, h in self.error.items()},
+            self.tokens_observed,
+        )

@@ -30,7 +30,7 @@ from steer_plugin.engine.selftest import check_probes, probe_plans
 from steer_plugin.engine.slots import Newcomer, SlotPlanner
 from steer_plugin.engine.step import StepMetadata
 from steer_plugin.engine.tables import OP_NAMES, LayerPlan, LayerTables
-from steer_plugin.messages import HistogramCounts, WorkerStats
+from steer_plugin.messages import WorkerStats
 from steer_plugin.monitor import transport
 from steer_plugin.request.wire import ObservePlan, RequestPlan
 
@@ -318,11 +318,9 @@ class Steerer:
             step_errors=self.step_errors,
             pp_rank=self.ranks["pp"],
             tp_rank=self.ranks["tp"],
-            l0={sae: HistogramCounts.from_wire(h) for sae, h in observed["l0"].items()},
-            reconstruction_error={
-                sae: HistogramCounts.from_wire(h) for sae, h in observed["reconstruction_error"].items()
-            },
-            tokens_observed=observed["tokens_observed"],
+            l0=observed.l0,
+            reconstruction_error=observed.reconstruction_error,
+            tokens_observed=observed.tokens_observed,
             observation_dropped=transport.dropped(),
         )
 

@@ -68,9 +68,7 @@ def test_records_match_a_direct_topk_encode(mailroom):
     ]  # inspect only: no l0 / err
     assert all(len(r.top) == 2 for r in a) and len(b[0].top) == 3  # the rows have positive top-3s
     snapshot = observer.snapshot()
-    assert (
-        sum(snapshot["l0"]["s"]["counts"]) == 2 and sum(snapshot["reconstruction_error"]["s"]["counts"]) == 2
-    )
+    assert sum(snapshot.l0["s"].counts) == 2 and sum(snapshot.reconstruction_error["s"].counts) == 2
 
 
 def test_inspect_only_reads_of_a_topk_sae_match_the_dense_encode(mailroom):
@@ -191,13 +189,11 @@ def test_attention_sink_positions_are_flagged_and_kept_out_of_histograms_and_abo
     assert [r.sink for r in records] == [True, False]
     assert hits == []  # the condition holds at position 0 (any activation > -1e9), but it is a sink
     snapshot = observer.snapshot()
-    assert (
-        sum(snapshot["l0"]["s"]["counts"]) == 1 and sum(snapshot["reconstruction_error"]["s"]["counts"]) == 1
-    )
+    assert sum(snapshot.l0["s"].counts) == 1 and sum(snapshot.reconstruction_error["s"].counts) == 1
     # The same read without a sink rule fires and counts both tokens.
     plain = Observer({"s": sae}, write=True, sink_positions=0)
     assert plain.collect([group._replace(to=mailroom.to(CID_B))], {"s": x})
-    assert sum(plain.snapshot()["l0"]["s"]["counts"]) == 2
+    assert sum(plain.snapshot().l0["s"].counts) == 2
 
 
 def test_monitoring_summary_leaves_sinks_out():

@@ -220,7 +220,7 @@ FIT_VECTOR = Doc(
     body=FitVectorBody,
     admin_key=True,
 )
-SAES = Doc("The loaded SAEs requests may read, and the vectors", {200: "The list"}, answer=SAEList)
+SAES = Doc("The loaded SAEs requests may read, the vectors and the probes", {200: "The list"}, answer=SAEList)
 FEATURES = Doc(
     "Search features by label and explanation, or one feature by index",
     {
