@@ -1,9 +1,11 @@
-"""Data parallel 2 on the vLLM CPU build: `steer-serve ... --data-parallel-size 2`, two engine cores (one worker
-each) behind one API server, with the demo model and SAE. Every check sends its requests concurrently, so that
-vLLM's load balancer gives both engine cores work, and asserts from vLLM's per-engine `/metrics` series
+"""Data parallel 2 on the vLLM CPU build, as it is scaled out: `steer-serve ... --data-parallel-size 2
+--api-server-count 2`, two engine cores (one worker each) behind two API server processes (one port; the kernel
+hands each new connection to either), with the demo model and SAE. Every check sends its requests concurrently,
+so that vLLM's load balancer gives both engine cores work, and asserts from vLLM's per-engine `/metrics` series
 (`engine="0"`, `engine="1"`) that both did: steering equals the HF reference (the engine-fidelity cases), `inspect`
 reads the reference's features, `abort_when` stops every request at the crossing token, a runtime load reaches
-both ranks, and the plugin's worker figures on /metrics count the workers of both ranks."""
+both ranks and both API processes, and the plugin's worker figures on /metrics count the workers of both
+ranks."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.server
 PORT = 18851 + int(os.environ.get("STEER_TEST_PORT_OFFSET", "0"))  # offset: parallel checkouts
 BASE = f"http://127.0.0.1:{PORT}"
 DP = 2
+API_PROCESSES = 2
 KEY = "dp-test-admin-key-0123456789abcdef"
 ADMIN = {"X-Steer-Admin-Key": KEY}
 RUNTIME_LAYER = 5
@@ -43,10 +46,14 @@ def server(demo_assets, steer_config_path, assets, sae_layer, root, tmp_path_fac
     rows = assets.saes["demo"].sae.d_sae + 4
     folder = tmp_path_factory.mktemp("dp-config")
     path = write_runtime_config(steer_config_path, folder, [sae_layer, RUNTIME_LAYER], rows, root)
-    env = {**os.environ, "STEER_ADMIN_KEY": KEY}
+    # steer-serve runs `vllm serve` for several API processes (api/serve.py), which makes its own metrics dir.
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"STEER_ADMIN_KEY": KEY}
     started = time.time()
-    with running_server(demo_assets.model_dir, path, PORT, "--data-parallel-size", str(DP), env=env) as proc:
-        print(f"DP={DP} server healthy after {time.time() - started:.1f} s")
+    flags = ("--data-parallel-size", str(DP), "--api-server-count", str(API_PROCESSES))
+    with running_server(demo_assets.model_dir, path, PORT, *flags, env=env) as proc:
+        print(
+            f"DP={DP} server with {API_PROCESSES} API processes healthy after {time.time() - started:.1f} s"
+        )
         yield proc
 
 
@@ -249,6 +256,16 @@ def test_runtime_load_reaches_every_dp_rank(server, root, prompt_ids):
     plain = first_token_logprobs(completion(first_token_body(prompt_ids, None)))
     assert configured != plain
     replies = on_both_engines(completion, [first_token_body(prompt_ids, clamp("demo2"))] * 6)
+    # Until both API processes have planned with the load (each reads the workers' registry when a request of
+    # its own names what it does not know): the kernel spreads new connections over them unevenly.
+    for _ in range(40):
+        generations = {lab["pid"]: v for lab, v in metric_lines("steer_runtime_catalog_generation")}
+        assert len(generations) == API_PROCESSES, generations
+        if set(generations.values()) == {1.0}:
+            break
+        replies.append(completion(first_token_body(prompt_ids, clamp("demo2"))))
+    else:
+        pytest.fail(f"an API process never planned with the runtime load: {generations}")
     for reply in replies:
         got = first_token_logprobs(reply)
         assert got.keys() == configured.keys()
