@@ -21,13 +21,14 @@ def _stats(values: list[float]) -> dict | None:
 
 
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+CPU_METRICS = ("server_cpu_us_per_token", "client_cpu_us_per_token")  # (absent from runs before 2026-12-06)
 
 
 def _paired(mine: dict, base: dict, metric: str) -> dict | None:
     vals = [
         mine[r][metric] / base[r][metric]
         for r in mine
-        if r in base and base[r][metric] and mine[r][metric] is not None
+        if r in base and base[r].get(metric) and mine[r].get(metric) is not None
     ]
     return _stats(vals)
 
@@ -57,15 +58,18 @@ def summarise(units: list[dict], modes: list[str], concs: list[int], cases: list
                 mine = by_round(case)
                 if not mine:
                     continue
-                entry = {m: _stats([u[m] for u in mine.values()]) for m in METRICS}
-                entry["ratio_vs_vanilla"] = {m: _paired(mine, base, m) for m in METRICS}
+                metrics = METRICS + tuple(
+                    m for m in CPU_METRICS if any(u.get(m) is not None for u in mine.values())
+                )
+                entry = {m: _stats([u.get(m) for u in mine.values()]) for m in metrics}
+                entry["ratio_vs_vanilla"] = {m: _paired(mine, base, m) for m in metrics}
                 reference = CASE_BY_KEY[case].reference
                 if reference != "a_vanilla":
                     entry["reference"] = reference
                     entry["ratio_vs_reference"] = {m: _paired(mine, by_round(reference), m) for m in METRICS}
                 ref = None if CASE_BY_KEY[case].side_venv else LOADED_REFERENCE.get(case, "b_loaded")
                 entry["ratio_vs_loaded"] = (
-                    {m: _paired(mine, by_round(ref), m) for m in METRICS}
+                    {m: _paired(mine, by_round(ref), m) for m in metrics}
                     if ref and case not in ("a_vanilla", ref) and CASE_BY_KEY[case].server != "vanilla"
                     else None
                 )

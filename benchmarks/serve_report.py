@@ -135,6 +135,34 @@ def _own_reference_tables(cell_by_conc: dict, mode: str, o: dict) -> list[str]:
     return lines
 
 
+def _cpu_table(cell_by_conc: dict, mode: str, o: dict) -> list[str]:
+    """CPU per generated token of the server's processes (API, engine core, workers) and of the load generator,
+    median over rounds, and the server's per-round ratio to (b)'s: a small cost reads here when throughput's
+    round-to-round spread hides it (on a machine whose cores the server fills, extra CPU is lost throughput)."""
+    rows = []
+    for case in CASES:
+        for c in o["concurrencies"]:
+            e = cell_by_conc.get(str(c), {}).get(case.key)
+            if e is None or e.get("server_cpu_us_per_token") is None:
+                continue
+            loaded = (e.get("ratio_vs_loaded") or {}).get("server_cpu_us_per_token")
+            client = e.get("client_cpu_us_per_token")
+            rows.append(
+                f"| {case.key} | {c} | {e['server_cpu_us_per_token']['median']:.0f} | {_range(loaded)} | "
+                f"{_f(client and client['median'], '{:.0f}')} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        f"### CPU per generated token: {mode} (median over rounds)",
+        "",
+        "| case | conc | server µs/token | server × (b) [min–max] | load generator µs/token |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
 def write_markdown(path: Path, result: dict, notes: str | None) -> None:
     m, o = result["machine"], result["options"]
     startups = ", ".join("{}/{} {}s".format(s["mode"], s["server"], s["ready_s"]) for s in result["startups"])
@@ -209,6 +237,7 @@ def write_markdown(path: Path, result: dict, notes: str | None) -> None:
                     f"{_f(e['ttft_p50_ms'] and e['ttft_p50_ms']['median'], '{:.1f}')} | {_f(e['ttft_p99_ms'] and e['ttft_p99_ms']['median'], '{:.1f}')} | "
                     f"{_f(e['itl_p50_ms'] and e['itl_p50_ms']['median'], '{:.1f}')} | {_f(e['itl_p99_ms'] and e['itl_p99_ms']['median'], '{:.1f}')} | {e['errors']} |"
                 )
+        lines += _cpu_table(summary.get(mode, {}), mode, o)
         lines.append("")
     fl = result["flops"]
     lines += [

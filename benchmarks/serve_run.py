@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import serve_lens
-from harness.cpu import CpuMonitor
+from harness.cpu import CpuMonitor, group_cpu_seconds, own_cpu_seconds
 from harness.load import LoadStats, run_requests
 from harness.servers import Server, ServerSpec, start_servers
 from serve_cases import CASE_BY_KEY, CASES, BenchSetup, Requests
@@ -22,6 +22,10 @@ from serve_cases import CASE_BY_KEY, CASES, BenchSetup, Requests
 # serve_bench's servers, in start order, and the harness kind each one is
 SERVERS = {"vanilla": "vanilla", "plugin": "plugin", "plugin4": "plugin", "lens_plain": "lens_plain",
            "lens": "lens"}  # fmt: skip
+
+
+def per_token_us(cpu_s: float, tokens: int) -> float | None:
+    return round(cpu_s / tokens * 1e6, 1) if tokens else None
 
 
 @dataclass
@@ -137,9 +141,18 @@ class Bench:
             pre_load = self.wait_quiet() if self.opts.quiet_wait_s > 0 and self.budget_left() > 0 else None
             bodies = self.bodies(case, n, mode, rnd, conc)
             a = self.monitor.snapshot()
+            server_cpu, client_cpu = group_cpu_seconds(server.pgid), own_cpu_seconds()
             load = run_requests(server.completions_url, bodies, conc, 600)
+            server_cpu, client_cpu = (
+                group_cpu_seconds(server.pgid) - server_cpu,
+                own_cpu_seconds() - client_cpu,
+            )
             foreign = CpuMonitor.foreign_cores(a, self.monitor.snapshot())
-            unit = {"mode": mode, "round": rnd, "case": case, "concurrency": conc, **LoadStats.of(load).as_dict(),
+            stats = LoadStats.of(load)
+            unit = {"mode": mode, "round": rnd, "case": case, "concurrency": conc, **stats.as_dict(),
+                    # CPU per generated token: steadier than throughput on a shared machine (small costs)
+                    "server_cpu_us_per_token": per_token_us(server_cpu, stats.output_tokens),
+                    "client_cpu_us_per_token": per_token_us(client_cpu, stats.output_tokens),
                     "foreign_cores": round(foreign, 3),
                     "foreign_cores_before": None if pre_load is None else round(pre_load, 3),
                     "attempt": attempt}  # fmt: skip

@@ -45,6 +45,24 @@ def cpu_seconds(pid: int) -> float:
     return 0.0 if info is None else info[1] / HZ
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time the live processes of a process group (a server: its API, engine core and worker processes)
+    have used so far."""
+    jiffies = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            info = proc_jiffies(pid)
+            if info is not None and info[0] == pgid:
+                jiffies += info[1]
+    return jiffies / HZ
+
+
+def own_cpu_seconds() -> float:
+    """CPU time this process (the load generator) has used so far."""
+    t = os.times()
+    return t.user + t.system
+
+
 class CpuMonitor:
     """CPU time used by everything except our servers (their process groups, `own_pgids`) and this process."""
 

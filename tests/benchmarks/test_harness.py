@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))  # the benchmarks import each other as scripts do
 
-from harness.cpu import CpuMonitor, proc_jiffies  # noqa: E402
+from harness.cpu import CpuMonitor, group_cpu_seconds, own_cpu_seconds, proc_jiffies  # noqa: E402
 from harness.load import LoadStats, completion_body, run_requests  # noqa: E402
 from harness.servers import SERVER_KINDS, ServerSpec, server_env  # noqa: E402
 
@@ -173,6 +174,27 @@ def test_cpu_monitor_counts_its_own_process_apart():
         pass
     b = monitor.snapshot()
     assert b.own - a.own >= 10 and CpuMonitor.foreign_cores(a, b) >= 0.0
+
+
+def test_cpu_per_process_group_and_of_the_load_generator():
+    """A server's CPU is its process group's (every process of it); the load generator's is this process's."""
+    burn = "import time\nend = time.thread_time() + 0.3\nwhile time.thread_time() < end: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", burn], start_new_session=True)
+    try:
+        deadline = time.time() + 20
+        while group_cpu_seconds(child.pid) < 0.25 and time.time() < deadline:
+            time.sleep(0.05)
+        used = group_cpu_seconds(child.pid)
+        assert 0.25 <= used < 5, used  # its 0.3 s, not this process's
+        assert group_cpu_seconds(2**22 + 1) == 0.0  # no such group
+    finally:
+        child.kill()
+        child.wait()
+    before = own_cpu_seconds()
+    end = time.thread_time() + 0.2
+    while time.thread_time() < end:
+        pass
+    assert own_cpu_seconds() - before >= 0.15
 
 
 def test_lens_cases_are_left_out_without_the_side_venv(tmp_path, capsys):
