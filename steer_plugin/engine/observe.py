@@ -172,16 +172,17 @@ def read_features(
     reconstruction error (the decode is skipped without stats: its error is NaN then)."""
     x = x.to(sae.dtype)
     x_n, state = sae.normalise(x)
-    pre = sae.pre_activations(x_n)  # [n, d_sae]
+    projected = sae.project(x_n)  # [n, d_sae]
     if sae.architecture == "topk" and not stats and not watched:
         # The common inspect read (top-K only) of a TopK SAE: its K strongest features are the strongest
         # pre-activations (those above 0), so one small top-K of `pre` replaces the SAE's top-k, the dense
         # features and a second top-K over them.
+        pre = projected + sae.b_enc
         values, indices = torch.topk(pre, max(1, min(top_k, sae.k)), dim=-1)  # [n, top_k], strongest first
         l0 = (pre > 0).sum(-1).clamp_max(sae.k)  # [n]
         empty, nan = torch.zeros((x.shape[0], 0)), torch.full((x.shape[0],), float("nan"))
         return FeatureRead(torch.relu(values).float(), indices, l0, nan, empty)
-    f = sae.activate(pre, x_n)  # [n, d_sae]
+    f = sae.features(projected)  # [n, d_sae]
     if stats:
         x_hat = sae.decode(f, state)
         err = (x - x_hat).float().pow(2).sum(-1) / x.float().pow(2).sum(-1).clamp_min(1e-12)  # [n]

@@ -172,25 +172,26 @@ class SparseAutoencoder:
         """[..., d_in] in SAE input space -> [..., d_sae] pre-activations (gated: the gate pre-activation)."""
         return self.project(x_normalised) + (self.b_gate if self.architecture == "gated" else self.b_enc)
 
-    def activate(self, pre: torch.Tensor, x_normalised: torch.Tensor | None = None) -> torch.Tensor:
-        """Pre-activations [..., d_sae] -> feature activations [..., d_sae]."""
+    def features(self, projected: torch.Tensor) -> torch.Tensor:
+        """The encoder product [..., d_sae] (`project`) -> feature activations [..., d_sae]."""
+        if self.architecture == "gated":
+            # The magnitude path shares W_enc, rescaled per feature by exp(r_mag): x·(W_enc·diag(e)) is
+            # (x·W_enc)·e, so one product serves both paths and the rescale goes on it, not on the matrix.
+            gate = projected + self.b_gate
+            magnitude = projected * torch.exp(self.r_mag) + self.b_mag
+            return (gate > 0).to(gate.dtype) * torch.relu(magnitude)
+        pre = projected + self.b_enc
         if self.architecture == "relu":
             return torch.relu(pre)
         if self.architecture in ("jumprelu", "batchtopk"):
             return torch.relu(pre) * (pre > self.threshold)
-        if self.architecture == "topk":
-            values, indices = torch.topk(pre, self.k, dim=-1)
-            return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
-        # gated: the magnitude path shares W_enc, rescaled per feature by exp(r_mag): x·(W_enc·diag(e)) is
-        # (x·W_enc)·e, so the rescale goes on the [..., d_sae] product, not on the [d_in, d_sae] matrix per call
-        assert x_normalised is not None, "gated activation needs the normalised input"
-        magnitude = self.project(x_normalised) * torch.exp(self.r_mag) + self.b_mag
-        return (pre > 0).to(pre.dtype) * torch.relu(magnitude)
+        values, indices = torch.topk(pre, self.k, dim=-1)  # topk
+        return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Residual activations [..., d_in] -> features [..., d_sae]."""
         x_n, _ = self.normalise(x)
-        return self.activate(self.pre_activations(x_n), x_n)
+        return self.features(self.project(x_n))
 
     def decode(self, f: torch.Tensor, state: NormState | None = None) -> torch.Tensor:
         """Features [..., d_sae] -> reconstruction [..., d_in] in residual space."""
@@ -199,5 +200,4 @@ class SparseAutoencoder:
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         x_n, state = self.normalise(x)
-        f = self.activate(self.pre_activations(x_n), x_n)
-        return self.decode(f, state)
+        return self.decode(self.features(self.project(x_n)), state)
