@@ -21,7 +21,8 @@ def _stats(values: list[float]) -> dict | None:
 
 
 METRICS = ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
-CPU_METRICS = ("server_cpu_us_per_token", "client_cpu_us_per_token")  # (absent from runs before 2026-12-06)
+# (absent from runs before 2026-12-06)
+CPU_METRICS = ("api_cpu_us_per_token", "engine_cpu_us_per_token", "client_cpu_us_per_token")
 
 
 def _paired(mine: dict, base: dict, metric: str) -> dict | None:

@@ -136,29 +136,30 @@ def _own_reference_tables(cell_by_conc: dict, mode: str, o: dict) -> list[str]:
 
 
 def _cpu_table(cell_by_conc: dict, mode: str, o: dict) -> list[str]:
-    """CPU per generated token of the server's processes (API, engine core, workers) and of the load generator,
-    median over rounds, and the server's per-round ratio to (b)'s: a small cost reads here when throughput's
-    round-to-round spread hides it (on a machine whose cores the server fills, extra CPU is lost throughput)."""
+    """CPU per generated token by process, median over rounds, and the API process's per-round ratio to (b)'s.
+    The API process and the load generator do their work and wait idle, so theirs reads the response side's
+    cost per token; vLLM's engine core and workers on the CPU build keep their cores busy while serving, so
+    theirs tracks wall time (cores / throughput), not work."""
     rows = []
     for case in CASES:
         for c in o["concurrencies"]:
             e = cell_by_conc.get(str(c), {}).get(case.key)
-            if e is None or e.get("server_cpu_us_per_token") is None:
+            if e is None or e.get("api_cpu_us_per_token") is None:
                 continue
-            loaded = (e.get("ratio_vs_loaded") or {}).get("server_cpu_us_per_token")
-            client = e.get("client_cpu_us_per_token")
+            loaded = (e.get("ratio_vs_loaded") or {}).get("api_cpu_us_per_token")
+            engine, client = e.get("engine_cpu_us_per_token"), e.get("client_cpu_us_per_token")
             rows.append(
-                f"| {case.key} | {c} | {e['server_cpu_us_per_token']['median']:.0f} | {_range(loaded)} | "
-                f"{_f(client and client['median'], '{:.0f}')} |"
+                f"| {case.key} | {c} | {e['api_cpu_us_per_token']['median']:.0f} | {_range(loaded)} | "
+                f"{_f(client and client['median'], '{:.0f}')} | {_f(engine and engine['median'], '{:.0f}')} |"
             )
     if not rows:
         return []
     return [
         "",
-        f"### CPU per generated token: {mode} (median over rounds)",
+        f"### CPU per generated token: {mode} (median over rounds, µs)",
         "",
-        "| case | conc | server µs/token | server × (b) [min–max] | load generator µs/token |",
-        "|---|---:|---:|---:|---:|",
+        "| case | conc | API process | API process × (b) [min–max] | load generator | engine core + workers |",
+        "|---|---:|---:|---:|---:|---:|",
         *rows,
     ]
 

@@ -143,15 +143,13 @@ class Bench:
             a = self.monitor.snapshot()
             server_cpu, client_cpu = group_cpu_seconds(server.pgid), own_cpu_seconds()
             load = run_requests(server.completions_url, bodies, conc, 600)
-            server_cpu, client_cpu = (
-                group_cpu_seconds(server.pgid) - server_cpu,
-                own_cpu_seconds() - client_cpu,
-            )
+            after, client_cpu = group_cpu_seconds(server.pgid), own_cpu_seconds() - client_cpu
             foreign = CpuMonitor.foreign_cores(a, self.monitor.snapshot())
             stats = LoadStats.of(load)
             unit = {"mode": mode, "round": rnd, "case": case, "concurrency": conc, **stats.as_dict(),
-                    # CPU per generated token: steadier than throughput on a shared machine (small costs)
-                    "server_cpu_us_per_token": per_token_us(server_cpu, stats.output_tokens),
+                    # CPU per generated token by process (the response side's cost: API process, client)
+                    "api_cpu_us_per_token": per_token_us(after.api - server_cpu.api, stats.output_tokens),
+                    "engine_cpu_us_per_token": per_token_us(after.engine - server_cpu.engine, stats.output_tokens),
                     "client_cpu_us_per_token": per_token_us(client_cpu, stats.output_tokens),
                     "foreign_cores": round(foreign, 3),
                     "foreign_cores_before": None if pre_load is None else round(pre_load, 3),

@@ -45,16 +45,32 @@ def cpu_seconds(pid: int) -> float:
     return 0.0 if info is None else info[1] / HZ
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time the live processes of a process group (a server: its API, engine core and worker processes)
-    have used so far."""
-    jiffies = 0
+class ServerCpu(NamedTuple):
+    """CPU seconds a server's live processes (its process group) have used so far, by kind."""
+
+    api: float  # the API server process(es)
+    engine: float  # vLLM's engine core(s) and workers (named VLLM::...): on the CPU build they keep their
+    # cores busy while serving (OpenMP threads wait spinning), so their CPU tracks wall time, not work
+
+
+def group_cpu_seconds(pgid: int) -> ServerCpu:
+    """A server's CPU so far: every live process of its process group, split by kind (see ServerCpu)."""
+    api = engine = 0
     for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            info = proc_jiffies(pid)
-            if info is not None and info[0] == pgid:
-                jiffies += info[1]
-    return jiffies / HZ
+        if not pid.isdigit():
+            continue
+        info = proc_jiffies(pid)
+        if info is None or info[0] != pgid:
+            continue
+        try:
+            vllm_process = Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::")
+        except OSError:
+            continue
+        if vllm_process:
+            engine += info[1]
+        else:
+            api += info[1]
+    return ServerCpu(api / HZ, engine / HZ)
 
 
 def own_cpu_seconds() -> float:

@@ -126,8 +126,8 @@ def test_serve_bench_smoke(tmp_path):
     # CPU per generated token of the server that served each unit (its whole process group) and of the client
     # (os.times and /proc count in 10 ms ticks: a smoke unit's client may read 0)
     served = [u for u in units if u["output_tokens"]]
-    assert all(u["server_cpu_us_per_token"] > 0 and u["client_cpu_us_per_token"] >= 0 for u in served), [
-        (u["case"], u["server_cpu_us_per_token"], u["client_cpu_us_per_token"]) for u in units
+    assert all(u["engine_cpu_us_per_token"] > 0 and u["api_cpu_us_per_token"] >= 0 for u in served), [
+        (u["case"], u["api_cpu_us_per_token"], u["engine_cpu_us_per_token"]) for u in units
     ]
     cpu = md.split("### CPU per generated token: eager", 1)[1].split("##", 1)[0]
     assert {row.split("|")[1].strip() for row in _table_rows(cpu)[1:]} == set(cases)

@@ -176,20 +176,24 @@ def test_cpu_monitor_counts_its_own_process_apart():
     assert b.own - a.own >= 10 and CpuMonitor.foreign_cores(a, b) >= 0.0
 
 
-def test_cpu_per_process_group_and_of_the_load_generator():
-    """A server's CPU is its process group's (every process of it); the load generator's is this process's."""
+def test_cpu_per_process_group_by_kind_and_of_the_load_generator():
+    """A server's CPU is its process group's (every process of it), vLLM's engine and worker processes
+    (named VLLM::...) apart from the rest (the API process); the load generator's is this process's."""
     burn = "import time\nend = time.thread_time() + 0.3\nwhile time.thread_time() < end: pass\ntime.sleep(30)"
-    child = subprocess.Popen([sys.executable, "-c", burn], start_new_session=True)
+    named = "import setproctitle\nsetproctitle.setproctitle('VLLM::Worker')\n" + burn
+    # the "API process" starts the "worker", which inherits its process group
+    spawn = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {named!r}])\n" + burn
+    api = subprocess.Popen([sys.executable, "-c", spawn], start_new_session=True)
     try:
         deadline = time.time() + 20
-        while group_cpu_seconds(child.pid) < 0.25 and time.time() < deadline:
+        while min(group_cpu_seconds(api.pid)) < 0.25 and time.time() < deadline:
             time.sleep(0.05)
-        used = group_cpu_seconds(child.pid)
-        assert 0.25 <= used < 5, used  # its 0.3 s, not this process's
-        assert group_cpu_seconds(2**22 + 1) == 0.0  # no such group
+        used = group_cpu_seconds(api.pid)
+        assert 0.25 <= used.api < 5 and 0.25 <= used.engine < 5, used  # their 0.3 s each, not this process's
+        assert group_cpu_seconds(2**22 + 1) == (0.0, 0.0)  # no such group
     finally:
-        child.kill()
-        child.wait()
+        os.killpg(api.pid, 9)
+        api.wait()
     before = own_cpu_seconds()
     end = time.thread_time() + 0.2
     while time.thread_time() < end:

@@ -72,26 +72,23 @@ def test_ratios_are_per_round_against_each_cases_reference():
 
 
 def test_cpu_per_token_reads_against_the_unsteered_units_of_the_same_server(tmp_path):
-    """Per round, (h)'s server CPU per token over (b)'s; the report's CPU table shows it; runs without the
+    """Per round, (h)'s API-process CPU per token over (b)'s; the report's CPU table shows it; runs without the
     figures (before they were recorded) get no CPU entries, so their reports re-render unchanged."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import serve_report
 
-    server = {
-        "a_vanilla": [6000.0] * 3,
-        "b_loaded": [6400.0, 6300.0, 6500.0],
-        "h_inspect": [6720.0, 6615.0, 7150.0],
-    }
+    api = {"a_vanilla": [150.0] * 3, "b_loaded": [160.0, 150.0, 170.0], "h_inspect": [240.0, 225.0, 272.0]}
     units = [
-        _unit(case, r, 100.0, 10.0) | {"server_cpu_us_per_token": v[r], "client_cpu_us_per_token": 80.0}
-        for case, v in server.items()
+        _unit(case, r, 100.0, 10.0)
+        | {"api_cpu_us_per_token": v[r], "engine_cpu_us_per_token": 6300.0, "client_cpu_us_per_token": 80.0}
+        for case, v in api.items()
         for r in range(3)
     ]
-    cell = serve_report.summarise(units, ["eager"], [1], list(server))["eager"]["1"]
-    h = cell["h_inspect"]["ratio_vs_loaded"]["server_cpu_us_per_token"]
-    # per round 6720/6400, 6615/6300, 7150/6500 = 1.05, 1.05, 1.1
-    assert (h["median"], h["min"], h["max"]) == pytest.approx((1.05, 1.05, 1.1))
+    cell = serve_report.summarise(units, ["eager"], [1], list(api))["eager"]["1"]
+    h = cell["h_inspect"]["ratio_vs_loaded"]["api_cpu_us_per_token"]
+    # per round 240/160, 225/150, 272/170 = 1.5, 1.5, 1.6
+    assert (h["median"], h["min"], h["max"]) == pytest.approx((1.5, 1.5, 1.6))
     lines = serve_report._cpu_table({"1": cell}, "eager", {"concurrencies": [1]})
-    assert "| h_inspect | 1 | 6720 | 1.050 [1.050–1.100] | 80 |" in lines
+    assert "| h_inspect | 1 | 240 | 1.500 [1.500–1.600] | 80 | 6300 |" in lines
     old = serve_report.summarise([_unit("a_vanilla", 0, 100.0, 10.0)], ["eager"], [1], ["a_vanilla"])
-    assert "server_cpu_us_per_token" not in old["eager"]["1"]["a_vanilla"]
+    assert "api_cpu_us_per_token" not in old["eager"]["1"]["a_vanilla"]
