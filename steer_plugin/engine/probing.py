@@ -43,9 +43,7 @@ class InputProbes(NamedTuple):
     ids: tuple[str, ...]
     weight: torch.Tensor  # [sum of classes, width]
     bias: torch.Tensor  # [sum of classes]
-    sigmoid: (
-        bool | torch.Tensor
-    )  # every column sigmoid (True), none (False), else a [sum of classes] bool mask
+    sigmoid: bool | torch.Tensor  # True: every column is a sigmoid probe's; False: none; else a bool mask
 
 
 class LayerProbes(NamedTuple):
@@ -116,7 +114,7 @@ class ProbeReader:
                     ids,
                     torch.cat([probes[pid].weight for pid in ids]).to(self.device),
                     torch.cat([probes[pid].bias for pid in ids]).to(self.device),
-                    all(sigmoid) or (any(sigmoid) and torch.tensor(sigmoid, device=self.device)),
+                    sigmoid_columns(sigmoid, self.device),
                 )
             )
         ids = tuple(pid for part in parts for pid in part.ids)
@@ -217,12 +215,19 @@ class ProbeReader:
                 continue
             features = x if sae is None else sae.encode(x.to(sae.dtype)).float()  # [n, width]
             logits = torch.addmm(part.bias, features, part.weight.t())  # [n, classes of the part]
-            if part.sigmoid is True:  # (one op less than the mask: the product is a few microseconds)
+            if part.sigmoid is True:  # in place: at a few rows each op costs about what the product does
                 logits.sigmoid_()
             elif part.sigmoid is not False:
                 logits = torch.where(part.sigmoid, logits.sigmoid(), logits)
             scores.append(logits)
         return (scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)), unread
+
+
+def sigmoid_columns(flags: list[bool], device: torch.device) -> bool | torch.Tensor:
+    """Which columns of a stacked part go through a sigmoid: all (True), none (False), or a [columns] mask."""
+    if all(flags) or not any(flags):
+        return all(flags)
+    return torch.tensor(flags, device=device)
 
 
 def captured_rows(capture: torch.Tensor, rows: list[int]) -> torch.Tensor:
