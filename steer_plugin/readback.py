@@ -104,8 +104,12 @@ class Observation:
 
     def _settle(self, positions: Callable[[], range]) -> None:
         """Read what arrived; wait (within the response's budget) while reads of `positions()` are missing."""
+        self._settle_until(lambda: self._complete(positions()))
+
+    def _settle_until(self, arrived: Callable[[], bool]) -> None:
+        """Read what arrived; wait (within the response's budget) until `arrived()` (asked once a record came)."""
         self._pull()
-        while self.wait_left > 0 and (self.prompt_len is None or not self._complete(positions())):
+        while self.wait_left > 0 and (self.prompt_len is None or not arrived()):
             start = time.monotonic()
             self.inbox.wait(min(self.wait_left, 0.005))
             self.wait_left -= max(time.monotonic() - start, 0.0005)
@@ -176,10 +180,16 @@ class Observation:
             return []
         return self._counted([self._token(p) for p in range(self.prompt_len)])
 
-    def abort(self) -> dict | None:
+    def abort(self, generated: int = 0) -> dict | None:
         """Which abort_when condition stopped the request and at which generated token (the token that was not
-        generated: index k = the k-th generated token, read from the residual that would have predicted it)."""
-        self._pull()
+        generated: index k = the k-th generated token, read from the residual that would have predicted it).
+        `generated`: the tokens of an answer that ended with "stop": the abort reads of its last one are waited
+        for (within the response's budget; normally they are here already), so a forced end whose record came
+        after the token is still reported as the abort it was."""
+        if generated:
+            self._settle_until(lambda: self._abort_read(self.prompt_len - 2 + generated))
+        else:
+            self._pull()
         if self.prompt_len is None:
             return None
         on_probe = self.probe_aborted
@@ -199,6 +209,15 @@ class Observation:
             bound: None if cond is None else cond.threshold,
             "token": self.aborted.pos - (self.prompt_len - 1),
         }
+
+    def _abort_read(self, pos: int) -> bool:
+        """Whether an abort_when fired, or every abort_when condition's read of position `pos` arrived."""
+        if self.aborted is not None or self.probe_aborted is not None:
+            return True
+        planned = self.request.planned
+        return {a.sae for a in self.request.abort} <= self.by_pos.get(pos, {}).keys() and {
+            a.probe for a in planned.probe_abort if a.probe in self.probes
+        } <= self.scores.get(pos, {}).keys()
 
     def _probe_abort(self, pos: int, probe: str, column: int, score: float) -> dict:
         cond = next(a for a in self.request.planned.probe_abort if a.probe == probe and a.column == column)

@@ -5,6 +5,7 @@ The catalog is small and in memory: SAE "a" (layer 3, 10 features, feature 7 lab
 (layer 5, 6 features) and vector "v" (layer 5), d_model 4.
 """
 
+import threading
 import time
 
 import pytest
@@ -252,6 +253,63 @@ def test_observation_reads_the_workers_records():
     }
     observation.finish("resp-1", "m")
     assert cid not in observation.inbox.boxes  # the mailbox is gone with the response
+
+
+def test_an_abort_whose_record_comes_after_the_forced_end_is_still_reported():
+    """The worker sends a step's records before its token is sampled, but they travel apart from the token: an
+    answer that ended with "stop" waits (within the response's budget) for its last token's abort reads, so a
+    late abort record is reported as the abort, not as a plain stop; a plain stop whose reads are here does not
+    wait, and one whose reads never come waits no longer than the budget."""
+    svc = service()
+    abort = [{"sae": "a", "index": 7, "above": 5}]
+
+    def observed():
+        request = svc.rewrite_request({"prompt": "hi", "steering": {"abort_when": abort}})
+        observation = svc.observation(request)
+        return request, observation
+
+    def send_later(request, records, delay_s):
+        def send():
+            time.sleep(delay_s)
+            transport.post(request.observe.to, records)
+            transport.flush()
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        return sender
+
+    prompt_len = 3  # generated token k is predicted at position 2 + k
+    request, observation = observed()
+    sender = send_later(
+        request,
+        [
+            TokenRecord(2, prompt_len, "a", ()),
+            TokenRecord(3, prompt_len, "a", ((7, 6.0),), abort=(7, 6.0)),  # forced token 1, the answer's last
+        ],
+        0.02,
+    )
+    assert observation.abort(generated=2)["token"] == 1
+    sender.join()
+    observation.finish("resp-1", "m")
+
+    request, observation = observed()
+    transport.post(
+        request.observe.to, [TokenRecord(2, prompt_len, "a", ()), TokenRecord(3, prompt_len, "a", ())]
+    )
+    transport.flush()
+    deadline = time.monotonic() + 30
+    while not observation.inbox.boxes[request.observe.cid] and time.monotonic() < deadline:
+        observation.inbox.wait(0.01)
+    start = time.monotonic()
+    assert observation.abort(generated=2) is None
+    assert time.monotonic() - start < 0.04  # its last read was here: no wait for the budget
+    observation.finish("resp-2", "m")
+
+    request, observation = observed()
+    start = time.monotonic()
+    assert observation.abort(generated=2) is None  # nothing ever came
+    assert time.monotonic() - start < 1.0
+    observation.finish("resp-3", "m")
 
 
 DENY_A = {"denied_saes": ["a"]}

@@ -59,27 +59,39 @@ def probed_rows(requests: list[ObservedRequest], layer_of) -> list[ProbedRows]:
     """This step's token rows to score, one group per (request, layer); `layer_of(probe_id)` is its layer
     (None for a probe this worker no longer has)."""
     groups = []
+    by_list: dict[tuple, list[tuple[int, tuple[str, ...], tuple[ProbeAbortSpec, ...]]]] = {}
     for i, spec, found in requests:
-        by_layer: dict[int, list[str]] = {}
-        for probe_id in spec.probes:
-            layer = layer_of(probe_id)
-            if layer is not None:  # None: unloaded since the request was planned (no longer scored)
-                by_layer.setdefault(layer, []).append(probe_id)
-        for layer, ids in by_layer.items():
+        key = (spec.probes, spec.probe_abort)  # requests share probe lists: each one is split once a step
+        layers = by_list.get(key)
+        if layers is None:
+            layers = by_list[key] = _by_layer(spec.probes, spec.probe_abort, layer_of)
+        for layer, ids, abort in layers:
             groups.append(
                 ProbedRows(
                     spec.to,
                     layer,
-                    tuple(ids),
+                    ids,
                     found.rows,
                     found.positions,
                     found.num_prompt,
-                    abort=tuple(a for a in spec.probe_abort if a.probe in ids),
-                    predicting=found.predicting,
-                    req_index=i,
+                    abort,
+                    found.predicting,
+                    i,
                 )
             )
     return groups
+
+
+def _by_layer(probes: tuple[str, ...], aborts: tuple[ProbeAbortSpec, ...], layer_of):
+    """(layer, its probes, the abort_when conditions on them) per layer, for one list of probes."""
+    by_layer: dict[int, list[str]] = {}
+    for probe_id in probes:
+        layer = layer_of(probe_id)
+        if layer is not None:  # None: unloaded since the request was planned (no longer scored)
+            by_layer.setdefault(layer, []).append(probe_id)
+    return [
+        (layer, tuple(ids), tuple(a for a in aborts if a.probe in ids)) for layer, ids in by_layer.items()
+    ]
 
 
 class ProbeReader:
@@ -174,30 +186,32 @@ class ProbeReader:
             values = scores.cpu().tolist()  # [n, sum of classes]
             row = 0
             layouts: dict[tuple[str, ...], tuple[tuple[str, ...], tuple]] = {}  # requests share probe lists
-            for g in mine:
-                layout = layouts.get(g.probes)
+            for to, _, probes, _, positions, num_prompt, abort, predicting, req_index in mine:
+                layout = layouts.get(probes)
                 if layout is None:
                     present = tuple(
-                        pid for pid in g.probes if pid in stacked.columns and pid not in unread
+                        pid for pid in probes if pid in stacked.columns and pid not in unread
                     )  # (unloads since planned)
-                    layout = layouts[g.probes] = (present, tuple(stacked.columns[pid] for pid in present))
+                    layout = layouts[probes] = (present, tuple(stacked.columns[pid] for pid in present))
                 present, spans = layout
-                count = len(g.positions)
+                count = len(positions)
                 rows = values[row : row + count]
                 row += count
                 aborted = None
-                if g.abort and g.predicting in g.positions and g.predicting >= self.sink_positions:
-                    at = g.positions.index(g.predicting)
-                    aborted = self._fired(g.to.cid, g.abort, present, stacked.columns, g.predicting, rows[at])
+                if abort and predicting in positions and predicting >= sink:
+                    at = positions.index(predicting)
+                    aborted = self._fired(to.cid, abort, present, stacked.columns, predicting, rows[at])
                     if aborted is not None:
-                        fired.add(g.req_index)
-                first_is_sink = g.positions and g.positions[0] < sink  # (positions ascend)
-                sinks = tuple(p for p in g.positions if p < sink) if first_is_sink else ()
-                record = ProbeRecord(tuple(g.positions), g.num_prompt, present, spans, rows, sinks, aborted)
-                records.setdefault(g.to, []).append(record)
+                        fired.add(req_index)
+                # (positions ascend: a request past its first `sink` positions has none)
+                sinks = tuple(p for p in positions if p < sink) if positions[0] < sink else ()
+                record = ProbeRecord(tuple(positions), num_prompt, present, spans, rows, sinks, aborted)
+                if to in records:  # (a request has one group per layer it is scored at)
+                    records[to].append(record)
+                else:
+                    records[to] = [record]
         if self.write:
-            for to, lines in records.items():
-                transport.post(to, lines)
+            transport.post_all(records)
         return sorted(fired)
 
     @staticmethod

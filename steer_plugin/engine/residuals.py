@@ -50,5 +50,4 @@ def write_residuals(groups: list[ResidualRows], captures: dict[int, torch.Tensor
         lines.extend(
             ResidualRecord.of(pos, g.num_prompt, g.layer, rows[k]) for k, pos in enumerate(g.positions)
         )
-    for to, lines in records.items():
-        transport.post(to, lines)
+    transport.post_all(records)

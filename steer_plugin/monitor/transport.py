@@ -139,6 +139,13 @@ def post(to: Addressee, records: list[Record]) -> None:
     outbox().post(to, records)
 
 
+def post_all(records: dict[Addressee, list[Record]]) -> None:
+    """Worker: `post` for each request of a step at once (the outbox looked up once, not per request)."""
+    box = outbox()
+    for to, lines in records.items():
+        box.post(to, lines)
+
+
 def flush() -> int:
     """Worker: send the step's messages (Outbox.flush); after the step's reads, once."""
     made = _OUTBOX.made()  # (none made: nothing was posted in this process)

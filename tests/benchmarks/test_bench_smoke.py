@@ -46,6 +46,17 @@ def test_op_bench_smoke(tmp_path):
     assert len(rows) == len(data["per_tokens"]) + len(data["rows"]) + 2
 
 
+def test_probe_bench_smoke(tmp_path):
+    out = tmp_path / "probe-smoke"
+    _run([str(BENCH / "probe_bench.py"), "--smoke", "--out", str(out)], timeout=300)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["settings"]["probes"] == 16 and [r["tokens"] for r in data["rows"]] == [1, 8]
+    for row in data["rows"]:
+        assert row["capture_us"] > 0 and row["score_us"] > 0 and row["layer_us"] > 0 and row["step_us"] > 0
+        assert row["messages_queued"] > 0  # the records were encoded and sent, not just built
+    assert len(_table_rows(out.with_suffix(".md").read_text())) == 1 + len(data["rows"])
+
+
 def test_op_bench_fixed_shape_smoke(tmp_path):
     out = tmp_path / "fixed-smoke"
     _run([str(BENCH / "op_bench.py"), "--fixed-shape", "--smoke", "--out", str(out)], timeout=300)

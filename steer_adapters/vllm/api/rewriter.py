@@ -27,6 +27,7 @@ class ResponseRewriter:
         # The probe -> judge cascade of a monitored request (monitor/judge.py), fed as tokens arrive.
         self.cascade = service.judge_cascade(request, lambda: self.response_id, judge_token)
         self.answer = ""  # the answer so far (choice 0: monitoring needs n = 1)
+        self.generated = 0  # its tokens so far (abort_when needs n = 1 too)
         self.done = False  # the stream's end went out
         self.status = 200
         self.start: dict | None = None
@@ -61,6 +62,7 @@ class ResponseRewriter:
 
     def _choice_steering(self, choice: dict, count: int, first: bool) -> dict:
         info: dict = {}
+        self.generated += count
         if first:
             info["applied"] = self.service.applied(self.request.ops)
             if self.request.traced:
@@ -77,7 +79,7 @@ class ResponseRewriter:
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             choice.pop("token_ids", None)
         if (self.request.abort or self.request.planned.probe_abort) and choice.get("finish_reason") == "stop":
-            abort = self.observation.abort()
+            abort = self.observation.abort(self.generated)
             if abort is not None:  # the end-of-sequence token was forced by the worker (Steerer.force_aborts)
                 choice["finish_reason"] = "abort_when"
                 info["abort"] = abort
