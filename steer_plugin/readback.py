@@ -64,6 +64,9 @@ class Observation:
         # Reads every token should have: one record per SAE, scores per probe.
         self.expected_saes = set(request.inspected) | {sae for sae, _ in request.traced}
         self.expected_probes = {pid for pid in request.probes if pid in self.probes}
+        # Everything the workers read at each token: its SAEs (inspected, traced, monitored, abort_when) and probes.
+        self.read_saes = set(request.observe.saes)
+        self.read_probes = set(self.probes)
         self.by_pos: dict[int, dict[str, TokenRecord]] = {}  # pos -> sae -> its record
         self.records: list[TokenRecord] = []
         self.prompt_len: int | None = None
@@ -183,13 +186,9 @@ class Observation:
     def abort(self, generated: int = 0) -> dict | None:
         """Which abort_when condition stopped the request and at which generated token (the token that was not
         generated: index k = the k-th generated token, read from the residual that would have predicted it).
-        `generated`: the tokens of an answer that ended with "stop": the abort reads of its last one are waited
-        for (within the response's budget; normally they are here already), so a forced end whose record came
+        `generated`: the tokens of the answer so far (see `_settle_last`), so a forced end whose record came
         after the token is still reported as the abort it was."""
-        if generated:
-            self._settle_until(lambda: self._abort_read(self.prompt_len - 2 + generated))
-        else:
-            self._pull()
+        self._settle_last(generated)
         if self.prompt_len is None:
             return None
         on_probe = self.probe_aborted
@@ -210,14 +209,24 @@ class Observation:
             "token": self.aborted.pos - (self.prompt_len - 1),
         }
 
-    def _abort_read(self, pos: int) -> bool:
-        """Whether an abort_when fired, or every abort_when condition's read of position `pos` arrived."""
-        if self.aborted is not None or self.probe_aborted is not None:
-            return True
-        planned = self.request.planned
-        return {a.sae for a in self.request.abort} <= self.by_pos.get(pos, {}).keys() and {
-            a.probe for a in planned.probe_abort if a.probe in self.probes
-        } <= self.scores.get(pos, {}).keys()
+    def _settle_last(self, generated: int) -> None:
+        """Read what arrived; with `generated` (the answer's tokens), wait (within the response's budget;
+        normally not at all) until every read of its last token has arrived or an abort_when fired: the
+        worker's records travel apart from the tokens, so an answer's end can come before them."""
+        if not generated:
+            return self._pull()
+        last = generated - 1  # the token's index; its residual is at position prompt_len - 1 + last
+
+        def arrived() -> bool:
+            if self.aborted is not None or self.probe_aborted is not None:
+                return True
+            pos = self.prompt_len - 1 + last
+            return (
+                self.read_saes <= self.by_pos.get(pos, {}).keys()
+                and self.read_probes <= self.scores.get(pos, {}).keys()
+            )
+
+        self._settle_until(arrived)
 
     def _probe_abort(self, pos: int, probe: str, column: int, score: float) -> dict:
         cond = next(a for a in self.request.planned.probe_abort if a.probe == probe and a.column == column)
@@ -260,16 +269,17 @@ class Observation:
             for sae_id, index in self.request.traced
         ]
 
-    def finish(self, response_id: str | None, model: str | None) -> None:
-        """Write the monitoring line and watchlist counts; close the request's mailbox, however that goes."""
+    def finish(self, response_id: str | None, model: str | None, generated: int = 0) -> None:
+        """Write the monitoring line and watchlist counts (once the reads of the answer's `generated` tokens
+        arrived: `_settle_last`); close the request's mailbox, however that goes."""
         try:
             metrics.OBSERVATION_VALUES.inc(self.values_read)
-            self._report(response_id, model)
+            self._report(response_id, model, generated)
         finally:
             self.inbox.close(self.cid)
 
-    def _report(self, response_id: str | None, model: str | None) -> None:
-        abort = self.abort()  # (reads what is left first)
+    def _report(self, response_id: str | None, model: str | None, generated: int) -> None:
+        abort = self.abort(generated)  # (reads what is left first)
         config = self.monitoring
         if abort is not None:  # every stopped request is counted and logged, sampled or not
             if "probe" in abort:

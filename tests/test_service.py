@@ -5,6 +5,7 @@ The catalog is small and in memory: SAE "a" (layer 3, 10 features, feature 7 lab
 (layer 5, 6 features) and vector "v" (layer 5), d_model 4.
 """
 
+import json
 import threading
 import time
 
@@ -310,6 +311,30 @@ def test_an_abort_whose_record_comes_after_the_forced_end_is_still_reported():
     assert observation.abort(generated=2) is None  # nothing ever came
     assert time.monotonic() - start < 1.0
     observation.finish("resp-3", "m")
+
+
+def test_the_monitoring_line_waits_for_the_last_tokens_reads(tmp_path):
+    """The monitoring line is written when the response ends, which can come before the workers' records of its
+    last token: it counts them once they arrive (within the response's budget)."""
+    log = tmp_path / "monitor.jsonl"
+    monitoring = {"saes": {"b": {"sample_rate": 1.0}}, "sink": "file", "path": str(log)}
+    svc = service(monitoring=monitoring)
+    request = svc.rewrite_request({"prompt": "hi"})
+    observation = svc.observation(request)
+    transport.post(request.observe.to, [TokenRecord(2, 3, "b", ((1, 1.0),))])  # token 0
+    transport.flush()
+
+    def late():  # token 1, the answer's last
+        time.sleep(0.02)
+        transport.post(request.observe.to, [TokenRecord(3, 3, "b", ((1, 2.0),))])
+        transport.flush()
+
+    sender = threading.Thread(target=late)
+    sender.start()
+    observation.finish("resp-1", "m", generated=2)
+    sender.join()
+    line = json.loads(log.read_text().splitlines()[-1])
+    assert (line["sae"], line["num_tokens"]) == ("b", 2)
 
 
 DENY_A = {"denied_saes": ["a"]}

@@ -162,4 +162,4 @@ class ResponseRewriter:
     def close(self) -> None:
         if not self.closed and self.observation is not None:
             self.closed = True
-            self.observation.finish(self.response_id, self.model)
+            self.observation.finish(self.response_id, self.model, self.generated)
