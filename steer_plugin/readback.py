@@ -64,6 +64,10 @@ class Observation:
         # Reads every token should have: one record per SAE, scores per probe.
         self.expected_saes = set(request.inspected) | {sae for sae, _ in request.traced}
         self.expected_probes = {pid for pid in request.probes if pid in self.probes}
+        # The probes each token reports, in the request's order, with their labels.
+        self.reported_probes = [
+            (pid, self.probes[pid].labels) for pid in request.probes if pid in self.probes
+        ]
         # Everything the workers read at each token: its SAEs (inspected, traced, monitored, abort_when) and probes.
         self.read_saes = set(request.observe.saes)
         self.read_probes = set(self.probes)
@@ -144,11 +148,14 @@ class Observation:
         probes = {}
         if self.expected_probes:
             scored = self.scores.get(pos, {})
-            probes = {
-                pid: dict(zip(self.probes[pid].labels, scored[pid])) if pid in scored else None
-                for pid in self.request.probes
-                if pid in self.probes
-            }
+            for pid, labels in self.reported_probes:  # (per streamed token: no more than one dict per probe)
+                found = scored.get(pid)
+                if found is None:
+                    probes[pid] = None
+                elif len(labels) == 1:
+                    probes[pid] = {labels[0]: found[0]}
+                else:
+                    probes[pid] = dict(zip(labels, found))
         return TokenRead(features, traced, probes)
 
     def _counted(self, reads: list[TokenRead]) -> list[TokenRead]:

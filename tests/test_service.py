@@ -16,7 +16,8 @@ from steer_plugin.catalog import LoadedAssets, LoadedSAE, LoadedVector
 from steer_plugin.config import parse_config
 from steer_plugin.monitor import transport
 from steer_plugin.request.ops import Coefficients, PositionRule, ResolvedOp
-from steer_plugin.request.records import TokenRecord
+from steer_plugin.probes.format import ProbeMeta
+from steer_plugin.request.records import ProbeRecord, TokenRecord
 from steer_plugin.request.schema import SpecError
 from steer_plugin.request.wire import TRACE_THRESHOLD, WIRE_KEY, AbortSpec, RequestPlan, WatchSpec
 from steer_plugin.sae.model import SparseAutoencoder
@@ -335,6 +336,37 @@ def test_the_monitoring_line_waits_for_the_last_tokens_reads(tmp_path):
     sender.join()
     line = json.loads(log.read_text().splitlines()[-1])
     assert (line["sae"], line["num_tokens"]) == ("b", 2)
+
+
+def test_probe_scores_come_back_per_token_by_label():
+    """A ProbeRecord's columns come back per token as {probe: {label: score}} in the request's order, and a
+    probe whose scores never came as None (two probes at layer 3: "one" with one label, "two" with two)."""
+    config = {
+        "saes": [{"id": "a", "path": "/unused/a"}],
+        "probes": [{"id": "one", "path": "/unused/one"}, {"id": "two", "path": "/unused/two"}],
+    }
+    cfg = parse_config(config)
+    assets = LoadedAssets(
+        saes={"a": LoadedSAE("a", sae(10), 3, {}, None)},
+        vectors={},
+        config=cfg,
+        probes={"one": ProbeMeta(3, ("on",)), "two": ProbeMeta(3, ("x", "y"))},
+    )
+    svc = SteeringService(cfg, assets)
+    request = svc.rewrite_request(
+        {"prompt": "hi", "steering": {"inspect": {"saes": [], "probes": ["two", "one"]}}}
+    )
+    observation = svc.observation(request)
+    columns = (("one", (0, 1)), ("two", (1, 3)))
+    probes, spans = zip(*columns)
+    transport.post(request.observe.to, [ProbeRecord((2,), 3, probes, spans, [[0.5, 0.25, 0.75]])])
+    transport.post(request.observe.to, [ProbeRecord((3,), 3, ("one",), ((0, 1),), [[0.125]])])
+    transport.flush()
+    first, second = observation.next_tokens(2)  # (waits for what it expects: both probes at positions 2, 3)
+    assert list(first.probes) == ["two", "one"]
+    assert first.probes == {"two": {"x": 0.25, "y": 0.75}, "one": {"on": 0.5}}
+    assert second.probes == {"two": None, "one": {"on": 0.125}}
+    observation.finish("resp-1", "m", generated=2)
 
 
 DENY_A = {"denied_saes": ["a"]}

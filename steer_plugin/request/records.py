@@ -46,8 +46,9 @@ class ProbeRecord(NamedTuple):
 
     def tokens(self) -> list[tuple[int, dict[str, tuple[float, ...]]]]:
         """(position, probe -> its scores) per token."""
+        columns = list(zip(self.probes, self.spans))
         return [
-            (pos, {pid: tuple(row[lo:hi]) for pid, (lo, hi) in zip(self.probes, self.spans)})
+            (pos, {pid: tuple(row[lo:hi]) for pid, (lo, hi) in columns})
             for pos, row in zip(self.positions, self.rows)
         ]
 
