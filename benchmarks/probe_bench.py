@@ -3,6 +3,8 @@
 every token <= 0.2% of a decoder layer at every T).
 
     python benchmarks/probe_bench.py                      # CPU, d_model 4096, bf16, 16 probes, T = 1..2048
+    python benchmarks/probe_bench.py --dtype float32      # a CPU without bf16 arithmetic (AVX2 only): the dtype
+                                                          # it serves in (a bf16 layer there is emulated, ~10x slower)
     python benchmarks/probe_bench.py --smoke --out /tmp/probe-smoke
 
 Per T (token rows of one step, every one observed):
@@ -41,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--probes", type=int, default=16)
     p.add_argument("--tokens", help="comma list (default 1,16,128,512,2048)")
     p.add_argument("--min-time", type=float)
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the layer's and residual's"
+    )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "probe-cpu"))
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -55,7 +60,8 @@ def main(argv=None) -> int:
     from steer_plugin.request.wire import ObservePlan
 
     smoke = args.smoke
-    device, dtype = torch.device("cpu"), torch.bfloat16
+    device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
+    short = {"bfloat16": "bf16", "float32": "fp32"}[args.dtype]
     d, inter, heads, kv_heads, context = (256, 512, 4, 2, 16) if smoke else (4096, 14336, 32, 8, 256)
     tokens = [int(t) for t in (args.tokens or ("1,8" if smoke else "1,16,128,512,2048")).split(",")]
     min_time = args.min_time or (0.02 if smoke else 0.3)
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
     layer = LlamaLikeLayer(d, inter, heads, kv_heads, context, dtype, device).eval()
     capture = torch.zeros(max(tokens), d, dtype=torch.float32)
     rows_out = []
-    print(f"probe_bench: d_model {d}, {args.probes} probes, bf16, CPU; T = {tokens}", flush=True)
+    print(f"probe_bench: d_model {d}, {args.probes} probes, {short}, CPU; T = {tokens}", flush=True)
     for t in tokens:
         hidden, out = torch.randn(t, d, dtype=dtype), torch.randn(t, d, dtype=dtype)
         # decode steps have one row per request: T requests of one row each, at position 10 + i
@@ -120,7 +126,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     result = {
-        "settings": {"d_model": d, "probes": args.probes, "dtype": "bfloat16", "intermediate": inter,
+        "settings": {"d_model": d, "probes": args.probes, "dtype": args.dtype, "intermediate": inter,
                      "heads": heads, "kv_heads": kv_heads, "context": context, "smoke": smoke},
         "machine": machine_info(device),
 
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
-        f"# Probes on every token: {args.probes} probes, d_model {d}, bf16, CPU",
+        f"# Probes on every token: {args.probes} probes, d_model {d}, {short}, CPU",
         "",
         date_and_commit_line(result["machine"]),
         "",
