@@ -169,11 +169,15 @@ def test_steering_equals_the_reference_on_both_engine_cores(server, hf, prompt_i
         )
         assert moved > 20 * LOGPROB_TOL, f"{name}: steering barely moved the logprobs ({moved:.2e})"
     print("max |Δ logprob| per case: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    changed = 0
     for ids, reply in zip(prompts, replies[len(named) :]):
         got = reply["choices"][0]["token_ids"]
         want = hf.greedy(ids, generation_steering(), 6)
         assert got == want, (got, want)
-        assert got != hf.greedy(ids, None, 6)
+        changed += got != hf.greedy(ids, None, 6)
+    # Not vacuous: the steering changed some answer (a prompt whose first 6 greedy tokens it leaves alone depends
+    # on the SAE a machine's asset build trained, e.g. the bridge question with the bridge feature added).
+    assert changed, "generation steering changed none of the answers"
     print(f"steering vs reference: {time.time() - started:.1f} s")
 
 
