@@ -164,11 +164,15 @@ def test_sdk_chat_streaming_with_inspect(client):
         max_tokens=8,
         temperature=0,
         stream=True,
+        stream_options={"include_usage": True},
         extra_body={"steering": {**CLAMP, "inspect": {"top_k": 3}}},
     )
     chunks = [c.model_dump() for c in stream]
     tokens = [t for c in chunks for ch in c["choices"] for t in ch.get("steering", {}).get("tokens", [])]
-    assert len(tokens) == 8
+    # One read per generated token (the end-of-sequence one too: the steered answer may end before 8, as it
+    # does with the SAE some machines' asset builds train).
+    generated = next(c["usage"]["completion_tokens"] for c in chunks if c.get("usage"))
+    assert 1 <= generated <= 8 and len(tokens) == generated
     assert chunks[0]["choices"][0]["steering"]["applied"][0]["index"] == WATCHED
     for t in tokens:
         assert 1 <= len(t["demo"]) <= 3
@@ -482,7 +486,10 @@ def test_compare_returns_steered_and_default_choices(server):
         "applied"
     ] == []
     # Both are inspected as asked; the clamped feature is read on the steered side only.
-    assert len(steered["steering"]["tokens"]) == len(default["steering"]["tokens"]) > 0
+    # (one read per generated token: a steered answer may end before max_tokens, as it does with some machines'
+    # asset builds)
+    assert len(steered["steering"]["tokens"]) == alone_steered["usage"]["completion_tokens"] > 0
+    assert len(default["steering"]["tokens"]) == alone_plain["usage"]["completion_tokens"] > 0
     top = [t["demo"][0]["index"] for t in steered["steering"]["tokens"]]
     assert top.count(WATCHED) > len(top) // 2 and WATCHED not in [
         t["demo"][0]["index"] for t in default["steering"]["tokens"]
@@ -511,9 +518,12 @@ def test_compare_streams_through_the_sdk(client):
     assert variants == {0: {"steered"}, 1: {"default"}}
     assert set(finished) == {0, 1}
     body = {"model": "demo", "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
-    assert texts[0] == _chat({**body, "steering": CLAMP})["choices"][0]["message"]["content"]
-    assert texts[1] == _chat(body)["choices"][0]["message"]["content"]
-    assert len(usages) == 1 and usages[0].completion_tokens == 24  # both variants ran the 12 tokens
+    alone_steered, alone_plain = _chat({**body, "steering": CLAMP}), _chat(body)
+    assert texts[0] == alone_steered["choices"][0]["message"]["content"]
+    assert texts[1] == alone_plain["choices"][0]["message"]["content"]
+    # both variants' tokens counted once (a steered answer may end before the 12 with some asset builds)
+    alone = alone_steered["usage"]["completion_tokens"] + alone_plain["usage"]["completion_tokens"]
+    assert len(usages) == 1 and usages[0].completion_tokens == alone
 
 
 def engine_gauge(name: str) -> float:
