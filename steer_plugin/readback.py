@@ -70,7 +70,6 @@ class Observation:
         ]
         # Everything the workers read at each token: its SAEs (inspected, traced, monitored, abort_when) and probes.
         self.read_saes = set(request.observe.saes)
-        self.read_probes = set(self.probes)
         self.by_pos: dict[int, dict[str, TokenRecord]] = {}  # pos -> sae -> its record
         self.records: list[TokenRecord] = []
         self.prompt_len: int | None = None
@@ -230,7 +229,7 @@ class Observation:
             pos = self.prompt_len - 1 + last
             return (
                 self.read_saes <= self.by_pos.get(pos, {}).keys()
-                and self.read_probes <= self.scores.get(pos, {}).keys()
+                and self.probes.keys() <= self.scores.get(pos, {}).keys()
             )
 
         self._settle_until(arrived)

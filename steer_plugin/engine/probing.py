@@ -186,30 +186,27 @@ class ProbeReader:
             values = scores.cpu().tolist()  # [n, sum of classes]
             row = 0
             layouts: dict[tuple[str, ...], tuple[tuple[str, ...], tuple]] = {}  # requests share probe lists
-            for to, _, probes, _, positions, num_prompt, abort, predicting, req_index in mine:
-                layout = layouts.get(probes)
+            for g in mine:
+                layout = layouts.get(g.probes)
                 if layout is None:
                     present = tuple(
-                        pid for pid in probes if pid in stacked.columns and pid not in unread
+                        pid for pid in g.probes if pid in stacked.columns and pid not in unread
                     )  # (unloads since planned)
-                    layout = layouts[probes] = (present, tuple(stacked.columns[pid] for pid in present))
+                    layout = layouts[g.probes] = (present, tuple(stacked.columns[pid] for pid in present))
                 present, spans = layout
-                count = len(positions)
+                count = len(g.positions)
                 rows = values[row : row + count]
                 row += count
                 aborted = None
-                if abort and predicting in positions and predicting >= sink:
-                    at = positions.index(predicting)
-                    aborted = self._fired(to.cid, abort, present, stacked.columns, predicting, rows[at])
+                if g.abort and g.predicting in g.positions and g.predicting >= sink:
+                    at = g.positions.index(g.predicting)
+                    aborted = self._fired(g.to.cid, g.abort, present, stacked.columns, g.predicting, rows[at])
                     if aborted is not None:
-                        fired.add(req_index)
-                # (positions ascend: a request past its first `sink` positions has none)
-                sinks = tuple(p for p in positions if p < sink) if positions[0] < sink else ()
-                record = ProbeRecord(tuple(positions), num_prompt, present, spans, rows, sinks, aborted)
-                if to in records:  # (a request has one group per layer it is scored at)
-                    records[to].append(record)
-                else:
-                    records[to] = [record]
+                        fired.add(g.req_index)
+                first_is_sink = g.positions and g.positions[0] < sink  # (positions ascend)
+                sinks = tuple(p for p in g.positions if p < sink) if first_is_sink else ()
+                record = ProbeRecord(tuple(g.positions), g.num_prompt, present, spans, rows, sinks, aborted)
+                records.setdefault(g.to, []).append(record)
         if self.write:
             transport.post_all(records)
         return sorted(fired)
