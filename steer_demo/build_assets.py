@@ -74,7 +74,7 @@ def _stages(assets: Path) -> dict[str, Stage]:
         {
             "budgets": corpus.DEFAULT_BUDGETS, "gen_max_new_tokens": corpus.GEN_MAX_NEW_TOKENS,
             "gen_batch": corpus.GEN_BATCH, "chunk_chars": corpus.CHUNK_CHARS, "seed": SEED, "version": 3,
-            "sampling": corpus.GEN_SAMPLING, "prompts": fingerprint(chat_prompts()),
+            "sampling": corpus.GEN_SAMPLING, "gen_dtype": corpus.GEN_DTYPE, "prompts": fingerprint(chat_prompts()),
             "license_read_cap": corpus.LICENSE_READ_CAP, "text_packages": corpus.TEXT_PACKAGES,
             "text_sources": corpus.source_versions(),
         },
@@ -87,7 +87,7 @@ def _stages(assets: Path) -> dict[str, Stage]:
         [work / harvest.ACTS_FILE], [model, corp],
     )  # fmt: skip
     train = Stage(
-        assets, "train", {"cfg": train_sae.TrainConfig().__dict__, "version": 2},
+        assets, "train", {"cfg": train_sae.TrainConfig().__dict__, "version": 3},
         [p.sae_dir / CFG_FILE, p.sae_dir / WEIGHTS_FILE], [harv],
     )  # fmt: skip
     analyze = Stage(
