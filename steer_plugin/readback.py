@@ -8,6 +8,7 @@ whose record never arrived (dropped on the way, counted) is reported as null, ne
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
@@ -28,6 +29,7 @@ LabelsOf = Callable[[str], Mapping[int, str]]  # an SAE's feature labels, from t
 # How long one response may wait, in all, for records still on their way (the workers send a token's records
 # before it is sampled, so they are normally here first; past this, missing reads are reported as null).
 WAIT_BUDGET_S = 0.05
+POLL_S = 0.001  # how often a waiting response looks again (asyncio.sleep: the other streams run meanwhile)
 
 
 class TokenRead(NamedTuple):
@@ -108,18 +110,38 @@ class Observation:
             for pos in positions
         )
 
-    def _settle(self, positions: Callable[[], range]) -> None:
-        """Read what arrived; wait (within the response's budget) while reads of `positions()` are missing."""
-        self._settle_until(lambda: self._complete(positions()))
-
-    def _settle_until(self, arrived: Callable[[], bool]) -> None:
-        """Read what arrived; wait (within the response's budget) until `arrived()` (asked once a record came)."""
+    async def settle(self, generated: int, last: bool = False, prompt: bool = False) -> None:
+        """Wait, within the response's budget and without blocking the event loop (every stream of this process
+        runs on it), until what the next reads need has arrived: the reads of the answer's first `generated`
+        tokens that `inspect` reports; with `last`, every read of its last token or an abort_when that fired (the
+        worker's records travel apart from the tokens, so an answer's end can come before them); with `prompt`,
+        the prompt's reads. Normally everything is here first and this does not wait. The reads themselves
+        (`next_tokens`, `abort`, `finish`, ...) never wait: they report what has arrived."""
         self._pull()
-        while self.wait_left > 0 and (self.prompt_len is None or not arrived()):
+        while self.wait_left > 0 and not self._arrived(generated, last, prompt):
             start = time.monotonic()
-            self.inbox.wait(min(self.wait_left, 0.005))
+            await asyncio.sleep(min(self.wait_left, POLL_S))
             self.wait_left -= max(time.monotonic() - start, 0.0005)
             self._pull()
+
+    def _arrived(self, generated: int, last: bool, prompt: bool) -> bool:
+        reports_tokens = bool(self.expected_saes or self.expected_probes) and generated > self.next_token
+        if not (reports_tokens or prompt or (last and generated)):
+            return True  # (nothing to wait for: no read before the first record came)
+        if self.prompt_len is None:
+            return False
+        first = self.prompt_len - 1  # the residual that predicts generated token k is at position first + k
+        if not self._complete(range(first + self.next_token, first + generated)):
+            return False
+        if prompt and not self._complete(range(self.prompt_len)):
+            return False
+        if not last or not generated or self.aborted is not None or self.probe_aborted is not None:
+            return True
+        pos = first + generated - 1
+        return (
+            self.read_saes <= self.by_pos.get(pos, {}).keys()
+            and self.probes.keys() <= self.scores.get(pos, {}).keys()
+        )
 
     def probe_scores(self) -> dict[int, dict[str, tuple[float, ...]]]:
         """Every probe score read so far: position -> probe -> its scores (the judge cascade reads them)."""
@@ -166,9 +188,7 @@ class Observation:
 
     def next_tokens(self, count: int) -> list[TokenRead]:
         """The next `count` generated tokens (each read from the residual that predicted it)."""
-        if count:
-            first = self.next_token
-            self._settle(lambda: range(self.prompt_len - 1 + first, self.prompt_len - 1 + first + count))
+        self._pull()
         if self.prompt_len is None:  # not one record arrived
             self.next_token += count
             return [self._nothing() for _ in range(count)]
@@ -184,17 +204,16 @@ class Observation:
         )
 
     def prompt_tokens(self) -> list[TokenRead]:
-        self._settle(lambda: range(self.prompt_len))
+        self._pull()
         if self.prompt_len is None:
             return []
         return self._counted([self._token(p) for p in range(self.prompt_len)])
 
-    def abort(self, generated: int = 0) -> dict | None:
+    def abort(self) -> dict | None:
         """Which abort_when condition stopped the request and at which generated token (the token that was not
         generated: index k = the k-th generated token, read from the residual that would have predicted it).
-        `generated`: the tokens of the answer so far (see `_settle_last`), so a forced end whose record came
-        after the token is still reported as the abort it was."""
-        self._settle_last(generated)
+        A forced end whose record came after the token is reported once `settle(..., last=True)` waited for it."""
+        self._pull()
         if self.prompt_len is None:
             return None
         on_probe = self.probe_aborted
@@ -214,25 +233,6 @@ class Observation:
             bound: None if cond is None else cond.threshold,
             "token": self.aborted.pos - (self.prompt_len - 1),
         }
-
-    def _settle_last(self, generated: int) -> None:
-        """Read what arrived; with `generated` (the answer's tokens), wait (within the response's budget;
-        normally not at all) until every read of its last token has arrived or an abort_when fired: the
-        worker's records travel apart from the tokens, so an answer's end can come before them."""
-        if not generated:
-            return self._pull()
-        last = generated - 1  # the token's index; its residual is at position prompt_len - 1 + last
-
-        def arrived() -> bool:
-            if self.aborted is not None or self.probe_aborted is not None:
-                return True
-            pos = self.prompt_len - 1 + last
-            return (
-                self.read_saes <= self.by_pos.get(pos, {}).keys()
-                and self.probes.keys() <= self.scores.get(pos, {}).keys()
-            )
-
-        self._settle_until(arrived)
 
     def _probe_abort(self, pos: int, probe: str, column: int, score: float) -> dict:
         cond = next(a for a in self.request.planned.probe_abort if a.probe == probe and a.column == column)
@@ -275,17 +275,17 @@ class Observation:
             for sae_id, index in self.request.traced
         ]
 
-    def finish(self, response_id: str | None, model: str | None, generated: int = 0) -> None:
-        """Write the monitoring line and watchlist counts (once the reads of the answer's `generated` tokens
-        arrived: `_settle_last`); close the request's mailbox, however that goes."""
+    def finish(self, response_id: str | None, model: str | None) -> None:
+        """Write the monitoring line and watchlist counts (of what arrived: `settle(..., last=True)` first waits
+        for the last token's reads); close the request's mailbox, however that goes."""
         try:
             metrics.OBSERVATION_VALUES.inc(self.values_read)
-            self._report(response_id, model, generated)
+            self._report(response_id, model)
         finally:
             self.inbox.close(self.cid)
 
-    def _report(self, response_id: str | None, model: str | None, generated: int) -> None:
-        abort = self.abort(generated)  # (reads what is left first)
+    def _report(self, response_id: str | None, model: str | None) -> None:
+        abort = self.abort()  # (reads what is left first)
         config = self.monitoring
         if abort is not None:  # every stopped request is counted and logged, sampled or not
             if "probe" in abort:

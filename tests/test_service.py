@@ -5,6 +5,7 @@ The catalog is small and in memory: SAE "a" (layer 3, 10 features, feature 7 lab
 (layer 5, 6 features) and vector "v" (layer 5), d_model 4.
 """
 
+import asyncio
 import json
 import threading
 import time
@@ -257,11 +258,33 @@ def test_observation_reads_the_workers_records():
     assert cid not in observation.inbox.boxes  # the mailbox is gone with the response
 
 
+def settle_beside_a_ticker(observation, generated: int, last: bool = False) -> int:
+    """`observation.settle` on an event loop beside a task that ticks every millisecond: the ticks that ran
+    while it waited (a wait that blocked the loop would let none run: every stream of a server shares it)."""
+
+    async def run() -> int:
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)  # (the ticker starts)
+        await observation.settle(generated, last=last)
+        ticker.cancel()
+        return ticks
+
+    return asyncio.run(run())
+
+
 def test_an_abort_whose_record_comes_after_the_forced_end_is_still_reported():
     """The worker sends a step's records before its token is sampled, but they travel apart from the token: an
-    answer that ended with "stop" waits (within the response's budget) for its last token's abort reads, so a
-    late abort record is reported as the abort, not as a plain stop; a plain stop whose reads are here does not
-    wait, and one whose reads never come waits no longer than the budget."""
+    answer's end waits (within the response's budget, without holding up the event loop) for its last token's
+    abort reads, so a late abort record is reported as the abort, not as a plain stop; a plain stop whose reads
+    are here does not wait, and one whose reads never come waits no longer than the budget."""
     svc = service()
     abort = [{"sae": "a", "index": 7, "above": 5}]
 
@@ -291,7 +314,8 @@ def test_an_abort_whose_record_comes_after_the_forced_end_is_still_reported():
         ],
         0.02,
     )
-    assert observation.abort(generated=2)["token"] == 1
+    assert settle_beside_a_ticker(observation, 2, last=True) >= 2  # ~20 ms of waiting, the loop ran on
+    assert observation.abort()["token"] == 1
     sender.join()
     observation.finish("resp-1", "m")
 
@@ -305,13 +329,15 @@ def test_an_abort_whose_record_comes_after_the_forced_end_is_still_reported():
     while not observation.inbox.boxes[request.observe.cid] and time.monotonic() < deadline:
         observation.inbox.wait(0.01)
     start = time.monotonic()
-    assert observation.abort(generated=2) is None
+    asyncio.run(observation.settle(2, last=True))
+    assert observation.abort() is None
     assert time.monotonic() - start < 1.0  # its last read was here: no wait for the budget
     observation.finish("resp-2", "m")
 
     request, observation = observed()  # (the response's budget as served: 50 ms)
     start = time.monotonic()
-    assert observation.abort(generated=2) is None  # nothing ever came
+    asyncio.run(observation.settle(2, last=True))
+    assert observation.abort() is None  # nothing ever came
     assert time.monotonic() - start < 1.0
     observation.finish("resp-3", "m")
 
@@ -335,7 +361,8 @@ def test_the_monitoring_line_waits_for_the_last_tokens_reads(tmp_path):
 
     sender = threading.Thread(target=late)
     sender.start()
-    observation.finish("resp-1", "m", generated=2)
+    asyncio.run(observation.settle(2, last=True))  # (as the response's end does)
+    observation.finish("resp-1", "m")
     sender.join()
     line = json.loads(log.read_text().splitlines()[-1])
     assert (line["sae"], line["num_tokens"]) == ("b", 2)
@@ -365,11 +392,12 @@ def test_probe_scores_come_back_per_token_by_label():
     transport.post(request.observe.to, [ProbeRecord((2,), 3, probes, spans, [[0.5, 0.25, 0.75]])])
     transport.post(request.observe.to, [ProbeRecord((3,), 3, ("one",), ((0, 1),), [[0.125]])])
     transport.flush()
-    first, second = observation.next_tokens(2)  # (waits for what it expects: both probes at positions 2, 3)
+    asyncio.run(observation.settle(2))  # (waits for what it expects: both probes at positions 2, 3)
+    first, second = observation.next_tokens(2)
     assert list(first.probes) == ["two", "one"]
     assert first.probes == {"two": {"x": 0.25, "y": 0.75}, "one": {"on": 0.5}}
     assert second.probes == {"two": None, "one": {"on": 0.125}}
-    observation.finish("resp-1", "m", generated=2)
+    observation.finish("resp-1", "m")
 
 
 DENY_A = {"denied_saes": ["a"]}

@@ -47,18 +47,34 @@ class ResponseRewriter:
             return await self.downstream(message)
         if self.stream:
             events, self.buffer = sse.split_events(self.buffer, message.get("body", b""))
-            out = b"".join(self._rewrite_event(e) for e in events)
+            parsed = [(event, sse.event_json(event)) for event in events]
+            await self._settle([data for _, data in parsed])
+            out = b"".join(self._rewrite_event(event, data) for event, data in parsed)
             if message.get("more_body") and not out:
                 return
             return await self.downstream({**message, "body": out})
         self.buffer += message.get("body", b"")
         if message.get("more_body"):
             return
-        body = self._rewrite_full(self.buffer)
+        data = sse.loads(self.buffer)
+        await self._settle([data], prompt=self.request.inspect is not None and self.request.inspect.prompt)
+        body = self._rewrite_full(self.buffer, data)
         headers = [(k, v) for k, v in self.start["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await self.downstream({**self.start, "headers": headers})
         await self.downstream({"type": "http.response.body", "body": body})
+
+    async def _settle(self, chunks: list, prompt: bool = False) -> None:
+        """Before `chunks` (parsed events or body) are rewritten: wait, without holding up the other streams,
+        for the reads they report (their tokens'; at the answer's end, all of its last token's)."""
+        if self.observation is None:
+            return
+        count, ends = 0, False
+        for data in chunks:
+            for choice in data.get("choices", []) if isinstance(data, dict) else ():
+                count += len(choice.get("token_ids") or [])
+                ends = ends or choice.get("finish_reason") is not None
+        await self.observation.settle(self.generated + count, last=ends, prompt=prompt)
 
     def _choice_steering(self, choice: dict, count: int, first: bool) -> dict:
         info: dict = {}
@@ -79,7 +95,7 @@ class ResponseRewriter:
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             choice.pop("token_ids", None)
         if (self.request.abort or self.request.planned.probe_abort) and choice.get("finish_reason") == "stop":
-            abort = self.observation.abort(self.generated)
+            abort = self.observation.abort()
             if abort is not None:  # the end-of-sequence token was forced by the worker (Steerer.force_aborts)
                 choice["finish_reason"] = "abort_when"
                 info["abort"] = abort
@@ -120,8 +136,7 @@ class ResponseRewriter:
         body = sse.data_event(event) + sse.DONE + sse.SEPARATOR
         await self.downstream({"type": "http.response.body", "body": body, "more_body": False})
 
-    def _rewrite_full(self, raw: bytes) -> bytes:
-        data = sse.loads(raw)
+    def _rewrite_full(self, raw: bytes, data) -> bytes:
         if not isinstance(data, dict):  # vLLM answers `null` when the client went away before the end
             return raw
         self.response_id, self.model = data.get("id"), data.get("model")
@@ -142,8 +157,7 @@ class ResponseRewriter:
             data.pop("prompt_token_ids", None)
         return sse.dumps(data)
 
-    def _rewrite_event(self, event: bytes) -> bytes:
-        data = sse.event_json(event)
+    def _rewrite_event(self, event: bytes, data) -> bytes:
         if not isinstance(data, dict):
             self.done = self.done or event.strip() == sse.DONE
             return event + sse.SEPARATOR
@@ -162,4 +176,4 @@ class ResponseRewriter:
     def close(self) -> None:
         if not self.closed and self.observation is not None:
             self.closed = True
-            self.observation.finish(self.response_id, self.model, self.generated)
+            self.observation.finish(self.response_id, self.model)
