@@ -153,7 +153,9 @@ def test_load_generator_times_streamed_requests(streamer):
     assert len(ok) == 6
     for r in ok:
         assert r.tokens == 4 and r.chunks == 4 and len(r.gaps) == 3
-        assert r.ttft is not None and r.ttft >= 0.015 and all(g >= 0.015 for g in r.gaps)
+        assert r.ttft is not None and r.ttft >= 0.015
+        # (20 ms apart when sent; one gap can arrive shorter, the one before it longer: their sum holds)
+        assert all(g > 0 for g in r.gaps) and sum(r.gaps) >= 0.045
         assert r.extra_fields == {"steering"} and r.inspect_tokens == 4
     stats = LoadStats.of(load)
     assert (stats.requests, stats.ok, stats.errors, stats.output_tokens) == (7, 6, 1, 24)
