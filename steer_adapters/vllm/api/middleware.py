@@ -228,7 +228,10 @@ class SteeringMiddleware:
             await self.app(scope, replay, responder.send)
             await responder.finish_judged()
         finally:
-            responder.close()
+            try:
+                await responder.settle_end()
+            finally:
+                responder.close()
 
     async def _compare(self, scope, receive, send, body: bytes, steered: RewrittenRequest):
         """`steering.compare`: the steered and the default variant run as two requests at once, merged into

@@ -57,7 +57,8 @@ class ResponseRewriter:
         if message.get("more_body"):
             return
         data = sse.loads(self.buffer)
-        await self._settle([data], prompt=self.request.inspect is not None and self.request.inspect.prompt)
+        inspect = self.request.inspect
+        await self._settle([data], prompt=isinstance(data, dict) and inspect is not None and inspect.prompt)
         body = self._rewrite_full(self.buffer, data)
         headers = [(k, v) for k, v in self.start["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -66,7 +67,8 @@ class ResponseRewriter:
 
     async def _settle(self, chunks: list, prompt: bool = False) -> None:
         """Before `chunks` (parsed events or body) are rewritten: wait, without holding up the other streams,
-        for the reads they report (their tokens'; at the answer's end, all of its last token's)."""
+        for the reads they report (their tokens'; at the answer's end, the last token's that its abort_when
+        report and probe summary need)."""
         if self.observation is None:
             return
         count, ends = 0, False
@@ -74,7 +76,15 @@ class ResponseRewriter:
             for choice in data.get("choices", []) if isinstance(data, dict) else ():
                 count += len(choice.get("token_ids") or [])
                 ends = ends or choice.get("finish_reason") is not None
-        await self.observation.settle(self.generated + count, last=ends, prompt=prompt)
+        request = self.request
+        last = ends and bool(request.abort or request.planned.probe_abort or request.probes)
+        await self.observation.settle(self.generated + count, last=last, prompt=prompt)
+
+    async def settle_end(self) -> None:
+        """Once the answer went out, however it ended: wait (as `_settle`) for its last token's reads, which the
+        monitoring line written by `close` counts."""
+        if self.observation is not None and not self.closed:
+            await self.observation.settle(self.generated, last=True)
 
     def _choice_steering(self, choice: dict, count: int, first: bool) -> dict:
         info: dict = {}
