@@ -117,6 +117,9 @@ class Observation:
         worker's records travel apart from the tokens, so an answer's end can come before them); with `prompt`,
         the prompt's reads. Normally everything is here first and this does not wait. The reads themselves
         (`next_tokens`, `abort`, `finish`, ...) never wait: they report what has arrived."""
+        reports_tokens = bool(self.expected_saes or self.expected_probes) and generated > self.next_token
+        if not (reports_tokens or prompt or (last and generated)):
+            return  # nothing to wait for (the reads pull what arrived)
         self._pull()
         while self.wait_left > 0 and not self._arrived(generated, last, prompt):
             start = time.monotonic()
@@ -125,9 +128,6 @@ class Observation:
             self._pull()
 
     def _arrived(self, generated: int, last: bool, prompt: bool) -> bool:
-        reports_tokens = bool(self.expected_saes or self.expected_probes) and generated > self.next_token
-        if not (reports_tokens or prompt or (last and generated)):
-            return True  # (nothing to wait for: no read before the first record came)
         if self.prompt_len is None:
             return False
         first = self.prompt_len - 1  # the residual that predicts generated token k is at position first + k

@@ -24,6 +24,7 @@ class ResponseRewriter:
         self.downstream = send
         self.stream = stream
         self.observation = service.observation(request)
+        self.aborts = bool(request.abort or request.planned.probe_abort)  # abort_when on a feature or a probe
         # The probe -> judge cascade of a monitored request (monitor/judge.py), fed as tokens arrive.
         self.cascade = service.judge_cascade(request, lambda: self.response_id, judge_token)
         self.answer = ""  # the answer so far (choice 0: monitoring needs n = 1)
@@ -76,8 +77,7 @@ class ResponseRewriter:
             for choice in data.get("choices", []) if isinstance(data, dict) else ():
                 count += len(choice.get("token_ids") or [])
                 ends = ends or choice.get("finish_reason") is not None
-        request = self.request
-        last = ends and bool(request.abort or request.planned.probe_abort or request.probes)
+        last = ends and (self.aborts or bool(self.request.probes))
         await self.observation.settle(self.generated + count, last=last, prompt=prompt)
 
     async def settle_end(self) -> None:
@@ -104,7 +104,7 @@ class ResponseRewriter:
                     info["probe_summary"] = self.observation.probe_summary()
         if not self.request.user_wants_token_ids and self.request.observe is not None:
             choice.pop("token_ids", None)
-        if (self.request.abort or self.request.planned.probe_abort) and choice.get("finish_reason") == "stop":
+        if self.aborts and choice.get("finish_reason") == "stop":
             abort = self.observation.abort()
             if abort is not None:  # the end-of-sequence token was forced by the worker (Steerer.force_aborts)
                 choice["finish_reason"] = "abort_when"
