@@ -11,7 +11,7 @@ Per T (token rows of one step, every one observed):
   - capture: what the op adds for observed rows at a probe's layer, the copy of their steered residual into the
              persistent capture buffer (engine/op.py's in-place copy of rows 0..T-1, every token observed);
   - score:   ProbeReader.collect for the layer: one [T, d] x [d, 16] product for its 16 probes, the sigmoid, and
-             one record per request (T decoding requests of one row);
+             one ProbeBlock for all of the step's requests (T decoding requests of one row);
   - step:    what the worker's host does once a step for every observed layer together (so not counted against
              one layer; reported against a step of LAYERS layers): plan the step's reads (engine/captures.py:
              each observed request's rows, its probes by layer) and the transport's flush (the step's records

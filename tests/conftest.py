@@ -34,8 +34,9 @@ class Mailroom:
     def read(self, cid: str, timeout_s: float = 30.0) -> list[Record]:
         """Every record sent to `cid` so far, in order: a marker goes after them through the same outbox socket
         (ZeroMQ keeps one socket's messages in order), so no waiting on a guess."""
+        transport.flush()  # whatever the code under test posted and did not flush, then the marker after it
         transport.post(Addressee(self.inbox.address, cid), [_END])
-        transport.flush()  # (with whatever the code under test posted and did not flush)
+        transport.flush()
         out: list[Record] = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from steer_plugin.config import parse_config
 from steer_plugin.monitor import transport
 from steer_plugin.probes.format import ProbeMeta
 from steer_plugin.request.ops import Coefficients, PositionRule, ResolvedOp
-from steer_plugin.request.records import ProbeRecord, TokenRecord
+from steer_plugin.request.records import ProbeBlock, TokenRecord
 from steer_plugin.request.schema import SpecError
 from steer_plugin.request.wire import TRACE_THRESHOLD, WIRE_KEY, AbortSpec, RequestPlan, WatchSpec
 from steer_plugin.sae.model import SparseAutoencoder
@@ -369,7 +370,7 @@ def test_the_monitoring_line_waits_for_the_last_tokens_reads(tmp_path):
 
 
 def test_probe_scores_come_back_per_token_by_label():
-    """A ProbeRecord's columns come back per token as {probe: {label: score}} in the request's order, and a
+    """A probe block's columns come back per token as {probe: {label: score}} in the request's order, and a
     probe whose scores never came as None (two probes at layer 3: "one" with one label, "two" with two)."""
     config = {
         "saes": [{"id": "a", "path": "/unused/a"}],
@@ -387,11 +388,15 @@ def test_probe_scores_come_back_per_token_by_label():
         {"prompt": "hi", "steering": {"inspect": {"saes": [], "probes": ["two", "one"]}}}
     )
     observation = svc.observation(request)
-    columns = (("one", (0, 1)), ("two", (1, 3)))
-    probes, spans = zip(*columns)
-    transport.post(request.observe.to, [ProbeRecord((2,), 3, probes, spans, [[0.5, 0.25, 0.75]])])
-    transport.post(request.observe.to, [ProbeRecord((3,), 3, ("one",), ((0, 1),), [[0.125]])])
-    transport.flush()
+    to = request.observe.to
+    for position, layout, row in (
+        (2, (("one", 0, 1), ("two", 1, 3)), [0.5, 0.25, 0.75]),
+        (3, (("one", 0, 1),), [0.125, 0.0, 0.0]),  # "two" not scored at position 3
+    ):
+        scores = np.array([row], dtype="<f4").tobytes()
+        step = ProbeBlock((bytes.fromhex(to.cid),), (1,), (position,), (3,), (0,), (layout,), 3, scores)
+        transport.post_block(to.address, step)
+        transport.flush()
     asyncio.run(observation.settle(2))  # (waits for what it expects: both probes at positions 2, 3)
     first, second = observation.next_tokens(2)
     assert list(first.probes) == ["two", "one"]

@@ -9,15 +9,17 @@ asked for there, and one encode and product per SAE the probes of that SAE's fea
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from itertools import accumulate
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from steer_plugin.engine.observe import ObservedRequest
 from steer_plugin.monitor import transport
 from steer_plugin.probes.format import Probe
-from steer_plugin.request.records import ProbeRecord
+from steer_plugin.request.records import ProbeBlock
 from steer_plugin.request.wire import Addressee, ProbeAbortSpec
 from steer_plugin.sae.model import SparseAutoencoder as SAE
 
@@ -171,9 +173,9 @@ class ProbeReader:
     ) -> list[int]:
         """groups' rows index into captures[layer] ([max_tokens, d] steered residual by token row): one product
         per layer and input for all of its groups, every probe of the layer scored (a few columns: cheaper than
-        picking); `saes`: the SAEs whose features probes read (a probe whose SAE is gone is not scored).
-        Returns the batch indices of the requests whose abort_when on a probe fired."""
-        records: dict[Addressee, list[ProbeRecord]] = {}
+        picking); `saes`: the SAEs whose features probes read (a probe whose SAE is gone is not scored). The
+        scores go out as one ProbeBlock per layer and API process. Returns the batch indices of the requests
+        whose abort_when on a probe fired."""
         fired: set[int] = set()
         sink = self.sink_positions
         for layer in dict.fromkeys(g.layer for g in groups):
@@ -183,32 +185,24 @@ class ProbeReader:
                 continue
             x = captured_rows(captures[layer], [r for g in mine for r in g.rows])  # [n, d] float32
             scores, unread = self._score(stacked, x, saes)
-            values = scores.cpu().tolist()  # [n, sum of classes]
-            row = 0
-            layouts: dict[tuple[str, ...], tuple[tuple[str, ...], tuple]] = {}  # requests share probe lists
-            for g in mine:
-                layout = layouts.get(g.probes)
-                if layout is None:
-                    present = tuple(
-                        pid for pid in g.probes if pid in stacked.columns and pid not in unread
-                    )  # (unloads since planned)
-                    layout = layouts[g.probes] = (present, tuple(stacked.columns[pid] for pid in present))
-                present, spans = layout
-                count = len(g.positions)
-                rows = values[row : row + count]
-                row += count
-                aborted = None
-                if g.abort and g.predicting in g.positions and g.predicting >= sink:
-                    at = g.positions.index(g.predicting)
-                    aborted = self._fired(g.to.cid, g.abort, present, stacked.columns, g.predicting, rows[at])
-                    if aborted is not None:
-                        fired.add(g.req_index)
-                first_is_sink = g.positions and g.positions[0] < sink  # (positions ascend)
-                sinks = tuple(p for p in g.positions if p < sink) if first_is_sink else ()
-                record = ProbeRecord(tuple(g.positions), g.num_prompt, present, spans, rows, sinks, aborted)
-                records.setdefault(g.to, []).append(record)
-        if self.write:
-            transport.post_all(records)
+            values = scores.float().cpu().numpy()  # [n, sum of classes]
+            present = _scored_here(stacked, unread)
+            aborted: dict[int, tuple[int, str, int, float]] = {}  # by index in `mine`
+            if any(g.abort for g in mine):
+                row = 0
+                for i, g in enumerate(mine):
+                    if g.abort and g.predicting in g.positions and g.predicting >= sink:
+                        at = values[row + g.positions.index(g.predicting)].tolist()
+                        found = self._fired(
+                            g.to.cid, g.abort, present(g.probes), stacked.columns, g.predicting, at
+                        )
+                        if found is not None:
+                            aborted[i] = found
+                            fired.add(g.req_index)
+                    row += len(g.positions)
+            if self.write:
+                for address, block in probe_blocks(stacked, mine, values, present, aborted, sink):
+                    transport.post_block(address, block)
         return sorted(fired)
 
     @staticmethod
@@ -232,6 +226,62 @@ class ProbeReader:
                 logits = torch.where(part.sigmoid, logits.sigmoid(), logits)
             scores.append(logits)
         return (scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)), unread
+
+
+def _scored_here(stacked: LayerProbes, unread: set[str]) -> Callable[[tuple[str, ...]], tuple[str, ...]]:
+    """Which of a request's probes a layer scored this step (not unloaded since planned, their SAE here);
+    memoised, as requests share probe lists."""
+
+    memo: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def present(probes: tuple[str, ...]) -> tuple[str, ...]:
+        found = memo.get(probes)
+        if found is None:
+            found = memo[probes] = tuple(p for p in probes if p in stacked.columns and p not in unread)
+        return found
+
+    return present
+
+
+def probe_blocks(
+    stacked: LayerProbes,
+    groups: list[ProbedRows],
+    values: np.ndarray,
+    present: Callable[[tuple[str, ...]], tuple[str, ...]],
+    aborted: dict[int, tuple[int, str, int, float]],
+    sink_positions: int,
+) -> list[tuple[str, ProbeBlock]]:
+    """A layer's step as one ProbeBlock per API process: `groups` scored in order into `values`
+    ([rows, columns]), `present(probes)` the probes of a request's list scored here, `aborted` the abort_when
+    that fired by group index. Columns built a list at a time (a few list items per request, not a record)."""
+    by_address: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_address.setdefault(g.to.address, []).append(i)
+    by_address.pop("", None)  # nowhere to send
+    columns, out = stacked.columns, []
+    for address, picked in by_address.items():
+        mine = [groups[i] for i in picked]
+        if len(picked) == len(groups):
+            rows = values  # (every row, in order, to this one process: no gather)
+        else:
+            starts = list(accumulate([len(g.positions) for g in groups], initial=0))
+            rows = values[np.concatenate([np.arange(starts[i], starts[i + 1]) for i in picked])]
+        layouts: dict[tuple[str, ...], int] = {}
+        layout = [layouts.setdefault(present(g.probes), len(layouts)) for g in mine]
+        block = ProbeBlock(
+            tuple([bytes.fromhex(g.to.cid) for g in mine]),
+            tuple(accumulate([len(g.positions) for g in mine])),
+            tuple([p for g in mine for p in g.positions]),
+            tuple([g.num_prompt for g in mine]),
+            tuple(layout),
+            tuple([tuple([(p, *columns[p]) for p in probes]) for probes in layouts]),
+            int(values.shape[1]),
+            rows.astype("<f4", copy=False).tobytes(),  # (C order)
+            sink_positions,
+            tuple([(j, *aborted[i]) for j, i in enumerate(picked) if i in aborted]) if aborted else (),
+        )
+        out.append((address, block))
+    return out
 
 
 def sigmoid_columns(flags: list[bool], device: torch.device) -> bool | torch.Tensor:

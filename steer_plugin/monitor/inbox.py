@@ -22,7 +22,7 @@ import zmq
 
 from steer_plugin import metrics, signing
 from steer_plugin.monitor import transport
-from steer_plugin.request.records import Record, decode_records, split_step
+from steer_plugin.request.records import ProbeRecord, Record, decode_block, decode_records, split_step
 
 HOST_ENV = transport.HOST_ENV
 RECV_HWM = 16384  # messages queued in the API process before the senders' queues fill
@@ -63,8 +63,9 @@ class Inbox:
         else:
             self.socket.bind(f"ipc://@steer-observe-{secrets.token_hex(12)}")  # abstract: nothing on disk
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        # Open requests by cid: their authenticated messages not yet taken, each one step's records still encoded.
-        self.boxes: dict[str, list[msgspec.Raw]] = {}
+        # Open requests by cid: what arrived and was not taken yet, per step: its records still encoded, and its
+        # probe scores (read out of the step's blocks when routed).
+        self.boxes: dict[str, list[msgspec.Raw | ProbeRecord]] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # closed cids (bounded)
 
     def open(self, cid: str) -> None:
@@ -85,6 +86,9 @@ class Inbox:
             box.clear()
         out: list[Record] = []
         for payload in payloads:
+            if isinstance(payload, ProbeRecord):
+                out.append(payload)
+                continue
             try:
                 out.extend(decode_records(payload))
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
@@ -117,25 +121,36 @@ class Inbox:
             self.drain()
 
     def _route(self, frames: list[bytes]) -> None:
-        """One worker's message of a step: [records by cid, MAC]."""
+        """One worker's message of a step: [records by cid and probe blocks, MAC]."""
         if len(frames) != 2 or len(frames[1]) != transport.MAC_BYTES:
             return _drop("malformed")
         body, code = frames
         if not hmac.compare_digest(code, transport.mac(self.key, body)):
             return _drop("unauthenticated")
         try:
-            parts = split_step(body)
+            parts, blocks = split_step(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return _drop("malformed")
         for cid, payload in parts:
-            name = cid.hex()
-            box = self.boxes.get(name) if len(cid) == transport.CID_BYTES else None
-            if box is None:
-                _drop("late" if name in self.recent else "unowned")
-            elif len(box) >= MAX_PENDING:
-                _drop("overflow")
-            else:
-                box.append(payload)
+            self._deliver(cid, payload)
+        for block in blocks:
+            try:
+                scored = decode_block(block)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                _drop("malformed")
+                continue
+            for cid, record in scored:  # each request's scores only to its own mailbox
+                self._deliver(cid, record)
+
+    def _deliver(self, cid: bytes, payload: msgspec.Raw | ProbeRecord) -> None:
+        name = cid.hex()
+        box = self.boxes.get(name) if len(cid) == transport.CID_BYTES else None
+        if box is None:
+            _drop("late" if name in self.recent else "unowned")
+        elif len(box) >= MAX_PENDING:
+            _drop("overflow")
+        else:
+            box.append(payload)
 
     def close_socket(self) -> None:
         self.socket.close(0)

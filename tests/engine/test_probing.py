@@ -284,3 +284,48 @@ def test_a_probe_whose_sae_is_gone_is_left_out_of_the_record(mailroom):
     want = (x @ residual.weight.T)[:, 0]
     assert [list(f) for f in got] == [["resid"], ["resid"]]
     assert torch.allclose(torch.tensor([f["resid"][0] for f in got]), want, atol=1e-5)
+
+
+def test_requests_of_two_api_processes_each_get_their_own_rows(mailroom):
+    """A step's requests reply to two API processes, their rows interleaved in the batch: each process gets
+    one block with its requests' rows only (gathered), each request its own scores and probes; a request with
+    nowhere to send gets nothing."""
+    from steer_plugin.engine.probing import ProbedRows, ProbeReader
+    from steer_plugin.probes.format import Probe
+    from steer_plugin.request.wire import Addressee
+
+    from ..conftest import Mailroom
+
+    g = torch.Generator().manual_seed(13)
+    one = Probe(ProbeMeta(LAYER, ("on",), "identity"), torch.randn(1, D, generator=g), torch.zeros(1))
+    two = Probe(ProbeMeta(LAYER, ("x", "y"), "sigmoid"), torch.randn(2, D, generator=g), torch.randn(2))
+    reader = ProbeReader({"one": one, "two": two}, torch.device("cpu"), write=True)
+    x = torch.randn(6, D, generator=g)
+    other = Mailroom()
+    try:
+        cid_c, cid_d = "c" * 32, "d" * 32
+        groups = [
+            ProbedRows(mailroom.to(CID_A), LAYER, ("one", "two"), [0, 1], [3, 4], 3),
+            ProbedRows(other.to(CID_B), LAYER, ("two",), [2], [7], 5),
+            ProbedRows(Addressee("", cid_c), LAYER, ("one",), [3], [2], 1),  # nowhere
+            ProbedRows(mailroom.to(cid_d), LAYER, ("one",), [4, 5], [0, 1], 2),
+        ]
+        reader.collect(groups, {LAYER: x})
+        got = {cid: room.read(cid) for room, cid in ((mailroom, CID_A), (other, CID_B), (mailroom, cid_d))}
+    finally:
+        other.close()
+    want_one = (x @ one.weight.T)[:, 0]  # [6]
+    want_two = torch.sigmoid(x @ two.weight.T + two.bias)  # [6, 2]
+    for cid, rows, positions, probes in (
+        (CID_A, [0, 1], (3, 4), ("one", "two")),
+        (CID_B, [2], (7,), ("two",)),
+        (cid_d, [4, 5], (0, 1), ("one",)),
+    ):
+        (record,) = got[cid]
+        assert (record.probes, record.positions) == (probes, positions), cid
+        for (_, found), row in zip(record.tokens(), rows):
+            if "one" in probes:
+                assert abs(found["one"][0] - float(want_one[row])) < 1e-5
+            if "two" in probes:
+                assert torch.allclose(torch.tensor(found["two"]), want_two[row], atol=1e-6)
+    assert got[cid_d][0].sinks == (0,) and got[CID_A][0].sinks == ()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import msgspec
+import numpy as np
 import pytest
 import zmq
 from prometheus_client import REGISTRY
@@ -14,7 +15,7 @@ from steer_plugin import signing
 from steer_plugin.monitor import inbox as inbox_module
 from steer_plugin.monitor import transport
 from steer_plugin.monitor.inbox import Inbox
-from steer_plugin.request.records import TokenRecord, encode_step
+from steer_plugin.request.records import ProbeBlock, ProbeRecord, TokenRecord, encode_step
 from steer_plugin.request.wire import Addressee
 
 CID, OTHER = "a" * 32, "b" * 32
@@ -125,19 +126,22 @@ def test_malformed_frames_and_payloads_are_dropped(inbox):
     raw.connect(inbox.address)
     key = signing.wire_key()
     cid = bytes.fromhex(CID)
-    bad_records = msgspec.msgpack.encode([[cid, [[0, ["not", "a record"]]]]])  # a step, its records broken
+    bad_records = msgspec.msgpack.encode([[[cid, [[0, ["not", "a record"]]]]], []])  # a step, records broken
+    scores = np.zeros(2, "<f4").tobytes()  # 2 values for a block of 1 row x 1 column
+    bad_block = encode_step({}, [ProbeBlock((cid,), (1,), (4,), (3,), (0,), ((("p", 0, 1),),), 1, scores)])
     try:
         raw.send_multipart([b"one frame only"])
         raw.send_multipart(
             [b"\x93not a step", transport.mac(key, b"\x93not a step")]
         )  # authentic, undecodable
         raw.send_multipart([bad_records, transport.mac(key, bad_records)])
+        raw.send_multipart([bad_block, transport.mac(key, bad_block)])
         good = encode_step({cid: [RECORD]})
         raw.send_multipart([good, transport.mac(key, good)])
         assert arrived(inbox, CID, 1) == [RECORD]  # (in order: the bad ones were handled before it)
     finally:
         raw.close(0)
-    assert dropped("malformed") == before + 3
+    assert dropped("malformed") == before + 4
 
 
 def test_a_message_over_the_size_bound_never_reaches_a_mailbox(monkeypatch):
@@ -208,6 +212,27 @@ def test_a_step_is_one_message_per_api_process(inbox):
         assert dropped("unowned") == unowned + 1
     finally:
         other.close_socket()
+
+
+def test_a_probe_block_reaches_each_request_it_names_and_no_other(inbox):
+    """One block carries a step's probe scores for every request of one API process; each open request gets
+    its own rows, a request not open here gets nothing (counted), and a block to an empty address is not sent."""
+    inbox.open(CID)
+    inbox.open(OTHER)
+    unowned = dropped("unowned")
+    layout = (("p", 0, 1),)
+    cids = tuple(bytes.fromhex(c) for c in (CID, "d" * 32, OTHER))
+    scores = np.array([[0.5], [0.25], [0.125]], "<f4").tobytes()
+    transport.post_block(
+        "", ProbeBlock(cids, (1, 2, 3), (4, 4, 7), (3, 3, 5), (0, 0, 0), (layout,), 1, scores)
+    )
+    transport.post_block(
+        inbox.address, ProbeBlock(cids, (1, 2, 3), (4, 4, 7), (3, 3, 5), (0, 0, 0), (layout,), 1, scores)
+    )
+    assert transport.flush() == 1
+    assert arrived(inbox, CID, 1) == [ProbeRecord((4,), 3, ("p",), ((0, 1),), [[0.5]])]
+    assert arrived(inbox, OTHER, 1) == [ProbeRecord((7,), 5, ("p",), ((0, 1),), [[0.125]])]
+    assert dropped("unowned") == unowned + 1
 
 
 def test_an_empty_address_sends_nothing():

@@ -6,28 +6,97 @@ import numpy as np
 import pytest
 
 from steer_plugin.request.records import (
+    ProbeBlock,
     ProbeRecord,
     ResidualRecord,
     TokenRecord,
+    decode_block,
     decode_records,
     encode_records,
+    encode_step,
+    split_step,
 )
 
 
 def test_every_kind_of_record_crosses_unchanged():
     full = TokenRecord(7, 5, "a", ((3, 2.5), (9, 0.25)), False, 12, 0.125, ((4, -1.5),), (4, -1.5))
     bare = TokenRecord(0, 5, "b", (), sink=True)
-    probe = ProbeRecord(
-        (4, 5), 5, ("p", "q"), ((0, 2), (2, 3)), [[0.5, 0.25, -1.0], [1.0, 0.0, 2.0]], (0,), None
-    )
     row = np.linspace(-1, 1, 7, dtype=np.float32)
     residual = ResidualRecord.of(3, 5, 2, row)
-    records = [full, bare, probe, residual]
+    records = [full, bare, residual]
     decoded = decode_records(encode_records(records))
     assert decoded == records
-    assert [type(r) for r in decoded] == [TokenRecord, TokenRecord, ProbeRecord, ResidualRecord]
-    assert np.array_equal(decoded[3].values(), row)  # float32, bit for bit
+    assert [type(r) for r in decoded] == [TokenRecord, TokenRecord, ResidualRecord]
+    assert np.array_equal(decoded[2].values(), row)  # float32, bit for bit
     assert len(residual.x) == 4 * 7  # raw bytes, not base64 text
+
+
+A, B, C = b"a" * 16, b"b" * 16, b"c" * 16
+SCORES = np.array([[0.5, 0.25, -1.0], [1.0, 0.0, 2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]], dtype=np.float32)
+
+
+def block(**changes) -> ProbeBlock:
+    """Requests A (positions 0, 1: position 0 a sink; probes p, q), B (position 9; probe q only, its abort_when
+    fired there) and C (no row this step) of one layer whose probes p (2 labels) and q (1) fill 3 columns; the
+    fourth row is B's."""
+    fields = dict(
+        cids=(A, B, C),
+        ends=(2, 3, 3),
+        positions=(0, 1, 9),
+        num_prompt=(2, 8, 4),
+        layout=(0, 1, 1),
+        layouts=((("p", 0, 2), ("q", 2, 3)), (("q", 2, 3),)),
+        columns=3,
+        scores=SCORES[:3].tobytes(),
+        sink_positions=1,
+        aborts=((1, 9, "q", 0, 5.0),),
+    )
+    return ProbeBlock(**{**fields, **changes})
+
+
+def test_a_probe_block_is_read_back_as_one_record_per_request():
+    """One block per layer and step carries every request's scores; each request gets its rows, its probes'
+    columns, its sinks and its abort_when, bit for bit (float32)."""
+    (parts, blocks) = split_step(encode_step({}, [block()]))
+    assert parts == []
+    got = dict(decode_block(blocks[0]))
+    assert got[A] == ProbeRecord((0, 1), 2, ("p", "q"), ((0, 2), (2, 3)), SCORES[:2].tolist(), (0,), None)
+    assert got[B] == ProbeRecord((9,), 8, ("q",), ((2, 3),), SCORES[2:3].tolist(), (), (9, "q", 0, 5.0))
+    assert got[C].positions == () and got[C].rows == []
+    assert got[A].tokens() == [(0, {"p": (0.5, 0.25), "q": (-1.0,)}), (1, {"p": (1.0, 0.0), "q": (2.0,)})]
+
+
+def test_probe_scores_are_read_to_six_decimals():
+    """A float32 score comes back as its value to 6 decimals (short JSON), not float32's float64 expansion."""
+    third = np.array([[1 / 3, -2 / 3, 1234.5678]], dtype="<f4")
+    layouts = ((("p", 0, 3),),)
+    one = ProbeBlock((A,), (1,), (5,), (4,), (0,), layouts, 3, third.tobytes())
+    ((_, record),) = decode_block(msgspec.msgpack.encode(one))
+    assert record.rows == [[0.333333, -0.666667, 1234.567749]]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"scores": SCORES.tobytes()},  # one row more than positions
+        {"ends": (2, 1, 3)},  # rows going back
+        {"ends": (2, 3, 2)},  # the last request does not end at the last row
+        {"cids": (A, B)},  # a request without a cid
+        {"layout": (0, 2, 1)},  # a layout that is not there
+        {"layouts": ((("p", 0, 4),), (("q", 2, 3),))},  # a span past the columns
+        {"aborts": ((3, 9, "q", 0, 5.0),)},  # an abort of a request that is not there
+        {"columns": -1},
+    ],
+)
+def test_a_block_that_does_not_hold_together_is_refused(changes):
+    with pytest.raises(ValueError):
+        decode_block(msgspec.msgpack.encode(block(**changes)))
+
+
+def test_a_probe_record_never_travels_alone():
+    """Probe scores go in blocks: a ProbeRecord is the API process's view of one, not a wire kind."""
+    with pytest.raises(ValueError):
+        encode_records([ProbeRecord((4,), 5, ("p",), ((0, 1),), [[0.5]])])
 
 
 @pytest.mark.parametrize(
@@ -35,6 +104,7 @@ def test_every_kind_of_record_crosses_unchanged():
     [
         [[0, [1, 2, "s", [[1, "not a number"]], False, None, None, [], None]]],  # a wrong type in a field
         [[9, [1, 2, "s", []]]],  # an unknown kind
+        [[2, [1, 2, "s", []]]],  # a probe record on its own (probes travel in blocks)
         [[0, [1, 2]]],  # too few fields
         {"not": "a list"},
     ],
