@@ -11,9 +11,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from steer_plugin.engine.blocks import token_blocks
 from steer_plugin.messages import HistogramCounts
 from steer_plugin.monitor import transport
-from steer_plugin.request.records import TokenRecord
 from steer_plugin.request.wire import AbortSpec, Addressee, ObservePlan
 from steer_plugin.sae.model import SparseAutoencoder
 
@@ -160,8 +160,8 @@ class FeatureRead(NamedTuple):
 
     values: torch.Tensor  # [n, k] top-k activations
     indices: torch.Tensor  # [n, k]
-    l0: torch.Tensor  # [n]
-    error: torch.Tensor  # [n] relative reconstruction error
+    l0: torch.Tensor  # [n] (with stats)
+    error: torch.Tensor  # [n] relative reconstruction error (with stats; else NaN)
     watched: torch.Tensor  # [n, w] activations of the watched features
 
 
@@ -181,11 +181,15 @@ def read_features(
         # The common inspect read (top-K only) of a TopK SAE: its K strongest features are the strongest
         # pre-activations (those above 0), so one small top-K of `pre` replaces the SAE's top-k, the dense
         # features and a second top-K over them.
-        pre = projected + sae.b_enc
+        pre = projected.add_(sae.b_enc)  # (in place: the product is this call's own)
         values, indices = torch.topk(pre, max(1, min(top_k, sae.k)), dim=-1)  # [n, top_k], strongest first
-        l0 = (pre > 0).sum(-1).clamp_max(sae.k)  # [n]
-        empty, nan = torch.zeros((x.shape[0], 0)), torch.full((x.shape[0],), float("nan"))
-        return FeatureRead(torch.relu(values).float(), indices, l0, nan, empty)
+        n = x.shape[0]  # (L0 and the error feed monitoring only, which asks for stats: not read here)
+        zero, nan, empty = (
+            torch.zeros(n, dtype=torch.long),
+            torch.full((n,), float("nan")),
+            torch.zeros((n, 0)),
+        )
+        return FeatureRead(torch.relu(values).float(), indices, zero, nan, empty)
     f = sae.features(projected)  # [n, d_sae]
     if stats:
         x_hat = sae.decode(f, state)
@@ -220,8 +224,8 @@ class Observer:
 
     def collect(self, groups: list[ObservedRows], captures: dict[str, torch.Tensor]) -> list[AbortHit]:
         """groups' rows index into captures[sae_id] ([max_tokens, d] steered residual, by token row). One encode
-        per SAE. Returns the abort_when conditions that fired (the first per request)."""
-        records: dict[Addressee, list[TokenRecord]] = {}
+        per SAE; its reads go out as one TokenBlock per API process. Returns the abort_when conditions that
+        fired (the first per request)."""
         hits: dict[int, AbortHit] = {}
         for sae_id in dict.fromkeys(g.sae_id for g in groups):
             mine = [g for g in groups if g.sae_id == sae_id]
@@ -230,12 +234,9 @@ class Observer:
             watched = sorted({i for g in mine for i, _ in g.watch} | {a.index for g in mine for a in g.abort})
             column = {index: c for c, index in enumerate(watched)}
             stats = any(g.stats for g in mine)
-            read = FeatureRead(
-                *(
-                    t.cpu()
-                    for t in read_features(self.saes[sae_id], captures[sae_id][rows], top_k, watched, stats)
-                )
-            )
+            x = captures[sae_id][rows]
+            read = [t.cpu().numpy() for t in read_features(self.saes[sae_id], x, top_k, watched, stats)]
+            values, indices, l0, error, watch_values = read  # (FeatureRead's fields, on the host)
             if stats:  # histograms from the monitored requests' tokens only, attention sinks left out
                 monitored = np.concatenate(
                     [
@@ -245,52 +246,34 @@ class Observer:
                         for g in mine
                     ]
                 )
-                self.l0[sae_id].observe_many(read.l0.numpy()[monitored])
-                self.error[sae_id].observe_many(read.error.numpy()[monitored])
+                self.l0[sae_id].observe_many(l0[monitored])
+                self.error[sae_id].observe_many(error[monitored])
             self.tokens_observed += len(rows)
-            values, indices = read.values.tolist(), read.indices.tolist()
-            l0, err, watch_values = read.l0.tolist(), read.error.tolist(), read.watched.tolist()
-            row = 0
-            for g in mine:
-                lines = records.setdefault(g.to, [])
-                for pos in g.positions:
-                    top = tuple(
-                        (i, round(v, 4))
-                        for i, v in zip(indices[row][: g.top_k], values[row][: g.top_k])
-                        if v > 0
-                    )
-                    sink = pos < self.sink_positions
-                    fired = tuple(
-                        (index, round(watch_values[row][column[index]], 4))
-                        for index, threshold in g.watch
-                        if watch_values[row][column[index]] > threshold
-                    )
-                    aborted = None
-                    if pos == g.predicting and g.req_index not in hits and not sink:
-                        for a in g.abort:
-                            value = watch_values[row][column[a.index]]
-                            if a.fires(value):
-                                aborted = (a.index, round(value, 4))
-                                hits[g.req_index] = AbortHit(
-                                    g.req_index, g.to.cid, pos, sae_id, a.index, value
-                                )
-                                break
-                    record = TokenRecord(
-                        pos,
-                        g.num_prompt,
-                        sae_id,
-                        top,
-                        sink,
-                        l0[row] if g.stats else None,
-                        round(err[row], 5) if g.stats else None,
-                        fired,
-                        aborted,
-                    )
-                    lines.append(record)
-                    row += 1
-        if self.write:
-            transport.post_all(records)
+            aborted = self._aborts(sae_id, mine, watch_values, column, hits) if watched else {}
+            if self.write:
+                for address, block in token_blocks(sae_id, mine, read, column, aborted, self.sink_positions):
+                    transport.post_block(address, block)
         return list(hits.values())
+
+    def _aborts(
+        self, sae_id: str, groups: list[ObservedRows], watched: np.ndarray, column: dict[int, int], hits: dict
+    ) -> dict[int, tuple[int, int, float]]:
+        """The abort_when conditions that fire at the groups' predicting positions (attention sinks never do; a
+        request's first hit, over its SAEs, wins): (position, feature index, activation) by group index; each
+        also goes to `hits` by batch index."""
+        out, row = {}, 0
+        for i, g in enumerate(groups):
+            pos = g.predicting
+            if g.abort and pos in g.positions and pos >= self.sink_positions and g.req_index not in hits:
+                at = row + g.positions.index(pos)
+                for a in g.abort:
+                    value = float(watched[at, column[a.index]])
+                    if a.fires(value):
+                        out[i] = (pos, a.index, value)
+                        hits[g.req_index] = AbortHit(g.req_index, g.to.cid, pos, sae_id, a.index, value)
+                        break
+            row += len(g.positions)
+        return out
 
     def snapshot(self) -> ObserverStats:
         return ObserverStats(

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from itertools import accumulate
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
+from steer_plugin.engine.blocks import probe_blocks
 from steer_plugin.engine.observe import ObservedRequest
 from steer_plugin.monitor import transport
 from steer_plugin.probes.format import Probe
-from steer_plugin.request.records import ProbeBlock
 from steer_plugin.request.wire import Addressee, ProbeAbortSpec
 from steer_plugin.sae.model import SparseAutoencoder as SAE
 
@@ -201,7 +199,7 @@ class ProbeReader:
                             fired.add(g.req_index)
                     row += len(g.positions)
             if self.write:
-                for address, block in probe_blocks(stacked, mine, values, present, aborted, sink):
+                for address, block in probe_blocks(stacked.columns, mine, values, present, aborted, sink):
                     transport.post_block(address, block)
         return sorted(fired)
 
@@ -241,47 +239,6 @@ def _scored_here(stacked: LayerProbes, unread: set[str]) -> Callable[[tuple[str,
         return found
 
     return present
-
-
-def probe_blocks(
-    stacked: LayerProbes,
-    groups: list[ProbedRows],
-    values: np.ndarray,
-    present: Callable[[tuple[str, ...]], tuple[str, ...]],
-    aborted: dict[int, tuple[int, str, int, float]],
-    sink_positions: int,
-) -> list[tuple[str, ProbeBlock]]:
-    """A layer's step as one ProbeBlock per API process: `groups` scored in order into `values`
-    ([rows, columns]), `present(probes)` the probes of a request's list scored here, `aborted` the abort_when
-    that fired by group index. Columns built a list at a time (a few list items per request, not a record)."""
-    by_address: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        by_address.setdefault(g.to.address, []).append(i)
-    by_address.pop("", None)  # nowhere to send
-    columns, out = stacked.columns, []
-    for address, picked in by_address.items():
-        mine = [groups[i] for i in picked]
-        if len(picked) == len(groups):
-            rows = values  # (every row, in order, to this one process: no gather)
-        else:
-            starts = list(accumulate([len(g.positions) for g in groups], initial=0))
-            rows = values[np.concatenate([np.arange(starts[i], starts[i + 1]) for i in picked])]
-        layouts: dict[tuple[str, ...], int] = {}
-        layout = [layouts.setdefault(present(g.probes), len(layouts)) for g in mine]
-        block = ProbeBlock(
-            tuple([bytes.fromhex(g.to.cid) for g in mine]),
-            tuple(accumulate([len(g.positions) for g in mine])),
-            tuple([p for g in mine for p in g.positions]),
-            tuple([g.num_prompt for g in mine]),
-            tuple(layout),
-            tuple([tuple([(p, *columns[p]) for p in probes]) for probes in layouts]),
-            int(values.shape[1]),
-            rows.astype("<f4", copy=False).tobytes(),  # (C order)
-            sink_positions,
-            tuple([(j, *aborted[i]) for j, i in enumerate(picked) if i in aborted]) if aborted else (),
-        )
-        out.append((address, block))
-    return out
 
 
 def sigmoid_columns(flags: list[bool], device: torch.device) -> bool | torch.Tensor:

@@ -22,7 +22,7 @@ import zmq
 
 from steer_plugin import metrics, signing
 from steer_plugin.monitor import transport
-from steer_plugin.request.records import ProbeRecord, Record, decode_block, decode_records, split_step
+from steer_plugin.request.records import Record, decode_block, decode_records, split_step
 
 HOST_ENV = transport.HOST_ENV
 RECV_HWM = 16384  # messages queued in the API process before the senders' queues fill
@@ -63,9 +63,9 @@ class Inbox:
         else:
             self.socket.bind(f"ipc://@steer-observe-{secrets.token_hex(12)}")  # abstract: nothing on disk
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        # Open requests by cid: what arrived and was not taken yet, per step: its records still encoded, and its
-        # probe scores (read out of the step's blocks when routed).
-        self.boxes: dict[str, list[msgspec.Raw | ProbeRecord]] = {}
+        # Open requests by cid: what arrived and was not taken yet, per step: its records still encoded, or read
+        # out of the step's blocks when routed.
+        self.boxes: dict[str, list[msgspec.Raw | list[Record]]] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # closed cids (bounded)
 
     def open(self, cid: str) -> None:
@@ -86,8 +86,8 @@ class Inbox:
             box.clear()
         out: list[Record] = []
         for payload in payloads:
-            if isinstance(payload, ProbeRecord):
-                out.append(payload)
+            if isinstance(payload, list):
+                out.extend(payload)
                 continue
             try:
                 out.extend(decode_records(payload))
@@ -121,7 +121,7 @@ class Inbox:
             self.drain()
 
     def _route(self, frames: list[bytes]) -> None:
-        """One worker's message of a step: [records by cid and probe blocks, MAC]."""
+        """One worker's message of a step: [records by cid and blocks, MAC]."""
         if len(frames) != 2 or len(frames[1]) != transport.MAC_BYTES:
             return _drop("malformed")
         body, code = frames
@@ -133,16 +133,16 @@ class Inbox:
             return _drop("malformed")
         for cid, payload in parts:
             self._deliver(cid, payload)
-        for block in blocks:
+        for kind, block in blocks:
             try:
-                scored = decode_block(block)
+                by_request = decode_block(kind, block)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
                 _drop("malformed")
                 continue
-            for cid, record in scored:  # each request's scores only to its own mailbox
-                self._deliver(cid, record)
+            for cid, records in by_request:  # each request's rows only to its own mailbox
+                self._deliver(cid, records)
 
-    def _deliver(self, cid: bytes, payload: msgspec.Raw | ProbeRecord) -> None:
+    def _deliver(self, cid: bytes, payload: msgspec.Raw | list[Record]) -> None:
         name = cid.hex()
         box = self.boxes.get(name) if len(cid) == transport.CID_BYTES else None
         if box is None:

@@ -4,8 +4,8 @@ the API process that owns the request, as ZeroMQ messages (pyzmq, which vLLM use
 The API process's side is monitor/inbox.py: one PULL socket per API process, whose address travels in every
 observed request's signed plan (ObservePlan.reply_to): IPC on one host, TCP across hosts. This module is the
 worker's side and the framing both share. A worker's `Outbox` sends one message per API process and step, two
-frames: the records of each of its requests by cid and the step's probe blocks (one per layer for all of
-its requests), in msgpack (request/records.py: `encode_step`), and a MAC
+frames: the records of each of its requests by cid and the step's blocks (one per layer's probes and per SAE
+read, for all of its requests), in msgpack (request/records.py: `encode_step`), and a MAC
 (16 bytes), an HMAC of the first frame under the server's wire key (steer_plugin/signing.py). A step never blocks on it: each peer's queue is bounded (SEND_HWM messages) and a
 message that does not fit is dropped and counted (WorkerStats.observation_dropped); the API process reports the
 tokens whose records never came as missing (null), never as wrong ones.
@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 import zmq
 
 from steer_plugin import signing
-from steer_plugin.request.records import ProbeBlock, Record, encode_step
+from steer_plugin.request.records import Block, Record, encode_step
 from steer_plugin.request.wire import Addressee
 
 HOST_ENV = "STEER_PLUGIN_OBSERVE_HOST"  # bind TCP on this address (reachable from every node) instead of IPC
@@ -76,7 +76,7 @@ class Outbox:
         self.key = key
         self.sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
         self.pending: dict[str, dict[str, list[Record]]] = {}  # this step's: address -> cid -> records
-        self.blocks: dict[str, list[ProbeBlock]] = {}  # this step's probe blocks by address
+        self.blocks: dict[str, list[Block]] = {}  # this step's blocks by address
         self.dropped = 0  # records whose message could not be queued
 
     def _socket(self, address: str) -> zmq.Socket:
@@ -100,16 +100,16 @@ class Outbox:
         if to.address and records:
             self.pending.setdefault(to.address, {}).setdefault(to.cid, []).extend(records)
 
-    def post_block(self, address: str, block: ProbeBlock) -> None:
-        """Add a probe block for the API process at `address` to this step's message (empty address: nowhere)."""
+    def post_block(self, address: str, block: Block) -> None:
+        """Add a block for the API process at `address` to this step's message (empty address: nowhere)."""
         if address and block.cids:
             self.blocks.setdefault(address, []).append(block)
 
     def flush(self) -> int:
         """Queue this step's messages, one per API process: two frames, the step's records of each of its
-        requests and its probe blocks (records.encode_step), and their MAC. Returns how many could be queued; a
+        requests and its blocks (records.encode_step), and their MAC. Returns how many could be queued; a
         message that cannot (its peer's queue is full: a slow or gone API process) is dropped and its records
-        counted (a block: one per request)."""
+        counted (a block: the records it stands for)."""
         pending, blocks = self.pending, self.blocks
         self.pending, self.blocks = {}, {}
         queued = 0
@@ -119,7 +119,7 @@ class Outbox:
             try:
                 self._socket(address).send_multipart([body, mac(self.key, body)], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
-                self.dropped += sum(map(len, by_cid.values())) + sum(len(b.cids) for b in its_blocks)
+                self.dropped += sum(map(len, by_cid.values())) + sum(b.size() for b in its_blocks)
                 continue
             queued += 1
         return queued
@@ -156,8 +156,9 @@ def post_all(records: dict[Addressee, list[Record]]) -> None:
         box.post(to, lines)
 
 
-def post_block(address: str, block: ProbeBlock) -> None:
-    """Worker: add a probe block for one API process to the step's messages (sent by `flush`)."""
+def post_block(address: str, block: Block) -> None:
+    """Worker: add a block (a layer's probe scores or an SAE's reads of a step) for one API process to the step's
+    messages (sent by `flush`)."""
     outbox().post_block(address, block)
 
 

@@ -116,6 +116,101 @@ class ProbeBlock(NamedTuple):
         return out
 
 
+WatchColumns = tuple[tuple[int, int, float], ...]  # (feature index, its column, threshold) a request watches
+
+
+class TokenBlock(NamedTuple):
+    """One SAE's reads of one step for every request of one API process, side by side: request j's rows are rows
+    ends[j - 1]:ends[j] (from 0) of the arrays, read back as one TokenRecord per row (`records`)."""
+
+    sae: str
+    cids: tuple[bytes, ...]  # the requests' correlation ids, in row order
+    ends: tuple[int, ...]
+    positions: tuple[int, ...]  # each row's token position
+    num_prompt: tuple[int, ...]  # each request's prompt length
+    top_k: tuple[int, ...]  # each request's top K (at most `k`)
+    stats: tuple[bool, ...]  # whether each request's rows carry L0 and reconstruction error
+    watch: tuple[int, ...]  # each request's entry in `watches`
+    watches: tuple[WatchColumns, ...]
+    k: int
+    indices: bytes  # little-endian int32 [rows, k]: the strongest features first
+    values: bytes  # little-endian float32 [rows, k]: their activations
+    l0: bytes  # little-endian int32 [rows] (rows of requests without stats: 0)
+    error: bytes  # little-endian float32 [rows]
+    watched: int  # columns of `watched_values`
+    watched_values: bytes  # little-endian float32 [rows, watched]
+    sink_positions: int = 0  # positions below this are attention sinks
+    aborts: tuple[tuple[int, int, int, float], ...] = ()  # (request j, position, feature index, activation)
+
+    def size(self) -> int:
+        """The records it stands for (one per row)."""
+        return len(self.positions)
+
+    def requests(self) -> list[tuple[bytes, list[TokenRecord]]]:
+        """(cid, its TokenRecords) per request, activations to 4 places and errors to 5 (as the workers used to
+        round them); ValueError when the block does not hold together."""
+        rows, n, k, w = len(self.positions), len(self.cids), self.k, self.watched
+        if not (
+            len(self.ends)
+            == len(self.num_prompt)
+            == len(self.top_k)
+            == len(self.stats)
+            == len(self.watch)
+            == n
+            and k >= 0
+            and w >= 0
+            and len(self.indices) == len(self.values) == 4 * rows * k
+            and len(self.l0) == len(self.error) == 4 * rows
+            and len(self.watched_values) == 4 * rows * w
+            and all(a <= b for a, b in zip((0, *self.ends), self.ends))
+            and (not n or self.ends[-1] == rows)
+            and all(0 <= t <= k for t in self.top_k)
+            and all(0 <= i < len(self.watches) for i in self.watch)
+            and all(0 <= c < w for cols in self.watches for _, c, _ in cols)
+            and all(0 <= a[0] < n for a in self.aborts)
+        ):
+            raise ValueError("inconsistent token block")
+        indices = np.frombuffer(self.indices, dtype="<i4").reshape(rows, k).tolist()
+        values = np.frombuffer(self.values, dtype="<f4").reshape(rows, k).tolist()
+        l0 = np.frombuffer(self.l0, dtype="<i4").tolist()
+        error = np.frombuffer(self.error, dtype="<f4").tolist()
+        watched = np.frombuffer(self.watched_values, dtype="<f4").reshape(rows, w).tolist()
+        aborts = {(j, pos): (index, round(value, 4)) for j, pos, index, value in self.aborts}
+        sae, sink, out, start = self.sae, self.sink_positions, [], 0
+        for j, (cid, end) in enumerate(zip(self.cids, self.ends)):
+            top_k, stats, watch, prompt = (
+                self.top_k[j],
+                self.stats[j],
+                self.watches[self.watch[j]],
+                self.num_prompt[j],
+            )
+            records = []
+            for r in range(start, end):
+                pos = self.positions[r]
+                top = tuple((i, round(v, 4)) for i, v in zip(indices[r][:top_k], values[r][:top_k]) if v > 0)
+                fired = tuple(
+                    (index, round(watched[r][c], 4))
+                    for index, c, threshold in watch
+                    if watched[r][c] > threshold
+                )
+                records.append(
+                    TokenRecord(
+                        pos,
+                        prompt,
+                        sae,
+                        top,
+                        pos < sink,
+                        l0[r] if stats else None,
+                        round(error[r], 5) if stats else None,
+                        fired,
+                        aborts.get((j, pos)),
+                    )
+                )
+            out.append((cid, records))
+            start = end
+        return out
+
+
 class ResidualRecord(NamedTuple):
     """The residual after one layer at one token position, as the workers captured it (float32, exact)."""
 
@@ -146,27 +241,33 @@ def encode_records(records: list[Record]) -> bytes:
     return _ENCODER.encode([(_KINDS.index(type(r)), r) for r in records])
 
 
-_STEP_DECODER = msgspec.msgpack.Decoder(tuple[list[tuple[bytes, msgspec.Raw]], list[msgspec.Raw]])
-_BLOCK_DECODER = msgspec.msgpack.Decoder(ProbeBlock)
+Block = ProbeBlock | TokenBlock
+_BLOCK_KINDS = (ProbeBlock, TokenBlock)  # a block's kind on the wire: its index here
+_STEP_DECODER = msgspec.msgpack.Decoder(tuple[list[tuple[bytes, msgspec.Raw]], list[tuple[int, msgspec.Raw]]])
 
 
-def encode_step(parts: dict[bytes, list[Record]], blocks: list[ProbeBlock] = ()) -> bytes:
+def encode_step(parts: dict[bytes, list[Record]], blocks: list[Block] = ()) -> bytes:
     """One worker's step for one API process, in one buffer: msgpack
-    [[[cid, [[kind, record], ...]], ...], [probe block, ...]]."""
+    [[[cid, [[kind, record], ...]], ...], [[block kind, block], ...]]."""
     by_cid = [(cid, [(_KINDS.index(type(r)), r) for r in records]) for cid, records in parts.items()]
-    return _ENCODER.encode((by_cid, list(blocks)))
+    return _ENCODER.encode((by_cid, [(_BLOCK_KINDS.index(type(b)), b) for b in blocks]))
 
 
-def split_step(data: bytes) -> tuple[list[tuple[bytes, msgspec.Raw]], list[msgspec.Raw]]:
-    """A step's (cid, its records still encoded: `decode_records` reads them) per request, and its probe blocks
+def split_step(data: bytes) -> tuple[list[tuple[bytes, msgspec.Raw]], list[tuple[int, msgspec.Raw]]]:
+    """A step's (cid, its records still encoded: `decode_records` reads them) per request, and its (kind, block)
     still encoded (`decode_block`); msgspec.DecodeError / ValidationError when it is not one."""
     return _STEP_DECODER.decode(data)
 
 
-def decode_block(data: bytes | msgspec.Raw) -> list[tuple[bytes, ProbeRecord]]:
-    """A probe block's (cid, ProbeRecord) per request, every field's type and the block's shape checked
-    (msgspec.ValidationError / DecodeError, ValueError)."""
-    return _BLOCK_DECODER.decode(data).requests()
+def decode_block(kind: int, data: bytes | msgspec.Raw) -> list[tuple[bytes, list[Record]]]:
+    """A block's (cid, its records) per request, every field's type and the block's shape checked
+    (msgspec.ValidationError / DecodeError, ValueError, also for an unknown kind)."""
+    if not 0 <= kind < len(_BLOCK_KINDS):
+        raise ValueError(f"unknown block kind {kind}")
+    block = msgspec.msgpack.decode(data, type=_BLOCK_KINDS[kind])
+    if isinstance(block, ProbeBlock):
+        return [(cid, [record]) for cid, record in block.requests()]
+    return block.requests()
 
 
 def decode_records(data: bytes | msgspec.Raw) -> list[Record]:

@@ -207,3 +207,43 @@ def test_monitoring_summary_leaves_sinks_out():
         {"index": 3, "max_activation": 2.0, "tokens": 1, "label": None},
         {"index": 7, "max_activation": 1.0, "tokens": 1, "label": None},
     ]
+
+
+def test_requests_of_two_api_processes_each_get_their_own_rows(mailroom):
+    """A step's requests reply to two API processes, their rows interleaved: each process gets one block with its
+    requests' rows only (gathered), each request its own top K, L0 and watched features; nowhere gets nothing."""
+    from steer_plugin.request.wire import Addressee
+
+    from ..conftest import Mailroom
+
+    sae = topk_sae()
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4))
+    pre = x @ sae.W_enc  # [5, 20]
+    top3 = pre.topk(3)
+    f = torch.zeros_like(pre).scatter(1, top3.indices, torch.relu(top3.values))  # [5, 20]
+    watched = int(top3.indices[3, 0])  # row 3's strongest feature, watched by D above 0
+    other = Mailroom()
+    try:
+        cid_c, cid_d = "c" * 32, "d" * 32
+        Observer({"s": sae}, write=True).collect(
+            [
+                ObservedRows(mailroom.to(CID_A), "s", 2, [0, 1], [5, 6], 5),
+                ObservedRows(other.to(CID_B), "s", 1, [2], [9], 9, stats=True),
+                ObservedRows(Addressee("", cid_c), "s", 1, [4], [3], 3),  # nowhere
+                ObservedRows(mailroom.to(cid_d), "s", 3, [3], [7], 7, ((watched, 0.0),)),
+            ],
+            {"s": x},
+        )
+        got = {cid: room.read(cid) for room, cid in ((mailroom, CID_A), (other, CID_B), (mailroom, cid_d))}
+    finally:
+        other.close()
+
+    def top(row: int, k: int) -> tuple:
+        values, indices = f[row].topk(k)
+        return tuple((int(i), round(float(v), 4)) for i, v in zip(indices, values) if v > 0)
+
+    assert [(r.pos, r.top, r.l0) for r in got[CID_A]] == [(5, top(0, 2), None), (6, top(1, 2), None)]
+    ((b,),) = [got[CID_B]]
+    assert (b.pos, b.top, b.l0) == (9, top(2, 1), int((f[2] > 0).sum()))
+    ((d,),) = [got[cid_d]]
+    assert (d.pos, d.top, d.watch) == (7, top(3, 3), ((watched, round(float(f[3, watched]), 4)),))

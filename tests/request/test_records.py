@@ -9,6 +9,7 @@ from steer_plugin.request.records import (
     ProbeBlock,
     ProbeRecord,
     ResidualRecord,
+    TokenBlock,
     TokenRecord,
     decode_block,
     decode_records,
@@ -54,12 +55,18 @@ def block(**changes) -> ProbeBlock:
     return ProbeBlock(**{**fields, **changes})
 
 
+def read_back(sent) -> dict[bytes, list]:
+    """A block through a step's encoding and back: each request's records by cid."""
+    parts, blocks = split_step(encode_step({}, [sent]))
+    assert parts == []
+    ((kind, raw),) = blocks
+    return dict(decode_block(kind, raw))
+
+
 def test_a_probe_block_is_read_back_as_one_record_per_request():
     """One block per layer and step carries every request's scores; each request gets its rows, its probes'
     columns, its sinks and its abort_when, bit for bit (float32)."""
-    (parts, blocks) = split_step(encode_step({}, [block()]))
-    assert parts == []
-    got = dict(decode_block(blocks[0]))
+    got = {cid: record for cid, (record,) in read_back(block()).items()}
     assert got[A] == ProbeRecord((0, 1), 2, ("p", "q"), ((0, 2), (2, 3)), SCORES[:2].tolist(), (0,), None)
     assert got[B] == ProbeRecord((9,), 8, ("q",), ((2, 3),), SCORES[2:3].tolist(), (), (9, "q", 0, 5.0))
     assert got[C].positions == () and got[C].rows == []
@@ -71,7 +78,7 @@ def test_probe_scores_are_read_to_six_decimals():
     third = np.array([[1 / 3, -2 / 3, 1234.5678]], dtype="<f4")
     layouts = ((("p", 0, 3),),)
     one = ProbeBlock((A,), (1,), (5,), (4,), (0,), layouts, 3, third.tobytes())
-    ((_, record),) = decode_block(msgspec.msgpack.encode(one))
+    ((record,),) = read_back(one).values()
     assert record.rows == [[0.333333, -0.666667, 1234.567749]]
 
 
@@ -88,9 +95,9 @@ def test_probe_scores_are_read_to_six_decimals():
         {"columns": -1},
     ],
 )
-def test_a_block_that_does_not_hold_together_is_refused(changes):
+def test_a_probe_block_that_does_not_hold_together_is_refused(changes):
     with pytest.raises(ValueError):
-        decode_block(msgspec.msgpack.encode(block(**changes)))
+        decode_block(0, msgspec.msgpack.encode(block(**changes)))
 
 
 def test_a_probe_record_never_travels_alone():
@@ -112,3 +119,65 @@ def test_a_probe_record_never_travels_alone():
 def test_a_malformed_message_is_refused(message):
     with pytest.raises((msgspec.ValidationError, msgspec.DecodeError, ValueError)):
         decode_records(msgspec.msgpack.encode(message))
+
+
+def token_block(**changes) -> TokenBlock:
+    """SAE "s": request A (positions 0, 1: 0 a sink; top 2; monitored: L0 and error; watches feature 7 above
+    0.5) and B (position 9; top 3, K = 3; watches nothing; its abort_when on feature 7 fired there)."""
+    indices = np.array([[4, 7, 1], [7, 2, 3], [5, 6, 8]], "<i4")
+    values = np.array([[2.123456, 0.5, 0.25], [1.0, 0.0, 0.0], [3.0, 2.0, 1.0]], "<f4")
+    fields = dict(
+        sae="s",
+        cids=(A, B),
+        ends=(2, 3),
+        positions=(0, 1, 9),
+        num_prompt=(2, 8),
+        top_k=(2, 3),
+        stats=(True, False),
+        watch=(0, 1),
+        watches=(((7, 0, 0.5),), ()),
+        k=3,
+        indices=indices.tobytes(),
+        values=values.tobytes(),
+        l0=np.array([12, 3, 0], "<i4").tobytes(),
+        error=np.array([0.1234567, 0.5, np.nan], "<f4").tobytes(),
+        watched=1,
+        watched_values=np.array([[0.5], [0.75], [6.0]], "<f4").tobytes(),
+        sink_positions=1,
+        aborts=((1, 9, 7, 6.0),),
+    )
+    return TokenBlock(**{**fields, **changes})
+
+
+def test_a_token_block_is_read_back_as_one_record_per_token():
+    """Each request gets a TokenRecord per row: its top K (positive activations only, to 4 places), L0 and error
+    where monitored, the watched features above their thresholds, the sink flag and its abort_when."""
+    got = read_back(token_block())
+    assert got[A] == [
+        TokenRecord(0, 2, "s", ((4, 2.1235), (7, 0.5)), True, 12, 0.12346, (), None),  # 0.5 is not above 0.5
+        TokenRecord(1, 2, "s", ((7, 1.0),), False, 3, 0.5, ((7, 0.75),), None),
+    ]
+    assert got[B] == [TokenRecord(9, 8, "s", ((5, 3.0), (6, 2.0), (8, 1.0)), False, None, None, (), (7, 6.0))]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"top_k": (2, 4)},  # more than K
+        {"ends": (2, 2)},  # a row that belongs to no request
+        {"l0": b"\0" * 8},  # one value short
+        {"watched_values": b"\0" * 16},  # one value over
+        {"watches": (((7, 1, 0.5),), ())},  # a column past `watched`
+        {"watch": (0, 2)},  # a watch list that is not there
+        {"stats": (True,)},  # a request without its flag
+        {"aborts": ((2, 9, 7, 6.0),)},  # an abort of a request that is not there
+    ],
+)
+def test_a_token_block_that_does_not_hold_together_is_refused(changes):
+    with pytest.raises(ValueError):
+        decode_block(1, msgspec.msgpack.encode(token_block(**changes)))
+
+
+def test_an_unknown_block_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown block kind"):
+        decode_block(2, msgspec.msgpack.encode(token_block()))
