@@ -27,9 +27,12 @@ if TYPE_CHECKING:
 
 def by_api_process(groups: Sequence[Rows]) -> dict[str, list[int]]:
     """Group indices by the API process their records go to (an empty address: nowhere, left out)."""
+    addresses = [g.to.address for g in groups]
+    if addresses and addresses.count(addresses[0]) == len(addresses):  # (one API process: the usual case)
+        return {addresses[0]: list(range(len(addresses)))} if addresses[0] else {}
     out: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        out.setdefault(g.to.address, []).append(i)
+    for i, address in enumerate(addresses):
+        out.setdefault(address, []).append(i)
     out.pop("", None)
     return out
 

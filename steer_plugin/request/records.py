@@ -23,6 +23,13 @@ Activation = tuple[int, float]  # (feature index, activation)
 SCORE_DECIMALS = 6
 
 
+def rounded(values: np.ndarray, decimals: int) -> np.ndarray:
+    """float32 values as float64 rounded to `decimals` places: the same numbers Python's round() gives (a float32
+    times 10**decimals, for decimals <= 6, is exact in float64, so numpy's half-to-even rint rounds it as round()
+    does), a whole array at a time."""
+    return np.round(values.astype(np.float64), decimals)
+
+
 class TokenRecord(NamedTuple):
     """The features one SAE read at one token position of one request."""
 
@@ -78,9 +85,11 @@ class ProbeBlock(NamedTuple):
     columns: int
     scores: bytes  # little-endian float32 [len(positions), columns]
     sink_positions: int = 0  # positions below this are attention sinks
-    aborts: tuple[
-        tuple[int, int, str, int, float], ...
-    ] = ()  # (request j, position, probe, label index, score)
+    aborts: tuple[tuple[int, int, str, int, float], ...] = ()  # (request j, position, probe, label, score)
+
+    def size(self) -> int:
+        """The records it stands for (one per request)."""
+        return len(self.cids)
 
     def requests(self) -> list[tuple[bytes, ProbeRecord]]:
         """(cid, its ProbeRecord) per request, scores to SCORE_DECIMALS; ValueError when the block does not hold
@@ -98,7 +107,7 @@ class ProbeBlock(NamedTuple):
         ):
             raise ValueError("inconsistent probe block")
         values = np.frombuffer(self.scores, dtype="<f4").reshape(rows, self.columns)
-        values = values.astype(np.float64).round(SCORE_DECIMALS).tolist()  # [rows, columns]
+        values = rounded(values, SCORE_DECIMALS).tolist()  # [rows, columns]
         layouts = [
             (tuple(p for p, _, _ in cols), tuple((lo, hi) for _, lo, hi in cols)) for cols in self.layouts
         ]
@@ -170,11 +179,14 @@ class TokenBlock(NamedTuple):
             and all(0 <= a[0] < n for a in self.aborts)
         ):
             raise ValueError("inconsistent token block")
+        values = np.frombuffer(self.values, dtype="<f4").reshape(rows, k)
+        positive = (values > 0).sum(1).tolist()  # (strongest first: the positive ones lead each row)
+        values = rounded(values, 4).tolist()
         indices = np.frombuffer(self.indices, dtype="<i4").reshape(rows, k).tolist()
-        values = np.frombuffer(self.values, dtype="<f4").reshape(rows, k).tolist()
         l0 = np.frombuffer(self.l0, dtype="<i4").tolist()
-        error = np.frombuffer(self.error, dtype="<f4").tolist()
-        watched = np.frombuffer(self.watched_values, dtype="<f4").reshape(rows, w).tolist()
+        error = rounded(np.frombuffer(self.error, dtype="<f4"), 5).tolist()
+        watched = np.frombuffer(self.watched_values, dtype="<f4").reshape(rows, w)
+        watched, watched_4 = watched.tolist(), rounded(watched, 4).tolist()
         aborts = {(j, pos): (index, round(value, 4)) for j, pos, index, value in self.aborts}
         sae, sink, out, start = self.sae, self.sink_positions, [], 0
         for j, (cid, end) in enumerate(zip(self.cids, self.ends)):
@@ -186,22 +198,27 @@ class TokenBlock(NamedTuple):
             )
             records = []
             for r in range(start, end):
-                pos = self.positions[r]
-                top = tuple((i, round(v, 4)) for i, v in zip(indices[r][:top_k], values[r][:top_k]) if v > 0)
-                fired = tuple(
-                    (index, round(watched[r][c], 4))
-                    for index, c, threshold in watch
-                    if watched[r][c] > threshold
+                pos, kept = self.positions[r], min(top_k, positive[r])
+                fired = (
+                    tuple(
+                        [
+                            (index, watched_4[r][c])
+                            for index, c, threshold in watch
+                            if watched[r][c] > threshold
+                        ]
+                    )
+                    if watch
+                    else ()
                 )
                 records.append(
                     TokenRecord(
                         pos,
                         prompt,
                         sae,
-                        top,
+                        tuple(zip(indices[r][:kept], values[r][:kept])),
                         pos < sink,
                         l0[r] if stats else None,
-                        round(error[r], 5) if stats else None,
+                        error[r] if stats else None,
                         fired,
                         aborts.get((j, pos)),
                     )

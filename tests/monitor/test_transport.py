@@ -15,7 +15,7 @@ from steer_plugin import signing
 from steer_plugin.monitor import inbox as inbox_module
 from steer_plugin.monitor import transport
 from steer_plugin.monitor.inbox import Inbox
-from steer_plugin.request.records import ProbeBlock, ProbeRecord, TokenRecord, encode_step
+from steer_plugin.request.records import ProbeBlock, ProbeRecord, TokenBlock, TokenRecord, encode_step
 from steer_plugin.request.wire import Addressee
 
 CID, OTHER = "a" * 32, "b" * 32
@@ -178,19 +178,27 @@ def test_a_mailbox_is_bounded(inbox, monkeypatch):
 
 
 def test_a_send_to_a_gone_process_never_blocks_and_counts_what_it_drops(monkeypatch):
-    """Nobody listens at the address: the peer's queue fills to its bound, then every send returns at once."""
+    """Nobody listens at the address: the peer's queue fills to its bound, then every send returns at once; a
+    dropped step counts its records: 2 of one request, 3 of a probe block (3 requests), 4 of a token block (4
+    rows)."""
     monkeypatch.setattr(transport, "SEND_HWM", 8)
     box = transport.Outbox(signing.wire_key())
     to = Addressee("ipc://@steer-observe-nobody-" + "0" * 8, CID)
+    cids = tuple(bytes.fromhex(c) for c in (CID, OTHER, "c" * 32))
+    probes = ProbeBlock(cids, (1, 2, 3), (4, 4, 7), (3, 3, 5), (0, 0, 0), ((("p", 0, 1),),), 1, bytes(12))
+    tokens = TokenBlock("s", cids[:1], (4,), (1, 2, 3, 4), (1,), (0,), (False,), (0,), ((),), 0, b"", b"", bytes(16),
+                        bytes(16), 0, b"")  # fmt: skip
     results = []
     try:
         for _ in range(40):
             box.post(to, [RECORD, RECORD])
+            box.post_block(to.address, probes)
+            box.post_block(to.address, tokens)
             results.append(box.flush() == 1)
     finally:
         box.close()
     assert results[0] is True and results[-1] is False
-    assert box.dropped == 2 * results.count(False) and results.count(False) >= 40 - 16
+    assert box.dropped == (2 + 3 + 4) * results.count(False) and results.count(False) >= 40 - 16
 
 
 def test_a_step_is_one_message_per_api_process(inbox):

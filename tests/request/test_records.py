@@ -15,6 +15,7 @@ from steer_plugin.request.records import (
     decode_records,
     encode_records,
     encode_step,
+    rounded,
     split_step,
 )
 
@@ -181,3 +182,15 @@ def test_a_token_block_that_does_not_hold_together_is_refused(changes):
 def test_an_unknown_block_kind_is_refused():
     with pytest.raises(ValueError, match="unknown block kind"):
         decode_block(2, msgspec.msgpack.encode(token_block()))
+
+
+@pytest.mark.parametrize("decimals", [4, 5, 6])
+def test_rounding_a_block_at_once_gives_what_round_gives(decimals):
+    """Blocks are rounded a whole array at a time; for float32 values that is Python's round(), value for value,
+    ties (exact halves) included."""
+    rng = np.random.default_rng(decimals)
+    x = np.concatenate(
+        [rng.standard_normal(50_000).astype(np.float32) * s for s in (0.01, 1.0, 100.0, 10_000.0)]
+        + [((np.arange(-5000, 5000) + 0.5) / 10**decimals).astype(np.float32)]
+    )
+    assert rounded(x, decimals).tolist() == [round(v, decimals) for v in x.astype(np.float64).tolist()]
