@@ -98,9 +98,9 @@ OBSERVATION_REFUSED = Counter(
 )
 OBSERVATION_DROPPED = Counter(
     "steer_observation_dropped",
-    "Observation messages this API process refused (monitor/inbox.py): MAC does not verify (unauthenticated),"
-    " undecodable (malformed), for a request it never opened (unowned) or has finished (late), or over a"
-    " request's mailbox bound (overflow)",
+    "Observation messages (or a message's part for one request: its records, its rows of a block) this API"
+    " process refused (monitor/inbox.py): MAC does not verify (unauthenticated), undecodable (malformed), for a"
+    " request it never opened (unowned) or has finished (late), or over a request's mailbox bound (overflow)",
     ["reason"],
 )
 OBSERVATION_OPEN = Gauge(

@@ -1,10 +1,10 @@
 """Observation read-back on the API side: the records the workers write for one observed request, per token.
 
-The workers send `TokenRecord`s and probe blocks (request/records.py) to this process's inbox (monitor/inbox.py),
-which hands each request its own `ProbeRecord`s; `Observation` reads them as the response streams, formats the
-features of each token, reports an `abort_when` stop, and at the end writes the monitoring line and counts
-(monitor/log.py, metrics.py). A read whose record never arrived (dropped on the way, counted) is reported as null,
-never as an empty read.
+The workers send their SAE reads and probe scores as blocks (request/records.py) to this process's inbox
+(monitor/inbox.py), which cuts them into each request's `TokenRecord`s and `ProbeRecord`s; `Observation` reads
+them as the response streams, formats the features of each token, reports an `abort_when` stop, and at the end
+writes the monitoring line and counts (monitor/log.py, metrics.py). A read whose record never arrived (dropped on
+the way, counted) is reported as null, never as an empty read.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ class FeatureRead(NamedTuple):
 
     values: torch.Tensor  # [n, k] top-k activations
     indices: torch.Tensor  # [n, k]
-    l0: torch.Tensor  # [n] (with stats)
+    l0: torch.Tensor  # [n] (not counted on the inspect-only TopK read: zeros)
     error: torch.Tensor  # [n] relative reconstruction error (with stats; else NaN)
     watched: torch.Tensor  # [n, w] activations of the watched features
 
@@ -202,7 +202,8 @@ def read_features(
 
 
 class Observer:
-    """Turns captured rows into per-token records sent to the requests' API processes, and keeps L0 / error histograms."""
+    """Turns captured rows into SAE reads sent to the requests' API processes (one block per SAE and process a
+    step), and keeps L0 / error histograms."""
 
     def __init__(self, saes: dict[str, SparseAutoencoder], write: bool, sink_positions: int = 1):
         self.saes = saes

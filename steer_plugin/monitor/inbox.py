@@ -28,7 +28,7 @@ HOST_ENV = transport.HOST_ENV
 RECV_HWM = 16384  # messages queued in the API process before the senders' queues fill
 # One worker's step for this process: a fit's residual rows are the largest (a text's tokens x d_model float32).
 MAX_MESSAGE_BYTES = 256 << 20
-MAX_PENDING = 1 << 16  # messages one request's mailbox holds before new ones are dropped
+MAX_PENDING = 1 << 16  # step messages one request's mailbox holds before new ones are dropped
 RECENT = 4096  # closed requests remembered, so late records count as "late", not "unowned"
 # (plain ints: converting the enums costs more than the flag read itself, once per streamed token)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -63,9 +63,9 @@ class Inbox:
         else:
             self.socket.bind(f"ipc://@steer-observe-{secrets.token_hex(12)}")  # abstract: nothing on disk
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        # Open requests by cid: what arrived and was not taken yet, per step: its records still encoded, or read
-        # out of the step's blocks when routed.
-        self.boxes: dict[str, list[msgspec.Raw | list[Record]]] = {}
+        # Open requests by cid: what arrived and was not taken yet, one entry per step message: its records still
+        # encoded, and those read out of the message's blocks when it was routed.
+        self.boxes: dict[str, list[list[msgspec.Raw | list[Record]]]] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # closed cids (bounded)
 
     def open(self, cid: str) -> None:
@@ -85,14 +85,15 @@ class Inbox:
             payloads = box[:]
             box.clear()
         out: list[Record] = []
-        for payload in payloads:
-            if isinstance(payload, list):
-                out.extend(payload)
-                continue
-            try:
-                out.extend(decode_records(payload))
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                _drop("malformed")
+        for message in payloads:
+            for payload in message:
+                if isinstance(payload, list):
+                    out.extend(payload)
+                    continue
+                try:
+                    out.extend(decode_records(payload))
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                    _drop("malformed")
         return out
 
     def close(self, cid: str) -> None:
@@ -131,8 +132,9 @@ class Inbox:
             parts, blocks = split_step(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return _drop("malformed")
+        by_cid: dict[bytes, list[msgspec.Raw | list[Record]]] = {}  # this message's part for each request
         for cid, payload in parts:
-            self._deliver(cid, payload)
+            by_cid.setdefault(cid, []).append(payload)
         for kind, block in blocks:
             try:
                 by_request = decode_block(kind, block)
@@ -140,17 +142,16 @@ class Inbox:
                 _drop("malformed")
                 continue
             for cid, records in by_request:  # each request's rows only to its own mailbox
-                self._deliver(cid, records)
-
-    def _deliver(self, cid: bytes, payload: msgspec.Raw | list[Record]) -> None:
-        name = cid.hex()
-        box = self.boxes.get(name) if len(cid) == transport.CID_BYTES else None
-        if box is None:
-            _drop("late" if name in self.recent else "unowned")
-        elif len(box) >= MAX_PENDING:
-            _drop("overflow")
-        else:
-            box.append(payload)
+                by_cid.setdefault(cid, []).append(records)
+        for cid, message in by_cid.items():
+            name = cid.hex()
+            box = self.boxes.get(name) if len(cid) == transport.CID_BYTES else None
+            if box is None:
+                _drop("late" if name in self.recent else "unowned")
+            elif len(box) >= MAX_PENDING:
+                _drop("overflow")
+            else:
+                box.append(message)
 
     def close_socket(self) -> None:
         self.socket.close(0)

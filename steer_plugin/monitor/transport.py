@@ -1,5 +1,5 @@
-"""Observation transport: the per-token records (request/records.py) go from the worker that owns the layer to
-the API process that owns the request, as ZeroMQ messages (pyzmq, which vLLM uses between its own processes).
+"""Observation transport: a step's observation results (request/records.py) go from the worker that owns the
+layer to the API process that owns the request, as ZeroMQ messages (pyzmq, which vLLM uses between its own processes).
 
 The API process's side is monitor/inbox.py: one PULL socket per API process, whose address travels in every
 observed request's signed plan (ObservePlan.reply_to): IPC on one host, TCP across hosts. This module is the
@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 import zmq
 
 from steer_plugin import signing
-from steer_plugin.request.records import Block, Record, encode_step
+from steer_plugin.request.records import Block, WireRecord, encode_step
 from steer_plugin.request.wire import Addressee
 
 HOST_ENV = "STEER_PLUGIN_OBSERVE_HOST"  # bind TCP on this address (reachable from every node) instead of IPC
@@ -75,7 +75,7 @@ class Outbox:
     def __init__(self, key: bytes):
         self.key = key
         self.sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
-        self.pending: dict[str, dict[str, list[Record]]] = {}  # this step's: address -> cid -> records
+        self.pending: dict[str, dict[str, list[WireRecord]]] = {}  # this step's: address -> cid -> records
         self.blocks: dict[str, list[Block]] = {}  # this step's blocks by address
         self.dropped = 0  # records whose message could not be queued
 
@@ -95,7 +95,7 @@ class Outbox:
             oldest.close(0)
         return sock
 
-    def post(self, to: Addressee, records: list[Record]) -> None:
+    def post(self, to: Addressee, records: list[WireRecord]) -> None:
         """Add `records` of request `to` to this step's messages (an empty address: nowhere)."""
         if to.address and records:
             self.pending.setdefault(to.address, {}).setdefault(to.cid, []).extend(records)
@@ -144,12 +144,12 @@ def dropped() -> int:
     return 0 if made is None else made.dropped
 
 
-def post(to: Addressee, records: list[Record]) -> None:
+def post(to: Addressee, records: list[WireRecord]) -> None:
     """Worker: add a step's records for one request to the step's messages (sent by `flush`)."""
     outbox().post(to, records)
 
 
-def post_all(records: dict[Addressee, list[Record]]) -> None:
+def post_all(records: dict[Addressee, list[WireRecord]]) -> None:
     """Worker: `post` for each request of a step at once (the outbox looked up once, not per request)."""
     box = outbox()
     for to, lines in records.items():

@@ -1,13 +1,13 @@
 """What comes back from the workers for an observed request: one `TokenRecord` per token and SAE, its probe
 scores (`ProbeRecord`), one `ResidualRecord` per token and layer read raw (the fit endpoints).
 
-Probe scores travel as one `ProbeBlock` per API process, layer and step (every request's rows side by side, as
-float32 bytes), so a worker's host work per scored request is a few list appends; the inbox reads a block back as
-one `ProbeRecord` per request it owns.
-
-The worker's observer (steer_plugin.engine.observe) writes them, the observation transport
-(steer_plugin.monitor.transport) carries them as msgpack (`encode_records`), and the API process
-(steer_plugin.readback.Observation) reads them back: this module is the one definition both sides share.
+A worker's step travels as one message per API process (`encode_step`): the SAE reads (`TokenBlock`, one per
+SAE) and probe scores (`ProbeBlock`, one per layer) of all of that process's requests side by side as arrays, so
+a worker's host work per observed request is a few list items, not a record per token; residual reads go per
+request (`ResidualRecord`). The API process's inbox cuts each block into the records of the requests it owns.
+The worker's observer (steer_plugin.engine.observe, .blocks) writes them, the observation transport
+(steer_plugin.monitor.transport) carries them, and the API process (steer_plugin.readback.Observation) reads
+them back: this module is the one definition both sides share.
 """
 
 from __future__ import annotations
@@ -111,7 +111,11 @@ class ProbeBlock(NamedTuple):
         layouts = [
             (tuple(p for p, _, _ in cols), tuple((lo, hi) for _, lo, hi in cols)) for cols in self.layouts
         ]
-        aborts = {j: tuple(rest) for j, *rest in self.aborts}
+        # (the score to the same places as the token's own: an abort reports the score its token shows)
+        aborts = {
+            j: (pos, probe, label, round(score, SCORE_DECIMALS))
+            for j, pos, probe, label, score in self.aborts
+        }
         sink, out, start = self.sink_positions, [], 0
         for j, (cid, end) in enumerate(zip(self.cids, self.ends)):
             positions = self.positions[start:end]
@@ -144,8 +148,8 @@ class TokenBlock(NamedTuple):
     k: int
     indices: bytes  # little-endian int32 [rows, k]: the strongest features first
     values: bytes  # little-endian float32 [rows, k]: their activations
-    l0: bytes  # little-endian int32 [rows] (rows of requests without stats: 0)
-    error: bytes  # little-endian float32 [rows]
+    l0: bytes  # little-endian int32 [rows] (read only for requests with stats)
+    error: bytes  # little-endian float32 [rows] (read only for requests with stats)
     watched: int  # columns of `watched_values`
     watched_values: bytes  # little-endian float32 [rows, watched]
     sink_positions: int = 0  # positions below this are attention sinks
@@ -181,6 +185,7 @@ class TokenBlock(NamedTuple):
             raise ValueError("inconsistent token block")
         values = np.frombuffer(self.values, dtype="<f4").reshape(rows, k)
         positive = (values > 0).sum(1).tolist()  # (strongest first: the positive ones lead each row)
+        unordered = set(np.flatnonzero(np.isnan(values).any(1)).tolist())  # (top-K puts NaN first: filter)
         values = rounded(values, 4).tolist()
         indices = np.frombuffer(self.indices, dtype="<i4").reshape(rows, k).tolist()
         l0 = np.frombuffer(self.l0, dtype="<i4").tolist()
@@ -210,12 +215,15 @@ class TokenBlock(NamedTuple):
                     if watch
                     else ()
                 )
+                top = tuple(zip(indices[r][:kept], values[r][:kept]))
+                if r in unordered:
+                    top = tuple((i, v) for i, v in zip(indices[r][:top_k], values[r][:top_k]) if v > 0)
                 records.append(
                     TokenRecord(
                         pos,
                         prompt,
                         sae,
-                        tuple(zip(indices[r][:kept], values[r][:kept])),
+                        top,
                         pos < sink,
                         l0[r] if stats else None,
                         error[r] if stats else None,
@@ -246,6 +254,7 @@ class ResidualRecord(NamedTuple):
 
 
 Record = TokenRecord | ProbeRecord | ResidualRecord  # what the API process reads per request
+WireRecord = TokenRecord | ResidualRecord  # what travels per request (probe scores only in blocks)
 
 
 _KINDS = (TokenRecord, ResidualRecord)  # a record's kind on the wire: its index here (probes go in blocks)
@@ -253,7 +262,7 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(list[tuple[int, msgspec.Raw]])
 
 
-def encode_records(records: list[Record]) -> bytes:
+def encode_records(records: list[WireRecord]) -> bytes:
     """msgpack: [[kind, record as an array], ...] (NamedTuples encode as arrays)."""
     return _ENCODER.encode([(_KINDS.index(type(r)), r) for r in records])
 
@@ -263,7 +272,7 @@ _BLOCK_KINDS = (ProbeBlock, TokenBlock)  # a block's kind on the wire: its index
 _STEP_DECODER = msgspec.msgpack.Decoder(tuple[list[tuple[bytes, msgspec.Raw]], list[tuple[int, msgspec.Raw]]])
 
 
-def encode_step(parts: dict[bytes, list[Record]], blocks: list[Block] = ()) -> bytes:
+def encode_step(parts: dict[bytes, list[WireRecord]], blocks: list[Block] = ()) -> bytes:
     """One worker's step for one API process, in one buffer: msgpack
     [[[cid, [[kind, record], ...]], ...], [[block kind, block], ...]]."""
     by_cid = [(cid, [(_KINDS.index(type(r)), r) for r in records]) for cid, records in parts.items()]

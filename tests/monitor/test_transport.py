@@ -261,3 +261,21 @@ def test_two_api_processes_have_their_own_addresses(inbox):
         assert inbox.take(CID) == []
     finally:
         other.close_socket()
+
+
+def test_a_mailbox_is_bounded_in_steps_not_blocks(inbox, monkeypatch):
+    """A step with many blocks for one request (an SAE each, a probe layer each) takes one place in its mailbox."""
+    monkeypatch.setattr(inbox_module, "MAX_PENDING", 3)
+    inbox.open(CID)
+    before = dropped("overflow")
+    cid = bytes.fromhex(CID)
+    for step in range(3):
+        for layer in range(5):
+            scores = np.array([[float(layer)]], "<f4").tobytes()
+            block = ProbeBlock((cid,), (1,), (10 + step,), (3,), (0,), (((f"p{layer}", 0, 1),),), 1, scores)
+            transport.post_block(inbox.address, block)
+        transport.post(Addressee(inbox.address, CID), [RECORD])
+        assert transport.flush() == 1
+    settled(inbox, "c" * 32)
+    got = inbox.take(CID)
+    assert len(got) == 3 * 6 and dropped("overflow") == before

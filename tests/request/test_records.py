@@ -194,3 +194,17 @@ def test_rounding_a_block_at_once_gives_what_round_gives(decimals):
         + [((np.arange(-5000, 5000) + 0.5) / 10**decimals).astype(np.float32)]
     )
     assert rounded(x, decimals).tolist() == [round(v, decimals) for v in x.astype(np.float64).tolist()]
+
+
+def test_a_row_with_nan_keeps_only_its_positive_activations():
+    """Top-K ranks NaN first (an overflowed residual): that row falls back to the per-value filter over its top K,
+    so NaN never reaches a response and the positive activations after it are kept (A's top 2: NaN and 3.0)."""
+    values = np.array([[np.nan, 3.0, 1.0], [2.0, 1.0, 0.0], [5.0, 4.0, 3.0]], "<f4").tobytes()
+    got = read_back(token_block(values=values))
+    assert [r.top for r in got[A]] == [((7, 3.0),), ((7, 2.0), (2, 1.0))]
+
+
+def test_a_probe_abort_reports_its_score_as_its_token_shows_it():
+    """To the scores' decimals: the abort's score is the one its token reports."""
+    (record,) = read_back(block(aborts=((1, 9, "q", 0, 0.73456789),)))[B]
+    assert record.abort == (9, "q", 0, 0.734568)
