@@ -47,6 +47,17 @@ def rows_of(arrays: list[np.ndarray], groups: Sequence[Rows], picked: list[int])
     return [a[index] for a in arrays]
 
 
+def abort_rows(groups: Sequence[Rows], sink_positions: int) -> list[tuple[int, int]]:
+    """(group index, its row among all the groups' rows in order) of each group with abort_when whose predicting
+    position is among its rows this step and not an attention sink: where its conditions are tested."""
+    out, row = [], 0
+    for i, g in enumerate(groups):
+        if g.abort and g.predicting in g.positions and g.predicting >= sink_positions:
+            out.append((i, row + g.positions.index(g.predicting)))
+        row += len(g.positions)
+    return out
+
+
 def _common(mine: list[Rows]) -> tuple[tuple, tuple, tuple, tuple]:
     """cids, ends, positions and prompt lengths of a block's requests."""
     return (

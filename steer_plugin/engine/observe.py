@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from steer_plugin.engine.blocks import token_blocks
+from steer_plugin.engine.blocks import abort_rows, token_blocks
 from steer_plugin.messages import HistogramCounts
 from steer_plugin.monitor import transport
 from steer_plugin.request.wire import AbortSpec, Addressee, ObservePlan
@@ -262,18 +262,17 @@ class Observer:
         """The abort_when conditions that fire at the groups' predicting positions (attention sinks never do; a
         request's first hit, over its SAEs, wins): (position, feature index, activation) by group index; each
         also goes to `hits` by batch index."""
-        out, row = {}, 0
-        for i, g in enumerate(groups):
-            pos = g.predicting
-            if g.abort and pos in g.positions and pos >= self.sink_positions and g.req_index not in hits:
-                at = row + g.positions.index(pos)
-                for a in g.abort:
-                    value = float(watched[at, column[a.index]])
-                    if a.fires(value):
-                        out[i] = (pos, a.index, value)
-                        hits[g.req_index] = AbortHit(g.req_index, g.to.cid, pos, sae_id, a.index, value)
-                        break
-            row += len(g.positions)
+        out = {}
+        for i, at in abort_rows(groups, self.sink_positions):
+            g = groups[i]
+            if g.req_index in hits:
+                continue
+            for a in g.abort:
+                value = float(watched[at, column[a.index]])
+                if a.fires(value):
+                    out[i] = (g.predicting, a.index, value)
+                    hits[g.req_index] = AbortHit(g.req_index, g.to.cid, g.predicting, sae_id, a.index, value)
+                    break
         return out
 
     def snapshot(self) -> ObserverStats:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from steer_plugin.engine.blocks import probe_blocks
+from steer_plugin.engine.blocks import abort_rows, probe_blocks
 from steer_plugin.engine.observe import ObservedRequest
 from steer_plugin.monitor import transport
 from steer_plugin.probes.format import Probe
@@ -186,18 +186,13 @@ class ProbeReader:
             values = scores.float().cpu().numpy()  # [n, sum of classes]
             present = _scored_here(stacked, unread)
             aborted: dict[int, tuple[int, str, int, float]] = {}  # by index in `mine`
-            if any(g.abort for g in mine):
-                row = 0
-                for i, g in enumerate(mine):
-                    if g.abort and g.predicting in g.positions and g.predicting >= sink:
-                        at = values[row + g.positions.index(g.predicting)].tolist()
-                        found = self._fired(
-                            g.to.cid, g.abort, present(g.probes), stacked.columns, g.predicting, at
-                        )
-                        if found is not None:
-                            aborted[i] = found
-                            fired.add(g.req_index)
-                    row += len(g.positions)
+            for i, at in abort_rows(mine, sink):
+                g = mine[i]
+                row = values[at].tolist()
+                found = self._fired(g.to.cid, g.abort, present(g.probes), stacked.columns, g.predicting, row)
+                if found is not None:
+                    aborted[i] = found
+                    fired.add(g.req_index)
             if self.write:
                 for address, block in probe_blocks(stacked.columns, mine, values, present, aborted, sink):
                     transport.post_block(address, block)

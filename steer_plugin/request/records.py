@@ -67,9 +67,17 @@ class ProbeRecord(NamedTuple):
         ]
 
 
-ProbeColumns = tuple[
-    tuple[str, int, int], ...
-]  # (probe, first column, end column) of each probe a request reads
+def _rows_hold(ends: tuple[int, ...], rows: int, aborts: tuple[tuple, ...]) -> bool:
+    """Whether a block's requests (one row end each) split its `rows` in order, and its aborts name them."""
+    return (
+        all(a <= b for a, b in zip((0, *ends), ends))
+        and (ends[-1] == rows if ends else rows == 0)
+        and all(0 <= a[0] < len(ends) for a in aborts)
+    )
+
+
+# (probe, first column, end column) of each probe a request reads
+ProbeColumns = tuple[tuple[str, int, int], ...]
 
 
 class ProbeBlock(NamedTuple):
@@ -99,11 +107,9 @@ class ProbeBlock(NamedTuple):
             len(self.ends) == len(self.num_prompt) == len(self.layout) == n
             and self.columns >= 0
             and len(self.scores) == 4 * rows * self.columns
-            and all(a <= b for a, b in zip((0, *self.ends), self.ends))
-            and (not n or self.ends[-1] == rows)
+            and _rows_hold(self.ends, rows, self.aborts)
             and all(0 <= i < len(self.layouts) for i in self.layout)
             and all(0 <= lo <= hi <= self.columns for cols in self.layouts for _, lo, hi in cols)
-            and all(0 <= a[0] < n for a in self.aborts)
         ):
             raise ValueError("inconsistent probe block")
         values = np.frombuffer(self.scores, dtype="<f4").reshape(rows, self.columns)
@@ -175,12 +181,10 @@ class TokenBlock(NamedTuple):
             and len(self.indices) == len(self.values) == 4 * rows * k
             and len(self.l0) == len(self.error) == 4 * rows
             and len(self.watched_values) == 4 * rows * w
-            and all(a <= b for a, b in zip((0, *self.ends), self.ends))
-            and (not n or self.ends[-1] == rows)
+            and _rows_hold(self.ends, rows, self.aborts)
             and all(0 <= t <= k for t in self.top_k)
             and all(0 <= i < len(self.watches) for i in self.watch)
             and all(0 <= c < w for cols in self.watches for _, c, _ in cols)
-            and all(0 <= a[0] < n for a in self.aborts)
         ):
             raise ValueError("inconsistent token block")
         values = np.frombuffer(self.values, dtype="<f4").reshape(rows, k)
