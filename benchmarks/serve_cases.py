@@ -1,7 +1,8 @@
 """The cases of benchmarks/serve_bench.py: the prompts, what each case's requests carry, the steering configs
 of the plugin servers they run on and the model and SAE those load.
 
-A case names its server (`vanilla`, `plugin`: the demo SAE only, `plugin4`: plus raw vectors on 4 layers;
+A case names its server (`vanilla`, `plugin`: the demo SAE only, `plugin4`: plus raw vectors on 4 layers,
+`plugin_mon`: the demo SAE with the operator's monitoring of 16 probes on all traffic;
 `lens_plain`, `lens`: vLLM 0.30 from the vllm-lens side venv, vllm-lens disabled or active, see vllm_lens_side.py),
 the modes it runs in, its reference case (the ratios of the report are per round against that case's unit:
 `a_vanilla` for steer-plugin's cases, `l0_lens_plain`, vllm-lens' own plain vLLM, for vllm-lens') and, for the
@@ -47,7 +48,7 @@ MODES = ("compile", "eager")
 @dataclass(frozen=True)
 class Case:
     key: str
-    server: str  # vanilla | plugin | plugin4 | lens_plain | lens
+    server: str  # vanilla | plugin | plugin4 | plugin_mon | lens_plain | lens
     title: str
     target_loss: float | None = None  # max throughput loss vs vanilla (fraction), None = no target
     reference: str = "a_vanilla"  # the case whose unit of the same round the ratios are taken against
@@ -82,6 +83,13 @@ CASES = [
         "i_probes16",
         "plugin",
         '(i) 16 probes scored on every token (`"inspect": {"saes": [], "probes": [16]}`)',
+        0.02,
+    ),
+    Case(
+        "j_monitor16",
+        "plugin_mon",
+        "(j) operator monitoring: 16 probes score every token of every request (`monitoring.probes`, "
+        "sample_rate 1), plain requests",
         0.02,
     ),
     Case(
@@ -137,7 +145,7 @@ def add_steering(sae_id: str) -> dict:
 def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> dict | None:
     """The `steering` field of request i of a unit of this case (None: no field)."""
     add = add_steering(setup.sae_id)
-    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded") or CASE_BY_KEY[case].side_venv:
+    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded", "j_monitor16") or CASE_BY_KEY[case].side_venv:
         return None
     if case == "c_add1":
         return add
@@ -238,6 +246,16 @@ def write_configs(
         probes.append({"id": f"p{k}", "path": str(folder)})
     configs["plugin"].write_text(json.dumps({"saes": [sae_entry], "probes": probes}, indent=2))
     configs["plugin4"].write_text(json.dumps({"saes": [sae_entry], "vectors": vectors}, indent=2))
+    # (j): the same SAE and probes, every probe monitored on all traffic (aggregates, histograms, the log line).
+    configs["plugin_mon"] = workdir / "steer-monitor16.json"
+    monitoring = {
+        "sink": "file",
+        "path": str(workdir / "monitor16.jsonl"),
+        "probes": {p["id"]: {} for p in probes},
+    }
+    configs["plugin_mon"].write_text(
+        json.dumps({"saes": [sae_entry], "probes": probes, "monitoring": monitoring}, indent=2)
+    )
     # The vector (c)'s `add` puts on the residual (x += value·W_dec[i], times the SAE's output scale): (l) adds
     # the very same vector through vllm-lens, so both servers add one vector of the same size at the same layer.
     sae = probe.sae
@@ -248,6 +266,20 @@ def write_configs(
     setup.add_vector_norm = float(add_vector.norm())
     setup.add_vector_per_token_norm = sae.per_token_norm
     return setup, configs
+
+
+def monitoring_log(workdir: Path) -> dict | None:
+    """What (j)'s server wrote to its monitoring log: the `probes` lines and how many carry all 16 probes' aggregates
+    (None when (j) did not run). A server that scored nothing would write none, and (j) would measure plain serving."""
+    path = workdir / "monitor16.jsonl"
+    if not path.exists():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    probes = [entry for entry in lines if entry.get("event") == "probes"]
+    return {
+        "probe_lines": len(probes),
+        "with_all_probes": sum(len(e.get("probes", {})) == PROBES for e in probes),
+    }
 
 
 # --- assets ---------------------------------------------------------------------------------------------------------

@@ -258,6 +258,15 @@ def write_markdown(path: Path, result: dict, notes: str | None) -> None:
             f"{t['ratio_min']:.3f}–{t['ratio_max']:.3f} | {t['status']} | {lb} | {t['note']} |"
         )
     lines += ["", "## Inspect (h)", "", result["inspect_note"], ""]
+    log = result.get("monitoring_log")
+    if log is not None:
+        lines += [
+            "## Monitoring (j)",
+            "",
+            f"The monitoring log of (j)'s server holds {log['probe_lines']} `probes` lines, {log['with_all_probes']} "
+            "of them with the aggregates of all 16 probes (one per monitored request, warm-up included).",
+            "",
+        ]
     if result.get("plot"):
         lines += [f"![throughput ratios]({Path(result['plot']).name})", ""]
     else:
