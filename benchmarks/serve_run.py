@@ -21,7 +21,7 @@ from serve_cases import CASE_BY_KEY, CASES, BenchSetup, Requests
 
 # serve_bench's servers, in start order, and the harness kind each one is
 SERVERS = {"vanilla": "vanilla", "plugin": "plugin", "plugin4": "plugin", "plugin_mon": "plugin",
-           "lens_plain": "lens_plain", "lens": "lens"}  # fmt: skip
+           "plugin_sae_mon": "plugin", "lens_plain": "lens_plain", "lens": "lens"}  # fmt: skip
 
 
 def per_token_us(cpu_s: float, tokens: int) -> float | None:
