@@ -40,6 +40,12 @@ PROMPTS = [
     "Describe the life cycle of a butterfly.",
 ]
 
+# The servers whose config monitors all traffic: their case and the monitoring log it is checked by.
+MONITORING_SERVERS = {
+    "plugin_mon": ("j_monitor16", "monitor16.jsonl"),
+    "plugin_sae_mon": ("k_monitor_sae", "monitor-sae.jsonl"),
+}
+
 # --- cases ----------------------------------------------------------------------------------------------------
 
 
@@ -152,9 +158,8 @@ def add_steering(sae_id: str) -> dict:
 def steering_for(case: str, i: int, setup: BenchSetup, counter: list[int]) -> dict | None:
     """The `steering` field of request i of a unit of this case (None: no field)."""
     add = add_steering(setup.sae_id)
-    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded", "j_monitor16", "k_monitor_sae"):
-        return None
-    if CASE_BY_KEY[case].side_venv:
+    monitored = [c for c, _ in MONITORING_SERVERS.values()]  # plain requests: the server monitors them
+    if case in ("a_vanilla", "b_loaded", "g0_4layers_loaded", *monitored) or CASE_BY_KEY[case].side_venv:
         return None
     if case == "c_add1":
         return add
@@ -257,12 +262,12 @@ def write_configs(
     configs["plugin4"].write_text(json.dumps({"saes": [sae_entry], "vectors": vectors}, indent=2))
     # (j): the same SAE and probes, every probe monitored on all traffic (aggregates, histograms, the log line);
     # (k): the SAE monitored on all traffic (its top features, L0 and error per token, one log line per request).
-    monitored = {
-        "plugin_mon": ("monitor16.jsonl", {"probes": {p["id"]: {} for p in probes}}),
-        "plugin_sae_mon": ("monitor-sae.jsonl", {"saes": {"demo": {}}}),
+    sampled = {
+        "plugin_mon": {"probes": {p["id"]: {} for p in probes}},
+        "plugin_sae_mon": {"saes": {"demo": {}}},
     }
-    for server, (log, sampled) in monitored.items():
-        monitoring = {"sink": "file", "path": str(workdir / log), **sampled}
+    for server, (_, log) in MONITORING_SERVERS.items():
+        monitoring = {"sink": "file", "path": str(workdir / log), **sampled[server]}
         configs[server] = workdir / f"steer-{server}.json"
         configs[server].write_text(
             json.dumps({"saes": [sae_entry], "probes": probes, "monitoring": monitoring}, indent=2)
@@ -284,7 +289,7 @@ def monitoring_log(workdir: Path) -> dict[str, dict]:
     probes' aggregates, (k)'s lines of the SAE and how many name top features. A server that read nothing would
     write no such line, and its case would measure plain serving."""
     out = {}
-    for case, log in (("j_monitor16", "monitor16.jsonl"), ("k_monitor_sae", "monitor-sae.jsonl")):
+    for case, log in MONITORING_SERVERS.values():
         path = workdir / log
         if not path.exists():
             continue

@@ -212,3 +212,30 @@ def test_lens_cases_are_left_out_without_the_side_venv(tmp_path, capsys):
     assert "skipping cases l0_lens_plain, l1_lens_loaded, l_lens_vector" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not ready"):
         serve_bench.select_cases("c_add1,l_lens_vector", ["eager"], str(tmp_path / "no-venv"))
+
+
+def test_the_monitoring_cases_count_what_their_servers_logged(tmp_path):
+    """(j) and (k) send plain requests to a server that monitors all traffic; the run counts each server's
+    monitoring log, so a server that read nothing cannot pass for a cheap one."""
+    from serve_cases import CASE_BY_KEY, MONITORING_SERVERS, PROBES, monitoring_log
+
+    for server, (case, _) in MONITORING_SERVERS.items():
+        assert CASE_BY_KEY[case].server == server
+    assert monitoring_log(tmp_path) == {}  # neither ran
+    logs = {case: tmp_path / log for case, log in MONITORING_SERVERS.values()}
+    every = {f"p{k}": {"on": {"max": 0.5}} for k in range(PROBES)}
+    lines = [
+        {"event": "probes", "request_id": "a", "probes": every},
+        {"event": "probes", "request_id": "b", "probes": {"p0": every["p0"]}},  # 1 of 16: not complete
+        {"event": "abort", "request_id": "c"},  # not a probes line
+    ]
+    logs["j_monitor16"].write_text("".join(json.dumps(line) + "\n" for line in lines))
+    lines = [
+        {"request_id": "a", "sae": "demo", "num_tokens": 8, "top_features": [{"index": 3, "tokens": 2}]},
+        {"request_id": "b", "sae": "demo", "num_tokens": 0, "top_features": []},  # read nothing
+    ]
+    logs["k_monitor_sae"].write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert monitoring_log(tmp_path) == {
+        "j_monitor16": {"lines": 2, "complete": 1},
+        "k_monitor_sae": {"lines": 2, "complete": 1},
+    }
