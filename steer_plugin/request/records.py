@@ -219,9 +219,10 @@ class TokenBlock(NamedTuple):
                     if watch
                     else ()
                 )
-                top = tuple(zip(indices[r][:kept], values[r][:kept]))
                 if r in unordered:
                     top = tuple((i, v) for i, v in zip(indices[r][:top_k], values[r][:top_k]) if v > 0)
+                else:
+                    top = tuple(zip(indices[r][:kept], values[r][:kept]))
                 records.append(
                     TokenRecord(
                         pos,
