@@ -117,7 +117,9 @@ class Observation:
         tokens that `inspect` reports; with `last`, every read of its last token or an abort_when that fired (the
         worker's records travel apart from the tokens, so an answer's end can come before them); with `prompt`,
         the prompt's reads. Normally everything is here first and this does not wait. The reads themselves
-        (`next_tokens`, `abort`, `finish`, ...) never wait: they report what has arrived."""
+        never wait: `next_tokens` reports what the last `settle` found (the response's path calls it right
+        after, with no await between: one pull per event), the others (`abort`, `finish`, ...) pull what else
+        has arrived."""
         reports_tokens = bool(self.expected_saes or self.expected_probes) and generated > self.next_token
         if not (reports_tokens or prompt or (last and generated)):
             return  # nothing to wait for (the reads pull what arrived)
@@ -149,53 +151,52 @@ class Observation:
         self._pull()
         return self.scores
 
-    def _token(self, pos: int) -> TokenRead:
-        inspect = self.request.inspect
-        found = self.by_pos.get(pos, {})
-        features = {}
-        for sae_id in self.request.inspected:
-            labels = self.labels_of(sae_id)
-            features[sae_id] = (
-                [
-                    {"index": i, "activation": a, "label": labels.get(i)}
-                    for i, a in found[sae_id].top[: inspect.top_k]
-                ]
-                if sae_id in found
-                else None
-            )
-        traced = []
-        if self.request.traced:
-            watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
-            traced = [watched.get(sae_id, {}).get(index) for sae_id, index in self.request.traced]
-        probes = {}
-        if self.expected_probes:
-            scored = self.scores.get(pos, {})
-            for pid, labels in self.reported_probes:  # (per streamed token: no more than one dict per probe)
-                found = scored.get(pid)
-                if found is None:
-                    probes[pid] = None
-                elif len(labels) == 1:
-                    probes[pid] = {labels[0]: found[0]}
-                else:
-                    probes[pid] = dict(zip(labels, found))
-        return TokenRead(features, traced, probes)
-
-    def _counted(self, reads: list[TokenRead]) -> list[TokenRead]:
-        """`reads`, their values counted (steer_observation_values_total gets the sum when the response ends)."""
-        self.values_read += sum(
-            sum(len(f or ()) for f in r.features.values()) + len(r.traced) + len(r.probes) for r in reads
-        )
-        return reads
+    def _tokens(self, positions: range) -> list[TokenRead]:
+        """The reads of `positions`, their values counted (steer_observation_values_total gets the sum when the
+        response ends). Runs for every streamed token: what does not change per token is looked up once."""
+        request = self.request
+        top_k = request.inspect.top_k if request.inspect is not None else 0
+        inspected = [(sae_id, self.labels_of(sae_id)) for sae_id in request.inspected]
+        traced_features = request.traced
+        out, counted = [], 0
+        for pos in positions:
+            found = self.by_pos.get(pos, {})
+            features = {}
+            for sae_id, labels in inspected:
+                record = found.get(sae_id)
+                if record is None:
+                    features[sae_id] = None
+                    continue
+                top = record.top[:top_k]
+                features[sae_id] = [{"index": i, "activation": a, "label": labels.get(i)} for i, a in top]
+                counted += len(top)
+            traced = []
+            if traced_features:
+                watched = {sae_id: dict(r.watch) for sae_id, r in found.items()}
+                traced = [watched.get(sae_id, {}).get(index) for sae_id, index in traced_features]
+            probes = {}
+            if self.expected_probes:
+                scored = self.scores.get(pos, {})
+                for pid, labels in self.reported_probes:  # (per streamed token: no more than one dict per probe)
+                    scores = scored.get(pid)
+                    if scores is None:
+                        probes[pid] = None
+                    elif len(labels) == 1:
+                        probes[pid] = {labels[0]: scores[0]}
+                    else:
+                        probes[pid] = dict(zip(labels, scores))
+            counted += len(traced) + len(probes)
+            out.append(TokenRead(features, traced, probes))
+        self.values_read += counted
+        return out
 
     def next_tokens(self, count: int) -> list[TokenRead]:
-        """The next `count` generated tokens (each read from the residual that predicted it)."""
-        self._pull()
+        """The next `count` generated tokens (each read from the residual that predicted it), as the last
+        `settle` found them."""
+        first, self.next_token = self.next_token, self.next_token + count
         if self.prompt_len is None:  # not one record arrived
-            self.next_token += count
             return [self._nothing() for _ in range(count)]
-        out = [self._token(self.prompt_len - 1 + k) for k in range(self.next_token, self.next_token + count)]
-        self.next_token += count
-        return self._counted(out)
+        return self._tokens(range(self.prompt_len - 1 + first, self.prompt_len - 1 + first + count))
 
     def _nothing(self) -> TokenRead:
         return TokenRead(
@@ -208,7 +209,7 @@ class Observation:
         self._pull()
         if self.prompt_len is None:
             return []
-        return self._counted([self._token(p) for p in range(self.prompt_len)])
+        return self._tokens(range(self.prompt_len))
 
     def abort(self) -> dict | None:
         """Which abort_when condition stopped the request and at which generated token (the token that was not

@@ -236,6 +236,7 @@ def test_observation_reads_the_workers_records():
     deadline = time.monotonic() + 30
     while not box and time.monotonic() < deadline:  # (sent through a real socket)
         observation.inbox.wait(0.01)
+    asyncio.run(observation.settle(3))  # (as the response's path does before each event's reads)
     first, second, third = observation.next_tokens(3)
     assert first.features == {
         "a": [

@@ -30,7 +30,8 @@ RECV_HWM = 16384  # messages queued in the API process before the senders' queue
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_PENDING = 1 << 16  # step messages one request's mailbox holds before new ones are dropped
 RECENT = 4096  # closed requests remembered, so late records count as "late", not "unowned"
-# (plain ints: converting the enums costs more than the flag read itself, once per streamed token)
+# (plain ints, and `Socket.get`, not `getsockopt`: converting to the enums costs more than the flag read itself,
+# once per streamed token)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
@@ -109,7 +110,7 @@ class Inbox:
         """Route every message that has arrived to its mailbox (or drop it, counted), without blocking."""
         with self.lock:
             # (EVENTS is a flag read, no system call: most calls find nothing new, another response's read took it)
-            while self.socket.getsockopt(_EVENTS) & _POLLIN:
+            while self.socket.get(_EVENTS) & _POLLIN:
                 try:
                     frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:

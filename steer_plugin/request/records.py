@@ -12,6 +12,7 @@ them back: this module is the one definition both sides share.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import msgspec
@@ -187,42 +188,39 @@ class TokenBlock(NamedTuple):
             and all(0 <= c < w for cols in self.watches for _, c, _ in cols)
         ):
             raise ValueError("inconsistent token block")
-        values = np.frombuffer(self.values, dtype="<f4").reshape(rows, k)
-        positive = (values > 0).sum(1).tolist()  # (strongest first: the positive ones lead each row)
-        unordered = set(np.flatnonzero(np.isnan(values).any(1)).tolist())  # (top-K puts NaN first: filter)
-        values = rounded(values, 4).tolist()
+        raw = np.frombuffer(self.values, dtype="<f4").reshape(rows, k)
+        positive = (raw > 0).sum(1).tolist()  # (strongest first: the positive ones lead each row)
+        # Top-K puts NaN first: those rows take the per-value filter (a sum is NaN only when some value is, or
+        # +inf meets -inf: a row too many filtered, never one too few).
+        unordered = set(np.flatnonzero(np.isnan(raw).any(1)).tolist()) if math.isnan(raw.sum()) else ()
+        values = rounded(raw, 4).tolist()
         indices = np.frombuffer(self.indices, dtype="<i4").reshape(rows, k).tolist()
-        l0 = np.frombuffer(self.l0, dtype="<i4").tolist()
-        error = rounded(np.frombuffer(self.error, dtype="<f4"), 5).tolist()
-        watched = np.frombuffer(self.watched_values, dtype="<f4").reshape(rows, w)
-        watched, watched_4 = watched.tolist(), rounded(watched, 4).tolist()
+        # (only what some request reads: a block's numpy calls cost more than its rows on a small step)
+        l0 = error = watched = watched_4 = None
+        if any(self.stats):
+            l0 = np.frombuffer(self.l0, dtype="<i4").tolist()
+            error = rounded(np.frombuffer(self.error, dtype="<f4"), 5).tolist()
+        if w:
+            watched_f32 = np.frombuffer(self.watched_values, dtype="<f4").reshape(rows, w)
+            watched, watched_4 = watched_f32.tolist(), rounded(watched_f32, 4).tolist()
         aborts = {(j, pos): (index, round(value, 4)) for j, pos, index, value in self.aborts}
-        sae, sink, out, start = self.sae, self.sink_positions, [], 0
-        for j, (cid, end) in enumerate(zip(self.cids, self.ends)):
-            top_k, stats, watch, prompt = (
-                self.top_k[j],
-                self.stats[j],
-                self.watches[self.watch[j]],
-                self.num_prompt[j],
-            )
+        sae, sink, positions, out, start = self.sae, self.sink_positions, self.positions, [], 0
+        per_request = zip(self.cids, self.ends, self.num_prompt, self.top_k, self.stats, self.watch)
+        for j, (cid, end, prompt, top_k, stats, watch_entry) in enumerate(per_request):
+            watch = self.watches[watch_entry]
             records = []
             for r in range(start, end):
-                pos, kept = self.positions[r], min(top_k, positive[r])
-                fired = (
-                    tuple(
-                        [
-                            (index, watched_4[r][c])
-                            for index, c, threshold in watch
-                            if watched[r][c] > threshold
-                        ]
-                    )
-                    if watch
-                    else ()
-                )
+                pos = positions[r]
                 if r in unordered:
                     top = tuple((i, v) for i, v in zip(indices[r][:top_k], values[r][:top_k]) if v > 0)
                 else:
+                    kept = min(top_k, positive[r])
                     top = tuple(zip(indices[r][:kept], values[r][:kept]))
+                fired = (
+                    tuple([(index, watched_4[r][c]) for index, c, bound in watch if watched[r][c] > bound])
+                    if watch
+                    else ()
+                )
                 records.append(
                     TokenRecord(
                         pos,
@@ -233,7 +231,7 @@ class TokenBlock(NamedTuple):
                         l0[r] if stats else None,
                         error[r] if stats else None,
                         fired,
-                        aborts.get((j, pos)),
+                        aborts.get((j, pos)) if aborts else None,
                     )
                 )
             out.append((cid, records))
