@@ -177,10 +177,8 @@ class Observation:
             probes = {}
             if self.expected_probes:
                 scored = self.scores.get(pos, {})
-                for (
-                    pid,
-                    labels,
-                ) in self.reported_probes:  # (per streamed token: no more than one dict per probe)
+                # (per streamed token: no more than one dict per probe)
+                for pid, labels in self.reported_probes:
                     scores = scored.get(pid)
                     if scores is None:
                         probes[pid] = None
