@@ -97,18 +97,36 @@ def _demo_assets_ready() -> bool:
         return True
 
 
+def _lens_venv_ready() -> bool:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import vllm_lens_side
+
+        return vllm_lens_side.venv_ready(str(vllm_lens_side.DEFAULT_VENV))
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def test_serve_bench_smoke(tmp_path):
     if not _demo_assets_ready():
         skip_or_fail(
             "demo assets not built (python -m steer_demo.build_assets); the smoke run would build them"
         )
     out = tmp_path / "serve-smoke"
+    # Two servers (plain vLLM and the plugin), not every case's five: the harness is the same for all of them,
+    # and every case's request bodies are planned against its server's config without a server
+    # (tests/benchmarks/test_harness.py). vllm-lens' cases join where its side venv is ready.
+    asked = ["b_loaded", "c_add1", "h_inspect"]
+    if _lens_venv_ready():
+        asked += ["l0_lens_plain", "l1_lens_loaded", "l_lens_vector"]
     proc = _run(
-        [str(BENCH / "serve_bench.py"), "--smoke", "--out", str(out), "--work-dir", str(tmp_path / "work")],
+        [str(BENCH / "serve_bench.py"), "--smoke", "--cases", ",".join(asked), "--out", str(out),
+         "--work-dir", str(tmp_path / "work")],
         timeout=600,
-    )
+    )  # fmt: skip
     data = json.loads(out.with_suffix(".json").read_text())
     cases = data["options"]["cases"]
+    assert set(cases) == {"a_vanilla", *asked}  # with the reference every ratio is taken against
     assert data["options"]["modes"] == ["eager"]
     assert data["machine"]["cpu_model"] and data["machine"]["vllm"]
     units = data["units"]

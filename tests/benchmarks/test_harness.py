@@ -239,3 +239,50 @@ def test_the_monitoring_cases_count_what_their_servers_logged(tmp_path):
         "j_monitor16": {"lines": 2, "complete": 1},
         "k_monitor_sae": {"lines": 2, "complete": 1},
     }
+
+
+def test_every_cases_bodies_plan_against_its_servers_config(tmp_path):
+    """What the serve_bench smoke run leaves out (it starts two of the five servers): every case's configs load as
+    their servers load them at start, and every case's request bodies are planned by the plugin's own planning
+    against the config of the server they go to, steering what the case says it steers."""
+    from serve_cases import CASES, MONITORING_SERVERS, Requests, write_configs
+
+    from steer_demo.build_assets import asset_paths
+    from steer_plugin.catalog import load_assets
+    from steer_plugin.config import load_config_file
+    from steer_plugin.request.plan import Endpoint, plan_request
+    from steer_plugin.request.schema import parse_spec
+
+    from ..tools import skip_or_fail
+
+    paths = asset_paths()
+    if not (paths.sae_dir / "cfg.json").is_file() or not (paths.model_dir / "config.json").is_file():
+        skip_or_fail("demo assets not built (python -m steer_demo.build_assets)")
+    setup, configs = write_configs(tmp_path, str(paths.model_dir), str(paths.sae_dir), str(paths.labels_path), 0)
+    loaded = {s: load_assets(load_config_file(configs[s])) for s in ("plugin", "plugin4", *MONITORING_SERVERS)}
+    assert set(loaded["plugin"].probes) == set(loaded["plugin_mon"].config.monitoring.probes) == {
+        f"p{k}" for k in range(16)
+    }
+    assert set(loaded["plugin_sae_mon"].config.monitoring.saes) == {"demo"}
+    requests = Requests(setup)
+    planned = {}
+    for case in (c for c in CASES if not c.side_venv):
+        for i in range(4):
+            body = requests.body(case.key, i, 8, f"salt-{i}")
+            if "steering" not in body:
+                planned.setdefault(case.key, [])
+                continue
+            assets = loaded[case.server]  # (a body with steering never goes to plain vLLM: KeyError)
+            spec = parse_spec(body["steering"])
+            plan = plan_request(spec, assets.catalog(), assets.config, Endpoint.of(body))
+            planned.setdefault(case.key, []).append(plan)
+    steered = {k: [len(p.ops) for p in plans] for k, plans in planned.items()}
+    assert steered == {
+        "a_vanilla": [], "b_loaded": [], "c_add1": [1] * 4, "d_mixed50": [1, 1], "e_distinct256": [1] * 4,
+        "f_clamp8": [8] * 4, "g_4layers": [4] * 4, "g0_4layers_loaded": [], "h_inspect": [0] * 4,
+        "i_probes16": [0] * 4, "j_monitor16": [], "k_monitor_sae": [],
+    }  # fmt: skip
+    assert {op.layer for p in planned["g_4layers"] for op in p.ops} == set(setup.vector_layers)
+    assert all(p.inspected == ("demo",) and p.inspect.top_k == 5 for p in planned["h_inspect"])
+    assert all(p.probes == tuple(f"p{k}" for k in range(16)) for p in planned["i_probes16"])
+    assert len({p.ops[0].index for p in planned["e_distinct256"]}) == 4  # distinct features
