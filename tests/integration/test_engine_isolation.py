@@ -249,6 +249,8 @@ def test_server_refuses_to_start_when_the_op_does_not_fire(demo_assets, steer_co
         steer_config_path,
         "--model",
         str(demo_assets.model_dir),
+        "--dtype",
+        "float32",
         "--enforce-eager",
         "--max-model-len",
         "256",
