@@ -258,11 +258,17 @@ def test_every_cases_bodies_plan_against_its_servers_config(tmp_path):
     paths = asset_paths()
     if not (paths.sae_dir / "cfg.json").is_file() or not (paths.model_dir / "config.json").is_file():
         skip_or_fail("demo assets not built (python -m steer_demo.build_assets)")
-    setup, configs = write_configs(tmp_path, str(paths.model_dir), str(paths.sae_dir), str(paths.labels_path), 0)
-    loaded = {s: load_assets(load_config_file(configs[s])) for s in ("plugin", "plugin4", *MONITORING_SERVERS)}
-    assert set(loaded["plugin"].probes) == set(loaded["plugin_mon"].config.monitoring.probes) == {
-        f"p{k}" for k in range(16)
+    setup, configs = write_configs(
+        tmp_path, str(paths.model_dir), str(paths.sae_dir), str(paths.labels_path), 0
+    )
+    loaded = {
+        s: load_assets(load_config_file(configs[s])) for s in ("plugin", "plugin4", *MONITORING_SERVERS)
     }
+    assert (
+        set(loaded["plugin"].probes)
+        == set(loaded["plugin_mon"].config.monitoring.probes)
+        == {f"p{k}" for k in range(16)}
+    )
     assert set(loaded["plugin_sae_mon"].config.monitoring.saes) == {"demo"}
     requests = Requests(setup)
     planned = {}
