@@ -245,7 +245,7 @@ def test_every_cases_bodies_plan_against_its_servers_config(tmp_path):
     """What the serve_bench smoke run leaves out (it starts two of the five servers): every case's configs load as
     their servers load them at start, and every case's request bodies are planned by the plugin's own planning
     against the config of the server they go to, steering what the case says it steers."""
-    from serve_cases import CASES, MONITORING_SERVERS, Requests, write_configs
+    from serve_cases import CASES, MONITORING_SERVERS, PROBES, Requests, write_configs
 
     from steer_demo.build_assets import asset_paths
     from steer_plugin.catalog import load_assets
@@ -267,7 +267,7 @@ def test_every_cases_bodies_plan_against_its_servers_config(tmp_path):
     assert (
         set(loaded["plugin"].probes)
         == set(loaded["plugin_mon"].config.monitoring.probes)
-        == {f"p{k}" for k in range(16)}
+        == {f"p{k}" for k in range(PROBES)}
     )
     assert set(loaded["plugin_sae_mon"].config.monitoring.saes) == {"demo"}
     requests = Requests(setup)
@@ -290,5 +290,5 @@ def test_every_cases_bodies_plan_against_its_servers_config(tmp_path):
     }  # fmt: skip
     assert {op.layer for p in planned["g_4layers"] for op in p.ops} == set(setup.vector_layers)
     assert all(p.inspected == ("demo",) and p.inspect.top_k == 5 for p in planned["h_inspect"])
-    assert all(p.probes == tuple(f"p{k}" for k in range(16)) for p in planned["i_probes16"])
+    assert all(p.probes == tuple(f"p{k}" for k in range(PROBES)) for p in planned["i_probes16"])
     assert len({p.ops[0].index for p in planned["e_distinct256"]}) == 4  # distinct features
