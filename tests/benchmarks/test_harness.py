@@ -273,15 +273,13 @@ def test_every_cases_bodies_plan_against_its_servers_config(tmp_path):
     requests = Requests(setup)
     planned = {}
     for case in (c for c in CASES if not c.side_venv):
+        plans = planned[case.key] = []
         for i in range(4):
             body = requests.body(case.key, i, 8, f"salt-{i}")
-            if "steering" not in body:
-                planned.setdefault(case.key, [])
-                continue
-            assets = loaded[case.server]  # (a body with steering never goes to plain vLLM: KeyError)
-            spec = parse_spec(body["steering"])
-            plan = plan_request(spec, assets.catalog(), assets.config, Endpoint.of(body))
-            planned.setdefault(case.key, []).append(plan)
+            if "steering" in body:
+                assets = loaded[case.server]  # (a body with steering never goes to plain vLLM: KeyError)
+                spec = parse_spec(body["steering"])
+                plans.append(plan_request(spec, assets.catalog(), assets.config, Endpoint.of(body)))
     steered = {k: [len(p.ops) for p in plans] for k, plans in planned.items()}
     assert steered == {
         "a_vanilla": [], "b_loaded": [], "c_add1": [1] * 4, "d_mixed50": [1, 1], "e_distinct256": [1] * 4,
