@@ -138,6 +138,12 @@ def parse_args(argv=None):
         default=[],
         help="extra flag for every server (repeatable; use --vllm-arg=--flag)",
     )
+    p.add_argument(
+        "--reserved-cpus",
+        type=int,
+        help="cores vLLM's CPU worker leaves to the API process, engine core and load generator "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU; default: vLLM's, one on x86, as steer-serve; 0: the forward on every core)",
+    )
     return p.parse_args(argv)
 
 
@@ -169,6 +175,7 @@ def build_options(args) -> Options:
         start_timeout={"compile": 900.0, "eager": 720.0},
         extra_vllm_args=list(args.vllm_arg),
         seed=args.seed,
+        reserved_cpus=args.reserved_cpus,
         lens_venv=args.lens_venv if any(CASE_BY_KEY[c].side_venv for c in cases) else None,
         skipped_cases=skipped,
     )

@@ -43,6 +43,9 @@ class Options:
     start_timeout: dict[str, float]
     extra_vllm_args: list[str]
     seed: int
+    reserved_cpus: int | None = (
+        None  # cores each server's forward leaves to the others (None: vLLM's default)
+    )
     lens_venv: str | None = None  # the vllm-lens side venv, when its cases run
     skipped_cases: dict[str, str] = field(default_factory=dict)  # case -> why it does not run at all
 
@@ -77,6 +80,7 @@ class Bench:
             steer_config=str(self.configs[server]) if kind == "plugin" else None,
             lens_venv=self.opts.lens_venv if kind in ("lens_plain", "lens") else None,
             extra_args=tuple(self.opts.extra_vllm_args),
+            reserved_cpus=self.opts.reserved_cpus,
         )
 
     def cases_in(self, mode: str) -> list[str]:

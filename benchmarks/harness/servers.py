@@ -29,16 +29,25 @@ SERVER_KINDS = ("vanilla", "plugin", "lens_plain", "lens")
 SERVED_NAME = "bench"
 PORT_RANGE = (18000, 18999)
 # What every benchmark server (and sched_probe's in-process engine) runs with on the CPU machine.
-BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+BASE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+RESERVED_CPUS_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
 
-def server_env(kind: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_env(
+    kind: str, base: Mapping[str, str] | None = None, reserved_cpus: int | None = None
+) -> dict[str, str]:
     """The environment of a server of this kind, from `base` (default: this process's): BASE_ENV, no
-    STEER_PLUGIN_CONFIG (a plugin server gets its config by flag), and no plugin at all for `vanilla`."""
+    STEER_PLUGIN_CONFIG (a plugin server gets its config by flag), and no plugin at all for `vanilla`.
+    `reserved_cpus`: the cores vLLM's CPU worker leaves to the API process and engine core (its
+    VLLM_CPU_NUM_OF_RESERVED_CPU); None: vLLM's default, as `steer-serve` (one per local rank on x86); 0: the
+    forward's threads on every core."""
     if kind not in SERVER_KINDS:
         raise ValueError(f"unknown server kind {kind!r}; one of {SERVER_KINDS}")
     env = dict(os.environ if base is None else base)
     env.update(BASE_ENV)
+    env.pop(RESERVED_CPUS_ENV, None)
+    if reserved_cpus is not None:
+        env[RESERVED_CPUS_ENV] = str(reserved_cpus)
     env.pop("STEER_PLUGIN_CONFIG", None)
     if kind in ("lens_plain", "lens"):
         return lens_side.server_env(env, lens_active=kind == "lens")
@@ -60,6 +69,7 @@ class ServerSpec:
     lens_venv: str | None = None  # lens_plain / lens: the side venv
     extra_args: tuple[str, ...] = ()
     served_name: str = SERVED_NAME
+    reserved_cpus: int | None = None  # cores the forward's threads leave to the other processes (server_env)
 
     def command(self, port: int) -> list[str]:
         common = ["--model", self.model, "--served-model-name", self.served_name, "--port", str(port)]
@@ -105,7 +115,7 @@ class Server:
     def __init__(self, name: str, spec: ServerSpec, port: int, log_path: Path):
         self.name, self.spec, self.port, self.log_path = name, spec, port, log_path
         self.cmd = spec.command(port)
-        self.env = server_env(spec.kind)
+        self.env = server_env(spec.kind, reserved_cpus=spec.reserved_cpus)
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.ready_s: float | None = None

@@ -324,7 +324,6 @@ SEAMS: tuple[Internal, ...] = (
     ),
     *_attrs("vllm.engine.arg_utils", "EngineArgs", ("additional_config", "worker_extension_cls"), "launcher.build_vllm_args"),
     Internal("vllm.envs", "environment_variables", "key", "launcher.main", key="VLLM_CPU_KVCACHE_SPACE"),
-    Internal("vllm.envs", "environment_variables", "key", "launcher.main", key="VLLM_CPU_NUM_OF_RESERVED_CPU"),
 )  # fmt: skip
 
 ALL: tuple[Internal, ...] = INTERNALS + SEAMS

@@ -289,7 +289,7 @@ def launched(monkeypatch):
     calls: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(serve, "run_vllm_serve", lambda args: calls.append(("vllm serve", args)))
     monkeypatch.setattr(launcher.os, "execv", lambda exe, argv: calls.append(("api_server", argv[1:])))
-    for name in ("STEER_PLUGIN_CONFIG", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+    for name in ("STEER_PLUGIN_CONFIG", "VLLM_CPU_KVCACHE_SPACE"):
         monkeypatch.delenv(name, raising=False)  # main() sets them: put back as they were after the test
     return calls
 
@@ -332,6 +332,18 @@ def test_steer_serve_refuses_a_multi_node_server_without_the_wire_key(
     # one node: no key needed
     launcher.main(["--steer-config", _config(tmp_path), "--model", "m", "--nnodes", "1"])
     assert len(launched) == 1
+
+
+def test_steer_serve_leaves_the_cpu_workers_reserved_cores_to_vllm(tmp_path, monkeypatch, launched):
+    """The cores vLLM's CPU worker leaves to the API process and engine core are vLLM's default (one per local
+    rank on x86) unless the operator sets VLLM_CPU_NUM_OF_RESERVED_CPU: the launcher sets only the KV cache."""
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    launcher.main(["--steer-config", _config(tmp_path), "--model", "m"])
+    assert len(launched) == 1 and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # the operator's choice is kept
+    launcher.main(["--steer-config", _config(tmp_path), "--model", "m"])
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
 
 
 # --- the middleware without the extension -------------------------------------------------------------------------

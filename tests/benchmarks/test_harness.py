@@ -22,14 +22,15 @@ from harness.cpu import CpuMonitor, group_cpu_seconds, own_cpu_seconds, proc_jif
 from harness.load import LoadStats, completion_body, run_requests  # noqa: E402
 from harness.servers import SERVER_KINDS, ServerSpec, server_env  # noqa: E402
 
-BASE = {"PATH": "/usr/bin", "STEER_PLUGIN_CONFIG": "/x.json", "VLLM_PLUGINS": "steer", "PYTHONPATH": "/repo"}
+BASE = {"PATH": "/usr/bin", "STEER_PLUGIN_CONFIG": "/x.json", "VLLM_PLUGINS": "steer", "PYTHONPATH": "/repo",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # fmt: skip
 
 
 def test_server_env_per_kind():
     vanilla, plugin, plain, lens = (server_env(kind, BASE) for kind in SERVER_KINDS)
     for env in (vanilla, plugin, plain, lens):
         assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-        assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and env["PATH"] == "/usr/bin"
+        assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env and env["PATH"] == "/usr/bin"  # vLLM's default
         assert "STEER_PLUGIN_CONFIG" not in env  # a plugin server gets its config by flag
         assert not any(k.startswith("VLLM_USE_V2") for k in env)  # the runner is vLLM's choice
     assert vanilla["VLLM_PLUGINS"] == "" and vanilla["PYTHONPATH"] == "/repo"
@@ -40,6 +41,27 @@ def test_server_env_per_kind():
     assert "VLLM_LENS_DISABLE" not in lens and "VLLM_PLUGINS" not in lens
     with pytest.raises(ValueError):
         server_env("plugin4", BASE)
+
+
+def test_reserved_cpus_reach_every_server_of_a_run(tmp_path, monkeypatch):
+    """serve_bench --reserved-cpus N: every server of the run starts with VLLM_CPU_NUM_OF_RESERVED_CPU=N (the
+    cores its CPU worker's forward leaves to the other processes); without it, vLLM's default, as steer-serve,
+    whatever the driver's environment says (scripts/test.sh exports 0)."""
+    from harness.servers import Server
+    from serve_bench import build_options, parse_args
+    from serve_cases import BenchSetup
+    from serve_run import SERVERS, Bench
+
+    setup = BenchSetup("demo", 64, 3, ["v1"], [3])
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    for argv, reserved in (([], None), (["--reserved-cpus", "1"], "1"), (["--reserved-cpus", "0"], "0")):
+        opts = build_options(parse_args(["--modes", "eager", "--cases", "b_loaded", *argv]))
+        configs = dict.fromkeys(SERVERS, tmp_path / "c.json")
+        bench = Bench(opts, setup, "/m", configs, tmp_path)
+        for server in ("vanilla", "plugin"):
+            spec = bench.server_spec(server, "eager")
+            env = Server(server, spec, 18001, tmp_path / "log").env
+            assert env.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == reserved, (argv, server)
 
 
 def test_server_commands():
