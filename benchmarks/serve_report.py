@@ -180,9 +180,8 @@ def write_markdown(path: Path, result: dict, notes: str | None) -> None:
         "(random unit vectors made by the harness: there is one demo SAE)",
         f"- Modes: {', '.join(o['modes'])}; concurrency {o['concurrencies']}; requests per unit "
         f"{o['requests']}; max_tokens {o['max_tokens']} with ignore_eos; {o['rounds']} round(s), case order shuffled "
-        "every round; streaming /v1/completions over loopback, greedy, a unique cache_salt per request; "
-        f"VLLM_CPU_NUM_OF_RESERVED_CPU {_reserved(o)} (cores the forward's threads leave to the API process, "
-        "engine core and load generator).",
+        "every round; streaming /v1/completions over loopback, greedy, a unique cache_salt per request"
+        f"{_reserved(o)}.",
         "- Ratios are per round against the vanilla unit of the same round, then the median [min–max] over rounds. "
         "Throughput ratio < 1 is a loss; latency ratio > 1 is a loss. `× (b)` compares a steered case with the "
         "unsteered unit on the same plugin server ((b); (g0) for (g)): the steering's own cost, without whatever "
@@ -398,6 +397,9 @@ def rerender(path: str, out: str | None, notes: str | None) -> int:
 
 
 def _reserved(options: dict) -> str:
-    """The run's VLLM_CPU_NUM_OF_RESERVED_CPU (runs before the option existed set 0)."""
-    reserved = options.get("reserved_cpus", 0)
-    return "unset (vLLM's default: 1 on x86)" if reserved is None else f"= {reserved}"
+    """The run's VLLM_CPU_NUM_OF_RESERVED_CPU; nothing for runs before the option (they set 0: benchmarks/README)."""
+    if "reserved_cpus" not in options:
+        return ""
+    reserved = options["reserved_cpus"]
+    value = "unset (vLLM's default: 1 on x86)" if reserved is None else f"= {reserved}"
+    return f"; VLLM_CPU_NUM_OF_RESERVED_CPU {value} (cores the forward's threads leave to the API process, engine core and load generator)"

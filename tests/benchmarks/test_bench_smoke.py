@@ -161,6 +161,11 @@ def test_serve_bench_smoke(tmp_path):
     cpu = md.split("### CPU per generated token: eager", 1)[1].split("##", 1)[0]
     assert {row.split("|")[1].strip() for row in _table_rows(cpu)[1:]} == set(cases)
     assert "[eager] round 1/1" in proc.stdout  # progress per case
+    # vLLM's own default for the cores its CPU worker leaves to the API process (as steer-serve), though the
+    # test's environment exports 0 (scripts/test.sh): vLLM logs the number it used
+    assert data["options"]["reserved_cpus"] is None and "VLLM_CPU_NUM_OF_RESERVED_CPU unset" in md
+    logs = sorted((tmp_path / "work" / "logs").iterdir())
+    assert logs and all("reserve_cpu_num=1" in log.read_text() for log in logs), logs
     if data["plot"]:
         assert (out.parent / data["plot"]).is_file()  # recorded relative to the report
     else:
