@@ -402,4 +402,7 @@ def _reserved(options: dict) -> str:
         return ""
     reserved = options["reserved_cpus"]
     value = "unset (vLLM's default: 1 on x86)" if reserved is None else f"= {reserved}"
-    return f"; VLLM_CPU_NUM_OF_RESERVED_CPU {value} (cores the forward's threads leave to the API process, engine core and load generator)"
+    return (
+        f"; VLLM_CPU_NUM_OF_RESERVED_CPU {value} (cores the forward's threads leave to the API process, engine "
+        "core and load generator)"
+    )

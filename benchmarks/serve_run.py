@@ -43,9 +43,7 @@ class Options:
     start_timeout: dict[str, float]
     extra_vllm_args: list[str]
     seed: int
-    reserved_cpus: int | None = (
-        None  # cores each server's forward leaves to the others (None: vLLM's default)
-    )
+    reserved_cpus: int | None = None  # cores each server's forward leaves to the rest (None: vLLM's default)
     lens_venv: str | None = None  # the vllm-lens side venv, when its cases run
     skipped_cases: dict[str, str] = field(default_factory=dict)  # case -> why it does not run at all
 

@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     os.environ[CONFIG_ENV] = os.path.abspath(config_path)
     # CPU builds: a 1 GiB KV cache instead of vLLM's default share of RAM. The cores vLLM's CPU worker leaves to
-    # the API process and engine core (VLLM_CPU_NUM_OF_RESERVED_CPU) stay vLLM's choice: what the API process
-    # does per token (streaming `inspect`) then costs the forward nothing (benchmarks/README.md).
+    # the API process and engine core (VLLM_CPU_NUM_OF_RESERVED_CPU) stay vLLM's choice, so that what the API
+    # process does per token (streaming `inspect`) does not take the forward's cores (benchmarks/README.md).
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     count = _flag_value(args, "--api-server-count") or _flag_value(args, "-asc") or "1"
     if (count.isdigit() and int(count) > 1) or "--headless" in args:
