@@ -150,9 +150,10 @@ class _Streamer(BaseHTTPRequestHandler):
         self.wfile.write(
             b"data: " + json.dumps({"id": "x", "choices": [], "usage": usage}).encode() + b"\n\n"
         )
-        self.wfile.write(b"data: [DONE]\n\n")
+        # leave before [DONE]: a client that has read it may send its next request before we get here
         with _Streamer.lock:
             _Streamer.in_flight -= 1
+        self.wfile.write(b"data: [DONE]\n\n")
 
 
 @pytest.fixture
