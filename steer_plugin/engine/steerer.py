@@ -239,6 +239,8 @@ class Steerer:
 
     def _plan_captures(self, batch: BatchView) -> None:
         """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
+        if not any(w and self.observe_for(r, w) is not None for r, w in zip(batch.req_ids, batch.wires)):
+            return  # none observed: only what is observed pays for the observation path (disarm() reset it)
         layout = (batch.req_ids, batch.wires, batch.query_start, batch.num_computed, batch.num_prompt)
         self._reads = plan_reads(layout, self.observe_for, self.prober.layer_of)
         for layer, rows in self._reads.rows_by_layer(lambda sae_id: self.assets.saes[sae_id].layer).items():
@@ -250,6 +252,9 @@ class Steerer:
         token its end-of-sequence token, so it ends right there, before the token the crossing residual would
         have predicted."""
         reads = self._reads
+        if not (reads.observed or reads.probed or reads.residuals):
+            self.disarm()
+            return []  # nothing observed: nothing to read, nothing posted to send
         try:
             fired = []
             if reads.probed:

@@ -5,7 +5,9 @@ skip preparation; and messages the engine must drop."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -529,3 +531,46 @@ def test_abort_when_reports_the_batch_position_of_that_request_only(steerer, sae
         else:
             assert hits == []
         assert steerer.after_forward() == []  # one step only
+
+
+OBSERVATION_MODULES = {"captures.py", "observe.py", "probing.py", "residuals.py", "transport.py", "blocks.py"}
+
+
+def _modules_entered(run) -> set[str]:
+    """The steer_plugin modules whose functions `run()` enters (this thread)."""
+    entered: set[str] = set()
+
+    def profile(frame, event, arg):
+        name = frame.f_code.co_filename
+        if event == "call" and f"{os.sep}steer_plugin{os.sep}" in name:
+            entered.add(os.path.basename(name))
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return entered
+
+
+def test_a_step_with_nothing_observed_never_enters_the_observation_path(steerer, monkeypatch, mailroom):
+    """Only what is observed pays for observation: a steered step with no observed request plans no reads,
+    reads nothing and sends nothing (no observation module runs); the same step with one request observed
+    does all three."""
+    catalog = steerer.assets.catalog()
+    ops = resolve_spec(parse_spec({"features": [{"sae": "s", "index": 5, "value": 2.5}]}), catalog)
+    cid = "f" * 32
+    observed = encode_wire(ops, mailroom.plan(cid, ("s",), 2, False))
+    for wires, wants_reads in (([encode_wire(ops), None], False), ([encode_wire(ops), observed], True)):
+
+        def step():
+            view = BatchView(["a", "b"], np.array([0, 1, 2]), np.array([6, 4]), np.array([6, 4]), wires)
+            assert steerer.prepare(view) == 1 + wants_reads
+            run_op(torch.randn(2, D), torch.randn(2, D), False, monkeypatch)
+            steerer.after_forward()
+
+        step()  # a request's first step compiles its plan
+        entered = _modules_entered(step)
+        assert "steerer.py" in entered and "op.py" in entered
+        assert bool(entered & OBSERVATION_MODULES) == wants_reads, entered & OBSERVATION_MODULES
+    assert [r.pos for r in mailroom.read(cid)] == [4, 4]  # read on both of its steps
