@@ -115,13 +115,13 @@ class SteeringMiddleware:
 
     def _handler(self, scope):
         """The handler of a request the plugin must see, or None to pass it straight to vLLM."""
+        path, method = scope["path"], scope["method"]
+        if method == "POST" and path in COMPLETION_PATHS:
+            return self._completion  # first: no route of the plugin's own is a completion path
         route = self.routes.match(scope)
         if route is not None:
             return route
-        path, method = scope["path"], scope["method"]
         if method == "POST":
-            if path in COMPLETION_PATHS:
-                return self._completion
             if path in STEERABLE_PATHS:
                 return self._steerable
             return self._guard_reserved
