@@ -91,7 +91,7 @@ def _stages(assets: Path) -> dict[str, Stage]:
         [p.sae_dir / CFG_FILE, p.sae_dir / WEIGHTS_FILE], [harv],
     )  # fmt: skip
     analyze = Stage(
-        assets, "analyze", {"version": 3, "top_n": labels.TOP_N, "concepts": labels.CONCEPTS},
+        assets, "analyze", {"version": 4, "top_n": labels.TOP_N, "concepts": labels.CONCEPTS},
         [p.sae_dir / SPARSITY_FILE, p.labels_path, p.quality_path], [train, harv],
     )  # fmt: skip
     return {s.name: s for s in (model, corp, harv, train, analyze)}

@@ -193,8 +193,10 @@ def concept_probe(feats: list[dict], vals, idx, tokens, row_topic, spec: dict, t
 
     * by word: the concept's own tokens (e.g. " bridge", " Bridge", " bridges"); ``word_precision`` = share of
       the latent's activation mass on those tokens, ``word_recall`` = share of their occurrences on which
-      it fires; ``best`` maximises precision x recall (a latent for the concept, not one that merely
-      includes it);
+      it fires; ranked by precision x recall x topic mass fraction (below), ``best`` first: a latent for the
+      concept, not one that merely includes the word, nor one of a narrower context of it (these can score within a
+      fraction of a percent of each other on precision x recall alone: one machine's build picked one, the next
+      the other);
     * by topic: share of the latent's activation mass on the topic's documents, and their coverage;
     * by name: latents whose label mentions one of ``spec["words"]``.
     """
@@ -237,7 +239,7 @@ def concept_probe(feats: list[dict], vals, idx, tokens, row_topic, spec: dict, t
             "topic_token_coverage": round(float(t_rec[j]), 4),
         }
 
-    word_score = w_prec * w_rec
+    word_score = w_prec * w_rec * t_prec
     by_word = [
         entry(j) for j in torch.argsort(word_score, descending=True)[:top].tolist() if word_score[j] > 0
     ]

@@ -172,9 +172,7 @@ class Steerer:
 
     def _bank_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         requested = {s.dtype for s in self.config.saes} - {"auto"}
-        if requested:
-            return getattr(torch, sorted(requested)[0])
-        return model_dtype
+        return getattr(torch, sorted(requested)[0]) if requested else model_dtype
 
     @property
     def layers(self) -> list[int]:
@@ -240,7 +238,8 @@ class Steerer:
     def _plan_captures(self, batch: BatchView) -> None:
         """Which token rows to copy out this step, per layer, for observed requests (fresh every step)."""
         if not any(w and self.observe_for(r, w) is not None for r, w in zip(batch.req_ids, batch.wires)):
-            return  # none observed: only what is observed pays for the observation path (disarm() reset it)
+            self._reads = StepReads()  # none observed: only what is observed pays for the observation path
+            return
         layout = (batch.req_ids, batch.wires, batch.query_start, batch.num_computed, batch.num_prompt)
         self._reads = plan_reads(layout, self.observe_for, self.prober.layer_of)
         for layer, rows in self._reads.rows_by_layer(lambda sae_id: self.assets.saes[sae_id].layer).items():

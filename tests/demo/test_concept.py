@@ -57,3 +57,26 @@ def test_cli(assets, capsys):
     main(["--quality", str(assets.sae_dir), "--field", "index"])
     main(["--quality", str(assets.sae_dir), "--field", "label"])
     assert capsys.readouterr().out.split("\n")[:2] == ["4242", "Bridge / bridge"]
+
+
+def test_the_concept_feature_is_the_one_whose_mass_lies_in_the_concepts_documents():
+    """Two latents fire on every " bridge"; the second also on one other word outside the bridge documents, a
+    little less on it than the first does on one inside them, so on precision x recall alone it wins (0.769 >
+    0.750); weighed by where the activation lies (topic mass fraction) the first is the concept's feature."""
+    import torch
+
+    from steer_demo.labels import concept_probe
+
+    words = {1: " the", 7: " bridge", 2: " other"}
+    tokens = torch.tensor([1, 7, 1, 7, 2, 7])
+    row_topic = ["bridge"] * 4 + ["other"] * 2
+    idx = torch.tensor([[0, 2], [0, 1], [2, 2], [0, 1], [1, 2], [0, 1]])  # [rows, k]: latent 2 never fires
+    vals = torch.tensor([[1.0, 0], [1, 1], [0, 0], [1, 1], [0.9, 0], [1, 1]])
+    feats = [{"label": f"latent {j}", "density": 0.5} for j in range(3)]
+    spec = {"word_tokens": ["bridge"], "words": ["bridge"], "topic": "bridge", "decode": words.__getitem__}
+    probe = concept_probe(feats, vals, idx, tokens, row_topic, spec)
+    first, second = probe["by_word"]
+    assert (first["index"], second["index"]) == (0, 1) and probe["best"] == first
+    assert (first["word_precision"], first["word_recall"], first["topic_mass_fraction"]) == (0.75, 1.0, 0.75)
+    assert (second["word_precision"], second["word_recall"]) == (round(3 / 3.9, 3), 1.0)
+    assert second["topic_mass_fraction"] == round(2 / 3.9, 3)
