@@ -1,4 +1,4 @@
-"""Which of our source files one request runs through, per process, on a real demo server (issue 23's count).
+"""Which of our source files one request runs through, per process, on a real demo server.
 
     python -m tools.request_path [--port 8093] [--out path.json]
 
@@ -7,7 +7,7 @@ starts (API server, engine core, workers): each records the last time any functi
 steer_plugin/ and steer_adapters/ was entered. Then, after a warm-up, it times windows on the one clock all
 processes share: an idle one (what runs with no request: the background), then one request per case, each
 alone. A file counts for a case when its process entered it inside that case's window. Prints one table per case
-(process role, files) and writes them as JSON. A development tool; the profiler slows the server several times.
+(process role, files) and writes them as JSON. A development tool: the profiler slows every process it is in.
 """
 
 from __future__ import annotations
